@@ -1,0 +1,140 @@
+"""The model config: one frozen dataclass that covers every Gemma 1 and 2 size.
+
+Letters used in shape comments across the model: B batch, T query length,
+S key length, D d_model, N query heads, K kv heads, G = N // K, H head_dim,
+F MLP width (one GeGLU branch), V vocabulary, L layers.
+"""
+
+import dataclasses
+import math
+from typing import Literal
+
+from gemma_jax.configlib import ConfigError
+
+DType = Literal["float32", "bfloat16", "float16"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "qkv_proj"]
+AttentionType = Literal["global", "local"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of one Gemma model."""
+  num_layers: int
+  d_model: int
+  mlp_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  name: str = "custom"
+  vocab_size: int = 256_000        # rows that may appear in logits
+  embed_rows: int | None = None    # padded table size (256128); None = vocab
+  query_pre_attn_scalar: float | None = None  # None: head_dim
+  attention_pattern: tuple[AttentionType, ...] = ("global",)  # cycled
+  sliding_window: int | None = None
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  sandwich_norms: bool = False     # Gemma 2 post-attention / post-MLP norms
+  rope_max_wavelength: float = 10_000.0
+  norm_eps: float = 1e-6
+  param_dtype: DType = "float32"
+  dtype: DType = "float32"         # activation (compute) dtype
+  remat_policy: RematPolicy = "none"
+  scan_layers: bool = True
+
+  def __post_init__(self):
+    for key in ("num_layers", "d_model", "mlp_dim", "num_heads",
+                "num_kv_heads", "head_dim", "vocab_size"):
+      if getattr(self, key) <= 0:
+        raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+          f"({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+    if self.embed_rows is not None and self.embed_rows < self.vocab_size:
+      raise ConfigError(f"embed_rows ({self.embed_rows}) must be >= "
+                        f"vocab_size ({self.vocab_size})")
+    if not self.attention_pattern:
+      raise ConfigError("attention_pattern must name at least one layer type")
+    if "local" in self.attention_pattern and not self.sliding_window:
+      raise ConfigError("attention_pattern has 'local' layers but "
+                        "sliding_window is not set")
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      raise ConfigError(f"sliding_window must be positive, got "
+                        f"{self.sliding_window}")
+
+  # Derived values.
+  @property
+  def num_embed_rows(self) -> int:
+    return self.embed_rows or self.vocab_size
+
+  @property
+  def query_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  @property
+  def layer_windows(self) -> tuple[int, ...]:
+    """Per-layer sliding window; 0 means global attention."""
+    pattern = self.attention_pattern
+    return tuple(self.sliding_window if pattern[i % len(pattern)] == "local"
+                 else 0 for i in range(self.num_layers))
+
+  @property
+  def embed_scale(self) -> float:
+    return math.sqrt(self.d_model)
+
+  def param_count(self) -> int:
+    """Exact parameter count from the shapes alone."""
+    d, f, h = self.d_model, self.mlp_dim, self.head_dim
+    attn = (self.num_heads * 2 + self.num_kv_heads * 2) * d * h
+    norms = d * (4 if self.sandwich_norms else 2)
+    per_layer = attn + 3 * d * f + norms
+    return self.num_layers * per_layer + self.num_embed_rows * d + d
+
+
+def _gemma1(**kw) -> ModelConfig:
+  return ModelConfig(embed_rows=256_128, **kw)
+
+
+def _gemma2(**kw) -> ModelConfig:
+  kw.setdefault("query_pre_attn_scalar", None)
+  return ModelConfig(embed_rows=256_128, attention_pattern=("local", "global"),
+                     sliding_window=4096, attn_logit_softcap=50.0,
+                     final_logit_softcap=30.0, sandwich_norms=True, **kw)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "gemma-2b": _gemma1(name="gemma-2b", num_layers=18, d_model=2048,
+                        mlp_dim=16384, num_heads=8, num_kv_heads=1,
+                        head_dim=256),
+    "gemma-7b": _gemma1(name="gemma-7b", num_layers=28, d_model=3072,
+                        mlp_dim=24576, num_heads=16, num_kv_heads=16,
+                        head_dim=256),
+    "gemma2-2b": _gemma2(name="gemma2-2b", num_layers=26, d_model=2304,
+                         mlp_dim=9216, num_heads=8, num_kv_heads=4,
+                         head_dim=256),
+    "gemma2-9b": _gemma2(name="gemma2-9b", num_layers=42, d_model=3584,
+                         mlp_dim=14336, num_heads=16, num_kv_heads=8,
+                         head_dim=256),
+    "gemma2-27b": _gemma2(name="gemma2-27b", num_layers=46, d_model=4608,
+                          mlp_dim=36864, num_heads=32, num_kv_heads=16,
+                          head_dim=128, query_pre_attn_scalar=144.0),
+    # Tiny presets for CPU smoke runs and tests; same architecture rules.
+    "tiny-gemma": ModelConfig(name="tiny-gemma", num_layers=2, d_model=64,
+                              mlp_dim=256, num_heads=4, num_kv_heads=1,
+                              head_dim=16, vocab_size=512),
+    "tiny-gemma2": ModelConfig(name="tiny-gemma2", num_layers=4, d_model=128,
+                               mlp_dim=512, num_heads=4, num_kv_heads=2,
+                               head_dim=32, vocab_size=2048,
+                               attention_pattern=("local", "global"),
+                               sliding_window=64, attn_logit_softcap=50.0,
+                               final_logit_softcap=30.0, sandwich_norms=True),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  if name not in PRESETS:
+    raise ConfigError(f"unknown model preset {name!r}; valid choices: "
+                      f"{', '.join(PRESETS)}")
+  return dataclasses.replace(PRESETS[name], **overrides)

@@ -1,0 +1,60 @@
+"""Optimizer, training-loop and checkpointing configs."""
+
+import dataclasses
+from typing import Literal
+
+from gemma_jax.configlib import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float = 3e-4
+  schedule: Literal["cosine", "wsd", "linear", "constant", "rsqrt"] = "cosine"
+  warmup_steps: int = 0
+  decay_steps: int | None = None   # None: the run's train.steps
+  min_lr_ratio: float = 0.1        # final lr as a fraction of the peak
+  wsd_decay_fraction: float = 0.1  # share of steps spent decaying (wsd)
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip_norm: float | None = 1.0
+
+  def __post_init__(self):
+    if self.learning_rate < 0:
+      raise ConfigError(f"optimizer.learning_rate must be >= 0, got "
+                        f"{self.learning_rate}")
+    if self.warmup_steps < 0:
+      raise ConfigError("optimizer.warmup_steps must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 100
+  batch_size: int = 8              # global batch, rows
+  microbatches: int = 1            # gradient accumulation
+  z_loss: float = 0.0
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0              # 0: only at the end
+  eval_batches: int = 4
+  max_nonfinite_in_row: int = 3
+  peak_flops_per_device: float | None = None  # None: from the device table
+
+  def __post_init__(self):
+    if self.steps < 0:
+      raise ConfigError(f"train.steps must be >= 0, got {self.steps}")
+    if self.batch_size <= 0:
+      raise ConfigError(f"train.batch_size must be positive")
+    if self.microbatches <= 0 or self.batch_size % self.microbatches:
+      raise ConfigError(
+          f"train.batch_size ({self.batch_size}) must be divisible by "
+          f"train.microbatches ({self.microbatches})")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  save_every: int = 100
+  keep: int = 3
+  async_save: bool = True
+  init_from: str | None = None     # params to start from (continual pretraining)
