@@ -1,0 +1,177 @@
+"""Training metrics: JSONL, TensorBoard event files and a console line.
+
+`DIR/metrics.jsonl` holds one JSON object per logged training step and
+`DIR/eval.jsonl` one per evaluation; both carry `step`. TensorBoard files go
+to `DIR/tensorboard/` (written with tensorboardX: no TensorFlow needed).
+Only process 0 writes; other processes get a writer that does nothing.
+
+Keys of a training record (see README "Metrics"):
+  step, loss, loss/<source>, share/<source>, grad_norm, learning_rate,
+  tokens, tokens_seen, tokens_per_sec, step_time_s, mfu, skipped_steps,
+  elapsed_s
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+# Peak dense bf16 FLOP/s per device (per chip; per TensorCore where JAX shows
+# one device per core: v2, v3). Matched as substrings of `device_kind`,
+# lower-cased, longest key first.
+PEAK_FLOPS = {
+    "tpu v2": 22.5e12,
+    "tpu v3": 61.5e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,   # v5e
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,   # v6e (Trillium)
+    "tpu v6e": 918e12,
+    "tpu7x": 2307e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "h800": 989e12,
+    "a100": 312e12,
+    "l4": 121e12,
+    "b200": 2250e12,
+}
+
+
+def peak_flops_per_device(device=None, configured: float | None = None):
+  """Configured value, else the table entry for the device, else None."""
+  if configured:
+    return float(configured)
+  kind = (device or jax.devices()[0]).device_kind.lower()
+  for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if key in kind:
+      return PEAK_FLOPS[key]
+  return None
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
+        peak_per_device: float | None):
+  """Model FLOPs utilisation, or None when the peak is unknown."""
+  if not peak_per_device or not tokens_per_sec:
+    return None
+  return flops_per_token * tokens_per_sec / (peak_per_device * num_devices)
+
+
+def _finite_or_none(v):
+  # JSON has no NaN/inf; a non-finite value is written as null.
+  if isinstance(v, float) and not math.isfinite(v):
+    return None
+  return v
+
+
+class MetricsWriter:
+  """Appends records to `<workdir>/<name>.jsonl` and TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True,
+               tensorboard: bool = True):
+    self.enabled = enabled
+    self._files = {}
+    self._tb = None
+    self._workdir = workdir
+    if enabled and tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, record: dict, name: str = "metrics"):
+    """Writes one record; must have an integer `step`."""
+    if not self.enabled:
+      return
+    if name not in self._files:
+      self._files[name] = open(os.path.join(self._workdir, f"{name}.jsonl"),
+                               "a")
+    f = self._files[name]
+    clean = {k: _finite_or_none(v) for k, v in record.items()}
+    f.write(json.dumps(clean) + "\n")
+    f.flush()
+    if self._tb is not None:
+      step = record["step"]
+      prefix = "" if name == "metrics" else f"{name}/"
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)) and v is not None:
+          self._tb.add_scalar(prefix + k, v, step)
+
+  def flush(self):
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self):
+    for f in self._files.values():
+      f.close()
+    self._files = {}
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """Records of a metrics file; a torn last line (killed writer) is skipped."""
+  records = []
+  if not os.path.exists(path):
+    return records
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressLine:
+  """`step 120/1000 | loss 3.412 | 5.1k tok/s | ETA 2:31` on the console."""
+
+  def __init__(self, total_steps: int, enabled: bool = True, stream=None):
+    self.total = total_steps
+    self.enabled = enabled
+    self.stream = stream or sys.stdout
+
+  def update(self, step: int, loss: float, tokens_per_sec: float,
+             steps_per_sec: float, extra: str = ""):
+    if not self.enabled:
+      return
+    eta = ((self.total - step) / steps_per_sec if steps_per_sec > 0
+           else float("nan"))
+    eta_text = format_duration(eta) if math.isfinite(eta) else "?"
+    line = (f"step {step}/{self.total} | loss {loss:.4f} | "
+            f"{_si(tokens_per_sec)} tok/s | ETA {eta_text}")
+    if extra:
+      line += f" | {extra}"
+    print(line, file=self.stream, flush=True)
+
+
+def _si(x: float) -> str:
+  for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(x) >= scale:
+      return f"{x / scale:.1f}{unit}"
+  return f"{x:.0f}"
+
+
+class Stopwatch:
+  """Wall time between log points, for tokens/s and step time."""
+
+  def __init__(self):
+    self.start = self.last = time.perf_counter()
+
+  def lap(self) -> float:
+    now = time.perf_counter()
+    dt, self.last = now - self.last, now
+    return dt
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start

@@ -1,0 +1,72 @@
+"""PNG curves of a run from its metrics files (matplotlib, no display).
+
+    plot_run("runs/tiny")  ->  runs/tiny/plots/{loss,learning_rate,throughput}.png
+"""
+
+import os
+
+from gemma_jax.train.metrics import read_jsonl
+
+
+def _series(records, key):
+  pts = [(r["step"], r[key]) for r in records
+         if r.get(key) is not None and "step" in r]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _prefixed(records, prefix, suffix=""):
+  keys = sorted({k for r in records for k in r
+                 if k.startswith(prefix) and k.endswith(suffix)})
+  return keys
+
+
+def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
+  """Writes loss, learning-rate and throughput PNGs; returns their paths."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  train = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  evals = read_jsonl(os.path.join(workdir, "eval.jsonl"))
+  if not train and not evals:
+    raise FileNotFoundError(f"no metrics.jsonl or eval.jsonl in {workdir}")
+  out_dir = out_dir or os.path.join(workdir, "plots")
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+
+  def save(fig, name):
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+
+  # Loss: overall and per source (train), held-out per source (eval).
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ax.plot(*_series(train, "loss"), label="train", color="black", lw=1.5)
+  for key in _prefixed(train, "loss/"):
+    ax.plot(*_series(train, key), label=f"train {key[5:]}", lw=0.8)
+  for key in _prefixed(evals, "eval/", "/loss"):
+    ax.plot(*_series(evals, key), "o--", label=key[:-5], ms=4)
+  ax.set(xlabel="step", ylabel="loss (nats/token)", title="Loss per source")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  save(fig, "loss.png")
+
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  ax.plot(*_series(train, "learning_rate"))
+  ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
+  ax.grid(alpha=0.3)
+  save(fig, "learning_rate.png")
+
+  fig, ax1 = plt.subplots(figsize=(7, 3.5))
+  ax1.plot(*_series(train, "tokens_per_sec"), color="tab:blue")
+  ax1.set(xlabel="step", ylabel="tokens/s", title="Throughput")
+  ax1.grid(alpha=0.3)
+  steps, mfus = _series(train, "mfu")
+  if mfus:
+    ax2 = ax1.twinx()
+    ax2.plot(steps, [100 * m for m in mfus], color="tab:orange", lw=0.8)
+    ax2.set_ylabel("MFU (%)", color="tab:orange")
+  save(fig, "throughput.png")
+  return written
