@@ -39,7 +39,6 @@ class ModelConfig:
   param_dtype: DType = "float32"
   dtype: DType = "float32"         # activation (compute) dtype
   remat_policy: RematPolicy = "none"
-  scan_layers: bool = True
 
   def __post_init__(self):
     for key in ("num_layers", "d_model", "mlp_dim", "num_heads",
