@@ -1,0 +1,107 @@
+"""This project's own checkpoint: an orbax params tree plus the model config.
+
+    DIR/params/             orbax PyTree checkpoint of the (unboxed) params
+    DIR/model_config.json   {"format": ..., "model": configlib.to_dict(cfg)}
+
+Loading needs nothing else. Saving is atomic: everything is written into a
+hidden sibling directory that is renamed to DIR only once complete, so DIR is
+either absent, the old checkpoint, or the whole new one. In a multi-process
+run every process calls `save` (orbax writes each process's shards); process
+0 writes the config and does the rename.
+"""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax.linen import meta
+
+from gemma_jax import configlib
+from gemma_jax.checkpoint import layout
+from gemma_jax.checkpoint.layout import CheckpointError
+from gemma_jax.model.config import ModelConfig
+
+FORMAT = "gemma_jax.native/1"
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def save(directory, params, model_cfg: ModelConfig, *, force=False) -> None:
+  """Writes `params` (nested dict, arrays or jax.Arrays) and `model_cfg`.
+
+  Refuses to replace an existing `directory` unless `force`. The params must
+  have exactly the shapes of `model_cfg` (checked before anything is written).
+  """
+  directory = epath.Path(directory)
+  if directory.exists() and not force:
+    raise CheckpointError(f"{directory} already exists; pass force=True "
+                          "(--force) to replace it")
+  params = meta.unbox(params)
+  found = {p: tuple(np.shape(x)) for p, x in layout.flatten(params)}
+  layout.check_shapes(found, layout.param_shapes(model_cfg), "params")
+  tmp = directory.parent / f".{directory.name}.tmp"
+  if jax.process_index() == 0:
+    if tmp.exists():
+      tmp.rmtree()   # left by an interrupted save
+    tmp.mkdir(parents=True)
+  _sync("native_save_start")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+  if jax.process_index() == 0:
+    config = {"format": FORMAT, "model": configlib.to_dict(model_cfg)}
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    old = directory.parent / f".{directory.name}.old"
+    if directory.exists():
+      directory.rename(old)
+    tmp.rename(directory)
+    if old.exists():
+      old.rmtree()
+  _sync("native_save_done")
+
+
+def load_config(directory) -> ModelConfig:
+  path = epath.Path(directory) / CONFIG_FILE
+  if not path.exists():
+    raise CheckpointError(f"{directory} is not a native gemma_jax checkpoint "
+                          f"(no {CONFIG_FILE})")
+  data = json.loads(path.read_text())
+  if data.get("format") != FORMAT:
+    raise CheckpointError(f"{path}: unknown format {data.get('format')!r}; "
+                          f"expected {FORMAT!r}")
+  return configlib.from_dict(ModelConfig, data["model"], "model")
+
+
+def load(directory, shardings=None, dtype=None) -> tuple[dict, ModelConfig]:
+  """Returns (params, model_cfg).
+
+  shardings: None -> numpy arrays on the host; otherwise a pytree of
+    jax.sharding.Sharding matching the params (e.g. from the model's logical
+    axes): each process reads only its own shards.
+  dtype: optional dtype to cast every parameter to while restoring.
+  """
+  cfg = load_config(directory)
+  path = epath.Path(directory) / PARAMS_DIR
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree_meta = ckptr.metadata(path).item_metadata.tree
+    found = {p: tuple(m.shape) for p, m in layout.flatten(tree_meta)}
+    layout.check_shapes(found, layout.param_shapes(cfg), str(path))
+    if shardings is None:
+      restore_args = jax.tree.map(
+          lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype),
+          tree_meta)
+    else:
+      restore_args = jax.tree.map(
+          lambda m, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape,
+                                            dtype=dtype),
+          tree_meta, meta.unbox(shardings))
+    params = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        restore_args=restore_args))
+  return params, cfg
