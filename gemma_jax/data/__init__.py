@@ -1,0 +1,7 @@
+"""Data: sources, packed rows, staged mixtures, exactly resumable pipelines."""
+
+from gemma_jax.data.config import DataConfig, SourceConfig, StageConfig
+from gemma_jax.data.pipeline import Pipeline, build_pipeline, check_resume
+
+__all__ = ["DataConfig", "SourceConfig", "StageConfig", "Pipeline",
+           "build_pipeline", "check_resume"]

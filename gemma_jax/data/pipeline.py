@@ -1,0 +1,210 @@
+"""The training data pipeline: batch(step) is a pure function of the step.
+
+    pipe = build_pipeline(cfg.data, global_batch=256, process_index=p,
+                          process_count=P, vocab_size=cfg.model.vocab_size)
+    for step, batch in pipe.iterate(start_step): ...
+
+Composition (grain): one `PackedRows` MapDataset per source ->
+`MapDataset.select_from_datasets` routed by the staged schedule, restricted to
+this process's rows -> `.batch(B / P)`. Batch t of process p holds global rows
+[t*B + p*B/P, t*B + (p+1)*B/P), so the global batch does not depend on the
+number of processes, and resuming needs only the step.
+"""
+
+import itertools
+
+import grain
+import numpy as np
+
+from gemma_jax.configlib import ConfigError
+from gemma_jax.data import mixture, packing, sources
+from gemma_jax.data.config import DataConfig
+from gemma_jax.tokenizer import Tokenizer
+
+
+class Pipeline:
+  """Batches of process-local rows; see module docstring.
+
+  Batches are dicts of int32 numpy arrays: inputs, targets, segment_ids,
+  positions, loss_mask [B/P, T] and source [B/P] (index into source_names).
+  """
+
+  def __init__(self, cfg: DataConfig, global_batch: int, process_index: int = 0,
+               process_count: int = 1, vocab_size: int | None = None):
+    if global_batch < 1 or global_batch % process_count:
+      raise ConfigError(f"train.batch_size ({global_batch}) must be a "
+                        f"positive multiple of the process count "
+                        f"({process_count})")
+    if not 0 <= process_index < process_count:
+      raise ConfigError(f"process_index {process_index} is not in "
+                        f"[0, {process_count})")
+    if not cfg.sources:
+      raise ConfigError("data.sources: the data config names no source")
+    if not cfg.tokenizer:
+      raise ConfigError("data.tokenizer: path to a SentencePiece model is "
+                        "required")
+    self.cfg = cfg
+    self.global_batch = global_batch
+    self.local_batch = global_batch // process_count
+    self.process_index, self.process_count = process_index, process_count
+    self.tokenizer = Tokenizer.load(cfg.tokenizer)
+    if vocab_size is not None:
+      self.tokenizer.check_vocab(vocab_size)
+    self.source_names = tuple(cfg.sources)
+    self.stages = cfg.resolved_stages()
+    self._docs = {n: self._open(n, "train") for n in self.source_names}
+    self._eval_rows = {}
+    self._rows = [packing.PackedRows(self._docs[n], cfg.seq_len, i, cfg.seed)
+                  for i, n in enumerate(self.source_names)]
+    shares = [[st.shares().get(n, 0.0) for n in self.source_names]
+              for st in self.stages]
+    self.schedule = mixture.StageSchedule(
+        [st.start_step * global_batch for st in self.stages], shares,
+        cfg.block_size, cfg.seed)
+    rows = grain.MapDataset.select_from_datasets(
+        self._rows, mixture.ProcessRows(self.schedule, global_batch,
+                                        process_index, process_count))
+    self._batches = rows.batch(self.local_batch)
+
+  def _open(self, name: str, split: str) -> sources.Documents:
+    docs = sources.open_documents(name, self.cfg.sources[name],
+                                  self.tokenizer, split)
+    if docs.fingerprint not in (None, self.tokenizer.fingerprint):
+      raise ConfigError(
+          f"data.sources.{name}: its tokens were made by a tokenizer with "
+          f"fingerprint {docs.fingerprint[:12]}..., but data.tokenizer "
+          f"({self.cfg.tokenizer}) has {self.tokenizer.fingerprint[:12]}...; "
+          "prepare the source again with this tokenizer")
+    return docs
+
+  def batch(self, step: int) -> dict:
+    """This process's rows of global batch `step`."""
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}")
+    return self._batches[step]
+
+  def iterate(self, start_step: int = 0):
+    """Yields (step, batch) from `start_step` on, prefetched (worker
+    processes when data.num_workers > 0); equal to `batch(step)`."""
+    ds = self._batches[start_step:].to_iter_dataset(grain.ReadOptions(
+        num_threads=2, prefetch_buffer_size=max(self.cfg.prefetch, 1)))
+    if self.cfg.num_workers > 0:
+      _mark_absl_flags_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.cfg.num_workers,
+          per_worker_buffer_size=max(self.cfg.prefetch, 1)))
+    return zip(itertools.count(start_step), ds)
+
+  def eval_batches(self, source: str, n: int):
+    """Up to `n` batches of the held-out split of `source`, in order and
+    without repeats; rows past the split's end are padding (loss_mask 0)."""
+    if source not in self.cfg.sources:
+      raise ConfigError(f"eval source {source!r} is not one of "
+                        f"{', '.join(self.source_names)}")
+    if source not in self._eval_rows:
+      self._eval_rows[source] = packing.PackedRows(
+          self._open(source, "eval"), self.cfg.seq_len,
+          self.source_names.index(source), shuffle=False)
+    rows = self._eval_rows[source]
+    total = rows.rows_per_epoch
+    num = min(n, -(-total // self.global_batch))
+    offset = self.process_index * self.local_batch
+    for g in range(num):
+      first = g * self.global_batch + offset
+      examples = [rows[i] if i < total else
+                  packing.padding_example(self.cfg.seq_len, rows.source_id)
+                  for i in range(first, first + self.local_batch)]
+      yield {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+  def source_tokens(self, batch: dict) -> np.ndarray:
+    """Counted target tokens per source in `batch`: int64 [num_sources]."""
+    per_row = batch["loss_mask"].sum(axis=1)
+    return np.bincount(batch["source"], weights=per_row,
+                       minlength=len(self.source_names)).astype(np.int64)
+
+  def target_shares(self, step: int) -> dict[str, float]:
+    """The token shares of the stage in force at `step`."""
+    starts = [s.start_step for s in self.stages]
+    stage = self.stages[int(np.searchsorted(starts, step, side="right")) - 1]
+    shares = stage.shares()
+    return {n: shares.get(n, 0.0) for n in self.source_names}
+
+  def describe(self) -> dict:
+    """JSON-able description; `check_resume` compares two of these."""
+    return {
+        "seq_len": self.cfg.seq_len, "global_batch": self.global_batch,
+        "seed": self.cfg.seed, "block_size": self.cfg.block_size,
+        "tokenizer": {"path": self.tokenizer.path,
+                      "fingerprint": self.tokenizer.fingerprint,
+                      "vocab_size": self.tokenizer.vocab_size},
+        "source_names": list(self.source_names),
+        "sources": {n: _describe_source(self.cfg.sources[n], d)
+                    for n, d in self._docs.items()},
+        "stages": [{"start_step": s.start_step, "weights": s.shares()}
+                   for s in self.stages],
+    }
+
+
+def _describe_source(cfg, docs: sources.Documents) -> dict:
+  where = ({"name": cfg.name, "data_dir": sources.tfds_dir(cfg),
+            "split": cfg.split} if cfg.kind == "tfds" else
+           {"paths": list(cfg.paths)} if cfg.kind == "files" else {})
+  return {"kind": cfg.kind, **where, "num_docs": len(docs),
+          "num_tokens": docs.num_tokens}
+
+
+def build_pipeline(cfg: DataConfig, global_batch: int, process_index: int = 0,
+                   process_count: int = 1, vocab_size: int | None = None
+                   ) -> Pipeline:
+  """The pipeline of `cfg`; `vocab_size` (the model's) checks the tokenizer."""
+  return Pipeline(cfg, global_batch, process_index, process_count, vocab_size)
+
+
+def _mark_absl_flags_parsed():
+  # grain's worker processes read absl flags; outside an absl app mark them
+  # parsed so that they use their defaults.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def check_resume(saved: dict, current: dict, step: int) -> None:
+  """Raises ConfigError if resuming at `step` under `current` would not
+  continue the stream described by `saved` (a past `describe()`).
+
+  Stages starting after `step` may be edited, added or removed; sources may
+  be added. Everything that decides the rows already seen must stay.
+  """
+  for key in ("seq_len", "global_batch", "seed", "block_size"):
+    if saved.get(key) != current.get(key):
+      name = "train.batch_size" if key == "global_batch" else f"data.{key}"
+      raise ConfigError(f"{name} changed from {saved.get(key)} to "
+                        f"{current.get(key)}: resuming at step {step} would "
+                        "not continue the same data stream")
+  if saved["tokenizer"]["fingerprint"] != current["tokenizer"]["fingerprint"]:
+    raise ConfigError("data.tokenizer: the tokenizer differs from the one "
+                      "this run was trained with (fingerprint changed)")
+  names = list(saved["source_names"])
+  if list(current["source_names"])[:len(names)] != names:
+    raise ConfigError(f"data.sources: sources {names} must keep their names "
+                      f"and order (new ones go after them); got "
+                      f"{current['source_names']}")
+  for n in names:
+    old, new = saved["sources"][n], current["sources"][n]
+    if (old["num_docs"], old["num_tokens"]) != (new["num_docs"],
+                                                new["num_tokens"]):
+      raise ConfigError(f"data.sources.{n}: the source's contents changed "
+                        f"({old['num_docs']} docs / {old['num_tokens']} "
+                        f"tokens -> {new['num_docs']} / {new['num_tokens']})")
+  past_old = _past_stages(saved["stages"], step)
+  past_new = _past_stages(current["stages"], step)
+  if past_old != past_new:
+    raise ConfigError(
+        f"data.stages: stages starting at or before step {step} cannot be "
+        f"edited on resume (only later ones); was {past_old}, now {past_new}")
+
+
+def _past_stages(stages, step):
+  return [(s["start_step"], {k: round(v, 9) for k, v in s["weights"].items()
+                             if v > 0})
+          for s in stages if s["start_step"] <= step]

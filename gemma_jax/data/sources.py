@@ -1,0 +1,168 @@
+"""Sources: random access to the tokenized documents of one split.
+
+A `Documents` object is what packing needs: the token count of every document
+(known up front, so that any row can be located without reading the others)
+and `doc(i)`, the int32 token ids of document i (without bos/eos).
+
+tfds datasets are read through `tfds.data_source` (ArrayRecord, random access,
+no TensorFlow). Datasets written by `gemma-jax data prepare` hold a `tokens`
+feature, the tokenizer's fingerprint in their metadata and a lengths file, so
+opening them reads nothing else; other tfds datasets are tokenized on open from
+their text feature. Files and in-memory texts are tokenized on open.
+"""
+
+import functools
+import glob
+import json
+import os
+
+import numpy as np
+
+from gemma_jax.configlib import ConfigError
+from gemma_jax.data.config import SourceConfig
+
+LENGTHS_FILE = "{split}_doc_lengths.npy"
+FINGERPRINT_KEY = "tokenizer_fingerprint"
+
+
+class Documents:
+  """Tokenized documents of one split of one source.
+
+  Attributes:
+    name: source name (for messages).
+    lengths: int64 [num_docs], tokens per document (without bos/eos).
+    fingerprint: fingerprint of the tokenizer that made the tokens.
+  """
+
+  def __init__(self, name, lengths, get_doc, fingerprint):
+    self.name = name
+    self.lengths = np.asarray(lengths, np.int64)
+    self._get_doc = get_doc
+    self.fingerprint = fingerprint
+    self._cache = None
+    if len(self.lengths) == 0 or self.lengths.sum() == 0:
+      raise ConfigError(f"data source {name!r} is empty: it has "
+                        f"{len(self.lengths)} documents and no tokens")
+
+  def __len__(self):
+    return len(self.lengths)
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.lengths.sum())
+
+  def doc(self, i: int) -> np.ndarray:
+    """int32 token ids [lengths[i]] of document i."""
+    if self._cache is None:
+      # A long document spans many rows: keep recent ones.
+      self._cache = functools.lru_cache(maxsize=64)(self._get_doc)
+    return self._cache(int(i))
+
+  def __getstate__(self):
+    # The doc cache is per process; worker processes start empty.
+    return {**self.__dict__, "_cache": None}
+
+
+def open_documents(name: str, cfg: SourceConfig, tokenizer, split: str
+                   ) -> Documents:
+  """Opens `split` ('train' or 'eval') of source `name`."""
+  if cfg.kind == "memory":
+    texts = cfg.texts if split == "train" else cfg.eval_texts
+    if split != "train" and not texts:
+      raise ConfigError(f"data.sources.{name}.eval_texts: source has no "
+                        "held-out documents")
+    return _from_texts(name, list(texts), tokenizer)
+  if cfg.kind == "files":
+    globs = cfg.paths if split == "train" else cfg.eval_paths
+    if split != "train" and not globs:
+      raise ConfigError(f"data.sources.{name}.eval_paths: source has no "
+                        "held-out files")
+    return _from_texts(name, read_text_files(globs, cfg.text_key, name),
+                       tokenizer)
+  tfds_split = cfg.split if split == "train" else cfg.eval_split
+  if tfds_split is None:
+    raise ConfigError(f"data.sources.{name}.eval_split: source has no "
+                      "held-out split")
+  return _from_tfds(name, cfg, tfds_split, tokenizer)
+
+
+def _from_texts(name, texts, tokenizer) -> Documents:
+  docs = tokenizer.encode_batch(texts) if texts else []
+  lengths = [len(d) for d in docs]
+  return Documents(name, lengths, docs.__getitem__, tokenizer.fingerprint)
+
+
+def read_text_files(globs, text_key: str, name: str = "") -> list[str]:
+  """Documents of text files: one per `.jsonl` line, else one per file."""
+  paths = []
+  for pattern in globs:
+    found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not found:
+      raise ConfigError(f"data source {name!r}: no file matches {pattern!r}")
+    paths += found
+  texts = []
+  for path in paths:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      if not path.endswith(".jsonl"):
+        texts.append(f.read())
+        continue
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          texts.append(json.loads(line)[text_key])
+        except (json.JSONDecodeError, KeyError, TypeError):
+          raise ConfigError(f"{path}:{lineno}: not a JSON object with a "
+                            f"{text_key!r} field") from None
+  return texts
+
+
+def tfds_dir(cfg: SourceConfig) -> str:
+  return os.path.expanduser(cfg.data_dir or "~/tensorflow_datasets")
+
+
+def _from_tfds(name, cfg: SourceConfig, split: str, tokenizer) -> Documents:
+  import tensorflow_datasets as tfds  # slow import; only when needed
+  data_dir = tfds_dir(cfg)
+  if not os.path.isdir(os.path.join(data_dir, cfg.name.split(":")[0])):
+    raise ConfigError(f"data.sources.{name}: tfds dataset {cfg.name!r} not "
+                      f"found in data_dir {data_dir} (prepare it with "
+                      "`gemma-jax data prepare` or `gemma-jax data "
+                      "build-default`)")
+  try:
+    builder = tfds.builder(cfg.name, data_dir=data_dir)
+    if split not in builder.info.splits:
+      raise ConfigError(f"data.sources.{name}: tfds dataset {cfg.name!r} has "
+                        f"no split {split!r}; splits: "
+                        f"{', '.join(builder.info.splits)}")
+    source = builder.as_data_source(split)
+  except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError,
+          ValueError) as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"data.sources.{name}: cannot open tfds dataset "
+                      f"{cfg.name!r} in {data_dir}: "
+                      f"{str(e).splitlines()[0]}") from None
+  features = builder.info.features
+  if "tokens" in features:
+    fingerprint = (builder.info.metadata or {}).get(FINGERPRINT_KEY)
+    lengths_path = os.path.join(builder.data_dir,
+                                LENGTHS_FILE.format(split=split))
+    if os.path.exists(lengths_path):
+      lengths = np.load(lengths_path)
+    else:
+      lengths = [len(source[i]["tokens"]) for i in range(len(source))]
+    return Documents(name, lengths,
+                     lambda i: np.asarray(source[i]["tokens"], np.int32),
+                     fingerprint)
+  if cfg.text_key not in features:
+    raise ConfigError(f"data.sources.{name}.text_key: tfds dataset "
+                      f"{cfg.name!r} has neither a 'tokens' nor a "
+                      f"{cfg.text_key!r} feature; features: "
+                      f"{', '.join(features)}")
+  texts = [_text(source[i][cfg.text_key]) for i in range(len(source))]
+  return _from_texts(name, texts, tokenizer)
+
+
+def _text(value) -> str:
+  return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
