@@ -40,6 +40,9 @@ class TrainConfig:
   eval_batches: int = 4
   max_nonfinite_in_row: int = 3
   peak_flops_per_device: float | None = None  # None: from the device table
+  prefetch: int = 2                # batches placed on the devices ahead
+  sample_prompts: tuple[str, ...] = ()  # printed with a continuation at the end
+  sample_tokens: int = 32
 
   def __post_init__(self):
     if self.steps < 0:
@@ -50,6 +53,15 @@ class TrainConfig:
       raise ConfigError(
           f"train.batch_size ({self.batch_size}) must be divisible by "
           f"train.microbatches ({self.microbatches})")
+    for key in ("log_every", "eval_every", "eval_batches",
+                "max_nonfinite_in_row", "sample_tokens"):
+      if getattr(self, key) < 0:
+        raise ConfigError(f"train.{key} must be >= 0, got "
+                          f"{getattr(self, key)}")
+    if self.log_every == 0:
+      raise ConfigError("train.log_every must be positive")
+    if self.prefetch < 1:
+      raise ConfigError(f"train.prefetch must be >= 1, got {self.prefetch}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,3 +70,11 @@ class CheckpointConfig:
   keep: int = 3
   async_save: bool = True
   init_from: str | None = None     # params to start from (continual pretraining)
+  export_params: bool = True       # params-only export to WORKDIR/params at the end
+
+  def __post_init__(self):
+    if self.save_every < 0:
+      raise ConfigError(f"checkpoint.save_every must be >= 0 (0: only at the "
+                        f"end), got {self.save_every}")
+    if self.keep < 1:
+      raise ConfigError(f"checkpoint.keep must be >= 1, got {self.keep}")

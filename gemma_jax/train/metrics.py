@@ -18,6 +18,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 # Peak dense bf16 FLOP/s per device (per chip; per TensorCore where JAX shows
 # one device per core: v2, v3). Matched as substrings of `device_kind`,
@@ -175,3 +176,36 @@ class Stopwatch:
 
   def elapsed(self) -> float:
     return time.perf_counter() - self.start
+
+
+def train_record(step: int, values: list[dict], seconds: float,
+                 source_names, tokens_per_step: int, flops_per_token: float,
+                 num_devices: int, peak: float | None) -> dict:
+  """One metrics.jsonl record from the host copies of per-step metrics.
+
+  Losses are means over the steps since the last log (exactly the step's
+  loss when logging every step); tokens_per_sec counts every position of
+  the batch (what the devices compute); `tokens` counts target tokens.
+  """
+  n = len(values)
+  mean = lambda key: float(np.mean([v[key] for v in values]))
+  src_loss = np.sum([v["source_loss_sum"] for v in values], axis=0)
+  src_tokens = np.sum([v["source_tokens"] for v in values], axis=0)
+  total_src = float(src_tokens.sum())
+  tokens_per_sec = tokens_per_step * n / seconds if seconds > 0 else 0.0
+  record = {
+      "step": step,
+      "loss": mean("loss"),
+      "grad_norm": mean("grad_norm"),
+      "learning_rate": float(values[-1]["learning_rate"]),
+      "tokens": int(np.sum([v["tokens"] for v in values])),
+      "tokens_per_sec": tokens_per_sec,
+      "step_time_s": seconds / n,
+      "mfu": mfu(flops_per_token, tokens_per_sec, num_devices, peak),
+      "skipped": int(np.sum([v["skipped"] for v in values])),
+  }
+  for i, name in enumerate(source_names):
+    t = float(src_tokens[i])
+    record[f"loss/{name}"] = float(src_loss[i]) / t if t else None
+    record[f"share/{name}"] = t / total_src if total_src else 0.0
+  return record

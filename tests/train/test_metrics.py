@@ -1,0 +1,86 @@
+"""Metrics: records, JSONL + TensorBoard files, progress line, MFU."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gemma_jax.train import metrics
+
+
+def _step(loss, skipped=0):
+  return {"loss": loss, "grad_norm": 1.0, "learning_rate": 1e-3,
+          "tokens": 10, "skipped": skipped,
+          "source_loss_sum": np.array([2.0 * 6, 4.0 * 4]),
+          "source_tokens": np.array([6, 4])}
+
+
+def test_train_record_means_and_per_source_values():
+  r = metrics.train_record(
+      20, [_step(3.0), _step(5.0, skipped=1)], seconds=2.0,
+      source_names=("web", "code"), tokens_per_step=100, flops_per_token=6e3,
+      num_devices=2, peak=1e6)
+  assert r["step"] == 20
+  assert r["loss"] == 4.0
+  assert r["tokens"] == 20
+  assert r["tokens_per_sec"] == 100.0
+  assert r["step_time_s"] == 1.0
+  assert r["skipped"] == 1
+  assert r["loss/web"] == pytest.approx(2.0)
+  assert r["loss/code"] == pytest.approx(4.0)
+  assert r["share/web"] == pytest.approx(0.6)
+  assert r["mfu"] == pytest.approx(6e3 * 100 / 2e6)
+
+
+def test_mfu_is_none_without_a_known_peak():
+  assert metrics.mfu(1e9, 1e3, 8, None) is None
+
+
+def test_peak_table_and_override():
+  class Dev:
+    device_kind = "TPU v5 lite"
+  assert metrics.peak_flops_per_device(Dev()) == 197e12
+  Dev.device_kind = "NVIDIA H100 80GB HBM3"
+  assert metrics.peak_flops_per_device(Dev()) == 989e12
+  Dev.device_kind = "TPU v5p"
+  assert metrics.peak_flops_per_device(Dev()) == 459e12
+  Dev.device_kind = "cpu"
+  assert metrics.peak_flops_per_device(Dev()) is None
+  assert metrics.peak_flops_per_device(Dev(), configured=5e9) == 5e9
+
+
+def test_writer_appends_jsonl_and_tensorboard_events(tmp_path):
+  w = metrics.MetricsWriter(str(tmp_path))
+  w.write({"step": 1, "loss": 2.5, "mfu": None})
+  w.write({"step": 2, "loss": float("nan")})
+  w.write({"step": 2, "eval/web/loss": 3.0}, name="eval")
+  w.close()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l) for l in lines] == [
+      {"step": 1, "loss": 2.5, "mfu": None}, {"step": 2, "loss": None}]
+  assert metrics.read_jsonl(str(tmp_path / "eval.jsonl"))[0]["step"] == 2
+  assert any(f.startswith("events.out.tfevents")
+             for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  w = metrics.MetricsWriter(str(tmp_path), enabled=False)
+  w.write({"step": 1, "loss": 1.0})
+  w.close()
+  assert os.listdir(tmp_path) == []
+
+
+def test_read_jsonl_skips_a_torn_last_line(tmp_path):
+  p = tmp_path / "metrics.jsonl"
+  p.write_text('{"step": 1}\n{"step": 2, "lo')
+  assert metrics.read_jsonl(str(p)) == [{"step": 1}]
+
+
+def test_progress_line_shows_step_loss_throughput_and_eta():
+  out = io.StringIO()
+  metrics.ProgressLine(100, stream=out).update(
+      40, loss=2.3456, tokens_per_sec=12345, steps_per_sec=2.0)
+  assert out.getvalue().strip() == (
+      "step 40/100 | loss 2.3456 | 12.3k tok/s | ETA 0:30")
