@@ -1,0 +1,60 @@
+"""Shared tiny training setup: a small tokenizer and in-memory sources."""
+
+import random
+
+import pytest
+import yaml
+
+WORDS = ("the cat dog sat ran on a mat hat big small red blue and then it was "
+         "happy sad very quick slow fox jumps over lazy river tree").split()
+
+
+def _texts(seed: int, n: int, kind: str) -> list[str]:
+  rng = random.Random(seed)
+  out = []
+  for _ in range(n):
+    if kind == "prose":
+      out.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40)))
+                 + ".")
+    else:
+      a, b = rng.randint(0, 99), rng.randint(0, 99)
+      out.append(f"def f{a}(x):\n  return x + {b}\n")
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+  from gemma_jax.tokenizer import train_tokenizer
+  path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+  train_tokenizer(_texts(0, 300, "prose") + _texts(1, 300, "code"),
+                  vocab_size=400, out_path=str(path))
+  return str(path)
+
+
+def tiny_config_dict(tokenizer: str, steps: int = 6) -> dict:
+  """A 2-layer Gemma 2-style model on two in-memory sources, two stages."""
+  return {
+      "model": {"preset": "tiny-gemma2", "num_layers": 2, "d_model": 32,
+                "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1,
+                "head_dim": 16, "vocab_size": 512, "sliding_window": 8},
+      "data": {
+          "seq_len": 32, "tokenizer": tokenizer, "block_size": 8,
+          "sources": {
+              "prose": {"kind": "memory", "texts": _texts(2, 60, "prose"),
+                        "eval_texts": _texts(3, 8, "prose")},
+              "code": {"kind": "memory", "texts": _texts(4, 60, "code"),
+                       "eval_texts": _texts(5, 8, "code")}},
+          "stages": [{"start_step": 0, "weights": {"prose": 1, "code": 1}},
+                     {"start_step": 4, "weights": {"prose": 3, "code": 1}}]},
+      "optimizer": {"learning_rate": 1e-2, "warmup_steps": 1},
+      "train": {"steps": steps, "batch_size": 8, "log_every": 1,
+                "eval_every": 0, "eval_batches": 1},
+      "checkpoint": {"save_every": 2, "keep": 2, "export_params": False},
+  }
+
+
+@pytest.fixture
+def tiny_config_path(tiny_tokenizer, tmp_path):
+  path = tmp_path / "tiny.yaml"
+  path.write_text(yaml.safe_dump(tiny_config_dict(tiny_tokenizer)))
+  return str(path)
