@@ -96,8 +96,7 @@ def _as_key(rng) -> jax.Array:
   return rng
 
 
-def init_train_state(cfg: RunConfig, mesh, rng) -> TrainState:
-  """A fresh TrainState, created directly in its sharded layout."""
+def _init_fn(cfg: RunConfig):
   model = Transformer(cfg.model)
   tx, _ = make_optimizer(cfg.optimizer, _total_steps(cfg))
 
@@ -108,10 +107,32 @@ def init_train_state(cfg: RunConfig, mesh, rng) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=state_key,
                       nonfinite_in_row=jnp.zeros((), jnp.int32))
+  return init
 
+
+def init_train_state(cfg: RunConfig, mesh, rng) -> TrainState:
+  """A fresh TrainState, created directly in its sharded layout."""
   with rules_lib.sharding_context(mesh, cfg.mesh):
-    return jax.jit(init, out_shardings=state_shardings(cfg, mesh))(
+    return jax.jit(_init_fn(cfg), out_shardings=state_shardings(cfg, mesh))(
         _as_key(rng))
+
+
+def abstract_train_state(cfg: RunConfig, mesh) -> TrainState:
+  """TrainState of jax.ShapeDtypeStructs carrying their shardings."""
+  shapes = jax.eval_shape(_init_fn(cfg),
+                          jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      shapes, state_shardings(cfg, mesh))
+
+
+def abstract_batch(cfg: RunConfig, mesh) -> dict:
+  """A global batch of ShapeDtypeStructs (train.batch_size x data.seq_len)."""
+  sharding = batch_sharding(cfg, mesh)
+  rows, t = cfg.train.batch_size, cfg.data.seq_len
+  return {k: jax.ShapeDtypeStruct((rows,) if k == "source" else (rows, t),
+                                  jnp.int32, sharding=sharding)
+          for k in BATCH_KEYS}
 
 
 def _check_batch(cfg: RunConfig, mesh, batch):
@@ -229,6 +250,11 @@ class _MeshBound:
     self._check(args[-1])
     with rules_lib.sharding_context(self._mesh, self._cfg):
       return self._jitted.lower(*args)
+
+  def jaxpr(self, *args):
+    """The traced program (e.g. to count FLOPs of every loop iteration)."""
+    with rules_lib.sharding_context(self._mesh, self._cfg):
+      return jax.make_jaxpr(self._jitted)(*args)
 
 
 def make_train_step(cfg: RunConfig, mesh, num_sources: int = 1):
