@@ -139,8 +139,10 @@ def to_hf(cfg: ModelConfig, dtype: str) -> dict:
       "use_cache": True, "dtype": dtype, "torch_dtype": dtype,
   }
   if gemma2:
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
     hf.update(
-        query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+        # transformers >= 5 validates types: an integral scalar must be int.
+        query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
         sliding_window=cfg.sliding_window or 4096,
         layer_types=["sliding_attention" if w else "full_attention"
                      for w in cfg.layer_windows],

@@ -1,0 +1,148 @@
+"""Official Gemma Flax checkpoints (Kaggle "flax" variants) -> native params.
+
+They are orbax PyTree checkpoints of a flat dict whose keys contain '/':
+
+    transformer/embedder                  input_embedding [R, D]  (R = 256128)
+    transformer/final_norm                scale [D]
+    transformer/layer_{i}/attn/q_einsum   w [N, D, H]      } kv heads != heads
+    transformer/layer_{i}/attn/kv_einsum  w [2, K, D, H]   }
+    transformer/layer_{i}/attn/qkv_einsum w [3, N, D, H]   kv heads == heads
+    transformer/layer_{i}/attn/attn_vec_einsum  w [N, H, D]
+    transformer/layer_{i}/mlp/gating_einsum     w [2, D, F], or [2, F, D]
+                                                  (Gemma 2 9B and 27B)
+    transformer/layer_{i}/mlp/linear      w [F, D]
+    transformer/layer_{i}/{pre,post}_{attention,ffw}_norm  scale [D]
+
+The file holds no config: the caller names it (a preset or a config file).
+Which gating layout a checkpoint has is read from its shape when D != F
+(always so for real models); `transposed_gating` states it explicitly, and
+must then agree with the shape. Layers are restored one at a time (orbax
+partial restore) into the stacked native arrays, so memory holds the output
+plus one layer.
+"""
+
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from gemma_jax.checkpoint import layout
+from gemma_jax.checkpoint.layout import CheckpointError
+from gemma_jax.model.config import ModelConfig
+
+# Presets whose official checkpoints store gating as [2, F, D].
+TRANSPOSED_GATING_PRESETS = ("gemma2-9b", "gemma2-27b")
+_NORMS = ("pre_attention_norm", "pre_ffw_norm", "post_attention_norm",
+          "post_ffw_norm")
+
+
+def _layer_keys(cfg: ModelConfig, i: int, fused_qkv: bool,
+                transposed: bool) -> dict[str, tuple[int, ...]]:
+  """{'transformer/layer_i/.../leaf': shape} of one official layer."""
+  N, K, H, D, F = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                   cfg.d_model, cfg.mlp_dim)
+  p = f"transformer/layer_{i}/"
+  keys = {p + "attn/attn_vec_einsum/w": (N, H, D),
+          p + "mlp/gating_einsum/w": (2, F, D) if transposed else (2, D, F),
+          p + "mlp/linear/w": (F, D)}
+  if fused_qkv:
+    keys[p + "attn/qkv_einsum/w"] = (3, N, D, H)
+  else:
+    keys[p + "attn/q_einsum/w"] = (N, D, H)
+    keys[p + "attn/kv_einsum/w"] = (2, K, D, H)
+  norms = _NORMS if cfg.sandwich_norms else _NORMS[:2]
+  keys.update({f"{p}{n}/scale": (D,) for n in norms})
+  return keys
+
+
+def _gating_layout(cfg, found, transposed):
+  """[2, D, F] (False) or [2, F, D] (True): the shape decides when D != F."""
+  key = "transformer/layer_0/mlp/gating_einsum/w"
+  D, F = cfg.d_model, cfg.mlp_dim
+  by_shape = None if D == F else {(2, D, F): False, (2, F, D): True}.get(
+      tuple(found.get(key, ())))
+  if transposed is None:
+    if by_shape is not None:
+      return by_shape
+    if cfg.name in TRANSPOSED_GATING_PRESETS:
+      return True
+    if D == F:
+      raise CheckpointError(
+          f"{key}: d_model == mlp_dim == {D}, so the gating layout cannot be "
+          "read from the shape; pass --kaggle-gating DF or FD")
+    return False   # a wrong shape is reported by the shape check
+  if by_shape is not None and by_shape != transposed:
+    raise CheckpointError(
+        f"{key}: shape {found[key]} is {'[2, F, D]' if by_shape else '[2, D, F]'}"
+        f" but the gating layout was given as {'FD' if transposed else 'DF'}")
+  return transposed
+
+
+def expected_shapes(cfg: ModelConfig, fused_qkv: bool, transposed: bool):
+  keys = {"transformer/embedder/input_embedding": (cfg.num_embed_rows,
+                                                   cfg.d_model),
+          "transformer/final_norm/scale": (cfg.d_model,)}
+  for i in range(cfg.num_layers):
+    keys.update(_layer_keys(cfg, i, fused_qkv, transposed))
+  return keys
+
+
+def _restore(ckptr, path, keys, dtype):
+  """Restores only `keys` ('module/leaf' paths) as numpy arrays."""
+  tree, args = {}, {}
+  for key in keys:
+    module, leaf = key.rsplit("/", 1)
+    tree.setdefault(module, {})[leaf] = 0
+    args.setdefault(module, {})[leaf] = ocp.RestoreArgs(
+        restore_type=np.ndarray, dtype=dtype)
+  flat = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+      item=tree, restore_args=args, partial_restore=True))
+  return {f"{m}/{leaf}": v for m, leaves in flat.items()
+          for leaf, v in leaves.items()}
+
+
+def load(directory, cfg: ModelConfig, *, transposed_gating: bool | None = None,
+         dtype=None) -> dict:
+  """Reads an official checkpoint into native params (numpy) for `cfg`."""
+  path = epath.Path(directory)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    try:
+      tree_meta = ckptr.metadata(path).item_metadata.tree
+    except FileNotFoundError:
+      raise CheckpointError(f"{directory}: not an orbax checkpoint") from None
+    found = {f"{module}/{leaf}": tuple(m.shape)
+             for module, leaves in tree_meta.items()
+             for leaf, m in leaves.items()}
+    fused = "transformer/layer_0/attn/qkv_einsum/w" in found
+    transposed = _gating_layout(cfg, found, transposed_gating)
+    layout.check_shapes(found, expected_shapes(cfg, fused, transposed),
+                        f"{directory} (model {cfg.name})")
+    shapes = layout.param_shapes(cfg)
+    top = _restore(ckptr, path, ["transformer/embedder/input_embedding",
+                                 "transformer/final_norm/scale"], dtype)
+    emb = top["transformer/embedder/input_embedding"]
+    out = {"embedder/embedding": emb,
+           "final_norm/scale": top["transformer/final_norm/scale"]}
+    out.update({p: np.empty(s, dtype or emb.dtype) for p, s in shapes.items()
+                if p.startswith("layers/")})
+    for i in range(cfg.num_layers):
+      keys = _layer_keys(cfg, i, fused, transposed)
+      layer = {k.split("/", 2)[2]: v for k, v in
+               _restore(ckptr, path, list(keys), dtype).items()}
+      _fill_layer(out, i, layer, fused, transposed)
+  return layout.unflatten(out)
+
+
+def _fill_layer(out, i, layer, fused, transposed):
+  """Writes one official layer (keys 'attn/q_einsum/w', ...) into `out`."""
+  if fused:
+    qkv = layer.pop("attn/qkv_einsum/w")
+    out["layers/attn/q_einsum/w"][i] = qkv[0]
+    out["layers/attn/kv_einsum/w"][i] = qkv[1:]
+  else:
+    out["layers/attn/q_einsum/w"][i] = layer.pop("attn/q_einsum/w")
+    out["layers/attn/kv_einsum/w"][i] = layer.pop("attn/kv_einsum/w")
+  gating = layer.pop("mlp/gating_einsum/w")
+  out["layers/mlp/gating_einsum/w"][i] = (gating.transpose(0, 2, 1)
+                                          if transposed else gating)
+  for key, value in layer.items():   # norms, attn_vec_einsum, linear
+    out[f"layers/{key}"][i] = value

@@ -1,0 +1,110 @@
+"""gemma-jax convert --from {hf,kaggle,native} --to {native,hf} SRC DST.
+
+    # Hugging Face directory -> native (config read from config.json)
+    gemma-jax convert --from hf --to native gemma-2-2b/ ckpt/gemma2-2b
+    # official Flax checkpoint: it carries no config, so name one
+    gemma-jax convert --from kaggle --to native --model gemma2-9b 9b/ ckpt/9b
+    # native -> Hugging Face (loads in transformers), sharded above 2 GB
+    gemma-jax convert --from native --to hf --max-shard-size 2GB ckpt/9b hf-9b/
+
+`--model` is a preset name or a YAML/JSON file with a model section (a
+preset plus overrides, or every field); with --from hf/native it must agree
+with the stored config and decides the output config (e.g. a preset's
+256128-row embedding, zero-padded).
+"""
+
+import dataclasses
+import json
+import pathlib
+import re
+
+import jax.numpy as jnp
+
+from gemma_jax import configlib
+from gemma_jax.checkpoint import hf, hf_config, kaggle, native
+from gemma_jax.configlib import ConfigError
+from gemma_jax.model.config import PRESETS, ModelConfig
+
+HELP = "convert checkpoints between Hugging Face, official Flax and native"
+
+
+def add_arguments(parser):
+  parser.add_argument("--from", dest="src_format", required=True,
+                      choices=("hf", "kaggle", "native"))
+  parser.add_argument("--to", dest="dst_format", required=True,
+                      choices=("native", "hf"))
+  parser.add_argument("src", help="source checkpoint directory")
+  parser.add_argument("dst", help="destination directory (must not exist "
+                      "unless --force)")
+  parser.add_argument("--model", help="model preset (%s) or config file" %
+                      ", ".join(PRESETS))
+  parser.add_argument("--kaggle-gating", choices=("auto", "DF", "FD"),
+                      default="auto", help="official gating_einsum layout: "
+                      "[2,D,F] or [2,F,D] (Gemma 2 9B/27B); auto reads the "
+                      "shape, or the preset name when d_model == mlp_dim")
+  parser.add_argument("--dtype", choices=("keep", "float32", "bfloat16",
+                                          "float16"), default="keep",
+                      help="dtype of the written weights")
+  parser.add_argument("--max-shard-size", default="5GB",
+                      help="HF output: shard above this size (e.g. 500MB)")
+  parser.add_argument("--force", action="store_true",
+                      help="replace DST if it exists")
+
+
+def parse_size(text: str) -> int:
+  match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.I)
+  if not match:
+    raise ConfigError(f"--max-shard-size: cannot parse {text!r}; e.g. 5GB")
+  units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10,
+           "mib": 2**20, "gib": 2**30}
+  return int(float(match[1]) * units[(match[2] or "B").lower()])
+
+
+def model_config(spec: str) -> ModelConfig:
+  """A preset name, or a YAML/JSON file holding a model section."""
+  from gemma_jax.config import model_config_from_dict
+  if spec in PRESETS:
+    return PRESETS[spec]
+  if not pathlib.Path(spec).is_file():
+    raise ConfigError(f"--model: {spec!r} is neither a preset "
+                      f"({', '.join(PRESETS)}) nor a file")
+  data = configlib.load_yaml(spec)   # YAML is a superset of JSON
+  data = data.get("model", data)
+  if isinstance(data, str):
+    data = {"preset": data}
+  return model_config_from_dict(data, "model")
+
+
+def load(args, dtype):
+  given = model_config(args.model) if args.model else None
+  name = f"--model {args.model}"
+  if args.src_format == "hf":
+    return hf.load(args.src, given, dtype, model_name=name)
+  if args.src_format == "kaggle":
+    if given is None:
+      raise ConfigError("--from kaggle needs --model (a preset or config "
+                        "file): official checkpoints carry no config")
+    gating = {"auto": None, "DF": False, "FD": True}[args.kaggle_gating]
+    return kaggle.load(args.src, given, transposed_gating=gating,
+                       dtype=dtype), given
+  params, stored = native.load(args.src, dtype=dtype)
+  if given is not None:
+    hf_config.check_same_architecture(given, stored, name, args.src)
+    return params, given
+  return params, stored
+
+
+def main(args) -> int:
+  dtype = None if args.dtype == "keep" else jnp.dtype(args.dtype)
+  params, cfg = load(args, dtype)
+  if dtype is not None:
+    cfg = dataclasses.replace(cfg, param_dtype=args.dtype)
+  if args.dst_format == "native":
+    native.save(args.dst, params, cfg, force=args.force)
+  else:
+    hf.save(args.dst, params, cfg, max_shard_bytes=parse_size(
+        args.max_shard_size), force=args.force)
+  summary = {"from": args.src_format, "to": args.dst_format, "dst": args.dst,
+             "model": cfg.name, "params": cfg.param_count()}
+  print(json.dumps(summary))
+  return 0
