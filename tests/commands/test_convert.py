@@ -1,0 +1,95 @@
+"""gemma-jax convert: every direction, round trips, errors (exit code 2)."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from gemma_jax import cli
+from gemma_jax.checkpoint import hf, layout, native
+from gemma_jax.checkpoint.testing import official_checkpoint
+from gemma_jax.model import preset
+
+
+def convert(*argv):
+  return cli.main(["convert", *map(str, argv)])
+
+
+def test_hf_to_native_to_hf_gives_identical_tensors(hf_dir, tmp_path):
+  src, _, state = hf_dir("gemma1_mha_wide_heads")
+  assert convert("--from", "hf", "--to", "native", src, tmp_path / "n") == 0
+  _, cfg = native.load(tmp_path / "n")
+  assert cfg.num_kv_heads == cfg.num_heads == 4 and cfg.head_dim == 16
+  assert convert("--from", "native", "--to", "hf", "--max-shard-size",
+                 "60KB", tmp_path / "n", tmp_path / "hf2") == 0
+  assert (tmp_path / "hf2" / hf.INDEX).exists()   # 132 KB -> sharded
+  back = {}
+  for f in (tmp_path / "hf2").glob("*.safetensors"):
+    back.update(load_file(str(f)))
+  assert sorted(back) == sorted(state)
+  for key, value in state.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_kaggle_to_native_to_hf_to_native(tmp_path):
+  fields = {"num_layers": 2, "d_model": 32, "mlp_dim": 48, "num_heads": 4,
+            "num_kv_heads": 2, "head_dim": 8, "vocab_size": 128,
+            "embed_rows": 160, "sliding_window": 8}
+  official_checkpoint(tmp_path / "k", preset("tiny-gemma2", **fields),
+                      transposed_gating=True)
+  model = tmp_path / "model.yaml"
+  model.write_text(yaml.safe_dump({"model": {"preset": "tiny-gemma2",
+                                             **fields}}))
+  assert convert("--from", "kaggle", "--to", "native", "--model", model,
+                 tmp_path / "k", tmp_path / "n1") == 0
+  assert convert("--from", "native", "--to", "hf", tmp_path / "n1",
+                 tmp_path / "hf") == 0
+  # Back from HF into the padded-embedding config.
+  assert convert("--from", "hf", "--to", "native", "--model", model,
+                 tmp_path / "hf", tmp_path / "n2") == 0
+  p1, c1 = native.load(tmp_path / "n1")
+  p2, c2 = native.load(tmp_path / "n2")
+  assert c1 == c2 and c1.num_embed_rows == 160
+  p2 = dict(layout.flatten(p2))
+  for path, value in layout.flatten(p1):
+    np.testing.assert_array_equal(p2[path], value, err_msg=path)
+
+
+def test_dtype_option(hf_dir, tmp_path):
+  src, _, _ = hf_dir()
+  assert convert("--from", "hf", "--to", "native", "--dtype", "bfloat16",
+                 src, tmp_path / "n") == 0
+  params, cfg = native.load(tmp_path / "n")
+  assert cfg.param_dtype == "bfloat16"
+  assert params["layers"]["mlp"]["linear"]["w"].dtype.name == "bfloat16"
+  assert convert("--from", "native", "--to", "hf", tmp_path / "n",
+                 tmp_path / "out") == 0
+  config = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert config["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--from", "kaggle", "--to", "native"], "--from kaggle needs --model"),
+    (["--from", "hf", "--to", "native", "--model", "gemma2-2b"],
+     "num_layers: --model gemma2-2b has 26"),
+    (["--from", "hf", "--to", "native", "--model", "nope"],
+     "neither a preset"),
+    (["--from", "native", "--to", "hf"], "not a native gemma_jax checkpoint"),
+])
+def test_errors_are_one_line_naming_the_problem(hf_dir, tmp_path, capsys,
+                                                argv, message):
+  src, _, _ = hf_dir()
+  assert convert(*argv, src, tmp_path / "out") == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+
+
+def test_existing_destination_needs_force(hf_dir, tmp_path, capsys):
+  src, _, _ = hf_dir()
+  (tmp_path / "n").mkdir()
+  assert convert("--from", "hf", "--to", "native", src, tmp_path / "n") == 2
+  assert "already exists" in capsys.readouterr().err
+  assert convert("--from", "hf", "--to", "native", "--force", src,
+                 tmp_path / "n") == 0
