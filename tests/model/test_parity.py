@@ -7,6 +7,7 @@ so this checks the converter and the model together. No torch needed.
 """
 
 import dataclasses
+import functools
 import pathlib
 
 import jax
@@ -39,10 +40,19 @@ def fixtures(tmp_path_factory):
           for name in CASES}
 
 
+@functools.cache
+def _jitted_apply(cfg):
+  return jax.jit(Transformer(cfg).apply)
+
+
 def forward(cfg, params, tokens, positions=None, segment_ids=None):
+  """Logits; every call here is [2, 24] with explicit arrays: one compile."""
+  if positions is None:
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
   with jax.default_matmul_precision("highest"):
-    return np.asarray(jax.jit(Transformer(cfg).apply)(
-        {"params": params}, tokens, positions, segment_ids))
+    return np.asarray(_jitted_apply(cfg)(
+        {"params": params}, tokens, np.asarray(positions, np.int32),
+        np.asarray(segment_ids, np.int32)))
 
 
 def test_fixtures_cover_the_required_cases(fixtures):
@@ -80,17 +90,19 @@ def test_packed_documents_match_each_document_alone(fixtures):
   # keep the window from reaching into the previous document.
   data, params, cfg = fixtures["gemma2_gqa_window"]
   doc_a, doc_b = data["tokens"][0, :13], data["tokens"][1, :9]
-  packed = np.zeros((1, 24), np.int32)
-  packed[0, :22] = np.concatenate([doc_a, doc_b])
-  segments = np.zeros((1, 24), np.int32)
+  tokens, segments, positions = (np.zeros((2, 24), np.int32) for _ in "tsp")
+  tokens[0, :22] = np.concatenate([doc_a, doc_b])        # row 0: packed
   segments[0, :13], segments[0, 13:22] = 1, 2
-  positions = np.zeros((1, 24), np.int32)
   positions[0, :13], positions[0, 13:22] = np.arange(13), np.arange(9)
-  together = forward(cfg, params, packed, positions, segments)[0]
-  alone_a = forward(cfg, params, doc_a[None])[0]
-  alone_b = forward(cfg, params, doc_b[None])[0]
-  np.testing.assert_allclose(together[:13], alone_a, atol=1e-4, rtol=0)
-  np.testing.assert_allclose(together[13:22], alone_b, atol=1e-4, rtol=0)
+  tokens[1, :13], segments[1, :13] = doc_a, 1            # row 1: A alone
+  positions[1, :13] = np.arange(13)
+  together = forward(cfg, params, tokens, positions, segments)
+  tokens[1], segments[1], positions[1] = 0, 0, 0         # row 1: B alone
+  tokens[1, :9], segments[1, :9], positions[1, :9] = doc_b, 1, np.arange(9)
+  alone_b = forward(cfg, params, tokens, positions, segments)[1, :9]
+  np.testing.assert_allclose(together[0, :13], together[1, :13], atol=1e-4,
+                             rtol=0)
+  np.testing.assert_allclose(together[0, 13:22], alone_b, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["gemma1_mqa", "gemma2_gqa_window"])
