@@ -82,6 +82,19 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
+  def truncate_after(self, step: int) -> None:
+    """Drops records past `step`: a resumed run rewrites what a killed run
+    logged after its last checkpoint (and mends a torn last line)."""
+    if not self.enabled:
+      return
+    for name in ("metrics", "eval"):
+      path = os.path.join(self._workdir, f"{name}.jsonl")
+      if os.path.exists(path):
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        with open(path + ".tmp", "w") as f:
+          f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+
   def write(self, record: dict, name: str = "metrics"):
     """Writes one record; must have an integer `step`."""
     if not self.enabled:

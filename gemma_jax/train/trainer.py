@@ -117,6 +117,7 @@ class Trainer:
     self.stop_requested = False
     self.skipped_total = 0
     self._pending = []          # device metrics since the last log
+    self._install_sigterm_handler()
 
     # 1. Inputs that can be wrong are checked before anything heavy.
     check_workdir(self.workdir)
@@ -156,6 +157,7 @@ class Trainer:
 
     # 4. Writers (process 0 only) and the default hooks.
     self.writer = metrics_lib.MetricsWriter(self.workdir, self.is_main)
+    self.writer.truncate_after(self.start_step)
     self.progress = metrics_lib.ProgressLine(cfg.train.steps, self.is_main)
     self.peak_flops = metrics_lib.peak_flops_per_device(
         configured=cfg.train.peak_flops_per_device)
@@ -176,7 +178,6 @@ class Trainer:
     total = self.cfg.train.steps
     self._watch = metrics_lib.Stopwatch()
     self._last_log_step = self.start_step
-    self._install_sigterm_handler()
     step = self.start_step
     batches = self._device_batches(self.start_step, total)
     try:

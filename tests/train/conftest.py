@@ -56,5 +56,35 @@ def tiny_config_dict(tokenizer: str, steps: int = 6) -> dict:
 @pytest.fixture
 def tiny_config_path(tiny_tokenizer, tmp_path):
   path = tmp_path / "tiny.yaml"
-  path.write_text(yaml.safe_dump(tiny_config_dict(tiny_tokenizer)))
+  path.write_text(yaml.safe_dump(tiny_config_dict(tiny_tokenizer), sort_keys=False))
   return str(path)
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+  """A persistent XLA cache shared by this area's runs and subprocesses:
+  identical programs compile once per session."""
+  import jax
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  old = {k: jax.config.values[k] for k in (
+      "jax_compilation_cache_dir",
+      "jax_persistent_cache_min_compile_time_secs",
+      "jax_persistent_cache_min_entry_size_bytes")}
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield path
+  for k, v in old.items():
+    jax.config.update(k, v)
+
+
+def subprocess_env(cache_dir: str, devices: int = 2) -> dict:
+  import os
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             PYTHONUNBUFFERED="1")
+  return env
