@@ -100,34 +100,53 @@ def _restore(ckptr, path, keys, dtype):
           for leaf, v in leaves.items()}
 
 
+def _open(ckptr, path, dtype):
+  """({'module/leaf': shape}, read(keys) -> {'module/leaf': array}).
+
+  Reads shapes from the checkpoint's tree metadata and restores only the
+  keys asked for. Checkpoints whose metadata this orbax cannot describe
+  (older writers) are restored whole once, and each read hands its arrays
+  over (pop), so memory still holds one copy.
+  """
+  try:
+    tree = ckptr.metadata(path).item_metadata.tree
+    shapes = {f"{module}/{leaf}": tuple(m.shape)
+              for module, leaves in tree.items() for leaf, m in leaves.items()}
+    return shapes, lambda keys: _restore(ckptr, path, keys, dtype)
+  except FileNotFoundError:
+    raise CheckpointError(f"{path}: not an orbax checkpoint") from None
+  except (AttributeError, TypeError, ValueError, KeyError):
+    whole = {f"{module}/{leaf}": v for module, leaves in
+             ckptr.restore(path).items() for leaf, v in leaves.items()}
+    shapes = {k: tuple(np.shape(v)) for k, v in whole.items()}
+    def read(keys):
+      return {k: np.asarray(whole.pop(k), dtype) for k in keys}
+    return shapes, read
+
+
 def load(directory, cfg: ModelConfig, *, transposed_gating: bool | None = None,
          dtype=None) -> dict:
   """Reads an official checkpoint into native params (numpy) for `cfg`."""
   path = epath.Path(directory)
+  if not path.exists():
+    raise CheckpointError(f"{directory}: no such checkpoint directory")
   with ocp.PyTreeCheckpointer() as ckptr:
-    try:
-      tree_meta = ckptr.metadata(path).item_metadata.tree
-    except FileNotFoundError:
-      raise CheckpointError(f"{directory}: not an orbax checkpoint") from None
-    found = {f"{module}/{leaf}": tuple(m.shape)
-             for module, leaves in tree_meta.items()
-             for leaf, m in leaves.items()}
+    found, read = _open(ckptr, path, dtype)
     fused = "transformer/layer_0/attn/qkv_einsum/w" in found
     transposed = _gating_layout(cfg, found, transposed_gating)
     layout.check_shapes(found, expected_shapes(cfg, fused, transposed),
                         f"{directory} (model {cfg.name})")
-    shapes = layout.param_shapes(cfg)
-    top = _restore(ckptr, path, ["transformer/embedder/input_embedding",
-                                 "transformer/final_norm/scale"], dtype)
+    top = read(["transformer/embedder/input_embedding",
+                "transformer/final_norm/scale"])
     emb = top["transformer/embedder/input_embedding"]
     out = {"embedder/embedding": emb,
            "final_norm/scale": top["transformer/final_norm/scale"]}
-    out.update({p: np.empty(s, dtype or emb.dtype) for p, s in shapes.items()
+    out.update({p: np.empty(s, dtype or emb.dtype)
+                for p, s in layout.param_shapes(cfg).items()
                 if p.startswith("layers/")})
     for i in range(cfg.num_layers):
       keys = _layer_keys(cfg, i, fused, transposed)
-      layer = {k.split("/", 2)[2]: v for k, v in
-               _restore(ckptr, path, list(keys), dtype).items()}
+      layer = {k.split("/", 2)[2]: v for k, v in read(list(keys)).items()}
       _fill_layer(out, i, layer, fused, transposed)
   return layout.unflatten(out)
 

@@ -105,3 +105,23 @@ def test_config_that_does_not_match_names_tensors(tmp_path):
   assert ("transformer/embedder/input_embedding: expected shape (128, 32), "
           "found (160, 32)") in str(e.value)
   assert "missing tensors: transformer/layer_2/" in str(e.value)
+
+
+def test_checkpoint_without_tree_metadata_is_read_whole(tmp_path, monkeypatch):
+  official_checkpoint(tmp_path / "k", GEMMA1_MHA, transposed_gating=False)
+  expected = kaggle.load(tmp_path / "k", GEMMA1_MHA)
+  # Older writers: metadata this orbax cannot describe.
+  monkeypatch.setattr(ocp.PyTreeCheckpointer, "metadata",
+                      lambda self, path: None)
+  got = kaggle.load(tmp_path / "k", GEMMA1_MHA)
+  for key in ("embedder", "final_norm", "layers"):
+    assert_trees_equal(got[key], expected[key])
+
+
+def assert_trees_equal(a, b):
+  if isinstance(a, dict):
+    assert sorted(a) == sorted(b)
+    for k in a:
+      assert_trees_equal(a[k], b[k])
+  else:
+    np.testing.assert_array_equal(a, b)
