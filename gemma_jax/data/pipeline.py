@@ -117,8 +117,11 @@ class Pipeline:
       yield {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
   def source_tokens(self, batch: dict) -> np.ndarray:
-    """Counted target tokens per source in `batch`: int64 [num_sources]."""
-    per_row = batch["loss_mask"].sum(axis=1)
+    """Tokens (non-padding inputs) per source in `batch`: int64 [S].
+
+    Mixture weights are shares of these; the trainer sums them to log the
+    realized shares (per-source loss uses `loss_mask` and `source`)."""
+    per_row = (batch["segment_ids"] > 0).sum(axis=1)
     return np.bincount(batch["source"], weights=per_row,
                        minlength=len(self.source_names)).astype(np.int64)
 

@@ -1,0 +1,80 @@
+"""`gemma-jax data prepare|build-default|show`: datasets for training."""
+
+HELP = "tokenize text into tfds ArrayRecord datasets; build the default corpus"
+
+
+def add_arguments(parser):
+  sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+  prep = sub.add_parser("prepare", help="tokenize text files once into a "
+                        "tensorflow-datasets ArrayRecord dataset")
+  prep.add_argument("--input", action="append", required=True,
+                    help="text files or globs (.jsonl: one document per "
+                    "line, else one per file); repeatable")
+  prep.add_argument("--name", required=True,
+                    help="dataset name (lower_snake_case)")
+  prep.add_argument("--data-dir", required=True, help="tfds data_dir")
+  prep.add_argument("--tokenizer", required=True, help="tokenizer.model")
+  prep.add_argument("--eval-fraction", type=float, default=0.0,
+                    help="hold out this share of documents as split 'eval'")
+  prep.add_argument("--text-key", default="text")
+  prep.add_argument("--overwrite", action="store_true")
+  default = sub.add_parser("build-default", help="build the embedded default "
+                           "corpus (stdlib prose and code, generated math) "
+                           "and its tokenizer; cached")
+  default.add_argument("--out", default=None,
+                       help="folder (default: ~/.cache/gemma_jax/corpus)")
+  default.add_argument("--vocab-size", type=int, default=2048)
+  default.add_argument("--force", action="store_true", help="rebuild")
+  show = sub.add_parser("show", help="decode the first rows of a run "
+                        "config's data pipeline")
+  show.add_argument("--config", required=True)
+  show.add_argument("--step", type=int, default=0)
+  show.add_argument("--rows", type=int, default=4)
+  show.add_argument("overrides", nargs="*", help="key.path=value")
+
+
+def main(args) -> int:
+  return {"prepare": _prepare, "build-default": _build_default,
+          "show": _show}[args.action](args)
+
+
+def _prepare(args) -> int:
+  from gemma_jax.data import prepare
+  from gemma_jax.data.sources import read_text_files
+  from gemma_jax.tokenizer import Tokenizer
+  tokenizer = Tokenizer.load(args.tokenizer)
+  texts = read_text_files(args.input, args.text_key, args.name)
+  splits = prepare.split_held_out(texts, args.eval_fraction)
+  meta = prepare.prepare_dataset(args.name, args.data_dir, splits, tokenizer,
+                                 overwrite=args.overwrite)
+  for split in splits:
+    m = meta[split]
+    print(f"{args.name}/{split}: {m['num_docs']} documents, "
+          f"{m['num_tokens']} tokens")
+  print(f"tokenizer fingerprint {meta['tokenizer_fingerprint']}")
+  return 0
+
+
+def _build_default(args) -> int:
+  import yaml
+  from gemma_jax.data import corpus
+  cfg = corpus.build_default_corpus(args.out or corpus.DEFAULT_DIR,
+                                    vocab_size=args.vocab_size,
+                                    force=args.force)
+  print(yaml.safe_dump({"data": cfg}, sort_keys=False), end="")
+  return 0
+
+
+def _show(args) -> int:
+  from gemma_jax.config import load_config
+  from gemma_jax.data import build_pipeline
+  cfg = load_config(args.config, args.overrides)
+  pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,
+                        vocab_size=cfg.model.vocab_size)
+  batch = pipe.batch(args.step)
+  for i in range(min(args.rows, len(batch["source"]))):
+    name = pipe.source_names[batch["source"][i]]
+    text = pipe.tokenizer.decode(batch["inputs"][i])
+    print(f"--- row {i} ({name}, {batch['loss_mask'][i].sum()} targets)")
+    print(text)
+  return 0
