@@ -88,3 +88,54 @@ def subprocess_env(cache_dir: str, devices: int = 2) -> dict:
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
              PYTHONUNBUFFERED="1")
   return env
+
+
+RESUME_STEPS = 40
+
+
+def write_config(path, tokenizer, **train) -> str:
+  """The resume/multi-process run: 40 steps, every step logged, saves
+  every 4 steps, params exported at the end."""
+  d = tiny_config_dict(tokenizer, steps=RESUME_STEPS)
+  d["train"].update(eval_every=0, eval_batches=1, **train)
+  d["checkpoint"].update(save_every=4, keep=2, export_params=True)
+  with open(path, "w") as f:
+    yaml.safe_dump(d, f, sort_keys=False)
+  return str(path)
+
+
+def train_process(config, workdir, env, *extra):
+  import subprocess
+  import sys
+  return subprocess.Popen(
+      [sys.executable, "-m", "gemma_jax.cli", "train", config, "--workdir",
+       str(workdir), *extra], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+
+
+def losses(workdir) -> dict[int, float]:
+  from gemma_jax.train.metrics import read_jsonl
+  return {r["step"]: r["loss"]
+          for r in read_jsonl(f"{workdir}/metrics.jsonl")}
+
+
+def exported_params(workdir):
+  import jax
+  from gemma_jax.checkpoint import native
+  params, _ = native.load(f"{workdir}/params")
+  return jax.tree_util.tree_leaves_with_path(params)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tiny_tokenizer, compile_cache, tmp_path_factory):
+  """The reference: one process, 2 CPU devices, no interruption. Started
+  in the background; the fixture value waits for it."""
+  root = tmp_path_factory.mktemp("reference")
+  config = write_config(root / "run.yaml", tiny_tokenizer)
+  proc = train_process(config, root / "run", subprocess_env(compile_cache))
+
+  def result():
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return root / "run"
+  return config, result
