@@ -48,14 +48,16 @@ def _entry(axes: tuple[str, ...]):
 
 
 def fit(spec: P, shape: tuple[int, ...], mesh) -> tuple[P, list[str]]:
-  """Drops trailing mesh axes of a dimension until they divide its size.
+  """Drops trailing mesh axes of a dimension until they divide its size
+  (and axes of size 1, which shard nothing).
 
   Returns the spec and a list of 'dim i: dropped (axes)' notes.
   """
   entries, notes = [], []
   spec = tuple(spec) + (None,) * (len(shape) - len(spec))
   for i, (entry, size) in enumerate(zip(spec, shape)):
-    axes = list(_axes(entry))
+    # Size-1 axes shard nothing; leaving them out keeps specs readable.
+    axes = [a for a in _axes(entry) if mesh.shape[a] > 1]
     dropped = []
     while axes and size % math.prod(mesh.shape[a] for a in axes):
       dropped.insert(0, axes.pop())

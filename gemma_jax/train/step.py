@@ -14,6 +14,7 @@ with a scan, clipped by global norm, and applied by AdamW; a step whose loss
 or gradients are not finite is skipped (state kept, counter raised).
 """
 
+import functools
 import math
 from typing import Any
 
@@ -28,6 +29,7 @@ from gemma_jax.config import RunConfig
 from gemma_jax.configlib import ConfigError
 from gemma_jax.model import Transformer
 from gemma_jax.sharding import rules as rules_lib
+from gemma_jax.train.config import TrainConfig
 from gemma_jax.train.optimizer import make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask",
@@ -49,7 +51,12 @@ def _total_steps(cfg: RunConfig) -> int:
 
 def _boxed_params(cfg: RunConfig):
   """Abstract params with their logical-axis boxes (no memory used)."""
-  model = Transformer(cfg.model)
+  return _boxed_model_params(cfg.model)
+
+
+@functools.lru_cache(maxsize=16)
+def _boxed_model_params(model_cfg):
+  model = Transformer(model_cfg)
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   return jax.eval_shape(lambda r, t: model.init(r, t)["params"],
                         jax.ShapeDtypeStruct((2,), jnp.uint32), tokens)
@@ -110,11 +117,20 @@ def _init_fn(cfg: RunConfig):
   return init
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model_cfg, opt_cfg, total_steps, mesh_cfg, mesh):
+  # Only these parts of the run config shape the state: one compile each.
+  cfg = RunConfig(model=model_cfg, optimizer=opt_cfg, mesh=mesh_cfg,
+                  train=TrainConfig(steps=total_steps))
+  return jax.jit(_init_fn(cfg), out_shardings=state_shardings(cfg, mesh))
+
+
 def init_train_state(cfg: RunConfig, mesh, rng) -> TrainState:
   """A fresh TrainState, created directly in its sharded layout."""
+  init = _jitted_init(cfg.model, cfg.optimizer, _total_steps(cfg), cfg.mesh,
+                      mesh)
   with rules_lib.sharding_context(mesh, cfg.mesh):
-    return jax.jit(_init_fn(cfg), out_shardings=state_shardings(cfg, mesh))(
-        _as_key(rng))
+    return init(_as_key(rng))
 
 
 def abstract_train_state(cfg: RunConfig, mesh) -> TrainState:
@@ -210,7 +226,7 @@ def _sums(cfg: RunConfig, params, batch, num_sources: int, grads: bool):
 
 def _train_step(cfg: RunConfig, tx, schedule, num_sources, state, batch):
   (aux, grads), tokens = _sums(cfg, state.params, batch, num_sources, True)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

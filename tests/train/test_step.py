@@ -1,0 +1,169 @@
+"""The sharded train step: same numbers on any mesh, loss over real targets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_jax.config import config_from_dict
+from gemma_jax.configlib import ConfigError
+from gemma_jax.model import Transformer
+from gemma_jax.sharding.mesh import make_mesh
+from gemma_jax.train.step import (batch_sharding, device_batch,
+                                  init_train_state, make_eval_step,
+                                  make_train_step, state_shardings)
+
+MODEL = {"preset": "tiny-gemma2", "num_layers": 2, "d_model": 64,
+         "mlp_dim": 128, "num_heads": 8, "num_kv_heads": 2, "head_dim": 8,
+         "vocab_size": 256, "sliding_window": 4}
+ROWS, T = 8, 16
+
+
+def run_config(mesh=None, **train):
+  return config_from_dict({
+      "model": MODEL, "mesh": mesh or {},
+      "optimizer": {"learning_rate": 1e-2, "warmup_steps": 1},
+      "train": {"batch_size": ROWS, "steps": 3, "z_loss": 1e-4} | train})
+
+
+def packed_batch(seed=0):
+  """Rows of two packed documents with trailing padding (segment 0)."""
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(3, 256, (ROWS, T))
+  targets = rng.integers(3, 256, (ROWS, T))
+  segments = np.ones((ROWS, T), np.int64)
+  positions = np.tile(np.arange(T), (ROWS, 1))
+  loss_mask = np.ones((ROWS, T), np.int64)
+  for r in range(ROWS):
+    cut, pad = 3 + r, T - r // 2
+    segments[r, cut:] = 2
+    positions[r, cut:] -= cut
+    segments[r, pad:] = positions[r, pad:] = loss_mask[r, pad:] = 0
+    loss_mask[r, cut - 1] = 0  # the last token of a document has no target
+  batch = dict(inputs=inputs, targets=targets, segment_ids=segments,
+               positions=positions, loss_mask=loss_mask,
+               source=np.arange(ROWS) % 2)
+  return {k: np.asarray(v, np.int32) for k, v in batch.items()}
+
+
+def train(cfg, mesh, step, steps=3):
+  state = init_train_state(cfg, mesh, 0)
+  losses = []
+  for i in range(steps):
+    batch = device_batch(packed_batch(i), batch_sharding(cfg, mesh))
+    state, metrics = step(state, batch)
+    losses.append(metrics["loss"])
+  return state, np.asarray(losses)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  """(config, mesh, train step) on one device, shared to compile once."""
+  cfg = run_config()
+  mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+  return cfg, mesh, make_train_step(cfg, mesh, num_sources=2)
+
+
+@pytest.fixture(scope="module")
+def reference(one_device):
+  """Params and losses after three steps on one device."""
+  state, losses = train(*one_device)
+  return jax.device_get(state.params), losses
+
+
+MESHES = {
+    "data8": ({"ici_data": 8}, {}),
+    "fsdp8": ({"ici_data": 1, "ici_fsdp": 8}, {}),
+    "tensor8": ({"ici_data": 1, "ici_tensor": 8}, {}),
+    "2x2x2_microbatches": ({"ici_data": 2, "ici_fsdp": 2, "ici_tensor": 2},
+                           {"microbatches": 2}),
+    "two_slices": ({"ici_data": 1, "ici_fsdp": 2, "ici_tensor": 2,
+                    "dcn_data": 2}, {}),
+}
+
+
+@pytest.mark.parametrize("name", MESHES)
+def test_sharded_steps_match_one_device(name, reference):
+  mesh_cfg, train_cfg = MESHES[name]
+  cfg = run_config(mesh_cfg, **train_cfg)
+  mesh = make_mesh(cfg.mesh)
+  state, losses = train(cfg, mesh, make_train_step(cfg, mesh, num_sources=2))
+  ref_params, ref_losses = reference
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  assert losses[-1] < losses[0]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
+               jax.device_get(state.params), ref_params)
+  # Parameters and optimizer state live where the rules put them.
+  expected = state_shardings(cfg, mesh)
+  jax.tree.map(lambda x, e: assert_same_layout(x.sharding, e), state,
+               expected)
+  if name == "data8":
+    assert_optimizer_state_sharded_over_data(state)
+
+
+def assert_same_layout(actual, expected):
+  assert actual.is_equivalent_to(expected, 5), (actual.spec, expected.spec)
+
+
+def assert_optimizer_state_sharded_over_data(state):
+  """ZeRO: every moment with a dimension divisible by 8 is split 8 ways."""
+  adam = state.opt_state[1][0]
+  for x in jax.tree.leaves((adam.mu, adam.nu)):
+    if any(d % 8 == 0 for d in x.shape):
+      shard = x.sharding.shard_shape(x.shape)
+      assert np.prod(shard) * 8 == x.size, (x.shape, x.sharding.spec)
+
+
+def test_loss_counts_only_real_targets(one_device):
+  cfg, mesh, step = one_device
+  state = init_train_state(cfg, mesh, 0)
+  batch = packed_batch()
+  logits = Transformer(cfg.model).apply(
+      {"params": state.params}, batch["inputs"], batch["positions"],
+      batch["segment_ids"])
+  ce = -jnp.take_along_axis(jax.nn.log_softmax(logits),
+                            batch["targets"][..., None], -1)[..., 0]
+  mask = batch["loss_mask"]
+  want = float((ce * mask).sum() / mask.sum())
+  evaluate = make_eval_step(cfg, mesh, num_sources=2)
+  out = evaluate(state.params, device_batch(batch, batch_sharding(cfg, mesh)))
+  assert float(out["loss_sum"] / out["tokens"]) == pytest.approx(want, 1e-5)
+  assert int(out["tokens"]) == mask.sum()
+  per_source = [(ce * mask)[batch["source"] == s].sum() for s in (0, 1)]
+  np.testing.assert_allclose(out["source_loss_sum"], per_source, rtol=1e-5)
+  # Targets where loss_mask is 0 (padding, document ends) change nothing.
+  noisy = dict(batch, targets=np.where(mask == 1, batch["targets"], 7))
+  first, m1 = step(state, device_batch(batch, batch_sharding(cfg, mesh)))
+  state = init_train_state(cfg, mesh, 0)
+  second, m2 = step(state, device_batch(noisy, batch_sharding(cfg, mesh)))
+  assert float(m1["loss"]) == pytest.approx(want, 1e-5)
+  assert float(m1["loss"]) == float(m2["loss"])
+  jax.tree.map(np.testing.assert_array_equal, first.params, second.params)
+
+
+def test_metrics_and_a_skipped_non_finite_step(one_device):
+  cfg, mesh, step = one_device
+  state = init_train_state(cfg, mesh, 0)
+  batch = device_batch(packed_batch(), batch_sharding(cfg, mesh))
+  state, m = step(state, batch)
+  assert isinstance(m["loss"], jax.Array)  # no host sync forced
+  assert float(m["learning_rate"]) == 0.0  # warmup starts at 0
+  assert int(m["tokens"]) == int(packed_batch()["loss_mask"].sum())
+  assert int(m["skipped"]) == 0 and float(m["grad_norm"]) > 0
+  assert float(m["source_tokens"].sum()) == int(m["tokens"])
+  before = jax.device_get(state.params)
+  poisoned = state.replace(params=jax.tree.map(
+      lambda x: x.at[...].multiply(jnp.nan) if x.ndim == 2 and
+      x.shape[0] == 256 else x, state.params))
+  after, m = step(poisoned, batch)
+  assert int(m["skipped"]) == 1 and int(after.nonfinite_in_row) == 1
+  assert int(after.step) == 2
+
+
+def test_batch_rows_must_split_over_shards_and_microbatches():
+  cfg = run_config({"ici_data": 8}, microbatches=2)
+  mesh = make_mesh(cfg.mesh)
+  step = make_train_step(cfg, mesh)
+  state = jax.ShapeDtypeStruct((), jnp.int32)
+  with pytest.raises(ConfigError, match=r"8 rows .* divisible by 16"):
+    step(state, packed_batch())
