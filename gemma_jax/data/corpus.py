@@ -93,8 +93,12 @@ def _problem(rng: random.Random) -> str:
 
 
 def _split_by_name(paths, texts) -> dict[str, list[str]]:
-  held = [zlib.crc32(os.path.basename(p).encode()) % EVAL_EVERY == 0
-          for p in paths]
+  """Holds out files by a hash of their name (at least one file)."""
+  hashes = [zlib.crc32(os.path.basename(p).encode()) if t else None
+            for p, t in zip(paths, texts)]
+  held = [h is not None and h % EVAL_EVERY == 0 for h in hashes]
+  if not any(held):
+    held[hashes.index(min(h for h in hashes if h is not None))] = True
   return {"train": [t for t, h in zip(texts, held) if t and not h],
           "eval": [t for t, h in zip(texts, held) if t and h]}
 

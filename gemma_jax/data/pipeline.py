@@ -93,7 +93,7 @@ class Pipeline:
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.cfg.num_workers,
           per_worker_buffer_size=max(self.cfg.prefetch, 1)))
-    return zip(itertools.count(start_step), ds)
+    return _numbered(iter(ds), start_step)
 
   def eval_batches(self, source: str, n: int):
     """Up to `n` batches of the held-out split of `source`, in order and
@@ -161,6 +161,20 @@ def build_pipeline(cfg: DataConfig, global_batch: int, process_index: int = 0,
                    ) -> Pipeline:
   """The pipeline of `cfg`; `vocab_size` (the model's) checks the tokenizer."""
   return Pipeline(cfg, global_batch, process_index, process_count, vocab_size)
+
+
+def _numbered(iterator, start_step: int):
+  """(step, batch) pairs; closing the generator stops grain's prefetch
+  threads and worker processes."""
+  try:
+    for step in itertools.count(start_step):
+      # Plain copies: batches from worker processes live in shared memory
+      # that grain frees when the array is dropped (not at interpreter exit).
+      yield step, {k: np.array(v) for k, v in next(iterator).items()}
+  finally:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
 
 
 def _mark_absl_flags_parsed():

@@ -7,8 +7,7 @@ import pytest
 
 from gemma_jax import configlib
 from gemma_jax.configlib import ConfigError
-from gemma_jax.data import StageConfig, build_pipeline, check_resume
-from gemma_jax.data import testing
+from gemma_jax.data import DataConfig, StageConfig, build_pipeline, check_resume
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source")
 
@@ -146,3 +145,17 @@ def test_files_sources_read_text_and_jsonl(make_config, tmp_path):
                      "with a 'text' field"):
     build_pipeline(make_config(sources={"f": {"kind": "files", "paths": [
         str(tmp_path / "bad.jsonl")]}}, stages=[]), 2)
+
+
+def test_worker_processes_yield_the_same_batches(corpus_config):
+  cfg = configlib.from_dict(DataConfig, {**corpus_config, "num_workers": 2},
+                            "data")
+  pipe = build_pipeline(cfg, 8)
+  stream = pipe.iterate(7)
+  try:
+    for step in range(7, 11):
+      got, batch = next(stream)
+      assert got == step
+      assert_batches_equal(batch, pipe.batch(step))
+  finally:
+    stream.close()

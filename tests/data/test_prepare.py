@@ -1,0 +1,91 @@
+"""Prepared tfds ArrayRecord sources and the embedded default corpus."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gemma_jax import cli, configlib
+from gemma_jax.configlib import ConfigError
+from gemma_jax.data import DataConfig, build_pipeline, prepare, testing
+from gemma_jax.data.sources import open_documents
+from gemma_jax.tokenizer import Tokenizer, train_tokenizer
+
+
+def test_prepared_dataset_round_trips_tokens_and_records_fingerprint(
+    tokenizer_path, tmp_path):
+  tok = Tokenizer.load(tokenizer_path)
+  texts = testing.sample_texts(30, seed=5)
+  splits = prepare.split_held_out(texts, 0.1)
+  assert len(splits["eval"]) == 3 and len(splits["train"]) == 27
+  meta = prepare.prepare_dataset("round_trip", str(tmp_path), splits, tok)
+  assert meta["tokenizer_fingerprint"] == tok.fingerprint
+  assert meta["eval"]["num_docs"] == 3
+  cfg = configlib.from_dict(DataConfig, {"sources": {"t": {
+      "name": "round_trip", "data_dir": str(tmp_path), "eval_split": "eval"}
+  }}, "data").sources["t"]
+  docs = open_documents("t", cfg, tok, "train")
+  assert docs.fingerprint == tok.fingerprint
+  for i in (0, 13, 26):   # records keep the order of the lengths file
+    np.testing.assert_array_equal(docs.doc(i), tok.encode(splits["train"][i]))
+    assert docs.lengths[i] == len(docs.doc(i))
+  assert docs.num_tokens == meta["train"]["num_tokens"]
+  with pytest.raises(ConfigError, match="has no split 'test'"):
+    open_documents("t", cfg.__class__(name="round_trip",
+                                      data_dir=str(tmp_path),
+                                      eval_split="test"), tok, "eval")
+
+
+def test_source_prepared_with_another_tokenizer_is_refused(
+    corpus_config, tmp_path):
+  other = train_tokenizer(testing.sample_texts(80, seed=9), 512,
+                          tmp_path / "other.model")
+  cfg = configlib.from_dict(DataConfig, {**corpus_config,
+                                         "tokenizer": other.path}, "data")
+  with pytest.raises(ConfigError, match="prepare the source again"):
+    build_pipeline(cfg, 8)
+
+
+def test_default_corpus_has_three_sources_with_held_out_splits(
+    corpus_config, tmp_path):
+  cfg = configlib.from_dict(DataConfig, corpus_config, "data")
+  pipe = build_pipeline(cfg, 8, vocab_size=512)
+  assert pipe.source_names == ("prose", "code", "math")
+  batch = pipe.batch(0)
+  assert set(batch["source"].tolist()) <= {0, 1, 2}
+  for name in pipe.source_names:
+    ev = next(pipe.eval_batches(name, 1))
+    assert ev["loss_mask"].sum() > 0
+  # Held-out documents are not in the training split.
+  prose = cfg.sources["prose"]
+  train = open_documents("prose", prose, pipe.tokenizer, "train")
+  held = open_documents("prose", prose, pipe.tokenizer, "eval")
+  train_docs = {tuple(train.doc(i)) for i in range(len(train))}
+  assert not any(tuple(held.doc(i)) in train_docs for i in range(len(held)))
+  # A second build is a cached no-op.
+  out_dir = os.path.dirname(cfg.tokenizer)
+  stamp = os.path.getmtime(os.path.join(out_dir, "manifest.json"))
+  assert testing.tiny_corpus(out_dir) == corpus_config
+  assert os.path.getmtime(os.path.join(out_dir, "manifest.json")) == stamp
+
+
+def test_cli_prepare_then_train_from_it(tokenizer_path, tmp_path, capsys):
+  docs = tmp_path / "docs.jsonl"
+  docs.write_text("".join(json.dumps({"text": t}) + "\n"
+                          for t in testing.sample_texts(40)))
+  assert cli.main(["data", "prepare", "--input", str(docs), "--name", "mine",
+                   "--data-dir", str(tmp_path / "tfds"), "--tokenizer",
+                   tokenizer_path, "--eval-fraction", "0.25"]) == 0
+  assert "mine/eval: 10 documents" in capsys.readouterr().out
+  cfg = configlib.from_dict(DataConfig, {
+      "tokenizer": tokenizer_path, "seq_len": 16, "sources": {"mine": {
+          "name": "mine", "data_dir": str(tmp_path / "tfds"),
+          "eval_split": "eval"}}}, "data")
+  assert build_pipeline(cfg, 4).batch(3)["loss_mask"].sum() > 0
+  assert cli.main(["data", "prepare", "--input", str(tmp_path / "no*.txt"),
+                   "--name", "x", "--data-dir", str(tmp_path),
+                   "--tokenizer", tokenizer_path]) == 2
+  assert cli.main(["data", "prepare", "--input", str(docs), "--name",
+                   "Bad-Name", "--data-dir", str(tmp_path), "--tokenizer",
+                   tokenizer_path]) == 2
