@@ -1,0 +1,65 @@
+"""ModelConfig: presets match the published sizes; bad values fail at load."""
+
+import pytest
+
+from gemma_jax.config import load_config
+from gemma_jax.configlib import ConfigError
+from gemma_jax.model.config import PRESETS, preset
+
+# REFERENCE.md table 1 (embedding rows = 256128).
+PUBLISHED = {
+    "gemma-2b": (2_506_434_560, 524_550_144),
+    "gemma-7b": (8_538_074_112, 786_825_216),
+    "gemma2-2b": (2_614_636_800, 590_118_912),
+    "gemma2-9b": (9_242_164_736, 917_962_752),
+    "gemma2-27b": (27_227_718_144, 1_180_237_824),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_param_count_equals_published(name):
+  cfg = PRESETS[name]
+  total, embedding = PUBLISHED[name]
+  assert cfg.param_count() == total
+  assert cfg.num_embed_rows * cfg.d_model == embedding
+
+
+def test_tiny_presets_are_small():
+  for name in ("tiny-gemma", "tiny-gemma2"):
+    assert 100_000 <= PRESETS[name].param_count() <= 5_000_000
+
+
+def test_query_scale_rule():
+  assert preset("gemma-7b").query_scale == 256 ** -0.5   # head_dim, not D/N
+  assert preset("gemma2-27b").query_scale == 144 ** -0.5  # query_pre_attn_scalar
+  assert preset("gemma2-9b").query_scale == 256 ** -0.5
+
+
+def test_gemma2_layers_alternate_local_and_global():
+  windows = preset("gemma2-2b").layer_windows
+  assert len(windows) == 26
+  assert windows[0::2] == (4096,) * 13 and windows[1::2] == (0,) * 13
+  assert set(preset("gemma-7b").layer_windows) == {0}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.num_kv_heads=3", "num_heads (8) must be divisible by num_kv_heads (3)"),
+    ("model.remat_policy=some", "model.remat_policy: 'some' is not a valid choice; valid choices: 'none', 'full'"),
+    ("model.num_layer=3", "unknown key 'model.num_layer'; valid keys under 'model'"),
+    ("model.d_model=1.5", "model.d_model: expected an integer"),
+    ("model.preset=gemma3", "model.preset: unknown preset 'gemma3'; valid choices: gemma-2b"),
+    ("model.attention_pattern=[local]", "'local' layers but sliding_window is not set"),
+    ("model.embed_rows=10", "embed_rows (10) must be >= vocab_size"),
+])
+def test_invalid_model_config_names_the_key(override, message):
+  base = "model=gemma-2b" if "preset" not in override else "model={}"
+  with pytest.raises(ConfigError, match=None) as info:
+    load_config(None, [base, override] if "attention_pattern" not in override
+                else ["model=gemma-7b", override])
+  assert message in str(info.value)
+
+
+def test_overrides_apply_to_a_preset():
+  cfg = load_config(None, ["model=gemma2-2b", "model.num_layers=2",
+                           "model.dtype=bfloat16"]).model
+  assert (cfg.num_layers, cfg.dtype, cfg.d_model) == (2, "bfloat16", 2304)

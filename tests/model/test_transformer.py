@@ -1,0 +1,138 @@
+"""The transformer: shapes, logical names, masks and numerics rules."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from gemma_jax.model import PRESETS, Transformer, preset
+from gemma_jax.model.layers import Embedder
+
+TINY2 = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128,
+               head_dim=16, vocab_size=256, sliding_window=4)
+
+
+def init(cfg, seq=8):
+  tokens = jnp.zeros((1, seq), jnp.int32)
+  return nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), tokens)["params"])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens, positions, segment_ids):
+  return Transformer(cfg).apply({"params": params}, tokens, positions,
+                                segment_ids)
+
+
+def forward(cfg, params, tokens, positions=None, segment_ids=None):
+  return _forward(cfg, params, jnp.asarray(tokens), positions, segment_ids)
+
+
+@pytest.mark.parametrize("name", ["gemma-2b", "gemma-7b", "gemma2-2b",
+                                  "gemma2-9b", "gemma2-27b"])
+def test_traced_param_count_equals_config_count(name):
+  cfg = PRESETS[name]
+  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
+                          jnp.zeros((1, 1), jnp.int32))["params"]
+  assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == \
+      cfg.param_count()
+
+
+def test_every_param_has_logical_axis_names():
+  boxed = Transformer(TINY2).init(jax.random.key(0),
+                                  jnp.zeros((1, 4), jnp.int32))["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(
+      x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  for leaf in leaves:
+    assert len(leaf.names) == leaf.value.ndim
+  layer_leaves = jax.tree.leaves(boxed["layers"], is_leaf=lambda x: isinstance(
+      x, nn.LogicallyPartitioned))
+  assert all(x.names[0] == "layers" and x.value.shape[0] == 2
+             for x in layer_leaves)
+
+
+def test_padding_rows_of_the_embedding_never_reach_the_logits():
+  cfg = dataclasses.replace(TINY2, embed_rows=300)
+  params = init(cfg)
+  tokens = np.arange(8)[None] % cfg.vocab_size
+  logits = forward(cfg, params, tokens)
+  assert logits.shape == (1, 8, cfg.vocab_size)
+  table = params["embedder"]["embedding"]
+  params["embedder"]["embedding"] = table.at[cfg.vocab_size:].set(1e3)
+  np.testing.assert_array_equal(forward(cfg, params, tokens), logits)
+
+
+def test_sliding_window_sees_exactly_window_keys():
+  """Query i sees key j iff i - W < j <= i; a key exactly W back is masked."""
+  cfg = dataclasses.replace(TINY2, num_layers=1, attention_pattern=("local",))
+  params = init(cfg)
+  tokens = np.arange(1, 13)[None]
+  base = forward(cfg, params, tokens)
+  i, w = 10, cfg.sliding_window
+  exactly_w_back = tokens.copy(); exactly_w_back[0, i - w] = 200
+  inside = tokens.copy(); inside[0, i - w + 1] = 200
+  np.testing.assert_array_equal(forward(cfg, params, exactly_w_back)[0, i],
+                                base[0, i])
+  assert np.abs(forward(cfg, params, inside)[0, i] - base[0, i]).max() > 1e-3
+  # A global layer sees everything before it.
+  global_cfg = dataclasses.replace(cfg, attention_pattern=("global",))
+  assert np.abs(forward(global_cfg, params, exactly_w_back)[0, i]
+                - forward(global_cfg, params, tokens)[0, i]).max() > 1e-3
+
+
+def test_packed_documents_do_not_see_each_other():
+  cfg = TINY2
+  params = init(cfg)
+  doc_a, doc_b = np.arange(2, 9), np.arange(20, 25)
+  row = np.concatenate([doc_a, doc_b])[None]
+  segments = np.array([[1] * 7 + [2] * 5])
+  positions = np.array([list(range(7)) + list(range(5))])
+  packed = forward(cfg, params, row, segment_ids=segments, positions=positions)
+  alone_a = forward(cfg, params, doc_a[None])
+  alone_b = forward(cfg, params, doc_b[None])
+  np.testing.assert_allclose(packed[0, :7], alone_a[0], atol=1e-5)
+  np.testing.assert_allclose(packed[0, 7:], alone_b[0], atol=1e-5)
+
+
+# "full" drops every activation; "qkv_proj" keeps named ones: the two kinds of
+# policy. The other names select other built-in jax policies the same way.
+@pytest.mark.parametrize("policy", ["full", "qkv_proj"])
+def test_remat_policy_changes_neither_logits_nor_gradients(policy):
+  params = init(TINY2)
+  tokens = jnp.asarray(np.arange(8)[None] % 256)
+
+  def loss(p, cfg):
+    return jnp.mean(forward(cfg, p, tokens) ** 2)
+
+  base_loss, base_grad = jax.value_and_grad(loss)(params, TINY2)
+  cfg = dataclasses.replace(TINY2, remat_policy=policy)
+  remat_loss, remat_grad = jax.value_and_grad(loss)(params, cfg)
+  np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(remat_grad), jax.tree.leaves(base_grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("d_model, factor", [(2048, 45.25), (3072, 55.5),
+                                             (2304, 48.0), (3584, 59.75),
+                                             (4608, 68.0)])
+def test_embedding_scale_is_rounded_in_bf16(d_model, factor):
+  cfg = preset("tiny-gemma", d_model=d_model, dtype="bfloat16", vocab_size=4)
+  table = jnp.ones((4, d_model), jnp.float32)
+  x = Embedder(cfg).apply({"params": {"embedding": table}},
+                          jnp.zeros((1, 1), jnp.int32), method="encode")
+  assert x.dtype == jnp.bfloat16 and float(x[0, 0, 0]) == factor
+
+
+def test_param_dtype_and_compute_dtype_are_separate():
+  cfg = dataclasses.replace(TINY2, param_dtype="float32", dtype="bfloat16")
+  params = init(cfg)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  logits = forward(cfg, params, np.arange(8)[None])
+  assert logits.dtype == jnp.float32  # logits and loss stay float32
+  f32 = forward(dataclasses.replace(cfg, dtype="float32"), params,
+                np.arange(8)[None])
+  assert 0 < np.abs(logits - f32).max() < 0.5
