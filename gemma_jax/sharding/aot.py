@@ -42,18 +42,17 @@ PRODUCTS = {
     "v5p": Product("v5p", 3, int(95.74 * GiB), 459e12, 8960,
                    ("2x2x1", "2x2x2", "2x2x4", "2x4x4"), "megacore"),
     "v5e": Product("v5e", 2, int(15.75 * GiB), 197e12, 256,
-                   ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16",
-                    "16x16")),
+                   ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
     "v6e": Product("v6e", 2, int(31.25 * GiB), 918e12, 256,
-                   ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16",
-                    "16x16")),
+                   ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
 }
 
 
 def parse_topology(name: str) -> tuple[Product, tuple[int, ...]]:
   """'v5e:16x16' -> (product, (16, 16)); ConfigError for unreal slices.
 
-  2D products (v5e, v6e) come in the listed shapes only. 3D products (v4,
+  2D products (v5e, v6e) come in the listed shapes only (single-chip
+  slices exist but libtpu does not compile for them: its hosts are 2x2). 3D products (v4,
   v5p) are either a listed small shape or built from 4x4x4 cubes: every
   dimension a multiple of 4, up to the product's largest pod.
   """

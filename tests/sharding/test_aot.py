@@ -1,0 +1,74 @@
+"""Ahead-of-time compiles for TPU topologies (needs the `tpu` extra)."""
+
+import json
+
+import pytest
+import yaml
+
+from gemma_jax import cli
+from gemma_jax.configlib import ConfigError
+from gemma_jax.sharding import aot
+
+pytest.importorskip("libtpu", reason="AOT compiles need the tpu extra")
+
+TINY = {"model": {"preset": "tiny-gemma2", "num_layers": 2, "d_model": 64,
+                  "mlp_dim": 128, "num_heads": 4, "num_kv_heads": 2,
+                  "head_dim": 16, "vocab_size": 256, "sliding_window": 16,
+                  "dtype": "bfloat16", "remat_policy": "full"},
+        "mesh": {"ici_data": -1, "ici_tensor": 2},
+        "data": {"seq_len": 64},
+        "train": {"batch_size": 8, "microbatches": 2}}
+
+
+def compile_cli(tmp_path, capsys, config, *args):
+  path = tmp_path / "run.yaml"
+  path.write_text(yaml.safe_dump(config))
+  code = cli.main(["compile", str(path), *args, "--json"])
+  return code, json.loads(capsys.readouterr().out)
+
+
+def test_tiny_step_compiles_for_v5e_2x2_and_reports_per_device(tmp_path,
+                                                                capsys):
+  code, r = compile_cli(tmp_path, capsys, TINY, "--topology", "v5e:2x2")
+  assert code == 0 and r["fits"] and r["devices"] == 4
+  assert r["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert r["hbm_bytes_per_device"] == int(15.75 * 2**30)
+  assert 0 < r["peak_bytes_per_device"] < r["hbm_bytes_per_device"]
+  # Every layer and microbatch counted: near the analytic count (which
+  # leaves out full remat's recompute and the masked half of attention).
+  ratio = r["flops_per_device"] / r["analytic_flops_per_device"]
+  assert 1.0 < ratio < 1.8, ratio
+  assert r["flops_per_device"] > 1.5 * r["compiler_flops_per_device"]
+  # Tensor parallelism all-reduces activations; data parallelism gradients.
+  assert r["collectives"].get("all-reduce", 0) > 0
+
+
+def test_a_step_that_does_not_fit_says_so_and_fails(tmp_path, capsys):
+  big = dict(TINY, model=dict(TINY["model"], d_model=4096, mlp_dim=65536,
+                              num_heads=16, head_dim=256, num_kv_heads=16),
+             mesh={"ici_data": -1})
+  code, r = compile_cli(tmp_path, capsys, big, "--topology", "v5e:2x2",
+                        "--no-flop-scaling")
+  assert code == 1 and r["fits"] is False
+  assert "HBM" in r["error"] or "memory" in r["error"]
+
+
+@pytest.mark.parametrize("name", ["v5e:32x32", "v5e-256", "v4:4x4x6",
+                                  "v6e:4x4x4", "v6e:1x1", "v7:2x2", "v5p:16x24x32"])
+def test_topologies_that_are_not_real_products_are_rejected(name):
+  with pytest.raises(ConfigError, match="--topology"):
+    aot.parse_topology(name)
+
+
+@pytest.mark.parametrize("name,chips", [("v5e:16x16", 256), ("v6e:8x16", 128),
+                                        ("v4:2x2x1", 4), ("v4:8x16x32", 4096),
+                                        ("v5p:8x24x32", 6144)])
+def test_real_topologies_parse(name, chips):
+  _, sizes = aot.parse_topology(name)
+  assert sizes[0] * sizes[1] * (sizes[2] if len(sizes) > 2 else 1) == chips
+
+
+def test_collectives_are_counted_from_hlo():
+  hlo = ("%a = f32[8] all-reduce-start(%x)\n%b = f32[8] all-reduce-done(%a)\n"
+         "%c = bf16[4,8] all-gather(%y), dimensions={0}\n")
+  assert aot.count_collectives(hlo) == {"all-reduce": 1, "all-gather": 1}
