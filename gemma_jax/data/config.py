@@ -79,7 +79,7 @@ class DataConfig:
   sources: dict[str, SourceConfig] = dataclasses.field(default_factory=dict)
   stages: tuple[StageConfig, ...] = ()  # empty: one stage, equal weights
   seed: int = 0
-  block_size: int = 1024         # rows per exactly-mixed block
+  block_size: int = 256          # rows per exactly-mixed block
   num_workers: int = 0           # grain worker processes (0 = in process)
   prefetch: int = 4              # batches buffered ahead by `iterate`
 

@@ -53,7 +53,12 @@ class Pipeline:
     self.source_names = tuple(cfg.sources)
     self.stages = cfg.resolved_stages()
     self._docs = {n: self._open(n, "train") for n in self.source_names}
-    self._eval_rows = {}
+    # Held-out splits are opened now so that a bad one fails at start-up,
+    # not at the first evaluation.
+    self._eval_rows = {
+        n: packing.PackedRows(self._open(n, "eval"), cfg.seq_len,
+                              self.source_names.index(n), shuffle=False)
+        for n in self.eval_sources}
     self._rows = [packing.PackedRows(self._docs[n], cfg.seq_len, i, cfg.seed)
                   for i, n in enumerate(self.source_names)]
     shares = [[st.shares().get(n, 0.0) for n in self.source_names]
@@ -97,14 +102,13 @@ class Pipeline:
 
   def eval_batches(self, source: str, n: int):
     """Up to `n` batches of the held-out split of `source`, in order and
-    without repeats; rows past the split's end are padding (loss_mask 0)."""
+    without repeats; rows past the split's end are padding (loss_mask 0).
+    A source configured without held-out data yields no batches."""
     if source not in self.cfg.sources:
       raise ConfigError(f"eval source {source!r} is not one of "
                         f"{', '.join(self.source_names)}")
     if source not in self._eval_rows:
-      self._eval_rows[source] = packing.PackedRows(
-          self._open(source, "eval"), self.cfg.seq_len,
-          self.source_names.index(source), shuffle=False)
+      return
     rows = self._eval_rows[source]
     total = rows.rows_per_epoch
     num = min(n, -(-total // self.global_batch))
@@ -115,6 +119,16 @@ class Pipeline:
                   packing.padding_example(self.cfg.seq_len, rows.source_id)
                   for i in range(first, first + self.local_batch)]
       yield {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+  @property
+  def eval_sources(self) -> tuple[str, ...]:
+    """Sources configured with held-out data (eval_split / eval_paths /
+    eval_texts)."""
+    def held_out(c):
+      return bool(c.eval_texts if c.kind == "memory" else
+                  c.eval_paths if c.kind == "files" else c.eval_split)
+    return tuple(n for n in self.source_names
+                 if held_out(self.cfg.sources[n]))
 
   def source_tokens(self, batch: dict) -> np.ndarray:
     """Tokens (non-padding inputs) per source in `batch`: int64 [S].
@@ -191,7 +205,10 @@ def check_resume(saved: dict, current: dict, step: int) -> None:
 
   Stages starting after `step` may be edited, added or removed; sources may
   be added. Everything that decides the rows already seen must stay.
+  An empty `saved` (a checkpoint without a data description) is accepted.
   """
+  if not saved:
+    return
   for key in ("seq_len", "global_batch", "seed", "block_size"):
     if saved.get(key) != current.get(key):
       name = "train.batch_size" if key == "global_batch" else f"data.{key}"

@@ -76,8 +76,10 @@ def test_eval_batches_cover_the_held_out_split_once(make_config):
   docs = rows.docs
   assert counted == docs.num_tokens + len(docs)   # every token + eos, once
   assert len(list(pipe.eval_batches("a", 2))) == 2
-  with pytest.raises(ConfigError, match="eval_texts: source has no held-out"):
-    next(pipe.eval_batches("b", 1))
+  assert pipe.eval_sources == ("a",)
+  assert list(pipe.eval_batches("b", 1)) == []   # no held-out data
+  with pytest.raises(ConfigError, match="'zzz' is not one of a, b, c"):
+    next(pipe.eval_batches("zzz", 1))
 
 
 def test_later_stages_may_change_on_resume_past_ones_may_not(make_config):
@@ -159,3 +161,31 @@ def test_worker_processes_yield_the_same_batches(corpus_config):
       assert_batches_equal(batch, pipe.batch(step))
   finally:
     stream.close()
+
+
+def test_resume_may_add_a_source_for_a_later_stage(make_config):
+  cfg = make_config()
+  old = build_pipeline(cfg, 8)
+  sources = {**configlib.to_dict(cfg)["sources"],
+             "d": {"kind": "memory", "texts": ["delta " * 30] * 10}}
+  stages = [*configlib.to_dict(cfg)["stages"],
+            {"start_step": 30, "weights": {"d": 1.0}}]
+  new = build_pipeline(make_config(sources=sources, stages=stages), 8)
+  check_resume(old.describe(), new.describe(), step=25)
+  for step in (0, 21, 29):
+    assert_batches_equal(new.batch(step), old.batch(step))
+  assert (new.batch(30)["source"] == 3).all()
+  reordered = dict(reversed(list(sources.items())))
+  with pytest.raises(ConfigError, match="must keep their names and order"):
+    check_resume(old.describe(), build_pipeline(
+        make_config(sources=reordered, stages=stages), 8).describe(), 25)
+  check_resume({}, new.describe(), 25)   # nothing recorded: nothing to check
+
+
+def test_missing_held_out_split_fails_at_build(corpus_config):
+  sources = {**corpus_config["sources"]}
+  sources["math"] = {**sources["math"], "eval_split": "validation"}
+  cfg = configlib.from_dict(DataConfig, {**corpus_config, "sources": sources},
+                            "data")
+  with pytest.raises(ConfigError, match="has no split 'validation'"):
+    build_pipeline(cfg, 8)
