@@ -89,3 +89,42 @@ def test_cli_prepare_then_train_from_it(tokenizer_path, tmp_path, capsys):
   assert cli.main(["data", "prepare", "--input", str(docs), "--name",
                    "Bad-Name", "--data-dir", str(tmp_path), "--tokenizer",
                    tokenizer_path]) == 2
+
+
+def test_foreign_tfds_dataset_with_a_text_feature_is_tokenized_on_open(
+    tokenizer_path, tmp_path):
+  import tensorflow_datasets as tfds
+  texts = testing.sample_texts(12, seed=3)
+
+  class PlainText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.
+                                   FeaturesDict({"body": tfds.features.Text()}),
+                                   disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, t in enumerate(texts):
+        yield i, {"body": t}
+
+  PlainText.name = "plain_text"
+  tfds.disable_progress_bar()
+  PlainText(data_dir=str(tmp_path), file_format="array_record"
+            ).download_and_prepare()
+  tok = Tokenizer.load(tokenizer_path)
+  source = {"name": "plain_text", "data_dir": str(tmp_path),
+            "text_key": "body"}
+  cfg = configlib.from_dict(DataConfig, {"tokenizer": tokenizer_path,
+                                         "sources": {"p": source}}, "data")
+  docs = open_documents("p", cfg.sources["p"], tok, "train")
+  np.testing.assert_array_equal(docs.doc(5), tok.encode(texts[5]))
+  with pytest.raises(ConfigError, match="neither a 'tokens' nor a 'text' "
+                     "feature; features: body"):
+    build_pipeline(configlib.from_dict(DataConfig, {
+        "tokenizer": tokenizer_path, "sources": {"p": {
+            **source, "text_key": "text"}}}, "data"), 2)
