@@ -12,14 +12,13 @@ s+1.. exactly as an uninterrupted run would.
 
 import collections
 import dataclasses
-import json
 import os
 import signal
 import time
 from collections.abc import Callable, Iterator
 
 import jax
-import numpy as np
+import yaml
 
 from gemma_jax import config as config_lib
 from gemma_jax.configlib import ConfigError
@@ -162,8 +161,9 @@ class Trainer:
     self.peak_flops = metrics_lib.peak_flops_per_device(
         configured=cfg.train.peak_flops_per_device)
     if self.is_main:
-      with open(os.path.join(self.workdir, "config.json"), "w") as f:
-        json.dump(config_lib.to_dict(cfg), f, indent=2)
+      # The resolved config; `gemma-jax train DIR/config.yaml` reruns it.
+      with open(os.path.join(self.workdir, "config.yaml"), "w") as f:
+        yaml.safe_dump(config_lib.to_dict(cfg), f, sort_keys=False)
     self.add_hook(Trainer.log_metrics, cfg.train.log_every)
     self.add_hook(Trainer.run_eval, cfg.train.eval_every or cfg.train.steps)
     self.add_hook(Trainer.save_checkpoint, cfg.checkpoint.save_every)

@@ -76,7 +76,7 @@ def test_checkpoints_hold_state_data_position_and_config(trained):
   assert meta["step"] == 4
   assert meta["config"]["train"]["steps"] == 4
   assert meta["data"]["source_names"] == ["prose", "code"]
-  assert json.load(open(os.path.join(workdir, "config.json"))) == \
+  assert yaml.safe_load(open(os.path.join(workdir, "config.yaml"))) == \
       meta["config"]
 
 
@@ -134,3 +134,15 @@ def test_non_finite_steps_are_skipped_then_stop_without_saving(
   assert records[-1]["skipped_total"] == 2
   # The state after the streak reached the limit is never saved.
   assert 2 not in trainer.checkpointer.all_steps()
+
+
+def test_eval_command_reproduces_the_final_eval(trained, tmp_path, capsys):
+  _, workdir, _ = trained
+  out = tmp_path / "eval.json"
+  assert cli.main(["eval", "--workdir", workdir, "--out", str(out)]) == 0
+  results = json.loads(out.read_text())
+  final = [json.loads(l) for l in open(os.path.join(workdir, "eval.jsonl"))][-1]
+  assert results["step"] == 4
+  for src in ("prose", "code"):
+    assert results["sources"][src]["loss"] == pytest.approx(
+        final[f"eval/{src}/loss"], rel=1e-6)

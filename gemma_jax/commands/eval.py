@@ -1,0 +1,83 @@
+"""`gemma-jax eval`: held-out loss and perplexity per source of saved params.
+
+    gemma-jax eval --workdir runs/tiny                 # latest checkpoint
+    gemma-jax eval --workdir runs/tiny --step 200
+    gemma-jax eval configs/tiny.yaml --params runs/tiny/params
+"""
+
+HELP = "evaluate a checkpoint or exported params per data source"
+
+
+def add_arguments(parser):
+  parser.add_argument("config", nargs="?", default=None,
+                      help="YAML run config (default: WORKDIR/config.yaml)")
+  parser.add_argument("--workdir", default=None,
+                      help="a training run's directory")
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step (default: the latest)")
+  parser.add_argument("--params", default=None,
+                      help="a params-only export (gemma-jax native format) "
+                           "instead of a training checkpoint")
+  parser.add_argument("--batches", type=int, default=None,
+                      help="held-out batches per source (train.eval_batches)")
+  parser.add_argument("--out", default=None, help="write the results as JSON")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a config key")
+
+
+def _config(args):
+  import os
+  from gemma_jax.config import load_config
+  from gemma_jax.configlib import ConfigError
+  path = args.config
+  if path is None:
+    if not args.workdir:
+      raise ConfigError("give a CONFIG or a --workdir holding config.yaml")
+    path = os.path.join(args.workdir, "config.yaml")
+  return load_config(path, args.overrides)
+
+
+def _params(args, cfg, parts):
+  import os
+  from gemma_jax.configlib import ConfigError
+  from gemma_jax.train import step as step_lib
+  if args.params:
+    from gemma_jax.checkpoint import native
+    path = os.path.abspath(args.params)
+    saved = native.load_config(path)
+    if saved != cfg.model:
+      raise ConfigError(f"--params {args.params} holds a different model "
+                        f"than the config's model section")
+    shardings = step_lib.state_shardings(cfg, parts.mesh).params
+    params, _ = native.load(path, shardings=shardings)
+    return params, "export"
+  if not args.workdir:
+    raise ConfigError("give --workdir (training checkpoints) or --params")
+  from gemma_jax.train.checkpointing import Checkpointer
+  ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"),
+                      cfg.checkpoint)
+  restored = ckpt.restore(parts.abstract_state(), args.step)
+  ckpt.close()
+  return restored.state.params, int(restored.meta["step"])
+
+
+def main(args) -> int:
+  import json
+  from gemma_jax.train import build, evaluation, trainer
+  cfg = _config(args)
+  trainer.initialize_distributed()
+  import jax
+  parts = build.build(cfg)
+  params, step = _params(args, cfg, parts)
+  results = evaluation.evaluate(parts.eval_step, params, parts.pipe,
+                                args.batches or cfg.train.eval_batches or 1,
+                                parts.put)
+  if jax.process_index() == 0:
+    print(f"step {step}")
+    for name, r in results.items():
+      print(f"  {name:<12} loss {r['loss']:.4f}  perplexity "
+            f"{r['perplexity']:.2f}  ({r['tokens']} tokens)")
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump({"step": step, "sources": results}, f, indent=2)
+  return 0
