@@ -59,6 +59,10 @@ def _print_table(r):
         f"(analytic {r['analytic_flops_per_device']:.4g}, ratio "
         f"{r['flops_per_device'] / r['analytic_flops_per_device']:.3f}; "
         f"compiler, loops once: {r['compiler_flops_per_device']:.4g})")
+  if r.get("program_flops_per_device"):
+    print(f"                 traced program: "
+          f"{r['program_flops_per_device']:.4g} per device (remat recompute "
+          f"and masked attention included)")
   print(f"step time        {r['step_time_s']:.2f} s at {r['mfu']:.0%} MFU "
         f"({r['tokens_per_step'] / r['step_time_s']:.4g} tokens/s)")
   print("collectives      " + (", ".join(

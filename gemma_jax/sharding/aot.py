@@ -181,19 +181,24 @@ def matmul_flops(jaxpr, loops: bool = True) -> float:
   return total
 
 
-def loop_scaled_flops(cfg: RunConfig, mesh, compiled_flops: float) -> float:
-  """The compiler's per-device FLOPs with every loop iteration counted.
+def loop_scaled_flops(cfg: RunConfig, mesh,
+                      compiled_flops: float) -> tuple[float, float]:
+  """(compiler FLOPs with every loop iteration counted, program FLOPs).
 
   XLA's cost analysis counts a loop body once, and the layers and the
   microbatches are both scans. The traced program's matmul FLOPs counted
-  both ways give the factor to scale the compiler's count by.
+  both ways give the factor to scale the compiler's count by. The program
+  count itself (every dot of the traced step, remat recompute and masked
+  attention blocks included, divided evenly over the devices) is returned
+  as a second opinion.
   """
   from gemma_jax.train import step as step_lib
   jaxpr = step_lib.make_train_step(cfg, mesh).jaxpr(
       step_lib.abstract_train_state(cfg, mesh),
       step_lib.abstract_batch(cfg, mesh)).jaxpr
-  once = matmul_flops(jaxpr, loops=False)
-  return compiled_flops * (matmul_flops(jaxpr) / once if once else 1.0)
+  full, once = matmul_flops(jaxpr), matmul_flops(jaxpr, loops=False)
+  scaled = compiled_flops * (full / once if once else 1.0)
+  return scaled, full / mesh.devices.size
 
 
 def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
@@ -201,8 +206,10 @@ def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
   """Compiles the train step for `topology` and reports per-device numbers.
 
   Keys: fits, peak_bytes_per_device, hbm_bytes_per_device,
-  flops_per_device (every layer counted), analytic_flops_per_device,
-  compiler_flops_per_device (loop bodies once), param_bytes_per_device,
+  flops_per_device (the compiler's count, every loop iteration counted),
+  analytic_flops_per_device (6N + causal attention, no recompute),
+  program_flops_per_device (every dot of the traced step, recompute and
+  masked attention included), compiler_flops_per_device (loop bodies once), param_bytes_per_device,
   opt_state_bytes_per_device, collectives, mesh, step_time_s at `mfu`,
   compile_s; `error` when the compiler ran out of memory.
   """
@@ -231,7 +238,8 @@ def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
   mem = compiled.memory_analysis()
   peak = int(mem.peak_memory_in_bytes)
   raw = _flops(compiled)
-  scaled = loop_scaled_flops(cfg, mesh, raw) if scale_flops else raw
+  scaled, program = (loop_scaled_flops(cfg, mesh, raw) if scale_flops
+                     else (raw, None))
   report |= dict(
       fits=peak <= product.hbm_bytes,
       peak_bytes_per_device=peak,
@@ -241,6 +249,7 @@ def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
       opt_state_bytes_per_device=_leaf_bytes(state.opt_state),
       compiler_flops_per_device=raw,
       flops_per_device=scaled,
+      program_flops_per_device=program,
       collectives=count_collectives(compiled.as_text()),
       mfu=mfu,
       step_time_s=analytic / (product.peak_flops * mfu),
