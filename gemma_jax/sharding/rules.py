@@ -37,7 +37,8 @@ def sharding_context(mesh: jax.sharding.Mesh, cfg: MeshConfig):
     yield
 
 
-def _axes(entry) -> tuple[str, ...]:
+def axes_of(entry) -> tuple[str, ...]:
+  """Mesh axes of one PartitionSpec entry (None, a name or a tuple)."""
   if entry is None:
     return ()
   return (entry,) if isinstance(entry, str) else tuple(entry)
@@ -57,7 +58,7 @@ def fit(spec: P, shape: tuple[int, ...], mesh) -> tuple[P, list[str]]:
   spec = tuple(spec) + (None,) * (len(shape) - len(spec))
   for i, (entry, size) in enumerate(zip(spec, shape)):
     # Size-1 axes shard nothing; leaving them out keeps specs readable.
-    axes = [a for a in _axes(entry) if mesh.shape[a] > 1]
+    axes = [a for a in axes_of(entry) if mesh.shape[a] > 1]
     dropped = []
     while axes and size % math.prod(mesh.shape[a] for a in axes):
       dropped.insert(0, axes.pop())
@@ -71,20 +72,20 @@ def zero_spec(spec: P, shape: tuple[int, ...], mesh,
               axes: tuple[str, ...] = ("data",)) -> P:
   """Adds the unused `axes` to the largest dimension they still divide."""
   spec = tuple(spec) + (None,) * (len(shape) - len(spec))
-  used = {a for e in spec for a in _axes(e)}
+  used = {a for e in spec for a in axes_of(e)}
   extra = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
   if not extra:
     return P(*spec)
   extra_size = math.prod(mesh.shape[a] for a in extra)
   best, best_size = None, 0
   for i, (entry, size) in enumerate(zip(spec, shape)):
-    shards = math.prod(mesh.shape[a] for a in _axes(entry))
+    shards = math.prod(mesh.shape[a] for a in axes_of(entry))
     if size % (shards * extra_size) == 0 and size // shards > best_size:
       best, best_size = i, size // shards
   if best is None:
     return P(*spec)
   spec = list(spec)
-  spec[best] = _entry(_axes(spec[best]) + extra)
+  spec[best] = _entry(axes_of(spec[best]) + extra)
   return P(*spec)
 
 

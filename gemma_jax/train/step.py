@@ -154,7 +154,7 @@ def abstract_batch(cfg: RunConfig, mesh) -> dict:
 def _check_batch(cfg: RunConfig, mesh, batch):
   rows = batch["inputs"].shape[0]
   spec = rules_lib.batch_spec(cfg.mesh)[0]
-  shards = math.prod(mesh.shape[a] for a in rules_lib._axes(spec))
+  shards = math.prod(mesh.shape[a] for a in rules_lib.axes_of(spec))
   m = cfg.train.microbatches
   if rows % (shards * m):
     raise ConfigError(
