@@ -44,10 +44,15 @@ def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
   # Loss: overall and per source (train), held-out per source (eval).
   fig, ax = plt.subplots(figsize=(7, 4.5))
   ax.plot(*_series(train, "loss"), label="train", color="black", lw=1.5)
+  sources = sorted({k[5:] for k in _prefixed(train, "loss/")} |
+                   {k[5:-5] for k in _prefixed(evals, "eval/", "/loss")})
+  colors = {s: f"C{i}" for i, s in enumerate(sources)}
   for key in _prefixed(train, "loss/"):
-    ax.plot(*_series(train, key), label=f"train {key[5:]}", lw=0.8)
+    ax.plot(*_series(train, key), label=f"train {key[5:]}", lw=0.8,
+            color=colors[key[5:]])
   for key in _prefixed(evals, "eval/", "/loss"):
-    ax.plot(*_series(evals, key), "o--", label=key[:-5], ms=4)
+    ax.plot(*_series(evals, key), "o--", label=f"held-out {key[5:-5]}",
+            ms=4, color=colors[key[5:-5]])
   ax.set(xlabel="step", ylabel="loss (nats/token)", title="Loss per source")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)

@@ -225,14 +225,19 @@ class Trainer:
     while queue:
       yield queue.popleft()
 
-  # Preemption: SIGTERM finishes the step, saves and exits 0.
+  # Preemption: SIGTERM (or a first Ctrl-C) finishes the step, saves and
+  # exits 0; a second Ctrl-C interrupts at once.
   def _install_sigterm_handler(self):
-    if jax.process_count() > 1:
-      return  # jax.distributed's preemption notifier owns SIGTERM
     def handler(signum, frame):
-      del signum, frame
+      del frame
       self.stop_requested = True
-    signal.signal(signal.SIGTERM, handler)
+      if signum == signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if jax.process_count() == 1:
+      # With several processes jax.distributed's preemption notifier owns
+      # SIGTERM and `_preempted` asks it, so that all stop at one step.
+      signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
   def _preempted(self, step: int) -> bool:
     if jax.process_count() > 1:
