@@ -146,3 +146,41 @@ def test_eval_command_reproduces_the_final_eval(trained, tmp_path, capsys):
   for src in ("prose", "code"):
     assert results["sources"][src]["loss"] == pytest.approx(
         final[f"eval/{src}/loss"], rel=1e-6)
+
+
+def test_resume_onto_a_mesh_with_fewer_devices(trained, tiny_tokenizer,
+                                               monkeypatch, tmp_path):
+  import shutil
+  import numpy as np
+  from gemma_jax.sharding import mesh as mesh_lib
+  from gemma_jax.train import build
+  trainer8, workdir, _ = trained
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  monkeypatch.setattr(build, "make_mesh", lambda cfg: mesh_lib.make_mesh(
+      cfg, devices=jax.devices()[:4]))
+  trainer4 = trainer_lib.Trainer(
+      config_from_dict(tiny_config_dict(tiny_tokenizer, steps=5)), str(copy))
+  assert trainer4.start_step == 4
+  for a, b in zip(jax.tree.leaves(trainer4.state.params),
+                  jax.tree.leaves(trainer8.state.params)):
+    assert a.sharding.mesh.devices.size == 4
+    np.testing.assert_array_equal(a, b)
+  trainer4.run()
+  assert [r["step"] for r in map(json.loads, open(copy / "metrics.jsonl"))
+          ] == [1, 2, 3, 4, 5]
+
+
+def test_init_from_a_params_export(trained, tiny_tokenizer, tmp_path):
+  import numpy as np
+  from gemma_jax.checkpoint import native
+  trainer, _, _ = trained
+  native.save(str(tmp_path / "params"), trainer.state.params,
+              trainer.cfg.model)
+  d = tiny_config_dict(tiny_tokenizer, steps=4)
+  d["checkpoint"]["init_from"] = str(tmp_path / "params")
+  fresh = trainer_lib.Trainer(config_from_dict(d), str(tmp_path / "run"))
+  assert fresh.start_step == 0
+  for a, b in zip(jax.tree.leaves(fresh.state.params),
+                  jax.tree.leaves(trainer.state.params)):
+    np.testing.assert_array_equal(a, b)
