@@ -116,7 +116,6 @@ class Trainer:
     self.stop_requested = False
     self.skipped_total = 0
     self._pending = []          # device metrics since the last log
-    self._install_sigterm_handler()
 
     # 1. Inputs that can be wrong are checked before anything heavy.
     check_workdir(self.workdir)
@@ -124,6 +123,16 @@ class Trainer:
     self.pipe = self.parts.pipe
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), cfg.checkpoint)
+    self._install_sigterm_handler()
+    try:
+      self._setup()
+    except BaseException:
+      self.checkpointer.close()
+      self._restore_signal_handlers()
+      raise
+
+  def _setup(self):
+    cfg = self.cfg
     latest = self.checkpointer.latest_step()
     if latest is not None:
       saved = self.checkpointer.restore_meta(latest)
@@ -199,6 +208,7 @@ class Trainer:
       batches.close()
       self.checkpointer.close()
       self.writer.close()
+      self._restore_signal_handlers()
     return {"step": step, "preempted": self.stop_requested,
             "skipped_total": self.skipped_total}
 
@@ -233,11 +243,17 @@ class Trainer:
       self.stop_requested = True
       if signum == signal.SIGINT:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    signals = [signal.SIGINT]
     if jax.process_count() == 1:
       # With several processes jax.distributed's preemption notifier owns
       # SIGTERM and `_preempted` asks it, so that all stop at one step.
-      signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+      signals.append(signal.SIGTERM)
+    self._old_handlers = {s: signal.signal(s, handler) for s in signals}
+
+  def _restore_signal_handlers(self):
+    for s, old in self._old_handlers.items():
+      signal.signal(s, old)
+    self._old_handlers = {}
 
   def _preempted(self, step: int) -> bool:
     if jax.process_count() > 1:

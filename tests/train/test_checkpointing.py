@@ -60,7 +60,9 @@ def test_interval_and_keep(tmp_path):
     ckpt.save(step, _state(mesh, step), {})
   ckpt.save(7, _state(mesh, 7), {}, force=True)   # the end of a run
   ckpt.close()
-  assert Checkpointer(str(tmp_path), CheckpointConfig()).all_steps() == [6, 7]
+  ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
+  assert ckpt.all_steps() == [6, 7]
+  ckpt.close()
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
@@ -88,8 +90,9 @@ def test_restore_onto_a_smaller_mesh(tmp_path):
   mesh4 = _mesh(4)
   target = _state(mesh4, 0)
   shardings = jax.tree.map(lambda x: x.sharding, target)
-  restored = Checkpointer(str(tmp_path), CheckpointConfig()).restore(
-      abstract_like(target, shardings))
+  ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
+  restored = ckpt.restore(abstract_like(target, shardings))
+  ckpt.close()
   w = restored.state.params["w"]
   assert w.sharding.mesh.devices.size == 4
   np.testing.assert_array_equal(w, state.params["w"])
@@ -104,10 +107,14 @@ def test_restore_into_a_different_shape_names_the_fix(tmp_path):
       lambda x: jax.ShapeDtypeStruct((32, 4), x.dtype, sharding=x.sharding)
       if x.shape == (16, 4) else
       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
   with pytest.raises(ConfigError, match="does not match"):
-    Checkpointer(str(tmp_path), CheckpointConfig()).restore(wrong)
+    ckpt.restore(wrong)
+  ckpt.close()
 
 
 def test_restore_without_checkpoint_is_a_clear_error(tmp_path):
+  ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
   with pytest.raises(ConfigError, match="no checkpoint"):
-    Checkpointer(str(tmp_path), CheckpointConfig()).restore_meta()
+    ckpt.restore_meta()
+  ckpt.close()
