@@ -40,7 +40,7 @@ def save(directory, params, model_cfg: ModelConfig, *, force=False) -> None:
   Refuses to replace an existing `directory` unless `force`. The params must
   have exactly the shapes of `model_cfg` (checked before anything is written).
   """
-  directory = epath.Path(directory)
+  directory = epath.Path(directory).absolute()
   if directory.exists() and not force:
     raise CheckpointError(f"{directory} already exists; pass force=True "
                           "(--force) to replace it")
@@ -88,7 +88,8 @@ def load(directory, shardings=None, dtype=None) -> tuple[dict, ModelConfig]:
   dtype: optional dtype to cast every parameter to while restoring.
   """
   cfg = load_config(directory)
-  path = epath.Path(directory) / PARAMS_DIR
+  # orbax finds no tree metadata under a relative path.
+  path = epath.Path(directory).absolute() / PARAMS_DIR
   with ocp.PyTreeCheckpointer() as ckptr:
     tree_meta = ckptr.metadata(path).item_metadata.tree
     found = {p: tuple(m.shape) for p, m in layout.flatten(tree_meta)}

@@ -46,7 +46,9 @@ def initialize_distributed() -> None:
 
   Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (any
   machine, CPU included: collectives over gloo). Otherwise a multi-host
-  cluster that JAX detects itself (Cloud TPU pod slices, SLURM, Open MPI).
+  cluster that JAX detects itself (Cloud TPU pod slices, SLURM, Open MPI);
+  GEMMA_JAX_DISTRIBUTED=1 asks for that detection where no variable shows it
+  (one process per Cloud TPU VM host, as launch/tpu_pod.sh starts them).
   """
   if jax.distributed.is_initialized():
     return
@@ -59,7 +61,8 @@ def initialize_distributed() -> None:
                                  int(env.get("JAX_PROCESS_ID", "0")))
     return
   multi_host = (
-      "," in env.get("TPU_WORKER_HOSTNAMES", "")
+      env.get("GEMMA_JAX_DISTRIBUTED") == "1"   # set by launch/tpu_pod.sh
+      or "," in env.get("TPU_WORKER_HOSTNAMES", "")
       or env.get("MEGASCALE_COORDINATOR_ADDRESS")
       or int(env.get("SLURM_NTASKS", "1")) > 1
       or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)

@@ -45,6 +45,16 @@ def test_round_trip_needs_only_the_directory(tmp_path):
   assert [x.name for x in tmp_path.iterdir()] == ["ck"]
 
 
+def test_relative_paths_work(tmp_path, monkeypatch):
+  cfg = preset("tiny-gemma", num_layers=1)
+  params = random_params(cfg)
+  monkeypatch.chdir(tmp_path)
+  native.save("rel", params, cfg)
+  loaded, _ = native.load("rel")
+  np.testing.assert_array_equal(loaded["final_norm"]["scale"],
+                                params["final_norm"]["scale"])
+
+
 def test_load_onto_a_mesh_with_a_dtype(tmp_path):
   cfg = preset("tiny-gemma", num_layers=2)
   native.save(tmp_path / "ck", random_params(cfg), cfg)
