@@ -139,6 +139,14 @@ def _compile(cfg: RunConfig, mesh):
     raise
 
 
+def _required_bytes(message: str) -> int | None:
+  """'... required for HLO temporaries (139.39G) exceeds ...' -> bytes."""
+  m = re.search(r"required[^(]*\((\d+(?:\.\d+)?)([KMGT])\)", message)
+  if not m:
+    return None
+  return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
+
+
 def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -233,6 +241,8 @@ def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
     compiled, state = _compile(cfg, mesh)
   except OutOfMemory as e:
     return report | dict(fits=False, error=str(e),
+                         peak_bytes_per_device=_required_bytes(str(e)),
+                         flops_per_device=None,
                          compile_s=time.perf_counter() - start)
   report["compile_s"] = time.perf_counter() - start
   mem = compiled.memory_analysis()

@@ -51,6 +51,7 @@ def test_a_step_that_does_not_fit_says_so_and_fails(tmp_path, capsys):
                         "--no-flop-scaling")
   assert code == 1 and r["fits"] is False
   assert "HBM" in r["error"] or "memory" in r["error"]
+  assert r["peak_bytes_per_device"] > r["hbm_bytes_per_device"]
 
 
 @pytest.mark.parametrize("name", ["v5e:32x32", "v5e-256", "v4:4x4x6",
