@@ -45,11 +45,7 @@ class Components:
 
   def abstract_state(self):
     """ShapeDtypeStructs of the state with this mesh's shardings."""
-    shapes = _state_shapes(self.cfg)
-    shardings = step_lib.state_shardings(self.cfg, self.mesh)
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        shapes, shardings)
+    return step_lib.abstract_train_state(self.cfg, self.mesh)
 
   def compile_train_step(self, state, batch):
     fn = step_lib.make_train_step(self.cfg, self.mesh,
@@ -59,24 +55,6 @@ class Components:
   @staticmethod
   def nonfinite_in_row(state):
     return state.nonfinite_in_row
-
-
-def _state_shapes(cfg):
-  """ShapeDtypeStructs of a TrainState (as `init_train_state` makes it)."""
-  import flax.linen as nn
-  import jax.numpy as jnp
-  from gemma_jax.model import Transformer
-  from gemma_jax.train.optimizer import make_optimizer
-
-  def init(key):
-    params = nn.unbox(Transformer(cfg.model).init(
-        key, jnp.zeros((1, 8), jnp.int32))["params"])
-    tx, _ = make_optimizer(cfg.optimizer, max(cfg.train.steps, 1))
-    return step_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params,
-        opt_state=tx.init(params), rng=key,
-        nonfinite_in_row=jnp.zeros((), jnp.int32))
-  return jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
 
 
 def build(cfg) -> Components:

@@ -66,3 +66,16 @@ def make_optimizer(cfg: OptimizerConfig,
   parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=decay_mask))
   return optax.chain(*parts), schedule
+
+
+def schedule_count(opt_state) -> jax.Array:
+  """Updates applied so far: the step the schedule is at.
+
+  Lags TrainState.step by the number of skipped (non-finite) steps, since a
+  skipped step keeps the whole optimizer state, this count included.
+  """
+  states = [x for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+            if isinstance(x, optax.ScaleByScheduleState)]
+  assert len(states) == 1, "expected one learning-rate schedule"
+  return states[0].count

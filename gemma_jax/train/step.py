@@ -30,7 +30,7 @@ from gemma_jax.configlib import ConfigError
 from gemma_jax.model import Transformer
 from gemma_jax.sharding import rules as rules_lib
 from gemma_jax.train.config import TrainConfig
-from gemma_jax.train.optimizer import make_optimizer
+from gemma_jax.train.optimizer import make_optimizer, schedule_count
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask",
               "source")
@@ -241,7 +241,8 @@ def _train_step(cfg: RunConfig, tx, schedule, num_sources, state, batch):
       nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1))
   denom = jnp.maximum(tokens, 1.0)
   metrics = dict(loss=aux["ce"] / denom, z_loss=aux["z"] / denom,
-                 grad_norm=grad_norm, learning_rate=schedule(state.step),
+                 grad_norm=grad_norm,
+                 learning_rate=schedule(schedule_count(state.opt_state)),
                  tokens=tokens.astype(jnp.int32),
                  skipped=(~finite).astype(jnp.int32),
                  nonfinite_in_row=new_state.nonfinite_in_row,

@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from conftest import (RESUME_STEPS, exported_params, losses, subprocess_env,
-                      train_process)
+from gemma_jax.train.testing import (
+    RESUME_STEPS, exported_params, losses, subprocess_env, train_process)
 
 
 def _checkpoints(workdir) -> list[int]:

@@ -9,6 +9,7 @@ from gemma_jax.config import config_from_dict
 from gemma_jax.configlib import ConfigError
 from gemma_jax.model import Transformer
 from gemma_jax.sharding.mesh import make_mesh
+from gemma_jax.train.optimizer import schedule_count
 from gemma_jax.train.step import (batch_sharding, device_batch,
                                   init_train_state, make_eval_step,
                                   make_train_step, state_shardings)
@@ -151,13 +152,21 @@ def test_metrics_and_a_skipped_non_finite_step(one_device):
   assert int(m["tokens"]) == int(packed_batch()["loss_mask"].sum())
   assert int(m["skipped"]) == 0 and float(m["grad_norm"]) > 0
   assert float(m["source_tokens"].sum()) == int(m["tokens"])
-  before = jax.device_get(state.params)
   poisoned = state.replace(params=jax.tree.map(
       lambda x: x.at[...].multiply(jnp.nan) if x.ndim == 2 and
       x.shape[0] == 256 else x, state.params))
+  before = jax.device_get(poisoned)   # the step donates its input
   after, m = step(poisoned, batch)
   assert int(m["skipped"]) == 1 and int(after.nonfinite_in_row) == 1
   assert int(after.step) == 2
+  # Nothing of the update is applied, the optimizer's count included.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.params),
+               before.params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.opt_state),
+               before.opt_state)
+  assert int(schedule_count(after.opt_state)) == 1
+  # The reported rate is the one the schedule gives at the applied count.
+  assert float(m["learning_rate"]) == pytest.approx(1e-2)
 
 
 def test_batch_rows_must_split_over_shards_and_microbatches():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 import yaml
 
-from conftest import tiny_config_dict
+from gemma_jax.train.testing import tiny_config_dict
 from gemma_jax import cli
 from gemma_jax.config import config_from_dict
 from gemma_jax.train import trainer as trainer_lib
