@@ -15,18 +15,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
 WORKDIR=${WORKDIR:-runs/tiny}
-if [[ ! -x .venv/bin/python ]]; then
-  "$PYTHON" -m venv .venv
-fi
-if ! .venv/bin/python -c "import gemma_jax" 2>/dev/null; then
-  .venv/bin/pip install --quiet --upgrade pip
-  .venv/bin/pip install --quiet -e .
-fi
+# The CPU job needs no extras (the `tpu` extra is only for AOT compiles).
+GEMMA_JAX_EXTRAS="" source launch/setup.sh
 
-# CPU run; compiled programs are cached so that a rerun starts quickly.
-export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+# Compiled programs are cached so that a rerun starts quickly.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/gemma_jax/xla}
 
 start=$(date +%s)
