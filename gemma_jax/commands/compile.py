@@ -49,6 +49,9 @@ def _print_table(r):
   if not r["fits"] and "error" in r:
     print(f"DOES NOT FIT: the compiler ran out of HBM "
           f"({_gib(r['hbm_bytes_per_device'])} per device):\n  {r['error']}")
+    # Unsharded dimensions are the usual cause: show them.
+    for line in r.get("unsharded", []):
+      print(f"note: {line}")
     return
   print(f"peak memory      {_gib(r['peak_bytes_per_device'])} of "
         f"{_gib(r['hbm_bytes_per_device'])} HBM per device"
