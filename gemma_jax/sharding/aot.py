@@ -20,30 +20,34 @@ from gemma_jax.config import RunConfig
 from gemma_jax.configlib import ConfigError
 from gemma_jax.sharding import mesh as mesh_lib
 from gemma_jax.train import flops as flops_lib
+from gemma_jax.train import metrics
 
 GiB = 1024 ** 3
 
 
 @dataclasses.dataclass(frozen=True)
 class Product:
-  """A Cloud TPU generation: its topology rule, HBM and peak bf16 FLOP/s."""
+  """A Cloud TPU generation: its topology rule and HBM.
+
+  Peak FLOP/s come from the trainer's table (train.metrics.PEAK_FLOPS), by
+  the topology devices' `device_kind`, so both use the same numbers.
+  """
   name: str
   dims: int                      # 2 (torus) or 3 (twisted torus, cubes)
   hbm_bytes: int                 # per device, as the compiler reports it
-  peak_flops: float              # per device (= per chip), bf16
   max_chips: int
   shapes: tuple[str, ...]        # allowed shapes below full 4x4x4 cubes
   chip_config: str | None = None
 
 
 PRODUCTS = {
-    "v4": Product("v4", 3, int(30.75 * GiB), 275e12, 4096,
+    "v4": Product("v4", 3, int(30.75 * GiB), 4096,
                   ("2x2x1", "2x2x2", "2x2x4", "2x4x4"), "megacore"),
-    "v5p": Product("v5p", 3, int(95.74 * GiB), 459e12, 8960,
+    "v5p": Product("v5p", 3, int(95.74 * GiB), 8960,
                    ("2x2x1", "2x2x2", "2x2x4", "2x4x4"), "megacore"),
-    "v5e": Product("v5e", 2, int(15.75 * GiB), 197e12, 256,
+    "v5e": Product("v5e", 2, int(15.75 * GiB), 256,
                    ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
-    "v6e": Product("v6e", 2, int(31.25 * GiB), 918e12, 256,
+    "v6e": Product("v6e", 2, int(31.25 * GiB), 256,
                    ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
 }
 
@@ -262,6 +266,7 @@ def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
       program_flops_per_device=program,
       collectives=count_collectives(compiled.as_text()),
       mfu=mfu,
-      step_time_s=analytic / (product.peak_flops * mfu),
+      step_time_s=analytic / (
+          metrics.peak_flops_per_device(devices[0]) * mfu),
       tokens_per_step=tokens)
   return report

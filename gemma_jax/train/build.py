@@ -52,10 +52,6 @@ class Components:
                                   len(self.source_names))
     return fn.lower(state, batch).compile()
 
-  @staticmethod
-  def nonfinite_in_row(state):
-    return state.nonfinite_in_row
-
 
 def build(cfg) -> Components:
   mesh = make_mesh(cfg.mesh)

@@ -43,8 +43,10 @@ class Checkpointer:
 
   def __init__(self, directory: str, cfg: CheckpointConfig):
     self.directory = os.path.abspath(directory)
+    # The save interval is `should_save` below (save_every 0 means only at
+    # the end or on SIGTERM, which orbax's interval cannot say); every save
+    # is forced past orbax's own interval check.
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(cfg.save_every, 1),
         max_to_keep=cfg.keep,
         enable_async_checkpointing=cfg.async_save,
         create=True,

@@ -7,8 +7,8 @@ Only process 0 writes; other processes get a writer that does nothing.
 
 Keys of a training record (see README "Metrics"):
   step, loss, loss/<source>, share/<source>, grad_norm, learning_rate,
-  tokens, tokens_seen, tokens_per_sec, step_time_s, mfu, skipped_steps,
-  elapsed_s
+  tokens, tokens_per_sec, step_time_s, mfu, skipped, and (added by the
+  trainer) skipped_total, elapsed_s
 """
 
 import json

@@ -152,7 +152,7 @@ class Trainer:
     else:
       self.state = self.parts.init_state()
     self.start_step = int(jax.device_get(self.state.step))
-    self._streak = int(jax.device_get(self.parts.nonfinite_in_row(self.state)))
+    self._streak = int(jax.device_get(self.state.nonfinite_in_row))
     if self.start_step > cfg.train.steps:
       raise ConfigError(
           f"the checkpoint is at step {self.start_step}, past train.steps="
@@ -316,7 +316,7 @@ class Trainer:
     """Saves (asynchronously); never a state from a non-finite streak."""
     limit = self.cfg.train.max_nonfinite_in_row
     if limit:
-      in_row = int(jax.device_get(self.parts.nonfinite_in_row(self.state)))
+      in_row = int(jax.device_get(self.state.nonfinite_in_row))
       if in_row >= limit:
         return
     meta = {"config": config_lib.to_dict(self.cfg),
