@@ -4,10 +4,15 @@ Each command module defines `HELP`, `add_arguments(parser)` and `main(args)`.
 Only the chosen command's module is imported, so that `gemma-jax convert`
 does not pay for importing the trainer; `--help` alone imports them all to
 list them.
+
+Every failure ends in one line on stderr, `gemma-jax COMMAND: error: ...`,
+and exit status 2 for a config or usage error, 1 for anything else. `--debug`
+(or GEMMA_JAX_DEBUG=1) shows the traceback instead.
 """
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = ("train", "eval", "plot", "compile", "convert", "score", "sample",
@@ -18,12 +23,13 @@ def _module(name):
   return importlib.import_module(f"gemma_jax.commands.{name}")
 
 
-def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else list(argv)
+def _parser(argv) -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="gemma-jax",
       description="Pretraining and continual pretraining of Gemma 1 and "
                   "Gemma 2 in JAX/Flax.")
+  parser.add_argument("--debug", action="store_true",
+                      help="show the Python traceback of an error")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   chosen = next((a for a in argv if not a.startswith("-")), None)
   for name in COMMANDS:
@@ -36,13 +42,44 @@ def main(argv=None) -> int:
       sub.add_parser(name, help=_module(name).HELP)
     else:
       sub.add_parser(name, add_help=False)
-  args = parser.parse_args(argv)
-  from gemma_jax.configlib import ConfigError
+  return parser
+
+
+def one_line(error: BaseException) -> str:
+  """The error as one line: the first line of its message, with the file
+  an OSError is about."""
+  if isinstance(error, OSError) and error.strerror:
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror}"
+  text = str(error).strip().splitlines()
+  return text[0] if text else type(error).__name__
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  # --debug may stand anywhere on the line.
+  debug = "--debug" in argv or os.environ.get("GEMMA_JAX_DEBUG") == "1"
+  argv = [a for a in argv if a != "--debug"]
+  args = _parser(argv).parse_args(argv)
+  from gemma_jax.errors import GemmaJaxError
   try:
     return _module(args.command).main(args) or 0
-  except ConfigError as e:
-    print(f"gemma-jax {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  except KeyboardInterrupt:
+    print(f"gemma-jax {args.command}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001  (every failure: one line)
+    if debug:
+      raise
+    if isinstance(e, GemmaJaxError):
+      message, code = one_line(e), e.exit_code
+    elif isinstance(e, OSError):
+      message, code = one_line(e), 1
+    else:   # a bug, or a library error we do not translate yet
+      message = (f"{type(e).__name__}: {one_line(e)} (unexpected; rerun with "
+                 f"--debug for the traceback)")
+      code = 1
+    print(f"gemma-jax {args.command}: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ The model section may name a preset and override any of its fields:
 import dataclasses
 
 from gemma_jax import configlib
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.data.config import DataConfig
 from gemma_jax.model.config import PRESETS, ModelConfig
 from gemma_jax.sharding.config import MeshConfig

@@ -14,9 +14,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-  """A config file or override is invalid; the message names the key."""
+from gemma_jax.errors import ConfigError
 
 
 def _type_name(tp) -> str:

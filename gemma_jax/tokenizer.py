@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from gemma_jax.config import config_from_dict, load_config, to_dict
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 
 
 def write(tmp_path, text):

@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 
 from gemma_jax import cli
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.data import testing
 from gemma_jax.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer,
                                  train_tokenizer)

@@ -10,18 +10,17 @@ tensor at a time, so neither direction holds two copies of the model.
     hf.save("out/", params, cfg, max_shard_bytes=2**30)
 """
 
-import contextlib
 import functools
 import json
-import shutil
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 from flax.linen import meta
 
+from gemma_jax import fileio
 from gemma_jax.checkpoint import hf_config, layout, safetensors_io
-from gemma_jax.checkpoint.layout import CheckpointError
+from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 
 CONFIG = "config.json"
@@ -157,27 +156,6 @@ def load(directory, model_cfg: ModelConfig | None = None, dtype=None,
   return layout.unflatten(flat), cfg
 
 
-@contextlib.contextmanager
-def _atomic_directory(directory: Path, force: bool):
-  """Yields a temporary sibling that replaces `directory` on success."""
-  if directory.exists() and not force:
-    raise CheckpointError(f"{directory} already exists; pass --force to "
-                          "replace it")
-  tmp = directory.parent / f".{directory.name}.tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  old = directory.parent / f".{directory.name}.old"
-  if directory.exists():
-    directory.rename(old)
-  tmp.rename(directory)
-  shutil.rmtree(old, ignore_errors=True)
-
-
 def _shards(tensors, max_bytes):
   shards, size = [[]], 0
   for t in tensors:
@@ -209,7 +187,7 @@ def save(directory, params, cfg: ModelConfig, *, dtype=None,
                                    functools.partial(make, e))
              for e in tensor_map(cfg)]
   shards = _shards(tensors, max_shard_bytes)
-  with _atomic_directory(directory, force) as tmp:
+  with fileio.atomic_directory(directory, overwrite=force) as tmp:
     (tmp / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
     weight_map = {}
     for k, shard in enumerate(shards):

@@ -6,7 +6,7 @@ level (<= 4.x) / inside `rope_parameters` (>= 5); `layer_types` (>= 4.5x) /
 implicit even-layers-local. Exported configs carry both spellings.
 """
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model.config import ModelConfig
 
 # Every spelling of the tanh-approximated GELU that Gemma uses. Gemma 1
@@ -166,5 +166,5 @@ def check_same_architecture(given: ModelConfig, found: ModelConfig,
            f"{getattr(found, k)!r}" for k in _ARCH_FIELDS
            if getattr(given, k) != getattr(found, k)]
   if diffs:
-    raise ConfigError(f"{given_name} does not match {found_name}:\n  "
-                      + "\n  ".join(diffs))
+    raise ConfigError(f"{given_name} does not match {found_name}: "
+                      + "; ".join(diffs))

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from gemma_jax.checkpoint import layout
-from gemma_jax.checkpoint.layout import CheckpointError
+from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 
 # Presets whose official checkpoints store gating as [2, F, D].

@@ -20,12 +20,8 @@ Converters address leaves by '/'-joined paths such as 'layers/mlp/linear/w'.
 
 from typing import Any, Iterator
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
-
-
-class CheckpointError(ConfigError):
-  """A checkpoint does not match the expected layout; names the tensor."""
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -84,5 +80,5 @@ def check_shapes(found: dict[str, tuple[int, ...]],
   if extra:
     problems.append("unexpected tensors: " + ", ".join(extra))
   if problems:
-    raise CheckpointError(f"{source} does not match the model config:\n  "
-                          + "\n  ".join(problems))
+    raise CheckpointError(f"{source} does not match the model config: "
+                          + "; ".join(problems))

@@ -18,9 +18,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax.linen import meta
 
-from gemma_jax import configlib
+from gemma_jax import configlib, fileio
 from gemma_jax.checkpoint import layout
-from gemma_jax.checkpoint.layout import CheckpointError
+from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model.config import ModelConfig
 
 FORMAT = "gemma_jax.native/1"
@@ -42,28 +42,20 @@ def save(directory, params, model_cfg: ModelConfig, *, force=False) -> None:
   """
   directory = epath.Path(directory).absolute()
   if directory.exists() and not force:
-    raise CheckpointError(f"{directory} already exists; pass force=True "
-                          "(--force) to replace it")
+    raise ConfigError(f"{directory} already exists; pass --force to replace "
+                      "it")
   params = meta.unbox(params)
   found = {p: tuple(np.shape(x)) for p, x in layout.flatten(params)}
   layout.check_shapes(found, layout.param_shapes(model_cfg), "params")
-  tmp = directory.parent / f".{directory.name}.tmp"
-  if jax.process_index() == 0:
-    if tmp.exists():
-      tmp.rmtree()   # left by an interrupted save
-    tmp.mkdir(parents=True)
+  tmp = fileio.fresh_temporary_sibling(directory) if jax.process_index() == 0 \
+      else fileio.temporary_sibling(directory)
   _sync("native_save_start")
   with ocp.PyTreeCheckpointer() as ckptr:
     ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
   if jax.process_index() == 0:
     config = {"format": FORMAT, "model": configlib.to_dict(model_cfg)}
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    old = directory.parent / f".{directory.name}.old"
-    if directory.exists():
-      directory.rename(old)
-    tmp.rename(directory)
-    if old.exists():
-      old.rmtree()
+    fileio.replace_directory(tmp, directory)
   _sync("native_save_done")
 
 

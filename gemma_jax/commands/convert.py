@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from gemma_jax import configlib
 from gemma_jax.checkpoint import hf, hf_config, kaggle, native
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import PRESETS, ModelConfig
 
 HELP = "convert checkpoints between Hugging Face, official Flax and native"

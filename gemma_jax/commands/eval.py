@@ -28,7 +28,7 @@ def add_arguments(parser):
 def _config(args):
   import os
   from gemma_jax.config import load_config
-  from gemma_jax.configlib import ConfigError
+  from gemma_jax.errors import ConfigError
   path = args.config
   if path is None:
     if not args.workdir:
@@ -39,7 +39,7 @@ def _config(args):
 
 def _params(args, cfg, parts):
   import os
-  from gemma_jax.configlib import ConfigError
+  from gemma_jax.errors import ConfigError
   from gemma_jax.train import step as step_lib
   if args.params:
     from gemma_jax.checkpoint import native

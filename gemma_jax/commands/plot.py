@@ -10,7 +10,7 @@ def add_arguments(parser):
 
 
 def main(args) -> int:
-  from gemma_jax.configlib import ConfigError
+  from gemma_jax.errors import ConfigError
   from gemma_jax.train.plot import plot_run
   try:
     paths = plot_run(args.workdir, args.out)

@@ -7,7 +7,7 @@
 Temperature 0 (the default) is greedy decoding.
 """
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 
 HELP = "generate text from a checkpoint (greedy, temperature, top-k, top-p)"
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax.checkpoint import native
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.model import ModelConfig, Transformer
 
 HELP = "score token arrays or texts: logits and next-token log-probs"

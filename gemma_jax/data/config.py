@@ -16,7 +16,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import sys
 import grain
 import numpy as np
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 
 
 def apportion(shares: np.ndarray, rows: int) -> np.ndarray:

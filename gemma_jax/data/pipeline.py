@@ -16,7 +16,7 @@ import itertools
 import grain
 import numpy as np
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.data import mixture, packing, sources
 from gemma_jax.data.config import DataConfig
 from gemma_jax.tokenizer import Tokenizer

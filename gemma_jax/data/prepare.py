@@ -14,7 +14,7 @@ import shutil
 
 import numpy as np
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.data.sources import FINGERPRINT_KEY, LENGTHS_FILE
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.data.config import SourceConfig
 
 LENGTHS_FILE = "{split}_doc_lengths.npy"

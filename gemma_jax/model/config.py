@@ -9,7 +9,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "qkv_proj"]

@@ -17,7 +17,7 @@ import jax
 import jax.extend
 
 from gemma_jax.config import RunConfig
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.sharding import mesh as mesh_lib
 from gemma_jax.train import flops as flops_lib
 from gemma_jax.train import metrics

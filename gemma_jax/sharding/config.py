@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

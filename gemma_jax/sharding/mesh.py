@@ -18,7 +18,7 @@ import numpy as np
 import jax
 from jax.experimental import mesh_utils
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.sharding.config import MESH_AXES, MeshConfig
 
 

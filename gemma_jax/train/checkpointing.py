@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.train.config import CheckpointConfig
 
 FORMAT_VERSION = 1

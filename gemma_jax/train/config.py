@@ -3,7 +3,7 @@
 import dataclasses
 from typing import Literal
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

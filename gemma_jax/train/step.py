@@ -26,7 +26,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gemma_jax.config import RunConfig
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.model import Transformer
 from gemma_jax.sharding import rules as rules_lib
 from gemma_jax.train.config import TrainConfig

@@ -21,14 +21,10 @@ import jax
 import yaml
 
 from gemma_jax import config as config_lib
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError, TrainingStopped
 from gemma_jax.train import checkpointing, evaluation
 from gemma_jax.train import metrics as metrics_lib
 from gemma_jax.train import build as build_lib
-
-
-class TrainingStopped(RuntimeError):
-  """Training cannot go on (for example: too many non-finite steps)."""
 
 
 @dataclasses.dataclass

@@ -9,8 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gemma_jax.checkpoint import hf, hf_config
-from gemma_jax.checkpoint.layout import CheckpointError
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model import preset
 
 
@@ -161,7 +160,7 @@ def test_refuses_to_overwrite(hf_dir, tmp_path):
   src, _, _ = hf_dir()
   params, cfg = hf.load(src)
   (tmp_path / "out").mkdir()
-  with pytest.raises(CheckpointError, match="already exists"):
+  with pytest.raises(ConfigError, match="already exists"):
     hf.save(tmp_path / "out", params, cfg)
   hf.save(tmp_path / "out", params, cfg, force=True)
   assert (tmp_path / "out" / hf.WEIGHTS).exists()

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gemma_jax.checkpoint import hf, kaggle
-from gemma_jax.checkpoint.layout import CheckpointError
+from gemma_jax.errors import CheckpointError
 from gemma_jax.checkpoint.testing import official_checkpoint
 from gemma_jax.model import preset
 

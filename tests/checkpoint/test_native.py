@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma_jax.checkpoint import layout, native
-from gemma_jax.checkpoint.layout import CheckpointError
+from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model import Transformer, preset
 
 
@@ -73,7 +73,7 @@ def test_load_onto_a_mesh_with_a_dtype(tmp_path):
 def test_refuses_to_overwrite_without_force(tmp_path):
   cfg = preset("tiny-gemma", num_layers=2)
   native.save(tmp_path / "ck", random_params(cfg, 0), cfg)
-  with pytest.raises(CheckpointError, match="already exists"):
+  with pytest.raises(ConfigError, match="already exists"):
     native.save(tmp_path / "ck", random_params(cfg, 1), cfg)
   native.save(tmp_path / "ck", random_params(cfg, 1), cfg, force=True)
   loaded, _ = native.load(tmp_path / "ck")

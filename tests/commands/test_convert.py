@@ -70,19 +70,22 @@ def test_dtype_option(hf_dir, tmp_path):
   assert config["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--from", "kaggle", "--to", "native"], "--from kaggle needs --model"),
+@pytest.mark.parametrize("argv, message, code", [
+    (["--from", "kaggle", "--to", "native"], "--from kaggle needs --model", 2),
     (["--from", "hf", "--to", "native", "--model", "gemma2-2b"],
-     "num_layers: --model gemma2-2b has 26"),
+     "num_layers: --model gemma2-2b has 26", 2),
     (["--from", "hf", "--to", "native", "--model", "nope"],
-     "neither a preset"),
-    (["--from", "native", "--to", "hf"], "not a native gemma_jax checkpoint"),
+     "neither a preset", 2),
+    (["--from", "native", "--to", "hf"], "not a native gemma_jax checkpoint",
+     1),
 ])
 def test_errors_are_one_line_naming_the_problem(hf_dir, tmp_path, capsys,
-                                                argv, message):
+                                                argv, message, code):
   src, _, _ = hf_dir()
-  assert convert(*argv, src, tmp_path / "out") == 2
-  assert message in capsys.readouterr().err
+  assert convert(*argv, src, tmp_path / "out") == code
+  err = capsys.readouterr().err
+  assert message in err
+  assert err.count("\n") == 1
   assert not (tmp_path / "out").exists()
 
 

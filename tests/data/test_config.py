@@ -3,7 +3,7 @@
 import pytest
 
 from gemma_jax import configlib
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.data import DataConfig
 
 SOURCES = {"a": {"kind": "memory", "texts": ["x"]},

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.data.mixture import ProcessRows, StageSchedule, apportion
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.data.packing import PackedRows
 from gemma_jax.data.sources import Documents
 from gemma_jax.tokenizer import BOS_ID, EOS_ID

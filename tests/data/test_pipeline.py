@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gemma_jax import configlib
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.data import DataConfig, StageConfig, build_pipeline, check_resume
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source")

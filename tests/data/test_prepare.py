@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gemma_jax import cli, configlib
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.data import DataConfig, build_pipeline, prepare, testing
 from gemma_jax.data.sources import open_documents
 from gemma_jax.tokenizer import Tokenizer, train_tokenizer

@@ -3,7 +3,7 @@
 import pytest
 
 from gemma_jax.config import load_config
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import PRESETS, preset
 
 # REFERENCE.md table 1 (embedding rows = 256128).

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from gemma_jax import cli
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.sharding import aot
 
 pytest.importorskip("libtpu", reason="AOT compiles need the tpu extra")

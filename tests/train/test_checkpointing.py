@@ -10,7 +10,7 @@ import pytest
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.train.checkpointing import Checkpointer, abstract_like
 from gemma_jax.train.config import CheckpointConfig
 

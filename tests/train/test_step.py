@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gemma_jax.config import config_from_dict
-from gemma_jax.configlib import ConfigError
+from gemma_jax.errors import ConfigError
 from gemma_jax.model import Transformer
 from gemma_jax.sharding.mesh import make_mesh
 from gemma_jax.train.optimizer import schedule_count
