@@ -8,6 +8,8 @@ dict with `key.sub=value` strings from the command line before it is built.
 """
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -15,6 +17,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from gemma_jax.errors import ConfigError
+
+# A YAML 1.2 number that PyYAML (YAML 1.1) leaves as a string, e.g. 1e-3.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp) -> str:
@@ -73,8 +78,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     return {_convert(k, kt, f"{path}"): _convert(v, vt, f"{path}.{k}")
             for k, v in value.items()}
   if tp is float:
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+      value = float(value)   # PyYAML reads `1e-3` (no dot) as a string
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+      raise ConfigError(f"{path}: must be a finite number, got {value!r}")
     return float(value)
   if tp is int:
     if isinstance(value, bool) or not isinstance(value, int):

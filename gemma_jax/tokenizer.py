@@ -92,9 +92,6 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
-  def serialized(self) -> bytes:
-    return self._proto
-
   def __getstate__(self):
     return {"proto": self._proto, "path": self.path}
 

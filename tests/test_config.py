@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from gemma_jax.config import config_from_dict, load_config, to_dict
+from gemma_jax.train.config import config_from_dict, load_config, to_dict
 from gemma_jax.errors import ConfigError
 
 

@@ -62,7 +62,7 @@ def parse_size(text: str) -> int:
 
 def model_config(spec: str) -> ModelConfig:
   """A preset name, or a YAML/JSON file holding a model section."""
-  from gemma_jax.config import model_config_from_dict
+  from gemma_jax.train.config import model_config_from_dict
   if spec in PRESETS:
     return PRESETS[spec]
   if not pathlib.Path(spec).is_file():

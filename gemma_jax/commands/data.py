@@ -66,7 +66,7 @@ def _build_default(args) -> int:
 
 
 def _show(args) -> int:
-  from gemma_jax.config import load_config
+  from gemma_jax.train.config import load_config
   from gemma_jax.data import build_pipeline
   cfg = load_config(args.config, args.overrides)
   pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,

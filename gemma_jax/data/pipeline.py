@@ -146,6 +146,11 @@ class Pipeline:
     shares = stage.shares()
     return {n: shares.get(n, 0.0) for n in self.source_names}
 
+  def check_resume(self, saved: dict, step: int) -> None:
+    """ConfigError unless resuming at `step` continues the stream a
+    checkpoint's `describe()` (`saved`) recorded."""
+    check_resume(saved, self.describe(), step)
+
   def describe(self) -> dict:
     """JSON-able description; `check_resume` compares two of these."""
     return {

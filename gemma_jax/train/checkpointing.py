@@ -18,13 +18,12 @@ import dataclasses
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import CheckpointError
 from gemma_jax.train.config import CheckpointConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the learning rate is an injected hyperparameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +42,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, cfg: CheckpointConfig):
     self.directory = os.path.abspath(directory)
-    # The save interval is `should_save` below (save_every 0 means only at
-    # the end or on SIGTERM, which orbax's interval cannot say); every save
-    # is forced past orbax's own interval check.
+    # When to save is the trainer's (a hook every checkpoint.save_every
+    # steps, and at the end or on SIGTERM); every save is forced past
+    # orbax's own interval check.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep,
         enable_async_checkpointing=cfg.async_save,
@@ -54,7 +53,6 @@ class Checkpointer:
         cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"))
-    self._save_every = cfg.save_every
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -62,17 +60,14 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def should_save(self, step: int) -> bool:
-    return self._save_every > 0 and step % self._save_every == 0
-
-  def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
-    """Starts saving `state` at `step`; returns whether a save started."""
+  def save(self, step: int, state, meta: dict) -> None:
+    """Starts saving `state` at `step`; a step saved before is an error
+    (never silently kept or overwritten)."""
     if step in self._manager.all_steps():
-      return False
-    if not force and not self.should_save(step):
-      return False
+      raise CheckpointError(f"checkpoint {self.directory}/{step} already "
+                            "exists; not overwriting it")
     meta = {"format_version": FORMAT_VERSION, "step": step, **meta}
-    return self._manager.save(
+    self._manager.save(
         step, force=True,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                 meta=ocp.args.JsonSave(meta)))
@@ -87,8 +82,7 @@ class Checkpointer:
     """Restores onto the shardings of `abstract_state`.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with shardings
-    (for example from `jax.eval_shape` of the state initialiser plus the
-    state shardings of the current mesh), so a checkpoint saved on one mesh
+    (`TrainProgram.abstract_state`), so a checkpoint saved on one mesh
     restores onto another.
     """
     step = self._step_or_latest(step)
@@ -97,7 +91,7 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state),
           meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
-      raise ConfigError(
+      raise CheckpointError(
           f"checkpoint {self.directory}/{step} does not match the configured "
           f"model/optimizer state ({type(e).__name__}: {str(e)[:300]}); use "
           f"the config it was trained with, or a fresh --workdir") from None
@@ -113,12 +107,6 @@ class Checkpointer:
   def _step_or_latest(self, step):
     step = self.latest_step() if step is None else step
     if step is None:
-      raise ConfigError(f"no checkpoint found in {self.directory}")
+      raise CheckpointError(f"no checkpoint found in {self.directory}")
     return step
 
-
-def abstract_like(tree, shardings):
-  """ShapeDtypeStructs of `tree` (arrays or structs) with `shardings`."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings)

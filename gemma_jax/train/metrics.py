@@ -17,42 +17,7 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
-
-# Peak dense bf16 FLOP/s per device (per chip; per TensorCore where JAX shows
-# one device per core: v2, v3). Matched as substrings of `device_kind`,
-# lower-cased, longest key first.
-PEAK_FLOPS = {
-    "tpu v2": 22.5e12,
-    "tpu v3": 61.5e12,
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,   # v5e
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    "tpu v6 lite": 918e12,   # v6e (Trillium)
-    "tpu v6e": 918e12,
-    "tpu7x": 2307e12,
-    "h100": 989e12,
-    "h200": 989e12,
-    "h800": 989e12,
-    "a100": 312e12,
-    "l4": 121e12,
-    "b200": 2250e12,
-}
-
-
-def peak_flops_per_device(device=None, configured: float | None = None):
-  """Configured value, else the table entry for the device, else None."""
-  if configured:
-    return float(configured)
-  kind = (device or jax.devices()[0]).device_kind.lower()
-  for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if key in kind:
-      return PEAK_FLOPS[key]
-  return None
-
 
 def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
         peak_per_device: float | None):
@@ -112,10 +77,6 @@ class MetricsWriter:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)) and v is not None:
           self._tb.add_scalar(prefix + k, v, step)
-
-  def flush(self):
-    if self._tb is not None:
-      self._tb.flush()
 
   def close(self):
     for f in self._files.values():

@@ -3,11 +3,12 @@
     trainer = Trainer(run_config, workdir)
     trainer.run()     # trains to train.steps, or stops cleanly on SIGTERM
 
-The loop only runs the compiled step; logging, evaluation and checkpointing
-are hooks called every N steps (`add_hook`). Batches are a pure function of
-the step (the data pipeline's contract), the RNG lives in the state, and the
-step is deterministic, so resuming from a checkpoint at step s replays steps
-s+1.. exactly as an uninterrupted run would.
+The loop only runs the compiled step; logging, evaluation, checkpointing,
+the params export and the samples are hooks called every N steps or at the
+end (`add_hook`). Batches are a pure function of the step (the data
+pipeline's contract), the RNG lives in the state, and the step is
+deterministic, so resuming from a checkpoint at step s replays steps s+1..
+exactly as an uninterrupted run would.
 """
 
 import collections
@@ -18,13 +19,14 @@ import time
 from collections.abc import Callable, Iterator
 
 import jax
-import yaml
 
-from gemma_jax import config as config_lib
+from gemma_jax import fileio, hardware
+from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
-from gemma_jax.train import checkpointing, evaluation
+from gemma_jax.train import checkpointing, evaluation, flops
+from gemma_jax.train import config as config_lib
 from gemma_jax.train import metrics as metrics_lib
-from gemma_jax.train import build as build_lib
+from gemma_jax.train.program import TrainProgram
 
 
 @dataclasses.dataclass
@@ -81,32 +83,24 @@ def check_workdir(workdir: str) -> None:
                       f"permissions")
 
 
-def check_resume_compatible(saved: dict, cfg, describe: dict, step: int,
-                            check_data: Callable) -> None:
-  """ConfigError, saying what to change, if a checkpoint cannot continue."""
-  saved_cfg = saved.get("config", {})
-  current = config_lib.to_dict(cfg)
-  if saved_cfg.get("model") != current["model"]:
-    diff = sorted(k for k in current["model"]
-                  if saved_cfg.get("model", {}).get(k) != current["model"][k])
+def check_same_model(saved: dict, cfg, step: int) -> None:
+  """ConfigError, saying what to change, if a checkpoint holds another
+  model. (The data stream's checks are the pipeline's `check_resume`.)"""
+  saved_model = saved.get("config", {}).get("model", {})
+  current = config_lib.to_dict(cfg)["model"]
+  if saved_model != current:
+    diff = sorted(k for k in current if saved_model.get(k) != current[k])
     raise ConfigError(
         f"the checkpoint at step {step} was trained with a different model "
         f"(fields that differ: {', '.join(diff) or 'all'}); restore the "
         f"model section it was saved with, or use a fresh --workdir")
-  for key in ("batch_size",):
-    old, new = saved_cfg.get("train", {}).get(key), current["train"][key]
-    if old is not None and old != new:
-      raise ConfigError(
-          f"train.{key} changed from {old} to {new} since the checkpoint at "
-          f"step {step}: the data position depends on it; set "
-          f"train.{key}={old} or use a fresh --workdir")
-  check_data(saved.get("data", {}), describe, step)
 
 
 class Trainer:
   """Builds everything from a RunConfig and runs the loop with hooks."""
 
-  def __init__(self, cfg, workdir: str, log: Callable[[str], None] = print):
+  def __init__(self, cfg, workdir: str, log: Callable[[str], None] = print,
+               mesh: jax.sharding.Mesh | None = None):
     self.cfg = cfg
     self.workdir = os.path.abspath(workdir)
     self.is_main = jax.process_index() == 0
@@ -118,8 +112,11 @@ class Trainer:
 
     # 1. Inputs that can be wrong are checked before anything heavy.
     check_workdir(self.workdir)
-    self.parts = build_lib.build(cfg)           # mesh, data, step functions
-    self.pipe = self.parts.pipe
+    self.program = TrainProgram(cfg, mesh)
+    self.pipe = build_pipeline(
+        cfg.data, global_batch=cfg.train.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        vocab_size=cfg.model.vocab_size)
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), cfg.checkpoint)
     self._install_sigterm_handler()
@@ -132,21 +129,20 @@ class Trainer:
 
   def _setup(self):
     cfg = self.cfg
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      saved = self.checkpointer.restore_meta(latest)
-      check_resume_compatible(saved, cfg, self.pipe.describe(), latest,
-                              self.parts.check_data_resume)
-
     # 2. State: restored onto this mesh, or created sharded on the devices.
-    if latest is not None:
-      restored = self.checkpointer.restore(self.parts.abstract_state(),
-                                           latest)
+    self.restored_step = self.checkpointer.latest_step()
+    if self.restored_step is not None:
+      saved = self.checkpointer.restore_meta(self.restored_step)
+      check_same_model(saved, cfg, self.restored_step)
+      self.pipe.check_resume(saved.get("data", {}), self.restored_step)
+      restored = self.checkpointer.restore(self.program.abstract_state,
+                                           self.restored_step)
       self.state = restored.state
       self.skipped_total = restored.meta.get("skipped_total", 0)
-      self._print(f"resumed from {self.checkpointer.directory}/{latest}")
+      self._print(f"resumed from {self.checkpointer.directory}/"
+                  f"{self.restored_step}")
     else:
-      self.state = self.parts.init_state()
+      self.state = self.program.init_state(params=self._initial_params())
     self.start_step = int(jax.device_get(self.state.step))
     self._streak = int(jax.device_get(self.state.nonfinite_in_row))
     if self.start_step > cfg.train.steps:
@@ -157,8 +153,7 @@ class Trainer:
     # 3. One compile, ahead of time: the loop calls the compiled executable,
     # which cannot retrace or recompile.
     t0 = time.perf_counter()
-    example = self.parts.put(self.pipe.batch(self.start_step))
-    self.train_step = self.parts.compile_train_step(self.state, example)
+    self.train_step = self.program.compile_train_step()
     self.compile_seconds = time.perf_counter() - t0
     self._print(f"compiled the train step in {self.compile_seconds:.1f}s")
 
@@ -166,15 +161,31 @@ class Trainer:
     self.writer = metrics_lib.MetricsWriter(self.workdir, self.is_main)
     self.writer.truncate_after(self.start_step)
     self.progress = metrics_lib.ProgressLine(cfg.train.steps, self.is_main)
-    self.peak_flops = metrics_lib.peak_flops_per_device(
-        configured=cfg.train.peak_flops_per_device)
+    self.peak_flops = hardware.peak_flops_per_device(
+        jax.devices()[0], cfg.train.peak_flops_per_device)
+    self.flops_per_token = flops.model_flops_per_token(cfg.model,
+                                                       cfg.data.seq_len)
     if self.is_main:
       # The resolved config; `gemma-jax train DIR/config.yaml` reruns it.
-      with open(os.path.join(self.workdir, "config.yaml"), "w") as f:
-        yaml.safe_dump(config_lib.to_dict(cfg), f, sort_keys=False)
+      fileio.atomic_write(os.path.join(self.workdir, "config.yaml"),
+                          config_lib.to_yaml(cfg))
     self.add_hook(Trainer.log_metrics, cfg.train.log_every)
     self.add_hook(Trainer.run_eval, cfg.train.eval_every or cfg.train.steps)
     self.add_hook(Trainer.save_checkpoint, cfg.checkpoint.save_every)
+    if cfg.checkpoint.export_params:
+      self.add_hook(Trainer.export_params, 0)
+    if cfg.train.sample_prompts:
+      self.add_hook(Trainer.print_samples, 0)
+
+  def _initial_params(self):
+    """`checkpoint.init_from` params restored straight into their sharded
+    layout (no random init first), or None for a random start."""
+    if not self.cfg.checkpoint.init_from:
+      return None
+    from gemma_jax.checkpoint import native
+    params, _ = native.load(self.cfg.checkpoint.init_from,
+                            shardings=self.program.param_shardings)
+    return params
 
   def add_hook(self, fn: Callable[["Trainer", int], None], every: int,
                at_end: bool = True) -> None:
@@ -185,7 +196,6 @@ class Trainer:
     """Trains from the restored step to train.steps (or until SIGTERM)."""
     total = self.cfg.train.steps
     self._watch = metrics_lib.Stopwatch()
-    self._last_log_step = self.start_step
     step = self.start_step
     batches = self._device_batches(self.start_step, total)
     try:
@@ -226,7 +236,7 @@ class Trainer:
     if start >= end:
       return
     for step, batch in self.pipe.iterate(start):
-      queue.append((step, self.parts.put(batch)))
+      queue.append((step, self.program.put(batch)))
       if len(queue) > self.cfg.train.prefetch:
         yield queue.popleft()
       if step + 1 >= end:
@@ -273,9 +283,9 @@ class Trainer:
     dt = self._watch.lap()
     n = len(values)
     record = metrics_lib.train_record(
-        step, values, dt, self.parts.source_names,
-        tokens_per_step=self.parts.tokens_per_step,
-        flops_per_token=self.parts.flops_per_token,
+        step, values, dt, self.pipe.source_names,
+        tokens_per_step=self.cfg.train.batch_size * self.cfg.data.seq_len,
+        flops_per_token=self.flops_per_token,
         num_devices=jax.device_count(), peak=self.peak_flops)
     self.skipped_total += record["skipped"]
     record["skipped_total"] = self.skipped_total
@@ -300,16 +310,18 @@ class Trainer:
   def run_eval(self, step: int) -> None:
     if not self.cfg.train.eval_batches:
       return
-    results = evaluation.evaluate(self.parts.eval_step, self.state.params,
-                                  self.pipe, self.cfg.train.eval_batches,
-                                  self.parts.put)
+    results = evaluation.evaluate(self.program, self.state.params, self.pipe,
+                                  self.cfg.train.eval_batches)
     self.writer.write(evaluation.eval_record(step, results), name="eval")
     text = ", ".join(f"{k} {v['loss']:.3f} (ppl {v['perplexity']:.1f})"
                      for k, v in results.items())
     self._print(f"eval step {step}: {text}")
 
   def save_checkpoint(self, step: int) -> None:
-    """Saves (asynchronously); never a state from a non-finite streak."""
+    """Saves (asynchronously); never a state from a non-finite streak, and
+    not again the step just restored (its state is unchanged)."""
+    if step == self.restored_step:
+      return
     limit = self.cfg.train.max_nonfinite_in_row
     if limit:
       in_row = int(jax.device_get(self.state.nonfinite_in_row))
@@ -318,4 +330,24 @@ class Trainer:
     meta = {"config": config_lib.to_dict(self.cfg),
             "data": self.pipe.describe(),
             "skipped_total": self.skipped_total}
-    self.checkpointer.save(step, self.state, meta, force=True)
+    self.checkpointer.save(step, self.state, meta)
+
+  def export_params(self, step: int) -> None:
+    """The final params in gemma_jax's native format, WORKDIR/params."""
+    from gemma_jax.checkpoint import native
+    path = os.path.join(self.workdir, "params")
+    native.save(path, self.state.params, self.cfg.model, force=True)
+    self._print(f"params exported to {path} (step {step})")
+
+  def print_samples(self, step: int) -> None:
+    """Greedy continuations of train.sample_prompts with the final params."""
+    from gemma_jax.model import sampler
+    cfg = self.cfg
+    tok = self.pipe.tokenizer
+    prompts = [tok.encode(p, add_bos=True).tolist()
+               for p in cfg.train.sample_prompts]
+    with self.program.mesh:
+      outs = sampler.generate(self.state.params, cfg.model, prompts,
+                              cfg.train.sample_tokens)
+    for text, out in zip(cfg.train.sample_prompts, outs):
+      self._print(f"sample: {text!r} -> {tok.decode(out)!r}")

@@ -10,7 +10,7 @@ import yaml
 
 from gemma_jax.train.testing import tiny_config_dict
 from gemma_jax import cli
-from gemma_jax.config import config_from_dict
+from gemma_jax.train.config import config_from_dict
 from gemma_jax.train import trainer as trainer_lib
 
 
@@ -149,18 +149,16 @@ def test_eval_command_reproduces_the_final_eval(trained, tmp_path, capsys):
 
 
 def test_resume_onto_a_mesh_with_fewer_devices(trained, tiny_tokenizer,
-                                               monkeypatch, tmp_path):
+                                               tmp_path):
   import shutil
   import numpy as np
   from gemma_jax.sharding import mesh as mesh_lib
-  from gemma_jax.train import build
   trainer8, workdir, _ = trained
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
-  monkeypatch.setattr(build, "make_mesh", lambda cfg: mesh_lib.make_mesh(
-      cfg, devices=jax.devices()[:4]))
+  cfg = config_from_dict(tiny_config_dict(tiny_tokenizer, steps=5))
   trainer4 = trainer_lib.Trainer(
-      config_from_dict(tiny_config_dict(tiny_tokenizer, steps=5)), str(copy))
+      cfg, str(copy), mesh=mesh_lib.make_mesh(cfg.mesh, jax.devices()[:4]))
   assert trainer4.start_step == 4
   for a, b in zip(jax.tree.leaves(trainer4.state.params),
                   jax.tree.leaves(trainer8.state.params)):
