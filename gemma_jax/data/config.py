@@ -79,15 +79,17 @@ class DataConfig:
   sources: dict[str, SourceConfig] = dataclasses.field(default_factory=dict)
   stages: tuple[StageConfig, ...] = ()  # empty: one stage, equal weights
   seed: int = 0
-  block_size: int = 256          # rows per exactly-mixed block
+  block_size: int | None = None  # removed; setting it is a ConfigError
   num_workers: int = 0           # grain worker processes (0 = in process)
   prefetch: int = 4              # batches buffered ahead by `iterate`
 
   def __post_init__(self):
     if self.seq_len <= 1:
       raise ConfigError(f"seq_len must be > 1, got {self.seq_len}")
-    if self.block_size < 1:
-      raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+    if self.block_size is not None:
+      raise ConfigError("block_size was removed: every global batch is now "
+                        "mixed exactly (within one row per source), so "
+                        "delete the key")
     if self.num_workers < 0:
       raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
     for i, stage in enumerate(self.stages):

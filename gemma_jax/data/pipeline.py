@@ -22,6 +22,11 @@ from gemma_jax.data.config import DataConfig
 from gemma_jax.tokenizer import Tokenizer
 
 
+# How rows are spread over sources (see mixture.py); part of `describe()`,
+# so that a checkpoint written under another rule is not resumed silently.
+MIXING = "exactly per batch (EDF, within one row at every step)"
+
+
 class Pipeline:
   """Batches of process-local rows; see module docstring.
 
@@ -61,11 +66,11 @@ class Pipeline:
         for n in self.eval_sources}
     self._rows = [packing.PackedRows(self._docs[n], cfg.seq_len, i, cfg.seed)
                   for i, n in enumerate(self.source_names)]
-    shares = [[st.shares().get(n, 0.0) for n in self.source_names]
-              for st in self.stages]
+    weights = [[st.weights.get(n, 0.0) for n in self.source_names]
+               for st in self.stages]
     self.schedule = mixture.StageSchedule(
-        [st.start_step * global_batch for st in self.stages], shares,
-        cfg.block_size, cfg.seed)
+        [st.start_step for st in self.stages], weights, global_batch,
+        cfg.seed)
     rows = grain.MapDataset.select_from_datasets(
         self._rows, mixture.ProcessRows(self.schedule, global_batch,
                                         process_index, process_count))
@@ -155,7 +160,7 @@ class Pipeline:
     """JSON-able description; `check_resume` compares two of these."""
     return {
         "seq_len": self.cfg.seq_len, "global_batch": self.global_batch,
-        "seed": self.cfg.seed, "block_size": self.cfg.block_size,
+        "seed": self.cfg.seed, "mixing": MIXING,
         "tokenizer": {"path": self.tokenizer.path,
                       "fingerprint": self.tokenizer.fingerprint,
                       "vocab_size": self.tokenizer.vocab_size},
@@ -214,7 +219,13 @@ def check_resume(saved: dict, current: dict, step: int) -> None:
   """
   if not saved:
     return
-  for key in ("seq_len", "global_batch", "seed", "block_size"):
+  if saved.get("mixing") != current.get("mixing"):
+    raise ConfigError(
+        f"the checkpoint's data stream was mixed "
+        f"{saved.get('mixing') or 'in blocks of data.block_size rows'}, "
+        f"this version mixes {current.get('mixing')}: resuming at step "
+        f"{step} would not continue the same rows; use a fresh --workdir")
+  for key in ("seq_len", "global_batch", "seed"):
     if saved.get(key) != current.get(key):
       name = "train.batch_size" if key == "global_batch" else f"data.{key}"
       raise ConfigError(f"{name} changed from {saved.get(key)} to "

@@ -103,6 +103,12 @@ def test_later_stages_may_change_on_resume_past_ones_may_not(make_config):
                  build_pipeline(make_config(seq_len=16), 8).describe(), 5)
   with pytest.raises(ConfigError, match="train.batch_size changed"):
     check_resume(pipe.describe(), build_pipeline(cfg, 16).describe(), 5)
+  # A checkpoint from the block-mixing version drew other rows.
+  old = {**pipe.describe(), "block_size": 256}
+  del old["mixing"]
+  with pytest.raises(ConfigError, match="mixed in blocks of data.block_size "
+                     "rows, this version mixes exactly per batch"):
+    check_resume(old, pipe.describe(), 5)
 
 
 def test_describe_is_json_and_names_tokenizer_and_stages(make_config):
