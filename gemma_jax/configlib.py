@@ -101,10 +101,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
 
 
 def from_dict(cls, data: dict, path: str = ""):
-  """Builds dataclass `cls` from a nested dict; unknown keys are errors."""
+  """Builds dataclass `cls` from a nested dict; unknown keys are errors, and
+  so are keys a config class lists in its `REMOVED_KEYS` {key: reason}."""
   hints = typing.get_type_hints(cls)
   fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
   prefix = f"{path}." if path else ""
+  removed = getattr(cls, "REMOVED_KEYS", {})
+  for key in sorted(set(data) & set(removed)):
+    raise ConfigError(f"{prefix}{key} was removed: {removed[key]}")
   unknown = sorted(set(data) - set(fields))
   if unknown:
     raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; valid keys under "

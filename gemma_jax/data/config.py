@@ -14,7 +14,7 @@
 
 import dataclasses
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 from gemma_jax.errors import ConfigError
 
@@ -79,17 +79,17 @@ class DataConfig:
   sources: dict[str, SourceConfig] = dataclasses.field(default_factory=dict)
   stages: tuple[StageConfig, ...] = ()  # empty: one stage, equal weights
   seed: int = 0
-  block_size: int | None = None  # removed; setting it is a ConfigError
   num_workers: int = 0           # grain worker processes (0 = in process)
   prefetch: int = 4              # batches buffered ahead by `iterate`
+
+  # Keys of earlier versions: a config that still sets one gets the reason.
+  REMOVED_KEYS: ClassVar[dict[str, str]] = {
+      "block_size": "every global batch is now mixed exactly (within one "
+                    "row per source), so delete the key"}
 
   def __post_init__(self):
     if self.seq_len <= 1:
       raise ConfigError(f"seq_len must be > 1, got {self.seq_len}")
-    if self.block_size is not None:
-      raise ConfigError("block_size was removed: every global batch is now "
-                        "mixed exactly (within one row per source), so "
-                        "delete the key")
     if self.num_workers < 0:
       raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
     for i, stage in enumerate(self.stages):
