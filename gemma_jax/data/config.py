@@ -14,8 +14,9 @@
 
 import dataclasses
 import math
-from typing import ClassVar, Literal
+from typing import ClassVar
 
+from gemma_jax.data.sources import KINDS
 from gemma_jax.errors import ConfigError
 
 
@@ -30,7 +31,7 @@ class SourceConfig:
     `text_key`), any other file is one document.
   kind=memory: the documents are `texts` (tests, tiny experiments).
   """
-  kind: Literal["tfds", "files", "memory"] = "tfds"
+  kind: str = "tfds"             # one of gemma_jax.data.sources.KINDS
   name: str = ""                 # tfds dataset name (kind=tfds)
   data_dir: str | None = None    # tfds data_dir
   split: str = "train"
@@ -42,12 +43,14 @@ class SourceConfig:
   eval_texts: tuple[str, ...] = ()  # held-out documents (kind=memory)
 
   def __post_init__(self):
-    if self.kind == "tfds" and not self.name:
-      raise ConfigError("name: a tfds source needs a dataset name")
-    if self.kind == "files" and not self.paths:
-      raise ConfigError("paths: a files source needs at least one glob")
-    if self.kind == "memory" and not self.texts:
-      raise ConfigError("texts: a memory source needs documents")
+    if self.kind not in KINDS:
+      raise ConfigError(f"kind: {self.kind!r} is not a valid choice; valid "
+                        f"choices: {', '.join(map(repr, KINDS))}")
+    KINDS[self.kind].check(self)
+
+  @property
+  def has_held_out(self) -> bool:
+    return KINDS[self.kind].has_held_out(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -129,11 +129,8 @@ class Pipeline:
   def eval_sources(self) -> tuple[str, ...]:
     """Sources configured with held-out data (eval_split / eval_paths /
     eval_texts)."""
-    def held_out(c):
-      return bool(c.eval_texts if c.kind == "memory" else
-                  c.eval_paths if c.kind == "files" else c.eval_split)
     return tuple(n for n in self.source_names
-                 if held_out(self.cfg.sources[n]))
+                 if self.cfg.sources[n].has_held_out)
 
   def source_tokens(self, batch: dict) -> np.ndarray:
     """Tokens (non-padding inputs) per source in `batch`: int64 [S].
@@ -173,11 +170,8 @@ class Pipeline:
 
 
 def _describe_source(cfg, docs: sources.Documents) -> dict:
-  where = ({"name": cfg.name, "data_dir": sources.tfds_dir(cfg),
-            "split": cfg.split} if cfg.kind == "tfds" else
-           {"paths": list(cfg.paths)} if cfg.kind == "files" else {})
-  return {"kind": cfg.kind, **where, "num_docs": len(docs),
-          "num_tokens": docs.num_tokens}
+  return {"kind": cfg.kind, **sources.KINDS[cfg.kind].location(cfg),
+          "num_docs": len(docs), "num_tokens": docs.num_tokens}
 
 
 def build_pipeline(cfg: DataConfig, global_batch: int, process_index: int = 0,

@@ -19,7 +19,6 @@ import os
 import numpy as np
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.data.config import SourceConfig
 
 LENGTHS_FILE = "{split}_doc_lengths.npy"
 FINGERPRINT_KEY = "tokenizer_fingerprint"
@@ -64,27 +63,74 @@ class Documents:
     return {**self.__dict__, "_cache": None}
 
 
-def open_documents(name: str, cfg: SourceConfig, tokenizer, split: str
-                   ) -> Documents:
-  """Opens `split` ('train' or 'eval') of source `name`."""
-  if cfg.kind == "memory":
+class SourceKind:
+  """How one kind of source (`SourceConfig.kind`) finds its documents.
+
+  `required` names the config field the kind cannot do without (`needs`
+  says what it holds) and `held_out` the one naming its held-out data.
+  """
+  required: str
+  needs: str
+  held_out: str
+
+  def check(self, cfg) -> None:
+    if not getattr(cfg, self.required):
+      raise ConfigError(f"{self.required}: a {cfg.kind} source needs "
+                        f"{self.needs}")
+
+  def has_held_out(self, cfg) -> bool:
+    return bool(getattr(cfg, self.held_out))
+
+  def location(self, cfg) -> dict:
+    """Where the documents come from, for `Pipeline.describe`."""
+    return {}
+
+  def documents(self, name: str, cfg, tokenizer, split: str) -> "Documents":
+    raise NotImplementedError
+
+
+class MemorySource(SourceKind):
+  required, needs, held_out = "texts", "documents", "eval_texts"
+
+  def documents(self, name, cfg, tokenizer, split):
     texts = cfg.texts if split == "train" else cfg.eval_texts
-    if split != "train" and not texts:
-      raise ConfigError(f"data.sources.{name}.eval_texts: source has no "
-                        "held-out documents")
     return _from_texts(name, list(texts), tokenizer)
-  if cfg.kind == "files":
+
+
+class FileSource(SourceKind):
+  required, needs, held_out = "paths", "at least one glob", "eval_paths"
+
+  def location(self, cfg):
+    return {"paths": list(cfg.paths)}
+
+  def documents(self, name, cfg, tokenizer, split):
     globs = cfg.paths if split == "train" else cfg.eval_paths
-    if split != "train" and not globs:
-      raise ConfigError(f"data.sources.{name}.eval_paths: source has no "
-                        "held-out files")
     return _from_texts(name, read_text_files(globs, cfg.text_key, name),
                        tokenizer)
-  tfds_split = cfg.split if split == "train" else cfg.eval_split
-  if tfds_split is None:
-    raise ConfigError(f"data.sources.{name}.eval_split: source has no "
-                      "held-out split")
-  return _from_tfds(name, cfg, tfds_split, tokenizer)
+
+
+class TfdsSource(SourceKind):
+  required, needs, held_out = "name", "a dataset name", "eval_split"
+
+  def location(self, cfg):
+    return {"name": cfg.name, "data_dir": tfds_dir(cfg), "split": cfg.split}
+
+  def documents(self, name, cfg, tokenizer, split):
+    return _from_tfds(name, cfg, cfg.split if split == "train"
+                      else cfg.eval_split, tokenizer)
+
+
+KINDS: dict[str, SourceKind] = {"tfds": TfdsSource(), "files": FileSource(),
+                                "memory": MemorySource()}
+
+
+def open_documents(name: str, cfg, tokenizer, split: str) -> Documents:
+  """Opens `split` ('train' or 'eval') of source `name`."""
+  kind = KINDS[cfg.kind]
+  if split != "train" and not kind.has_held_out(cfg):
+    raise ConfigError(f"data.sources.{name}.{kind.held_out}: source has no "
+                      "held-out data")
+  return kind.documents(name, cfg, tokenizer, split)
 
 
 def _from_texts(name, texts, tokenizer) -> Documents:
@@ -118,11 +164,11 @@ def read_text_files(globs, text_key: str, name: str = "") -> list[str]:
   return texts
 
 
-def tfds_dir(cfg: SourceConfig) -> str:
+def tfds_dir(cfg) -> str:
   return os.path.expanduser(cfg.data_dir or "~/tensorflow_datasets")
 
 
-def _from_tfds(name, cfg: SourceConfig, split: str, tokenizer) -> Documents:
+def _from_tfds(name, cfg, split: str, tokenizer) -> Documents:
   import tensorflow_datasets as tfds  # slow import; only when needed
   data_dir = tfds_dir(cfg)
   if not os.path.isdir(os.path.join(data_dir, cfg.name.split(":")[0])):
