@@ -16,7 +16,7 @@ import itertools
 import grain
 import numpy as np
 
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.data import mixture, packing, sources
 from gemma_jax.data.config import DataConfig
 from gemma_jax.tokenizer import Tokenizer
@@ -80,7 +80,7 @@ class Pipeline:
     docs = sources.open_documents(name, self.cfg.sources[name],
                                   self.tokenizer, split)
     if docs.fingerprint not in (None, self.tokenizer.fingerprint):
-      raise ConfigError(
+      raise DataError(
           f"data.sources.{name}: its tokens were made by a tokenizer with "
           f"fingerprint {docs.fingerprint[:12]}..., but data.tokenizer "
           f"({self.cfg.tokenizer}) has {self.tokenizer.fingerprint[:12]}...; "

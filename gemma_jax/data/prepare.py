@@ -14,7 +14,7 @@ import shutil
 
 import numpy as np
 
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.data.sources import FINGERPRINT_KEY, LENGTHS_FILE
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -33,7 +33,7 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
                       "(letters, digits, underscores)")
   for split, texts in splits.items():
     if not texts:
-      raise ConfigError(f"dataset {name!r}: split {split!r} has no documents")
+      raise DataError(f"dataset {name!r}: split {split!r} has no documents")
   data_dir = os.path.expanduser(data_dir)
   tokens = {s: tokenizer.encode_batch(t) for s, t in splits.items()}
   metadata = {FINGERPRINT_KEY: tokenizer.fingerprint}
@@ -41,7 +41,7 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
     metadata[split] = {"num_docs": len(docs),
                        "num_tokens": int(sum(len(d) for d in docs))}
     if metadata[split]["num_tokens"] == 0:
-      raise ConfigError(f"dataset {name!r}: split {split!r} has no tokens")
+      raise DataError(f"dataset {name!r}: split {split!r} has no tokens")
   builder = _builder_class(name, tokens, metadata)(
       data_dir=data_dir, file_format="array_record")
   if os.path.isdir(builder.data_dir):

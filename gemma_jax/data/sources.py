@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import ConfigError, DataError
 
 LENGTHS_FILE = "{split}_doc_lengths.npy"
 FINGERPRINT_KEY = "tokenizer_fingerprint"
@@ -40,7 +40,7 @@ class Documents:
     self.fingerprint = fingerprint
     self._cache = None
     if len(self.lengths) == 0 or self.lengths.sum() == 0:
-      raise ConfigError(f"data source {name!r} is empty: it has "
+      raise DataError(f"data source {name!r} is empty: it has "
                         f"{len(self.lengths)} documents and no tokens")
 
   def __len__(self):
@@ -145,7 +145,7 @@ def read_text_files(globs, text_key: str, name: str = "") -> list[str]:
   for pattern in globs:
     found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     if not found:
-      raise ConfigError(f"data source {name!r}: no file matches {pattern!r}")
+      raise DataError(f"data source {name!r}: no file matches {pattern!r}")
     paths += found
   texts = []
   for path in paths:
@@ -159,7 +159,7 @@ def read_text_files(globs, text_key: str, name: str = "") -> list[str]:
         try:
           texts.append(json.loads(line)[text_key])
         except (json.JSONDecodeError, KeyError, TypeError):
-          raise ConfigError(f"{path}:{lineno}: not a JSON object with a "
+          raise DataError(f"{path}:{lineno}: not a JSON object with a "
                             f"{text_key!r} field") from None
   return texts
 
@@ -172,24 +172,22 @@ def _from_tfds(name, cfg, split: str, tokenizer) -> Documents:
   import tensorflow_datasets as tfds  # slow import; only when needed
   data_dir = tfds_dir(cfg)
   if not os.path.isdir(os.path.join(data_dir, cfg.name.split(":")[0])):
-    raise ConfigError(f"data.sources.{name}: tfds dataset {cfg.name!r} not "
-                      f"found in data_dir {data_dir} (prepare it with "
-                      "`gemma-jax data prepare` or `gemma-jax data "
-                      "build-default`)")
+    raise DataError(f"data.sources.{name}: tfds dataset {cfg.name!r} not "
+                    f"found in data_dir {data_dir} (prepare it with "
+                    "`gemma-jax data prepare` or `gemma-jax data "
+                    "build-default`)")
   try:
     builder = tfds.builder(cfg.name, data_dir=data_dir)
-    if split not in builder.info.splits:
-      raise ConfigError(f"data.sources.{name}: tfds dataset {cfg.name!r} has "
-                        f"no split {split!r}; splits: "
-                        f"{', '.join(builder.info.splits)}")
-    source = builder.as_data_source(split)
+    splits = builder.info.splits
   except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError,
           ValueError) as e:
-    if isinstance(e, ConfigError):
-      raise
-    raise ConfigError(f"data.sources.{name}: cannot open tfds dataset "
-                      f"{cfg.name!r} in {data_dir}: "
-                      f"{str(e).splitlines()[0]}") from None
+    raise DataError(f"data.sources.{name}: cannot open tfds dataset "
+                    f"{cfg.name!r} in {data_dir}: "
+                    f"{str(e).splitlines()[0]}") from None
+  if split not in splits:
+    raise ConfigError(f"data.sources.{name}: tfds dataset {cfg.name!r} has "
+                      f"no split {split!r}; splits: {', '.join(splits)}")
+  source = builder.as_data_source(split)
   features = builder.info.features
   if "tokens" in features:
     fingerprint = (builder.info.metadata or {}).get(FINGERPRINT_KEY)

@@ -111,7 +111,7 @@ def test_unsupported_configs_are_named(edit, message):
   base = {"model_type": "gemma2", "vocab_size": 8, "hidden_size": 8,
           "intermediate_size": 8, "num_hidden_layers": 2,
           "num_attention_heads": 2}
-  with pytest.raises(ConfigError, match=message):
+  with pytest.raises(CheckpointError, match=message):
     hf_config.from_hf(base | edit)
 
 
