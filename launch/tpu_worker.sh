@@ -78,16 +78,26 @@ if [[ -z $gemma_jax ]]; then
   gemma_jax=.venv/bin/gemma-jax
 fi
 exec 3> >(tee -a "$log")
+tee_pid=$!
 "$gemma_jax" train "$@" >&3 2>&1 &
 child=$!
-( while sleep 300; do upload; done ) &
+(
+  trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+  while true; do sleep 300 & nap=$!; wait "$nap"; upload; done
+) > /dev/null 2>&1 &
 uploader=$!
-# `wait` returns early when a trapped signal arrives: wait again.
-while true; do
-  wait "$child"; code=$?
-  kill -0 "$child" 2>/dev/null || break
+# `wait` returns early (status > 128) when a trapped signal arrives: wait
+# again until the trainer has exited and its own status is known (a second
+# wait on an already reaped child answers 127).
+wait "$child"; code=$?
+while (( code > 128 )); do
+  wait "$child"; next=$?
+  [[ $next == 127 ]] && break
+  code=$next
 done
 kill "$uploader" 2>/dev/null
+exec 3>&-
+wait "$tee_pid" 2>/dev/null
 echo "== $(date -u +%FT%TZ) exit $code$([[ $terminated == 1 ]] && echo ' (SIGTERM)')" >> "$log"
 if [[ $terminated == 1 ]]; then echo terminated; else echo "$code"; fi \
   > "$run_dir/exit_code"
