@@ -105,8 +105,9 @@ def add_arguments(parser):
                  help="single controller through Pathways")
   p.add_argument("--spot", action="store_true",
                  help="JobSet: schedule on spot node pools")
-  p.add_argument("--priority", default="medium",
-                 choices=["very-low", "low", "medium", "high", "very-high"])
+  p.add_argument("--priority", default=None,
+                 choices=["very-low", "low", "medium", "high", "very-high"],
+                 help="PriorityClass (xpk clusters define these)")
   p.add_argument("--max-restarts", type=int, default=0,
                  help="JobSet restarts on failure (each resumes)")
   p.add_argument("--queue", default=None, help="Kueue LocalQueue name")

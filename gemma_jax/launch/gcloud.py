@@ -54,10 +54,8 @@ class Result:
 
 
 class Runner(Protocol):
-  def __call__(self, argv: list[str], capture: bool = False,
-               log_path: str | None = None) -> Result:
-    """Runs argv. capture: return its output; log_path: send its output to
-    that file (both for background work such as per-worker logs)."""
+  def __call__(self, argv: list[str], capture: bool = False) -> Result:
+    """Runs argv; with capture, returns its output instead of showing it."""
 
 
 class Shell:
@@ -68,16 +66,10 @@ class Shell:
     self.dry_run = dry_run
     self.out = out or sys.stdout
 
-  def __call__(self, argv, capture=False, log_path=None) -> Result:
+  def __call__(self, argv, capture=False) -> Result:
     if self.dry_run:
-      print(show(argv) + (f" > {log_path}" if log_path else ""),
-            file=self.out, flush=True)
+      print(show(argv), file=self.out, flush=True)
       return Result(0)
-    if log_path:
-      with open(log_path, "ab") as f:
-        code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL).returncode
-      return Result(code)
     if capture:
       p = subprocess.run(argv, capture_output=True, text=True,
                          stdin=subprocess.DEVNULL)

@@ -50,7 +50,7 @@ class Workload:
   train_args: tuple[str, ...] = ()
   pathways: bool = False
   spot: bool = False
-  priority: str = "medium"
+  priority: str | None = None   # a PriorityClass (xpk clusters have them)
   max_restarts: int = 0
   queue: str | None = None      # Kueue LocalQueue
 
@@ -82,7 +82,9 @@ def xpk_command(w: Workload, cluster: str, zone: str | None = None,
           f"--cluster={cluster}", f"--workload={w.name}",
           f"--tpu-type={w.tpu.xpk_tpu_type}", f"--num-slices={w.slices}",
           f"--docker-image={w.image}", f"--command={w.command}",
-          f"--priority={w.priority}", f"--max-restarts={w.max_restarts}"]
+          f"--max-restarts={w.max_restarts}"]
+  if w.priority:
+    argv.append(f"--priority={w.priority}")
   if w.pathways:
     argv.append(f"--pathways-gcs-location={w.pathways_scratch}")
   else:
@@ -133,12 +135,13 @@ def jobset(w: Workload) -> dict:
       "restartPolicy": "Never",
       "hostNetwork": True,
       "dnsPolicy": "ClusterFirstWithHostNet",
-      "priorityClassName": w.priority,
       "terminationGracePeriodSeconds": 30,
       "nodeSelector": _tpu_selector(w),
       "tolerations": _TPU_TOLERATION,
       "containers": [container],
   }
+  if w.priority:
+    pod["priorityClassName"] = w.priority
   return {
       "apiVersion": "jobset.x-k8s.io/v1alpha2",
       "kind": "JobSet",
@@ -235,11 +238,12 @@ def _pathways_jobset(w: Workload) -> dict:
                   "hostNetwork": True,
                   "dnsPolicy": "ClusterFirstWithHostNet",
                   "restartPolicy": "OnFailure",
-                  "priorityClassName": w.priority,
                   "terminationGracePeriodSeconds": 30,
                   "nodeSelector": _tpu_selector(w),
                   "tolerations": _TPU_TOLERATION,
                   "containers": [server],
+                  **({"priorityClassName": w.priority} if w.priority
+                     else {}),
               }},
           }},
   }

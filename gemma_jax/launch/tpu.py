@@ -57,7 +57,7 @@ class Target:
   """Where a run lives: a queued resource of `slices` slices of `tpu`."""
   name: str
   zone: str
-  tpu: TpuSlice
+  tpu: TpuSlice | None        # None: commands that need no slice shape
   slices: int = 1
   project: str | None = None
   capacity: Capacity = "on-demand"

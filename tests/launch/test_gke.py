@@ -62,6 +62,7 @@ def test_multislice_jobset(capsys):
       "cloud.google.com/gke-tpu-topology": "16x16",
       "cloud.google.com/gke-spot": "true"}
   assert pod["hostNetwork"] is True
+  assert "priorityClassName" not in pod      # only with --priority
   [container] = pod["containers"]
   assert container["image"] == IMAGE
   assert container["command"][:2] == ["bash", "-c"]
@@ -127,18 +128,18 @@ def test_xpk_commands(capsys):
       "--tpu-type=v5litepod-16x16", "--num-slices=2",
       f"--docker-image={IMAGE}",
       "--command=gemma-jax train configs/pods/gemma2-2b-v5e-2slices.yaml "
-      "--workdir gs://b/runs/g2", "--priority=medium", "--max-restarts=0",
+      "--workdir gs://b/runs/g2", "--max-restarts=0",
       "--env=JAX_PLATFORMS=tpu", "--env=GEMMA_JAX_DISTRIBUTED=1",
       "--zone=us-west4-a"]
   out = gke(capsys, "configs/pods/gemma2-2b-v5e-2slices.yaml", *base,
-            "--pathways")
+            "--pathways", "--priority", "high")
   assert shlex.split(out) == [
       "xpk", "workload", "create-pathways", "--cluster=c", "--workload=g2",
       "--tpu-type=v5litepod-16x16", "--num-slices=2",
       f"--docker-image={IMAGE}",
       "--command=gemma-jax train configs/pods/gemma2-2b-v5e-2slices.yaml "
       "--workdir gs://b/runs/g2 --set runtime.pathways=true",
-      "--priority=medium", "--max-restarts=0",
+      "--max-restarts=0", "--priority=high",
       "--pathways-gcs-location=gs://b/runs/g2/pathways-tmp",
       "--zone=us-west4-a"]
 

@@ -32,7 +32,7 @@ class FakeCloud:
     self.states, self.statuses = list(states), list(statuses)
     self.calls = []
 
-  def __call__(self, argv, capture=False, log_path=None):
+  def __call__(self, argv, capture=False):
     line = shlex.join(argv)
     self.calls.append(line)
     if line == DESCRIBE:
