@@ -7,7 +7,8 @@
 #
 # 1. ends a previous run of this script on the host (SIGTERM, then SIGKILL
 #    after 60 s): only one process may hold the TPU chips;
-# 2. sets up .venv (launch/setup.sh, the `tpu` extra);
+# 2. sets up .venv (launch/setup.sh, the `tpu` extra) with Python 3.11+,
+#    installing python3.11 with apt where the image has only 3.10;
 # 3. trains, its output to ~/gemma_jax_run/train.log (and stdout);
 # 4. writes ~/gemma_jax_run/exit_code: the trainer's exit status, or
 #    `terminated` when this script got SIGTERM (`gemma-jax launch stop`, or
@@ -69,8 +70,21 @@ trap on_term TERM
 echo "== $(date -u +%FT%TZ) slice $slice worker $worker: gemma-jax train $*" \
   >> "$log"
 gemma_jax=${GEMMA_JAX_BIN:-}
+# TPU VM images (Ubuntu 22.04) bring Python 3.10; gemma-jax needs 3.11+.
+pick_python() {
+  local p
+  for p in ${PYTHON:-} python3.12 python3.11 python3; do
+    if command -v "$p" > /dev/null && "$p" -c \
+        'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      echo "$p"; return
+    fi
+  done
+  sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 \
+    python3.11-venv > /dev/null && echo python3.11
+}
 if [[ -z $gemma_jax ]]; then
-  if ! (source launch/setup.sh) >> "$log" 2>&1; then
+  PYTHON=$(pick_python 2>> "$log"); export PYTHON
+  if [[ -z $PYTHON ]] || ! (source launch/setup.sh) >> "$log" 2>&1; then
     echo "== setup failed (launch/setup.sh), see above" >> "$log"
     echo setup-failed > "$run_dir/exit_code"
     upload; rm -f "$run_dir/worker.pid"; exit 1
