@@ -32,9 +32,9 @@ mkdir -p "$run_dir"
 
 # The worker's index in its slice: GKE sets TPU_WORKER_ID; a TPU VM has it
 # in its metadata (as JAX reads it: agent-worker-number).
+metadata=http://metadata.google.internal/computeMetadata/v1/instance
 worker=${TPU_WORKER_ID:-$(curl -s -m 5 -H 'Metadata-Flavor: Google' \
-  http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number \
-  2>/dev/null || true)}
+  "$metadata/attributes/agent-worker-number" 2>/dev/null || true)}
 [[ $worker =~ ^[0-9]+$ ]] || worker=0
 export GEMMA_JAX_SLICE=$slice GEMMA_JAX_WORKER=$worker
 
@@ -112,7 +112,8 @@ done
 kill "$uploader" 2>/dev/null
 exec 3>&-
 wait "$tee_pid" 2>/dev/null
-echo "== $(date -u +%FT%TZ) exit $code$([[ $terminated == 1 ]] && echo ' (SIGTERM)')" >> "$log"
+note=$([[ $terminated == 1 ]] && echo ' (SIGTERM)')
+echo "== $(date -u +%FT%TZ) exit $code$note" >> "$log"
 if [[ $terminated == 1 ]]; then echo terminated; else echo "$code"; fi \
   > "$run_dir/exit_code"
 upload

@@ -1,10 +1,14 @@
 """`gemma-jax launch`: train on Cloud TPU (queued resources) or GKE.
 
-    gemma-jax launch create CONFIG --name N --zone Z --tpu v5e:16x16 [--slices 2] [--spot | --reserved]
-    gemma-jax launch run    CONFIG --name N --zone Z --tpu v5e:16x16 --workdir gs://B/R [--set k=v]
-    gemma-jax launch watch  CONFIG --name N --zone Z --tpu v5e:16x16 --workdir gs://B/R --spot
+    gemma-jax launch create CONFIG --name N --zone Z --tpu v5e:16x16
+        [--slices 2] [--spot | --reserved]
+    gemma-jax launch run CONFIG --name N --zone Z --tpu v5e:16x16
+        --workdir gs://B/R [--set k=v]
+    gemma-jax launch watch CONFIG --name N --zone Z --tpu v5e:16x16
+        --workdir gs://B/R --spot
     gemma-jax launch status|logs|stop|delete --name N --zone Z [--slices 2]
-    gemma-jax launch gke    CONFIG --tpu v5e:16x16 --name W --image IMG --workdir gs://B/R [--pathways]
+    gemma-jax launch gke CONFIG --tpu v5e:16x16 --name W --image IMG
+        --workdir gs://B/R [--pathways] [--format jobset|xpk]
 
 `create` requests a queued resource whose accelerator type and runtime
 version follow from --tpu (GENERATION:SHAPE in chips, as `gemma-jax compile
@@ -17,7 +21,6 @@ before anything is requested, and gcloud (on PATH, logged in) before any
 gcloud call. --dry-run prints the commands instead. Details: docs/launch.md.
 """
 
-import argparse
 import os
 import sys
 

@@ -7,8 +7,9 @@ runtime joins into one job over the data-centre network: it writes
 MEGASCALE_COORDINATOR_ADDRESS, MEGASCALE_NUM_SLICES and MEGASCALE_SLICE_ID
 into every VM's `tpu-env` metadata, where JAX and libtpu read them.
 
-gcloud syntax, from the reference pages:
-  https://cloud.google.com/sdk/gcloud/reference/compute/tpus/queued-resources/create
+gcloud syntax, from the reference pages under
+https://cloud.google.com/sdk/gcloud/reference/compute/tpus/:
+  queued-resources/create
   (QUEUED_RESOURCE --zone --runtime-version --accelerator-type
    (--node-id | --node-count --node-prefix) [--spot] [--reserved]),
   .../queued-resources/describe, .../queued-resources/delete (--force

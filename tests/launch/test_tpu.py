@@ -1,8 +1,9 @@
 """`gemma-jax launch` on Cloud TPU VMs: the exact gcloud command lines, and
 the checks that come before any of them.
 
-Expected syntax from the gcloud reference:
-https://cloud.google.com/sdk/gcloud/reference/compute/tpus/queued-resources/create
+Expected syntax from the gcloud reference pages
+(https://cloud.google.com/sdk/gcloud/reference/compute/tpus/...):
+queued-resources/create
 (`QUEUED_RESOURCE --zone --runtime-version --accelerator-type
 (--node-id | --node-count --node-prefix) [--spot] [--reserved]`; the page's
 example: `create my-queued-resource --accelerator-type=v4-8

@@ -12,7 +12,8 @@ ROOT = pathlib.Path(__file__).parents[2]
 
 FAKE = """#!/bin/bash
 echo "args: $*"
-echo "env: $JAX_PLATFORMS $GEMMA_JAX_DISTRIBUTED slice=$GEMMA_JAX_SLICE worker=$GEMMA_JAX_WORKER"
+echo "env: $JAX_PLATFORMS $GEMMA_JAX_DISTRIBUTED" \
+  "slice=$GEMMA_JAX_SLICE worker=$GEMMA_JAX_WORKER"
 if [[ $FAKE_SLEEP ]]; then
   trap 'kill $!; echo saved; exit 0' TERM
   sleep "$FAKE_SLEEP" & wait
@@ -27,9 +28,9 @@ def _worker(tmp_path, **env):
   fake.chmod(0o755)
   run_dir = tmp_path / "run"
   workdir = tmp_path / "workdir"
-  env = dict(os.environ, GEMMA_JAX_BIN=str(fake), GEMMA_JAX_RUN_DIR=str(run_dir),
-             TPU_WORKER_ID="3", JAX_PLATFORMS="tpu", GEMMA_JAX_DISTRIBUTED="1",
-             **env)
+  env = dict(os.environ, GEMMA_JAX_BIN=str(fake),
+             GEMMA_JAX_RUN_DIR=str(run_dir), TPU_WORKER_ID="3",
+             JAX_PLATFORMS="tpu", GEMMA_JAX_DISTRIBUTED="1", **env)
   proc = subprocess.Popen(
       ["bash", str(ROOT / "launch/tpu_worker.sh"), "1", "c.yaml", "--workdir",
        str(workdir), "--set", "train.steps=5"], env=env,
