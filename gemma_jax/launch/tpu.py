@@ -164,7 +164,7 @@ def ship_and_start(t: Target, config: str, workdir: str, train_args: list[str],
   if not os.path.isfile(config):
     raise ConfigError(f"config file not found: {config}")
   root = str(repo_root())
-  archive = os.path.join(log_dir, "code.tar.gz")
+  archive = os.path.abspath(os.path.join(log_dir, "code.tar.gz"))
   # `git stash create` makes a commit of the working tree's tracked files
   # without touching it (nothing to stash: empty output, ship HEAD).
   stash = run(["git", "-C", root, "stash", "create"], capture=True)
