@@ -27,6 +27,7 @@ class Chip:
   largest pod in chips, the shapes allowed below full cubes, and the chip
   configuration the topology needs (v4 and v5p: 'megacore', one JAX device
   per chip).
+  `cloud`: how Cloud TPU, GKE and xpk name the generation (TPUs only).
   """
   name: str
   device_kinds: tuple[str, ...]
@@ -36,10 +37,31 @@ class Chip:
   max_chips: int = 0
   shapes: tuple[str, ...] = ()
   chip_config: str | None = None
+  cloud: "CloudNames | None" = None
 
   @property
   def is_tpu(self) -> bool:
     return self.dims > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudNames:
+  """A TPU generation's names in Cloud TPU, GKE and xpk.
+
+  accelerator_prefix + count is gcloud's --accelerator-type: v4 and v5p count
+  TensorCores, two per chip (v4-8 is 4 chips), v5e (`v5litepod-N`) and v6e
+  count chips (cloud.google.com/tpu/docs/v4, /v5p, /v5e, /v6e). The runtime
+  (software) version for JAX is from cloud.google.com/tpu/docs/runtimes; the
+  GKE accelerator node selector and machine type (4 chips per node) from
+  cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus; the Pathways
+  instance type as xpk names it (src/xpk/core/system_characteristics.py).
+  """
+  accelerator_prefix: str
+  cores_per_chip: int
+  runtime_version: str
+  gke_accelerator: str
+  gke_machine_type: str
+  pathways_type: str
 
 
 _2D = ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
@@ -49,13 +71,19 @@ CHIPS = {c.name: c for c in (
     Chip("v2", ("tpu v2",), 22.5e12),
     Chip("v3", ("tpu v3",), 61.5e12),
     Chip("v4", ("tpu v4",), 275e12, int(30.75 * GiB), 3, 4096, _3D,
-         "megacore"),
+         "megacore", CloudNames("v4", 2, "tpu-ubuntu2204-base",
+                                "tpu-v4-podslice", "ct4p-hightpu-4t",
+                                "tpuv4")),
     Chip("v5e", ("tpu v5 lite", "tpu v5e"), 197e12, int(15.75 * GiB), 2, 256,
-         _2D),
+         _2D, None, CloudNames("v5litepod", 1, "v2-alpha-tpuv5-lite",
+                               "tpu-v5-lite-podslice", "ct5lp-hightpu-4t",
+                               "tpuv5e")),
     Chip("v5p", ("tpu v5p", "tpu v5"), 459e12, int(95.74 * GiB), 3, 8960, _3D,
-         "megacore"),
+         "megacore", CloudNames("v5p", 2, "v2-alpha-tpuv5", "tpu-v5p-slice",
+                                "ct5p-hightpu-4t", "tpuv5")),
     Chip("v6e", ("tpu v6 lite", "tpu v6e"), 918e12, int(31.25 * GiB), 2, 256,
-         _2D),
+         _2D, None, CloudNames("v6e", 1, "v2-alpha-tpuv6e", "tpu-v6e-slice",
+                               "ct6e-standard-4t", "tpuv6e")),
     Chip("tpu7x", ("tpu7x",), 2307e12),
     Chip("a100", ("a100",), 312e12),
     Chip("l4", ("l4",), 121e12),

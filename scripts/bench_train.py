@@ -67,7 +67,6 @@ def main(argv=None):
   from gemma_jax.train import flops, metrics
   from gemma_jax.train.config import load_config
   from gemma_jax.train.program import TrainProgram
-  from gemma_jax.train.trainer import initialize_distributed
 
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="tiny-gemma2", help="model preset")
@@ -80,7 +79,8 @@ def main(argv=None):
   p.add_argument("--json", action="store_true", help="print one JSON line")
   args = p.parse_args(argv)
 
-  initialize_distributed()
+  from gemma_jax import distributed
+  distributed.initialize_distributed()
   cfg = load_config(None, [f"model.preset={args.model}",
                            f"train.batch_size={args.batch}",
                            f"data.seq_len={args.seq_len}",

@@ -63,10 +63,11 @@ def _params(args, program):
 def main(args) -> int:
   import json
   from gemma_jax.data import build_pipeline
-  from gemma_jax.train import evaluation, trainer
+  from gemma_jax import distributed
+  from gemma_jax.train import evaluation
   from gemma_jax.train.program import TrainProgram
   cfg = _config(args)
-  trainer.initialize_distributed()
+  distributed.initialize_runtime(cfg.runtime)
   import jax
   program = TrainProgram(cfg)
   pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,

@@ -130,7 +130,7 @@ def _train_args(args) -> list[str]:
 
 def _checked_tpu(args):
   """The slice, with the config's mesh checked against it (ConfigError)."""
-  from gemma_jax.config import load_config
+  from gemma_jax.train.config import load_config
   from gemma_jax.launch import slices
   cfg = load_config(args.config, args.overrides)
   tpu = slices.parse_tpu(args.tpu, cfg.mesh)

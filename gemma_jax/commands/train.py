@@ -29,9 +29,10 @@ def load_run_config(args):
 
 
 def main(args) -> int:
-  # jax.distributed must start before anything touches the devices.
-  from gemma_jax.train import trainer as trainer_lib
+  from gemma_jax import distributed
   cfg = load_run_config(args)        # bad config: fails before any device work
-  trainer_lib.initialize_distributed()
-  trainer_lib.Trainer(cfg, args.workdir).run()
+  # jax.distributed must start before anything touches the devices.
+  distributed.initialize_runtime(cfg.runtime)
+  from gemma_jax.train.trainer import Trainer
+  Trainer(cfg, args.workdir).run()
   return 0

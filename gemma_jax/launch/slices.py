@@ -11,51 +11,18 @@ Topologies count chips, as `gemma-jax compile --topology` does (one JAX
 device per chip; v4 and v5p in megacore mode). The names below come from
 the Cloud TPU and GKE documentation:
 
-* accelerator type (gcloud --accelerator-type): v4 and v5p count
-  TensorCores, two per chip (v4-8 is 4 chips; v5p-32 is 16 chips); v5e
-  (`v5litepod-N`) and v6e (`v6e-N`) count chips, one TensorCore each.
-  https://cloud.google.com/tpu/docs/v4, /tpu/docs/v5p, /tpu/docs/v5e,
-  /tpu/docs/v6e
-* runtime (software) version for JAX: v6e v2-alpha-tpuv6e, v5p
-  v2-alpha-tpuv5, v5e v2-alpha-tpuv5-lite, v4 tpu-ubuntu2204-base.
-  https://cloud.google.com/tpu/docs/runtimes
-* GKE node selector `cloud.google.com/gke-tpu-accelerator` and machine type
-  (4 chips per node for every multi-host slice), and the Pathways instance
-  type, as xpk names them (src/xpk/core/system_characteristics.py):
-  tpu-v4-podslice / ct4p-hightpu-4t / tpuv4, tpu-v5p-slice / ct5p-hightpu-4t
-  / tpuv5, tpu-v5-lite-podslice / ct5lp-hightpu-4t / tpuv5e, tpu-v6e-slice /
-  ct6e-standard-4t / tpuv6e.
-  https://cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus
+The names per generation (accelerator type, runtime version, GKE and
+Pathways names) are in gemma_jax.hardware.CHIPS, with their sources.
 """
 
 import dataclasses
 import math
 
 from gemma_jax.errors import ConfigError
-# The lead moves PRODUCTS and parse_topology to gemma_jax/hardware.py.
-from gemma_jax.sharding.aot import PRODUCTS, parse_topology
+from gemma_jax.hardware import CHIPS, CloudNames, parse_topology
 
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-  prefix: str              # accelerator-type prefix
-  cores_per_chip: int      # TensorCores counted by the accelerator type
-  runtime_version: str
-  gke_accelerator: str
-  gke_machine_type: str
-  pathways_type: str
-
-
-GENERATIONS = {
-    "v4": Generation("v4", 2, "tpu-ubuntu2204-base", "tpu-v4-podslice",
-                     "ct4p-hightpu-4t", "tpuv4"),
-    "v5p": Generation("v5p", 2, "v2-alpha-tpuv5", "tpu-v5p-slice",
-                      "ct5p-hightpu-4t", "tpuv5"),
-    "v5e": Generation("v5litepod", 1, "v2-alpha-tpuv5-lite",
-                      "tpu-v5-lite-podslice", "ct5lp-hightpu-4t", "tpuv5e"),
-    "v6e": Generation("v6e", 1, "v2-alpha-tpuv6e", "tpu-v6e-slice",
-                      "ct6e-standard-4t", "tpuv6e"),
-}
+# The generations Cloud TPU rents out.
+GENERATIONS = tuple(name for name, c in CHIPS.items() if c.cloud)
 CHIPS_PER_GKE_NODE = 4
 
 
@@ -66,8 +33,8 @@ class TpuSlice:
   shape: tuple[int, ...]
 
   @property
-  def gen(self) -> Generation:
-    return GENERATIONS[self.generation]
+  def gen(self) -> CloudNames:
+    return CHIPS[self.generation].cloud
 
   @property
   def chips(self) -> int:
@@ -79,7 +46,8 @@ class TpuSlice:
 
   @property
   def accelerator_type(self) -> str:
-    return f"{self.gen.prefix}-{self.chips * self.gen.cores_per_chip}"
+    return (f"{self.gen.accelerator_prefix}-"
+            f"{self.chips * self.gen.cores_per_chip}")
 
   @property
   def runtime_version(self) -> str:
@@ -101,7 +69,7 @@ class TpuSlice:
   @property
   def xpk_tpu_type(self) -> str:
     """xpk's --tpu-type: the prefix and the exact topology."""
-    return f"{self.gen.prefix}-{self.topology}"
+    return f"{self.gen.accelerator_prefix}-{self.topology}"
 
   @property
   def pathways_instance_type(self) -> str:
@@ -113,7 +81,7 @@ class TpuSlice:
 
 def _default_shape(generation: str, chips: int) -> tuple[int, ...] | None:
   """The usual shape of a `chips`-chip slice, None if there is none."""
-  product = PRODUCTS[generation]
+  product = CHIPS[generation]
   for shape in product.shapes:
     sizes = tuple(int(s) for s in shape.split("x"))
     if math.prod(sizes) == chips:
@@ -144,7 +112,7 @@ def parse_tpu(spec: str, mesh=None) -> TpuSlice:
   if -1 in sizes:
     raise ConfigError(f"--tpu {spec}: the mesh does not fix the chips per "
                       f"slice (an ici_* size is -1); give the shape, e.g. "
-                      f"--tpu {spec}:{PRODUCTS[spec].shapes[-1]}")
+                      f"--tpu {spec}:{CHIPS[spec].shapes[-1]}")
   shape = _default_shape(spec, math.prod(sizes))
   if shape is None:
     raise ConfigError(f"--tpu {spec}: no usual {spec} slice has "

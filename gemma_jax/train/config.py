@@ -3,8 +3,8 @@
     config = load_config("configs/tiny.yaml", ["train.steps=10"])
 
 Sections: `model` (gemma_jax.model.config), `mesh` (gemma_jax.sharding.config),
-`data` (gemma_jax.data.config), and the training sections defined here:
-`optimizer`, `train`, `checkpoint`. The model section may name a preset and
+`data` (gemma_jax.data.config), `runtime` (gemma_jax.distributed), and the
+training sections defined here: `optimizer`, `train`, `checkpoint`. The model section may name a preset and
 override any of its fields:
 
     model: {preset: gemma2-2b, remat_policy: full}
@@ -17,6 +17,7 @@ import yaml
 
 from gemma_jax import configlib
 from gemma_jax.data.config import DataConfig
+from gemma_jax.distributed import RuntimeConfig
 from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import PRESETS, ModelConfig
 from gemma_jax.sharding.config import MeshConfig
@@ -104,6 +105,7 @@ class RunConfig:
   optimizer: OptimizerConfig = OptimizerConfig()
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  runtime: RuntimeConfig = RuntimeConfig()
 
 
 def model_config_from_dict(data: dict, path: str = "model") -> ModelConfig:

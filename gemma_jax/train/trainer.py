@@ -39,35 +39,6 @@ class Hook:
   last_step: int = -1
 
 
-def initialize_distributed() -> None:
-  """Starts jax.distributed when this is one of several processes.
-
-  Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (any
-  machine, CPU included: collectives over gloo). Otherwise a multi-host
-  cluster that JAX detects itself (Cloud TPU pod slices, SLURM, Open MPI);
-  GEMMA_JAX_DISTRIBUTED=1 asks for that detection where no variable shows it
-  (one process per Cloud TPU VM host, as launch/tpu_pod.sh starts them).
-  """
-  if jax.distributed.is_initialized():
-    return
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
-    num = int(env["JAX_NUM_PROCESSES"])
-    if num > 1:
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-      jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num,
-                                 int(env.get("JAX_PROCESS_ID", "0")))
-    return
-  multi_host = (
-      env.get("GEMMA_JAX_DISTRIBUTED") == "1"   # set by launch/tpu_pod.sh
-      or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-      or env.get("MEGASCALE_COORDINATOR_ADDRESS")
-      or int(env.get("SLURM_NTASKS", "1")) > 1
-      or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-  if multi_host:
-    jax.distributed.initialize()
-
-
 def check_workdir(workdir: str) -> None:
   """Fails early, with the path, if the workdir cannot hold a run."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
