@@ -16,7 +16,7 @@ import os
 import sys
 
 COMMANDS = ("train", "eval", "plot", "compile", "convert", "score", "sample",
-            "tokenizer", "data")
+            "tokenizer", "data", "merge")
 
 
 def _module(name):
