@@ -12,7 +12,7 @@ Methods (math in `merge_math`, float32, one tensor at a time):
           weights free.
   slerp   two inputs and a base: base + slerp(theta_a - base, theta_b - base,
           t), WARP's spherical interpolation of task vectors.
-Both with a base then move toward it (WARP's LITI):
+With a base, either result can then be moved toward it (WARP's LITI):
           theta = base + eta (theta_merged - base), eta in [0, 1].
 
 A "tensor" for SLERP's angle is one Hugging Face weight matrix: one layer of
@@ -240,7 +240,7 @@ def _save_native(directory, leaves, cfg: ModelConfig, step_meta: epath.Path,
     # Partial saves use orbax's checkpointables layout; its 'state' item is
     # a PyTree checkpoint like the one native.save writes.
     (staging / "state").rename(tmp / native.PARAMS_DIR)
-    shutil.rmtree(staging)
+    staging.rmtree()
     if step_meta.exists():   # names the orbax handler of the tree
       step_meta.copy(tmp / native.PARAMS_DIR / step_meta.name)
     config = {"format": native.FORMAT, "model": configlib.to_dict(cfg)}
@@ -249,8 +249,9 @@ def _save_native(directory, leaves, cfg: ModelConfig, step_meta: epath.Path,
 
 def _save_hf(directory, leaves, cfg: ModelConfig, force: bool,
              max_shard_bytes: int) -> None:
-  """Keeps each leaf in a memory-mapped scratch file, then exports them
-  with `hf.save`, which reads one HF tensor at a time."""
+  """Keeps each leaf in a memory-mapped scratch file next to `directory`
+  (local disks only, like `hf.save`), then exports them with `hf.save`,
+  which reads one HF tensor at a time."""
   directory = epath.Path(directory)
   if directory.exists() and not force:
     raise ConfigError(f"{directory} already exists; pass --force to replace "

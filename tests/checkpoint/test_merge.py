@@ -90,6 +90,19 @@ def test_slerp_matches_the_formula_and_hits_its_endpoints():
   np.testing.assert_array_equal(merge_math.slerp(a, b, 1.0), b)
 
 
+@pytest.mark.parametrize("dtype, atol", [(BF16, 0.0), (np.float32, 5e-7)])
+def test_slerp_endpoints_of_a_merge_are_the_inputs(dtype, atol):
+  rng = np.random.default_rng(9)
+  xa, xb, base = (rng.standard_normal((40, 24)).astype(dtype)
+                  for _ in range(3))
+  for t, expected in ((0.0, xa), (1.0, xb)):
+    out = np.empty_like(xa)
+    merge.merge_into(out, merge.resolve(merge.Recipe("slerp", t=t), 2, True),
+                     [xa, xb], base)
+    np.testing.assert_allclose(out.astype(np.float32),
+                               expected.astype(np.float32), rtol=0, atol=atol)
+
+
 def test_slerp_keeps_the_norm_of_equal_norm_vectors_where_lerp_shrinks_it():
   rng = np.random.default_rng(3)
   a, b = (rng.standard_normal(1000).astype(np.float32) for _ in range(2))
