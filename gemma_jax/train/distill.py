@@ -6,9 +6,11 @@ vocabulary, K stored top-k entries.
     # online: the teacher's full logits
     loss = distill_token_losses(student_logits, teacher_logits, temperature)
     # offline: a dump of the teacher's top-k log-probs and ids
-    logprobs, ids = encode_topk(teacher_logits, k=64, temperature=1.0)
-    loss = topk_distill_token_losses(student_logits, logprobs, ids,
-                                     temperature=1.0, tail="bucket")
+    dump = encode_topk(teacher_logits, k=64, temperature=1.0)
+    loss = topk_distill_token_losses(student_logits, dump.logprobs,
+                                     dump.ids, temperature=1.0, tail="bucket",
+                                     teacher_tail_logmass=dump.tail)
+    record = pack_topk(dump)         # bytes_per_token(64) = 388 per position
 
 Every loss is the cross-entropy -sum_v p_T(v) log p_S(v) of the student's
 distribution against the teacher's, both at temperature tau (softmax of
@@ -27,8 +29,9 @@ Offline top-k, `tail`:
                  top-k ids (MaxText's offline loss): matches the student's
                  distribution *given* the top-k set; the student's mass
                  outside the top-k gets no gradient from this term.
-  "bucket"       the teacher's tail mass r = 1 - sum(top-k) is one more
-                 class, matched against the student's mass outside those ids:
+  "bucket"       the teacher's tail mass r (stored with the dump, or
+                 1 - sum(top-k)) is one more class, matched against the
+                 student's mass outside those ids:
                  -sum_k p_T log p_S - r log(1 - sum_k p_S). Its minimum is a
                  student that agrees with the teacher on every top-k token
                  *and* on the tail mass; only how the tail is shared is free.
@@ -40,8 +43,14 @@ With K = V all three equal the full loss.
 
 The dump stores the teacher's log-probs *at the distillation temperature*
 (`encode_topk(..., temperature)`): the tail mass at another temperature is
-not recoverable from the top-k alone.
+not recoverable from the top-k alone. Per position it holds k bfloat16
+log-probs, k int32 ids and the float32 log tail mass: 6k + 4 bytes, 388 for
+k = 64 and 1540 for k = 256 (MaxText's float32 + int64 dump: 12k). The tail
+is stored because 1 - sum(bfloat16 top-k) is off by up to ~3e-3, as much
+as the whole tail of a confident teacher.
 """
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +62,7 @@ from gemma_jax.errors import DataError
 TAILS = ("renormalize", "bucket")
 LOGPROB_DTYPE = ml_dtypes.bfloat16   # stored log-probs: 2 bytes
 ID_DTYPE = np.dtype("<i4")           # stored ids: 4 bytes, little-endian
+TAIL_DTYPE = np.dtype("<f4")         # stored tail log-mass: 4 bytes
 
 
 def _xlogy(x, y):
@@ -80,13 +90,18 @@ def distill_token_losses(student_logits, teacher_logits,
 
 def topk_distill_token_losses(student_logits, teacher_topk_logprobs,
                               teacher_topk_ids, temperature: float = 1.0,
-                              tail: str = "renormalize", *, kl: bool = False
+                              tail: str = "renormalize", *,
+                              teacher_tail_logmass=None, kl: bool = False
                               ) -> jax.Array:
   """Distillation loss from the teacher's top-k only: [B, T] float32.
 
   student_logits: [B, T, V]. teacher_topk_logprobs: [B, T, K], the teacher's
     log-probs at `temperature` (any float dtype, finite). teacher_topk_ids:
     [B, T, K] int, distinct per position. tail: see the module docstring.
+  teacher_tail_logmass: [B, T], log of the teacher's mass outside the top-k
+    (`encode_topk` stores it); "bucket" then uses it and scales the top-k
+    to the remaining mass. Without it the tail is 1 - sum(top-k), which
+    bfloat16 log-probs give only to about 3e-3.
   """
   if tail not in TAILS:
     raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -102,63 +117,88 @@ def topk_distill_token_losses(student_logits, teacher_topk_logprobs,
     if kl:
       loss += jnp.sum(_xlogy(jnp.exp(log_p), log_p), axis=-1)
     return tau * tau * loss
-  lse = jax.nn.logsumexp(z, axis=-1)                           # [B, T]
-  log_q = z_k - lse[..., None]
-  # Teacher: top-k mass and tail r, from log sum_k p; rounding in the dump
-  # may push the sum past 1, then the top-k is renormalised and r = 0.
+  # Teacher: tail mass r and top-k log-probs scaled to sum to 1 - r.
   log_mass = jax.nn.logsumexp(lp, axis=-1)
-  r = -jnp.expm1(jnp.minimum(log_mass, 0.0))
-  log_p = lp - jnp.maximum(log_mass, 0.0)[..., None]
-  # Student: log of the mass outside the top-k ids, without cancellation.
-  outside = jnp.put_along_axis(z, ids, -jnp.inf, axis=-1, inplace=False)
-  has_tail = jnp.any(outside > -jnp.inf, axis=-1)
-  outside = jnp.where(has_tail[..., None], outside, 0.0)   # K = V: no tail
-  log_tail = jax.nn.logsumexp(outside, axis=-1) - lse
-  use_tail = has_tail & (r > 0)
+  if teacher_tail_logmass is None:
+    # Rounding in the dump may push the sum past 1: then r = 0.
+    r = -jnp.expm1(jnp.minimum(log_mass, 0.0))
+  else:
+    r = jnp.exp(jax.lax.stop_gradient(teacher_tail_logmass).astype(
+        jnp.float32))
+  log_p = lp - log_mass[..., None] + jnp.log1p(-r)[..., None]
+  # Student: log-probs at the ids and log of the mass outside them.
+  lse = jax.nn.logsumexp(z, axis=-1)
+  log_q = z_k - lse[..., None]
+  log_tail = _log_mass_outside(z - lse[..., None], ids)
+  # No tail to match where the top-k covers the whole vocabulary.
+  use_tail = (r > 0) & (log_tail > -jnp.inf)
   loss = (-jnp.sum(_xlogy(jnp.exp(log_p), log_q), axis=-1)
-          - jnp.where(use_tail, r * jnp.where(use_tail, log_tail, 0.0), 0.0))
+          - _xlogy(r, jnp.where(use_tail, log_tail, 0.0)))
   if kl:
     loss += (jnp.sum(_xlogy(jnp.exp(log_p), log_p), axis=-1)
-             + _xlogy(r, jnp.log(jnp.where(r > 0, r, 1.0))))
+             + _xlogy(r, jnp.log(jnp.where(use_tail, r, 1.0))))
   return tau * tau * loss
 
 
-def encode_topk(teacher_logits, k: int, temperature: float = 1.0
-                ) -> tuple[jax.Array, jax.Array]:
-  """The dump of one teacher forward: [..., V] -> log-probs at
-  `temperature` of the k most likely ids (bfloat16 [..., k], descending)
-  and those ids (int32 [..., k])."""
+class TopK(NamedTuple):
+  """One dump of the teacher: its k most likely ids per position."""
+  logprobs: Any    # bfloat16 [..., K], log p_T at the temperature, descending
+  ids: Any         # int32 [..., K]
+  tail: Any        # float32 [...], log of the mass outside the top-k
+
+
+def encode_topk(teacher_logits, k: int, temperature: float = 1.0) -> TopK:
+  """The dump of one teacher forward [..., V] at `temperature`.
+
+  The tail mass is stored on its own (float32): recomputed as 1 minus the
+  sum of the bfloat16 top-k probabilities it is off by up to 3e-3, as much
+  as the whole tail of a confident teacher.
+  """
   log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32)
                              / jnp.float32(temperature))
   values, ids = jax.lax.top_k(log_p, k)
-  return values.astype(LOGPROB_DTYPE), ids.astype(jnp.int32)
+  return TopK(values.astype(LOGPROB_DTYPE), ids.astype(jnp.int32),
+              _log_mass_outside(log_p, ids))
+
+
+def _log_mass_outside(log_p, ids):
+  """log sum_{v not in ids} exp(log_p[v]) [...], -inf if ids cover all of
+  V; without the cancellation of log(1 - sum over ids)."""
+  outside = jnp.put_along_axis(log_p, ids, -jnp.inf, axis=-1, inplace=False)
+  empty = jnp.all(outside == -jnp.inf, axis=-1)
+  safe = jnp.where(empty[..., None], 0.0, outside)
+  return jnp.where(empty, -jnp.inf, jax.nn.logsumexp(safe, axis=-1))
 
 
 def bytes_per_token(k: int) -> int:
-  """Storage of one position's top-k: k bfloat16 log-probs + k int32 ids."""
-  return k * (np.dtype(LOGPROB_DTYPE).itemsize + ID_DTYPE.itemsize)
+  """Storage of one position: k bfloat16 log-probs, k int32 ids and the
+  float32 tail log-mass."""
+  return (k * (np.dtype(LOGPROB_DTYPE).itemsize + ID_DTYPE.itemsize)
+          + TAIL_DTYPE.itemsize)
 
 
-def pack_topk(logprobs, ids) -> bytes:
-  """One record (e.g. an ArrayRecord entry) from [T, K] log-probs and ids:
-  the log-probs as little-endian bfloat16, then the ids as int32."""
-  logprobs = np.asarray(logprobs).astype(LOGPROB_DTYPE)
-  ids = np.asarray(ids)
-  if logprobs.shape != ids.shape:
-    raise ValueError(f"log-probs {logprobs.shape} and ids {ids.shape} differ")
+def pack_topk(topk: TopK) -> bytes:
+  """One record (e.g. an ArrayRecord entry) from a [T, K] dump, all
+  little-endian: log-probs (bfloat16), ids (int32), tails (float32)."""
+  logprobs = np.asarray(topk.logprobs).astype(LOGPROB_DTYPE)
+  ids, tail = np.asarray(topk.ids), np.asarray(topk.tail)
+  if logprobs.shape != ids.shape or tail.shape != ids.shape[:-1]:
+    raise ValueError(f"log-probs {logprobs.shape}, ids {ids.shape} and tail "
+                     f"{tail.shape} do not describe one [T, K] dump")
   return (logprobs.view(np.uint16).astype("<u2").tobytes()
-          + ids.astype(ID_DTYPE).tobytes())
+          + ids.astype(ID_DTYPE).tobytes() + tail.astype(TAIL_DTYPE).tobytes())
 
 
-def unpack_topk(record: bytes, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Inverse of `pack_topk`: (bfloat16 [T, k], int32 [T, k])."""
+def unpack_topk(record: bytes, k: int) -> TopK:
+  """Inverse of `pack_topk`: bfloat16 [T, k], int32 [T, k], float32 [T]."""
   per = bytes_per_token(k)
   if len(record) % per:
     raise DataError(f"a top-{k} record holds a multiple of {per} bytes; got "
                     f"{len(record)}: written with another k?")
   t = len(record) // per
-  half = t * k * 2
-  logprobs = np.frombuffer(record[:half], "<u2").astype(np.uint16).view(
+  ends = np.cumsum([t * k * 2, t * k * 4])
+  logprobs = np.frombuffer(record[:ends[0]], "<u2").astype(np.uint16).view(
       LOGPROB_DTYPE).reshape(t, k)
-  ids = np.frombuffer(record[half:], ID_DTYPE).astype(np.int32).reshape(t, k)
-  return logprobs, ids
+  ids = np.frombuffer(record[ends[0]:ends[1]], ID_DTYPE).astype(np.int32)
+  tail = np.frombuffer(record[ends[1]:], TAIL_DTYPE).astype(np.float32)
+  return TopK(logprobs, ids.reshape(t, k), tail)

@@ -49,8 +49,9 @@ full_grad = jax.jit(jax.grad(
                                                        kl=kl).sum()),
     static_argnames="kl")
 topk_grad = jax.jit(jax.grad(
-    lambda x, lp, ids, tau, tail, kl: distill.topk_distill_token_losses(
-        x, lp, ids, tau, tail, kl=kl).sum()), static_argnames=("tail", "kl"))
+    lambda x, lp, ids, tau, tail, kl, **kw: distill.topk_distill_token_losses(
+        x, lp, ids, tau, tail, kl=kl, **kw).sum()),
+    static_argnames=("tail", "kl"))
 
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
@@ -80,7 +81,7 @@ def test_gradient_is_zero_when_student_equals_teacher():
   for kl in (False, True):
     g = full_grad(s, s, 1.0, kl=kl)
     np.testing.assert_allclose(g, 0.0, atol=1e-6)
-  _, ids = distill.encode_topk(jnp.asarray(s), k=4)
+  ids = distill.encode_topk(jnp.asarray(s), k=4).ids
   # The teacher's exact top-k log-probs (float32, not the bf16 dump).
   lp = jnp.take_along_axis(jax.nn.log_softmax(s), ids, axis=-1)
   for tail in distill.TAILS:
@@ -133,7 +134,7 @@ def test_renormalize_ignores_the_students_tail_mass_and_bucket_does_not():
 
 def test_bucket_is_finite_when_the_top_k_holds_all_the_mass():
   teacher = np.array([[[5.0, 4.0, -1e9, -1e9]]], np.float32)
-  lp, ids = distill.encode_topk(jnp.asarray(teacher), k=2)
+  lp, ids, _ = distill.encode_topk(jnp.asarray(teacher), k=2)
   student = logits(7)[:1, :1, :4]
   out = topk(student, lp, ids, tail="bucket")
   g = topk_grad(student, lp, ids, 1.0, tail="bucket", kl=False)
@@ -141,19 +142,45 @@ def test_bucket_is_finite_when_the_top_k_holds_all_the_mass():
 
 
 def test_dump_codec_round_trip_and_size():
-  assert distill.bytes_per_token(64) == 384
-  assert distill.bytes_per_token(256) == 1536
+  assert distill.bytes_per_token(64) == 388
+  assert distill.bytes_per_token(256) == 1540
   t = jnp.asarray(logits(8).reshape(B * T, V))
-  lp, ids = distill.encode_topk(t, k=5, temperature=2.0)
-  assert lp.dtype == jnp.bfloat16 and ids.dtype == jnp.int32
-  exact = jax.nn.log_softmax(t / 2.0)
-  np.testing.assert_array_equal(ids, jnp.argsort(-exact, axis=-1)[:, :5])
-  np.testing.assert_allclose(lp.astype(jnp.float32),
-                             jnp.take_along_axis(exact, ids, -1), rtol=2**-8)
-  record = distill.pack_topk(lp, ids)
+  dump = distill.encode_topk(t, k=5, temperature=2.0)
+  assert dump.logprobs.dtype == jnp.bfloat16 and dump.ids.dtype == jnp.int32
+  exact = np.asarray(jax.nn.log_softmax(t / 2.0), np.float64)
+  np.testing.assert_array_equal(dump.ids, np.argsort(-exact, axis=-1)[:, :5])
+  top = np.take_along_axis(exact, np.asarray(dump.ids), -1)
+  np.testing.assert_allclose(dump.logprobs.astype(jnp.float32), top,
+                             rtol=2**-8)
+  np.testing.assert_allclose(dump.tail, np.log1p(-np.exp(top).sum(-1)),
+                             rtol=1e-5)
+  record = distill.pack_topk(dump)
   assert len(record) == B * T * distill.bytes_per_token(5)
-  lp2, ids2 = distill.unpack_topk(record, k=5)
-  np.testing.assert_array_equal(lp2, np.asarray(lp))
-  np.testing.assert_array_equal(ids2, np.asarray(ids))
-  with pytest.raises(DataError, match="multiple of 24 bytes; got 30"):
+  back = distill.unpack_topk(record, k=5)
+  for got, want in zip(back, dump):
+    np.testing.assert_array_equal(got, np.asarray(want))
+  with pytest.raises(DataError, match="multiple of 28 bytes; got 30"):
     distill.unpack_topk(record[:30], k=4)
+
+
+def test_stored_tail_mass_gives_the_tail_gradient_of_a_confident_teacher():
+  # The bucket's gradient wrt the student logits outside the top-k sums to
+  # (student tail mass) - (teacher tail mass r): it shows which r was used.
+  rng = np.random.default_rng(9)
+  teacher = jnp.asarray(6 * rng.standard_normal((B, T, 512)), jnp.float32)
+  student = jnp.asarray(rng.standard_normal((B, T, 512)), jnp.float32)
+  dump = distill.encode_topk(teacher, k=16)
+  outside = np.ones((B, T, 512), bool)
+  np.put_along_axis(outside, np.asarray(dump.ids), False, axis=-1)
+  p_s = np.asarray(jax.nn.softmax(student))
+  p_t = np.asarray(jax.nn.softmax(teacher))
+  expected = (p_s * outside).sum(-1) - (p_t * outside).sum(-1)
+
+  def tail_gradient(**kw):
+    g = topk_grad(student, dump.logprobs, dump.ids, 1.0, tail="bucket",
+                  kl=False, **kw)
+    return (np.asarray(g) * outside).sum(-1)
+  stored = tail_gradient(teacher_tail_logmass=dump.tail)
+  derived = tail_gradient()   # r = 1 - sum of the bfloat16 top-k
+  np.testing.assert_allclose(stored, expected, atol=1e-6)
+  assert np.abs(derived - expected).max() > 1e-4
