@@ -43,6 +43,7 @@ def full_topk(teacher, tau):
 full = jax.jit(distill.distill_token_losses, static_argnames="kl")
 topk = jax.jit(distill.topk_distill_token_losses,
                static_argnames=("tail", "kl"))
+encode = jax.jit(distill.encode_topk, static_argnames="k")
 # Gradients of the summed losses wrt the student logits.
 full_grad = jax.jit(jax.grad(
     lambda x, t, tau, kl: distill.distill_token_losses(x, t, tau,
@@ -81,7 +82,7 @@ def test_gradient_is_zero_when_student_equals_teacher():
   for kl in (False, True):
     g = full_grad(s, s, 1.0, kl=kl)
     np.testing.assert_allclose(g, 0.0, atol=1e-6)
-  ids = distill.encode_topk(jnp.asarray(s), k=4).ids
+  ids = encode(jnp.asarray(s), k=4).ids
   # The teacher's exact top-k log-probs (float32, not the bf16 dump).
   lp = jnp.take_along_axis(jax.nn.log_softmax(s), ids, axis=-1)
   for tail in distill.TAILS:
@@ -133,19 +134,24 @@ def test_renormalize_ignores_the_students_tail_mass_and_bucket_does_not():
 
 
 def test_bucket_is_finite_when_the_top_k_holds_all_the_mass():
-  teacher = np.array([[[5.0, 4.0, -1e9, -1e9]]], np.float32)
-  lp, ids, _ = distill.encode_topk(jnp.asarray(teacher), k=2)
-  student = logits(7)[:1, :1, :4]
-  out = topk(student, lp, ids, tail="bucket")
-  g = topk_grad(student, lp, ids, 1.0, tail="bucket", kl=False)
-  assert np.isfinite(out).all() and np.isfinite(g).all()
+  teacher = np.full((B, T, V), -1e9, np.float32)
+  teacher[..., :4] = logits(7)[..., :4]      # no mass outside these 4
+  dump = encode(jnp.asarray(teacher), k=4)
+  assert (np.asarray(dump.tail) < -1e8).all()   # mass exp(tail) = 0
+  student = logits(8)
+  for kw in ({}, {"teacher_tail_logmass": dump.tail}):
+    g = topk_grad(student, dump.logprobs, dump.ids, 1.0, tail="bucket",
+                  kl=False, **kw)
+    assert np.isfinite(g).all()
+  assert np.isfinite(topk(student, dump.logprobs, dump.ids, tail="bucket",
+                          teacher_tail_logmass=dump.tail)).all()
 
 
 def test_dump_codec_round_trip_and_size():
   assert distill.bytes_per_token(64) == 388
   assert distill.bytes_per_token(256) == 1540
   t = jnp.asarray(logits(8).reshape(B * T, V))
-  dump = distill.encode_topk(t, k=5, temperature=2.0)
+  dump = encode(t, k=5, temperature=2.0)
   assert dump.logprobs.dtype == jnp.bfloat16 and dump.ids.dtype == jnp.int32
   exact = np.asarray(jax.nn.log_softmax(t / 2.0), np.float64)
   np.testing.assert_array_equal(dump.ids, np.argsort(-exact, axis=-1)[:, :5])
@@ -169,11 +175,11 @@ def test_stored_tail_mass_gives_the_tail_gradient_of_a_confident_teacher():
   rng = np.random.default_rng(9)
   teacher = jnp.asarray(6 * rng.standard_normal((B, T, 512)), jnp.float32)
   student = jnp.asarray(rng.standard_normal((B, T, 512)), jnp.float32)
-  dump = distill.encode_topk(teacher, k=16)
+  dump = encode(teacher, k=16)
   outside = np.ones((B, T, 512), bool)
   np.put_along_axis(outside, np.asarray(dump.ids), False, axis=-1)
-  p_s = np.asarray(jax.nn.softmax(student))
-  p_t = np.asarray(jax.nn.softmax(teacher))
+  p_s = np.exp(log_softmax(np.asarray(student, np.float64)))
+  p_t = np.exp(log_softmax(np.asarray(teacher, np.float64)))
   expected = (p_s * outside).sum(-1) - (p_t * outside).sum(-1)
 
   def tail_gradient(**kw):
