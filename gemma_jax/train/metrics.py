@@ -7,7 +7,8 @@ Only process 0 writes; other processes get a writer that does nothing.
 
 Keys of a training record (see README "Metrics"):
   step, loss, loss/<source>, share/<source>, grad_norm, learning_rate,
-  tokens, tokens_per_sec, step_time_s, mfu, skipped, and (added by the
+  tokens, tokens_per_sec, step_time_s, mfu, skipped, loss/<term> for each
+  extra objective term (e.g. loss/ewc, loss/distill), and (added by the
   trainer) skipped_total, elapsed_s
 """
 
@@ -178,6 +179,10 @@ def train_record(step: int, values: list[dict], seconds: float,
       "mfu": mfu(flops_per_token, tokens_per_sec, num_devices, peak),
       "skipped": int(np.sum([v["skipped"] for v in values])),
   }
+  # Extra objective terms (loss/distill, loss/ewc, ...), per target token.
+  for key in values[0]:
+    if key.startswith("loss/"):
+      record[key] = mean(key)
   for i, name in enumerate(source_names):
     t = float(src_tokens[i])
     record[f"loss/{name}"] = float(src_loss[i]) / t if t else None

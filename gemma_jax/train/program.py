@@ -44,6 +44,10 @@ class TrainProgram:
     state_shardings: NamedShardings of every TrainState leaf.
     batch_sharding: the NamedSharding of every batch array (rows split).
     abstract_state, abstract_batch: ShapeDtypeStructs with those shardings.
+    forward: (params, frozen, batch) -> logits; loss_fn, penalty_fn: the
+      objective (see gemma_jax.train.step.train_step).
+    frozen: arrays every step reads but never trains (a teacher, a Fisher
+      and its anchor), on the devices; {} when the objective needs none.
   """
 
   def __init__(self, cfg: RunConfig, mesh: jax.sharding.Mesh | None = None):
@@ -51,6 +55,11 @@ class TrainProgram:
     self.mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     self.model = Transformer(cfg.model)
     self.num_sources = max(len(cfg.data.sources), 1)
+    self.forward = step_lib.model_forward(self.model)
+    self.loss_fn = step_lib.lm_loss(self.forward, self.num_sources,
+                                    cfg.train.z_loss)
+    self.penalty_fn = None
+    self.frozen = {}
     self.optimizer, self.schedule = make_optimizer(
         cfg.optimizer, cfg.optimizer.decay_steps or cfg.train.steps)
     self.batch_sharding = NamedSharding(self.mesh,
@@ -105,6 +114,16 @@ class TrainProgram:
   def param_shardings(self):
     return self.state_shardings.params
 
+  @property
+  def frozen_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.frozen)
+
+  @property
+  def abstract_frozen(self):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        self.frozen)
+
   def context(self):
     """Binds the model's logical constraints to this mesh (for tracing)."""
     return rules.sharding_context(self.mesh, self.cfg.mesh)
@@ -141,45 +160,52 @@ class TrainProgram:
   # Steps.
   @functools.cached_property
   def _train_step(self):
-    train = self.cfg.train
     fn = functools.partial(
-        step_lib.train_step, model=self.model, optimizer=self.optimizer,
-        num_sources=self.num_sources, microbatches=train.microbatches,
-        z_loss=train.z_loss)
+        step_lib.train_step, loss_fn=self.loss_fn, optimizer=self.optimizer,
+        microbatches=self.cfg.train.microbatches, penalty_fn=self.penalty_fn)
     replicated = NamedSharding(self.mesh, P())
-    return jax.jit(fn, in_shardings=(self.state_shardings,
-                                       self.batch_sharding),
-                     out_shardings=(self.state_shardings, replicated),
-                     donate_argnums=0)
+    return jax.jit(
+        fn, in_shardings=(self.state_shardings, self.batch_sharding,
+                          self.frozen_shardings),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
 
   @functools.cached_property
   def _eval_step(self):
-    fn = functools.partial(step_lib.eval_step, model=self.model,
+    fn = functools.partial(step_lib.eval_step, forward=self.forward,
                            num_sources=self.num_sources,
                            microbatches=self.cfg.train.microbatches)
     return jax.jit(fn, in_shardings=(self.param_shardings,
-                                       self.batch_sharding),
-                     out_shardings=NamedSharding(self.mesh, P()))
+                                     self.batch_sharding,
+                                     self.frozen_shardings),
+                   out_shardings=NamedSharding(self.mesh, P()))
 
   def lower_train_step(self) -> jax.stages.Lowered:
     with self.context():
-      return self._train_step.lower(self.abstract_state, self.abstract_batch)
+      return self._train_step.lower(self.abstract_state, self.abstract_batch,
+                                    self.abstract_frozen)
 
-  def compile_train_step(self) -> jax.stages.Compiled:
+  def compile_train_step(self):
     """(state, batch) -> (state, metrics), compiled once; the state is
-    donated. metrics as in gemma_jax.train.step.train_step."""
-    return self.lower_train_step().compile()
+    donated, the frozen arrays passed along. metrics as in
+    gemma_jax.train.step.train_step."""
+    compiled = self.lower_train_step().compile()
+    frozen = self.frozen
+    return lambda state, batch: compiled(state, batch, frozen)
 
   def train_step_jaxpr(self):
     """The traced train step (to count FLOPs of every loop iteration)."""
     with self.context():
-      return jax.make_jaxpr(self._train_step)(self.abstract_state,
-                                              self.abstract_batch)
+      return jax.make_jaxpr(self._train_step)(
+          self.abstract_state, self.abstract_batch, self.abstract_frozen)
 
   @functools.cached_property
-  def eval_step(self) -> jax.stages.Compiled:
-    """(params, batch) -> held-out sums, compiled once (see
-    gemma_jax.train.step.eval_step)."""
+  def _compiled_eval_step(self):
     with self.context():
       return self._eval_step.lower(self.abstract_state.params,
-                                   self.abstract_batch).compile()
+                                   self.abstract_batch,
+                                   self.abstract_frozen).compile()
+
+  def eval_step(self, params, batch):
+    """Held-out sums of (params, batch), compiled once (see
+    gemma_jax.train.step.eval_step)."""
+    return self._compiled_eval_step(params, batch, self.frozen)

@@ -37,10 +37,9 @@ def token_losses(logits, batch, z_loss: float):
   return ce * mask, z_loss * jnp.square(lse) * mask
 
 
-def loss_sums(model, params, batch, num_sources: int, z_loss: float = 0.0):
+def cross_entropy_sums(logits, batch, num_sources: int,
+                       z_loss: float = 0.0) -> dict:
   """Sums over the batch: ce, z, and per-source ce and target tokens."""
-  logits = model.apply({"params": params}, batch["inputs"],
-                       batch["positions"], batch["segment_ids"])
   ce, z = token_losses(logits, batch, z_loss)
   row_ce = ce.sum(axis=1)
   row_tokens = batch["loss_mask"].astype(jnp.float32).sum(axis=1)
@@ -48,6 +47,31 @@ def loss_sums(model, params, batch, num_sources: int, z_loss: float = 0.0):
   return dict(ce=row_ce.sum(), z=z.sum(),
               source_loss_sum=per_source(row_ce),
               source_tokens=per_source(row_tokens))
+
+
+def model_forward(model):
+  """forward(params, frozen, batch) -> logits [B, T, V] of a plain model
+  (the frozen inputs are for objectives and adapters that need them)."""
+  def forward(params, frozen, batch):
+    del frozen
+    return model.apply({"params": params}, batch["inputs"],
+                       batch["positions"], batch["segment_ids"])
+  return forward
+
+
+def lm_loss(forward, num_sources: int, z_loss: float = 0.0):
+  """The default objective: next-token cross-entropy plus z-loss.
+
+  A loss function maps (params, batch, frozen) to (objective summed over the
+  batch's target tokens, sums): sums holds ce, z, source_loss_sum,
+  source_tokens and, for objectives with more terms, `terms` {name: sum}
+  (logged as loss/<name> per target token).
+  """
+  def loss(params, batch, frozen):
+    sums = cross_entropy_sums(forward(params, frozen, batch), batch,
+                              num_sources, z_loss)
+    return sums["ce"] + sums["z"], sums
+  return loss
 
 
 def split_microbatches(batch, m: int):
@@ -79,21 +103,28 @@ def all_finite(tree) -> jax.Array:
   return jnp.stack(flags).all() if flags else jnp.bool_(True)
 
 
-def train_step(state: TrainState, batch, *, model,
-               optimizer: optax.GradientTransformation, num_sources: int,
-               microbatches: int = 1, z_loss: float = 0.0):
+def train_step(state: TrainState, batch, frozen, *, loss_fn,
+               optimizer: optax.GradientTransformation,
+               microbatches: int = 1, penalty_fn=None):
   """One optimizer update from a global batch: (new state, metrics).
 
-  metrics (device scalars unless noted): loss, z_loss, grad_norm,
+  loss_fn(params, batch, frozen) -> (objective sum, sums) (see `lm_loss`);
+  the objective is divided by the global batch's target tokens. penalty_fn
+  (params, frozen) -> (penalty, {name: value}) is added once per step (e.g.
+  EWC). `frozen` holds arrays the objective reads but never trains (a
+  teacher, a Fisher and its anchor); it is not donated.
+
+  metrics (device scalars unless noted): loss (cross-entropy per target
+  token), z_loss, loss/<term> of extra terms and penalties, grad_norm,
   learning_rate, tokens, skipped, nonfinite_in_row, source_loss_sum
-  [num_sources], source_tokens [num_sources].
+  [sources], source_tokens [sources].
   """
   tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
   denom = jnp.maximum(tokens, 1.0)
 
   def objective(params, mb):
-    sums = loss_sums(model, params, mb, num_sources, z_loss)
-    return (sums["ce"] + sums["z"]) / denom, sums
+    total, sums = loss_fn(params, mb, frozen)
+    return total / denom, sums | {"total": total}
 
   def grads_and_sums(mb):
     (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -101,11 +132,20 @@ def train_step(state: TrainState, batch, *, model,
     return jax.tree.map(lambda g: g.astype(jnp.float32), grads), sums
 
   grads, sums = accumulate(grads_and_sums, batch, microbatches)
+  terms = {k: v / denom for k, v in sums.get("terms", {}).items()}
+  objective_value = sums["total"] / denom
+  if penalty_fn is not None:
+    (penalty, penalty_terms), penalty_grads = jax.value_and_grad(
+        penalty_fn, has_aux=True)(state.params, frozen)
+    grads = jax.tree.map(lambda g, p: g + p.astype(jnp.float32), grads,
+                         penalty_grads)
+    terms |= penalty_terms
+    objective_value = objective_value + penalty
   grad_norm = optax.tree.norm(grads)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = (jnp.isfinite(sums["ce"] + sums["z"]) & jnp.isfinite(grad_norm)
+  finite = (jnp.isfinite(objective_value) & jnp.isfinite(grad_norm)
             & all_finite(params) & all_finite(opt_state))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o),
                                        new, old)
@@ -119,16 +159,18 @@ def train_step(state: TrainState, batch, *, model,
                  skipped=(~finite).astype(jnp.int32),
                  nonfinite_in_row=new_state.nonfinite_in_row,
                  source_loss_sum=sums["source_loss_sum"],
-                 source_tokens=sums["source_tokens"])
+                 source_tokens=sums["source_tokens"],
+                 **{f"loss/{k}": v for k, v in terms.items()})
   return new_state, metrics
 
 
-def eval_step(params, batch, *, model, num_sources: int,
+def eval_step(params, batch, frozen, *, forward, num_sources: int,
               microbatches: int = 1):
   """Held-out sums: loss_sum (cross-entropy over target tokens, no z-loss),
   tokens, source_loss_sum and source_tokens [num_sources]."""
-  sums = accumulate(lambda mb: loss_sums(model, params, mb, num_sources),
-                    batch, microbatches)
+  sums = accumulate(
+      lambda mb: cross_entropy_sums(forward(params, frozen, mb), mb,
+                                    num_sources), batch, microbatches)
   return dict(loss_sum=sums["ce"],
               tokens=jnp.sum(batch["loss_mask"].astype(jnp.float32)),
               source_loss_sum=sums["source_loss_sum"],
