@@ -17,11 +17,12 @@ Python with lm-eval, torch and transformers, e.g. a separate venv:
     python3.11 -m venv /tmp/lmeval-venv
     /tmp/lmeval-venv/bin/pip install /opt/wheels/torch-2.13.0+cpu-*.whl \\
         "lm-eval[hf]==0.4.13" sentencepiece
-    python scripts/compare_lm_eval.py --harness-python /tmp/lmeval-venv/bin/python
+    python scripts/compare_lm_eval.py \\
+        --harness-python /tmp/lmeval-venv/bin/python
 
 Runs, all offline: 0-shot; 3-shot (ARC and HellaSwag shots by the seeded
-random sampler, MMLU the first 3 dev questions); 3-shot with max_length 80
-(requests cut from the left); GSM8K at its default 5 shots with max_length
+random sampler, MMLU the first 3 dev questions); 3-shot with max_length 128
+(most requests cut from the left); GSM8K at its default 5 shots with max_length
 512 (prompts cut to 256 tokens). Exit status 1 if a prompt differs, a
 prediction differs, or a log-likelihood differs by more than --atol.
 """
@@ -118,9 +119,9 @@ def write_arc(d: pathlib.Path):
     ai2, hf = [], []
     for i, (q, choices, gold) in enumerate(_arith_mc(n, seed)):
       labels = list("ABCD") if i % 3 else list("1234")
+      pairs = [{"label": l, "text": t} for l, t in zip(labels, choices)]
       ai2.append({"id": f"{split}{i}", "answerKey": labels[gold],
-                  "question": {"stem": q, "choices": [
-                      {"label": l, "text": t} for l, t in zip(labels, choices)]}})
+                  "question": {"stem": q, "choices": pairs}})
       hf.append({"id": f"{split}{i}", "question": q, "answerKey": labels[gold],
                  "choices": {"text": choices, "label": labels}})
     files[f"arc_{split}"] = _jsonl(d / f"ARC-Local-{split}.jsonl", ai2)
@@ -270,8 +271,8 @@ RUNS = [
      "max_length": 512},
     {"name": "3-shot", "tasks": MC_TASKS, "num_fewshot": 3,
      "max_length": 512},
-    {"name": "3-shot, max_length 80", "tasks": MC_TASKS, "num_fewshot": 3,
-     "max_length": 80},
+    {"name": "3-shot, max_length 128", "tasks": MC_TASKS, "num_fewshot": 3,
+     "max_length": 128},
     {"name": "gsm8k 5-shot", "tasks": ["local_gsm8k"], "num_fewshot": None,
      "max_length": 512},
 ]
@@ -345,27 +346,11 @@ def compare_gen(ours, theirs):
   return stats
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--harness-python", default=sys.executable,
-                      help="a Python with lm-eval[hf] installed")
-  parser.add_argument("--workdir", default="/tmp/compare_lm_eval")
-  parser.add_argument("--checkpoint", help="native checkpoint (default: a "
-                      "random-init tiny-gemma2); needs --tokenizer")
-  parser.add_argument("--tokenizer", help="SentencePiece model")
-  parser.add_argument("--atol", type=float, default=1e-3,
-                      help="largest |Δ log-likelihood| accepted (nats)")
-  args = parser.parse_args(argv)
-  work = pathlib.Path(args.workdir)
-  work.mkdir(parents=True, exist_ok=True)
-  if args.checkpoint:
-    ckpt, tok_path = pathlib.Path(args.checkpoint), args.tokenizer
-  else:
-    ckpt, tok_path = make_model(work)
+def run_harness(args, work: pathlib.Path, ckpt, tok_path, files) -> None:
+  """Exports the model with its tokenizer and runs the harness on `files`."""
   assert cli.main(["convert", "--from", "native", "--to", "hf", "--force",
                    "--tokenizer", str(tok_path), str(ckpt),
                    str(work / "hf")]) == 0
-  files = write_files(work / "data")
   harness_tasks = subprocess.run(
       [args.harness_python, "-c", "import lm_eval.tasks, os; print(os.path."
        "dirname(lm_eval.tasks.__file__))"], check=True, capture_output=True,
@@ -380,7 +365,37 @@ def main(argv=None) -> int:
   subprocess.run([args.harness_python, str(work / "driver.py"),
                   str(work / "spec.json"), str(work / "harness.json")],
                  check=True, env=env)
-  harness = json.loads((work / "harness.json").read_text())
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--harness-python", default=sys.executable,
+                      help="a Python with lm-eval[hf] installed")
+  parser.add_argument("--workdir", default="/tmp/compare_lm_eval")
+  parser.add_argument("--checkpoint", help="native checkpoint (default: a "
+                      "random-init tiny-gemma2); needs --tokenizer")
+  parser.add_argument("--tokenizer", help="SentencePiece model")
+  parser.add_argument("--atol", type=float, default=1e-3,
+                      help="largest |Δ log-likelihood| accepted (nats)")
+  parser.add_argument("--reuse", action="store_true",
+                      help="keep WORKDIR's model, files and harness results "
+                      "from an earlier run with the same runs; rescore ours")
+  args = parser.parse_args(argv)
+  work = pathlib.Path(args.workdir)
+  work.mkdir(parents=True, exist_ok=True)
+  spec_path, out_path = work / "spec.json", work / "harness.json"
+  reuse = args.reuse and out_path.exists() and spec_path.exists() and \
+      json.loads(spec_path.read_text())["runs"] == RUNS
+  if args.checkpoint:
+    ckpt, tok_path = pathlib.Path(args.checkpoint), args.tokenizer
+  elif reuse:
+    ckpt, tok_path = work / "native", str(work / "tokenizer.model")
+  else:
+    ckpt, tok_path = make_model(work)
+  files = write_files(work / "data")     # deterministic
+  if not reuse:
+    run_harness(args, work, ckpt, tok_path, files)
+  harness = json.loads(out_path.read_text())
 
   params, cfg = native.load(ckpt)
   tok = Tokenizer.load(tok_path)

@@ -22,7 +22,7 @@ from gemma_jax.errors import ConfigError
 from gemma_jax.evals import scoring
 from gemma_jax.evals import tasks as tasks_lib
 from gemma_jax.model import ModelConfig
-from gemma_jax.tokenizer import EOS_ID, Tokenizer
+from gemma_jax.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 EOS_TEXT = "<eos>"
 FALLBACK = "[invalid]"
@@ -84,7 +84,10 @@ def make_generate_fn(params, model_config: ModelConfig, tokenizer: Tokenizer,
 
   Prompts are encoded with bos and, like the harness, keep only their last
   `max_length - max_new_tokens` tokens. They are decoded longest first in
-  batches of `batch_size` (rows of similar length share a batch).
+  batches of `batch_size`. Every batch the sampler sees has the same shape,
+  so it compiles once per call: short batches are filled with filler rows,
+  and one more filler row as long as the longest prompt fixes the width
+  (rows never attend to each other; filler outputs are dropped).
   """
   from gemma_jax.model import sampler
   tokenizer.check_vocab(model_config.vocab_size)
@@ -97,11 +100,14 @@ def make_generate_fn(params, model_config: ModelConfig, tokenizer: Tokenizer,
     ids = [tokenizer.encode(p, add_bos=True)[-keep:].tolist()
            for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    width = max(len(x) for x in ids)
     out = [""] * len(ids)
     for start in range(0, len(order), batch_size):
       rows = order[start:start + batch_size]
-      new = sampler.generate(params, model_config, [ids[i] for i in rows],
-                             max_new_tokens, temperature=0.0, eos_id=EOS_ID)
+      batch = [ids[i] for i in rows]
+      batch += [[BOS_ID]] * (batch_size - len(rows)) + [[BOS_ID] * width]
+      new = sampler.generate(params, model_config, batch, max_new_tokens,
+                             temperature=0.0, eos_id=EOS_ID)
       for i, tokens in zip(rows, new):
         out[i] = tokenizer.decode([t for t in tokens if t != EOS_ID])
       if progress is not None:

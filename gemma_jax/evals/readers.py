@@ -1,4 +1,5 @@
-"""Benchmark files in their original formats -> `Doc`s, as the harness sees them.
+"""Benchmark files in their original formats -> `Doc`s, as the harness sees
+them.
 
 Each reader turns one file into the documents that lm-evaluation-harness
 (0.4.x) would build from the same data: `query` is the task's `doc_to_text`,

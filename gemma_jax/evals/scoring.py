@@ -45,7 +45,8 @@ from gemma_jax.tokenizer import BOS_ID, PAD_ID, Tokenizer
 HF_MAX_LENGTH = 8192
 
 # (inputs [B, T] int32, targets [B, T] int32, mask [B, T] int32 of 1 = real
-# input, right-padded) -> float32 [B, T]: log p(targets[b, t] | inputs[b, :t+1]).
+# input, right-padded) -> float32 [B, T]:
+# log p(targets[b, t] | inputs[b, :t+1]).
 TokenLogprobFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 # [(context, continuation)] -> summed log-probability of each continuation.
 LoglikelihoodFn = Callable[[Sequence[tuple[str, str]]], list[float]]
@@ -176,8 +177,9 @@ def make_loglikelihood_fn(params, model_config: ModelConfig,
   """[(context, continuation)] -> summed log-probs under our model.
 
   seq_len plays the harness's max_length: longer requests are cut from the
-  left. Batches are only as wide as the longest request needs. `logprob_fn` replaces the single-device forward (e.g. a sharded
-  one); by default `make_token_logprob_fn(params, model_config)`.
+  left. Batches are only as wide as the longest request needs.
+  `logprob_fn` replaces the single-device forward (e.g. a sharded one); by
+  default `make_token_logprob_fn(params, model_config)`.
   """
   tokenizer.check_vocab(model_config.vocab_size)
   fn = logprob_fn or make_token_logprob_fn(params, model_config)

@@ -1,5 +1,7 @@
 """Generative exact match with the harness's GSM8K filters and normalisation."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -88,6 +90,31 @@ def test_model_generation_keeps_prompt_order_and_truncates_left(tmp_path):
   generate = generation.make_generate_fn(params, cfg, tok, batch_size=2,
                                          max_length=12)   # keeps 12 - 4
   got = generate(prompts, 4)
-  new = sampler.generate(params, cfg, [ids[1], ids[0]], 4)[::-1]
+  new = sampler.generate(params, cfg, ids, 4)
   assert got == [tok.decode([t for t in row if t != 1]) for row in new]
   assert got[0] != got[1]
+
+
+def test_every_sampler_call_has_one_shape(monkeypatch):
+  shapes = []
+
+  def fake_generate(params, cfg, prompts, max_new_tokens, **kw):
+    shapes.append((len(prompts), max(len(p) for p in prompts)))
+    return [[7] * max_new_tokens for _ in prompts]
+  monkeypatch.setattr(sampler, "generate", fake_generate)
+
+  class Tok:
+    def check_vocab(self, n):
+      pass
+
+    def encode(self, text, add_bos):
+      return np.array([2] + [5] * len(text))
+
+    def decode(self, ids):
+      return "x" * len(ids)
+  cfg = types.SimpleNamespace(vocab_size=10)
+  generate = generation.make_generate_fn({}, cfg, Tok(), batch_size=2)
+  assert generate(["a", "abcde", "ab"], 3) == ["xxx"] * 3
+  # Rows sorted longest first: [abcde, ab] then [a] + a filler row, each
+  # with a filler row as long as the longest prompt (6 tokens).
+  assert shapes == [(3, 6), (3, 6)]

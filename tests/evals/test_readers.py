@@ -1,4 +1,5 @@
-"""Benchmark files in their original formats -> Docs as the harness sees them."""
+"""Benchmark files in their original formats -> Docs as the harness sees
+them."""
 
 import json
 
@@ -67,8 +68,9 @@ def test_hellaswag_preprocessing_matches_the_harness(tmp_path):
   path = jsonl(tmp_path / "hs.jsonl", [{
       "ind": 4, "activity_label": "Making a cake", "label": "2",
       "ctx_a": "A woman mixes flour [header] in a bowl.",
-      "ctx_b": "then SHE", "endings": [
-          " pours the batter.  ", "eats it [title] Done it.", "bakes", "runs"]}])
+      "ctx_b": "then SHE",
+      "endings": [" pours the batter.  ", "eats it [title] Done it.",
+                  "bakes", "runs"]}])
   [doc] = readers.read_hellaswag(path)
   # ctx_b.capitalize() lower-cases the rest; [header] goes, then the double
   # space it leaves becomes one; " [title]" becomes ". ".
