@@ -21,7 +21,7 @@ Python with lm-eval, torch and transformers, e.g. a separate venv:
         --harness-python /tmp/lmeval-venv/bin/python
 
 Runs, all offline: 0-shot; 3-shot (ARC and HellaSwag shots by the seeded
-random sampler, MMLU the first 3 dev questions); 3-shot with max_length 128
+random sampler, MMLU the first 3 dev questions); 3-shot with max_length 160
 (most requests cut from the left); GSM8K at its default 5 shots with max_length
 512 (prompts cut to 256 tokens). Exit status 1 if a prompt differs, a
 prediction differs, or a log-likelihood differs by more than --atol.
@@ -271,8 +271,8 @@ RUNS = [
      "max_length": 512},
     {"name": "3-shot", "tasks": MC_TASKS, "num_fewshot": 3,
      "max_length": 512},
-    {"name": "3-shot, max_length 128", "tasks": MC_TASKS, "num_fewshot": 3,
-     "max_length": 128},
+    {"name": "3-shot, max_length 160", "tasks": MC_TASKS, "num_fewshot": 3,
+     "max_length": 160},
     {"name": "gsm8k 5-shot", "tasks": ["local_gsm8k"], "num_fewshot": None,
      "max_length": 512},
 ]

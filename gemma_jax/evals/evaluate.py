@@ -15,6 +15,7 @@ from typing import Sequence
 
 from gemma_jax.errors import ConfigError
 from gemma_jax.evals import generation, scoring
+from gemma_jax.evals import tasks as tasks_lib
 from gemma_jax.evals.tasks import FEWSHOT_SEED, Task
 
 
@@ -41,28 +42,47 @@ def group_metrics(members: Sequence[dict]) -> dict:
 def evaluate_task(task: Task, loglikelihood_fn=None, generate_fn=None,
                   seed: int = FEWSHOT_SEED) -> tuple[dict, list[dict]]:
   """(metrics, items) of one task with the function its kind needs."""
-  if task.kind == "multiple_choice":
-    if loglikelihood_fn is None:
-      raise ConfigError(f"{task.name}: multiple choice needs a "
-                        "loglikelihood function")
-    return scoring.evaluate_multiple_choice(task, loglikelihood_fn, seed)
-  if generate_fn is None:
-    raise ConfigError(f"{task.name}: generation needs a generate function")
-  return generation.evaluate_generative(task, generate_fn, seed)
+  results, items = evaluate_tasks([task], loglikelihood_fn, generate_fn,
+                                  seed, groups=False)
+  return results[task.name], items
 
 
 def evaluate_tasks(tasks: Sequence[Task], loglikelihood_fn=None,
-                   generate_fn=None, seed: int = FEWSHOT_SEED
-                   ) -> tuple[dict[str, dict], list[dict]]:
-  """({task or group: metrics}, all items) over `tasks`, groups last."""
-  results, items, groups = {}, [], {}
-  for task in tasks:
-    metrics, task_items = evaluate_task(task, loglikelihood_fn, generate_fn,
-                                        seed)
-    results[task.name] = metrics
+                   generate_fn=None, seed: int = FEWSHOT_SEED,
+                   groups: bool = True) -> tuple[dict[str, dict], list[dict]]:
+  """({task or group: metrics}, all items) over `tasks`, groups last.
+
+  The requests of all multiple-choice tasks go to `loglikelihood_fn` in
+  one call (full batches of one shape across many small MMLU subjects).
+  """
+  names = [t.name for t in tasks]
+  if len(set(names)) != len(names):
+    raise ConfigError(f"task names must be unique, got {names}")
+  mc = [t for t in tasks if t.kind == "multiple_choice"]
+  if mc and loglikelihood_fn is None:
+    raise ConfigError(f"{mc[0].name}: multiple choice needs a "
+                      "loglikelihood function")
+  gen = [t for t in tasks if t.kind == "generate_until"]
+  if gen and generate_fn is None:
+    raise ConfigError(f"{gen[0].name}: generation needs a generate "
+                      "function")
+  contexts = {t.name: tasks_lib.contexts(t, seed) for t in mc}
+  requests = [scoring.choice_requests(t, contexts[t.name]) for t in mc]
+  lls = list(loglikelihood_fn([r for rs in requests for r in rs])) \
+      if mc else []
+  scored, start = {}, 0
+  for t, rs in zip(mc, requests):
+    scored[t.name] = scoring.choice_items(t, contexts[t.name],
+                                          lls[start:start + len(rs)])
+    start += len(rs)
+  for t in gen:
+    scored[t.name] = generation.evaluate_generative(t, generate_fn, seed)
+  results, items, members = {}, [], {}
+  for t in tasks:
+    results[t.name], task_items = scored[t.name]
     items += task_items
-    if task.group:
-      groups.setdefault(task.group, []).append(metrics)
-  for name, members in groups.items():
-    results[name] = group_metrics(members)
+    if groups and t.group:
+      members.setdefault(t.group, []).append(results[t.name])
+  for name, group in members.items():
+    results[name] = group_metrics(group)
   return results, items

@@ -9,9 +9,9 @@ context. Per document (lm_eval/api/task.py, `process_results`):
     acc_bytes  argmax of sum / len(choice.encode())    choice, delimiter NOT
                                                        counted
 Tokenization follows the harness's `_encode_pair` for a causal model:
-trailing whitespace of the context moves to the front of the continuation,
-then context + continuation is encoded as one text (with bos) and split
-after the context's own tokens. A request longer than `seq_len + 1` tokens
+trailing whitespace of the context moves to the front of the continuation;
+the context is encoded alone (with bos), the continuation is the whole
+text's encoding past as many tokens as the context has. A request longer than `seq_len + 1` tokens
 loses tokens from the left, bos first, as the harness truncates to the
 model's max_length.
 
@@ -68,8 +68,11 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str
     continuation = context[-n_spaces:] + continuation
     context = context[:-n_spaces]
   whole = tokenizer.encode(context + continuation, add_bos=True).tolist()
-  n_context = len(tokenizer.encode(context, add_bos=True))
-  return whole[:n_context], whole[n_context:]
+  ctx = tokenizer.encode(context, add_bos=True).tolist()
+  # The context keeps its own encoding even where the whole text merges a
+  # piece across the boundary ("):" + "\n" -> "):\n"): the model then sees
+  # ctx + whole[len(ctx):], not the whole text's tokens, as in the harness.
+  return ctx, whole[len(ctx):]
 
 
 def model_logits(cfg: ModelConfig, params, tokens, segment_ids):
@@ -233,24 +236,18 @@ def summarize(items: Sequence[dict], metrics: Sequence[str]) -> dict:
 MC_METRICS = ("acc", "acc_norm", "acc_bytes")
 
 
-def evaluate_multiple_choice(task: "tasks_lib.Task",
-                             loglikelihood_fn: LoglikelihoodFn,
-                             seed: int = tasks_lib.FEWSHOT_SEED
-                             ) -> tuple[dict, list[dict]]:
-  """Scores a multiple-choice task: (metrics, one record per document).
+def choice_items(task: "tasks_lib.Task", contexts: Sequence[str],
+                 lls: Sequence[float]) -> tuple[dict, list[dict]]:
+  """(metrics, one record per document) from the log-likelihoods of
+  `choice_requests(task, contexts)`, in that order.
 
   A record holds the prompt, each choice's log-likelihood, its length in
   characters and bytes, the three predictions, the gold index and the
   0/1 metrics.
   """
-  if task.kind != "multiple_choice":
-    raise ConfigError(f"{task.name} is a {task.kind} task, not multiple "
-                      "choice")
-  ctxs = tasks_lib.contexts(task, seed)
-  lls = list(loglikelihood_fn(choice_requests(task, ctxs)))
   items, k = [], 0
-  for i, (ctx, doc) in enumerate(zip(ctxs, task.docs)):
-    doc_lls = lls[k:k + len(doc.choices)]
+  for i, (ctx, doc) in enumerate(zip(contexts, task.docs)):
+    doc_lls = [float(x) for x in lls[k:k + len(doc.choices)]]
     k += len(doc.choices)
     items.append({
         "task": task.name, "doc": i, "where": doc.where, "context": ctx,
@@ -259,3 +256,16 @@ def evaluate_multiple_choice(task: "tasks_lib.Task",
         "bytes": [len(c.encode("utf-8")) for c in doc.choices],
         "gold": doc.gold, **choice_metrics(doc_lls, doc.choices, doc.gold)})
   return summarize(items, MC_METRICS), items
+
+
+def evaluate_multiple_choice(task: "tasks_lib.Task",
+                             loglikelihood_fn: LoglikelihoodFn,
+                             seed: int = tasks_lib.FEWSHOT_SEED
+                             ) -> tuple[dict, list[dict]]:
+  """Scores a multiple-choice task: (metrics, one record per document)."""
+  if task.kind != "multiple_choice":
+    raise ConfigError(f"{task.name} is a {task.kind} task, not multiple "
+                      "choice")
+  ctxs = tasks_lib.contexts(task, seed)
+  return choice_items(task, ctxs,
+                      list(loglikelihood_fn(choice_requests(task, ctxs))))

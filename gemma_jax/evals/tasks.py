@@ -10,8 +10,9 @@ renders it without a chat template (lm_eval/api/task.py):
 Few-shot examples are drawn as the harness draws them: one
 `random.Random(1234)` per task (the default `--seed`'s fewshot value,
 lm_eval/defaults.py) sampling k examples per document in document order, or
-the first k (MMLU's `first_n` sampler); when the shots come from the split
-being scored, k + 1 are drawn and the document itself is dropped.
+the first k (MMLU's `first_n` sampler). When the harness's few-shot split
+equals its test split (HellaSwag: both unset; a generic task whose shots
+file is the scored file) k + 1 are drawn and the document itself dropped.
 
 Defaults per benchmark, from the harness's task YAMLs:
 
@@ -44,8 +45,10 @@ class Task:
     'generate_until' (greedy generation, exact match of the extracted
     answer).
   sampler: 'default' (seeded random shots) or 'first_n'.
-  shots_from_eval: the shots come from the scored split; each document is
-    then excluded from its own shots.
+  exclude_doc: the harness passes the document to its sampler, which then
+    draws k + 1 shots and drops the document (its rule: the few-shot split
+    equals the test split, both unset for HellaSwag); `first_n` removes it
+    from the pool.
   group: the group the task is averaged into (e.g. 'mmlu'), weighted by
     the number of documents.
   """
@@ -55,7 +58,7 @@ class Task:
   fewshot_docs: tuple[Doc, ...] = ()
   num_fewshot: int = 0
   sampler: Literal["default", "first_n"] = "default"
-  shots_from_eval: bool = False
+  exclude_doc: bool = False
   description: str = ""
   target_delimiter: str = " "
   fewshot_delimiter: str = "\n\n"
@@ -80,10 +83,10 @@ def sample_shots(task: Task, doc: Doc, rnd: random.Random) -> list[Doc]:
     return []
   pool = list(task.fewshot_docs)
   if task.sampler == "first_n":
-    if task.shots_from_eval:
+    if task.exclude_doc:
       pool = [d for d in pool if d != doc]
     return pool[:k]
-  if not task.shots_from_eval:
+  if not task.exclude_doc:
     return rnd.sample(pool, k)
   shots = [d for d in rnd.sample(pool, k + 1) if d != doc][:k]
   if len(shots) < k:    # several copies of `doc` were drawn: draw again
@@ -107,7 +110,7 @@ def fewshot_context(task: Task, doc: Doc, rnd: random.Random) -> str:
 
 def contexts(task: Task, seed: int = FEWSHOT_SEED) -> list[str]:
   """Every document's prompt, in document order (shots drawn in order)."""
-  need = task.num_fewshot + (1 if task.shots_from_eval else 0)
+  need = task.num_fewshot + (1 if task.exclude_doc else 0)
   if task.num_fewshot and len(task.fewshot_docs) < need:
     raise ConfigError(
         f"{task.name}: {task.num_fewshot}-shot needs at least {need} "
@@ -117,7 +120,8 @@ def contexts(task: Task, seed: int = FEWSHOT_SEED) -> list[str]:
   return [fewshot_context(task, doc, rnd) for doc in task.docs]
 
 
-def _shots(shots, read, eval_path):
+def _shots(shots, read, eval_path) -> tuple[tuple[Doc, ...], bool]:
+  """(few-shot docs, whether `shots` is the scored file itself)."""
   if shots is None:
     return (), False
   same = os.path.abspath(os.path.expanduser(os.fspath(shots))) == \
@@ -128,24 +132,28 @@ def _shots(shots, read, eval_path):
 def arc(path, shots=None, name: str = "arc_easy",
         num_fewshot: int | None = None) -> Task:
   """ARC-Easy / ARC-Challenge (0-shot by default; shots: the train file)."""
-  fewshot, same = _shots(shots, readers.read_arc, path)
+  # fewshot_split unset, test_split "test": the harness never excludes.
+  fewshot, _ = _shots(shots, readers.read_arc, path)
   return Task(name, "multiple_choice", tuple(readers.read_arc(path)),
-              fewshot, shots_from_eval=same).with_fewshot(num_fewshot)
+              fewshot).with_fewshot(num_fewshot)
 
 
 def hellaswag(path, shots=None, num_fewshot: int | None = None) -> Task:
   """HellaSwag validation (0-shot by default; shots: the train file)."""
-  fewshot, same = _shots(shots, readers.read_hellaswag, path)
+  # fewshot_split and test_split are both unset (it scores validation), so
+  # the harness's `fewshot_split == test_split` holds: k + 1 drawn, the
+  # document dropped.
+  fewshot, _ = _shots(shots, readers.read_hellaswag, path)
   return Task("hellaswag", "multiple_choice",
               tuple(readers.read_hellaswag(path)), fewshot,
-              shots_from_eval=same).with_fewshot(num_fewshot)
+              exclude_doc=True).with_fewshot(num_fewshot)
 
 
 def gsm8k(path, shots=None, num_fewshot: int | None = None) -> Task:
   """GSM8K test, 5-shot from the train file by default."""
-  fewshot, same = _shots(shots, readers.read_gsm8k, path)
+  fewshot, _ = _shots(shots, readers.read_gsm8k, path)   # train != test
   return Task("gsm8k", "generate_until", tuple(readers.read_gsm8k(path)),
-              fewshot, num_fewshot=5, shots_from_eval=same,
+              fewshot, num_fewshot=5,
               until=GSM8K_UNTIL).with_fewshot(num_fewshot)
 
 
@@ -172,7 +180,7 @@ def mmlu(data_dir, split: str = "test",
     tasks.append(Task(
         f"mmlu_{subject}", "multiple_choice",
         tuple(readers.read_mmlu_csv(path)), fewshot, sampler="first_n",
-        shots_from_eval=split == "dev", description=mmlu_description(subject),
+        exclude_doc=split == "dev", description=mmlu_description(subject),
         group="mmlu").with_fewshot(num_fewshot))
   return tasks
 
@@ -183,7 +191,7 @@ def multiple_choice(path, shots=None, name: str | None = None,
   fewshot, same = _shots(shots, readers.read_multiple_choice, path)
   return Task(name or _stem(path), "multiple_choice",
               tuple(readers.read_multiple_choice(path)), fewshot,
-              shots_from_eval=same).with_fewshot(num_fewshot)
+              exclude_doc=same).with_fewshot(num_fewshot)
 
 
 def generative(path, shots=None, name: str | None = None,
@@ -194,7 +202,7 @@ def generative(path, shots=None, name: str | None = None,
   fewshot, same = _shots(shots, readers.read_generative, path)
   return Task(name or _stem(path), "generate_until",
               tuple(readers.read_generative(path)), fewshot,
-              shots_from_eval=same, until=tuple(until),
+              exclude_doc=same, until=tuple(until),
               max_gen_toks=max_gen_toks).with_fewshot(num_fewshot)
 
 

@@ -26,7 +26,10 @@ def test_evaluate_tasks_dispatches_by_kind_and_adds_groups():
         for s, n in (("x", 2), ("y", 4))]
   gen = tasks.Task("math", "generate_until", (Doc("Q:", target="#### 3"),))
 
+  calls = []
+
   def ll(requests):          # always prefers " A": acc 1 everywhere
+    calls.append(len(requests))
     return [-1.0 if cont == " A" else -2.0 for _, cont in requests]
 
   def generate(prompts, n):
@@ -34,7 +37,10 @@ def test_evaluate_tasks_dispatches_by_kind_and_adds_groups():
   results, items = evaluate.evaluate_tasks([*mc, gen], ll, generate)
   assert list(results) == ["mmlu_x", "mmlu_y", "math", "mmlu"]
   assert results["mmlu"]["acc"] == 1.0 and results["mmlu"]["n"] == 6
+  assert calls == [12]       # every choice of both subjects in one call
   assert results["math"]["exact_match,strict-match"] == 1.0
   assert len(items) == 7
   with pytest.raises(ConfigError, match="math: generation needs a generate"):
     evaluate.evaluate_tasks([gen], ll)
+  with pytest.raises(ConfigError, match="task names must be unique"):
+    evaluate.evaluate_tasks([gen, gen], ll, generate)

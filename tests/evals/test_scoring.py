@@ -40,12 +40,24 @@ def model(tmp_path_factory, tok):
 
 def test_encode_pair_moves_trailing_space_to_the_continuation(tok):
   ctx, cont = scoring.encode_pair(tok, "Question: 2 + 2?\nAnswer: ", "4")
-  # As if scoring ("Question: 2 + 2?\nAnswer:", " 4"): the whole text is
-  # encoded once and split after the context's own tokens.
+  # As if scoring ("Question: 2 + 2?\nAnswer:", " 4").
   assert ctx == tok.encode("Question: 2 + 2?\nAnswer:", add_bos=True).tolist()
   assert ctx + cont == tok.encode("Question: 2 + 2?\nAnswer: 4",
                                   add_bos=True).tolist()
   assert ctx[0] == BOS_ID and tok.decode(cont) == " 4"
+
+
+def test_encode_pair_keeps_the_contexts_own_tokens_across_a_merge(tok):
+  # This tokenizer has the piece "):\n": the whole text merges across the
+  # boundary. Like the harness, the context keeps its own "):" and the
+  # continuation is the whole encoding past len(context) tokens, so the
+  # newline is not scored (nor seen) at all.
+  whole = tok.encode("def f(x):\n  return x", add_bos=True).tolist()
+  ctx, cont = scoring.encode_pair(tok, "def f(x):", "\n  return x")
+  assert tok.id_to_piece(ctx[-1]) == "):"
+  assert "):\n" in [tok.id_to_piece(i) for i in whole]
+  assert cont == whole[len(ctx):] and ctx + cont != whole
+  assert tok.decode(cont) == "  return x"
 
 
 def test_encode_pair_with_an_empty_context_conditions_on_bos(tok):

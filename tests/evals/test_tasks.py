@@ -51,17 +51,19 @@ def test_random_shots_come_from_one_generator_seeded_1234(tmp_path):
   assert tasks.contexts(task, seed=1) != ctx
 
 
-def test_shots_from_the_scored_split_skip_the_document(tmp_path):
-  path = jsonl(tmp_path / "t.jsonl", arc_rows("q", 3))
-  task = tasks.arc(path, shots=path, num_fewshot=2)
-  assert task.shots_from_eval
+def test_shots_from_the_scored_file_skip_the_document(tmp_path):
+  path = tmp_path / "t.jsonl"
+  path.write_text("".join(json.dumps({"context": f"q{i}", "choices": ["a"],
+                                      "gold": 0}) + "\n" for i in range(3)))
+  task = tasks.multiple_choice(path, shots=path, num_fewshot=2)
+  assert task.exclude_doc
   for doc, ctx in zip(task.docs, tasks.contexts(task)):
     shots = ctx.split("\n\n")[:-1]
     assert len(shots) == 2 and doc.query not in shots[0] + shots[1]
   # Duplicates of the document in the pool are all excluded.
   dup = Doc("q", ("a",), 0)
   pool = tasks.Task("t", "multiple_choice", (dup,), (dup, dup, dup,
-                    Doc("x", ("y",), 0)), num_fewshot=1, shots_from_eval=True)
+                    Doc("x", ("y",), 0)), num_fewshot=1, exclude_doc=True)
   for seed in range(20):
     assert tasks.contexts(pool, seed) == ["x y\n\nq"]
 
@@ -114,12 +116,23 @@ def test_gsm8k_is_five_shot_by_default(tmp_path):
       "Question: Last?\nAnswer:"]
 
 
-def test_hellaswag_zero_shot(tmp_path):
-  path = jsonl(tmp_path / "v.jsonl", [{
-      "activity_label": "Baking", "ctx_a": "She mixes.", "ctx_b": "she",
-      "endings": ["bakes.", "sings."], "label": 0}])
-  task = tasks.hellaswag(path)
-  assert tasks.contexts(task) == ["Baking: She mixes. She"]
+def test_hellaswag_prompts(tmp_path):
+  def rows(name, n):
+    return [{"activity_label": name, "ctx_a": f"Step {i}.", "ctx_b": "she",
+             "endings": [f"ends {i}.", "sings."], "label": 0}
+            for i in range(n)]
+  val = jsonl(tmp_path / "v.jsonl", rows("Baking", 2))
+  assert tasks.contexts(tasks.hellaswag(val)) == ["Baking: Step 0. She",
+                                                  "Baking: Step 1. She"]
+  task = tasks.hellaswag(val, jsonl(tmp_path / "t.jsonl", rows("Train", 6)),
+                         num_fewshot=2)
+  # The harness's test and few-shot splits are both unset, so it draws
+  # k + 1 shots per document (dropping any equal to it), keeping k.
+  rnd = random.Random(1234)
+  draws = [rnd.sample(range(6), 3)[:2] for _ in range(2)]
+  assert tasks.contexts(task) == [
+      "".join(f"Train: Step {k}. She ends {k}.\n\n" for k in ks)
+      + f"Baking: Step {i}. She" for i, ks in enumerate(draws)]
 
 
 def test_an_empty_answer_gets_no_delimiters():
