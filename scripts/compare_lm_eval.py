@@ -182,7 +182,8 @@ def write_gsm8k(d: pathlib.Path):
 def write_files(d: pathlib.Path) -> dict:
   d.mkdir(parents=True, exist_ok=True)
   paths = corpus.stdlib_files(600_000)
-  code = [corpus._read(p) for p in paths]
+  code = [pathlib.Path(p).read_text(encoding="utf-8", errors="replace")
+          for p in paths]
   prose = [corpus.module_docstrings(t) for t in code]
   code_items = synthetic.code_next(code, 60, seed=7)
   files = {"code_test": _jsonl(d / "code_next.jsonl", code_items[:30]),
