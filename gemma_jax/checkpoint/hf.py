@@ -8,6 +8,13 @@ tensor at a time, so neither direction holds two copies of the model.
 
     params, cfg = hf.load("gemma-2-2b/")            # numpy arrays
     hf.save("out/", params, cfg, max_shard_bytes=2**30)
+    hf.save("out/", params, cfg, tokenizer=Tokenizer.load("tokenizer.model"))
+
+With a tokenizer, the directory also holds `tokenizer.model` and the
+`tokenizer_config.json` / `special_tokens_map.json` that transformers'
+AutoTokenizer reads (GemmaTokenizer: bos added, eos not), so the export runs
+unchanged under tools that load a model by directory, such as
+lm-evaluation-harness's `hf` model.
 """
 
 import functools
@@ -22,12 +29,18 @@ from gemma_jax import fileio
 from gemma_jax.checkpoint import hf_config, layout, safetensors_io
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
+from gemma_jax.tokenizer import Tokenizer
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TIED_HEAD = "lm_head.weight"
 DEFAULT_SHARD_BYTES = 5 * 2**30
+TOKENIZER_MODEL = "tokenizer.model"
+# Gemma's special pieces and ids (pad 0, eos 1, bos 2, unk 3), as in the
+# official releases' special_tokens_map.json.
+SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>",
+                  "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
 class Entry(NamedTuple):
@@ -167,13 +180,35 @@ def _shards(tensors, max_bytes):
   return shards
 
 
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
+  """{file name: contents} of a transformers GemmaTokenizer directory.
+
+  The settings are those of the official Gemma releases' tokenizer_config:
+  a bos is prepended on encode (add_bos_token), no eos appended, and decode
+  does not rewrite spaces (clean_up_tokenization_spaces false).
+  """
+  config = {"add_bos_token": True, "add_eos_token": False, **SPECIAL_TOKENS,
+            "clean_up_tokenization_spaces": False,
+            "spaces_between_special_tokens": False, "sp_model_kwargs": {},
+            "tokenizer_class": "GemmaTokenizer"}
+  def text(d):
+    return (json.dumps(d, indent=2) + "\n").encode()
+  return {TOKENIZER_MODEL: tokenizer.serialized(),
+          "tokenizer_config.json": text(config),
+          "special_tokens_map.json": text(SPECIAL_TOKENS)}
+
+
 def save(directory, params, cfg: ModelConfig, *, dtype=None,
-         max_shard_bytes: int = DEFAULT_SHARD_BYTES, force=False) -> None:
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, force=False,
+         tokenizer: Tokenizer | None = None) -> None:
   """Writes an HF directory (config.json + safetensors) from native params.
 
-  Shards (with an index) when the weights exceed `max_shard_bytes`. Atomic:
+  Shards (with an index) when the weights exceed `max_shard_bytes`. With a
+  `tokenizer` (checked against cfg.vocab_size first), its files too. Atomic:
   `directory` appears only once complete.
   """
+  if tokenizer is not None:
+    tokenizer.check_vocab(cfg.vocab_size)
   directory = Path(directory)
   flat = dict(layout.flatten(meta.unbox(params)))
   layout.check_shapes({p: tuple(np.shape(x)) for p, x in flat.items()},
@@ -199,4 +234,7 @@ def save(directory, params, cfg: ModelConfig, *, dtype=None,
       index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
                "weight_map": weight_map}
       (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+      for name, data in tokenizer_files(tokenizer).items():
+        (tmp / name).write_bytes(data)
 

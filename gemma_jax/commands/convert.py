@@ -6,11 +6,18 @@
     gemma-jax convert --from kaggle --to native --model gemma2-9b 9b/ ckpt/9b
     # native -> Hugging Face (loads in transformers), sharded above 2 GB
     gemma-jax convert --from native --to hf --max-shard-size 2GB ckpt/9b hf-9b/
+    # ... with the tokenizer, so AutoTokenizer (and lm-eval's `hf`) load it
+    gemma-jax convert --from native --to hf --tokenizer tok.model ckpt/ hf/
 
 `--model` is a preset name or a YAML/JSON file with a model section (a
 preset plus overrides, or every field); with --from hf/native it must agree
 with the stored config and decides the output config (e.g. a preset's
 256128-row embedding, zero-padded).
+
+With --to hf, `--tokenizer PATH` writes that SentencePiece model and its
+transformers configs into DST. Without it, converting a run's params export
+(RUN/params) takes the tokenizer that RUN/config.yaml names in
+`data.tokenizer`, when that file exists.
 """
 
 import dataclasses
@@ -24,6 +31,7 @@ from gemma_jax import configlib
 from gemma_jax.checkpoint import hf, hf_config, kaggle, native
 from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import PRESETS, ModelConfig
+from gemma_jax.tokenizer import Tokenizer
 
 HELP = "convert checkpoints between Hugging Face, official Flax and native"
 
@@ -49,6 +57,9 @@ def add_arguments(parser):
                       help="HF output: shard above this size (e.g. 500MB)")
   parser.add_argument("--force", action="store_true",
                       help="replace DST if it exists")
+  parser.add_argument("--tokenizer", help="--to hf: SentencePiece model to "
+                      "write beside the weights (default: a run's "
+                      "data.tokenizer when SRC is RUN/params)")
 
 
 def parse_size(text: str) -> int:
@@ -94,8 +105,36 @@ def load(args, dtype):
   return params, stored
 
 
+def run_tokenizer(src) -> str | None:
+  """data.tokenizer of the run whose params export is `src`, if it exists."""
+  src = pathlib.Path(src)
+  config = src.parent / "config.yaml"
+  if src.name != "params" or not config.is_file():
+    return None
+  try:
+    data = configlib.load_yaml(str(config)).get("data")
+  except ConfigError:
+    return None
+  path = data.get("tokenizer") if isinstance(data, dict) else None
+  if not isinstance(path, str):
+    return None
+  path = pathlib.Path(path).expanduser()
+  return str(path) if path.is_file() else None
+
+
+def tokenizer_for(args):
+  """The Tokenizer to export with --to hf, or None."""
+  if args.tokenizer and args.dst_format != "hf":
+    raise ConfigError("--tokenizer goes with --to hf")
+  path = args.tokenizer
+  if path is None and args.dst_format == "hf" and args.src_format == "native":
+    path = run_tokenizer(args.src)
+  return None if path is None else Tokenizer.load(path)
+
+
 def main(args) -> int:
   dtype = None if args.dtype == "keep" else jnp.dtype(args.dtype)
+  tokenizer = tokenizer_for(args)
   params, cfg = load(args, dtype)
   if dtype is not None:
     cfg = dataclasses.replace(cfg, param_dtype=args.dtype)
@@ -103,8 +142,9 @@ def main(args) -> int:
     native.save(args.dst, params, cfg, force=args.force)
   else:
     hf.save(args.dst, params, cfg, max_shard_bytes=parse_size(
-        args.max_shard_size), force=args.force)
+        args.max_shard_size), force=args.force, tokenizer=tokenizer)
   summary = {"from": args.src_format, "to": args.dst_format, "dst": args.dst,
-             "model": cfg.name, "params": cfg.param_count()}
+             "model": cfg.name, "params": cfg.param_count(),
+             "tokenizer": tokenizer.path if tokenizer else None}
   print(json.dumps(summary))
   return 0
