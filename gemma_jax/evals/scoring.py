@@ -77,8 +77,8 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str
 
 def model_logits(cfg: ModelConfig, params, tokens, segment_ids):
   """float32 logits [B, T, V] of our Transformer (the one call site)."""
-  out = Transformer(cfg).apply({"params": params}, tokens, None, segment_ids)
-  return out[0] if isinstance(out, tuple) else out
+  return Transformer(cfg).apply({"params": params}, tokens, None,
+                                segment_ids)
 
 
 def make_token_logprob_fn(params, cfg: ModelConfig) -> TokenLogprobFn:
