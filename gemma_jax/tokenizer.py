@@ -92,6 +92,10 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
+  def serialized(self) -> bytes:
+    """The model file's bytes (what an HF export writes as tokenizer.model)."""
+    return self._proto
+
   def __getstate__(self):
     return {"proto": self._proto, "path": self.path}
 
