@@ -15,8 +15,8 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("train", "eval", "plot", "compile", "convert", "score", "sample",
-            "tokenizer", "data", "merge", "launch")
+COMMANDS = ("train", "eval", "report", "plot", "compile", "convert", "score",
+            "sample", "tokenizer", "data", "merge", "launch")
 
 
 def _module(name):

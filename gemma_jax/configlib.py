@@ -9,6 +9,7 @@ dict with `key.sub=value` strings from the command line before it is built.
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -169,16 +170,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
   return data
 
 
-def load_yaml(path) -> dict:
+def _read_yaml(path):
   try:
-    with open(path) as f:
-      data = yaml.safe_load(f)
+    with open(os.path.expanduser(os.fspath(path))) as f:
+      return yaml.safe_load(f)
   except FileNotFoundError:
     raise ConfigError(f"config file not found: {path}") from None
+  except IsADirectoryError:
+    raise ConfigError(f"config file {path} is a directory") from None
   except yaml.YAMLError as e:
-    raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    first = str(e).strip().splitlines()
+    raise ConfigError(f"config file {path} is not valid YAML: "
+                      f"{' '.join(x.strip() for x in first)}") from None
+
+
+def load_yaml(path) -> dict:
+  """A YAML file whose top level is a mapping ({} when empty)."""
+  data = _read_yaml(path)
   if data is None:
     return {}
   if not isinstance(data, dict):
     raise ConfigError(f"config file {path}: top level must be a mapping")
+  return data
+
+
+def load_yaml_list(path) -> list:
+  """A YAML file whose top level is a list."""
+  data = _read_yaml(path)
+  if not isinstance(data, list):
+    raise ConfigError(f"{path}: top level must be a list")
   return data
