@@ -17,7 +17,8 @@ from safetensors import safe_open
 
 _CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
           np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
-          np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
+          np.dtype(np.int32): "I32", np.dtype(np.int64): "I64",
+          np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8"}
 
 
 class Tensor(NamedTuple):

@@ -10,6 +10,8 @@ import math
 from typing import Literal
 
 from gemma_jax.errors import ConfigError
+from gemma_jax.model import lora as lora_lib
+from gemma_jax.model import quant as quant_lib
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "qkv_proj"]
@@ -39,6 +41,10 @@ class ModelConfig:
   param_dtype: DType = "float32"
   dtype: DType = "float32"         # activation (compute) dtype
   remat_policy: RematPolicy = "none"
+  # Quantized weights (QAT or an int export) and low-rank adapters; see
+  # gemma_jax.model.quant and gemma_jax.model.lora.
+  quant: quant_lib.QuantConfig | None = None
+  lora: lora_lib.LoraConfig | None = None
 
   def __post_init__(self):
     for key in ("num_layers", "d_model", "mlp_dim", "num_heads",
@@ -62,6 +68,24 @@ class ModelConfig:
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ConfigError(f"sliding_window must be positive, got "
                         f"{self.sliding_window}")
+    if self.quant is not None:
+      for name, (shape, in_axis, group) in self.einsum_weights().items():
+        if group in self.quant.targets:
+          quant_lib.check_block(self.quant, name, shape, in_axis)
+    if self.lora is not None:
+      lora_lib.check(self.lora, self)
+
+  def einsum_weights(self) -> dict[str, tuple[tuple[int, ...], object, str]]:
+    """{module path: (one layer's weight shape, fan-in axes, quant group)}
+    of every projection and the embedding (module 'embedder')."""
+    d, f, h = self.d_model, self.mlp_dim, self.head_dim
+    n, k = self.num_heads, self.num_kv_heads
+    return {"layers/attn/q_einsum": ((n, d, h), 1, "attn"),
+            "layers/attn/kv_einsum": ((2, k, d, h), 2, "attn"),
+            "layers/attn/attn_vec_einsum": ((n, h, d), (0, 1), "attn"),
+            "layers/mlp/gating_einsum": ((2, d, f), 1, "mlp"),
+            "layers/mlp/linear": ((f, d), 0, "mlp"),
+            "embedder": ((self.num_embed_rows, d), 1, "embed")}
 
   # Derived values.
   @property

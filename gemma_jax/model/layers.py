@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from gemma_jax.model import lora as lora_lib
+from gemma_jax.model import quant as quant_lib
 from gemma_jax.model.config import ModelConfig
 
 
@@ -33,28 +35,65 @@ class RMSNorm(nn.Module):
 
 
 class Embedder(nn.Module):
-  """Tied input/output embedding; rows past vocab_size are padding only."""
+  """Tied input/output embedding; rows past vocab_size are padding only.
+
+  With 'embed' among model.quant.targets the table is quantized per row
+  along d_model (the contraction axis of the output projection).
+  """
   config: ModelConfig
 
   def setup(self):
     cfg = self.config
+    shape, axes = (cfg.num_embed_rows, cfg.d_model), ("vocab", "embed")
+    quant = cfg.quant if cfg.quant and "embed" in cfg.quant.targets else None
+    self.quant = quant
+    if quant and quant.weights == "int":
+      self.embedding = param(self, "embedding", shape, axes,
+                             nn.initializers.zeros_init(), quant.int_dtype)
+      self.embedding_scale = param(
+          self, "embedding_scale",
+          quant_lib.scale_shape(shape, 1, quant.block_size),
+          quant_lib.scale_axes(axes, shape, 1, quant.block_size),
+          nn.initializers.ones_init(), jnp.float32)
+      return
     # std 1/sqrt(D): unit-scale inputs after the sqrt(D) factor, and
     # unit-scale initial logits from normalised hidden states.
-    self.embedding = param(self, "embedding", (cfg.num_embed_rows, cfg.d_model),
-                           ("vocab", "embed"),
+    self.embedding = param(self, "embedding", shape, axes,
                            nn.initializers.normal(cfg.d_model ** -0.5),
                            cfg.param_dtype)
+
+  def _rows(self, rows=None):
+    """The (fake-)quantized or plain table, or only `rows` of it."""
+    quant, table = self.quant, self.embedding
+    if quant and quant.weights == "int":
+      scale = self.embedding_scale
+      if rows is not None:
+        table, scale = (jnp.take(t, rows, axis=0) for t in (table, scale))
+      return quant_lib.dequantize(table, scale, -1, quant.block_size,
+                                  self.config.dtype)
+    if rows is not None:
+      table = table[rows]
+    if quant:
+      table = quant_lib.fake_quant(table, -1, quant.bits, quant.block_size)
+    return table
 
   def encode(self, tokens):
     """[B, T] -> [B, T, D], scaled by sqrt(D) rounded in the compute dtype."""
     dtype = self.config.dtype
-    x = jnp.take(self.embedding, tokens, axis=0).astype(dtype)
+    if self.quant and self.quant.weights == "int":
+      x = self._rows(tokens).astype(dtype)
+    else:
+      x = jnp.take(self._rows(), tokens, axis=0).astype(dtype)
     return x * jnp.asarray(self.config.embed_scale, dtype)
 
   def decode(self, x):
     """[B, T, D] -> float32 logits [B, T, V] over the real vocabulary."""
-    table = self.embedding[:self.config.vocab_size].astype(self.config.dtype)
-    return jnp.einsum("BTD,VD->BTV", x, table,
+    vocab = jnp.arange(self.config.vocab_size)
+    if self.quant and self.quant.weights == "int":
+      table = self._rows(vocab)
+    else:
+      table = self._rows()[:self.config.vocab_size]
+    return jnp.einsum("BTD,VD->BTV", x, table.astype(self.config.dtype),
                       preferred_element_type=jnp.float32)
 
 
@@ -74,7 +113,13 @@ def apply_rope(x, positions, max_wavelength: float):
 
 
 class Einsum(nn.Module):
-  """A weight `w` of the given shape, contracted with `x` by an einsum."""
+  """A weight `w` of the given shape, contracted with `x` by an einsum.
+
+  model.quant: `w` is fake-quantized in the forward pass (float weights,
+  QAT) or held as integers with a `scale` (quantized weights), along its
+  fan-in. model.lora: low-rank adapters on this projection add their term
+  (gemma_jax.model.lora).
+  """
   shape: tuple[int, ...]
   axes: tuple[str | None, ...]
   in_axis: int | tuple[int, ...]     # fan-in axes of `w`, for the init
@@ -82,12 +127,42 @@ class Einsum(nn.Module):
 
   @nn.compact
   def __call__(self, equation: str, x):
-    in_axes = (self.in_axis,) if isinstance(self.in_axis, int) else self.in_axis
+    cfg = self.config
+    y = jnp.einsum(equation, x, self._weight().astype(cfg.dtype))
+    if cfg.lora is not None:
+      delta = lora_lib.adapter_delta(self, equation, x, self.shape, self.axes,
+                                     self.in_axis, cfg.lora, cfg.param_dtype,
+                                     cfg.dtype)
+      if delta is not None:
+        y = y + delta
+    return y
+
+  def _weight(self):
+    cfg = self.config
+    quant = cfg.quant
+    if quant and quant_lib.MODULE_GROUPS[self.name] not in quant.targets:
+      quant = None
+    if quant and quant.weights == "int":
+      q = param(self, "w", self.shape, self.axes, nn.initializers.zeros_init(),
+                quant.int_dtype)
+      scale = param(
+          self, "scale",
+          quant_lib.scale_shape(self.shape, self.in_axis, quant.block_size),
+          quant_lib.scale_axes(self.axes, self.shape, self.in_axis,
+                               quant.block_size),
+          nn.initializers.ones_init(), jnp.float32)
+      return quant_lib.dequantize(q, scale, self.in_axis, quant.block_size,
+                                  cfg.dtype)
+    in_axes = quant_lib.fan_in_axes(self.in_axis)
     fan_in = math.prod(self.shape[a] for a in in_axes)
     # Truncated normal with std 1/sqrt(fan_in); the constant undoes truncation.
     init = nn.initializers.truncated_normal(1 / (0.87962566 * math.sqrt(fan_in)))
-    w = param(self, "w", self.shape, self.axes, init, self.config.param_dtype)
-    return jnp.einsum(equation, x, w.astype(self.config.dtype))
+    w = param(self, "w", self.shape, self.axes, init, cfg.param_dtype)
+    if quant:
+      w = quant_lib.fake_quant(w, self.in_axis, quant.bits, quant.block_size)
+      # Sharded like the weight, whatever layout the blocking suggested.
+      w = nn.with_logical_constraint(w, self.axes)
+    return w
 
 
 class MLP(nn.Module):

@@ -24,6 +24,7 @@ from gemma_jax.errors import ConfigError
 from gemma_jax.model import Transformer
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.mesh import make_mesh
+from gemma_jax.train import lora
 from gemma_jax.train import state as state_lib
 from gemma_jax.train import step as step_lib
 from gemma_jax.train.config import RunConfig
@@ -47,7 +48,8 @@ class TrainProgram:
     forward: (params, frozen, batch) -> logits; loss_fn, penalty_fn: the
       objective (see gemma_jax.train.step.train_step).
     frozen: arrays every step reads but never trains (a teacher, a Fisher
-      and its anchor), on the devices; {} when the objective needs none.
+      and its anchor, the base of LoRA: gemma_jax.train.lora), on the
+      devices; {} when the objective needs none.
   """
 
   def __init__(self, cfg: RunConfig, mesh: jax.sharding.Mesh | None = None):
@@ -56,17 +58,20 @@ class TrainProgram:
     self.model = Transformer(cfg.model)
     self.num_sources = max(len(cfg.data.sources), 1)
     self.forward = step_lib.model_forward(self.model)
+    self.frozen = {}
+    boxed = state_lib.abstract_params(cfg.model)
+    if cfg.model.lora is not None:
+      # LoRA: the state trains the adapters only; the base is frozen.
+      boxed = lora.setup(self, boxed)
     self.loss_fn = step_lib.lm_loss(self.forward, self.num_sources,
                                     cfg.train.z_loss)
     self.penalty_fn = None
-    self.frozen = {}
     self.optimizer, self.schedule = make_optimizer(
         cfg.optimizer, cfg.optimizer.decay_steps or cfg.train.steps)
     self.batch_sharding = NamedSharding(self.mesh,
                                         rules.batch_spec(cfg.mesh))
     self._check_batch_size()
 
-    boxed = state_lib.abstract_params(cfg.model)
     self.param_specs, self.unsharded = rules.mesh_specs(boxed, self.mesh,
                                                         cfg.mesh)
     params = rules.values(boxed)
@@ -147,8 +152,10 @@ class TrainProgram:
 
   @functools.cached_property
   def _init_params(self):
-    return jax.jit(functools.partial(state_lib.init_params, self.cfg.model),
-                   out_shardings=self.param_shardings)
+    init = functools.partial(state_lib.init_params, self.cfg.model)
+    if self.cfg.model.lora is not None:
+      init = lora.init_adapters(init)
+    return jax.jit(init, out_shardings=self.param_shardings)
 
   @functools.cached_property
   def _init_state(self):

@@ -103,6 +103,13 @@ def all_finite(tree) -> jax.Array:
   return jnp.stack(flags).all() if flags else jnp.bool_(True)
 
 
+def row_keys(state: TrainState, rows: int) -> jax.Array:
+  """uint32 [rows, 2]: PRNG keys of this step, one per batch row, for
+  objectives that draw random numbers (LoRA dropout); a pure function of
+  the state, so a resumed run draws the same."""
+  return jax.random.split(jax.random.fold_in(state.rng, state.step), rows)
+
+
 def train_step(state: TrainState, batch, frozen, *, loss_fn,
                optimizer: optax.GradientTransformation,
                microbatches: int = 1, penalty_fn=None):
@@ -112,7 +119,8 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn,
   the objective is divided by the global batch's target tokens. penalty_fn
   (params, frozen) -> (penalty, {name: value}) is added once per step (e.g.
   EWC). `frozen` holds arrays the objective reads but never trains (a
-  teacher, a Fisher and its anchor); it is not donated.
+  teacher, a Fisher and its anchor, a LoRA base); it is not donated. The
+  loss sees the batch with `rng` added: per-row keys (`row_keys`).
 
   metrics (device scalars unless noted): loss (cross-entropy per target
   token), z_loss, loss/<term> of extra terms and penalties, grad_norm,
@@ -121,6 +129,7 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn,
   """
   tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
   denom = jnp.maximum(tokens, 1.0)
+  batch = dict(batch, rng=row_keys(state, batch["inputs"].shape[0]))
 
   def objective(params, mb):
     total, sums = loss_fn(params, mb, frozen)

@@ -23,7 +23,7 @@ import jax
 from gemma_jax import fileio, hardware
 from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
-from gemma_jax.train import checkpointing, evaluation, flops
+from gemma_jax.train import checkpointing, evaluation, flops, lora
 from gemma_jax.train import config as config_lib
 from gemma_jax.train import metrics as metrics_lib
 from gemma_jax.train.program import TrainProgram
@@ -101,10 +101,16 @@ class Trainer:
   def _setup(self):
     cfg = self.cfg
     # 2. State: restored onto this mesh, or created sharded on the devices.
+    # LoRA: the frozen base first (the state holds only the adapters).
+    self.lora_base = (lora.install_base(self.program, cfg.checkpoint.init_from)
+                      if cfg.model.lora is not None else None)
     self.restored_step = self.checkpointer.latest_step()
     if self.restored_step is not None:
       saved = self.checkpointer.restore_meta(self.restored_step)
       check_same_model(saved, cfg, self.restored_step)
+      if self.lora_base is not None:
+        lora.check_base(saved.get("lora_base"), self.lora_base,
+                        self.restored_step)
       self.pipe.check_resume(saved.get("data", {}), self.restored_step)
       restored = self.checkpointer.restore(self.program.abstract_state,
                                            self.restored_step)
@@ -151,8 +157,8 @@ class Trainer:
   def _initial_params(self):
     """`checkpoint.init_from` params restored straight into their sharded
     layout (no random init first), or None for a random start."""
-    if not self.cfg.checkpoint.init_from:
-      return None
+    if not self.cfg.checkpoint.init_from or self.cfg.model.lora is not None:
+      return None   # random, or LoRA (init_from is the frozen base)
     from gemma_jax.checkpoint import native
     params, _ = native.load(self.cfg.checkpoint.init_from,
                             shardings=self.program.param_shardings)
@@ -301,11 +307,19 @@ class Trainer:
     meta = {"config": config_lib.to_dict(self.cfg),
             "data": self.pipe.describe(),
             "skipped_total": self.skipped_total}
+    if self.lora_base is not None:
+      meta["lora_base"] = self.lora_base
     self.checkpointer.save(step, self.state, meta)
 
   def export_params(self, step: int) -> None:
     """The final params in gemma_jax's native format, WORKDIR/params."""
     from gemma_jax.checkpoint import native
+    if self.lora_base is not None:
+      adapter, path = lora.export(self.program, self.state.params,
+                                  self.workdir, self.lora_base)
+      self._print(f"adapter saved to {adapter}, merged params exported to "
+                  f"{path} (step {step})")
+      return
     path = os.path.join(self.workdir, "params")
     native.save(path, self.state.params, self.cfg.model, force=True)
     self._print(f"params exported to {path} (step {step})")
@@ -317,8 +331,11 @@ class Trainer:
     tok = self.pipe.tokenizer
     prompts = [tok.encode(p, add_bos=True).tolist()
                for p in cfg.train.sample_prompts]
+    params = self.state.params
+    if self.lora_base is not None:
+      params = lora.full_params(self.program, params)
     with self.program.mesh:
-      outs = sampler.generate(self.state.params, cfg.model, prompts,
+      outs = sampler.generate(params, cfg.model, prompts,
                               cfg.train.sample_tokens)
     for text, out in zip(cfg.train.sample_prompts, outs):
       self._print(f"sample: {text!r} -> {tok.decode(out)!r}")

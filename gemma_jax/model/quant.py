@@ -1,0 +1,220 @@
+"""Symmetric integer weight quantization (int4, int8) for training and export.
+
+A weight `w` of an einsum is quantized along its contraction (fan-in) axes:
+
+  per channel (block_size None): one scale per output channel, the max |w|
+    over every fan-in axis;
+  per block (block_size b): one scale per b consecutive entries of the LAST
+    fan-in axis (the innermost one of the flattened fan-in), so that a block
+    is b contiguous inputs of one output channel, the layout of a Hugging Face
+    Linear weight [out, in] split along `in` (e.g. blocks of 32 as GGUF does).
+
+    scale = max|w| / qmax            (qmax 7 for int4, 127 for int8)
+    q     = clip(round(w / scale), -qmax, qmax)
+    w~    = q * scale
+
+The grid is symmetric ([-7, 7]; -8 is never used), so w~ = -(-w)~.
+
+Training (QAT): `fake_quant` returns w~ in the forward pass and passes the
+gradient straight through to w (straight-through estimator):
+`w + stop_gradient(w~ - w)`. Scales are recomputed from the weights every
+step, not learned: they cost no parameters or optimizer state, and they are
+exactly the scales `quantize` exports afterwards.
+
+Scale shapes: `w.shape` with the per-channel fan-in axes set to 1, or the
+blocked axis divided by b (other fan-in axes, e.g. the heads N of the
+attention output [N, H, D], keep their size).
+"""
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from gemma_jax.errors import ConfigError
+
+GROUPS = ("attn", "mlp", "embed")
+# The Einsum modules of each group (by module name).
+MODULE_GROUPS = {"q_einsum": "attn", "kv_einsum": "attn",
+                 "attn_vec_einsum": "attn", "gating_einsum": "mlp",
+                 "linear": "mlp"}
+QMAX = {4: 7, 8: 127}
+INT_DTYPES = {4: jnp.int4, 8: jnp.int8}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """The `model.quant` section.
+
+  bits: 4 or 8. block_size: entries per scale along the contraction axis
+  (None: one scale per output channel). targets: parameter groups, of
+  'attn' (q, kv and output projections), 'mlp' (gate/up and down) and
+  'embed' (the tied embedding, quantized along d_model per row).
+  weights: 'float' trains float weights with fake quantization (QAT, and
+  post-training evaluation of a float model); 'int' holds the weights as
+  integers plus scales (a quantized export, the frozen base of QLoRA).
+  """
+  bits: Literal[4, 8] = 4
+  block_size: int | None = 32
+  targets: tuple[str, ...] = ("attn", "mlp")
+  weights: Literal["float", "int"] = "float"
+
+  def __post_init__(self):
+    bad = [t for t in self.targets if t not in GROUPS]
+    if bad:
+      raise ConfigError(f"targets: unknown group {bad[0]!r}; valid groups: "
+                        f"{', '.join(GROUPS)}")
+    if not self.targets:
+      raise ConfigError(f"targets: name at least one of {', '.join(GROUPS)}")
+    if self.block_size is not None and self.block_size <= 0:
+      raise ConfigError(f"block_size must be positive (or null for one scale "
+                        f"per channel), got {self.block_size}")
+
+  @property
+  def qmax(self) -> int:
+    return QMAX[self.bits]
+
+  @property
+  def int_dtype(self):
+    return INT_DTYPES[self.bits]
+
+
+def fan_in_axes(in_axis, ndim: int | None = None) -> tuple[int, ...]:
+  """The fan-in axes as a tuple (non-negative when `ndim` is given)."""
+  axes = (in_axis,) if isinstance(in_axis, int) else tuple(in_axis)
+  return axes if ndim is None else tuple(a % ndim for a in axes)
+
+
+def check_block(cfg: QuantConfig, name: str, shape, in_axis) -> None:
+  """ConfigError if the block size does not divide the blocked axis."""
+  if cfg.block_size is None:
+    return
+  axis = fan_in_axes(in_axis, len(shape))[-1]
+  if shape[axis] % cfg.block_size:
+    raise ConfigError(
+        f"quant.block_size: {cfg.block_size} does not divide the contraction "
+        f"axis of {name} (size {shape[axis]}, shape {tuple(shape)}); choose a "
+        f"divisor or null (per channel)")
+
+
+def scale_shape(shape, in_axis, block_size: int | None) -> tuple[int, ...]:
+  axes = fan_in_axes(in_axis, len(shape))
+  out = list(shape)
+  if block_size is None:
+    for a in axes:
+      out[a] = 1
+  else:
+    out[axes[-1]] = shape[axes[-1]] // block_size
+  return tuple(out)
+
+
+def _blocked(x, axis: int, block_size: int):
+  """[..., n * b, ...] -> [..., n, b, ...] at `axis`."""
+  shape = x.shape
+  return x.reshape(shape[:axis] + (shape[axis] // block_size, block_size)
+                   + shape[axis + 1:])
+
+
+def quantize(w, in_axis, bits: int, block_size: int | None):
+  """float w -> (q int4/int8 of w's shape, float32 scale); see the module
+  docstring for the shapes."""
+  axes = fan_in_axes(in_axis, w.ndim)
+  qmax = QMAX[bits]
+  w = w.astype(jnp.float32)
+  if block_size is None:
+    absmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / qmax, 1.0)
+    q = jnp.clip(jnp.round(w / scale), -qmax, qmax)
+  else:
+    axis = axes[-1]
+    blocks = _blocked(w, axis, block_size)
+    absmax = jnp.max(jnp.abs(blocks), axis=axis + 1, keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / qmax, 1.0)
+    q = jnp.clip(jnp.round(blocks / scale), -qmax, qmax).reshape(w.shape)
+    scale = jnp.squeeze(scale, axis + 1)
+  return q.astype(INT_DTYPES[bits]), scale
+
+
+def dequantize(q, scale, in_axis, block_size: int | None, dtype=jnp.float32):
+  """(q, scale) -> w~ in `dtype`."""
+  q = q.astype(jnp.float32)
+  if block_size is None:
+    return (q * scale).astype(dtype)
+  axis = fan_in_axes(in_axis, q.ndim)[-1]
+  w = _blocked(q, axis, block_size) * jnp.expand_dims(scale, axis + 1)
+  return w.reshape(q.shape).astype(dtype)
+
+
+def fake_quant(w, in_axis, bits: int, block_size: int | None):
+  """w~ forward, identity backward (straight-through), in w's dtype."""
+  q, scale = quantize(w, in_axis, bits, block_size)
+  w_q = dequantize(q, scale, in_axis, block_size, w.dtype)
+  return w + jax.lax.stop_gradient(w_q - w)
+
+
+def scale_axes(axes, shape, in_axis, block_size: int | None):
+  """Logical axes of the scale: the weight's, None where the size is 1."""
+  sizes = scale_shape(shape, in_axis, block_size)
+  return tuple(None if s == 1 else a for a, s in zip(axes, sizes))
+
+
+# Whole parameter trees (nested dicts, layers stacked on a leading axis L).
+def quantized_leaves(model_cfg) -> dict[str, tuple[object, str]]:
+  """{weight leaf path: (its fan-in axes in the stored tree, scale leaf path)}
+  of every weight that `model_cfg.quant` quantizes."""
+  out = {}
+  for module, (_, in_axis, group) in model_cfg.einsum_weights().items():
+    if group not in model_cfg.quant.targets:
+      continue
+    if module == "embedder":
+      out["embedder/embedding"] = (in_axis, "embedder/embedding_scale")
+    else:   # one more leading axis: the layers
+      shifted = tuple(a + 1 for a in fan_in_axes(in_axis))
+      out[f"{module}/w"] = (shifted, f"{module}/scale")
+  return out
+
+
+def get_path(tree, path: str):
+  for key in filter(None, path.split("/")):
+    tree = tree[key]
+  return tree
+
+
+def with_paths(tree, updates: dict, drop=()):
+  """A copy of nested dict `tree` with {path: value} set and paths dropped
+  (the dicts are copied, the arrays shared)."""
+  copy = lambda t: {k: copy(v) if isinstance(v, dict) else v
+                    for k, v in t.items()}
+  out = copy(tree)
+  for path, value in updates.items():
+    *parents, leaf = path.split("/")
+    get_path(out, "/".join(parents))[leaf] = value
+  for path in drop:
+    *parents, leaf = path.split("/")
+    del get_path(out, "/".join(parents))[leaf]
+  return out
+
+
+def quantize_params(params, model_cfg):
+  """Float params -> the tree of a `weights: int` model: integer weights
+  and their scales (what `model_cfg.quant` names; the rest unchanged)."""
+  q = model_cfg.quant
+  updates = {}
+  for path, (in_axis, scale_path) in quantized_leaves(model_cfg).items():
+    updates[path], updates[scale_path] = quantize(
+        get_path(params, path), in_axis, q.bits, q.block_size)
+  return with_paths(params, updates)
+
+
+def dequantize_params(params, model_cfg, dtype):
+  """Inverse of `quantize_params` up to rounding: float weights (in
+  `dtype`), scales removed."""
+  q = model_cfg.quant
+  updates, drop = {}, []
+  for path, (in_axis, scale_path) in quantized_leaves(model_cfg).items():
+    updates[path] = dequantize(get_path(params, path),
+                               get_path(params, scale_path),
+                               in_axis, q.block_size, dtype)
+    drop.append(scale_path)
+  return with_paths(params, updates, drop)

@@ -1,0 +1,211 @@
+"""Training low-rank adapters: the state holds the adapters, the base is frozen.
+
+With `model.lora` set, TrainProgram calls `setup` once: the TrainState's
+params are only the adapters (so the optimizer state and every training
+checkpoint hold only them), and the base weights live in
+`program.frozen["base"]`, sharded like the parameters they are, read by the
+forward pass and never donated or differentiated. With `model.quant.weights:
+int` the frozen base is held as integers plus scales (QLoRA).
+
+    boxed = lora.setup(program, boxed)            # in TrainProgram.__init__
+    info = lora.install_base(program, init_from)  # before compiling a step
+    lora.export(program, adapters, workdir)       # adapter + merged params
+
+The base comes from `checkpoint.init_from` (a native checkpoint, or a
+quantized one for QLoRA; a float base is quantized on the devices when the
+config holds integer weights), or is the random init of `train.seed`.
+Training checkpoints record the base's path and fingerprint; resuming onto
+another base is refused (`check_base`).
+"""
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_jax.checkpoint import adapter as adapter_ckpt
+from gemma_jax.checkpoint import layout, native, quantized
+from gemma_jax.errors import ConfigError
+from gemma_jax.model import lora as lora_lib
+from gemma_jax.model import quant as quant_lib
+from gemma_jax.sharding import rules
+from gemma_jax.train import state as state_lib
+
+BASE = "base"
+ADAPTER_DIR = "adapter"
+
+
+def setup(program, boxed):
+  """Makes `program` train the adapters of `boxed` (the model's boxed
+  abstract params): sets its forward pass and an abstract frozen base;
+  returns the boxed adapters (the trainable params)."""
+  adapters, base = lora_lib.split(boxed)
+  specs, _ = rules.mesh_specs(base, program.mesh, program.cfg.mesh)
+  program.frozen[BASE] = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      rules.values(base), rules.named(program.mesh, specs))
+  program.forward = forward(program.model)
+  return adapters
+
+
+def forward(model):
+  """forward(adapters, frozen, batch) -> logits of base + adapters.
+
+  Dropout (lora.dropout > 0) draws from `batch["rng"]` (per-row keys of the
+  step, gemma_jax.train.step) when present; evaluation has none and runs
+  without dropout.
+  """
+  dropout = model.config.lora.dropout > 0
+
+  def fwd(params, frozen, batch):
+    rngs = {}
+    if dropout and "rng" in batch:
+      rngs["dropout"] = batch["rng"][0]
+    base = jax.tree.map(_from_container, frozen[BASE])
+    return model.apply({"params": lora_lib.combine(base, params)},
+                       batch["inputs"], batch["positions"],
+                       batch["segment_ids"], rngs=rngs)
+  return fwd
+
+
+def full_params(program, adapters):
+  """The model's whole tree: the frozen base with `adapters`."""
+  return lora_lib.combine(program.frozen[BASE], adapters)
+
+
+def init_adapters(init_params):
+  """Wraps init_params(model_cfg, key) to return the adapters only (the
+  base's init is dead code and compiled away)."""
+  return lambda *args: lora_lib.split(init_params(*args))[0]
+
+
+# The base.
+def _abstract_float_base(abstract, model_cfg):
+  """The base as a float checkpoint stores it (scales gone, weights in
+  param_dtype), with the same shardings."""
+  leaves = quant_lib.quantized_leaves(model_cfg)
+  scales = {scale for _, scale in leaves.values()}
+  flat = dict(layout.flatten(abstract))
+  dtype = jnp.dtype(model_cfg.param_dtype)
+  return layout.unflatten({
+      p: (jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+          if p in leaves else x)
+      for p, x in flat.items() if p not in scales})
+
+
+def _load_native(path, abstract, model_cfg):
+  stored = native.load_config(path)
+  want = {p: tuple(x.shape) for p, x in layout.flatten(abstract)}
+  have = layout.param_shapes(stored)
+  for p, shape in want.items():
+    if have.get(p) != shape:
+      raise ConfigError(
+          f"checkpoint.init_from {path}: the base does not fit model "
+          f"{model_cfg.name}: {p} is {have.get(p)} there, the model needs "
+          f"{shape}")
+  params, _ = native.load(path, shardings=jax.tree.map(
+      lambda x: x.sharding, abstract))
+  return params
+
+
+def install_base(program, init_from: str | None) -> dict:
+  """Puts the base weights on the devices into program.frozen["base"];
+  returns the facts a checkpoint records: {"path", "fingerprint"}."""
+  cfg = program.cfg.model
+  abstract = program.frozen[BASE]
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  held_int = cfg.quant is not None and cfg.quant.weights == "int"
+  if init_from and quantized.is_quantized(init_from):
+    stored = quantized.load_config(init_from)
+    if stored.quant != cfg.quant:
+      raise ConfigError(f"checkpoint.init_from {init_from} is quantized with "
+                        f"{stored.quant}, the model config says {cfg.quant}")
+    base, _ = quantized.load(init_from, shardings=shardings)
+  elif init_from:
+    float_abstract = (_abstract_float_base(abstract, cfg) if held_int
+                      else abstract)
+    base = _load_native(init_from, float_abstract, cfg)
+    if held_int:   # QLoRA from a float base: quantized on the devices
+      base = jax.jit(functools.partial(quant_lib.quantize_params,
+                                       model_cfg=cfg),
+                     out_shardings=shardings)(base)
+  else:
+    seed = program.cfg.train.seed
+    init_key, _ = jax.random.split(jax.random.PRNGKey(seed))
+    init = lambda key: lora_lib.split(state_lib.init_params(cfg, key))[1]
+    if held_int:
+      init = lambda key: quant_lib.quantize_params(
+          lora_lib.split(state_lib.init_params(
+              lora_lib.merged_config(cfg), key))[1], cfg)
+    with program.context():
+      base = jax.jit(init, out_shardings=shardings)(init_key)
+  if program.mesh.devices.flat[0].platform == "cpu":
+    base = jax.jit(lambda t: jax.tree.map(_to_container, t),
+                   out_shardings=shardings)(base)
+  program.frozen[BASE] = base
+  return {"path": os.path.abspath(init_from) if init_from else None,
+          "fingerprint": fingerprint(base)}
+
+
+# jax 0.10.2 on CPU holds int4 arrays unpacked while an ahead-of-time
+# compiled step requires them packed (its layout check refuses them), so on
+# CPU an int4 base is held in int8 and cast back inside the step; TPU holds
+# int4 (half a byte per weight).
+def _to_container(x):
+  return x.astype(jnp.int8) if x.dtype == jnp.int4 else x
+
+
+def _from_container(x):
+  return x.astype(jnp.int4) if x.dtype == jnp.int8 else x
+
+
+@jax.jit
+def _moments(tree):
+  return jax.tree.map(
+      lambda x: jnp.stack([jnp.sum(x.astype(jnp.float32)),
+                           jnp.sum(jnp.square(x.astype(jnp.float32)))]), tree)
+
+
+def fingerprint(base) -> dict[str, list[float]]:
+  """{leaf path: [sum, sum of squares]}: cheap, and equal (to rounding)
+  for the same weights on any mesh."""
+  moments = jax.device_get(_moments(base))
+  return {p: [float(v) for v in np.asarray(m)]
+          for p, m in layout.flatten(moments)}
+
+
+def check_base(saved: dict, current: dict, step: int) -> None:
+  """ConfigError if a checkpoint's adapters were trained on another base
+  than the one installed now (by fingerprint; a moved copy is the same)."""
+  if not saved:
+    return
+  old, new = saved.get("fingerprint", {}), current["fingerprint"]
+  for path in sorted(set(old) | set(new)):
+    a, b = old.get(path), new.get(path)
+    same = a is not None and b is not None and all(
+        math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(a, b))
+    if not same:
+      raise ConfigError(
+          f"the checkpoint at step {step} trained its adapters on base "
+          f"{saved.get('path') or '(random init)'}, and this run's base "
+          f"{current['path'] or '(random init)'} differs at {path}; set "
+          f"checkpoint.init_from to the base it was trained on, or use a "
+          f"fresh --workdir")
+
+
+def export(program, adapters, workdir: str, base_info: dict) -> tuple[str, str]:
+  """Writes WORKDIR/adapter (adapters only) and WORKDIR/params (merged into
+  the base, a plain native checkpoint); returns both paths."""
+  cfg = program.cfg.model
+  adapter_path = os.path.join(workdir, ADAPTER_DIR)
+  adapter_ckpt.save(adapter_path, adapters, cfg, base_info, force=True)
+  base = program.frozen[BASE]
+  merge = functools.partial(lora_lib.merge_params, model_cfg=cfg)
+  with program.context():
+    merged = jax.jit(merge)(base, adapters)
+  params_path = os.path.join(workdir, "params")
+  native.save(params_path, merged, lora_lib.merged_config(cfg), force=True)
+  return adapter_path, params_path
