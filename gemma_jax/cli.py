@@ -16,7 +16,7 @@ import os
 import sys
 
 COMMANDS = ("train", "eval", "report", "plot", "compile", "convert", "score",
-            "sample", "tokenizer", "data", "merge", "launch")
+            "sample", "tokenizer", "data", "merge", "launch", "quantize")
 
 
 def _module(name):

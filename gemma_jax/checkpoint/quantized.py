@@ -23,6 +23,7 @@ safetensors reader; `load` returns the tree a `weights: int` model applies
 """
 
 import json
+import os
 
 import jax
 import ml_dtypes
@@ -97,12 +98,11 @@ def save(directory, params, cfg: ModelConfig, *, force: bool = False) -> int:
       make = lambda x=leaf: np.asarray(jax.device_get(x))
     tensors.append(safetensors_io.Tensor(path, shape, dtype, make))
   tmp = fileio.fresh_temporary_sibling(directory)
-  tmp.mkdir(parents=True)
   safetensors_io.write(tmp / WEIGHTS, tensors, {"format": FORMAT})
   config = {"format": FORMAT, "model": configlib.to_dict(cfg)}
   (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
   fileio.replace_directory(tmp, directory)
-  return (directory / WEIGHTS).stat().st_size
+  return os.path.getsize(directory / WEIGHTS)
 
 
 def is_quantized(directory) -> bool:

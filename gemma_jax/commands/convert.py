@@ -8,11 +8,19 @@
     gemma-jax convert --from native --to hf --max-shard-size 2GB ckpt/9b hf-9b/
     # ... with the tokenizer, so AutoTokenizer (and lm-eval's `hf`) load it
     gemma-jax convert --from native --to hf --tokenizer tok.model ckpt/ hf/
+    # a LoRA adapter merged into its base (W + alpha/r A B)
+    gemma-jax convert --from native --to hf --adapter runs/lora/adapter \
+        ckpt/9b hf-9b-tuned/
+    # int4/int8 weights (gemma-jax quantize) dequantized to float
+    gemma-jax convert --from quantized --to hf ckpt/9b-int4 hf-9b-int4/
 
 `--model` is a preset name or a YAML/JSON file with a model section (a
 preset plus overrides, or every field); with --from hf/native it must agree
 with the stored config and decides the output config (e.g. a preset's
 256128-row embedding, zero-padded).
+
+A model trained with quantization (model.quant, QAT) goes to Hugging Face
+with its weights quantized and dequantized, i.e. as it runs.
 
 With --to hf, `--tokenizer PATH` writes that SentencePiece model and its
 transformers configs into DST. Without it, converting a run's params export
@@ -28,8 +36,9 @@ import re
 import jax.numpy as jnp
 
 from gemma_jax import configlib
-from gemma_jax.checkpoint import hf, hf_config, kaggle, native
+from gemma_jax.checkpoint import hf, hf_config, kaggle, native, quantized
 from gemma_jax.errors import ConfigError
+from gemma_jax.model import quant as quant_lib
 from gemma_jax.model.config import PRESETS, ModelConfig
 from gemma_jax.tokenizer import Tokenizer
 
@@ -38,7 +47,7 @@ HELP = "convert checkpoints between Hugging Face, official Flax and native"
 
 def add_arguments(parser):
   parser.add_argument("--from", dest="src_format", required=True,
-                      choices=("hf", "kaggle", "native"))
+                      choices=("hf", "kaggle", "native", "quantized"))
   parser.add_argument("--to", dest="dst_format", required=True,
                       choices=("native", "hf"))
   parser.add_argument("src", help="source checkpoint directory")
@@ -57,6 +66,8 @@ def add_arguments(parser):
                       help="HF output: shard above this size (e.g. 500MB)")
   parser.add_argument("--force", action="store_true",
                       help="replace DST if it exists")
+  parser.add_argument("--adapter", help="a LoRA adapter directory (e.g. "
+                      "RUN/adapter) to merge into SRC: W + (alpha/r) A B")
   parser.add_argument("--tokenizer", help="--to hf: SentencePiece model to "
                       "write beside the weights (default: a run's "
                       "data.tokenizer when SRC is RUN/params)")
@@ -98,7 +109,13 @@ def load(args, dtype):
     gating = {"auto": None, "DF": False, "FD": True}[args.kaggle_gating]
     return kaggle.load(args.src, given, transposed_gating=gating,
                        dtype=dtype), given
-  params, stored = native.load(args.src, dtype=dtype)
+  if args.src_format == "quantized":
+    params, stored = quantized.load(args.src)
+    params = quant_lib.dequantize_params(
+        params, stored, dtype or jnp.dtype(stored.param_dtype))
+    stored = dataclasses.replace(stored, quant=None)
+  else:
+    params, stored = native.load(args.src, dtype=dtype)
   if given is not None:
     hf_config.check_same_architecture(given, stored, name, args.src)
     return params, given
@@ -132,10 +149,29 @@ def tokenizer_for(args):
   return None if path is None else Tokenizer.load(path)
 
 
+def merge_adapter(params, cfg, path):
+  """params + the LoRA adapter at `path` merged in, and their config."""
+  import jax
+  from gemma_jax.checkpoint import adapter
+  from gemma_jax.model import lora
+  adapters, adapted_cfg, _ = adapter.load(path, base_cfg=cfg)
+  merged = jax.jit(lora.merge_params, static_argnums=2)(params, adapters,
+                                                        adapted_cfg)
+  return jax.device_get(merged), lora.merged_config(adapted_cfg)
+
+
 def main(args) -> int:
   dtype = None if args.dtype == "keep" else jnp.dtype(args.dtype)
   tokenizer = tokenizer_for(args)
   params, cfg = load(args, dtype)
+  if args.adapter:
+    params, cfg = merge_adapter(params, cfg, args.adapter)
+  if args.dst_format == "hf" and cfg.quant is not None:
+    # A QAT model's float weights run quantized: HF gets what runs.
+    params = quant_lib.dequantize_params(
+        quant_lib.quantize_params(params, cfg), cfg,
+        jnp.dtype(cfg.param_dtype))
+    cfg = dataclasses.replace(cfg, quant=None)
   if dtype is not None:
     cfg = dataclasses.replace(cfg, param_dtype=args.dtype)
   if args.dst_format == "native":

@@ -3,6 +3,8 @@
     gemma-jax score --checkpoint ckpt/ --tokens T.npy [--mask M.npy] --out O.npz
     gemma-jax score --checkpoint ckpt/ --tokenizer tokenizer.model \\
         --text "first text" --text "second" --out O.npz
+    gemma-jax score --checkpoint ckpt/9b-int4 --tokens T.npy --out O.npz
+    gemma-jax score --checkpoint ckpt/9b --adapter runs/lora/adapter ...
 
 Writes float32 `logits` [B, T, V] and `logprobs` [B, T-1] (log p of token
 t+1 given tokens <= t; 0 where token t+1 is padding), plus the `tokens` and
@@ -25,7 +27,10 @@ HELP = "score token arrays or texts: logits and next-token log-probs"
 
 def add_arguments(parser):
   parser.add_argument("--checkpoint", required=True,
-                      help="native checkpoint directory (gemma-jax convert)")
+                      help="native checkpoint directory (gemma-jax convert), "
+                           "or a quantized one (gemma-jax quantize)")
+  parser.add_argument("--adapter", help="a LoRA adapter directory (RUN/"
+                      "adapter) to run on top of the checkpoint")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--tokens", help=".npy of int token ids [B, T]")
   source.add_argument("--text", action="append",
@@ -114,12 +119,27 @@ def _load_npy(path, what):
     raise DataError(f"{what} {path}: cannot read a .npy array ({e})") from None
 
 
+def load_model(checkpoint, adapter_dir=None):
+  """(params, config) of a native or quantized checkpoint, with a LoRA
+  adapter on top when given."""
+  from gemma_jax.checkpoint import adapter, quantized
+  if quantized.is_quantized(checkpoint):
+    params, cfg = quantized.load(checkpoint)
+  else:
+    params, cfg = native.load(checkpoint)
+  if adapter_dir:
+    from gemma_jax.model import lora
+    adapters, cfg, _ = adapter.load(adapter_dir, base_cfg=cfg)
+    params = lora.combine(params, adapters)
+  return params, cfg
+
+
 def main(args) -> int:
   if args.batch_size <= 0:
     raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
   if args.mask and not args.tokens:
     raise ConfigError("--mask goes with --tokens")
-  params, cfg = native.load(args.checkpoint)
+  params, cfg = load_model(args.checkpoint, args.adapter)
   if args.text:
     tokens, mask = _text_inputs(args, cfg)
     name = "--text"

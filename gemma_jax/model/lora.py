@@ -202,7 +202,7 @@ def merged_weight(w, a, b, target: str, scale: float):
                      if i not in proj.in_axes)
   delta = jnp.einsum(f"z{in_spec}r,zr{out_spec}->z{letters}",
                      a.astype(jnp.float32), b.astype(jnp.float32)) * scale
-  w32 = w.astype(jnp.float32)
+  w32 = jnp.asarray(w, jnp.float32)
   if proj.slot is None:
     return (w32 + delta).astype(w.dtype)
   return w32.at[:, proj.slot].add(delta).astype(w.dtype)

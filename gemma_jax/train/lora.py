@@ -142,7 +142,8 @@ def install_base(program, init_from: str | None) -> dict:
               lora_lib.merged_config(cfg), key))[1], cfg)
     with program.context():
       base = jax.jit(init, out_shardings=shardings)(init_key)
-  if program.mesh.devices.flat[0].platform == "cpu":
+  if (program.mesh.devices.flat[0].platform == "cpu"
+      and any(x.dtype == jnp.int4 for x in jax.tree.leaves(base))):
     base = jax.jit(lambda t: jax.tree.map(_to_container, t),
                    out_shardings=shardings)(base)
   program.frozen[BASE] = base
