@@ -52,7 +52,7 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
   packed = np.asarray(packed, np.uint8)
   low = (packed & 0x0F).astype(np.int8)
   high = (packed >> 4).astype(np.int8)
-  out = np.stack([low, high], axis=-1).reshape(packed.shape[:-1] + (-1,))
+  out = np.stack([low, high], axis=-1).reshape((*packed.shape[:-1], -1))
   out = np.where(out > 7, out - 16, out).astype(np.int8)
   return out.astype(ml_dtypes.int4)
 
@@ -65,7 +65,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes[scale_path] = quant_lib.scale_shape(shape, in_axis,
                                                cfg.quant.block_size)
     if cfg.quant.bits == 4:
-      shapes[path] = shape[:-1] + (shape[-1] // 2,)
+      shapes[path] = (*shape[:-1], shape[-1] // 2)
   return shapes
 
 

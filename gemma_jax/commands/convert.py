@@ -152,6 +152,7 @@ def tokenizer_for(args):
 def merge_adapter(params, cfg, path):
   """params + the LoRA adapter at `path` merged in, and their config."""
   import jax
+
   from gemma_jax.checkpoint import adapter
   from gemma_jax.model import lora
   adapters, adapted_cfg, _ = adapter.load(path, base_cfg=cfg)

@@ -66,6 +66,7 @@ def quant_config(args, stored):
 
 def main(args) -> int:
   import jax
+
   from gemma_jax.checkpoint import native, quantized
   from gemma_jax.model import quant as quant_lib
   params, cfg = native.load(args.src)

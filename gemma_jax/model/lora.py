@@ -93,8 +93,8 @@ def adapter_shapes(model_cfg, target: str):
   shape = slot_shape(model_cfg, target)
   in_axes = PROJECTIONS[target].in_axes
   r = model_cfg.lora.rank
-  a = tuple(shape[i] for i in in_axes) + (r,)
-  b = (r,) + tuple(s for i, s in enumerate(shape) if i not in in_axes)
+  a = (*tuple(shape[i] for i in in_axes), r)
+  b = (r, *tuple(s for i, s in enumerate(shape) if i not in in_axes))
   return a, b
 
 
@@ -118,8 +118,8 @@ def adapter_paths(model_cfg) -> dict[str, tuple[int, ...]]:
   for target in model_cfg.lora.targets:
     module = PROJECTIONS[target].module
     a, b = adapter_shapes(model_cfg, target)
-    out[f"{module}/lora_{target}_a"] = (model_cfg.num_layers,) + a
-    out[f"{module}/lora_{target}_b"] = (model_cfg.num_layers,) + b
+    out[f"{module}/lora_{target}_a"] = (model_cfg.num_layers, *a)
+    out[f"{module}/lora_{target}_b"] = (model_cfg.num_layers, *b)
   return out
 
 
@@ -166,14 +166,13 @@ def adapter_delta(module: nn.Module, equation: str, x, shape, axes, in_axis,
     a = module.param(
         f"lora_{target}_a", nn.with_logical_partitioning(
             nn.initializers.normal(fan_in ** -0.5),
-            tuple(w_axes[i] for i in proj.in_axes) + (None,)),
-        a_shape + (lora.rank,), param_dtype)
+            (*tuple(w_axes[i] for i in proj.in_axes), None)),
+        (*a_shape, lora.rank), param_dtype)
     b = module.param(
         f"lora_{target}_b", nn.with_logical_partitioning(
             nn.initializers.zeros_init(),
-            (None,) + tuple(ax for i, ax in enumerate(w_axes)
-                            if i not in proj.in_axes)),
-        (lora.rank,) + b_shape, param_dtype)
+            (None, *tuple(ax for i, ax in enumerate(w_axes) if i not in proj.in_axes))),
+        (lora.rank, *b_shape), param_dtype)
     h_spec = "".join(c for c in xs if c not in in_spec) + rank_letter
     inputs = x
     if lora.dropout:

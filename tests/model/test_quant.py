@@ -11,8 +11,7 @@ import pytest
 from flax import linen as nn
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.model import Transformer, preset
-from gemma_jax.model import quant
+from gemma_jax.model import Transformer, preset, quant
 from gemma_jax.model.quant import QuantConfig
 
 TINY = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128,

@@ -102,7 +102,7 @@ def test_the_export_merges_and_the_adapter_reloads(lora_run, tmp_path):
   merged, merged_cfg = native.load(params_dir)
   assert merged_cfg.lora is None and merged_cfg == dataclasses.replace(
       program.cfg.model, lora=None)
-  adapters, cfg, facts = adapter.load(adapter_dir, base_cfg=merged_cfg)
+  _adapters, cfg, facts = adapter.load(adapter_dir, base_cfg=merged_cfg)
   assert cfg == program.cfg.model and facts == info
   # The merged export is the base with A B folded in, nothing else.
   expected = lora_model.merge_params(
@@ -116,7 +116,7 @@ def test_the_export_merges_and_the_adapter_reloads(lora_run, tmp_path):
 
 
 def test_resume_refuses_another_base_and_accepts_a_moved_copy(lora_run):
-  root, program, info, _, _, _ = lora_run
+  _root, program, info, _, _, _ = lora_run
   lora.check_base(info, dict(info, path="/elsewhere/base"), 2)
   random_base = lora.install_base(program, None)
   with pytest.raises(ConfigError, match=r"step 2 trained its adapters on base "
