@@ -62,37 +62,27 @@ class Embedder(nn.Module):
                            nn.initializers.normal(cfg.d_model ** -0.5),
                            cfg.param_dtype)
 
-  def _rows(self, rows=None):
-    """The (fake-)quantized or plain table, or only `rows` of it."""
-    quant, table = self.quant, self.embedding
+  def _lookup(self, index):
+    """Rows `index` (token ids or a slice) of the table as the model runs
+    it: dequantized, fake-quantized (QAT) or as stored. Quantization groups
+    lie within rows, so quantizing rows alone is quantizing the table."""
+    quant, rows = self.quant, self.embedding[index]
     if quant and quant.weights == "int":
-      scale = self.embedding_scale
-      if rows is not None:
-        table, scale = (jnp.take(t, rows, axis=0) for t in (table, scale))
-      return quant_lib.dequantize(table, scale, -1, quant.block_size,
-                                  self.config.dtype)
-    if rows is not None:
-      table = table[rows]
+      return quant_lib.dequantize(rows, self.embedding_scale[index], -1,
+                                  quant.block_size, self.config.dtype)
     if quant:
-      table = quant_lib.fake_quant(table, -1, quant.bits, quant.block_size)
-    return table
+      rows = quant_lib.fake_quant(rows, -1, quant.bits, quant.block_size)
+    return rows
 
   def encode(self, tokens):
     """[B, T] -> [B, T, D], scaled by sqrt(D) rounded in the compute dtype."""
     dtype = self.config.dtype
-    if self.quant and self.quant.weights == "int":
-      x = self._rows(tokens).astype(dtype)
-    else:
-      x = jnp.take(self._rows(), tokens, axis=0).astype(dtype)
+    x = self._lookup(tokens).astype(dtype)
     return x * jnp.asarray(self.config.embed_scale, dtype)
 
   def decode(self, x):
     """[B, T, D] -> float32 logits [B, T, V] over the real vocabulary."""
-    vocab = jnp.arange(self.config.vocab_size)
-    if self.quant and self.quant.weights == "int":
-      table = self._rows(vocab)
-    else:
-      table = self._rows()[:self.config.vocab_size]
+    table = self._lookup(slice(0, self.config.vocab_size))
     return jnp.einsum("BTD,VD->BTV", x, table.astype(self.config.dtype),
                       preferred_element_type=jnp.float32)
 
