@@ -51,6 +51,20 @@ def setup(program, boxed):
   return adapters
 
 
+def adapter_specs(specs, adapters, mesh):
+  """Adapter PartitionSpecs, also split over `fsdp` like the base weights.
+
+  An adapter's rank axis is replicated, so a B [L, r, out] whose out axes
+  map to `tensor` only (q, k, v, gate, up) would be replicated over `fsdp`,
+  where the weight it adapts splits its `embed` axis. Like that weight it
+  is split over fsdp instead, on its largest dimension fsdp divides (never
+  the rank: it is too small). The optimizer moments then add `data` as for
+  every parameter."""
+  return jax.tree.map(
+      lambda s, x: rules.zero_spec(s, x.shape, mesh, ("fsdp",)), specs,
+      adapters, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
 def forward(model):
   """forward(adapters, frozen, batch) -> logits of base + adapters.
 

@@ -75,6 +75,9 @@ class TrainProgram:
     self.param_specs, self.unsharded = rules.mesh_specs(boxed, self.mesh,
                                                         cfg.mesh)
     params = rules.values(boxed)
+    if cfg.model.lora is not None:
+      self.param_specs = lora.adapter_specs(self.param_specs, params,
+                                            self.mesh)
     opt_state = jax.eval_shape(self.optimizer.init, params)
     self.state_shardings = rules.named(self.mesh, state_lib.TrainState(
         step=P(), params=self.param_specs,
