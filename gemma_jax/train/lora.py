@@ -156,7 +156,7 @@ def install_base(program, init_from: str | None) -> dict:
               lora_lib.merged_config(cfg), key))[1], cfg)
     with program.context():
       base = jax.jit(init, out_shardings=shardings)(init_key)
-  if (program.mesh.devices.flat[0].platform == "cpu"
+  if (program.mesh.devices.flat[0].platform != "tpu"
       and any(x.dtype == jnp.int4 for x in jax.tree.leaves(base))):
     base = jax.jit(lambda t: jax.tree.map(_to_container, t),
                    out_shardings=shardings)(base)
@@ -166,9 +166,9 @@ def install_base(program, init_from: str | None) -> dict:
 
 
 # jax 0.10.2 on CPU holds int4 arrays unpacked while an ahead-of-time
-# compiled step requires them packed (its layout check refuses them), so on
-# CPU an int4 base is held in int8 and cast back inside the step; TPU holds
-# int4 (half a byte per weight).
+# compiled step requires them packed (its layout check refuses them), so off
+# TPU (checked on CPU; GPU untested) an int4 base is held in int8 and cast
+# back inside the step. TPU holds int4: half a byte per weight.
 def _to_container(x):
   return x.astype(jnp.int8) if x.dtype == jnp.int4 else x
 
