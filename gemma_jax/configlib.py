@@ -171,12 +171,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_yaml(path) -> dict:
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       data = yaml.safe_load(f)
   except FileNotFoundError:
     raise ConfigError(f"config file not found: {path}") from None
+  except IsADirectoryError:
+    raise ConfigError(f"config file {path} is a directory; give the path "
+                      f"of a YAML file") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"config file {path} is not UTF-8 text (byte "
+                      f"{e.start}); give the path of a YAML file") from None
+  except OSError as e:
+    raise ConfigError(f"config file {path}: cannot read it "
+                      f"({e.strerror or e})") from None
   except yaml.YAMLError as e:
-    raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    # PyYAML's message spans lines (the offending line and a caret).
+    text = " ".join(str(e).split())
+    raise ConfigError(f"config file {path} is not valid YAML: {text}"
+                      ) from None
   if data is None:
     return {}
   if not isinstance(data, dict):
