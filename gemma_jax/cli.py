@@ -73,6 +73,11 @@ def main(argv=None) -> int:
   debug = "--debug" in argv or os.environ.get("GEMMA_JAX_DEBUG") == "1"
   argv = [a for a in argv if a != "--debug"]
   args = _parser(argv).parse_args(argv)
+  if not debug:
+    # Libraries' own warnings (orbax's absl logging) would bury the one
+    # line a failure prints; --debug shows them.
+    import logging
+    logging.getLogger("absl").setLevel(logging.ERROR)
   from gemma_jax.errors import GemmaJaxError
   try:
     return _module(args.command).main(args) or 0

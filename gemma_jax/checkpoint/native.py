@@ -91,6 +91,7 @@ def load(directory, shardings=None, dtype=None) -> tuple[dict, ModelConfig]:
   cfg = load_config(directory)
   # orbax finds no tree metadata under a relative path.
   path = epath.Path(directory).absolute() / PARAMS_DIR
+  _check_files(directory, path)
   try:
     return _load(path, cfg, shardings, dtype), cfg
   except (CheckpointError, ConfigError):
@@ -103,17 +104,34 @@ def load(directory, shardings=None, dtype=None) -> tuple[dict, ModelConfig]:
 
 
 def _culprit(path, error) -> str:
-  """The file or array an orbax/tensorstore error is about."""
+  """The array an orbax/tensorstore error is about."""
   import re
-  text = str(error)
-  arrays = [p for p in re.findall(r"'path': '([^']+)'", text)
+  arrays = [p for p in re.findall(r"'path': '([^']+)'", str(error))
             if not p.startswith("/")]
-  if arrays:
-    return f"array {arrays[-1].rstrip('/')}"
-  for name in ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA"):
-    if name in text or not (path / name).exists():
-      return f"{PARAMS_DIR}/{name}"
-  return f"{PARAMS_DIR}/ (array data)"
+  return f"array {arrays[-1].rstrip('/')}" if arrays else (
+      f"{PARAMS_DIR}/ (array data)")
+
+
+def _check_files(directory, path) -> None:
+  """The files orbax reads before any array: present and parseable."""
+  meta = path / "_METADATA"
+  try:
+    tree = json.loads(meta.read_text())
+    if not isinstance(tree, dict) or "tree_metadata" not in tree:
+      raise ValueError("no tree metadata")
+  except FileNotFoundError:
+    raise CheckpointError(f"{directory} is damaged: {PARAMS_DIR}/_METADATA "
+                          f"is missing; export or convert it again") from None
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{directory} is damaged: {PARAMS_DIR}/_METADATA "
+                          f"is not valid ({e}); export or convert it again"
+                          ) from None
+  manifest = path / "manifest.ocdbt"
+  if tree.get("use_ocdbt", True) and (not manifest.exists() or
+                                      not manifest.read_bytes()):
+    raise CheckpointError(f"{directory} is damaged: {PARAMS_DIR}/"
+                          f"manifest.ocdbt is missing or empty; export or "
+                          f"convert it again")
 
 
 def _load(path, cfg, shardings, dtype) -> dict:

@@ -71,6 +71,30 @@ def check_same_model(saved: dict, cfg, step: int) -> None:
         f"model section it was saved with, or use a fresh --workdir")
 
 
+def check_init_from(cfg) -> None:
+  """ConfigError unless checkpoint.init_from holds the configured model.
+
+  Compared on the stored config, before anything is read or compiled:
+  params of another size would fail much later, with an unrelated error.
+  """
+  from gemma_jax.checkpoint import native
+  path = cfg.checkpoint.init_from
+  stored = native.load_config(path)
+  if stored != cfg.model:
+    diff = [f"{k} {getattr(stored, k)!r} there, {getattr(cfg.model, k)!r} "
+            f"here" for k in config_lib.to_dict(cfg)["model"]
+            if getattr(stored, k) != getattr(cfg.model, k)]
+    raise ConfigError(
+        f"checkpoint.init_from: {path} holds another model "
+        f"({'; '.join(diff[:3])}); set the model section to the one it was "
+        f"saved with")
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  path = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
+
+
 class Trainer:
   """Builds everything from a RunConfig and runs the loop with hooks."""
 
@@ -90,18 +114,21 @@ class Trainer:
     self._recent_losses = []    # logged losses, for the divergence rule
     self.from_step = from_step
 
-    # 1. Inputs that can be wrong are checked before anything heavy; the
-    # workdir is ours (its lease) before anything is written into it.
+    # 1. Inputs that can be wrong are checked before anything heavy, and
+    # before the workdir is touched; the workdir is ours (its lease) before
+    # anything is written into it.
+    self.program = TrainProgram(cfg, mesh)
+    self.pipe = build_pipeline(
+        cfg.data, global_batch=cfg.train.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(), vocab_size=cfg.model.vocab_size)
+    if cfg.checkpoint.init_from and not _has_checkpoints(self.workdir):
+      check_init_from(cfg)
     check_workdir(self.workdir)
     self.lease = self._take_lease()
     self.checkpointer = None
     self._old_handlers = {}
     try:
-      self.program = TrainProgram(cfg, mesh)
-      self.pipe = build_pipeline(
-          cfg.data, global_batch=cfg.train.batch_size,
-          process_index=jax.process_index(),
-          process_count=jax.process_count(), vocab_size=cfg.model.vocab_size)
       checkpoints = os.path.join(self.workdir, "checkpoints")
       if self.is_main:
         fileio.check_writable_directory(checkpoints, "checkpoint directory")
@@ -175,18 +202,7 @@ class Trainer:
       return None
     from gemma_jax.checkpoint import native
     path = self.cfg.checkpoint.init_from
-    stored = native.load_config(path)
-    if stored != self.cfg.model:
-      # Compared before anything is read or compiled: params of another
-      # size would fail much later, with an unrelated shape error.
-      diff = [f"{k} {getattr(stored, k)!r} there, "
-              f"{getattr(self.cfg.model, k)!r} here"
-              for k in config_lib.to_dict(self.cfg)["model"]
-              if getattr(stored, k) != getattr(self.cfg.model, k)]
-      raise ConfigError(
-          f"checkpoint.init_from: {path} holds another model "
-          f"({'; '.join(diff[:3])}); set the model section to the one it "
-          f"was saved with")
+    check_init_from(self.cfg)
     params, _ = native.load(path, shardings=self.program.param_shardings)
     if not health.params_finite(params):
       raise ConfigError(f"checkpoint.init_from: {path} holds non-finite "
