@@ -55,24 +55,20 @@ def _params(args, program):
     return params, "export"
   if not args.workdir:
     raise ConfigError("give --workdir (training checkpoints) or --params")
-  from gemma_jax.train.checkpointing import Checkpointer, CheckpointDamaged
+  from gemma_jax.train.checkpointing import (Checkpointer,
+                                             restore_newest_intact)
   ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"),
                       program.cfg.checkpoint, read_only=True)
   try:
     if args.step is not None:
       restored = ckpt.restore(program.abstract_state, args.step)
-    else:   # the newest intact checkpoint
-      for step in reversed(ckpt.all_steps()):
-        try:
-          restored = ckpt.restore(program.abstract_state, step)
-          break
-        except CheckpointDamaged as e:
-          print(f"gemma-jax eval: warning: {e}; using the checkpoint "
-                f"before it", file=sys.stderr)
-      else:
-        raise CheckpointError(
-            f"no {'intact ' if ckpt.all_steps() else ''}checkpoint found in "
-            f"{ckpt.directory}")
+    else:   # the newest intact checkpoint; a damaged one is only named
+      warn = lambda m: print(f"gemma-jax eval: warning: {m}",
+                             file=sys.stderr)
+      step, restored = restore_newest_intact(ckpt, program.abstract_state,
+                                             warn=warn)
+      if step is None:
+        raise CheckpointError(f"no checkpoint found in {ckpt.directory}")
   finally:
     ckpt.close()
   return restored.state.params, int(restored.meta["step"])

@@ -314,6 +314,40 @@ class Checkpointer:
     return step
 
 
+def restore_newest_intact(checkpointer: Checkpointer, abstract_state,
+                          check_meta=None, damaged_dir: str | None = None,
+                          warn=None):
+  """(step, Restored) of the newest intact checkpoint; (None, None) when
+  there is none at all.
+
+  `check_meta(meta, step)` may raise (another model, another data stream):
+  that propagates. A damaged checkpoint gets one `warn` line naming its
+  file; it is moved to `damaged_dir`/<step> when given (never deleted), and
+  the one before it is tried. If every checkpoint is damaged:
+  CheckpointError.
+  """
+  warn = warn or (lambda m: None)
+  damaged = []
+  for step in reversed(checkpointer.all_steps()):
+    try:
+      meta = checkpointer.restore_meta(step)
+      if check_meta is not None:
+        check_meta(meta, step)
+      return step, checkpointer.restore(abstract_state, step)
+    except CheckpointDamaged as e:
+      where = ""
+      if damaged_dir is not None:
+        where = f"; moved it to {checkpointer.set_aside(step, damaged_dir)}"
+      warn(f"{e}{where}; trying the checkpoint before it")
+      damaged.append(step)
+  if damaged:
+    kept = f" (moved to {damaged_dir})" if damaged_dir else ""
+    raise CheckpointError(
+        f"no intact checkpoint in {checkpointer.directory}: checkpoints "
+        f"{', '.join(map(str, damaged))} are damaged{kept}")
+  return None, None
+
+
 def _first_line(text: str) -> str:
   line = text.strip().splitlines()[0] if text.strip() else "unreadable"
   return line[:200]

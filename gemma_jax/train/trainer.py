@@ -449,34 +449,20 @@ class Trainer:
         self.lease = None
 
   def _restore_newest_intact(self):
-    """(step, Restored) of the newest checkpoint that is intact, or (None,
-    None). A damaged one is moved to WORKDIR/checkpoints.damaged/<step>
-    with a warning naming the file, and the one before it is tried."""
-    damaged = []
-    for step in reversed(self.checkpointer.all_steps()):
-      try:
-        saved = self.checkpointer.restore_meta(step)
-        check_same_model(saved, self.cfg, step)
-        self.pipe.check_resume(saved.get("data", {}), step)
-        restored = self.checkpointer.restore(self.program.abstract_state,
-                                             step)
-      except checkpointing.CheckpointDamaged as e:
-        folder = os.path.join(self.workdir, checkpointing.DAMAGED_DIR)
-        where = (self.checkpointer.set_aside(step, folder) if self.is_main
-                 else folder)
-        self._warn(f"{e}; moved it to {where} and trying the checkpoint "
-                   f"before it")
-        damaged.append(step)
-        continue
+    """(step, Restored) of the newest intact checkpoint, or (None, None);
+    a damaged one is moved to WORKDIR/checkpoints.damaged/<step> with a
+    warning naming the file, and the one before it is used."""
+    def check_meta(saved, step):
+      check_same_model(saved, self.cfg, step)
+      self.pipe.check_resume(saved.get("data", {}), step)
+    damaged_dir = (os.path.join(self.workdir, checkpointing.DAMAGED_DIR)
+                   if self.is_main else None)
+    step, restored = checkpointing.restore_newest_intact(
+        self.checkpointer, self.program.abstract_state, check_meta,
+        damaged_dir, self._warn)
+    if step is not None:
       self._print(f"resumed from {self.checkpointer.directory}/{step}")
-      return step, restored
-    if damaged:
-      raise checkpointing.CheckpointError(
-          f"no intact checkpoint left in {self.checkpointer.directory}: "
-          f"checkpoints {', '.join(map(str, damaged))} are damaged (moved to "
-          f"{os.path.join(self.workdir, checkpointing.DAMAGED_DIR)}); rerun "
-          f"to train from step 0")
-    return None, None
+    return step, restored
 
   def _check_resumable(self, step: int) -> None:
     """Refuses to continue from a checkpoint recorded as not good, unless
