@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from gemma_jax import cli
-from gemma_jax.train.testing import texts, tiny_config_dict
+from gemma_jax.train.testing import tiny_config_dict
 
 
 class Ctx:
@@ -58,7 +58,9 @@ class Ctx:
 
 
 def run_config(tok):
+  # The train section of tests/train/test_trainer.py: compiled once.
   d = tiny_config_dict(tok, steps=4)
+  d["train"].update(eval_every=2)
   d["checkpoint"].update(save_every=2, keep=2, export_params=True)
   return d
 
@@ -79,27 +81,11 @@ def digest(path) -> dict | None:
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
-  import jax
-  from gemma_jax.tokenizer import train_tokenizer
-  root = tmp_path_factory.mktemp("bad")
-  tok = str(root / "tok.model")
-  train_tokenizer(texts(0, 300, "prose") + texts(1, 300, "code"),
-                  vocab_size=400, out_path=tok)
-  keys = ("jax_compilation_cache_dir",
-          "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: jax.config.values[k] for k in keys}
-  if not old["jax_compilation_cache_dir"]:
-    jax.config.update(keys[0], str(root / "xla_cache"))
-    jax.config.update(keys[1], 0)
-    jax.config.update(keys[2], 0)
-  c = Ctx(root, tok)
-  c.workdir = str(root / "trained")
+def ctx(tiny_tokenizer, compile_cache, tmp_path_factory):
+  c = Ctx(tmp_path_factory.mktemp("bad"), tiny_tokenizer)
+  c.workdir = str(c.root / "trained")
   assert cli.main(["train", c.config(), "--workdir", c.workdir]) == 0
-  yield c
-  for k, v in old.items():
-    jax.config.update(k, v)
+  return c
 
 
 def expect_one_line(capsys, argv, code, pattern, protect=()):
