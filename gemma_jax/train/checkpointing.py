@@ -5,13 +5,21 @@ Each checkpoint directory `DIR/checkpoints/<step>/` holds two items:
   state  the TrainState pytree (params, optimizer state, step, RNG, the
          non-finite counter), saved sharded by every process;
   meta   JSON: the resolved run config, the data pipeline's `describe()`
-         (its sources, stages and tokenizer fingerprint) and the step.
+         (its sources, stages and tokenizer fingerprint), the step, whether
+         the checkpoint is good and why (gemma_jax/train/health.py), and
+         every array's shape and checksum.
 
 The data position needs no state of its own: batches are a pure function of
 the step. Orbax writes each step into a temporary directory and renames it
 when every process has finished, so a process killed in the middle of a save
 leaves the previous checkpoint intact; older steps are deleted only after a
-newer one is complete.
+newer one is complete, and the newest good one is kept past `keep`.
+
+A checkpoint torn afterwards (a file deleted or truncated, metadata cut
+short) is found before or while restoring and reported as CheckpointDamaged
+naming the file or array; `restore_newest_intact` then sets it aside and
+falls back to the one before it. One of another model or optimizer is a
+CheckpointError naming the first array that differs.
 """
 
 import dataclasses

@@ -359,6 +359,7 @@ class Trainer:
             "good": good}
     self._check_lease("checkpoint", force=True, everywhere=True)
     self.checkpointer.save(step, self.state, meta)
+    self._last_good = (step, good)
     if not good["good"]:
       self._warn(f"checkpoint {step} is not good: {health.why_not(good)}")
 
@@ -374,6 +375,10 @@ class Trainer:
     self._check_lease("params export", force=True, everywhere=True)
     native.save(path, self.state.params, self.cfg.model, force=True)
     self._print(f"params exported to {path} (step {step})")
+    saved, good = getattr(self, "_last_good", (None, None))
+    if saved == step and not good["good"]:
+      self._warn(f"the exported params (step {step}) are not good: "
+                 f"{health.why_not(good)}")
 
   def print_samples(self, step: int) -> None:
     """Greedy continuations of train.sample_prompts with the final params."""
@@ -457,12 +462,9 @@ class Trainer:
       self.pipe.check_resume(saved.get("data", {}), step)
     damaged_dir = (os.path.join(self.workdir, checkpointing.DAMAGED_DIR)
                    if self.is_main else None)
-    step, restored = checkpointing.restore_newest_intact(
+    return checkpointing.restore_newest_intact(
         self.checkpointer, self.program.abstract_state, check_meta,
         damaged_dir, self._warn)
-    if step is not None:
-      self._print(f"resumed from {self.checkpointer.directory}/{step}")
-    return step, restored
 
   def _check_resumable(self, step: int) -> None:
     """Refuses to continue from a checkpoint recorded as not good, unless
