@@ -9,7 +9,8 @@ import os
 import re
 import shutil
 import socket
-import time
+import subprocess
+import sys
 import pathlib
 
 import numpy as np
@@ -234,9 +235,10 @@ CASES = [
      r"checkpoint directory .*checkpoints exists and is not a directory"),
     ("checkpoints_read_only", "checkpoints_read_only", 2,
      r"checkpoint directory .*checkpoints is not writable \(Read-only"),
-    ("workdir_held_by_a_live_trainer", "live_lease", 2,
+    ("workdir_held_by_another_process", "live_lease", 2,
      r"in use by another trainer \(pid \d+ on " + re.escape(
-         socket.gethostname())),
+         socket.gethostname()) + r", heartbeat \d+ s ago; lease .*LOCK\); "
+     r"wait for it to end, stop it, or choose another --workdir"),
     ("from_step_without_checkpoint", train_on_trained(None, "--from-step",
                                                       "3"), 2,
      r"--from-step 3: no checkpoint at that step .*steps: 2, 4"),
@@ -355,11 +357,17 @@ def special(name, c, monkeypatch):
     monkeypatch.setattr(type(epath.Path(real)), "write_text", read_only)
     return ["train", c.config(), "--workdir", work], [work]
   if name == "live_lease":
-    from gemma_jax.train.lease import WorkdirLease
+    # Another process holds the workdir (its lease, as a trainer takes it).
     work = c.copy_run()
-    holder = WorkdirLease(work, heartbeat_s=60)
-    holder.acquire()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gemma_jax.train.lease "
+         "import WorkdirLease; WorkdirLease(sys.argv[1]).acquire(); "
+         "print('held', flush=True); time.sleep(120)", work],
+        cwd=pathlib.Path(__file__).parent.parent, stdout=subprocess.PIPE,
+        text=True)
+    assert holder.stdout.readline() == "held\n"
     monkeypatch.setattr(c, "_holder", holder, raising=False)
+    monkeypatch.setattr(c, "_holder_pid", holder.pid, raising=False)
     return ["train", c.config(), "--workdir", work], [work]
   if name == "init_from_other_size":
     export = os.path.join(c.workdir, "params")
@@ -428,7 +436,8 @@ def test_bad_input_is_one_line_and_loses_nothing(ctx, capsys, monkeypatch,
   finally:
     holder = getattr(ctx, "_holder", None)
     if holder is not None:
-      holder.release()
+      holder.kill()
+      holder.wait()
   # The shared run is never left locked.
   assert not os.path.exists(os.path.join(ctx.workdir, "LOCK"))
 

@@ -131,3 +131,14 @@ def test_prepare_refuses_other_input_under_an_existing_name(
   assert _prepare(tmp_path, tokenizer_path, "--overwrite",
                   inputs=["other.jsonl"]) == 0
   assert "web/train: 2 documents" in capsys.readouterr().out
+
+
+def test_tfds_text_features_follow_the_same_policy():
+  from gemma_jax.data.sources import _tfds_texts
+  source = [{"text": b"clean"}, {"text": "caf\xe9".encode("latin-1")},
+            {"text": "already str"}]
+  with pytest.raises(DataError, match=r"web \(x:train\): 1 of 9 bytes .*"
+                     r"first at byte 3 of document 1"):
+    _tfds_texts(source, "text", DecodePolicy(), "web (x:train)")
+  assert _tfds_texts(source, "text", DecodePolicy("skip_document"),
+                     "web") == ["clean", "already str"]

@@ -121,3 +121,18 @@ def test_timeouts_come_from_the_environment(tmp_path, monkeypatch):
   monkeypatch.setenv("GEMMA_JAX_LEASE_TIMEOUT_S", "soon")
   with pytest.raises(ValueError, match="GEMMA_JAX_LEASE_TIMEOUT_S='soon'"):
     WorkdirLease(tmp_path)
+
+
+def test_a_live_process_on_this_host_blocks_until_it_is_gone(tmp_path):
+  proc = subprocess.Popen([sys.executable, "-c", "import time; "
+                           "time.sleep(60)"])
+  try:
+    _write(tmp_path, pid=proc.pid)
+    with pytest.raises(WorkdirBusy, match=f"pid {proc.pid} on "):
+      WorkdirLease(tmp_path, heartbeat_s=60).acquire()
+  finally:
+    proc.kill()
+    proc.wait()
+  lease = WorkdirLease(tmp_path, heartbeat_s=60, warn=lambda m: None)
+  lease.acquire()          # killed: its lease no longer blocks a restart
+  lease.release()
