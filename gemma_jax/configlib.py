@@ -9,6 +9,7 @@ dict with `key.sub=value` strings from the command line before it is built.
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -169,10 +170,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
   return data
 
 
-def load_yaml(path) -> dict:
+def _read_yaml(path):
   try:
-    with open(path, encoding="utf-8") as f:
-      data = yaml.safe_load(f)
+    with open(os.path.expanduser(os.fspath(path)), encoding="utf-8") as f:
+      return yaml.safe_load(f)
   except FileNotFoundError:
     raise ConfigError(f"config file not found: {path}") from None
   except IsADirectoryError:
@@ -186,9 +187,14 @@ def load_yaml(path) -> dict:
                       f"({e.strerror or e})") from None
   except yaml.YAMLError as e:
     # PyYAML's message spans lines (the offending line and a caret).
-    text = " ".join(str(e).split())
-    raise ConfigError(f"config file {path} is not valid YAML: {text}"
-                      ) from None
+    first = str(e).strip().splitlines()
+    raise ConfigError(f"config file {path} is not valid YAML: "
+                      f"{' '.join(x.strip() for x in first)}") from None
+
+
+def load_yaml(path) -> dict:
+  """A YAML file whose top level is a mapping ({} when empty)."""
+  data = _read_yaml(path)
   if data is None:
     return {}
   if not isinstance(data, dict):

@@ -6,12 +6,12 @@ output was created)."""
 import errno
 import hashlib
 import os
+import pathlib
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import pathlib
 
 import numpy as np
 import pytest

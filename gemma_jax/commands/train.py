@@ -26,7 +26,8 @@ def add_arguments(parser):
                       "later checkpoints are moved aside, not deleted")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE",
-                      help="override a config key, e.g. --set train.log_every=1")
+                      help="override a config key, e.g. --set "
+                      "train.log_every=1")
 
 
 def load_run_config(args):

@@ -28,8 +28,8 @@ import unicodedata
 
 import numpy as np
 
-from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.data.sources import FINGERPRINT_KEY, LENGTHS_FILE
+from gemma_jax.errors import ConfigError, DataError
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -146,7 +146,8 @@ def _counts(metadata: dict) -> str:
 
 
 def _counts_of(splits: dict) -> str:
-  return ", ".join(f"{k}: {len(v)} documents" for k, v in sorted(splits.items()))
+  return ", ".join(f"{k}: {len(v)} documents"
+                   for k, v in sorted(splits.items()))
 
 
 def _builder_class(name: str, tokens: dict, metadata: dict):

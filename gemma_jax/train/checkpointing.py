@@ -215,7 +215,8 @@ class Checkpointer:
       if "shapes" in meta or _DAMAGE.search(text):
         raise CheckpointDamaged(self.directory, step, _culprit(text),
                                 _first_line(text)) from None
-      raise self._mismatch(step, f"{type(e).__name__}: {text[:300]}")
+      raise self._mismatch(step, f"{type(e).__name__}: {text[:300]}"
+                           ) from None
     if "checksums" in meta:
       bad = health.mismatched(meta["checksums"],
                               health.checksums(restored.state))

@@ -14,7 +14,6 @@ exactly as an uninterrupted run would.
 import collections
 import dataclasses
 import datetime
-import math
 import os
 import shutil
 import signal
@@ -309,7 +308,7 @@ class Trainer:
         num_devices=jax.device_count(), peak=self.peak_flops)
     self.skipped_total += record["skipped"]
     record["skipped_total"] = self.skipped_total
-    self._recent_losses = (self._recent_losses + [record["loss"]])[
+    self._recent_losses = [*self._recent_losses, record["loss"]][
         -health.RECENT_LOGS:]
     record["elapsed_s"] = self._watch.elapsed()
     self.writer.write(record)

@@ -9,8 +9,7 @@ import tensorflow_datasets as tfds
 
 from gemma_jax import cli, configlib
 from gemma_jax.data import DataConfig
-from gemma_jax.data.sources import (DecodePolicy, open_documents,
-                                    read_text_files)
+from gemma_jax.data.sources import DecodePolicy, open_documents, read_text_files
 from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.tokenizer import Tokenizer
 
