@@ -235,10 +235,11 @@ CASES = [
      r"checkpoint directory .*checkpoints exists and is not a directory"),
     ("checkpoints_read_only", "checkpoints_read_only", 2,
      r"checkpoint directory .*checkpoints is not writable \(Read-only"),
-    ("workdir_held_by_another_process", "live_lease", 2,
+    ("workdir_held_by_another_process", "live_lease", 1,
      r"in use by another trainer \(pid \d+ on " + re.escape(
-         socket.gethostname()) + r", heartbeat \d+ s ago; lease .*LOCK\); "
-     r"wait for it to end, stop it, or choose another --workdir"),
+         socket.gethostname()) + r", heartbeat \d+ s ago; lease .*LOCK, "
+     r"stale once its heartbeat is 120 s old\); wait for it to end, stop "
+     r"it, or choose another --workdir"),
     ("from_step_without_checkpoint", train_on_trained(None, "--from-step",
                                                       "3"), 2,
      r"--from-step 3: no checkpoint at that step .*steps: 2, 4"),
@@ -254,7 +255,8 @@ CASES = [
      r"48 here"),
     ("init_from_missing", train_fresh(
         lambda d: d["checkpoint"].update(init_from="/nonexistent/params")), 1,
-     r"/nonexistent/params is not a directory"),
+     r"/nonexistent/params is not a native gemma_jax checkpoint \(not a "
+     r"directory\)"),
     ("init_from_damaged_export", "init_from_damaged", 1,
      r"is damaged: .*export or convert it again"),
     # Read-only commands.

@@ -62,8 +62,8 @@ def save(directory, params, model_cfg: ModelConfig, *, force=False) -> None:
 def load_config(directory) -> ModelConfig:
   path = epath.Path(directory) / CONFIG_FILE
   if not epath.Path(directory).is_dir():
-    raise CheckpointError(f"{directory} is not a directory (a native "
-                          f"gemma_jax checkpoint is one)")
+    raise CheckpointError(f"{directory} is not a native gemma_jax "
+                          f"checkpoint (not a directory)")
   if not path.exists():
     raise CheckpointError(f"{directory} is not a native gemma_jax checkpoint "
                           f"(no {CONFIG_FILE})")

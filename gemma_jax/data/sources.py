@@ -295,7 +295,7 @@ def _jsonl_documents(raw: bytes, path: str, text_key: str,
         raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError, IndexError):
       raise DataError(f"{path}:{lineno}: not a JSON object with a "
-                      f"{text_key!r} text field") from None
+                      f"{text_key!r} field") from None
     report.documents += 1
     if bad and policy.on_error == "skip_document":
       report.skipped_documents += 1

@@ -51,8 +51,10 @@ DEFAULT_HEARTBEAT_S = 30.0
 _SETTLE_S = 1.0
 
 
-class WorkdirBusy(ConfigError):
-  """Another live trainer holds the workdir."""
+class WorkdirBusy(TrainingStopped):
+  """Another live trainer holds the workdir. Exit 1, not 2: unlike a config
+  error, trying again later can succeed (`gemma-jax launch watch` retries),
+  e.g. once a hard-killed trainer's lease on another host goes stale."""
 
 
 class LeaseLost(TrainingStopped):
@@ -149,7 +151,8 @@ class WorkdirLease:
       if not self.is_stale(holder):
         raise WorkdirBusy(
             f"--workdir {self.path.parent} is in use by another trainer "
-            f"({describe(holder)}; lease {self.path}); wait for it to end, "
+            f"({describe(holder)}; lease {self.path}, stale once its "
+            f"heartbeat is {self.timeout_s:.0f} s old); wait for it to end, "
             f"stop it, or choose another --workdir")
       if self._take_over(holder):
         self._warn(f"gemma-jax: warning: took over the stale lease "
