@@ -86,6 +86,8 @@ def _pid_alive(pid: int) -> bool:
 
 def describe(holder: dict) -> str:
   """`pid 123 on host-a, heartbeat 4 s ago` for messages."""
+  if holder.get("token") == "torn":
+    return "a torn, unreadable lease"
   age = time.time() - float(holder.get("heartbeat", 0))
   return (f"pid {holder.get('pid')} on {holder.get('host')}, heartbeat "
           f"{age:.0f} s ago")

@@ -226,10 +226,12 @@ class Trainer:
         step = step_index + 1
         self._run_hooks(step, final=False)
         if self._preempted(step):
-          self._print(f"stopping at step {step} on SIGTERM (saved; rerun the "
-                      f"same command to resume)")
           self._run_hooks(step, final=True, only=(Trainer.log_metrics,
                                                   Trainer.save_checkpoint))
+          self._print(f"stopping at step {step} on SIGTERM ("
+                      + ("saved" if self._saved_step(step) else
+                         "not saved: its last step was skipped as non-finite")
+                      + "; rerun the same command to resume)")
           break
       else:
         if step > self.start_step or step == total:
@@ -358,7 +360,7 @@ class Trainer:
             "good": good}
     self._check_lease("checkpoint", force=True, everywhere=True)
     self.checkpointer.save(step, self.state, meta)
-    self._last_good = (step, good)
+    self._last_saved = (step, good)
     if not good["good"]:
       self._warn(f"checkpoint {step} is not good: {health.why_not(good)}")
 
@@ -374,7 +376,7 @@ class Trainer:
     self._check_lease("params export", force=True, everywhere=True)
     native.save(path, self.state.params, self.cfg.model, force=True)
     self._print(f"params exported to {path} (step {step})")
-    saved, good = getattr(self, "_last_good", (None, None))
+    saved, good = getattr(self, "_last_saved", (None, None))
     if saved == step and not good["good"]:
       self._warn(f"the exported params (step {step}) are not good: "
                  f"{health.why_not(good)}")
@@ -440,7 +442,11 @@ class Trainer:
       raise lost
 
   def close(self) -> None:
-    """Waits for saves, closes the writers, gives the workdir back."""
+    """Waits for saves, closes the writers, gives the workdir back (once;
+    later calls do nothing)."""
+    if getattr(self, "_closed", False):
+      return
+    self._closed = True
     try:
       if self.checkpointer is not None:
         self.checkpointer.close()
@@ -520,6 +526,11 @@ class Trainer:
         self.state.params, self.program.put(self.pipe.batch(step))))
     tokens = float(sums["tokens"])
     return float(sums["loss_sum"]) / tokens if tokens else None
+
+  def _saved_step(self, step: int) -> bool:
+    """Whether a checkpoint of `step` exists or is being written."""
+    return (step == self.restored_step
+            or getattr(self, "_last_saved", (None,))[0] == step)
 
   def _warn_if_nothing_to_train(self) -> None:
     cfg = self.cfg
