@@ -143,9 +143,11 @@ def checkpoint_fingerprint(path) -> str:
   contents (reads the whole checkpoint once)."""
   root = epath.Path(path)
   digest = hashlib.sha256()
-  files = sorted((str(f.relative_to(root)), f) for f in root.rglob("*")
-                 if f.is_file())
-  for name, f in files:
+
+  def files(folder):
+    for f in folder.iterdir():
+      yield from files(f) if f.is_dir() else [f]
+  for name, f in sorted((str(f.relative_to(root)), f) for f in files(root)):
     digest.update(name.encode() + b"\0")
     with f.open("rb") as stream:
       while chunk := stream.read(1 << 24):
@@ -528,5 +530,5 @@ def _sync(name: str) -> None:
 
 def dump_files_bytes(directory) -> int:
   """Bytes of a dump's ArrayRecord files."""
-  return sum(f.stat().st_size for f in epath.Path(directory).glob(
+  return sum(f.stat().length for f in epath.Path(directory).glob(
       "*.array_record"))
