@@ -91,4 +91,6 @@ print(f"\ndump: {dump['positions']} positions, {dump['bytes']} bytes = "
       f"({dump['record_bytes_per_position']} per record before ArrayRecord's "
       "compression)")
 PY
-echo "done in $(( $(date +%s) - start ))s"
+echo "done in $(( $(date +%s) - start ))s; CPU time (user, system) of this"\
+     "shell and of the commands it ran:"
+times

@@ -4,8 +4,8 @@
 
 Sections: `model` (gemma_jax.model.config), `mesh` (gemma_jax.sharding.config),
 `data` (gemma_jax.data.config), `runtime` (gemma_jax.distributed), `distill`
-(gemma_jax.train.distill), and the
-training sections defined here: `optimizer`, `train`, `checkpoint`. The model section may name a preset and
+(gemma_jax.train.distill), and the training sections defined here:
+`optimizer`, `train`, `checkpoint`. The model section may name a preset and
 override any of its fields:
 
     model: {preset: gemma2-2b, remat_policy: full}
