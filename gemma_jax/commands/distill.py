@@ -11,6 +11,7 @@ from its last complete file. Every process of a multi-host run writes its
 own rows into the same (shared) directory. README section "Distillation".
 """
 
+import argparse
 import json
 
 HELP = "offline distillation: dump the teacher's top-k log-probs"
@@ -20,7 +21,8 @@ def add_arguments(parser):
   sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
   dump = sub.add_parser("dump", help="write the teacher's top-k of every "
                         "training position into ArrayRecord files",
-                        description=__doc__)
+                        description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
   dump.add_argument("config", help="the student's run config YAML")
   dump.add_argument("--out", help="dump directory (default distill.dump)")
   dump.add_argument("--steps", type=int, default=None,

@@ -232,3 +232,25 @@ def test_a_state_without_ema_keeps_its_layout():
   assert [jax.tree_util.keystr(p) for p, _ in
           jax.tree_util.tree_leaves_with_path(state)][-1] == \
       ".nonfinite_in_row"
+
+
+def test_a_hugging_face_teacher_is_loaded_into_its_shards(hf_dir):
+  path, _, state = hf_dir("gemma2_gqa_window")   # 3 layers, vocabulary 128
+  cfg = config_from_dict({
+      "model": STUDENT, "mesh": {"ici_data": 1, "ici_fsdp": 2, "ici_tensor": 2},
+      "data": {"seq_len": T, "sources": SOURCES},
+      "train": {"batch_size": ROWS},
+      "distill": {"teacher": str(path), "teacher_dtype": "bfloat16"}})
+  program = TrainProgram(cfg, make_mesh(cfg.mesh, jax.devices()[:4]))
+  assert program.teacher_config.num_layers == 3
+  assert program.teacher_config.remat_policy == "none"
+  distillation.attach(program, None, cfg.train.steps)
+  teacher = program.frozen["teacher"]
+  table = teacher["embedder"]["embedding"]
+  assert table.dtype == jnp.bfloat16
+  assert table.sharding == program.frozen_shardings["teacher"]["embedder"][
+      "embedding"]
+  np.testing.assert_array_equal(
+      np.asarray(table, np.float32),
+      state["model.embed_tokens.weight"].astype(jnp.bfloat16).astype(
+          np.float32))
