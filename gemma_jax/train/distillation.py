@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gemma_jax import configlib, fileio
 from gemma_jax.errors import ConfigError, DataError
@@ -407,7 +408,7 @@ class DumpReader:
 
 def _unsplit(x, m: int):
   """Inverse of step.split_microbatches: [m, B/m, ...] -> [B, ...]."""
-  return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+  return x.swapaxes(0, 1).reshape((-1, *x.shape[2:]))
 
 
 def make_encoder(program):

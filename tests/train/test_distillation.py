@@ -163,7 +163,7 @@ def train(program, step, steps=2):
   for i in range(steps):
     state, m = step(state, program.put(packed_batch(i)))
     metrics.append({k: float(m[k]) for k in ("loss/distill", "loss/ce")})
-    assert 0 < metrics[-1]["loss/distill"] and 0 < metrics[-1]["loss/ce"]
+    assert metrics[-1]["loss/distill"] > 0 and metrics[-1]["loss/ce"] > 0
   return jax.device_get(state), metrics
 
 
@@ -203,8 +203,8 @@ def test_ema_follows_the_applied_updates_and_skips_bad_steps(one_device):
   # Debiased: update n uses 1 - (1 - d) / (1 - d^n); update 1 copies.
   want = seen[0]
   for n, p in enumerate(seen[1:], 1):
-    want = jax.tree.map(lambda e, x: e + (1 - EMA) / (1 - EMA ** n)
-                        * (x - e), want, p)
+    rate = (1 - EMA) / (1 - EMA ** n)
+    want = jax.tree.map(lambda e, x, r=rate: e + r * (x - e), want, p)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                jax.device_get(state.ema), want)
   # A non-finite step leaves the EMA as it was.

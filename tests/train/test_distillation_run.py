@@ -21,7 +21,7 @@ from gemma_jax.train import distill, distillation
 from gemma_jax.train import state as state_lib
 from gemma_jax.train import trainer as trainer_lib
 from gemma_jax.train.config import config_from_dict
-from gemma_jax.train.testing import exported_params, losses, tiny_config_dict
+from gemma_jax.train.testing import losses, tiny_config_dict
 
 STEPS, V = 4, 512
 
@@ -103,7 +103,8 @@ def runs(tiny_tokenizer, dump, tmp_path_factory):
 
 def test_dump_files_and_bytes_per_position(dump):
   path, summary = dump
-  manifest = json.load(open(os.path.join(path, "dump.json")))
+  with open(os.path.join(path, "dump.json")) as f:
+    manifest = json.load(f)
   assert manifest["chunks"] == [[0, 3], [3, 4]]
   assert sorted(n for n in os.listdir(path) if n.endswith(".array_record")) \
       == [distillation.chunk_file(0, 3, 0, 1),
@@ -112,6 +113,11 @@ def test_dump_files_and_bytes_per_position(dump):
   assert summary["record_bytes_per_position"] == 6 * V + 4
   # ArrayRecord compresses the records (zstd); never much above them.
   assert 0 < summary["bytes_per_position"] < 1.1 * (6 * V + 4)
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
 
 
 def test_offline_with_k_equal_vocab_is_the_online_loss(
@@ -140,7 +146,7 @@ def test_offline_with_k_equal_vocab_is_the_online_loss(
   mask = batch["loss_mask"]
   np.testing.assert_allclose(offline * mask, online * mask, rtol=2e-3,
                              atol=1e-3)
-  logged = json.loads(open(f"{whole}/metrics.jsonl").readline())
+  logged = read_jsonl(f"{whole}/metrics.jsonl")[0]
   assert logged["loss/distill"] == pytest.approx(
       float((online * mask).sum() / mask.sum()), rel=1e-3)
 
@@ -156,15 +162,15 @@ def test_resume_from_the_dump_is_exact(runs):
 
 def test_metrics_eval_and_export_with_distillation_and_ema(runs):
   whole, _ = runs
-  record = json.loads(open(f"{whole}/metrics.jsonl").readlines()[-1])
+  record = read_jsonl(f"{whole}/metrics.jsonl")[-1]
   for key in ("loss", "loss/distill", "loss/ce", "loss/prose", "loss/code"):
     assert np.isfinite(record[key]), key
   assert record["loss"] == record["loss/ce"]
-  evals = json.loads(open(f"{whole}/eval.jsonl").readlines()[-1])
+  evals = read_jsonl(f"{whole}/eval.jsonl")[-1]
   for source in ("prose", "code"):
     assert evals[f"eval_ema/{source}/loss"] > 0
     assert evals[f"eval_ema/{source}/loss"] != evals[f"eval/{source}/loss"]
-  ema, cfg = native.load(f"{whole}/params_ema")
+  ema, _ = native.load(f"{whole}/params_ema")
   params, _ = native.load(f"{whole}/params")
   assert jax.tree.map(lambda x: x.dtype, ema) == jax.tree.map(
       lambda x: x.dtype, params)
