@@ -17,7 +17,7 @@ import os
 import sys
 
 COMMANDS = ("train", "eval", "report", "plot", "compile", "convert", "score",
-            "sample", "tokenizer", "data", "merge", "launch")
+            "sample", "tokenizer", "data", "merge", "distill", "launch")
 
 
 def _module(name):

@@ -3,8 +3,9 @@
     config = load_config("configs/tiny.yaml", ["train.steps=10"])
 
 Sections: `model` (gemma_jax.model.config), `mesh` (gemma_jax.sharding.config),
-`data` (gemma_jax.data.config), `runtime` (gemma_jax.distributed), and the
-training sections defined here: `optimizer`, `train`, `checkpoint`. The model section may name a preset and
+`data` (gemma_jax.data.config), `runtime` (gemma_jax.distributed), `distill`
+(gemma_jax.train.distill), and the training sections defined here:
+`optimizer`, `train`, `checkpoint`. The model section may name a preset and
 override any of its fields:
 
     model: {preset: gemma2-2b, remat_policy: full}
@@ -21,6 +22,7 @@ from gemma_jax.distributed import RuntimeConfig
 from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import PRESETS, ModelConfig
 from gemma_jax.sharding.config import MeshConfig
+from gemma_jax.train.distill import DistillConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,8 @@ class TrainConfig:
   prefetch: int = 2                # batches placed on the devices ahead
   sample_prompts: tuple[str, ...] = ()  # printed with a continuation at the end
   sample_tokens: int = 32
+  ema_decay: float = 0.0           # EMA of the weights (0: none)
+  ema_debias: bool = True          # false: anchored at the start (WARP)
 
   def __post_init__(self):
     if self.steps < 0:
@@ -79,6 +83,9 @@ class TrainConfig:
       raise ConfigError("train.log_every must be positive")
     if self.prefetch < 1:
       raise ConfigError(f"train.prefetch must be >= 1, got {self.prefetch}")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no EMA), "
+                        f"got {self.ema_decay}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +113,7 @@ class RunConfig:
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   runtime: RuntimeConfig = RuntimeConfig()
+  distill: DistillConfig = DistillConfig()
 
 
 def model_config_from_dict(data: dict, path: str = "model") -> ModelConfig:
@@ -130,6 +138,15 @@ def config_from_dict(data: dict) -> RunConfig:
   if not isinstance(model, dict):
     raise ConfigError(f"model: expected a preset name or a mapping, "
                       f"got {model!r}")
+  distill = data.get("distill")
+  if isinstance(distill, dict) and distill.get("teacher_model") is not None:
+    teacher = distill["teacher_model"]
+    teacher = {"preset": teacher} if isinstance(teacher, str) else teacher
+    if not isinstance(teacher, dict):
+      raise ConfigError(f"distill.teacher_model: expected a preset name or a "
+                        f"mapping, got {teacher!r}")
+    data["distill"] = distill | {"teacher_model": model_config_from_dict(
+        teacher, "distill.teacher_model")}
   return configlib.from_dict(RunConfig,
                              data | {"model": model_config_from_dict(model)})
 
@@ -142,6 +159,10 @@ def load_config(path=None, overrides=()) -> RunConfig:
     # so that `model.num_layers=2` can override a field of the preset.
     if isinstance(data.get("model"), str):
       data["model"] = {"preset": data["model"]}
+    distill = data.get("distill")
+    if isinstance(distill, dict) and isinstance(distill.get("teacher_model"),
+                                                str):
+      distill["teacher_model"] = {"preset": distill["teacher_model"]}
     data = configlib.apply_overrides(data, [override])
   return config_from_dict(data)
 

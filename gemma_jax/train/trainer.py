@@ -26,7 +26,8 @@ import jax
 from gemma_jax import fileio, hardware
 from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
-from gemma_jax.train import checkpointing, evaluation, flops, health, lease
+from gemma_jax.train import (checkpointing, distillation, evaluation, flops,
+                             health, lease)
 from gemma_jax.train import config as config_lib
 from gemma_jax.train import metrics as metrics_lib
 from gemma_jax.train.program import TrainProgram
@@ -141,6 +142,8 @@ class Trainer:
 
   def _setup(self):
     cfg = self.cfg
+    # distill: the teacher loaded, or its dump checked and read per batch.
+    distillation.attach(self.program, self.pipe, cfg.train.steps)
     # 2. State: restored onto this mesh, or created sharded on the devices.
     if self.from_step is not None:
       self._discard_checkpoints_after(self.from_step)
@@ -333,9 +336,18 @@ class Trainer:
       return
     results = evaluation.evaluate(self.program, self.state.params, self.pipe,
                                   self.cfg.train.eval_batches)
-    self.writer.write(evaluation.eval_record(step, results), name="eval")
+    record = evaluation.eval_record(step, results)
     text = ", ".join(f"{k} {v['loss']:.3f} (ppl {v['perplexity']:.1f})"
                      for k, v in results.items())
+    if self.state.ema is not None:
+      ema = evaluation.evaluate(self.program,
+                                self.program.ema_params(self.state),
+                                self.pipe, self.cfg.train.eval_batches)
+      record |= {k.replace("eval/", "eval_ema/", 1): v for k, v in
+                 evaluation.eval_record(step, ema).items() if k != "step"}
+      text += "; EMA: " + ", ".join(f"{k} {v['loss']:.3f}"
+                                    for k, v in ema.items())
+    self.writer.write(record, name="eval")
     self._print(f"eval step {step}: {text}")
 
   def save_checkpoint(self, step: int) -> None:
@@ -365,8 +377,9 @@ class Trainer:
       self._warn(f"checkpoint {step} is not good: {health.why_not(good)}")
 
   def export_params(self, step: int) -> None:
-    """The final params in gemma_jax's native format, WORKDIR/params;
-    never non-finite ones."""
+    """The final params in gemma_jax's native format, WORKDIR/params, and
+    their EMA (in the params' dtype) to WORKDIR/params_ema; never
+    non-finite ones."""
     from gemma_jax.checkpoint import native
     path = os.path.join(self.workdir, "params")
     if not health.params_finite(self.state.params):
@@ -380,6 +393,14 @@ class Trainer:
     if saved == step and not good["good"]:
       self._warn(f"the exported params (step {step}) are not good: "
                  f"{health.why_not(good)}")
+    if self.state.ema is not None:
+      ema = self.program.ema_params(self.state)
+      if not health.params_finite(ema):
+        self._warn(f"not exporting the EMA at step {step}: it is not finite")
+        return
+      path = os.path.join(self.workdir, "params_ema")
+      native.save(path, ema, self.cfg.model, force=True)
+      self._print(f"EMA of the params exported to {path}")
 
   def print_samples(self, step: int) -> None:
     """Greedy continuations of train.sample_prompts with the final params."""
