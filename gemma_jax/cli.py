@@ -16,7 +16,7 @@ import os
 import sys
 
 COMMANDS = ("train", "eval", "plot", "compile", "convert", "score", "sample",
-            "tokenizer", "data", "merge", "launch")
+            "tokenizer", "data", "merge", "launch", "fisher")
 
 
 def _module(name):

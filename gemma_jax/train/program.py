@@ -24,6 +24,7 @@ from gemma_jax.errors import ConfigError
 from gemma_jax.model import Transformer
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.mesh import make_mesh
+from gemma_jax.train import continual
 from gemma_jax.train import state as state_lib
 from gemma_jax.train import step as step_lib
 from gemma_jax.train.config import RunConfig
@@ -86,6 +87,9 @@ class TrainProgram:
         k: jax.ShapeDtypeStruct((rows,) if k == "source" else (rows, t),
                                 jnp.int32, sharding=self.batch_sharding)
         for k in step_lib.BATCH_KEYS}
+    # EWC (continual.ewc_lambda > 0): the penalty, and the Fisher and anchor
+    # as abstract frozen inputs until the trainer loads them.
+    continual.install(self)
 
   # Shapes and layouts.
   def _check_batch_size(self):
@@ -117,6 +121,11 @@ class TrainProgram:
   @property
   def frozen_shardings(self):
     return jax.tree.map(lambda x: x.sharding, self.frozen)
+
+  @property
+  def _eval_frozen(self):
+    # The EWC Fisher and anchor feed only the train step's penalty.
+    return {k: v for k, v in self.frozen.items() if k != continual.KEY}
 
   @property
   def abstract_frozen(self):
@@ -174,9 +183,9 @@ class TrainProgram:
     fn = functools.partial(step_lib.eval_step, forward=self.forward,
                            num_sources=self.num_sources,
                            microbatches=self.cfg.train.microbatches)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, self._eval_frozen)
     return jax.jit(fn, in_shardings=(self.param_shardings,
-                                     self.batch_sharding,
-                                     self.frozen_shardings),
+                                     self.batch_sharding, frozen_shardings),
                    out_shardings=NamedSharding(self.mesh, P()))
 
   def lower_train_step(self) -> jax.stages.Lowered:
@@ -201,11 +210,15 @@ class TrainProgram:
   @functools.cached_property
   def _compiled_eval_step(self):
     with self.context():
+      abstract_frozen = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                         sharding=x.sharding),
+          self._eval_frozen)
       return self._eval_step.lower(self.abstract_state.params,
                                    self.abstract_batch,
-                                   self.abstract_frozen).compile()
+                                   abstract_frozen).compile()
 
   def eval_step(self, params, batch):
     """Held-out sums of (params, batch), compiled once (see
     gemma_jax.train.step.eval_step)."""
-    return self._compiled_eval_step(params, batch, self.frozen)
+    return self._compiled_eval_step(params, batch, self._eval_frozen)

@@ -23,7 +23,7 @@ import jax
 from gemma_jax import fileio, hardware
 from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
-from gemma_jax.train import checkpointing, evaluation, flops
+from gemma_jax.train import checkpointing, continual, evaluation, flops
 from gemma_jax.train import config as config_lib
 from gemma_jax.train import metrics as metrics_lib
 from gemma_jax.train.program import TrainProgram
@@ -106,6 +106,9 @@ class Trainer:
       saved = self.checkpointer.restore_meta(self.restored_step)
       check_same_model(saved, cfg, self.restored_step)
       self.pipe.check_resume(saved.get("data", {}), self.restored_step)
+      # EWC: refuses a changed Fisher or anchor, then loads them.
+      self.continual = continual.resume(self.program, saved,
+                                        self.restored_step)
       restored = self.checkpointer.restore(self.program.abstract_state,
                                            self.restored_step)
       self.state = restored.state
@@ -113,7 +116,9 @@ class Trainer:
       self._print(f"resumed from {self.checkpointer.directory}/"
                   f"{self.restored_step}")
     else:
-      self.state = self.program.init_state(params=self._initial_params())
+      # Random, or checkpoint.init_from straight into the sharded layout;
+      # the EWC Fisher and anchor (gemma_jax.train.continual).
+      self.state, self.continual = continual.initial_state(self.program)
     self.start_step = int(jax.device_get(self.state.step))
     self._streak = int(jax.device_get(self.state.nonfinite_in_row))
     if self.start_step > cfg.train.steps:
@@ -147,16 +152,6 @@ class Trainer:
       self.add_hook(Trainer.export_params, 0)
     if cfg.train.sample_prompts:
       self.add_hook(Trainer.print_samples, 0)
-
-  def _initial_params(self):
-    """`checkpoint.init_from` params restored straight into their sharded
-    layout (no random init first), or None for a random start."""
-    if not self.cfg.checkpoint.init_from:
-      return None
-    from gemma_jax.checkpoint import native
-    params, _ = native.load(self.cfg.checkpoint.init_from,
-                            shardings=self.program.param_shardings)
-    return params
 
   def add_hook(self, fn: Callable[["Trainer", int], None], every: int,
                at_end: bool = True) -> None:
@@ -300,6 +295,7 @@ class Trainer:
         return
     meta = {"config": config_lib.to_dict(self.cfg),
             "data": self.pipe.describe(),
+            "continual": self.continual,
             "skipped_total": self.skipped_total}
     self.checkpointer.save(step, self.state, meta)
 
