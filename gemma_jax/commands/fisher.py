@@ -14,7 +14,9 @@ orbax checkpoint and fisher.json (model shape, base checkpoint and its
 fingerprint, data, N, estimator, statistics) to --out, prints progress with
 an ETA, then statistics: mean F per parameter kind and layer and the share
 of the total in the top 1% of entries. Run the same command on every host
-of a multi-host job: each process reads its own rows. docs/continual.md.
+of a multi-host job: each process reads its own rows. With --topology it
+only compiles the step for a Cloud TPU topology and prints its peak memory
+per device (no data, no checkpoint needed). docs/continual.md.
 """
 
 import json
@@ -25,13 +27,14 @@ HELP = "estimate the diagonal Fisher of a checkpoint (for EWC)"
 
 def add_arguments(parser):
   parser.add_argument("config", help="run config YAML (model, mesh, data)")
-  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--out", help="output directory (required unless "
+                                     "--topology)")
   parser.add_argument("--params", default=None,
                       help="checkpoint to measure (default: "
                            "checkpoint.init_from)")
   parser.add_argument("--params-format", default="auto",
                       choices=("auto", "native", "hf", "kaggle", "run"))
-  data = parser.add_mutually_exclusive_group(required=True)
+  data = parser.add_mutually_exclusive_group()
   data.add_argument("--source", help="a data source of the config")
   data.add_argument("--task", help="JSON-lines task file {context, choices, "
                                    "gold}: the gold answer's log-likelihood")
@@ -59,6 +62,10 @@ def add_arguments(parser):
                       help="replace --out if it exists")
   parser.add_argument("--json", action="store_true",
                       help="print the metadata as one JSON object")
+  parser.add_argument("--topology", default=None,
+                      help="only compile the step for this Cloud TPU "
+                           "topology (e.g. v5e:16x16; needs libtpu) and "
+                           "print its peak memory per device")
 
 
 def _rows(args, cfg):
@@ -88,11 +95,56 @@ def _print_stats(meta):
   print(f"{meta['seconds']:.1f} s; written to {meta['out']}")
 
 
+def _estimator(args):
+  from gemma_jax.errors import ConfigError
+  from gemma_jax.train import fisher
+  if args.batch_size is not None and args.estimator == "per_example":
+    raise ConfigError("--batch-size is for --estimator batch_mean")
+  return fisher.Estimator(args.estimator, args.batch_size or (
+      4 if args.estimator == "batch_mean" else 1))
+
+
+def compile_only(args, cfg) -> int:
+  """--topology: the step's compiled memory on a TPU topology."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import time
+  from gemma_jax import hardware
+  from gemma_jax.sharding.mesh import make_mesh
+  from gemma_jax.train import aot, fisher
+  from gemma_jax.train.program import TrainProgram
+  chip, _ = hardware.parse_topology(args.topology)
+  program = TrainProgram(cfg, make_mesh(cfg.mesh, aot.topology_devices(
+      args.topology)))
+  fprog = fisher.FisherProgram(program, _estimator(args), args.units_per_step,
+                               args.rows_per_vmap)
+  start = time.perf_counter()
+  lowered = fprog.lower(program.abstract_state.params, cfg.data.seq_len)
+  report = {"topology": args.topology, "mesh": dict(program.mesh.shape),
+            "units_per_step": fprog.units_per_step,
+            "rows_per_vmap": args.rows_per_vmap,
+            "hbm_bytes_per_device": chip.hbm_bytes}
+  try:
+    mem = lowered.compile().memory_analysis()
+    report.update(fits=mem.peak_memory_in_bytes <= chip.hbm_bytes,
+                  peak_bytes_per_device=int(mem.peak_memory_in_bytes))
+  except Exception as e:  # XlaRuntimeError: out of HBM
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    report.update(fits=False, error=str(e).strip().splitlines()[0])
+  report["compile_s"] = time.perf_counter() - start
+  print(json.dumps(report))
+  return 0 if report["fits"] else 1
+
+
 def main(args) -> int:
   from gemma_jax import distributed
   from gemma_jax.errors import ConfigError
   from gemma_jax.train.config import load_config
   cfg = load_config(args.config, args.overrides)
+  if args.topology:
+    return compile_only(args, cfg)
+  if not args.out or not (args.source or args.task):
+    raise ConfigError("give --out and one of --source or --task")
   distributed.initialize_runtime(cfg.runtime)
   import jax
   from gemma_jax.checkpoint import fisher as fisher_store
@@ -103,10 +155,7 @@ def main(args) -> int:
   if not path:
     raise ConfigError("give --params, or set checkpoint.init_from in the "
                       "config: the checkpoint whose Fisher to estimate")
-  if args.batch_size is not None and args.estimator == "per_example":
-    raise ConfigError("--batch-size is for --estimator batch_mean")
-  estimator = fisher.Estimator(args.estimator, args.batch_size or (
-      4 if args.estimator == "batch_mean" else 1))
+  estimator = _estimator(args)
   if os.path.exists(args.out) and not args.force:
     raise ConfigError(f"--out {args.out} already exists; pass --force to "
                       f"replace it")

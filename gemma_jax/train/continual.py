@@ -39,15 +39,12 @@ KEY = "ewc"
 def penalty(params, ewc: dict, ewc_lambda: float):
   """ewc_lambda / 2 * sum F (params - anchor)^2, float32; F = 1 when `ewc`
   has no "fisher" (L2-SP)."""
-  fisher = ewc.get("fisher")
-  total = jnp.zeros((), jnp.float32)
-  for i, (p, a) in enumerate(zip(jax.tree.leaves(params),
-                                 jax.tree.leaves(ewc["anchor"]))):
+  def term(p, a, f=None):
     d = jnp.square(p.astype(jnp.float32) - a.astype(jnp.float32))
-    if fisher is not None:
-      d = jax.tree.leaves(fisher)[i].astype(jnp.float32) * d
-    total = total + jnp.sum(d)
-  return 0.5 * ewc_lambda * total
+    return jnp.sum(d if f is None else f.astype(jnp.float32) * d)
+  trees = [params, ewc["anchor"]] + ([ewc["fisher"]] if "fisher" in ewc
+                                     else [])
+  return 0.5 * ewc_lambda * sum(jax.tree.leaves(jax.tree.map(term, *trees)))
 
 
 def penalty_fn(ewc_lambda: float):
@@ -173,9 +170,10 @@ def _replicated_jit(program, fn):
 def check_fisher_values(program, fisher, source: str) -> None:
   """CheckpointError naming the first leaf with NaN, inf or negative
   entries (counted on the devices)."""
-  def counts(tree):
-    return {p: (jnp.sum(jnp.isnan(x)), jnp.sum(jnp.isinf(x)),
-                jnp.sum(x < 0)) for p, x in layout.flatten(tree)}
+  def counts(tree):   # float32: an int32 count may overflow at 27B
+    count = lambda b: jnp.sum(b, dtype=jnp.float32)
+    return {p: (count(jnp.isnan(x)), count(jnp.isinf(x)), count(x < 0))
+            for p, x in layout.flatten(tree)}
   found = jax.device_get(_replicated_jit(program, counts)(fisher))
   for p in layout.param_shapes(program.cfg.model):
     nan, inf, neg = (int(v) for v in found[p])
@@ -227,9 +225,10 @@ def describe(cfg) -> dict:
                     "fingerprint": fingerprint_of(path, "continual.anchor")},
          "dtype": c.dtype, "fisher": None}
   if c.fisher:
-    out["fisher"] = {"path": str(c.fisher),
-                     "fingerprint": fingerprint_of(c.fisher, "continual.fisher"),
-                     "normalization": c.fisher_normalization}
+    out["fisher"] = {
+        "path": str(c.fisher),
+        "fingerprint": fingerprint_of(c.fisher, "continual.fisher"),
+        "normalization": c.fisher_normalization}
   return out
 
 

@@ -177,6 +177,17 @@ class FisherProgram:
     with self.context():
       return self._step(acc, params, self.put(units))
 
+  def lower(self, abstract_params, seq_len: int) -> jax.stages.Lowered:
+    """The step lowered for abstract params (e.g. on a TPU topology's
+    devices, to read its memory before booking the pod)."""
+    acc = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, jnp.float32, sharding=x.sharding), abstract_params)
+    units = {k: jax.ShapeDtypeStruct(
+        (self.units_per_step, self.estimator.rows_per_unit, seq_len),
+        jnp.int32, sharding=self.unit_sharding) for k in UNIT_KEYS}
+    with self.context():
+      return self._step.lower(acc, abstract_params, units)
+
   @functools.cached_property
   def divide(self):
     return jax.jit(lambda acc, n: jax.tree.map(lambda a: a / n, acc),
@@ -241,12 +252,23 @@ def _leaf_means(fisher):
 
 @_replicated
 def _count_and_mass(fisher, threshold):
-  leaves = jax.tree.leaves(fisher)
-  ge = sum(jnp.sum(x >= threshold, dtype=jnp.int32) for x in leaves)
-  gt = sum(jnp.sum(x > threshold, dtype=jnp.int32) for x in leaves)
-  mass_gt = sum(jnp.sum(jnp.where(x > threshold, x, 0.0)) for x in leaves)
-  total = sum(jnp.sum(x) for x in leaves)
-  return ge, gt, mass_gt, total
+  """Per leaf (and layer: int32 counts of one leaf may overflow): entries
+  >= and > threshold, and the mass of those > threshold."""
+  def one(x):
+    axes = tuple(range(1, x.ndim)) if x.ndim > 1 else None
+    count = lambda b: jnp.sum(b, axis=axes, dtype=jnp.int32)
+    return (count(x >= threshold), count(x > threshold),
+            jnp.sum(jnp.where(x > threshold, x, 0.0), axis=axes),
+            jnp.sum(x, axis=axes))
+  return [one(x) for x in jax.tree.leaves(fisher)]
+
+
+def _totals(fisher, threshold):
+  """(count >=, count >, mass >, total mass) as Python numbers."""
+  parts = jax.device_get(_count_and_mass(fisher, np.float32(threshold)))
+  ge, gt, mass, total = (sum(np.asarray(p[i], np.float64).sum()
+                             for p in parts) for i in range(4))
+  return int(ge), int(gt), float(mass), float(total)
 
 
 def top_share(fisher, fraction: float = 0.01) -> float:
@@ -262,13 +284,12 @@ def top_share(fisher, fraction: float = 0.01) -> float:
   lo, hi = 0, 0x7F800000          # bit patterns of 0.0 and +inf
   while lo < hi:                  # largest t with count(F >= t) >= k
     mid = (lo + hi + 1) // 2
-    t = np.array(mid, np.uint32).view(np.float32)
-    ge = int(_count_and_mass(fisher, t)[0])
+    ge = _totals(fisher, np.array(mid, np.uint32).view(np.float32))[0]
     lo, hi = (mid, hi) if ge >= k else (lo, mid - 1)
   t = np.array(lo, np.uint32).view(np.float32)
-  _, gt, mass_gt, total = jax.device_get(_count_and_mass(fisher, t))
-  mass = float(mass_gt) + (k - int(gt)) * float(t)
-  return mass / float(total) if total > 0 else 0.0
+  _, gt, mass_gt, total = _totals(fisher, t)
+  mass = mass_gt + (k - gt) * float(t)
+  return mass / total if total > 0 else 0.0
 
 
 def summary(fisher) -> dict:
