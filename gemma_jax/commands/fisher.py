@@ -53,6 +53,10 @@ def add_arguments(parser):
   parser.add_argument("--rows-per-vmap", type=int, default=1,
                       help="units per device per vmap; memory grows with "
                            "it (that many float32 gradient trees)")
+  parser.add_argument("--grad-dtype", default="float32",
+                      choices=("float32", "bfloat16"),
+                      help="dtype of each unit's gradient (bfloat16 halves "
+                           "its memory; squares are summed in float32)")
   parser.add_argument("--units-per-step", type=int, default=None,
                       help="units per compiled step (default: batch "
                            "shards x --rows-per-vmap)")
@@ -116,12 +120,13 @@ def compile_only(args, cfg) -> int:
   program = TrainProgram(cfg, make_mesh(cfg.mesh, aot.topology_devices(
       args.topology)))
   fprog = fisher.FisherProgram(program, _estimator(args), args.units_per_step,
-                               args.rows_per_vmap)
+                               args.rows_per_vmap, args.grad_dtype)
   start = time.perf_counter()
   lowered = fprog.lower(program.abstract_state.params, cfg.data.seq_len)
   report = {"topology": args.topology, "mesh": dict(program.mesh.shape),
             "units_per_step": fprog.units_per_step,
             "rows_per_vmap": args.rows_per_vmap,
+            "grad_dtype": args.grad_dtype,
             "hbm_bytes_per_device": chip.hbm_bytes}
   try:
     mem = lowered.compile().memory_analysis()
@@ -162,7 +167,7 @@ def main(args) -> int:
   rows = _rows(args, cfg)
   program = TrainProgram(cfg)
   fprog = fisher.FisherProgram(program, estimator, args.units_per_step,
-                               args.rows_per_vmap)
+                               args.rows_per_vmap, args.grad_dtype)
   params = continual.load_params(path, args.params_format, program)
   steps = fisher_data.num_steps(rows, estimator.rows_per_unit,
                                 fprog.units_per_step)
@@ -182,7 +187,7 @@ def main(args) -> int:
       "num_examples": rows.num_rows,
       "units": "rows" if estimator.name == "per_example" else "groups",
       "num_units": info["units"],
-      "accumulation": "float32",
+      "accumulation": "float32", "grad_dtype": args.grad_dtype,
       "mean_loglik_per_unit": info["mean_loglik"],
       "seconds": info["seconds"], "mesh": dict(program.mesh.shape),
       "stats": stats}

@@ -21,7 +21,8 @@ per_example and an ewc_lambda tuned for one does not transfer to the other
 (docs/continual.md).
 
 Per-unit gradients come from jax.vmap of jax.grad over `rows_per_vmap` units
-per device at a time (memory: that many float32 gradient trees), accumulated
+per device at a time (memory: that many whole gradient trees, float32 or
+bfloat16), accumulated
 as sums of squares in float32 in a tree sharded like the params, by one
 jitted step that each batch of units goes through. The vmapped dimension is
 split over the mesh's batch axes (vmap's spmd_axis_name); inside a unit the
@@ -80,14 +81,20 @@ def unit_loglik(forward):
 
 
 def squared_grad_sums(loglik, params, units, *, chunks: int,
-                      unit_spec: P, spmd_axes):
+                      unit_spec: P, spmd_axes, grad_dtype=jnp.float32,
+                      acc_shardings=None):
   """(sum over units of the squared gradient, float32 params-shaped; sum of
   log-likelihoods; real units) for units {key: [U, R, T]}.
 
   Units are taken `U / chunks` at a time (one vmap), chunk j holding units
-  j, j + chunks, ... so that every device keeps its own units.
+  j, j + chunks, ... so that every device keeps its own units. Gradients are
+  taken with respect to a `grad_dtype` copy of the params (so they are
+  held in that dtype) and squared in float32. `acc_shardings` (the
+  params') keeps the running sums sharded inside the loop.
   """
-  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  keep = ((lambda t: jax.lax.with_sharding_constraint(t, acc_shardings))
+          if acc_shardings is not None else (lambda t: t))
+  params = jax.tree.map(lambda x: x.astype(grad_dtype), params)
   grad_fn = jax.vmap(jax.value_and_grad(loglik), in_axes=(None, 0),
                      spmd_axis_name=spmd_axes or None)
 
@@ -99,12 +106,14 @@ def squared_grad_sums(loglik, params, units, *, chunks: int,
   def body(carry, unit_chunk):
     acc, ll, n = carry
     values, grads = grad_fn(params, unit_chunk)
-    acc = jax.tree.map(lambda a, g: a + jnp.sum(jnp.square(g), axis=0), acc,
-                       grads)
+    acc = keep(jax.tree.map(
+        lambda a, g: a + jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0),
+        acc, grads))
     real = (unit_chunk["loss_mask"].sum(axis=(1, 2)) > 0).sum()
     return (acc, ll + values.sum(), n + real), None
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = keep(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                            params))
   init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
   (acc, ll, n), _ = jax.lax.scan(body, init, jax.tree.map(split, units))
   return acc, ll, n
@@ -115,14 +124,19 @@ class FisherProgram:
 
   A step takes `units_per_step` units (global), `rows_per_vmap` per device
   per vmap; units are [U, R, T] arrays split over the mesh's batch axes.
+  Each device holds `rows_per_vmap` whole gradients of one unit in
+  `grad_dtype` (float32; bfloat16 halves that memory and rounds each
+  gradient to 8 bits of mantissa before it is squared in float32).
   """
 
   def __init__(self, program, estimator: Estimator,
-               units_per_step: int | None = None, rows_per_vmap: int = 1):
+               units_per_step: int | None = None, rows_per_vmap: int = 1,
+               grad_dtype: str = "float32"):
     if rows_per_vmap < 1:
       raise ConfigError(f"--rows-per-vmap must be >= 1, got {rows_per_vmap}")
     self.mesh = program.mesh
     self.estimator = estimator
+    self.grad_dtype = jnp.dtype(grad_dtype)
     self.param_shardings = program.param_shardings
     entry = program.batch_sharding.spec[0]
     self.batch_axes = rules.axes_of(entry)
@@ -166,7 +180,8 @@ class FisherProgram:
     def step(acc, params, units):
       sums, ll, n = squared_grad_sums(
           self._loglik, params, units, chunks=self.chunks,
-          unit_spec=self.unit_spec, spmd_axes=self.batch_axes)
+          unit_spec=self.unit_spec, spmd_axes=self.batch_axes,
+          grad_dtype=self.grad_dtype, acc_shardings=self.param_shardings)
       return jax.tree.map(jnp.add, acc, sums), ll, n
     replicated = NamedSharding(self.mesh, P())
     return jax.jit(step, out_shardings=(self.param_shardings, replicated,
