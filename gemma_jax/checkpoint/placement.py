@@ -57,9 +57,12 @@ class HostTree:
     self._leaves: dict[str, np.ndarray] = {}
 
   def set(self, path: str, index: tuple, value) -> None:
+    dtype = self._dtype or value.dtype
     if path not in self._leaves:
-      self._leaves[path] = np.zeros(self._shapes[path],
-                                    self._dtype or value.dtype)
+      if index == () and np.shape(value) == tuple(self._shapes[path]):
+        self._leaves[path] = np.asarray(value, dtype)   # whole: no copy
+        return
+      self._leaves[path] = np.zeros(self._shapes[path], dtype)
     self._leaves[path][index] = value
 
   def tree(self) -> dict:

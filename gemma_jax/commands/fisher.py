@@ -161,7 +161,8 @@ def main(args) -> int:
     raise ConfigError("give --params, or set checkpoint.init_from in the "
                       "config: the checkpoint whose Fisher to estimate")
   estimator = _estimator(args)
-  if os.path.exists(args.out) and not args.force:
+  from etils import epath
+  if epath.Path(args.out).exists() and not args.force:
     raise ConfigError(f"--out {args.out} already exists; pass --force to "
                       f"replace it")
   rows = _rows(args, cfg)

@@ -80,11 +80,11 @@ def unit_loglik(forward):
   return loglik
 
 
-def squared_grad_sums(loglik, params, units, *, chunks: int,
+def squared_grad_sums(loglik, params, units, acc, *, chunks: int,
                       unit_spec: P, spmd_axes, grad_dtype=jnp.float32,
                       acc_shardings=None):
-  """(sum over units of the squared gradient, float32 params-shaped; sum of
-  log-likelihoods; real units) for units {key: [U, R, T]}.
+  """(acc + sum over units of the squared gradient, float32 params-shaped;
+  sum of log-likelihoods; real units) for units {key: [U, R, T]}.
 
   Units are taken `U / chunks` at a time (one vmap), chunk j holding units
   j, j + chunks, ... so that every device keeps its own units. Gradients are
@@ -112,9 +112,7 @@ def squared_grad_sums(loglik, params, units, *, chunks: int,
     real = (unit_chunk["loss_mask"].sum(axis=(1, 2)) > 0).sum()
     return (acc, ll + values.sum(), n + real), None
 
-  zeros = keep(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
-                            params))
-  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  init = (keep(acc), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
   (acc, ll, n), _ = jax.lax.scan(body, init, jax.tree.map(split, units))
   return acc, ll, n
 
@@ -178,11 +176,10 @@ class FisherProgram:
   @functools.cached_property
   def _step(self):
     def step(acc, params, units):
-      sums, ll, n = squared_grad_sums(
-          self._loglik, params, units, chunks=self.chunks,
+      return squared_grad_sums(
+          self._loglik, params, units, acc, chunks=self.chunks,
           unit_spec=self.unit_spec, spmd_axes=self.batch_axes,
           grad_dtype=self.grad_dtype, acc_shardings=self.param_shardings)
-      return jax.tree.map(jnp.add, acc, sums), ll, n
     replicated = NamedSharding(self.mesh, P())
     return jax.jit(step, out_shardings=(self.param_shardings, replicated,
                                         replicated), donate_argnums=0)
