@@ -35,11 +35,13 @@ from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 from gemma_jax.train import continual
 from gemma_jax.checkpoint import hf, kaggle
-mode, fmt, path, fields = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+mode, fmt, path = sys.argv[1:4]
+fields = json.loads(sys.argv[4])
 cfg = config_from_dict({
     "model": {"preset": "tiny-gemma2", **fields},
     "mesh": {"ici_data": 1, "ici_fsdp": 8},
-    "data": {"seq_len": 16, "sources": {"a": {"kind": "memory", "texts": ["x"]}}},
+    "data": {"seq_len": 16,
+             "sources": {"a": {"kind": "memory", "texts": ["x"]}}},
     "train": {"batch_size": 8}})
 program = TrainProgram(cfg)
 t = time.perf_counter()
