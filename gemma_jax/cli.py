@@ -17,7 +17,8 @@ import os
 import sys
 
 COMMANDS = ("train", "eval", "report", "plot", "compile", "convert", "score",
-            "sample", "tokenizer", "data", "merge", "distill", "launch")
+            "sample", "tokenizer", "data", "fisher", "merge", "distill",
+            "launch")
 
 
 def _module(name):

@@ -255,8 +255,7 @@ CASES = [
      r"48 here"),
     ("init_from_missing", train_fresh(
         lambda d: d["checkpoint"].update(init_from="/nonexistent/params")), 1,
-     r"/nonexistent/params is not a native gemma_jax checkpoint \(not a "
-     r"directory\)"),
+     r"/nonexistent/params: no such checkpoint directory"),
     ("init_from_damaged_export", "init_from_damaged", 1,
      r"is damaged: .*export or convert it again"),
     # Read-only commands.

@@ -5,7 +5,8 @@
 Sections: `model` (gemma_jax.model.config), `mesh` (gemma_jax.sharding.config),
 `data` (gemma_jax.data.config), `runtime` (gemma_jax.distributed), `distill`
 (gemma_jax.train.distill), and the training sections defined here:
-`optimizer`, `train`, `checkpoint`. The model section may name a preset and
+`optimizer`, `train`, `checkpoint`, `continual` (EWC; docs/continual.md).
+The model section may name a preset and
 override any of its fields:
 
     model: {preset: gemma2-2b, remat_policy: full}
@@ -94,6 +95,12 @@ class CheckpointConfig:
   keep: int = 3
   async_save: bool = True
   init_from: str | None = None     # params to start from (continual pretraining)
+  # Format of init_from: detected, or named (a gemma_jax run directory is
+  # `run`; see gemma_jax.train.continual).
+  init_format: Literal["auto", "native", "hf", "kaggle", "run"] = "auto"
+  # With init_from a run directory: continue its AdamW moments too (the
+  # learning-rate schedule still restarts at step 0).
+  init_optimizer: bool = False
   export_params: bool = True       # params-only export to WORKDIR/params at the end
 
   def __post_init__(self):
@@ -102,6 +109,41 @@ class CheckpointConfig:
                         f"end), got {self.save_every}")
     if self.keep < 1:
       raise ConfigError(f"checkpoint.keep must be >= 1, got {self.keep}")
+    if self.init_optimizer and not self.init_from:
+      raise ConfigError("checkpoint.init_optimizer needs checkpoint.init_from "
+                        "(a gemma_jax run directory)")
+    if self.init_optimizer and self.init_format not in ("auto", "run"):
+      raise ConfigError(f"checkpoint.init_optimizer restores the optimizer of "
+                        f"a gemma_jax run; checkpoint.init_format "
+                        f"{self.init_format!r} holds params only")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualConfig:
+  """Elastic Weight Consolidation: the loss gains
+  ewc_lambda / 2 * sum_i F_i (theta_i - anchor_i)^2 (docs/continual.md).
+
+  ewc_lambda > 0 without a `fisher` is L2-SP (F = 1).
+  """
+  ewc_lambda: float = 0.0
+  fisher: str | None = None        # a `gemma-jax fisher` output directory
+  anchor: str | None = None        # params to hold (default: init_from)
+  anchor_format: Literal["auto", "native", "hf", "kaggle", "run"] = "auto"
+  # F as used: divided by its mean over all entries ("mean", so that
+  # mean F = 1 and ewc_lambda is the average stiffness, whatever the data
+  # and estimator), by its largest entry ("max"), or raw ("none").
+  fisher_normalization: Literal["mean", "max", "none"] = "mean"
+  # Storage of F and the anchor on the devices (bfloat16 halves it).
+  dtype: Literal["float32", "bfloat16"] = "float32"
+
+  def __post_init__(self):
+    if self.ewc_lambda < 0:
+      raise ConfigError(f"continual.ewc_lambda must be >= 0, got "
+                        f"{self.ewc_lambda}")
+
+  @property
+  def enabled(self) -> bool:
+    return self.ewc_lambda > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +156,14 @@ class RunConfig:
   checkpoint: CheckpointConfig = CheckpointConfig()
   runtime: RuntimeConfig = RuntimeConfig()
   distill: DistillConfig = DistillConfig()
+  continual: ContinualConfig = ContinualConfig()
+
+  def __post_init__(self):
+    c = self.continual
+    if c.enabled and not (c.anchor or self.checkpoint.init_from):
+      raise ConfigError("continual.ewc_lambda > 0 holds the params near an "
+                        "anchor: set continual.anchor or "
+                        "checkpoint.init_from")
 
 
 def model_config_from_dict(data: dict, path: str = "model") -> ModelConfig:

@@ -24,7 +24,7 @@ from gemma_jax.errors import ConfigError
 from gemma_jax.model import Transformer
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.mesh import make_mesh
-from gemma_jax.train import distillation
+from gemma_jax.train import continual, distillation
 from gemma_jax.train import state as state_lib
 from gemma_jax.train import step as step_lib
 from gemma_jax.train.config import RunConfig
@@ -97,6 +97,9 @@ class TrainProgram:
         for k in step_lib.BATCH_KEYS}
     # distill: the teacher (frozen), its loss, and a dump's batch keys.
     distillation.install(self)
+    # EWC (continual.ewc_lambda > 0): the penalty, and the Fisher and anchor
+    # as abstract frozen inputs until the trainer loads them.
+    continual.install(self)
 
   # Shapes and layouts.
   def _check_batch_size(self):

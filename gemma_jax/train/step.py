@@ -127,7 +127,8 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn,
   applied-update count, see gemma_jax.train.ema) when the step is kept.
 
   metrics (device scalars unless noted): loss (cross-entropy per target
-  token), z_loss, loss/<term> of extra terms and penalties, grad_norm,
+  token), z_loss, loss/<term> of extra terms and penalties (and then
+  loss/ce, the same cross-entropy, beside them), grad_norm,
   learning_rate, tokens, skipped, nonfinite_in_row, source_loss_sum
   [sources], source_tokens [sources].
   """
@@ -179,6 +180,8 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn,
                  source_loss_sum=sums["source_loss_sum"],
                  source_tokens=sums["source_tokens"],
                  **{f"loss/{k}": v for k, v in terms.items()})
+  if terms:   # the cross-entropy beside the other terms of the objective
+    metrics["loss/ce"] = metrics["loss"]
   return new_state, metrics
 
 

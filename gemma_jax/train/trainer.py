@@ -26,8 +26,8 @@ import jax
 from gemma_jax import fileio, hardware
 from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
-from gemma_jax.train import (checkpointing, distillation, evaluation, flops,
-                             health, lease)
+from gemma_jax.train import (checkpointing, continual, distillation,
+                             evaluation, flops, health, lease)
 from gemma_jax.train import config as config_lib
 from gemma_jax.train import metrics as metrics_lib
 from gemma_jax.train.program import TrainProgram
@@ -72,22 +72,29 @@ def check_same_model(saved: dict, cfg, step: int) -> None:
 
 
 def check_init_from(cfg) -> None:
-  """ConfigError unless checkpoint.init_from holds the configured model.
+  """ConfigError unless a native checkpoint.init_from holds the configured
+  model's parameter shapes.
 
   Compared on the stored config, before anything is read or compiled:
   params of another size would fail much later, with an unrelated error.
+  (Other formats are checked tensor by tensor as they are read.)
   """
-  from gemma_jax.checkpoint import native
-  path = cfg.checkpoint.init_from
+  from gemma_jax.checkpoint import formats, layout, native
+  path, fmt = cfg.checkpoint.init_from, cfg.checkpoint.init_format
+  if fmt == "run" or (fmt == "auto" and continual.is_run_dir(path)):
+    return
+  if (formats.detect(path) if fmt == "auto" else fmt) != "native":
+    return
   stored = native.load_config(path)
-  if stored != cfg.model:
-    diff = [f"{k} {getattr(stored, k)!r} there, {getattr(cfg.model, k)!r} "
-            f"here" for k in config_lib.to_dict(cfg)["model"]
-            if getattr(stored, k) != getattr(cfg.model, k)]
+  if layout.param_shapes(cfg.model) == layout.param_shapes(stored):
+    return
+  diff = [f"{k} {getattr(stored, k)!r} there, {getattr(cfg.model, k)!r} here"
+          for k in layout.SHAPE_FIELDS
+          if getattr(stored, k) != getattr(cfg.model, k)]
+  if diff:
     raise ConfigError(
-        f"checkpoint.init_from: {path} holds another model "
-        f"({'; '.join(diff[:3])}); set the model section to the one it was "
-        f"saved with")
+        f"checkpoint.init_from: {path} holds another model ({diff[0]}); set "
+        f"the model section to the one it was saved with")
 
 
 def _has_checkpoints(workdir: str) -> bool:
@@ -150,12 +157,21 @@ class Trainer:
     self.restored_step, restored = self._restore_newest_intact()
     if restored is not None:
       self._check_resumable(self.restored_step)
+      # EWC: refuses a changed Fisher or anchor, then loads them.
+      self.continual = continual.resume(self.program, restored.meta,
+                                        self.restored_step)
       self.state = restored.state
       self.skipped_total = restored.meta.get("skipped_total", 0)
       self._print(f"resumed from {self.checkpointer.directory}/"
                   f"{self.restored_step}")
     else:
-      self.state = self.program.init_state(params=self._initial_params())
+      # Random, or checkpoint.init_from straight into the sharded layout;
+      # the EWC Fisher and anchor (gemma_jax.train.continual).
+      self.state, self.continual = continual.initial_state(self.program)
+      if not health.params_finite(self.state.params):
+        raise ConfigError(f"checkpoint.init_from: "
+                          f"{cfg.checkpoint.init_from} holds non-finite "
+                          f"params (NaN or inf); start from another export")
     self.start_step = int(jax.device_get(self.state.step))
     self._streak = int(jax.device_get(self.state.nonfinite_in_row))
     if self.start_step > cfg.train.steps:
@@ -196,20 +212,6 @@ class Trainer:
       self.add_hook(Trainer.export_params, 0)
     if cfg.train.sample_prompts:
       self.add_hook(Trainer.print_samples, 0)
-
-  def _initial_params(self):
-    """`checkpoint.init_from` params restored straight into their sharded
-    layout (no random init first), or None for a random start."""
-    if not self.cfg.checkpoint.init_from:
-      return None
-    from gemma_jax.checkpoint import native
-    path = self.cfg.checkpoint.init_from
-    check_init_from(self.cfg)
-    params, _ = native.load(path, shardings=self.program.param_shardings)
-    if not health.params_finite(params):
-      raise ConfigError(f"checkpoint.init_from: {path} holds non-finite "
-                        f"params (NaN or inf); start from another export")
-    return params
 
   def add_hook(self, fn: Callable[["Trainer", int], None], every: int,
                at_end: bool = True) -> None:
@@ -368,6 +370,7 @@ class Trainer:
                         self._recent_losses, self.cfg.model.vocab_size)
     meta = {"config": config_lib.to_dict(self.cfg),
             "data": self.pipe.describe(),
+            "continual": self.continual,
             "skipped_total": self.skipped_total,
             "good": good}
     self._check_lease("checkpoint", force=True, everywhere=True)
