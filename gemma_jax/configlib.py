@@ -172,13 +172,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _read_yaml(path):
   try:
-    with open(os.path.expanduser(os.fspath(path))) as f:
+    with open(os.path.expanduser(os.fspath(path)), encoding="utf-8") as f:
       return yaml.safe_load(f)
   except FileNotFoundError:
     raise ConfigError(f"config file not found: {path}") from None
   except IsADirectoryError:
-    raise ConfigError(f"config file {path} is a directory") from None
+    raise ConfigError(f"config file {path} is a directory; give the path "
+                      f"of a YAML file") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"config file {path} is not UTF-8 text (byte "
+                      f"{e.start}); give the path of a YAML file") from None
+  except OSError as e:
+    raise ConfigError(f"config file {path}: cannot read it "
+                      f"({e.strerror or e})") from None
   except yaml.YAMLError as e:
+    # PyYAML's message spans lines (the offending line and a caret).
     first = str(e).strip().splitlines()
     raise ConfigError(f"config file {path} is not valid YAML: "
                       f"{' '.join(x.strip() for x in first)}") from None

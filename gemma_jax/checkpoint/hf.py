@@ -3,10 +3,12 @@
 A directory holds `config.json` and either `model.safetensors` or shards
 listed in `model.safetensors.index.json`. HF Linear weights are [out, in]
 with head-major rows; the native tree is described in `layout`. Loading fills
-the stacked [L, ...] arrays one HF tensor at a time and exporting streams one
-tensor at a time, so neither direction holds two copies of the model.
+the stacked [L, ...] arrays one HF tensor at a time (on the host, or straight
+into their device shards) and exporting streams one tensor at a time, so
+neither direction holds two copies of the model.
 
     params, cfg = hf.load("gemma-2-2b/")            # numpy arrays
+    params, cfg = hf.load("gemma-2-2b/", cfg, shardings=param_shardings)
     hf.save("out/", params, cfg, max_shard_bytes=2**30)
     hf.save("out/", params, cfg, tokenizer=Tokenizer.load("tokenizer.model"))
 
@@ -26,7 +28,8 @@ import numpy as np
 from flax.linen import meta
 
 from gemma_jax import fileio
-from gemma_jax.checkpoint import hf_config, layout, safetensors_io
+from gemma_jax.checkpoint import hf_config, layout, placement
+from gemma_jax.checkpoint import safetensors_io
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
@@ -137,13 +140,16 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
 
 
 def load(directory, model_cfg: ModelConfig | None = None, dtype=None,
-         model_name: str = "the given model config"
+         model_name: str = "the given model config", shardings=None
          ) -> tuple[dict, ModelConfig]:
-  """Reads an HF directory into a native params tree of numpy arrays.
+  """Reads an HF directory into a native params tree.
 
   model_cfg: the config to load into (e.g. a preset with a 256128-row
     embedding); it must agree with config.json. Default: from config.json.
   dtype: dtype of the params; default that of the stored tensors.
+  shardings: None -> numpy arrays; a params-shaped tree of NamedShardings ->
+    jax.Arrays, each tensor placed into its shards as it is read
+    (gemma_jax.checkpoint.placement).
   """
   directory = Path(directory)
   cfg = load_config(directory, model_cfg, model_name)
@@ -155,18 +161,16 @@ def load(directory, model_cfg: ModelConfig | None = None, dtype=None,
   entries = {e.hf_name: e for e in tensor_map(cfg)}
   layout.check_shapes(found, {n: e.hf_shape for n, e in entries.items()},
                       str(directory))
-  shapes = layout.param_shapes(cfg)
-  flat: dict[str, np.ndarray] = {}
+  # Leaves start as zeros: padding rows of the embedding stay 0.
+  out = placement.target(layout.param_shapes(cfg), shardings, dtype)
   by_file: dict[Path, list[str]] = {}
   for name in entries:
     by_file.setdefault(files[name], []).append(name)
   for file, names in by_file.items():
     for name, x in safetensors_io.read(file, names):
       e = entries[name]
-      if e.path not in flat:   # zeros: padding rows of the embedding stay 0
-        flat[e.path] = np.zeros(shapes[e.path], dtype or x.dtype)
-      flat[e.path][e.index] = e.to_native(x)
-  return layout.unflatten(flat), cfg
+      out.set(e.path, e.index, e.to_native(x))
+  return out.tree(), cfg
 
 
 def _shards(tensors, max_bytes):

@@ -161,10 +161,42 @@ def merge_adapter(params, cfg, path):
   return jax.device_get(merged), lora.merged_config(adapted_cfg)
 
 
+def read_source(args, dtype):
+  """`load`, with any library failure on a bad source (garbage or
+  truncated safetensors, a directory that is not an orbax checkpoint)
+  turned into one CheckpointError naming the source."""
+  from gemma_jax.errors import CheckpointError, GemmaJaxError
+  src = pathlib.Path(args.src)
+  if not src.exists():
+    raise CheckpointError(f"{args.src}: no such checkpoint directory")
+  if not src.is_dir():
+    raise CheckpointError(f"{args.src} is a file; --from {args.src_format} "
+                          f"takes a checkpoint directory")
+  try:
+    return load(args, dtype)
+  except GemmaJaxError:
+    raise
+  except OSError as e:
+    if e.errno is not None:   # a real OS error (disk, permissions)
+      raise
+    raise CheckpointError(f"{args.src} is not a readable {args.src_format} "
+                          f"checkpoint ({_first_line(e)}); check the path "
+                          f"and --from") from None
+  except Exception as e:  # noqa: BLE001  (safetensors/orbax raise many)
+    raise CheckpointError(
+        f"{args.src} is not a readable {args.src_format} checkpoint "
+        f"({type(e).__name__}: {_first_line(e)}); check the path and --from"
+    ) from None
+
+
+def _first_line(error) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def main(args) -> int:
   dtype = None if args.dtype == "keep" else jnp.dtype(args.dtype)
   tokenizer = tokenizer_for(args)
-  params, cfg = load(args, dtype)
+  params, cfg = read_source(args, dtype)
   if args.adapter:
     params, cfg = merge_adapter(params, cfg, args.adapter)
   if args.dst_format == "hf" and cfg.quant is not None:

@@ -30,6 +30,10 @@ def _config(args):
   from gemma_jax.train.config import load_config
   from gemma_jax.errors import ConfigError
   path = args.config
+  if args.workdir and not os.path.isdir(args.workdir):
+    # A read-only command: a mistyped --workdir is never created.
+    raise ConfigError(f"--workdir {args.workdir} is not a directory (a "
+                      f"training run's --workdir)")
   if path is None:
     if not args.workdir:
       raise ConfigError("give a CONFIG or a --workdir holding config.yaml")
@@ -39,7 +43,8 @@ def _config(args):
 
 def _params(args, program):
   import os
-  from gemma_jax.errors import ConfigError
+  import sys
+  from gemma_jax.errors import CheckpointError, ConfigError
   if args.params:
     from gemma_jax.checkpoint import native
     path = os.path.abspath(args.params)
@@ -50,11 +55,20 @@ def _params(args, program):
     return params, "export"
   if not args.workdir:
     raise ConfigError("give --workdir (training checkpoints) or --params")
-  from gemma_jax.train.checkpointing import Checkpointer
+  from gemma_jax.train.checkpointing import (Checkpointer,
+                                             restore_newest_intact)
   ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"),
-                      program.cfg.checkpoint)
+                      program.cfg.checkpoint, read_only=True)
   try:
-    restored = ckpt.restore(program.abstract_state, args.step)
+    if args.step is not None:
+      restored = ckpt.restore(program.abstract_state, args.step)
+    else:   # the newest intact checkpoint; a damaged one is only named
+      warn = lambda m: print(f"gemma-jax eval: warning: {m}",
+                             file=sys.stderr)
+      step, restored = restore_newest_intact(ckpt, program.abstract_state,
+                                             warn=warn)
+      if step is None:
+        raise CheckpointError(f"no checkpoint found in {ckpt.directory}")
   finally:
     ckpt.close()
   return restored.state.params, int(restored.meta["step"])

@@ -1,9 +1,15 @@
 """`gemma-jax train CONFIG --workdir DIR`: train, evaluate, checkpoint, resume.
 
 Run the same command on every host of a multi-host job. Re-running it with
-the same workdir resumes from the latest checkpoint. SIGTERM finishes the
-current step, saves and exits 0. At the end the params are exported to
-WORKDIR/params and train.sample_prompts are continued.
+the same workdir resumes from the latest checkpoint (a damaged one is moved
+to WORKDIR/checkpoints.damaged/ and the one before it is used). SIGTERM
+finishes the current step, saves and exits 0. At the end the params are
+exported to WORKDIR/params and train.sample_prompts are continued.
+
+One trainer per workdir: a second one is refused, naming the first
+(WORKDIR/LOCK). `--from-step N` resumes from checkpoint N, e.g. the newest
+good one after a divergence; later checkpoints are moved to
+WORKDIR/checkpoints.discarded/, never deleted (0 starts over).
 """
 
 HELP = "train (or resume) a model from a YAML run config"
@@ -15,9 +21,13 @@ def add_arguments(parser):
                       help="run directory: checkpoints, metrics, exports")
   parser.add_argument("--steps", type=int, default=None,
                       help="train to this step (overrides train.steps)")
+  parser.add_argument("--from-step", type=int, default=None, metavar="N",
+                      help="resume from checkpoint N (0: start over); "
+                      "later checkpoints are moved aside, not deleted")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE",
-                      help="override a config key, e.g. --set train.log_every=1")
+                      help="override a config key, e.g. --set "
+                      "train.log_every=1")
 
 
 def load_run_config(args):
@@ -34,5 +44,5 @@ def main(args) -> int:
   # jax.distributed must start before anything touches the devices.
   distributed.initialize_runtime(cfg.runtime)
   from gemma_jax.train.trainer import Trainer
-  Trainer(cfg, args.workdir).run()
+  Trainer(cfg, args.workdir, from_step=args.from_step).run()
   return 0

@@ -14,9 +14,9 @@
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from gemma_jax.data.sources import KINDS
+from gemma_jax.data.sources import KINDS, decode_policy
 from gemma_jax.errors import ConfigError
 
 
@@ -41,12 +41,16 @@ class SourceConfig:
   text_key: str = "text"         # field of a JSON line / tfds feature
   texts: tuple[str, ...] = ()    # documents (kind=memory)
   eval_texts: tuple[str, ...] = ()  # held-out documents (kind=memory)
+  # Bytes that are not UTF-8 (files, tfds text): see data/sources.py.
+  on_decode_error: Literal["error", "skip_document", "replace"] = "error"
+  max_undecodable_fraction: float = 0.0
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ConfigError(f"kind: {self.kind!r} is not a valid choice; valid "
                         f"choices: {', '.join(map(repr, KINDS))}")
     KINDS[self.kind].check(self)
+    decode_policy(self)   # checks max_undecodable_fraction
 
   @property
   def has_held_out(self) -> bool:

@@ -93,6 +93,13 @@ class Pipeline:
       raise ValueError(f"step must be >= 0, got {step}")
     return self._batches[step]
 
+  def add_batch_keys(self, fn) -> None:
+    """Adds `fn(step, batch)` {key: array [B/P, ...]} to every training
+    batch, e.g. a teacher's entries stored per row. fn must be a pure
+    function of the step (resume stays exact) and picklable (worker
+    processes)."""
+    self._batches = self._batches.map_with_index(_AddKeys(fn))
+
   def iterate(self, start_step: int = 0):
     """Yields (step, batch) from `start_step` on, prefetched (worker
     processes when data.num_workers > 0); equal to `batch(step)`."""
@@ -172,6 +179,16 @@ class Pipeline:
 def _describe_source(cfg, docs: sources.Documents) -> dict:
   return {"kind": cfg.kind, **sources.KINDS[cfg.kind].location(cfg),
           "num_docs": len(docs), "num_tokens": docs.num_tokens}
+
+
+class _AddKeys:
+  """(step, batch) -> batch with fn(step, batch)'s keys added."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, step: int, batch: dict) -> dict:
+    return batch | self.fn(step, batch)
 
 
 def build_pipeline(cfg: DataConfig, global_batch: int, process_index: int = 0,

@@ -191,20 +191,38 @@ def adapter_delta(module: nn.Module, equation: str, x, shape, axes, in_axis,
   return jnp.stack(slots, axis=outs.index(ws[0]))
 
 
-def merged_weight(w, a, b, target: str, scale: float):
-  """w [L, ...] + scale * (A B) on the target's slot; float32 math."""
+def delta(a, b, target: str, scale: float):
+  """float32 scale * (A B) [L, slot shape...]: what the adapter adds to
+  its target's (slot of the) weight."""
   proj = PROJECTIONS[target]
-  slot_ndim = w.ndim - 1 - (proj.slot is not None)
+  slot_ndim = a.ndim + b.ndim - 4
   letters = "abcdefgh"[:slot_ndim]
   in_spec = "".join(letters[i] for i in proj.in_axes)
   out_spec = "".join(c for i, c in enumerate(letters)
                      if i not in proj.in_axes)
-  delta = jnp.einsum(f"z{in_spec}r,zr{out_spec}->z{letters}",
-                     a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+  return jnp.einsum(f"z{in_spec}r,zr{out_spec}->z{letters}",
+                    a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+
+
+def delta_sq_norm(a, b, scale: float):
+  """float32 sum of delta(a, b, ...)**2, without forming it: per layer
+  ||A B||^2 = sum((A^T A) * (B B^T)), two [r, r] Gram matrices."""
+  layers, rank = a.shape[0], a.shape[-1]
+  a = a.astype(jnp.float32).reshape(layers, -1, rank)
+  b = b.astype(jnp.float32).reshape(layers, rank, -1)
+  gram_a = jnp.einsum("lir,lis->lrs", a, a)
+  gram_b = jnp.einsum("lro,lso->lrs", b, b)
+  return jnp.sum(gram_a * gram_b) * scale ** 2
+
+
+def merged_weight(w, a, b, target: str, scale: float):
+  """w [L, ...] + scale * (A B) on the target's slot; float32 math."""
+  proj = PROJECTIONS[target]
+  delta_w = delta(a, b, target, scale)
   w32 = jnp.asarray(w, jnp.float32)
   if proj.slot is None:
-    return (w32 + delta).astype(w.dtype)
-  return w32.at[:, proj.slot].add(delta).astype(w.dtype)
+    return (w32 + delta_w).astype(w.dtype)
+  return w32.at[:, proj.slot].add(delta_w).astype(w.dtype)
 
 
 # Whole parameter trees (nested dicts; adapters are the `lora_*` leaves).

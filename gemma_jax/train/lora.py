@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax.checkpoint import adapter as adapter_ckpt
-from gemma_jax.checkpoint import layout, native, quantized
+from gemma_jax.checkpoint import formats, layout, native, quantized
 from gemma_jax.errors import ConfigError
 from gemma_jax.model import lora as lora_lib
 from gemma_jax.model import quant as quant_lib
@@ -97,9 +97,11 @@ def init_adapters(init_params):
 
 
 # The base.
-def _abstract_float_base(abstract, model_cfg):
+def float_base(abstract, model_cfg):
   """The base as a float checkpoint stores it (scales gone, weights in
   param_dtype), with the same shardings."""
+  if model_cfg.quant is None or model_cfg.quant.weights != "int":
+    return abstract
   leaves = quant_lib.quantized_leaves(model_cfg)
   scales = {scale for _, scale in leaves.values()}
   flat = dict(layout.flatten(abstract))
@@ -110,25 +112,38 @@ def _abstract_float_base(abstract, model_cfg):
       for p, x in flat.items() if p not in scales})
 
 
-def _load_native(path, abstract, model_cfg):
-  stored = native.load_config(path)
-  want = {p: tuple(x.shape) for p, x in layout.flatten(abstract)}
-  have = layout.param_shapes(stored)
-  for p, shape in want.items():
-    if have.get(p) != shape:
-      raise ConfigError(
-          f"checkpoint.init_from {path}: the base does not fit model "
-          f"{model_cfg.name}: {p} is {have.get(p)} there, the model needs "
-          f"{shape}")
-  params, _ = native.load(path, shardings=jax.tree.map(
-      lambda x: x.sharding, abstract))
-  return params
+def _load_float(path, fmt, abstract, model_cfg):
+  """The float base from a native, Hugging Face or official Flax
+  checkpoint, straight into the shardings of `abstract`."""
+  fmt = formats.detect(path) if fmt == "auto" else fmt
+  if fmt == "native":
+    stored = native.load_config(path)
+    want = {p: tuple(x.shape) for p, x in layout.flatten(abstract)}
+    have = layout.param_shapes(stored)
+    for p, shape in want.items():
+      if have.get(p) != shape:
+        raise ConfigError(
+            f"checkpoint.init_from {path}: the base does not fit model "
+            f"{model_cfg.name}: {p} is {have.get(p)} there, the model needs "
+            f"{shape}")
+  dtypes = {x.dtype for x in jax.tree.leaves(abstract)}
+  return formats.load(path, lora_lib.merged_config(model_cfg), fmt=fmt,
+                      dtype=dtypes.pop() if len(dtypes) == 1 else None,
+                      shardings=jax.tree.map(lambda x: x.sharding, abstract))
 
 
-def install_base(program, init_from: str | None) -> dict:
-  """Puts the base weights on the devices into program.frozen["base"];
-  returns the facts a checkpoint records: {"path", "fingerprint"}."""
+def install_base(program, init_from: str | None, fmt: str = "auto") -> dict:
+  """Puts the base weights (`init_from` in checkpoint format `fmt`, see
+  gemma_jax.checkpoint.formats; or a quantized one) on the devices into
+  program.frozen["base"]; returns the facts a checkpoint records:
+  {"path", "fingerprint"}."""
   cfg = program.cfg.model
+  if init_from and (fmt == "run" or (fmt == "auto" and os.path.isdir(
+      os.path.join(init_from, "checkpoints")))):
+    raise ConfigError(
+        f"checkpoint.init_from {init_from}: a run directory cannot be the "
+        f"base of LoRA (its state may hold adapters, not weights); point it "
+        f"at the run's export, {os.path.join(init_from, 'params')}")
   abstract = program.frozen[BASE]
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
   held_int = cfg.quant is not None and cfg.quant.weights == "int"
@@ -139,9 +154,9 @@ def install_base(program, init_from: str | None) -> dict:
                         f"{stored.quant}, the model config says {cfg.quant}")
     base, _ = quantized.load(init_from, shardings=shardings)
   elif init_from:
-    float_abstract = (_abstract_float_base(abstract, cfg) if held_int
+    float_abstract = (float_base(abstract, cfg) if held_int
                       else abstract)
-    base = _load_native(init_from, float_abstract, cfg)
+    base = _load_float(init_from, fmt, float_abstract, cfg)
     if held_int:   # QLoRA from a float base: quantized on the devices
       base = jax.jit(functools.partial(quant_lib.quantize_params,
                                        model_cfg=cfg),
@@ -211,16 +226,18 @@ def check_base(saved: dict, current: dict, step: int) -> None:
           f"fresh --workdir")
 
 
-def export(program, adapters, workdir: str, base_info: dict) -> tuple[str, str]:
-  """Writes WORKDIR/adapter (adapters only) and WORKDIR/params (merged into
-  the base, a plain native checkpoint); returns both paths."""
+def export(program, adapters, workdir: str, base_info: dict,
+           suffix: str = "") -> tuple[str, str]:
+  """Writes WORKDIR/adapter<suffix> (adapters only) and
+  WORKDIR/params<suffix> (merged into the base, a plain native
+  checkpoint); returns both paths. (suffix "_ema": the adapters' EMA.)"""
   cfg = program.cfg.model
-  adapter_path = os.path.join(workdir, ADAPTER_DIR)
+  adapter_path = os.path.join(workdir, ADAPTER_DIR + suffix)
   adapter_ckpt.save(adapter_path, adapters, cfg, base_info, force=True)
   base = program.frozen[BASE]
   merge = functools.partial(lora_lib.merge_params, model_cfg=cfg)
   with program.context():
     merged = jax.jit(merge)(base, adapters)
-  params_path = os.path.join(workdir, "params")
+  params_path = os.path.join(workdir, "params" + suffix)
   native.save(params_path, merged, lora_lib.merged_config(cfg), force=True)
   return adapter_path, params_path

@@ -39,8 +39,11 @@ class MetricsWriter:
   """Appends records to `<workdir>/<name>.jsonl` and TensorBoard."""
 
   def __init__(self, workdir: str, enabled: bool = True,
-               tensorboard: bool = True):
+               tensorboard: bool = True, guard=None):
+    """`guard(what)` is called before every write and may raise to stop it
+    (the trainer's workdir lease: another run must not be clobbered)."""
     self.enabled = enabled
+    self._guard = guard or (lambda what: None)
     self._files = {}
     self._tb = None
     self._workdir = workdir
@@ -56,6 +59,7 @@ class MetricsWriter:
     for name in ("metrics", "eval"):
       path = os.path.join(self._workdir, f"{name}.jsonl")
       if os.path.exists(path):
+        self._guard(f"{name}.jsonl")
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
         with open(path + ".tmp", "w") as f:
           f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -65,6 +69,7 @@ class MetricsWriter:
     """Writes one record; must have an integer `step`."""
     if not self.enabled:
       return
+    self._guard(f"{name}.jsonl")
     if name not in self._files:
       self._files[name] = open(os.path.join(self._workdir, f"{name}.jsonl"),
                                "a")

@@ -24,7 +24,7 @@ from gemma_jax.errors import ConfigError
 from gemma_jax.model import Transformer
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.mesh import make_mesh
-from gemma_jax.train import lora
+from gemma_jax.train import continual, distillation, lora
 from gemma_jax.train import state as state_lib
 from gemma_jax.train import step as step_lib
 from gemma_jax.train.config import RunConfig
@@ -50,6 +50,10 @@ class TrainProgram:
     frozen: arrays every step reads but never trains (a teacher, a Fisher
       and its anchor, the base of LoRA: gemma_jax.train.lora), on the
       devices; {} when the objective needs none.
+      An entry may be abstract (ShapeDtypeStructs with shardings) until
+      loaded: enough to lower and compile for another topology.
+    train_only_frozen: names of frozen entries only the objective reads
+      (the eval step does without them, e.g. a teacher).
   """
 
   def __init__(self, cfg: RunConfig, mesh: jax.sharding.Mesh | None = None):
@@ -59,6 +63,7 @@ class TrainProgram:
     self.num_sources = max(len(cfg.data.sources), 1)
     self.forward = step_lib.model_forward(self.model)
     self.frozen = {}
+    self.train_only_frozen = set()
     boxed = state_lib.abstract_params(cfg.model)
     if cfg.model.lora is not None:
       # LoRA: the state trains the adapters only; the base is frozen.
@@ -79,12 +84,15 @@ class TrainProgram:
       self.param_specs = lora.adapter_specs(self.param_specs, params,
                                             self.mesh)
     opt_state = jax.eval_shape(self.optimizer.init, params)
+    moment_specs = self._moment_specs(params)
+    self.ema = cfg.train.ema_decay > 0
     self.state_shardings = rules.named(self.mesh, state_lib.TrainState(
         step=P(), params=self.param_specs,
-        opt_state=self._opt_state_specs(params, opt_state), rng=P(),
-        nonfinite_in_row=P()))
+        opt_state=self._opt_state_specs(moment_specs, opt_state), rng=P(),
+        nonfinite_in_row=P(), ema=moment_specs if self.ema else None))
     shapes = jax.eval_shape(
-        functools.partial(state_lib.init_state, optimizer=self.optimizer),
+        functools.partial(state_lib.init_state, optimizer=self.optimizer,
+                          ema=self.ema),
         params, jax.ShapeDtypeStruct((2,), jnp.uint32))
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -94,6 +102,11 @@ class TrainProgram:
         k: jax.ShapeDtypeStruct((rows,) if k == "source" else (rows, t),
                                 jnp.int32, sharding=self.batch_sharding)
         for k in step_lib.BATCH_KEYS}
+    # distill: the teacher (frozen), its loss, and a dump's batch keys.
+    distillation.install(self)
+    # EWC (continual.ewc_lambda > 0): the penalty, and the Fisher and anchor
+    # as abstract frozen inputs until the trainer loads them.
+    continual.install(self)
 
   # Shapes and layouts.
   def _check_batch_size(self):
@@ -106,13 +119,18 @@ class TrainProgram:
           f"train.microbatches={m} microbatches over {shards} batch shards "
           f"(mesh axes {spec}); rows must be divisible by {shards * m}")
 
-  def _opt_state_specs(self, params, opt_state):
-    """Optimizer moments like their params, plus ZeRO over the data axis."""
+  def _moment_specs(self, params):
+    """Per-parameter state (moments, the EMA): like the params, plus ZeRO
+    over the data axis."""
     specs = self.param_specs
     if self.cfg.mesh.shard_optimizer_over_data:
       specs = jax.tree.map(
           lambda s, x: rules.zero_spec(s, x.shape, self.mesh), specs, params,
           is_leaf=lambda x: isinstance(x, P))
+    return specs
+
+  def _opt_state_specs(self, specs, opt_state):
+    """Optimizer moments like `specs`; everything else replicated."""
     return optax.tree_map_params(
         self.optimizer, lambda _, spec: spec, opt_state, specs,
         transform_non_params=lambda _: P(),
@@ -131,6 +149,15 @@ class TrainProgram:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         self.frozen)
+
+  @property
+  def eval_frozen(self) -> dict:
+    return {k: v for k, v in self.frozen.items()
+            if k not in self.train_only_frozen}
+
+  @property
+  def abstract_eval_batch(self) -> dict:
+    return {k: self.abstract_batch[k] for k in step_lib.BATCH_KEYS}
 
   def context(self):
     """Binds the model's logical constraints to this mesh (for tracing)."""
@@ -163,7 +190,8 @@ class TrainProgram:
   @functools.cached_property
   def _init_state(self):
     return jax.jit(
-        functools.partial(state_lib.init_state, optimizer=self.optimizer),
+        functools.partial(state_lib.init_state, optimizer=self.optimizer,
+                          ema=self.ema),
         in_shardings=(self.param_shardings, None),
         out_shardings=self.state_shardings, donate_argnums=0)
 
@@ -172,7 +200,9 @@ class TrainProgram:
   def _train_step(self):
     fn = functools.partial(
         step_lib.train_step, loss_fn=self.loss_fn, optimizer=self.optimizer,
-        microbatches=self.cfg.train.microbatches, penalty_fn=self.penalty_fn)
+        microbatches=self.cfg.train.microbatches, penalty_fn=self.penalty_fn,
+        ema_decay=self.cfg.train.ema_decay,
+        ema_debias=self.cfg.train.ema_debias)
     replicated = NamedSharding(self.mesh, P())
     return jax.jit(
         fn, in_shardings=(self.state_shardings, self.batch_sharding,
@@ -184,9 +214,9 @@ class TrainProgram:
     fn = functools.partial(step_lib.eval_step, forward=self.forward,
                            num_sources=self.num_sources,
                            microbatches=self.cfg.train.microbatches)
-    return jax.jit(fn, in_shardings=(self.param_shardings,
-                                     self.batch_sharding,
-                                     self.frozen_shardings),
+    return jax.jit(fn, in_shardings=(
+        self.param_shardings, self.batch_sharding,
+        jax.tree.map(lambda x: x.sharding, self.eval_frozen)),
                    out_shardings=NamedSharding(self.mesh, P()))
 
   def lower_train_step(self) -> jax.stages.Lowered:
@@ -198,6 +228,12 @@ class TrainProgram:
     """(state, batch) -> (state, metrics), compiled once; the state is
     donated, the frozen arrays passed along. metrics as in
     gemma_jax.train.step.train_step."""
+    unloaded = [k for k, v in self.frozen.items()
+                if any(isinstance(x, jax.ShapeDtypeStruct)
+                       for x in jax.tree.leaves(v))]
+    if unloaded:
+      raise ValueError(f"frozen inputs {unloaded} are abstract; load them "
+                       f"before compiling the step to run it")
     compiled = self.lower_train_step().compile()
     frozen = self.frozen
     return lambda state, batch: compiled(state, batch, frozen)
@@ -211,11 +247,28 @@ class TrainProgram:
   @functools.cached_property
   def _compiled_eval_step(self):
     with self.context():
+      frozen = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                         sharding=x.sharding),
+          self.eval_frozen)
       return self._eval_step.lower(self.abstract_state.params,
-                                   self.abstract_batch,
-                                   self.abstract_frozen).compile()
+                                   self.abstract_eval_batch,
+                                   frozen).compile()
 
   def eval_step(self, params, batch):
     """Held-out sums of (params, batch), compiled once (see
-    gemma_jax.train.step.eval_step)."""
-    return self._compiled_eval_step(params, batch, self.frozen)
+    gemma_jax.train.step.eval_step); extra batch keys are ignored."""
+    batch = {k: batch[k] for k in step_lib.BATCH_KEYS}
+    return self._compiled_eval_step(params, batch, self.eval_frozen)
+
+  @functools.cached_property
+  def _ema_params(self):
+    dtypes = jax.tree.map(lambda x: x.dtype, self.abstract_state.params)
+    return jax.jit(lambda ema: jax.tree.map(lambda e, d: e.astype(d), ema,
+                                            dtypes),
+                   out_shardings=self.param_shardings)
+
+  def ema_params(self, state):
+    """The state's EMA as params: their dtype and sharding (to evaluate or
+    export it)."""
+    return self._ema_params(state.ema)

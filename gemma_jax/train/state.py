@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from gemma_jax.model import ModelConfig, Transformer
+from gemma_jax.train import ema as ema_lib
 
 
 @flax.struct.dataclass
@@ -20,6 +21,9 @@ class TrainState:
   opt_state: Any
   rng: jax.Array                # uint32 [2], raw PRNG key
   nonfinite_in_row: jax.Array   # int32 [], consecutive skipped steps
+  # float32 EMA of the params when train.ema_decay > 0; None (no leaves, so
+  # the layout of an EMA-less state is unchanged) otherwise.
+  ema: Any = None
 
 
 @functools.lru_cache(maxsize=16)
@@ -38,8 +42,11 @@ def init_params(model_cfg: ModelConfig, key: jax.Array):
 
 
 def init_state(params, key: jax.Array,
-               optimizer: optax.GradientTransformation) -> TrainState:
-  """Step 0 from given params: a fresh optimizer state, the RNG `key`."""
+               optimizer: optax.GradientTransformation,
+               ema: bool = False) -> TrainState:
+  """Step 0 from given params: a fresh optimizer state, the RNG `key`, and
+  with `ema` an EMA starting at the params."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params), rng=key,
-                    nonfinite_in_row=jnp.zeros((), jnp.int32))
+                    nonfinite_in_row=jnp.zeros((), jnp.int32),
+                    ema=ema_lib.init_ema(params) if ema else None)

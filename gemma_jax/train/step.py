@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from gemma_jax.train import ema as ema_lib
 from gemma_jax.train.optimizer import learning_rate
 from gemma_jax.train.state import TrainState
 
@@ -110,9 +111,18 @@ def row_keys(state: TrainState, rows: int) -> jax.Array:
   return jax.random.split(jax.random.fold_in(state.rng, state.step), rows)
 
 
+def applied_updates(opt_state) -> jax.Array:
+  """Updates the optimizer has applied: Adam's count (a skipped step keeps
+  the optimizer state, so it is not counted, unlike state.step)."""
+  counts = [v for path, v in optax.tree.get_all_with_path(opt_state, "count")
+            if getattr(path[-1], "tuple_name", "") == "ScaleByAdamState"]
+  return counts[0]
+
+
 def train_step(state: TrainState, batch, frozen, *, loss_fn,
                optimizer: optax.GradientTransformation,
-               microbatches: int = 1, penalty_fn=None):
+               microbatches: int = 1, penalty_fn=None,
+               ema_decay: float = 0.0, ema_debias: bool = True):
   """One optimizer update from a global batch: (new state, metrics).
 
   loss_fn(params, batch, frozen) -> (objective sum, sums) (see `lm_loss`);
@@ -120,10 +130,13 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn,
   (params, frozen) -> (penalty, {name: value}) is added once per step (e.g.
   EWC). `frozen` holds arrays the objective reads but never trains (a
   teacher, a Fisher and its anchor, a LoRA base); it is not donated. The
-  loss sees the batch with `rng` added: per-row keys (`row_keys`).
+  loss sees the batch with `rng` added: per-row keys (`row_keys`). A state
+  with an `ema` moves it toward the new params at `ema_decay` (debiased by
+  the applied-update count, see gemma_jax.train.ema) when the step is kept.
 
   metrics (device scalars unless noted): loss (cross-entropy per target
-  token), z_loss, loss/<term> of extra terms and penalties, grad_norm,
+  token), z_loss, loss/<term> of extra terms and penalties (and then
+  loss/ce, the same cross-entropy, beside them), grad_norm,
   learning_rate, tokens, skipped, nonfinite_in_row, source_loss_sum
   [sources], source_tokens [sources].
   """
@@ -158,10 +171,16 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn,
             & all_finite(params) & all_finite(opt_state))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o),
                                        new, old)
+  ema = state.ema
+  if ema is not None:
+    decay = ema_lib.ema_decay(ema_decay, applied_updates(opt_state),
+                              ema_debias)
+    ema = keep(ema_lib.ema_update(ema, params, decay), ema)
   new_state = TrainState(
       step=state.step + 1, params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state), rng=state.rng,
-      nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1))
+      nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
+      ema=ema)
   metrics = dict(loss=sums["ce"] / denom, z_loss=sums["z"] / denom,
                  grad_norm=grad_norm, learning_rate=learning_rate(opt_state),
                  tokens=tokens.astype(jnp.int32),
@@ -170,6 +189,8 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn,
                  source_loss_sum=sums["source_loss_sum"],
                  source_tokens=sums["source_tokens"],
                  **{f"loss/{k}": v for k, v in terms.items()})
+  if terms:   # the cross-entropy beside the other terms of the objective
+    metrics["loss/ce"] = metrics["loss"]
   return new_state, metrics
 
 

@@ -13,8 +13,11 @@ exactly as an uninterrupted run would.
 
 import collections
 import dataclasses
+import datetime
 import os
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -23,7 +26,8 @@ import jax
 from gemma_jax import fileio, hardware
 from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
-from gemma_jax.train import checkpointing, evaluation, flops, lora
+from gemma_jax.train import (checkpointing, continual, distillation,
+                             evaluation, flops, health, lease, lora)
 from gemma_jax.train import config as config_lib
 from gemma_jax.train import metrics as metrics_lib
 from gemma_jax.train.program import TrainProgram
@@ -67,11 +71,47 @@ def check_same_model(saved: dict, cfg, step: int) -> None:
         f"model section it was saved with, or use a fresh --workdir")
 
 
+def check_init_from(cfg) -> None:
+  """ConfigError unless a native checkpoint.init_from holds the configured
+  model's parameter shapes.
+
+  Compared on the stored config, before anything is read or compiled:
+  params of another size would fail much later, with an unrelated error.
+  (Other formats are checked tensor by tensor as they are read.)
+  """
+  from gemma_jax.checkpoint import formats, layout, native, quantized
+  path, fmt = cfg.checkpoint.init_from, cfg.checkpoint.init_format
+  if quantized.is_quantized(path):   # a QLoRA base: checked as it loads
+    return
+  if fmt == "run" or (fmt == "auto" and continual.is_run_dir(path)):
+    return
+  if (formats.detect(path) if fmt == "auto" else fmt) != "native":
+    return
+  stored = native.load_config(path)
+  if layout.param_shapes(cfg.model) == layout.param_shapes(stored):
+    return
+  diff = [f"{k} {getattr(stored, k)!r} there, {getattr(cfg.model, k)!r} here"
+          for k in layout.SHAPE_FIELDS
+          if getattr(stored, k) != getattr(cfg.model, k)]
+  if diff:
+    raise ConfigError(
+        f"checkpoint.init_from: {path} holds another model ({diff[0]}); set "
+        f"the model section to the one it was saved with")
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  path = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
+
+
 class Trainer:
   """Builds everything from a RunConfig and runs the loop with hooks."""
 
   def __init__(self, cfg, workdir: str, log: Callable[[str], None] = print,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None,
+               from_step: int | None = None):
+    """`from_step`: resume from this checkpoint step (0: from scratch);
+    later checkpoints are moved to WORKDIR/checkpoints.discarded/."""
     self.cfg = cfg
     self.workdir = os.path.abspath(workdir)
     self.is_main = jax.process_index() == 0
@@ -80,52 +120,72 @@ class Trainer:
     self.stop_requested = False
     self.skipped_total = 0
     self._pending = []          # device metrics since the last log
+    self._recent_losses = []    # logged losses, for the divergence rule
+    self.from_step = from_step
 
-    # 1. Inputs that can be wrong are checked before anything heavy.
-    check_workdir(self.workdir)
+    # 1. Inputs that can be wrong are checked before anything heavy, and
+    # before the workdir is touched; the workdir is ours (its lease) before
+    # anything is written into it.
     self.program = TrainProgram(cfg, mesh)
     self.pipe = build_pipeline(
         cfg.data, global_batch=cfg.train.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        vocab_size=cfg.model.vocab_size)
-    self.checkpointer = checkpointing.Checkpointer(
-        os.path.join(self.workdir, "checkpoints"), cfg.checkpoint)
-    self._install_sigterm_handler()
+        process_index=jax.process_index(),
+        process_count=jax.process_count(), vocab_size=cfg.model.vocab_size)
+    if cfg.checkpoint.init_from and not _has_checkpoints(self.workdir):
+      check_init_from(cfg)
+    check_workdir(self.workdir)
+    self.lease = self._take_lease()
+    self.checkpointer = None
+    self._old_handlers = {}
     try:
+      checkpoints = os.path.join(self.workdir, "checkpoints")
+      if self.is_main:
+        fileio.check_writable_directory(checkpoints, "checkpoint directory")
+      self.checkpointer = checkpointing.Checkpointer(checkpoints,
+                                                     cfg.checkpoint)
+      self._install_sigterm_handler()
       self._setup()
     except BaseException:
-      self.checkpointer.close()
-      self._restore_signal_handlers()
+      self.close()
       raise
 
   def _setup(self):
     cfg = self.cfg
+    # distill: the teacher loaded, or its dump checked and read per batch.
+    distillation.attach(self.program, self.pipe, cfg.train.steps)
     # 2. State: restored onto this mesh, or created sharded on the devices.
     # LoRA: the frozen base first (the state holds only the adapters).
-    self.lora_base = (lora.install_base(self.program, cfg.checkpoint.init_from)
+    self.lora_base = (lora.install_base(self.program,
+                                        cfg.checkpoint.init_from,
+                                        cfg.checkpoint.init_format)
                       if cfg.model.lora is not None else None)
-    self.restored_step = self.checkpointer.latest_step()
-    if self.restored_step is not None:
-      saved = self.checkpointer.restore_meta(self.restored_step)
-      check_same_model(saved, cfg, self.restored_step)
-      if self.lora_base is not None:
-        lora.check_base(saved.get("lora_base"), self.lora_base,
-                        self.restored_step)
-      self.pipe.check_resume(saved.get("data", {}), self.restored_step)
-      restored = self.checkpointer.restore(self.program.abstract_state,
-                                           self.restored_step)
+    if self.from_step is not None:
+      self._discard_checkpoints_after(self.from_step)
+    self.restored_step, restored = self._restore_newest_intact()
+    if restored is not None:
+      self._check_resumable(self.restored_step)
+      # EWC: refuses a changed Fisher or anchor, then loads them.
+      self.continual = continual.resume(self.program, restored.meta,
+                                        self.restored_step)
       self.state = restored.state
       self.skipped_total = restored.meta.get("skipped_total", 0)
       self._print(f"resumed from {self.checkpointer.directory}/"
                   f"{self.restored_step}")
     else:
-      self.state = self.program.init_state(params=self._initial_params())
+      # Random, or checkpoint.init_from straight into the sharded layout;
+      # the EWC Fisher and anchor (gemma_jax.train.continual).
+      self.state, self.continual = continual.initial_state(self.program)
+      if not health.params_finite(self.state.params):
+        raise ConfigError(f"checkpoint.init_from: "
+                          f"{cfg.checkpoint.init_from} holds non-finite "
+                          f"params (NaN or inf); start from another export")
     self.start_step = int(jax.device_get(self.state.step))
     self._streak = int(jax.device_get(self.state.nonfinite_in_row))
     if self.start_step > cfg.train.steps:
       raise ConfigError(
           f"the checkpoint is at step {self.start_step}, past train.steps="
           f"{cfg.train.steps}; raise --steps to continue training")
+    self._warn_if_nothing_to_train()
 
     # 3. One compile, ahead of time: the loop calls the compiled executable,
     # which cannot retrace or recompile.
@@ -135,8 +195,13 @@ class Trainer:
     self._print(f"compiled the train step in {self.compile_seconds:.1f}s")
 
     # 4. Writers (process 0 only) and the default hooks.
-    self.writer = metrics_lib.MetricsWriter(self.workdir, self.is_main)
+    self.writer = metrics_lib.MetricsWriter(self.workdir, self.is_main,
+                                            guard=self._check_lease)
     self.writer.truncate_after(self.start_step)
+    self._recent_losses = [
+        r["loss"] for r in metrics_lib.read_jsonl(
+            os.path.join(self.workdir, "metrics.jsonl"))
+        if r.get("loss") is not None][-health.RECENT_LOGS:]
     self.progress = metrics_lib.ProgressLine(cfg.train.steps, self.is_main)
     self.peak_flops = hardware.peak_flops_per_device(
         jax.devices()[0], cfg.train.peak_flops_per_device)
@@ -144,6 +209,7 @@ class Trainer:
                                                        cfg.data.seq_len)
     if self.is_main:
       # The resolved config; `gemma-jax train DIR/config.yaml` reruns it.
+      self._check_lease("config.yaml", force=True)
       fileio.atomic_write(os.path.join(self.workdir, "config.yaml"),
                           config_lib.to_yaml(cfg))
     self.add_hook(Trainer.log_metrics, cfg.train.log_every)
@@ -153,16 +219,6 @@ class Trainer:
       self.add_hook(Trainer.export_params, 0)
     if cfg.train.sample_prompts:
       self.add_hook(Trainer.print_samples, 0)
-
-  def _initial_params(self):
-    """`checkpoint.init_from` params restored straight into their sharded
-    layout (no random init first), or None for a random start."""
-    if not self.cfg.checkpoint.init_from or self.cfg.model.lora is not None:
-      return None   # random, or LoRA (init_from is the frozen base)
-    from gemma_jax.checkpoint import native
-    params, _ = native.load(self.cfg.checkpoint.init_from,
-                            shardings=self.program.param_shardings)
-    return params
 
   def add_hook(self, fn: Callable[["Trainer", int], None], every: int,
                at_end: bool = True) -> None:
@@ -182,19 +238,19 @@ class Trainer:
         step = step_index + 1
         self._run_hooks(step, final=False)
         if self._preempted(step):
-          self._print(f"stopping at step {step} on SIGTERM (saved; rerun the "
-                      f"same command to resume)")
           self._run_hooks(step, final=True, only=(Trainer.log_metrics,
                                                   Trainer.save_checkpoint))
+          self._print(f"stopping at step {step} on SIGTERM ("
+                      + ("saved" if self._saved_step(step) else
+                         "not saved: its last step was skipped as non-finite")
+                      + "; rerun the same command to resume)")
           break
       else:
         if step > self.start_step or step == total:
           self._run_hooks(step, final=True)
     finally:
       batches.close()
-      self.checkpointer.close()
-      self.writer.close()
-      self._restore_signal_handlers()
+      self.close()
     return {"step": step, "preempted": self.stop_requested,
             "skipped_total": self.skipped_total}
 
@@ -266,6 +322,8 @@ class Trainer:
         num_devices=jax.device_count(), peak=self.peak_flops)
     self.skipped_total += record["skipped"]
     record["skipped_total"] = self.skipped_total
+    self._recent_losses = [*self._recent_losses, record["loss"]][
+        -health.RECENT_LOGS:]
     record["elapsed_s"] = self._watch.elapsed()
     self.writer.write(record)
     self.progress.update(step, record["loss"], record["tokens_per_sec"],
@@ -278,51 +336,96 @@ class Trainer:
     limit = self.cfg.train.max_nonfinite_in_row
     if limit and longest >= limit:
       raise TrainingStopped(
-          f"{longest} steps in a row up to step {step} had a non-finite loss "
-          f"or gradient; their updates were skipped and the last checkpoint "
-          f"({self.checkpointer.latest_step()}) is the last good state. Lower "
-          f"optimizer.learning_rate, add warmup or clip gradients "
-          f"(optimizer.grad_clip_norm), then rerun to resume.")
+          f"{longest} steps in a row up to step {step} had a non-finite "
+          f"loss, gradient or update and were skipped; "
+          f"{self._newest_good_advice()}")
 
   def run_eval(self, step: int) -> None:
     if not self.cfg.train.eval_batches:
       return
     results = evaluation.evaluate(self.program, self.state.params, self.pipe,
                                   self.cfg.train.eval_batches)
-    self.writer.write(evaluation.eval_record(step, results), name="eval")
+    record = evaluation.eval_record(step, results)
     text = ", ".join(f"{k} {v['loss']:.3f} (ppl {v['perplexity']:.1f})"
                      for k, v in results.items())
+    if self.state.ema is not None:
+      ema = evaluation.evaluate(self.program,
+                                self.program.ema_params(self.state),
+                                self.pipe, self.cfg.train.eval_batches)
+      record |= {k.replace("eval/", "eval_ema/", 1): v for k, v in
+                 evaluation.eval_record(step, ema).items() if k != "step"}
+      text += "; EMA: " + ", ".join(f"{k} {v['loss']:.3f}"
+                                    for k, v in ema.items())
+    self.writer.write(record, name="eval")
     self._print(f"eval step {step}: {text}")
 
   def save_checkpoint(self, step: int) -> None:
-    """Saves (asynchronously); never a state from a non-finite streak, and
-    not again the step just restored (its state is unchanged)."""
+    """Saves (asynchronously), with the evidence of whether the state is
+    good (gemma_jax/train/health.py). Never a state with non-finite params
+    or whose last step was skipped, and not again the step just restored
+    (its state is unchanged)."""
     if step == self.restored_step:
       return
-    limit = self.cfg.train.max_nonfinite_in_row
-    if limit:
-      in_row = int(jax.device_get(self.state.nonfinite_in_row))
-      if in_row >= limit:
-        return
+    in_row = int(jax.device_get(self.state.nonfinite_in_row))
+    finite = health.params_finite(self.state.params)
+    if in_row or not finite:
+      self._warn(f"not saving a checkpoint at step {step}: "
+                 + ("its params are not finite" if not finite else
+                    f"the last {in_row} steps were skipped as non-finite"))
+      return
+    good = health.judge(finite, in_row, self._probe_loss(step),
+                        self._recent_losses, self.cfg.model.vocab_size)
     meta = {"config": config_lib.to_dict(self.cfg),
             "data": self.pipe.describe(),
-            "skipped_total": self.skipped_total}
+            "continual": self.continual,
+            "skipped_total": self.skipped_total,
+            "good": good}
     if self.lora_base is not None:
       meta["lora_base"] = self.lora_base
+    self._check_lease("checkpoint", force=True, everywhere=True)
     self.checkpointer.save(step, self.state, meta)
+    self._last_saved = (step, good)
+    if not good["good"]:
+      self._warn(f"checkpoint {step} is not good: {health.why_not(good)}")
 
   def export_params(self, step: int) -> None:
-    """The final params in gemma_jax's native format, WORKDIR/params."""
+    """The final params in gemma_jax's native format, WORKDIR/params, and
+    their EMA (in the params' dtype) to WORKDIR/params_ema; never
+    non-finite ones."""
     from gemma_jax.checkpoint import native
-    if self.lora_base is not None:
-      adapter, path = lora.export(self.program, self.state.params,
-                                  self.workdir, self.lora_base)
-      self._print(f"adapter saved to {adapter}, merged params exported to "
-                  f"{path} (step {step})")
-      return
     path = os.path.join(self.workdir, "params")
-    native.save(path, self.state.params, self.cfg.model, force=True)
-    self._print(f"params exported to {path} (step {step})")
+    if not health.params_finite(self.state.params):
+      self._warn(f"not exporting the params of step {step} to {path}: they "
+                 f"are not finite")
+      return
+    self._check_lease("params export", force=True, everywhere=True)
+    self._export(self.state.params, "", step)
+    saved, good = getattr(self, "_last_saved", (None, None))
+    if saved == step and not good["good"]:
+      self._warn(f"the exported params (step {step}) are not good: "
+                 f"{health.why_not(good)}")
+    if self.state.ema is not None:
+      ema = self.program.ema_params(self.state)
+      if not health.params_finite(ema):
+        self._warn(f"not exporting the EMA at step {step}: it is not finite")
+        return
+      self._export(ema, "_ema", step)
+
+  def _export(self, params, suffix: str, step: int) -> None:
+    """WORKDIR/params<suffix>; with LoRA also WORKDIR/adapter<suffix>
+    (`params` are the adapters then, merged into the base)."""
+    from gemma_jax.checkpoint import native
+    what = "EMA of the params" if suffix else "params"
+    if self.lora_base is not None:
+      adapter, path = lora.export(self.program, params, self.workdir,
+                                  self.lora_base, suffix)
+      self._print(f"adapter{' EMA' if suffix else ''} saved to {adapter}, "
+                  f"merged {what} exported to {path} (step {step})")
+      return
+    path = os.path.join(self.workdir, "params" + suffix)
+    native.save(path, params, self.cfg.model, force=True)
+    self._print(f"{what} exported to {path}" if suffix else
+                f"params exported to {path} (step {step})")
 
   def print_samples(self, step: int) -> None:
     """Greedy continuations of train.sample_prompts with the final params."""
@@ -339,3 +442,154 @@ class Trainer:
                               cfg.train.sample_tokens)
     for text, out in zip(cfg.train.sample_prompts, outs):
       self._print(f"sample: {text!r} -> {tok.decode(out)!r}")
+
+  # Reliability: the workdir lease, damaged checkpoints, --from-step,
+  # warnings (see gemma_jax/train/lease.py and health.py).
+  def _warn(self, message: str) -> None:
+    if self.is_main:
+      print(f"gemma-jax: warning: {message}", file=sys.stderr, flush=True)
+
+  def _take_lease(self):
+    """Process 0 takes the workdir's lease; every process learns whether
+    it did, so that all stop together when another trainer holds it."""
+    held, error = None, None
+    if self.is_main:
+      held = lease.WorkdirLease(self.workdir, warn=self._warn)
+      try:
+        held.acquire()
+      except lease.WorkdirBusy as e:
+        held, error = None, e
+    if jax.process_count() > 1:
+      import numpy as np
+      from jax.experimental import multihost_utils
+      ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+      if not ok and error is None:
+        raise lease.WorkdirBusy(f"--workdir {self.workdir} is in use by "
+                                f"another trainer (see process 0)")
+    if error is not None:
+      raise error
+    return held
+
+  def _check_lease(self, what: str, force: bool = False,
+                   everywhere: bool = False) -> None:
+    """LeaseLost before a write if another trainer took the workdir over;
+    `everywhere`: every process stops (a collective; call it on all)."""
+    lost = None
+    if self.lease is not None:
+      try:
+        self.lease.check(what, force=force)
+      except lease.LeaseLost as e:
+        lost = e
+    if everywhere and jax.process_count() > 1:
+      import numpy as np
+      from jax.experimental import multihost_utils
+      ok = multihost_utils.broadcast_one_to_all(np.int32(lost is None))
+      if not ok and lost is None:
+        raise lease.LeaseLost(f"not writing the {what}: process 0 lost the "
+                              f"lease on {self.workdir}")
+    if lost is not None:
+      raise lost
+
+  def close(self) -> None:
+    """Waits for saves, closes the writers, gives the workdir back (once;
+    later calls do nothing)."""
+    if getattr(self, "_closed", False):
+      return
+    self._closed = True
+    try:
+      if self.checkpointer is not None:
+        self.checkpointer.close()
+      if getattr(self, "writer", None) is not None:
+        self.writer.close()
+    finally:
+      self._restore_signal_handlers()
+      if self.lease is not None:
+        self.lease.release()
+        self.lease = None
+
+  def _restore_newest_intact(self):
+    """(step, Restored) of the newest intact checkpoint, or (None, None);
+    a damaged one is moved to WORKDIR/checkpoints.damaged/<step> with a
+    warning naming the file, and the one before it is used."""
+    def check_meta(saved, step):
+      check_same_model(saved, self.cfg, step)
+      if self.lora_base is not None:   # adapters trained on another base
+        lora.check_base(saved.get("lora_base"), self.lora_base, step)
+      self.pipe.check_resume(saved.get("data", {}), step)
+    damaged_dir = (os.path.join(self.workdir, checkpointing.DAMAGED_DIR)
+                   if self.is_main else None)
+    return checkpointing.restore_newest_intact(
+        self.checkpointer, self.program.abstract_state, check_meta,
+        damaged_dir, self._warn)
+
+  def _check_resumable(self, step: int) -> None:
+    """Refuses to continue from a checkpoint recorded as not good, unless
+    --from-step names it."""
+    if self.checkpointer.is_good(step) or self.from_step == step:
+      return
+    why = health.why_not(self.checkpointer.good(step) or {})
+    raise TrainingStopped(
+        f"the latest checkpoint ({step}) is not good ({why}); "
+        f"{self._newest_good_advice(resume_word='resume')} (or "
+        f"--from-step {step} to continue from it anyway)")
+
+  def _newest_good_advice(self, resume_word: str = "rerun") -> str:
+    self.checkpointer.wait()
+    good = self.checkpointer.newest_good_step()
+    fix = ("lower optimizer.learning_rate, add warmup or clip gradients "
+           "(optimizer.grad_clip_norm)")
+    if good is None:
+      return (f"no checkpoint is good: {fix}, then {resume_word} with "
+              f"--from-step 0 to start over (checkpoints are moved to "
+              f"WORKDIR/{checkpointing.DISCARDED_DIR}, not deleted)")
+    return (f"the newest good checkpoint is step {good}: {fix}, then "
+            f"{resume_word} with --from-step {good} (later checkpoints are "
+            f"moved to WORKDIR/{checkpointing.DISCARDED_DIR}, not deleted)")
+
+  def _discard_checkpoints_after(self, step: int) -> None:
+    """--from-step: moves checkpoints after `step` (all for 0) and copies
+    of the metrics to WORKDIR/checkpoints.discarded/<time>/."""
+    steps = self.checkpointer.all_steps()
+    if step < 0 or (step and step not in steps):
+      raise ConfigError(
+          f"--from-step {step}: no checkpoint at that step in "
+          f"{self.checkpointer.directory} (steps: "
+          f"{', '.join(map(str, steps)) or 'none'}; 0 starts over)")
+    later = [s for s in steps if s > step]
+    if not later or not self.is_main:
+      return
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = os.path.join(self.workdir, checkpointing.DISCARDED_DIR, stamp)
+    self._check_lease("discarded checkpoints", force=True)
+    for s in later:
+      self.checkpointer.set_aside(s, folder)
+    for name in ("metrics.jsonl", "eval.jsonl"):
+      path = os.path.join(self.workdir, name)
+      if os.path.exists(path):
+        shutil.copy2(path, os.path.join(folder, name))
+    self._print(f"--from-step {step}: moved checkpoints "
+                f"{', '.join(map(str, later))} to {folder}")
+
+  def _probe_loss(self, step: int) -> float | None:
+    """Loss of the current params on the next training batch: the
+    evidence that the state being saved is not diverging."""
+    sums = jax.device_get(self.program.eval_step(
+        self.state.params, self.program.put(self.pipe.batch(step))))
+    tokens = float(sums["tokens"])
+    return float(sums["loss_sum"]) / tokens if tokens else None
+
+  def _saved_step(self, step: int) -> bool:
+    """Whether a checkpoint of `step` exists or is being written."""
+    return (step == self.restored_step
+            or getattr(self, "_last_saved", (None,))[0] == step)
+
+  def _warn_if_nothing_to_train(self) -> None:
+    cfg = self.cfg
+    if cfg.train.steps == 0:
+      self._warn("train.steps is 0: nothing is trained; the initial params "
+                 "are saved and exported unchanged")
+    elif self.start_step == cfg.train.steps:
+      self._warn(f"the checkpoint is already at train.steps={cfg.train.steps}"
+                 f": nothing to train; raise --steps to continue")
+    if cfg.optimizer.learning_rate == 0:
+      self._warn("optimizer.learning_rate is 0: the params will not change")
