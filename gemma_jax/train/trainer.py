@@ -544,10 +544,13 @@ class Trainer:
                 f"{', '.join(map(str, later))} to {folder}")
 
   def _probe_loss(self, step: int) -> float | None:
-    """Loss of the current params on the next training batch: the
-    evidence that the state being saved is not diverging."""
+    """Loss of the current params on the last batch they trained on: the
+    evidence that the state being saved is not diverging. (Not the next
+    batch: a run's data may end at its last step, e.g. a distillation dump
+    written for exactly `train.steps` batches.)"""
     sums = jax.device_get(self.program.eval_step(
-        self.state.params, self.program.put(self.pipe.batch(step))))
+        self.state.params,
+        self.program.put(self.pipe.batch(max(step - 1, 0)))))
     tokens = float(sums["tokens"])
     return float(sums["loss_sum"]) / tokens if tokens else None
 
