@@ -27,10 +27,14 @@ def add_arguments(parser):
 
 def _config(args):
   import os
+  from etils import epath
+  from gemma_jax import fileio
   from gemma_jax.train.config import load_config
   from gemma_jax.errors import ConfigError
   path = args.config
-  if args.workdir and not os.path.isdir(args.workdir):
+  if args.workdir:
+    fileio.check_remote(args.workdir, "--workdir")
+  if args.workdir and not epath.Path(args.workdir).is_dir():
     # A read-only command: a mistyped --workdir is never created.
     raise ConfigError(f"--workdir {args.workdir} is not a directory (a "
                       f"training run's --workdir)")
@@ -38,7 +42,21 @@ def _config(args):
     if not args.workdir:
       raise ConfigError("give a CONFIG or a --workdir holding config.yaml")
     path = os.path.join(args.workdir, "config.yaml")
+    if not fileio.is_local(path):
+      return _load_remote_config(path, args.overrides)
   return load_config(path, args.overrides)
+
+
+def _load_remote_config(path, overrides):
+  """load_config of a gs:// config.yaml (read through a local copy)."""
+  import os
+  import tempfile
+  from etils import epath
+  from gemma_jax.train.config import load_config
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, "config.yaml")
+    epath.Path(path).copy(local)
+    return load_config(local, overrides)
 
 
 def _params(args, program):
@@ -46,8 +64,9 @@ def _params(args, program):
   import sys
   from gemma_jax.errors import CheckpointError, ConfigError
   if args.params:
+    from gemma_jax import fileio
     from gemma_jax.checkpoint import native
-    path = os.path.abspath(args.params)
+    path = fileio.absolute(args.params)
     if native.load_config(path) != program.cfg.model:
       raise ConfigError(f"--params {args.params} holds a different model "
                         f"than the config's model section")
