@@ -345,14 +345,17 @@ def _check_connect(path: str, what: str, endpoint: str, timeout: float):
 
 
 def _check_request(path: str, what: str, endpoint: str, timeout: float):
-  """One request through gcsfs, on a thread so that its retries cannot
-  hold this process past `timeout`."""
+  """Lists one object of the bucket through gcsfs (what a trainer needs
+  anyway: storage.objects.list), on a thread, so that gcsfs's retries
+  cannot hold this process past `timeout`."""
+  bucket = path[len("gs://"):].split("/")[0]
   result = []
 
   def ask():
     try:
-      fs, key = _fs(path)
-      result.append(fs.exists(key))
+      fs, _ = _fs(path)
+      result.append(fs.call("GET", "b/{}/o", bucket, maxResults=1,
+                            json_out=True))
     except BaseException as e:  # noqa: BLE001  (reported on the caller)
       result.append(e)
   thread = threading.Thread(target=ask, daemon=True, name="gcs-preflight")
@@ -360,12 +363,16 @@ def _check_request(path: str, what: str, endpoint: str, timeout: float):
   thread.join(timeout)
   if not result:
     raise StorageUnreachable(
-        f"{what} {path}: Cloud Storage at {endpoint} did not answer within "
-        f"{timeout:g} s (raise {TIMEOUT_ENV} on a slow link)")
-  if isinstance(result[0], BaseException):
-    e = result[0]
+        f"{what} {path}: Cloud Storage at {endpoint} did not answer, or kept "
+        f"failing, for {timeout:g} s (raise {TIMEOUT_ENV} on a slow link)")
+  e = result[0]
+  if isinstance(e, FileNotFoundError):
+    raise ConfigError(f"{what} {path}: there is no bucket gs://{bucket} (or "
+                      f"this account cannot see it); create it or fix the "
+                      f"path") from None
+  if isinstance(e, BaseException):
     text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     raise StorageUnreachable(f"{what} {path}: Cloud Storage at {endpoint} "
                              f"refused the request ({type(e).__name__}: "
-                             f"{text}); check the bucket name and this "
-                             f"account's access to it") from None
+                             f"{text}); check this account's access to "
+                             f"gs://{bucket}") from None
