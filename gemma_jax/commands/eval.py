@@ -100,7 +100,7 @@ def main(args) -> int:
   from gemma_jax.train import evaluation
   from gemma_jax.train.program import TrainProgram
   cfg = _config(args)
-  distributed.initialize_runtime(cfg.runtime)
+  distributed.initialize_runtime(cfg.runtime, command="eval")
   import jax
   program = TrainProgram(cfg)
   pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,

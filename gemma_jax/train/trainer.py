@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import jax
 from etils import epath
 
-from gemma_jax import fileio, hardware
+from gemma_jax import distributed, fileio, hardware
 from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
 from gemma_jax.train import checkpointing, evaluation, flops, health, lease
@@ -241,6 +241,14 @@ class Trainer:
       else:
         if step > self.start_step or step == total:
           self._run_hooks(step, final=True)
+    except Exception as e:
+      if distributed.is_peer_failure(e):
+        # No JAX teardown, no final save: its barriers wait for the lost
+        # process. The last complete checkpoint is where a rerun resumes.
+        distributed.stop_for_lost_peer(distributed.lost_message(
+            "another process", f"after step {step}: " + " ".join(
+                str(e).split())[:160]))
+      raise
     finally:
       batches.close()
       self.close()
@@ -427,6 +435,11 @@ class Trainer:
                                 f"another trainer (see process 0)")
     if error is not None:
       raise error
+    if held is not None:
+      # A lost peer ends this process (gemma_jax/distributed.py): give the
+      # workdir back first, so that the restarted run need not wait for
+      # the lease to go stale.
+      self._forget_lease_hook = distributed.on_peer_lost(held.release)
     return held
 
   def _check_lease(self, what: str, force: bool = False,
@@ -462,6 +475,8 @@ class Trainer:
         self.writer.close()
     finally:
       self._restore_signal_handlers()
+      if getattr(self, "_forget_lease_hook", None) is not None:
+        self._forget_lease_hook()
       if self.lease is not None:
         self.lease.release()
         self.lease = None
