@@ -287,10 +287,8 @@ def stop_for_lost_peer(message: str) -> None:
   timer.daemon = True
   timer.start()
   for hook in list(_peer_lost_hooks):
-    try:
+    with contextlib.suppress(BaseException):   # stopping anyway
       hook()
-    except BaseException:  # noqa: BLE001,S110  (stopping anyway)
-      pass
   sys.stdout.flush()
   print(f"{error_prefix}: error: {message}", file=sys.stderr, flush=True)
   os._exit(TrainingStopped.exit_code)
@@ -310,7 +308,7 @@ class PeerWatchdog:
     self._lost = lost
     self._beats = 0
     now = time.monotonic()
-    self._seen = {i: (None, now) for i in range(num_processes)}
+    self._seen = dict.fromkeys(range(num_processes), (None, now))
     self._answered = now
     self._stop = threading.Event()
 

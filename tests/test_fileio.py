@@ -60,13 +60,13 @@ def test_a_remote_directory_is_replaced_whole_and_a_failed_write_keeps_it(
     (tmp / "config.json").write_text("{}")
     (tmp / "sub").mkdir()
     (tmp / "sub" / "w.bin").write_bytes(b"first")
-  with pytest.raises(ConfigError, match="already exists"):
-    with fileio.atomic_directory(target):
-      pass
-  with pytest.raises(OSError):
-    with fileio.atomic_directory(target, overwrite=True) as tmp:
-      (tmp / "config.json").write_text("{}")
-      raise OSError(errno.ENOSPC, "No space left on device")
+  with (pytest.raises(ConfigError, match="already exists"),
+        fileio.atomic_directory(target)):
+    pass
+  with (pytest.raises(OSError),
+        fileio.atomic_directory(target, overwrite=True) as tmp):
+    (tmp / "config.json").write_text("{}")
+    raise OSError(errno.ENOSPC, "No space left on device")
   assert (target / "sub" / "w.bin").read_bytes() == b"first"
   with fileio.atomic_directory(target, overwrite=True) as tmp:
     (tmp / "other").write_text("second")

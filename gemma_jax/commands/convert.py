@@ -147,6 +147,7 @@ def read_source(args, dtype):
   truncated safetensors, a directory that is not an orbax checkpoint)
   turned into one CheckpointError naming the source."""
   from etils import epath
+
   from gemma_jax.errors import CheckpointError, GemmaJaxError
   fileio.check_remote(args.src, "source")
   src = epath.Path(args.src)
@@ -179,6 +180,7 @@ def save_hf(dst, params, cfg, force=False, **kwargs) -> None:
     hf.save(dst, params, cfg, force=force, **kwargs)
     return
   import tempfile
+
   from etils import epath
   fileio.check_remote(dst, "destination")
   if epath.Path(dst).exists() and not force:

@@ -27,10 +27,12 @@ def add_arguments(parser):
 
 def _config(args):
   import os
+
   from etils import epath
+
   from gemma_jax import fileio
-  from gemma_jax.train.config import load_config
   from gemma_jax.errors import ConfigError
+  from gemma_jax.train.config import load_config
   path = args.config
   if args.workdir:
     fileio.check_remote(args.workdir, "--workdir")
@@ -51,7 +53,9 @@ def _load_remote_config(path, overrides):
   """load_config of a gs:// config.yaml (read through a local copy)."""
   import os
   import tempfile
+
   from etils import epath
+
   from gemma_jax.train.config import load_config
   with tempfile.TemporaryDirectory() as tmp:
     local = os.path.join(tmp, "config.yaml")
@@ -62,6 +66,7 @@ def _load_remote_config(path, overrides):
 def _params(args, program):
   import os
   import sys
+
   from gemma_jax.errors import CheckpointError, ConfigError
   if args.params:
     from gemma_jax import fileio
@@ -74,8 +79,7 @@ def _params(args, program):
     return params, "export"
   if not args.workdir:
     raise ConfigError("give --workdir (training checkpoints) or --params")
-  from gemma_jax.train.checkpointing import (Checkpointer,
-                                             restore_newest_intact)
+  from gemma_jax.train.checkpointing import Checkpointer, restore_newest_intact
   ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"),
                       program.cfg.checkpoint, read_only=True)
   try:
@@ -95,8 +99,9 @@ def _params(args, program):
 
 def main(args) -> int:
   import json
-  from gemma_jax.data import build_pipeline
+
   from gemma_jax import distributed
+  from gemma_jax.data import build_pipeline
   from gemma_jax.train import evaluation
   from gemma_jax.train.program import TrainProgram
   cfg = _config(args)

@@ -89,7 +89,6 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
   returned as it is; one made from other input is refused unless
   `overwrite` (DataError naming --overwrite).
   """
-  import tensorflow_datasets as tfds  # slow import; only when preparing
   if not _NAME.match(name):
     raise ConfigError(f"dataset name {name!r} must be lower_snake_case "
                       "(letters, digits, underscores)")
@@ -129,7 +128,7 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
 
 def _write(name: str, data_dir: str, tokens: dict, metadata: dict) -> str:
   """Writes the dataset into local `data_dir`; returns its directory."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # slow import; only when preparing
   builder = _builder_class(name, tokens, metadata)(
       data_dir=data_dir, file_format="array_record")
   if os.path.isdir(builder.data_dir):

@@ -12,7 +12,12 @@ from etils import epath
 
 from gemma_jax.checkpoint import native
 from gemma_jax.train.testing import (
-    RESUME_STEPS, exported_params, losses, subprocess_env, train_process)
+  RESUME_STEPS,
+  exported_params,
+  losses,
+  subprocess_env,
+  train_process,
+)
 
 
 def _committed(workdir) -> list[int]:
