@@ -68,6 +68,11 @@ def test_cluster_detection_and_timeout_variables():
   assert distributed.init_timeout_s(_env(GEMMA_JAX_INIT_TIMEOUT_S=45)) == 45
   with pytest.raises(ConfigError, match="GEMMA_JAX_INIT_TIMEOUT_S='soon'"):
     distributed.init_timeout_s(_env(GEMMA_JAX_INIT_TIMEOUT_S="soon"))
+  assert distributed.heartbeat_timeout_s({}) == 60
+  assert distributed.heartbeat_timeout_s(
+      _env(GEMMA_JAX_HEARTBEAT_TIMEOUT_S=8)) == 8
+  with pytest.raises(ConfigError, match="GEMMA_JAX_HEARTBEAT_TIMEOUT_S='0'"):
+    distributed.heartbeat_timeout_s(_env(GEMMA_JAX_HEARTBEAT_TIMEOUT_S=0))
 
 
 def test_one_process_needs_no_distributed_runtime():

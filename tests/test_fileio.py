@@ -134,3 +134,10 @@ def test_no_credentials_is_a_one_line_config_error(monkeypatch, tmp_path):
   with pytest.raises(ConfigError, match="gs://b/run: no Google Cloud "
                      "credentials on this machine; run `gcloud auth"):
     fileio.check_remote("gs://b/run", "--workdir")
+
+
+def test_the_storage_timeout_comes_from_the_environment():
+  assert fileio.storage_timeout_s({}) == 10
+  assert fileio.storage_timeout_s({"GEMMA_JAX_STORAGE_TIMEOUT_S": "2.5"}) == 2.5
+  with pytest.raises(ConfigError, match="GEMMA_JAX_STORAGE_TIMEOUT_S='-1'"):
+    fileio.storage_timeout_s({"GEMMA_JAX_STORAGE_TIMEOUT_S": "-1"})

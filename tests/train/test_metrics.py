@@ -101,3 +101,20 @@ def test_on_gs_records_are_stored_by_flush_and_truncated_exactly(gcs_bucket):
       {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
       {"step": 3, "loss": 30.0}]
   assert metrics.read_jsonl(f"{workdir}/eval.jsonl") == []
+
+
+def test_on_gs_a_write_flushes_once_flush_every_s_has_passed(gcs_bucket,
+                                                            monkeypatch):
+  import time
+  workdir = f"{gcs_bucket}/run"
+  monkeypatch.setenv("GEMMA_JAX_REMOTE_FLUSH_S", "0.2")
+  w = metrics.MetricsWriter(workdir, tensorboard=False)
+  w.write({"step": 1, "loss": 1.0})
+  assert metrics.read_jsonl(f"{workdir}/metrics.jsonl") == []
+  time.sleep(0.3)
+  w.write({"step": 2, "loss": 2.0})
+  assert len(metrics.read_jsonl(f"{workdir}/metrics.jsonl")) == 2
+  w.close()
+  monkeypatch.setenv("GEMMA_JAX_REMOTE_FLUSH_S", "often")
+  with pytest.raises(ValueError, match="GEMMA_JAX_REMOTE_FLUSH_S='often'"):
+    metrics.MetricsWriter(workdir, tensorboard=False)
