@@ -159,8 +159,9 @@ def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
   analytic_flops_per_device (6N + causal attention, no recompute),
   program_flops_per_device (every dot of the traced step, recompute and
   masked attention included), compiler_flops_per_device (loop bodies once), param_bytes_per_device,
-  opt_state_bytes_per_device, collectives, mesh, step_time_s at `mfu`,
-  compile_s; `error` when the compiler ran out of memory.
+  opt_state_bytes_per_device, frozen_bytes_per_device (inputs the step
+  reads but does not train: a LoRA base, a teacher, EWC's F), collectives,
+  mesh, step_time_s at `mfu`, compile_s; `error` when the compiler ran out of memory.
   """
   chip, _ = hardware.parse_topology(topology)
   devices = topology_devices(topology, num_slices)
@@ -200,6 +201,7 @@ def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
       param_bytes_per_device=_leaf_bytes(program.abstract_state.params),
       opt_state_bytes_per_device=_leaf_bytes(
           program.abstract_state.opt_state),
+      frozen_bytes_per_device=_leaf_bytes(program.abstract_frozen),
       compiler_flops_per_device=raw,
       flops_per_device=scaled,
       program_flops_per_device=traced,

@@ -30,6 +30,7 @@ def lora_dict(tokenizer, base, fisher, steps=4) -> dict:
   d["data"]["stages"][1]["start_step"] = 3   # the mixture changes at 3
   d["checkpoint"].update(init_from=str(base), export_params=True)
   d["continual"] = {"ewc_lambda": LAMBDA, "fisher": str(fisher)}
+  d["train"]["ema_decay"] = 0.5
   return d
 
 
@@ -56,7 +57,8 @@ def runs(tiny_tokenizer, compile_cache, tmp_path_factory):
   trainer.run()
   resumed = root / "resumed"
   shutil.copytree(whole, resumed)
-  for lost in ("checkpoints/4", "params", "adapter"):
+  for lost in ("checkpoints/4", "params", "adapter", "params_ema",
+               "adapter_ema"):
     shutil.rmtree(resumed / lost)
   again = trainer_lib.Trainer(cfg, str(resumed))
   assert again.start_step == 2
@@ -81,16 +83,33 @@ def test_a_resumed_lora_run_with_a_mixture_and_ewc_matches_bit_for_bit(runs):
   assert [r["loss/ewc"] > 0 for r in a] == [False, False, True, True]
   # The mixture changed at step index 3 (prose 3 : code 1).
   assert a[2]["share/prose"] == 0.5 and a[3]["share/prose"] > 0.7
-  for load in (_adapters, lambda w: native.load(w / "params")[0]):
-    for (p, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(load(whole)),
-                              jax.tree_util.tree_leaves_with_path(
-                                  load(resumed))):
-      np.testing.assert_array_equal(x, y, err_msg=str(p))
+  for name in ("adapter", "params", "adapter_ema", "params_ema"):
+    for (p, x), (_, y) in zip(
+        jax.tree_util.tree_leaves_with_path(_load(whole / name)),
+        jax.tree_util.tree_leaves_with_path(_load(resumed / name))):
+      np.testing.assert_array_equal(x, y, err_msg=f"{name} {p}")
 
 
-def _adapters(workdir):
+def _load(path):
   from gemma_jax.checkpoint import adapter
-  return adapter.load(workdir / "adapter")[0]
+  if path.name.startswith("adapter"):
+    return adapter.load(path)[0]
+  return native.load(path)[0]
+
+
+def test_the_ema_export_is_the_base_with_the_adapters_ema_merged(runs):
+  _, trainer, whole, _ = runs
+  ema = _load(whole / "adapter_ema")
+  jax.tree.map(np.testing.assert_array_equal, ema,
+               jax.device_get(trainer.program.ema_params(trainer.state)))
+  expected = lora_model.merge_params(
+      jax.device_get(trainer.program.frozen["base"]), ema,
+      trainer.program.cfg.model)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6),
+               _load(whole / "params_ema"), expected)
+  assert not np.array_equal(
+      ema["layers"]["mlp"]["linear"]["lora_down_b"],
+      _load(whole / "adapter")["layers"]["mlp"]["linear"]["lora_down_b"])
 
 
 def test_ewc_holds_the_fisher_of_the_adapted_weights_and_no_anchor(runs):
@@ -164,3 +183,20 @@ def test_a_run_directory_cannot_be_the_base(runs, tiny_tokenizer, tmp_path):
                      "of LoRA .* point it at the run's export"):
     trainer_lib.Trainer(config_from_dict(d), str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints" / "2")
+
+
+def test_bad_lora_sections_name_the_key_and_what_is_valid():
+  model = {"preset": "tiny-gemma2"}   # q: 128 in, 128 out
+  for lora, message in [
+      ({"rank": 4, "targets": ["q", "qkv"]},
+       "model.lora.targets: unknown target 'qkv'; valid targets: q, k, v, "
+       "o, gate, up, down"),
+      ({"rank": -1}, "model.lora.rank must be positive, got -1"),
+      ({"rank": 0}, "model.lora.rank must be positive, got 0"),
+      ({"rank": 129, "targets": ["q"]},
+       r"model.lora.rank: 129 is larger than projection 'q' \(128 in, 128 "
+       r"out\); a rank-r adapter needs r <= 128")]:
+    with pytest.raises(ConfigError, match=message):
+      config_from_dict({"model": model | {"lora": lora}})
+  config_from_dict({"model": model | {"lora": {"rank": 128,
+                                               "targets": ["q"]}}})
