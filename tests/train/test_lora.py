@@ -137,3 +137,27 @@ def test_qlora_holds_the_frozen_base_as_int4():
   held = program.frozen["base"]["layers"]["attn"]["q_einsum"]["w"]
   values = np.asarray(held).astype(np.int8)
   assert values.min() >= -7 and values.max() <= 7 and values.any()
+
+
+def test_the_9b_pod_config_holds_per_device_only_the_adapters_moments():
+  # The shardings `gemma-jax compile` reports for configs/pods (no compile).
+  pytest.importorskip("libtpu", reason="TPU topologies need the tpu extra")
+  from gemma_jax.sharding.mesh import make_mesh
+  from gemma_jax.train import aot
+  from gemma_jax.train.config import load_config
+  cfg = load_config("configs/pods/gemma2-9b-lora-v4.yaml")
+  full_cfg = dataclasses.replace(
+      cfg, model=dataclasses.replace(cfg.model, lora=None))
+  devices = aot.topology_devices("v4:4x4x8")
+  adapted, full = (TrainProgram(c, make_mesh(c.mesh, devices))
+                   for c in (cfg, full_cfg))
+  per_device = aot._leaf_bytes   # the largest shard of every leaf
+  moments = per_device(adapted.abstract_state.opt_state)
+  # Two float32 moments per adapter parameter, split over all 128 chips.
+  count = sum(np.prod(s) for s in lora_model.adapter_paths(
+      cfg.model).values())
+  assert 2 * 4 * count / 128 <= moments <= 1.05 * 2 * 4 * count / 128
+  assert per_device(full.abstract_state.opt_state) / moments > 100
+  # The frozen base is the full run's params, sharded the same way.
+  assert per_device(adapted.abstract_frozen["base"]) == per_device(
+      full.abstract_state.params)
