@@ -146,7 +146,8 @@ class Einsum(nn.Module):
     in_axes = quant_lib.fan_in_axes(self.in_axis)
     fan_in = math.prod(self.shape[a] for a in in_axes)
     # Truncated normal with std 1/sqrt(fan_in); the constant undoes truncation.
-    init = nn.initializers.truncated_normal(1 / (0.87962566 * math.sqrt(fan_in)))
+    init = nn.initializers.truncated_normal(
+        1 / (0.87962566 * math.sqrt(fan_in)))
     w = param(self, "w", self.shape, self.axes, init, cfg.param_dtype)
     if quant:
       w = quant_lib.fake_quant(w, self.in_axis, quant.bits, quant.block_size)

@@ -171,7 +171,8 @@ def adapter_delta(module: nn.Module, equation: str, x, shape, axes, in_axis,
     b = module.param(
         f"lora_{target}_b", nn.with_logical_partitioning(
             nn.initializers.zeros_init(),
-            (None, *tuple(ax for i, ax in enumerate(w_axes) if i not in proj.in_axes))),
+            (None, *tuple(ax for i, ax in enumerate(w_axes)
+                          if i not in proj.in_axes))),
         (lora.rank, *b_shape), param_dtype)
     h_spec = "".join(c for c in xs if c not in in_spec) + rank_letter
     inputs = x

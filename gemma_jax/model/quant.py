@@ -112,7 +112,8 @@ def scale_shape(shape, in_axis, block_size: int | None) -> tuple[int, ...]:
 def _blocked(x, axis: int, block_size: int):
   """[..., n * b, ...] -> [..., n, b, ...] at `axis`."""
   shape = x.shape
-  return x.reshape((*shape[:axis], shape[axis] // block_size, block_size, *shape[axis + 1:]))
+  return x.reshape((*shape[:axis], shape[axis] // block_size, block_size,
+                    *shape[axis + 1:]))
 
 
 def quantize(w, in_axis, bits: int, block_size: int | None):

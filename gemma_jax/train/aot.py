@@ -161,7 +161,8 @@ def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
   masked attention included), compiler_flops_per_device (loop bodies once), param_bytes_per_device,
   opt_state_bytes_per_device, frozen_bytes_per_device (inputs the step
   reads but does not train: a LoRA base, a teacher, EWC's F), collectives,
-  mesh, step_time_s at `mfu`, compile_s; `error` when the compiler ran out of memory.
+  mesh, step_time_s at `mfu`, compile_s; `error` when the compiler ran out
+  of memory.
   """
   chip, _ = hardware.parse_topology(topology)
   devices = topology_devices(topology, num_slices)

@@ -408,7 +408,6 @@ class Trainer:
     """The final params in gemma_jax's native format, WORKDIR/params, and
     their EMA (in the params' dtype) to WORKDIR/params_ema; never
     non-finite ones."""
-    from gemma_jax.checkpoint import native
     path = os.path.join(self.workdir, "params")
     if not health.params_finite(self.state.params):
       self._warn(f"not exporting the params of step {step} to {path}: they "
