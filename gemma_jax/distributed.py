@@ -259,7 +259,11 @@ def on_peer_lost(hook: Callable[[], None]) -> Callable[[], None]:
   """Runs `hook()` before this process stops because another process was
   lost; returns a function that removes it."""
   _peer_lost_hooks.append(hook)
-  return lambda: hook in _peer_lost_hooks and _peer_lost_hooks.remove(hook)
+
+  def remove() -> None:
+    if hook in _peer_lost_hooks:
+      _peer_lost_hooks.remove(hook)
+  return remove
 
 
 def is_peer_failure(error: BaseException) -> bool:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -20,7 +21,8 @@ from gemma_jax.errors import ConfigError, DataError
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
 # SentencePieceTrainer options that reproduce Gemma's tokenizer settings.
-GEMMA_TRAINER_OPTIONS = dict(
+# Values mix str, bool and int; they go to train() as **kwargs.
+GEMMA_TRAINER_OPTIONS: dict[str, Any] = dict(
     model_type="bpe", byte_fallback=True, split_digits=True,
     normalization_rule_name="identity", add_dummy_prefix=False,
     remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,

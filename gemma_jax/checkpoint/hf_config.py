@@ -120,7 +120,7 @@ def to_hf(cfg: ModelConfig, dtype: str) -> dict:
       if value is not None:
         raise ConfigError(f"model.{key}={value} cannot be expressed in an HF "
                           "'gemma' config (no sandwich norms = Gemma 1)")
-  hf = {
+  hf: dict[str, object] = {
       "architectures": ["Gemma2ForCausalLM" if gemma2 else "GemmaForCausalLM"],
       "model_type": "gemma2" if gemma2 else "gemma",
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,

@@ -34,7 +34,8 @@ class Tensor(NamedTuple):
 
 def write(path, tensors: list[Tensor], metadata: dict[str, str]) -> None:
   """Writes `tensors` in order, holding at most one of them in memory."""
-  header, offset = {}, 0
+  header: dict[str, object] = {}     # JSON: name -> entry, __metadata__
+  offset = 0
   for t in tensors:
     if np.dtype(t.dtype) not in _CODES:
       raise ValueError(f"{t.name}: dtype {t.dtype} cannot be written")

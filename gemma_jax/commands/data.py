@@ -55,11 +55,12 @@ def main(args) -> int:
 def _prepare(args) -> int:
   import dataclasses
   from gemma_jax.data import prepare
-  from gemma_jax.data.sources import DecodePolicy, read_text_files
+  from gemma_jax.data.sources import (DecodePolicy, DecodeReport,
+                                      read_text_files)
   from gemma_jax.tokenizer import Tokenizer
   tokenizer = Tokenizer.load(args.tokenizer)
   policy = DecodePolicy(args.on_decode_error, args.max_undecodable_fraction)
-  reports = []
+  reports: list[DecodeReport] = []
   texts = read_text_files(args.input, args.text_key, args.name, policy,
                           reports=reports)
   texts, cleaning = prepare.clean_texts(texts, args.fix_mojibake,

@@ -163,6 +163,7 @@ def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
   compile_s; `error` when the compiler ran out of memory.
   """
   chip, _ = hardware.parse_topology(topology)
+  assert chip.hbm_bytes is not None   # every TPU in hardware.CHIPS has it
   devices = topology_devices(topology, num_slices)
   program = TrainProgram(cfg, make_mesh(cfg.mesh, devices))
   n = len(devices)
