@@ -373,6 +373,7 @@ def _start_watchdog(timeout_s: int) -> None:
   import atexit
 
   import jax
+
   # jax.distributed's client has no public accessor in JAX 0.10;
   # jax.experimental.multihost_utils reads it from here too.
   from jax._src import distributed as jax_distributed

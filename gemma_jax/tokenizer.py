@@ -1,4 +1,4 @@
-"""Gemma's SentencePiece tokenizer: load, check against a model, train small ones.
+"""Gemma's SentencePiece tokenizer: load, check against a model, train one.
 
 Gemma 1 and 2 share one SentencePiece BPE model with fixed special ids
 (pad 0, eos 1, bos 2, unk 3). `Tokenizer` loads any such `tokenizer.model`
@@ -142,7 +142,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str,
 def _sentences(texts: Iterable[str], max_len: int) -> list[str]:
   out = []
   for text in texts:
-    for line in text.splitlines(keepends=True) if len(text) > max_len else [text]:
+    lines = (text.splitlines(keepends=True) if len(text) > max_len
+             else [text])
+    for line in lines:
       if line.strip():
         out.append(line[:max_len])
   return out

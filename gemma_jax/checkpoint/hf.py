@@ -22,15 +22,14 @@ lm-evaluation-harness's `hf` model.
 import dataclasses
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from flax.linen import meta
 
 from gemma_jax import fileio
-from gemma_jax.checkpoint import hf_config, layout, placement
-from gemma_jax.checkpoint import safetensors_io
+from gemma_jax.checkpoint import hf_config, layout, placement, safetensors_io
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.tokenizer import Tokenizer

@@ -31,7 +31,7 @@ import dataclasses
 import json
 import math
 import shutil
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp

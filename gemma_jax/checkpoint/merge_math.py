@@ -22,7 +22,8 @@ differ by less than W^2/8 ~ 1e-9 relative, under float32 precision.
 """
 
 import math
-from typing import Callable, Iterable, Iterator, Sequence, overload
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import overload
 
 import numpy as np
 

@@ -20,7 +20,8 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gemma_jax.checkpoint import layout
 
@@ -70,13 +71,13 @@ class HostTree:
     return layout.unflatten(self._leaves)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zeros(shape, dtype, sharding):
   return jax.jit(lambda: jax.numpy.zeros(shape, dtype),
                  out_shardings=sharding)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _writer(sharding):
   def write(leaf, piece, starts):
     starts = tuple(starts[i] for i in range(leaf.ndim))

@@ -9,7 +9,8 @@ writer below computes the header from shapes and streams each tensor.
 
 import json
 import struct
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -29,7 +30,8 @@ class Tensor(NamedTuple):
 
   @property
   def nbytes(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+    return (int(np.prod(self.shape, dtype=np.int64))
+            * np.dtype(self.dtype).itemsize)
 
 
 def write(path, tensors: list[Tensor], metadata: dict[str, str]) -> None:

@@ -51,10 +51,10 @@ holds by construction. Rows are a pure function of the step: training
 resumes at any step, also across a stage boundary, with no data state saved.
 """
 
-from fractions import Fraction
 import functools
 import math
 import sys
+from fractions import Fraction
 
 import grain
 import numpy as np

@@ -11,7 +11,7 @@ the members' stderrs.
 """
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from gemma_jax.errors import ConfigError
 from gemma_jax.evals import generation, scoring

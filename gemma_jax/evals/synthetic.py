@@ -25,7 +25,7 @@ import json
 import os
 import random
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from gemma_jax import fileio
 

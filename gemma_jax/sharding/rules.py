@@ -19,7 +19,8 @@ import math
 
 import flax.linen as nn
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gemma_jax.sharding.config import MeshConfig
 
