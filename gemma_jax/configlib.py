@@ -53,7 +53,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
       raise ConfigError(f"{path}: {value!r} is not a valid choice; valid "
                         f"choices: {', '.join(repr(a) for a in args)}")
     return value
-  if dataclasses.is_dataclass(tp):
+  if isinstance(tp, type) and dataclasses.is_dataclass(tp):
     if isinstance(value, tp):
       return value
     if not isinstance(value, dict):

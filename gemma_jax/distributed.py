@@ -259,7 +259,11 @@ def on_peer_lost(hook: Callable[[], None]) -> Callable[[], None]:
   """Runs `hook()` before this process stops because another process was
   lost; returns a function that removes it."""
   _peer_lost_hooks.append(hook)
-  return lambda: hook in _peer_lost_hooks and _peer_lost_hooks.remove(hook)
+
+  def remove() -> None:
+    if hook in _peer_lost_hooks:
+      _peer_lost_hooks.remove(hook)
+  return remove
 
 
 def is_peer_failure(error: BaseException) -> bool:
@@ -369,6 +373,7 @@ def _start_watchdog(timeout_s: int) -> None:
   import atexit
 
   import jax
+
   # jax.distributed's client has no public accessor in JAX 0.10;
   # jax.experimental.multihost_utils reads it from here too.
   from jax._src import distributed as jax_distributed

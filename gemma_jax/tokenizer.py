@@ -1,4 +1,4 @@
-"""Gemma's SentencePiece tokenizer: load, check against a model, train small ones.
+"""Gemma's SentencePiece tokenizer: load, check against a model, train one.
 
 Gemma 1 and 2 share one SentencePiece BPE model with fixed special ids
 (pad 0, eos 1, bos 2, unk 3). `Tokenizer` loads any such `tokenizer.model`
@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -20,7 +21,8 @@ from gemma_jax.errors import ConfigError, DataError
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
 # SentencePieceTrainer options that reproduce Gemma's tokenizer settings.
-GEMMA_TRAINER_OPTIONS = dict(
+# Values mix str, bool and int; they go to train() as **kwargs.
+GEMMA_TRAINER_OPTIONS: dict[str, Any] = dict(
     model_type="bpe", byte_fallback=True, split_digits=True,
     normalization_rule_name="identity", add_dummy_prefix=False,
     remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
@@ -140,7 +142,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str,
 def _sentences(texts: Iterable[str], max_len: int) -> list[str]:
   out = []
   for text in texts:
-    for line in text.splitlines(keepends=True) if len(text) > max_len else [text]:
+    lines = (text.splitlines(keepends=True) if len(text) > max_len
+             else [text])
+    for line in lines:
       if line.strip():
         out.append(line[:max_len])
   return out

@@ -19,17 +19,17 @@ unchanged under tools that load a model by directory, such as
 lm-evaluation-harness's `hf` model.
 """
 
+import dataclasses
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 import numpy as np
 from flax.linen import meta
 
 from gemma_jax import fileio
-from gemma_jax.checkpoint import hf_config, layout, placement
-from gemma_jax.checkpoint import safetensors_io
+from gemma_jax.checkpoint import hf_config, layout, placement, safetensors_io
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
@@ -46,7 +46,10 @@ SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>",
                   "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
-class Entry(NamedTuple):
+# A dataclass, not a NamedTuple: a tuple's field `index` would hide the
+# tuple.index method.
+@dataclasses.dataclass(frozen=True)
+class Entry:
   """One HF tensor and where it lives in the native tree."""
   hf_name: str
   path: str            # native leaf, e.g. 'layers/attn/q_einsum/w'
@@ -228,7 +231,7 @@ def save(directory, params, cfg: ModelConfig, *, dtype=None,
   shards = _shards(tensors, max_shard_bytes)
   with fileio.atomic_directory(directory, overwrite=force) as tmp:
     (tmp / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for k, shard in enumerate(shards):
       name = (WEIGHTS if len(shards) == 1 else
               f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")

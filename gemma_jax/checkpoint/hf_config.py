@@ -10,7 +10,8 @@ from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model.config import ModelConfig
 
 # Every spelling of the tanh-approximated GELU that Gemma uses. Gemma 1
-# releases say "gelu" but mean the tanh approximation (transformers rewrites it).
+# releases say "gelu" but mean the tanh approximation (transformers rewrites
+# it).
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
@@ -28,8 +29,9 @@ def _rope_theta(hf: dict, source: str) -> float:
     thetas = {v.get("rope_theta") for v in params.values()}
     params = dict(next(iter(params.values())), rope_theta=None)
     if len(thetas) != 1:
-      raise CheckpointError(f"{source}: rope_parameters has different rope_theta "
-                        f"per layer type {sorted(thetas)}; Gemma 1/2 use one")
+      raise CheckpointError(
+          f"{source}: rope_parameters has different rope_theta per layer "
+          f"type {sorted(thetas)}; Gemma 1/2 use one")
     params["rope_theta"] = thetas.pop()
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type != "default":
@@ -43,8 +45,9 @@ def _activation(hf: dict, model_type: str, source: str) -> None:
   if act == "gelu" and model_type == "gemma":
     return
   if act not in _TANH_GELU:
-    raise CheckpointError(f"{source}: hidden_activation {act!r} is not supported;"
-                      f" Gemma uses the tanh GELU ({', '.join(_TANH_GELU)})")
+    raise CheckpointError(
+        f"{source}: hidden_activation {act!r} is not supported; Gemma uses "
+        f"the tanh GELU ({', '.join(_TANH_GELU)})")
 
 
 def _pattern(layer_types: list[str], source: str) -> tuple[str, ...]:
@@ -65,15 +68,17 @@ def from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
   """ModelConfig for an HF Gemma / Gemma 2 config dict."""
   model_type = hf.get("model_type")
   if model_type not in ("gemma", "gemma2"):
-    raise CheckpointError(f"{source}: model_type {model_type!r} is not supported;"
-                      " expected 'gemma' or 'gemma2'")
+    raise CheckpointError(f"{source}: model_type {model_type!r} is not "
+                          "supported; expected 'gemma' or 'gemma2'")
   if hf.get("tie_word_embeddings", True) is False:
-    raise CheckpointError(f"{source}: tie_word_embeddings is false; Gemma ties "
-                      "the output projection to the embedding")
+    raise CheckpointError(f"{source}: tie_word_embeddings is false; Gemma "
+                          "ties the output projection to the embedding")
   if hf.get("attention_bias"):
-    raise CheckpointError(f"{source}: attention_bias is true; Gemma has no biases")
+    raise CheckpointError(f"{source}: attention_bias is true; Gemma has no "
+                          "biases")
   if hf.get("use_bidirectional_attention"):
-    raise CheckpointError(f"{source}: use_bidirectional_attention is not supported")
+    raise CheckpointError(f"{source}: use_bidirectional_attention is not "
+                          "supported")
   _activation(hf, model_type, source)
   heads = _get(hf, "num_attention_heads", source)
   d_model = _get(hf, "hidden_size", source)
@@ -112,7 +117,8 @@ def to_hf(cfg: ModelConfig, dtype: str) -> dict:
     unsupported = {
         "attn_logit_softcap": cfg.attn_logit_softcap,
         "final_logit_softcap": cfg.final_logit_softcap,
-        "sliding_window": cfg.sliding_window if any(cfg.layer_windows) else None,
+        "sliding_window": (cfg.sliding_window if any(cfg.layer_windows)
+                           else None),
         "query_pre_attn_scalar": (cfg.query_pre_attn_scalar
                                   if cfg.query_scale != cfg.head_dim ** -0.5
                                   else None)}
@@ -120,7 +126,7 @@ def to_hf(cfg: ModelConfig, dtype: str) -> dict:
       if value is not None:
         raise ConfigError(f"model.{key}={value} cannot be expressed in an HF "
                           "'gemma' config (no sandwich norms = Gemma 1)")
-  hf = {
+  hf: dict[str, object] = {
       "architectures": ["Gemma2ForCausalLM" if gemma2 else "GemmaForCausalLM"],
       "model_type": "gemma2" if gemma2 else "gemma",
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,

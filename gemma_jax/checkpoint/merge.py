@@ -31,7 +31,7 @@ import dataclasses
 import json
 import math
 import shutil
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -130,6 +130,10 @@ def merge_into(out: np.ndarray, recipe: Recipe,
       for ca, cb, cbase in merge_math.chunks(*tensors, base):
         yield f32(ca) - f32(cbase), f32(cb) - f32(cbase)
     coefficients = merge_math.slerp_coefficients(task_vectors, t)
+  else:
+    # resolve() fills in a linear recipe's weights.
+    assert recipe.weights is not None, "merge_into takes a resolved recipe"
+    weights = recipe.weights
   inputs = merge_math.chunks(*tensors, *(() if base is None else (base,)))
   start = 0
   for parts in inputs:
@@ -138,9 +142,9 @@ def merge_into(out: np.ndarray, recipe: Recipe,
       delta = merge_math.combine(coefficients, f32(parts[0]) - anchor,
                                  f32(parts[1]) - anchor, t)
     elif base is None:   # the anchor is x_1: its own term is zero
-      delta = merge_math.weighted_delta(parts[1:], recipe.weights[1:], anchor)
+      delta = merge_math.weighted_delta(parts[1:], weights[1:], anchor)
     else:
-      delta = merge_math.weighted_delta(parts[:-1], recipe.weights, anchor)
+      delta = merge_math.weighted_delta(parts[:-1], weights, anchor)
     if recipe.eta != 1.0:
       delta *= np.float32(recipe.eta)
     flat[start:start + anchor.size] = anchor + delta

@@ -22,7 +22,8 @@ differ by less than W^2/8 ~ 1e-9 relative, under float32 precision.
 """
 
 import math
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import overload
 
 import numpy as np
 
@@ -34,9 +35,15 @@ def as_f32(x) -> np.ndarray:
   return np.asarray(x, dtype=np.float32)
 
 
+@overload
+def chunks(a: np.ndarray, b: np.ndarray, /, *, size: int = CHUNK
+           ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+@overload
+def chunks(*xs: np.ndarray, size: int = CHUNK
+           ) -> Iterator[tuple[np.ndarray, ...]]: ...
 def chunks(*xs: np.ndarray, size: int = CHUNK
            ) -> Iterator[tuple[np.ndarray, ...]]:
-  """Aligned flat slices (views) of equally sized arrays."""
+  """Aligned flat slices (views) of equally sized arrays (a pair for two)."""
   flat = [x.reshape(-1) for x in xs]
   for i in range(0, flat[0].size, size):
     yield tuple(f[i:i + size] for f in flat)
@@ -101,10 +108,10 @@ def lerp(a, b, t: float) -> np.ndarray:
   """(1 - t) a + t b in float32; exactly a at t = 0, b at t = 1, and a
   when a == b."""
   a, b = as_f32(a), as_f32(b)
-  t = np.float32(t)
-  if t < 0.5:
-    return a + t * (b - a)
-  return b - (np.float32(1) - t) * (b - a)
+  t32 = np.float32(t)
+  if t32 < 0.5:
+    return a + t32 * (b - a)
+  return b - (np.float32(1) - t32) * (b - a)
 
 
 def slerp(a, b, t: float) -> np.ndarray:

@@ -20,7 +20,8 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gemma_jax.checkpoint import layout
 
@@ -28,7 +29,8 @@ from gemma_jax.checkpoint import layout
 def _region(index, leaf_ndim: int, value_shape) -> tuple:
   """`index` (ints, then at most one leading slice) -> start of every dim
   and the value's shape with the int-indexed dims kept as size 1."""
-  starts, shape = [], []
+  starts: list[int] = []
+  shape: list[int | None] = []    # None: a sliced dim, sized by the value
   for i in index:
     if isinstance(i, slice):
       if i.step not in (None, 1):
@@ -69,13 +71,13 @@ class HostTree:
     return layout.unflatten(self._leaves)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zeros(shape, dtype, sharding):
   return jax.jit(lambda: jax.numpy.zeros(shape, dtype),
                  out_shardings=sharding)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _writer(sharding):
   def write(leaf, piece, starts):
     starts = tuple(starts[i] for i in range(leaf.ndim))
@@ -125,11 +127,12 @@ class DeviceTree:
       self._leaves[path] = _zeros(tuple(shape), dtype, sharding)()
     starts, piece_shape = _region(index, len(shape), np.shape(value))
     # Cast on the host: a bfloat16 target sends half the bytes.
-    piece = np.asarray(value, dtype).reshape(piece_shape)
-    piece = _global(piece, _piece_sharding(sharding, piece_shape))
+    host_piece = np.asarray(value, dtype).reshape(piece_shape)
+    piece = _global(host_piece, _piece_sharding(sharding, piece_shape))
     replicated = NamedSharding(sharding.mesh, P())
-    starts = _global(np.asarray(starts, np.int32), replicated)
-    self._leaves[path] = _writer(sharding)(self._leaves[path], piece, starts)
+    device_starts = _global(np.asarray(starts, np.int32), replicated)
+    self._leaves[path] = _writer(sharding)(self._leaves[path], piece,
+                                           device_starts)
 
   def tree(self) -> dict:
     return layout.unflatten(self._leaves)

@@ -9,7 +9,8 @@ writer below computes the header from shapes and streams each tensor.
 
 import json
 import struct
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -30,12 +31,14 @@ class Tensor(NamedTuple):
 
   @property
   def nbytes(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+    return (int(np.prod(self.shape, dtype=np.int64))
+            * np.dtype(self.dtype).itemsize)
 
 
 def write(path, tensors: list[Tensor], metadata: dict[str, str]) -> None:
   """Writes `tensors` in order, holding at most one of them in memory."""
-  header, offset = {}, 0
+  header: dict[str, object] = {}     # JSON: name -> entry, __metadata__
+  offset = 0
   for t in tensors:
     if np.dtype(t.dtype) not in _CODES:
       raise ValueError(f"{t.name}: dtype {t.dtype} cannot be written")

@@ -54,12 +54,13 @@ def main(args) -> int:
 
 def _prepare(args) -> int:
   import dataclasses
+
   from gemma_jax.data import prepare
-  from gemma_jax.data.sources import DecodePolicy, read_text_files
+  from gemma_jax.data.sources import DecodePolicy, DecodeReport, read_text_files
   from gemma_jax.tokenizer import Tokenizer
   tokenizer = Tokenizer.load(args.tokenizer)
   policy = DecodePolicy(args.on_decode_error, args.max_undecodable_fraction)
-  reports = []
+  reports: list[DecodeReport] = []
   texts = read_text_files(args.input, args.text_key, args.name, policy,
                           reports=reports)
   texts, cleaning = prepare.clean_texts(texts, args.fix_mojibake,
@@ -92,6 +93,7 @@ def _prepare(args) -> int:
 
 def _build_default(args) -> int:
   import yaml
+
   from gemma_jax.data import corpus
   cfg = corpus.build_default_corpus(args.out or corpus.DEFAULT_DIR,
                                     vocab_size=args.vocab_size,
@@ -101,8 +103,8 @@ def _build_default(args) -> int:
 
 
 def _show(args) -> int:
-  from gemma_jax.train.config import load_config
   from gemma_jax.data import build_pipeline
+  from gemma_jax.train.config import load_config
   cfg = load_config(args.config, args.overrides)
   pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,
                         vocab_size=cfg.model.vocab_size)

@@ -69,7 +69,7 @@ def main(args) -> int:
              "out": args.out, "to": args.to, "model": cfg.name,
              "params": cfg.param_count(), "dtype": cfg.param_dtype,
              "seconds": round(time.perf_counter() - start, 2)}
-  if args.method == "linear":
+  if resolved.weights is not None:   # linear (resolve() filled them in)
     summary["weights"] = list(resolved.weights)
   else:
     summary["t"] = args.t

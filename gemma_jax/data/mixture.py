@@ -51,10 +51,10 @@ holds by construction. Rows are a pure function of the step: training
 resumes at any step, also across a stage boundary, with no data state saved.
 """
 
-from fractions import Fraction
 import functools
 import math
 import sys
+from fractions import Fraction
 
 import grain
 import numpy as np
@@ -159,8 +159,8 @@ class Apportionment:
                      chunk: int = 1 << 14) -> list[int]:
     """`_have_run` over a long window (a source far below one row per
     batch): the same sums, vectorised over batches in chunks."""
-    low = dict.fromkeys(jobs, 0)
-    high = dict.fromkeys(jobs, None)
+    low: dict[int, int] = dict.fromkeys(jobs, 0)
+    high: dict[int, int | None] = dict.fromkeys(jobs, None)
     for t0 in range(first + 1, k + 1, chunk):
       t = np.arange(t0, min(t0 + chunk, k + 1), dtype=np.int64)
       released = np.stack([_ceil_rows(x, t) for x in self.rows_per_batch], 1)
@@ -171,9 +171,10 @@ class Apportionment:
         before, after = g[t[keep] < release], g[t[keep] >= release]
         low[i] = min(low[i], int(before.min(initial=0)))
         if after.size:
-          m = int(after.min())
-          high[i] = m if high[i] is None else min(high[i], m)
-    return [i for i in jobs if high[i] is not None and low[i] > high[i]]
+          m, h = int(after.min()), high[i]
+          high[i] = m if h is None else min(h, m)
+    return [i for i in jobs
+            if (h := high[i]) is not None and low[i] > h]
 
 
 def _ceil_rows(per_batch: Fraction, t: np.ndarray) -> np.ndarray:

@@ -23,6 +23,9 @@ from gemma_jax.data.sources import Documents
 from gemma_jax.tokenizer import BOS_ID, EOS_ID
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+# One epoch's layout: (doc order [D], cumulative end of each doc [D],
+# row order [R]).
+_Layout = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class PackedRows(grain.MapDataset):
@@ -46,7 +49,7 @@ class PackedRows(grain.MapDataset):
     self.tokens_per_epoch = int(self._doc_tokens.sum())
     # T+1-token windows with a stride of T cover tokens [0, N) of an epoch.
     self.rows_per_epoch = max(1, -(-(self.tokens_per_epoch - 1) // seq_len))
-    self._epochs = {}
+    self._epochs: dict[int, _Layout] = {}
 
   def __len__(self):
     return sys.maxsize
@@ -54,7 +57,7 @@ class PackedRows(grain.MapDataset):
   def __str__(self):
     return f"PackedRows({self.docs.name}, T={self.seq_len})"
 
-  def _epoch(self, epoch: int):
+  def _epoch(self, epoch: int) -> _Layout:
     """(doc order [D], cumulative end of each doc [D], row order [R])."""
     if epoch not in self._epochs:
       if len(self._epochs) >= 2:  # rows are read in nearly epoch order
@@ -62,7 +65,7 @@ class PackedRows(grain.MapDataset):
       self._epochs[epoch] = self._layout(epoch)
     return self._epochs[epoch]
 
-  def _layout(self, epoch: int):
+  def _layout(self, epoch: int) -> _Layout:
     n, r = len(self.docs), self.rows_per_epoch
     if self.shuffle:
       rng = np.random.default_rng([*self._seed, epoch])

@@ -29,6 +29,7 @@ import os
 import re
 import tempfile
 import unicodedata
+from typing import Literal
 
 import numpy as np
 from etils import epath
@@ -40,11 +41,13 @@ from gemma_jax.errors import ConfigError, DataError
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-NORMALIZATIONS = ("NFC", "NFKC")
+Normalization = Literal["NFC", "NFKC"]
+NORMALIZATIONS: tuple[Normalization, ...] = ("NFC", "NFKC")
 
 
 def clean_texts(texts: list[str], fix_mojibake: bool = False,
-                normalize: str | None = None) -> tuple[list[str], dict]:
+                normalize: Normalization | None = None
+                ) -> tuple[list[str], dict]:
   """(cleaned texts, counts of documents each step changed)."""
   if normalize is not None and normalize not in NORMALIZATIONS:
     raise ConfigError(f"--normalize: {normalize!r} is not one of "
@@ -172,8 +175,10 @@ def _builder_class(name: str, tokens: dict, metadata: dict):
   """A GeneratorBasedBuilder named `name` that writes `tokens`."""
   import tensorflow_datasets as tfds
 
+  # tfds ships no type information, so mypy checks the class keyword
+  # against object.__init_subclass__, not tfds's RegisteredDataset one.
   class TokenizedText(tfds.core.GeneratorBasedBuilder,
-                      skip_registration=True):
+                      skip_registration=True):  # type: ignore[call-arg]
     VERSION = tfds.core.Version("1.0.0")
     # No checksums file to find: this builder downloads nothing (looking for
     # one beside a packaged module needs the optional importlib_resources).

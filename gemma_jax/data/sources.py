@@ -223,7 +223,8 @@ def _refuse(report: DecodeReport, policy: DecodePolicy, where: str):
 
 def read_text_files(globs, text_key: str, name: str = "",
                     policy: DecodePolicy = DecodePolicy(), warn=None,
-                    reports: list | None = None) -> list[str]:
+                    reports: list[DecodeReport] | None = None
+                    ) -> list[str]:
   """Documents of text files: one per `.jsonl` line, else one per file.
 
   Bytes that are not UTF-8 are handled by `policy` (see DECODE_POLICIES);
@@ -232,7 +233,7 @@ def read_text_files(globs, text_key: str, name: str = "",
   """
   warn = warn or (lambda m: print(f"gemma-jax: warning: {m}",
                                   file=sys.stderr, flush=True))
-  paths = []
+  paths: list[str] = []
   for pattern in globs:
     found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     if not found:

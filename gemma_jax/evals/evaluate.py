@@ -11,7 +11,7 @@ the members' stderrs.
 """
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from gemma_jax.errors import ConfigError
 from gemma_jax.evals import generation, scoring
@@ -77,7 +77,9 @@ def evaluate_tasks(tasks: Sequence[Task], loglikelihood_fn=None,
     start += len(rs)
   for t in gen:
     scored[t.name] = generation.evaluate_generative(t, generate_fn, seed)
-  results, items, members = {}, [], {}
+  results: dict[str, dict] = {}
+  items: list[dict] = []
+  members: dict[str, list[dict]] = {}    # group: its tasks' metrics
   for t in tasks:
     results[t.name], task_items = scored[t.name]
     items += task_items

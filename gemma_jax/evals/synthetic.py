@@ -25,7 +25,7 @@ import json
 import os
 import random
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from gemma_jax import fileio
 
@@ -51,7 +51,7 @@ def _good_sentence(s: str) -> bool:
 
 def _mc_item(context: str, answer: str, pool: Sequence[str],
              rng: random.Random, num_choices: int) -> dict:
-  distractors = []
+  distractors: list[str] = []
   while len(distractors) < num_choices - 1:
     c = rng.choice(pool)
     if c != answer and c not in distractors:

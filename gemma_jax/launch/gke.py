@@ -101,9 +101,10 @@ def _env_list(env: dict) -> list[dict]:
 
 
 def _metadata(w: Workload, annotations: dict | None) -> dict:
-  meta = {"name": w.name, "labels": {"app": "gemma-jax"}}
+  labels = {"app": "gemma-jax"}
   if w.queue:
-    meta["labels"]["kueue.x-k8s.io/queue-name"] = w.queue
+    labels["kueue.x-k8s.io/queue-name"] = w.queue
+  meta: dict[str, object] = {"name": w.name, "labels": labels}
   if annotations:
     meta["annotations"] = dict(annotations)
   return meta

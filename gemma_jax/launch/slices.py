@@ -34,7 +34,12 @@ class TpuSlice:
 
   @property
   def gen(self) -> CloudNames:
-    return CHIPS[self.generation].cloud
+    cloud = CHIPS[self.generation].cloud
+    if cloud is None:   # not a generation that parse_tpu accepts
+      raise ConfigError(f"--tpu {self}: Cloud TPU does not rent "
+                        f"{self.generation}; generations: "
+                        f"{', '.join(GENERATIONS)}")
+    return cloud
 
   @property
   def chips(self) -> int:
@@ -89,12 +94,12 @@ def _default_shape(generation: str, chips: int) -> tuple[int, ...] | None:
   if product.dims == 3:
     # Cubes: 4x4x4, 4x4x8, 4x8x8, 8x8x8, 8x8x16, ... (the documented v4
     # and v5p shapes of each power-of-two size).
-    sizes = [4, 4, 4]
-    while math.prod(sizes) < min(chips, product.max_chips):
-      i = max(k for k in range(3) if sizes[k] == min(sizes))
-      sizes[i] *= 2
-    if math.prod(sizes) == chips:
-      return tuple(sorted(sizes))
+    cube = [4, 4, 4]
+    while math.prod(cube) < min(chips, product.max_chips):
+      i = max(k for k in range(3) if cube[k] == min(cube))
+      cube[i] *= 2
+    if math.prod(cube) == chips:
+      return tuple(sorted(cube))
   return None
 
 
@@ -107,16 +112,16 @@ def parse_tpu(spec: str, mesh=None) -> TpuSlice:
   if spec not in GENERATIONS:
     raise ConfigError(f"--tpu {spec!r}: expected GENERATION:SHAPE such as "
                       f"v5e:16x16, or a generation: {', '.join(GENERATIONS)}")
-  sizes = [getattr(mesh, f"ici_{a}") for a in ("data", "fsdp", "tensor")] \
+  ici = [getattr(mesh, f"ici_{a}") for a in ("data", "fsdp", "tensor")] \
       if mesh is not None else [-1]
-  if -1 in sizes:
+  if -1 in ici:
     raise ConfigError(f"--tpu {spec}: the mesh does not fix the chips per "
                       f"slice (an ici_* size is -1); give the shape, e.g. "
                       f"--tpu {spec}:{CHIPS[spec].shapes[-1]}")
-  shape = _default_shape(spec, math.prod(sizes))
+  shape = _default_shape(spec, math.prod(ici))
   if shape is None:
     raise ConfigError(f"--tpu {spec}: no usual {spec} slice has "
-                      f"{math.prod(sizes)} chips (the mesh's ici_* "
+                      f"{math.prod(ici)} chips (the mesh's ici_* "
                       f"product); give the shape, e.g. --tpu {spec}:AxB")
   return TpuSlice(spec, shape)
 

@@ -72,6 +72,14 @@ class Target:
       raise ConfigError(f"--slices must be >= 1, got {self.slices}")
 
   @property
+  def tpu_slice(self) -> TpuSlice:
+    """`tpu`, for the commands that create or start on the slice."""
+    if self.tpu is None:   # their CLI parses --tpu into a TpuSlice first
+      raise ConfigError(f"--name {self.name}: this command needs the slice "
+                        f"shape: --tpu GENERATION:SHAPE, e.g. v5e:16x16")
+    return self.tpu
+
+  @property
   def nodes(self) -> list[str]:
     """TPU VM node ids, one per slice."""
     if self.slices == 1:
@@ -89,8 +97,8 @@ def create_command(t: Target) -> list[str]:
   nodes = (dict(node_id=t.name) if t.slices == 1 else
            dict(node_count=t.slices, node_prefix=t.name))
   return gcloud("compute tpus queued-resources create", t.name, **nodes,
-                accelerator_type=t.tpu.accelerator_type,
-                runtime_version=t.tpu.runtime_version, **t.where,
+                accelerator_type=t.tpu_slice.accelerator_type,
+                runtime_version=t.tpu_slice.runtime_version, **t.where,
                 spot=t.capacity == "spot", reserved=t.capacity == "reserved")
 
 
@@ -181,7 +189,7 @@ def ship_and_start(t: Target, config: str, workdir: str, train_args: list[str],
     argv = ssh_command(t, node, remote_start(
         i, os.path.basename(config), workdir, train_args))
     check(run(argv), argv)
-  log(f"started on {t.slices} slice(s) of {t.tpu.accelerator_type}: "
+  log(f"started on {t.slices} slice(s) of {t.tpu_slice.accelerator_type}: "
       f"{', '.join(t.nodes)}; logs: gemma-jax launch logs --name {t.name} "
       f"--zone {t.zone} --tpu {t.tpu} --slices {t.slices}")
 

@@ -68,7 +68,7 @@ def watch(t: tpu.Target, start: Callable[[], None], run: Runner,
     log(f"{reason}; retry {retries}/{policy.max_retries} in {wait:.0f} s")
     return wait
 
-  log(f"watching {t.slices} x {t.tpu.accelerator_type} in {t.zone} "
+  log(f"watching {t.slices} x {t.tpu_slice.accelerator_type} in {t.zone} "
       f"(poll every {policy.poll_s:.0f} s)")
   while True:
     state = tpu.state(t, run)

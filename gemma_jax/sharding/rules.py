@@ -19,7 +19,8 @@ import math
 
 import flax.linen as nn
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gemma_jax.sharding.config import MeshConfig
 
@@ -55,11 +56,11 @@ def fit(spec: P, shape: tuple[int, ...], mesh) -> tuple[P, list[str]]:
   Returns the spec and a list of 'dim i: dropped (axes)' notes.
   """
   entries, notes = [], []
-  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
-  for i, (entry, size) in enumerate(zip(spec, shape)):
+  padded = tuple(spec) + (None,) * (len(shape) - len(spec))
+  for i, (entry, size) in enumerate(zip(padded, shape)):
     # Size-1 axes shard nothing; leaving them out keeps specs readable.
     axes = [a for a in axes_of(entry) if mesh.shape[a] > 1]
-    dropped = []
+    dropped: list[str] = []
     while axes and size % math.prod(mesh.shape[a] for a in axes):
       dropped.insert(0, axes.pop())
     if dropped:
@@ -71,22 +72,21 @@ def fit(spec: P, shape: tuple[int, ...], mesh) -> tuple[P, list[str]]:
 def zero_spec(spec: P, shape: tuple[int, ...], mesh,
               axes: tuple[str, ...] = ("data",)) -> P:
   """Adds the unused `axes` to the largest dimension they still divide."""
-  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
-  used = {a for e in spec for a in axes_of(e)}
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  used = {a for e in entries for a in axes_of(e)}
   extra = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
   if not extra:
-    return P(*spec)
+    return P(*entries)
   extra_size = math.prod(mesh.shape[a] for a in extra)
   best, best_size = None, 0
-  for i, (entry, size) in enumerate(zip(spec, shape)):
+  for i, (entry, size) in enumerate(zip(entries, shape)):
     shards = math.prod(mesh.shape[a] for a in axes_of(entry))
     if size % (shards * extra_size) == 0 and size // shards > best_size:
       best, best_size = i, size // shards
   if best is None:
-    return P(*spec)
-  spec = list(spec)
-  spec[best] = _entry(axes_of(spec[best]) + extra)
-  return P(*spec)
+    return P(*entries)
+  entries[best] = _entry(axes_of(entries[best]) + extra)
+  return P(*entries)
 
 
 def values(boxed_tree):
@@ -127,7 +127,9 @@ def named(mesh, spec_tree):
 
 def batch_spec(cfg: MeshConfig) -> P:
   """Rows of a batch are split over the mesh axes of 'act_batch'."""
-  return P(nn.logical_to_mesh_axes(("act_batch",), flax_rules(cfg))[0])
+  spec = nn.logical_to_mesh_axes(("act_batch",), flax_rules(cfg))
+  assert spec is not None   # None only for no dimension names
+  return P(spec[0])
 
 
 def unsharded_report(notes: dict[str, list[str]]) -> list[str]:

@@ -158,13 +158,14 @@ def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
   flops_per_device (the compiler's count, every loop iteration counted),
   analytic_flops_per_device (6N + causal attention, no recompute),
   program_flops_per_device (every dot of the traced step, recompute and
-  masked attention included), compiler_flops_per_device (loop bodies once), param_bytes_per_device,
-  opt_state_bytes_per_device, frozen_bytes_per_device (inputs the step
-  reads but does not train: a LoRA base, a teacher, EWC's F), collectives,
-  mesh, step_time_s at `mfu`, compile_s; `error` when the compiler ran out
-  of memory.
+  masked attention included), compiler_flops_per_device (loop bodies once),
+  param_bytes_per_device, opt_state_bytes_per_device,
+  frozen_bytes_per_device (inputs the step reads but does not train: a LoRA
+  base, a teacher, EWC's F), collectives, mesh, step_time_s at `mfu`,
+  compile_s; `error` when the compiler ran out of memory.
   """
   chip, _ = hardware.parse_topology(topology)
+  assert chip.hbm_bytes is not None   # every TPU in hardware.CHIPS has it
   devices = topology_devices(topology, num_slices)
   program = TrainProgram(cfg, make_mesh(cfg.mesh, devices))
   n = len(devices)

@@ -364,9 +364,9 @@ def restore_newest_intact(checkpointer: Checkpointer, abstract_state,
 
 
 def _nonempty_file(path: str) -> bool:
-  path = epath.Path(path)
+  p = epath.Path(path)
   try:
-    return path.is_file() and path.stat().length > 0
+    return p.is_file() and p.stat().length > 0
   except FileNotFoundError:
     return False
 

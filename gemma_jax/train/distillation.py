@@ -34,6 +34,7 @@ import json
 import os
 import struct
 import zlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,13 @@ def online_token_losses(teacher: Transformer, temperature: float):
   return token_losses
 
 
+def installed_teacher_config(program) -> ModelConfig:
+  """The teacher's config that `install` set on an online-distillation
+  `program` (an attribute `install` adds; TrainProgram does not declare
+  it)."""
+  return program.teacher_config
+
+
 def offline_token_losses(temperature: float, tail: str):
   def token_losses(logits, batch, frozen):
     del frozen
@@ -247,7 +255,8 @@ def attach(program, pipe, steps: int) -> None:
   if d.mode == "online":
     check_teacher_tokenizer(cfg)
     program.frozen[TEACHER] = load_teacher(
-        cfg, program.teacher_config, program.frozen_shardings[TEACHER])
+        cfg, installed_teacher_config(program),
+        program.frozen_shardings[TEACHER])
   elif d.mode == "offline":
     manifest = read_manifest(d.dump)
     check_dump(d.dump, manifest, run_fingerprint(cfg, pipe, with_teacher=bool(
@@ -359,7 +368,7 @@ class DumpReader:
     self.parts = manifest["process_count"]
     self.global_batch, self.local_batch = global_batch, local_batch
     self.first_row = process_index * local_batch
-    self._readers = {}
+    self._readers: dict[str, Any] = {}    # file name -> ArrayRecordReader
 
   def __getstate__(self):
     return self.__dict__ | {"_readers": {}}
@@ -383,17 +392,18 @@ class DumpReader:
                     f"step {step}")
 
   def __call__(self, step: int, batch: dict) -> dict:
-    wanted = {}
+    wanted: dict[str, list[tuple[int, int]]] = {}  # file: [(row, record)]
     for r in range(self.local_batch):
       name, index = self._locate(step, self.first_row + r)
       wanted.setdefault(name, []).append((r, index))
-    records = [None] * self.local_batch
+    records: list[bytes | None] = [None] * self.local_batch
     for name, pairs in wanted.items():
       for (r, _), rec in zip(pairs, self._reader(name).read(
           [i for _, i in pairs])):
         records[r] = rec
     out = []
     for r, rec in enumerate(records):
+      assert rec is not None   # `wanted` located every row
       crc, topk = decode_record(rec, self.k)
       if crc != row_checksum(batch, r):
         raise DataError(
@@ -415,7 +425,7 @@ def make_encoder(program):
   """jit (frozen, batch) -> TopK of the teacher at distill.temperature, its
   forward run one microbatch at a time (train.microbatches)."""
   d = program.cfg.distill
-  teacher = Transformer(program.teacher_config)
+  teacher = Transformer(installed_teacher_config(program))
   m = program.cfg.train.microbatches
 
   def one(frozen, batch):
@@ -469,9 +479,10 @@ def write_dump(cfg, directory, steps: int, steps_per_file: int = 100,
                         vocab_size=cfg.model.vocab_size)
   expected = run_fingerprint(cfg, pipe)
   root = epath.Path(directory)
+  teacher = installed_teacher_config(program)
   manifest = {"format": DUMP_FORMAT, "fingerprint": expected,
-              "vocab_size": program.teacher_config.vocab_size,
-              "teacher_model": configlib.to_dict(program.teacher_config),
+              "vocab_size": teacher.vocab_size,
+              "teacher_model": configlib.to_dict(teacher),
               "tail_stored": True, "process_count": jax.process_count(),
               "global_batch": pipe.global_batch,
               "seq_len": cfg.data.seq_len, "steps": 0, "chunks": [],

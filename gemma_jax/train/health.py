@@ -64,7 +64,7 @@ def checksums(tree) -> dict[str, int]:
   arrays normally share one mesh; the step counter may not).
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  groups = {}
+  groups: dict[frozenset[jax.Device] | None, list[int]] = {}
   for i, (_, x) in enumerate(flat):
     devices = (frozenset(x.sharding.device_set)
                if isinstance(x, jax.Array) else None)

@@ -106,12 +106,12 @@ class WorkdirLease:
                                              4 * self.heartbeat_s)
     self.check_every_s = min(5.0, self.heartbeat_s)
     self.command = command
-    self.token = None
+    self.token: str | None = None
     self.lost: str | None = None
     self._warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
     self._last_check = 0.0
     self._stop = threading.Event()
-    self._thread = None
+    self._thread: threading.Thread | None = None
     self._lock = threading.Lock()
 
   # Reading.

@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import IO
 
 import numpy as np
 from etils import epath
@@ -67,9 +68,9 @@ class MetricsWriter:
     self.remote = not fileio.is_local(workdir)
     self._guard = guard or (lambda what: None)
     self._workdir = str(workdir)
-    self._files = {}          # local: open files
-    self._lines = {}          # remote: the lines of each file
-    self._dirty = set()
+    self._files: dict[str, IO[str]] = {}      # local: open files
+    self._lines: dict[str, list[str]] = {}    # remote: each file's lines
+    self._dirty: set[str] = set()
     self._flush_every = flush_every_s or _flush_every_s()
     self._last_flush = time.monotonic()
     self._tb = None
