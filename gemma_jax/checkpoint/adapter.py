@@ -117,6 +117,7 @@ def load(directory, base_cfg: ModelConfig | None = None, shardings=None):
   with ocp.PyTreeCheckpointer() as ckptr:
     tree_meta = ckptr.metadata(path).item_metadata.tree
     found = {p: tuple(m.shape) for p, m in layout.flatten(tree_meta)}
+    assert cfg.lora is not None   # read_config refuses a config without
     check_fits(found, cfg, cfg.lora, str(directory))
     if shardings is None:
       restore_args = jax.tree.map(

@@ -60,6 +60,7 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """{path: stored shape} of every tensor in the file."""
   shapes = layout.param_shapes(cfg)
+  assert cfg.quant is not None   # a quantized checkpoint's config has one
   for path, (in_axis, scale_path) in quant_lib.quantized_leaves(cfg).items():
     shape = shapes[path]
     shapes[scale_path] = quant_lib.scale_shape(shape, in_axis,
@@ -83,16 +84,17 @@ def save(directory, params, cfg: ModelConfig, *, force: bool = False) -> int:
   quantized = quant_lib.quantized_leaves(cfg)
   expected = expected_shapes(cfg)
   tensors = []
+  dtype: np.dtype
   for path, shape in expected.items():
     if path not in leaves:
       raise CheckpointError(f"params have no {path}")
     leaf = leaves[path]
     if path in quantized and cfg.quant.bits == 4:
       make = lambda x=leaf: pack_int4(np.asarray(jax.device_get(x)))
-      dtype = np.uint8
+      dtype = np.dtype(np.uint8)
     elif path in quantized:
       make = lambda x=leaf: np.asarray(jax.device_get(x)).astype(np.int8)
-      dtype = np.int8
+      dtype = np.dtype(np.int8)
     else:
       dtype = np.dtype(leaf.dtype)
       make = lambda x=leaf: np.asarray(jax.device_get(x))
@@ -117,8 +119,13 @@ def load_config(directory) -> ModelConfig:
   if not is_quantized(directory):
     raise CheckpointError(f"{directory} is not a quantized gemma_jax "
                           f"checkpoint (no {CONFIG_FILE} of format {FORMAT})")
-  return configlib.from_dict(ModelConfig,
-                             json.loads(path.read_text())["model"], "model")
+  cfg = configlib.from_dict(ModelConfig,
+                            json.loads(path.read_text())["model"], "model")
+  if cfg.quant is None or cfg.quant.weights != "int":
+    raise CheckpointError(f"{path}: its model config has no quant section "
+                          f"with weights: int; write it again with "
+                          f"gemma-jax quantize")
+  return cfg
 
 
 def load(directory, shardings=None) -> tuple[dict, ModelConfig]:
@@ -128,6 +135,7 @@ def load(directory, shardings=None) -> tuple[dict, ModelConfig]:
   params (`jax.device_put` from this host).
   """
   cfg = load_config(directory)
+  assert cfg.quant is not None   # load_config refuses a config without
   path = epath.Path(directory) / WEIGHTS
   found = safetensors_io.shapes(path)
   layout.check_shapes(found, expected_shapes(cfg), str(path))

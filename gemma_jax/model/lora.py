@@ -143,7 +143,7 @@ def adapter_delta(module: nn.Module, equation: str, x, shape, axes, in_axis,
   Called inside an Einsum's compact __call__: creates lora_<t>_a/_b there.
   x: the einsum's input; shape/axes/in_axis: those of the full weight.
   """
-  targets = _targets_of(module.name, lora)
+  targets = _targets_of(module.name or "", lora)
   if not targets:
     return None
   xs, rest = equation.split(",")
@@ -180,9 +180,9 @@ def adapter_delta(module: nn.Module, equation: str, x, shape, axes, in_axis,
       inputs = nn.Dropout(lora.dropout, name=f"lora_{target}_dropout")(
           x, deterministic=not module.has_rng("dropout"))
     h = jnp.einsum(f"{xs},{in_spec}{rank_letter}->{h_spec}", inputs,
-                   a.astype(dtype))
+                   jnp.asarray(a, dtype))
     delta = jnp.einsum(f"{h_spec},{rank_letter}{out_letters}->{out_spec}", h,
-                       b.astype(dtype))
+                       jnp.asarray(b, dtype))
     deltas[proj.slot] = delta * jnp.asarray(lora.scale, dtype)
   if None in deltas:
     return deltas[None]

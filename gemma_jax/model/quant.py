@@ -184,8 +184,8 @@ def get_path(tree, path: str):
 def with_paths(tree, updates: dict, drop=()):
   """A copy of nested dict `tree` with {path: value} set and paths dropped
   (the dicts are copied, the arrays shared)."""
-  copy = lambda t: {k: copy(v) if isinstance(v, dict) else v
-                    for k, v in t.items()}
+  def copy(t: dict) -> dict:
+    return {k: copy(v) if isinstance(v, dict) else v for k, v in t.items()}
   out = copy(tree)
   for path, value in updates.items():
     *parents, leaf = path.split("/")

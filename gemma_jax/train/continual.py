@@ -71,7 +71,7 @@ def penalty_fn(ewc_lambda: float):
 # The penalty of LoRA: on the weight change of the adapters.
 def _adapted_weights(model_cfg) -> dict[str, list[str]]:
   """{weight path: [targets]} of the weights the adapters change."""
-  out = {}
+  out: dict[str, list[str]] = {}
   for target in model_cfg.lora.targets:
     out.setdefault(f"{lora_lib.PROJECTIONS[target].module}/w",
                    []).append(target)

@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from gemma_jax.checkpoint import layout, quantized
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model import preset, quant
 from gemma_jax.model.quant import QuantConfig
 
@@ -75,6 +75,20 @@ def test_only_models_with_integer_weights_are_written(tmp_path):
   cfg = dataclasses.replace(CFG, quant=QuantConfig(block_size=16))
   with pytest.raises(ConfigError, match="weights: int"):
     quantized.save(tmp_path / "q", random_params(CFG), cfg)
+
+
+def test_a_config_without_integer_weights_is_refused_on_load(tmp_path):
+  cfg = dataclasses.replace(CFG, quant=QuantConfig(block_size=16,
+                                                   weights="int"))
+  quantized.save(tmp_path / "q", quant.quantize_params(random_params(CFG),
+                                                       cfg), cfg)
+  path = tmp_path / "q" / "model_config.json"
+  meta = json.loads(path.read_text())
+  meta["model"]["quant"] = None
+  path.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match="has no quant section with "
+                     "weights: int; write it again with gemma-jax quantize"):
+    quantized.load(tmp_path / "q")
 
 
 def test_a_quantized_model_runs_from_the_file(tmp_path):
