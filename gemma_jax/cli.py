@@ -47,7 +47,7 @@ def _parser(argv) -> argparse.ArgumentParser:
   return parser
 
 
-_OS_HINTS = {
+_OS_HINTS: dict[int | None, str] = {
     errno.EISDIR: " (a directory where a file was expected)",
     errno.ENOTDIR: " (a file where a directory was expected)",
     errno.ENOSPC: " (free some space and rerun; completed checkpoints and "

@@ -192,8 +192,8 @@ def online_token_losses(teacher: Transformer, temperature: float):
 
 def installed_teacher_config(program) -> ModelConfig:
   """The teacher's config that `install` set on an online-distillation
-  `program` (an attribute `install` adds; TrainProgram does not declare
-  it)."""
+  `program`."""
+  assert program.teacher_config is not None, "no online teacher installed"
   return program.teacher_config
 
 

@@ -14,6 +14,7 @@ the config's rules table (gemma_jax.sharding.rules).
 import contextlib
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.model import Transformer
+from gemma_jax.model import ModelConfig, Transformer
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.mesh import make_mesh
 from gemma_jax.train import continual, distillation, lora
@@ -62,8 +63,13 @@ class TrainProgram:
     self.model = Transformer(cfg.model)
     self.num_sources = max(len(cfg.data.sources), 1)
     self.forward = step_lib.model_forward(self.model)
-    self.frozen = {}
-    self.train_only_frozen = set()
+    # Device arrays the step reads but never trains (a teacher, a Fisher and
+    # its anchor), by name; those named in train_only_frozen are not passed
+    # to the eval step.
+    self.frozen: dict[str, Any] = {}
+    self.train_only_frozen: set[str] = set()
+    # Set by distillation.install for an online teacher.
+    self.teacher_config: ModelConfig | None = None
     boxed = state_lib.abstract_params(cfg.model)
     if cfg.model.lora is not None:
       # LoRA: the state trains the adapters only; the base is frozen.

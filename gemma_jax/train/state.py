@@ -16,11 +16,13 @@ from gemma_jax.train import ema as ema_lib
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array               # int32 [], updates attempted so far
+  # Leaves are arrays, or (for the same tree of shardings, specs or
+  # shapes) whatever describes them; hence Any.
+  step: Any                     # int32 [], updates attempted so far
   params: Any
   opt_state: Any
-  rng: jax.Array                # uint32 [2], raw PRNG key
-  nonfinite_in_row: jax.Array   # int32 [], consecutive skipped steps
+  rng: Any                      # uint32 [2], raw PRNG key
+  nonfinite_in_row: Any         # int32 [], consecutive skipped steps
   # float32 EMA of the params when train.ema_decay > 0; None (no leaves, so
   # the layout of an EMA-less state is unchanged) otherwise.
   ema: Any = None

@@ -18,7 +18,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
+from typing import Any
 
 import jax
 from etils import epath
@@ -124,8 +125,10 @@ class Trainer:
     self.hooks: list[Hook] = []
     self.stop_requested = False
     self.skipped_total = 0
-    self._pending = []          # device metrics since the last log
-    self._recent_losses = []    # logged losses, for the divergence rule
+    self._pending: list[dict] = []   # device metrics since the last log
+    self._recent_losses: list[float] = []  # for the divergence rule
+    # (step, good record) of the newest checkpoint this run saved
+    self._last_saved: tuple[int, dict] | None = None
     self.from_step = from_step
 
     # 1. Inputs that can be wrong are checked before anything heavy, and
@@ -140,8 +143,7 @@ class Trainer:
       check_init_from(cfg)
     check_workdir(self.workdir)
     self.lease = self._take_lease()
-    self.checkpointer = None
-    self._old_handlers = {}
+    self._old_handlers: dict[int, Any] = {}
     try:
       checkpoints = os.path.join(self.workdir, "checkpoints")
       if self.is_main:
@@ -276,9 +278,9 @@ class Trainer:
         hook.last_step = step
         hook.fn(self, step)
 
-  def _device_batches(self, start: int, end: int) -> Iterator:
+  def _device_batches(self, start: int, end: int) -> Generator:
     """(step, batch on devices), `train.prefetch` batches ahead."""
-    queue = collections.deque()
+    queue: collections.deque = collections.deque()
     if start >= end:
       return
     for step, batch in self.pipe.iterate(start):
@@ -415,10 +417,10 @@ class Trainer:
       return
     self._check_lease("params export", force=True, everywhere=True)
     self._export(self.state.params, "", step)
-    saved, good = getattr(self, "_last_saved", (None, None))
-    if saved == step and not good["good"]:
+    saved = self._last_saved
+    if saved is not None and saved[0] == step and not saved[1]["good"]:
       self._warn(f"the exported params (step {step}) are not good: "
-                 f"{health.why_not(good)}")
+                 f"{health.why_not(saved[1])}")
     if self.state.ema is not None:
       ema = self.program.ema_params(self.state)
       if not health.params_finite(ema):
@@ -517,8 +519,10 @@ class Trainer:
       return
     self._closed = True
     try:
-      if self.checkpointer is not None:
-        self.checkpointer.close()
+      # Absent when __init__ failed before creating it.
+      checkpointer = getattr(self, "checkpointer", None)
+      if checkpointer is not None:
+        checkpointer.close()
       if getattr(self, "writer", None) is not None:
         self.writer.close()
     finally:
@@ -606,7 +610,8 @@ class Trainer:
   def _saved_step(self, step: int) -> bool:
     """Whether a checkpoint of `step` exists or is being written."""
     return (step == self.restored_step
-            or getattr(self, "_last_saved", (None,))[0] == step)
+            or (self._last_saved is not None
+                and self._last_saved[0] == step))
 
   def _warn_if_nothing_to_train(self) -> None:
     cfg = self.cfg
