@@ -20,6 +20,8 @@ import yaml
 from gemma_jax import cli
 from gemma_jax.train.testing import tiny_config_dict
 
+pytestmark = pytest.mark.slow
+
 
 class Ctx:
   """A tiny trained run and helpers shared by every case."""

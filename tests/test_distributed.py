@@ -95,6 +95,7 @@ except GemmaJaxError as e:   # as the CLI prints it
 """
 
 
+@pytest.mark.multiprocess
 def test_a_missing_process_ends_the_wait_with_one_line(tmp_path):
   """2 processes configured, only process 0 started: it says whom it waits
   for, then stops after GEMMA_JAX_INIT_TIMEOUT_S with one line, exit 1, and

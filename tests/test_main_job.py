@@ -6,8 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from gemma_jax.train.config import load_config
 from gemma_jax.data import corpus
+
+pytestmark = pytest.mark.slow
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
 

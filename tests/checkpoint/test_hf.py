@@ -62,6 +62,7 @@ def _flat(tree, prefix=""):
       yield f"{prefix}{k}", v
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                     reason="needs the optional `hf` extra (torch, transformers)")
 def test_exported_directory_runs_in_transformers(hf_dir, tmp_path):

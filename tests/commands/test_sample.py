@@ -28,6 +28,7 @@ def setup(tmp_path_factory):
   return root, tok, params
 
 
+@pytest.mark.slow
 def test_sample_prints_the_greedy_continuation(setup, capsys):
   root, tok, params = setup
   rc = cli.main(["sample", "--checkpoint", str(root / "ckpt"), "--tokenizer",

@@ -155,6 +155,7 @@ def test_files_sources_read_text_and_jsonl(make_config, tmp_path):
         str(tmp_path / "bad.jsonl")]}}, stages=[]), 2)
 
 
+@pytest.mark.slow
 def test_worker_processes_yield_the_same_batches(corpus_config):
   cfg = configlib.from_dict(DataConfig, {**corpus_config, "num_workers": 2},
                             "data")

@@ -27,6 +27,7 @@ def compile_cli(tmp_path, capsys, config, *args):
   return code, json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.tpu_compile
 def test_tiny_step_compiles_for_v5e_2x2_and_reports_per_device(tmp_path,
                                                                 capsys):
   code, r = compile_cli(tmp_path, capsys, TINY, "--topology", "v5e:2x2")
@@ -43,6 +44,7 @@ def test_tiny_step_compiles_for_v5e_2x2_and_reports_per_device(tmp_path,
   assert r["collectives"].get("all-reduce", 0) > 0
 
 
+@pytest.mark.tpu_compile
 def test_a_step_that_does_not_fit_says_so_and_fails(tmp_path, capsys):
   big = dict(TINY, model=dict(TINY["model"], d_model=4096, mlp_dim=65536,
                               num_heads=16, head_dim=256, num_kv_heads=16),

@@ -67,6 +67,7 @@ def train(program, start, steps=2):
   return jax.device_get(state.params), out
 
 
+@pytest.mark.slow
 def test_penalty_and_its_gradient_are_the_formula():
   rng = np.random.default_rng(0)
   shapes = {"a": (3, 4), "b": {"c": (5,)}}
@@ -117,6 +118,7 @@ def ewc_program(devices, mesh=None, lam=50.0, ewc=None):
   return program
 
 
+@pytest.mark.slow
 def test_lambda_zero_is_exactly_the_plain_step():
   off = ewc_program(1, lam=0.0)
   assert off.penalty_fn is None and "ewc" not in off.frozen
@@ -128,6 +130,7 @@ def test_lambda_zero_is_exactly_the_plain_step():
   assert ewc_program(1).lower_train_step().as_text() != text
 
 
+@pytest.mark.slow
 def test_ewc_step_logs_both_terms_and_matches_on_eight_devices(start):
   params, ewc = start
   want, metrics = train(ewc_program(1, ewc=ewc), params)

@@ -103,6 +103,7 @@ def log_softmax(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow
 def test_objective_matches_numpy(one_device):
   program, step = one_device
   state = program.init_state(seed=0)
@@ -138,6 +139,7 @@ def test_objective_matches_numpy(one_device):
   assert float(m["loss"]) == float(m["loss/ce"])
 
 
+@pytest.mark.slow
 def test_gradient_is_zero_when_the_student_is_its_own_teacher():
   params = random_params(STUDENT, 0)
   model = Transformer(config_from_dict({"model": STUDENT}).model)
@@ -167,6 +169,7 @@ def train(program, step, steps=2):
   return jax.device_get(state), metrics
 
 
+@pytest.mark.slow
 def test_sharded_online_distillation_matches_one_device(one_device,
                                                         teacher):
   one, ref = train(*one_device)

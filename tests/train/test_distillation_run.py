@@ -23,6 +23,8 @@ from gemma_jax.train import trainer as trainer_lib
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.testing import losses, tiny_config_dict
 
+pytestmark = pytest.mark.slow
+
 STEPS, V = 4, 512
 
 

@@ -8,6 +8,8 @@ import time
 
 import jax
 import numpy as np
+
+import pytest
 from etils import epath
 
 from gemma_jax.checkpoint import native
@@ -30,6 +32,7 @@ def _committed(workdir) -> list[int]:
                 (p / "commit_success.txt").exists())
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_on_gs_matches_a_local_run(
     uninterrupted_run, compile_cache, gcs_bucket, tmp_path):
   config, reference = uninterrupted_run

@@ -139,6 +139,7 @@ def test_qlora_holds_the_frozen_base_as_int4():
   assert values.min() >= -7 and values.max() <= 7 and values.any()
 
 
+@pytest.mark.tpu_compile
 def test_the_9b_pod_config_holds_per_device_only_the_adapters_moments():
   # The shardings `gemma-jax compile` reports for configs/pods (no compile).
   pytest.importorskip("libtpu", reason="TPU topologies need the tpu extra")

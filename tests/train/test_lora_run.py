@@ -20,6 +20,8 @@ from gemma_jax.train import trainer as trainer_lib
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.testing import tiny_config_dict
 
+pytestmark = pytest.mark.slow
+
 LAMBDA = 100.0   # the penalty is about the cross-entropy by step 4
 
 

@@ -23,6 +23,8 @@ from gemma_jax.train.lease import LeaseLost
 from gemma_jax.train.program import TrainProgram
 from gemma_jax.train.testing import tiny_config_dict
 
+pytestmark = pytest.mark.slow
+
 
 def _dict(tok, **checkpoint):
   # The train section matches tests/train/test_trainer.py: one compile.

@@ -8,8 +8,12 @@ import time
 
 import numpy as np
 
+import pytest
+
 from gemma_jax.train.testing import (
     RESUME_STEPS, exported_params, losses, subprocess_env, train_process)
+
+pytestmark = pytest.mark.slow
 
 
 def _checkpoints(workdir) -> list[int]:

@@ -82,6 +82,7 @@ MESHES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MESHES)
 def test_sharded_steps_match_one_device(name, reference):
   mesh_cfg, train_cfg = MESHES[name]
@@ -113,6 +114,7 @@ def assert_optimizer_state_sharded_over_data(state):
       assert np.prod(shard) * 8 == x.size, (x.shape, x.sharding.spec)
 
 
+@pytest.mark.slow
 def test_loss_counts_only_real_targets(one_device):
   program, step = one_device
   state = program.init_state(seed=0)

@@ -167,6 +167,7 @@ def test_eval_command_reproduces_the_final_eval(trained, tmp_path, capsys):
         final[f"eval/{src}/loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_onto_a_mesh_with_fewer_devices(trained, tiny_tokenizer,
                                                tmp_path):
   import shutil
