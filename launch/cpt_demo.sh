@@ -31,7 +31,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 W=${WORKDIR:-runs/cpt_demo}
-LAMBDA=${LAMBDA:-1e-2}
+LAMBDA=${LAMBDA:-1e-1}
 STEPS=${STEPS:-100}
 SWEEP=${SWEEP:-1e-4 1e-3 1e-2 1e-1 1}
 if [ -z "${GEMMA_JAX:-}" ]; then
