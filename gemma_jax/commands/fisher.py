@@ -113,6 +113,7 @@ def _task_rows(path, cfg, count):
 def _task_file(path) -> dict:
   """The --task file's path and sha256 (its content, for the metadata)."""
   import hashlib
+
   from gemma_jax.errors import DataError
   try:
     with open(os.path.expanduser(path), "rb") as f:
@@ -148,6 +149,7 @@ def compile_only(args, cfg) -> int:
   """--topology: the step's compiled memory on a TPU topology."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import time
+
   from gemma_jax import hardware
   from gemma_jax.sharding.mesh import make_mesh
   from gemma_jax.train import aot, fisher
@@ -188,6 +190,7 @@ def main(args) -> int:
     raise ConfigError("give --out and one of --source or --task")
   distributed.initialize_runtime(cfg.runtime)
   import jax
+
   from gemma_jax.checkpoint import fisher as fisher_store
   from gemma_jax.train import continual, fisher, fisher_data, metrics
   from gemma_jax.train.program import TrainProgram

@@ -24,7 +24,7 @@ log-likelihood given its prompt, on MMLU), with the harness's prompts.
 
 import hashlib
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 from gemma_jax.errors import ConfigError
 from gemma_jax.evals import scoring

@@ -113,7 +113,8 @@ def bar_chart(results: Results, path, metric_for: Mapping[str, str] |
   import matplotlib.pyplot as plt
   import numpy as np
 
-  tasks = [t for t in task_names(results) if chart_metric(results, t, metric_for)]
+  tasks = [t for t in task_names(results)
+           if chart_metric(results, t, metric_for)]
   names = list(results)
   width = 0.8 / max(1, len(names))
   fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2), 4.5))

@@ -12,7 +12,8 @@ from gemma_jax.evals import fisher_rows, scoring, tasks
 from gemma_jax.evals.readers import Doc
 from gemma_jax.model import Transformer, preset
 from gemma_jax.tokenizer import BOS_ID, Tokenizer
-from gemma_jax.train import fisher, step as step_lib
+from gemma_jax.train import fisher
+from gemma_jax.train import step as step_lib
 
 MC_DOCS = (Doc("Question: what is two plus two?\nAnswer:",
                ("four", "five", "six"), 0),
