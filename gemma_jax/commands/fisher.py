@@ -1,12 +1,19 @@
 """`gemma-jax fisher`: the diagonal empirical Fisher of a checkpoint.
 
-    # on old-domain data: 2048 rows of a source of the run config
-    gemma-jax fisher configs/cpt/gemma2-2b-lt-v5e.yaml --source replay \\
-        --sequences 2048 --out gs://BUCKET/fisher/gemma2-2b-replay
-    # on a task's gold answers, as the published EWC recipe (MMLU, groups
-    # of 4: the batch_mean estimator)
-    gemma-jax fisher CONFIG --task mmlu.jsonl --estimator batch_mean \\
+    # on old-domain data: 1024 rows of each of two sources of the run config
+    gemma-jax fisher configs/cpt/tiny-cpt.yaml --source prose --source code \\
+        --sequences 1024 --out runs/fisher
+    # on benchmark gold answers, as the published EWC recipe (MMLU, groups
+    # of 4: the batch_mean estimator); prompts as lm-evaluation-harness
+    # builds them
+    gemma-jax fisher CONFIG --task mmlu.yaml --estimator batch_mean \\
         --batch-size 4 --out fisher/mmlu
+
+--task takes a task list in the format of `gemma-jax report --tasks` (a
+YAML list of {kind: arc | mmlu | gsm8k | hellaswag | multiple_choice |
+generative, path, ...}; gemma_jax/evals/forgetting.py) or one generic
+JSON-lines file {context, choices, gold}; each document's row is its gold
+answer given the harness's prompt (gemma_jax/evals/fisher_rows.py).
 
 The checkpoint is --params (default: the config's checkpoint.init_from),
 in any format `train` starts from; the mesh is the config's. Writes an
@@ -35,12 +42,15 @@ def add_arguments(parser):
   parser.add_argument("--params-format", default="auto",
                       choices=("auto", "native", "hf", "kaggle", "run"))
   data = parser.add_mutually_exclusive_group()
-  data.add_argument("--source", help="a data source of the config")
-  data.add_argument("--task", help="JSON-lines task file {context, choices, "
-                                   "gold}: the gold answer's log-likelihood")
+  data.add_argument("--source", action="append",
+                    help="a data source of the config (repeatable: rows "
+                         "of each in turn)")
+  data.add_argument("--task", help="task list YAML (as `report --tasks`) or "
+                                   "a JSON-lines file {context, choices, "
+                                   "gold}: the gold answers' log-likelihood")
   parser.add_argument("--sequences", type=int, default=None,
-                      help="rows of --source (required), or the first N "
-                           "examples of --task (default: all)")
+                      help="rows of each --source (required), or the first "
+                           "N documents of --task (default: all)")
   parser.add_argument("--split", default="train", choices=("train", "eval"),
                       help="split of --source")
   parser.add_argument("--first-row", type=int, default=0,
@@ -74,15 +84,42 @@ def add_arguments(parser):
 
 def _rows(args, cfg):
   from gemma_jax.errors import ConfigError
-  from gemma_jax.tokenizer import Tokenizer
   from gemma_jax.train import fisher_data
   if args.source:
     if args.sequences is None:
       raise ConfigError("--source needs --sequences (how many rows)")
-    return fisher_data.SourceRows(cfg.data, args.source, args.sequences,
-                                  args.split, args.first_row)
-  return fisher_data.TaskRows(args.task, Tokenizer.load(cfg.data.tokenizer),
-                              cfg.data.seq_len, args.sequences)
+    if len(set(args.source)) != len(args.source):
+      raise ConfigError(f"--source: a source is given twice: {args.source}")
+    parts = [fisher_data.SourceRows(cfg.data, name, args.sequences,
+                                    args.split, args.first_row)
+             for name in args.source]
+    return parts[0] if len(parts) == 1 else fisher_data.MixedRows(parts)
+  return _task_rows(args.task, cfg, args.sequences)
+
+
+def _task_rows(path, cfg, count):
+  """GoldRows of a task list YAML or a generic multiple-choice jsonl."""
+  from gemma_jax.evals import fisher_rows, forgetting, tasks
+  from gemma_jax.tokenizer import Tokenizer
+  if path.endswith((".yaml", ".yml")):
+    found = forgetting.load_tasks(path)
+  else:
+    found = [tasks.multiple_choice(path)]
+  tokenizer = Tokenizer.load(cfg.data.tokenizer)
+  tokenizer.check_vocab(cfg.model.vocab_size)
+  return fisher_rows.GoldRows(found, tokenizer, cfg.data.seq_len, count)
+
+
+def _task_file(path) -> dict:
+  """The --task file's path and sha256 (its content, for the metadata)."""
+  import hashlib
+
+  from gemma_jax.errors import DataError
+  try:
+    with open(os.path.expanduser(path), "rb") as f:
+      return {"path": str(path), "sha256": hashlib.sha256(f.read()).hexdigest()}
+  except OSError as e:
+    raise DataError(f"--task {path}: cannot read ({e.strerror})") from None
 
 
 def _print_stats(meta):
@@ -112,6 +149,7 @@ def compile_only(args, cfg) -> int:
   """--topology: the step's compiled memory on a TPU topology."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import time
+
   from gemma_jax import hardware
   from gemma_jax.sharding.mesh import make_mesh
   from gemma_jax.train import aot, fisher
@@ -152,6 +190,7 @@ def main(args) -> int:
     raise ConfigError("give --out and one of --source or --task")
   distributed.initialize_runtime(cfg.runtime)
   import jax
+
   from gemma_jax.checkpoint import fisher as fisher_store
   from gemma_jax.train import continual, fisher, fisher_data, metrics
   from gemma_jax.train.program import TrainProgram
@@ -166,6 +205,7 @@ def main(args) -> int:
     raise ConfigError(f"--out {args.out} already exists; pass --force to "
                       f"replace it")
   rows = _rows(args, cfg)
+  data = {**rows.describe(), **(_task_file(args.task) if args.task else {})}
   program = TrainProgram(cfg)
   fprog = fisher.FisherProgram(program, estimator, args.units_per_step,
                                args.rows_per_vmap, args.grad_dtype)
@@ -182,7 +222,7 @@ def main(args) -> int:
   meta = {
       "base": {"path": str(path), "format": args.params_format,
                "fingerprint": continual.fingerprint_of(path)},
-      "data": rows.describe(),
+      "data": data,
       "estimator": {"name": estimator.name,
                     "batch_size": estimator.batch_size},
       "num_examples": rows.num_rows,

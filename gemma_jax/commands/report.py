@@ -9,8 +9,10 @@ Checkpoints are native exports, Hugging Face directories or training runs
 the tables show each later one's change from it. Held-out loss and
 perplexity per source come from the run config's eval splits; benchmark
 scores (tasks.yaml: see gemma_jax/evals/forgetting.py) are computed as
-lm-evaluation-harness computes them. Writes report.md, report.json,
-items/<checkpoint>.jsonl and bar charts to --out.
+lm-evaluation-harness computes them. Prints one row per checkpoint
+(held-out loss per source and each task's first metric, with the change
+from the base); writes report.md, report.json, items/<checkpoint>.jsonl
+and bar charts to --out.
 """
 
 HELP = "compare checkpoints: held-out loss per source and benchmark scores"
@@ -28,9 +30,11 @@ def add_arguments(parser):
                       help="held-out batches per source (train.eval_batches)")
   parser.add_argument("--batch-size", type=int, default=8,
                       help="rows per scoring batch")
-  parser.add_argument("--max-length", type=int, default=2048,
-                      help="tokens per scored request, cut from the left "
-                           "(lm-evaluation-harness's max_length)")
+  parser.add_argument("--max-length", type=int, default=8192,
+                      help="tokens per scored request, cut from the left; "
+                           "the default is lm-evaluation-harness's "
+                           "max_length for a Gemma HF export (its "
+                           "max_position_embeddings)")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config key")
 
@@ -69,6 +73,6 @@ def main(args) -> int:
       eval_batches=args.eval_batches or cfg.train.eval_batches or 1,
       batch_size=args.batch_size, max_length=args.max_length)
   if jax.process_index() == 0:
-    print(forgetting.heldout_table(results), end="")
+    print(forgetting.summary_table(results), end="")
     print(f"report written to {args.out}/report.md")
   return 0

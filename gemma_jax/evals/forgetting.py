@@ -20,7 +20,12 @@ A task file is a YAML list; each entry names a reader and local files:
     - {kind: gsm8k, path: gsm8k/test.jsonl, shots: gsm8k/train.jsonl}
     - {kind: hellaswag, path: hellaswag/hellaswag_val.jsonl}
     - {kind: multiple_choice, path: mine.jsonl}      # {context, choices, gold}
-    - {kind: generative, path: sums.jsonl, shots: sums_train.jsonl}
+    - {kind: generative, path: sums.jsonl, shots: sums_train.jsonl,
+       num_fewshot: 3, max_gen_toks: 64}
+
+Optional keys: name, shots (the few-shot file), num_fewshot (default: the
+harness's for the benchmark), split (mmlu), max_gen_toks (generative;
+default the harness's 256).
 """
 
 import math
@@ -44,7 +49,8 @@ TASK_KINDS = {
     "multiple_choice": tasks_lib.multiple_choice,
     "generative": tasks_lib.generative,
 }
-_TASK_KEYS = ("kind", "path", "shots", "num_fewshot", "name", "split")
+_TASK_KEYS = ("kind", "path", "shots", "num_fewshot", "name", "split",
+              "max_gen_toks")
 
 
 def load_tasks(path) -> list[tasks_lib.Task]:
@@ -65,8 +71,11 @@ def load_tasks(path) -> list[tasks_lib.Task]:
                         f"{', '.join(TASK_KINDS)}")
     if "path" not in entry:
       raise ConfigError(f"{where}: needs a path")
-    kw = {k: entry[k] for k in ("num_fewshot", "name", "shots", "split")
-          if entry.get(k) is not None}
+    kw = {k: entry[k] for k in ("num_fewshot", "name", "shots", "split",
+                                "max_gen_toks") if entry.get(k) is not None}
+    if "max_gen_toks" in kw and kind != "generative":
+      raise ConfigError(f"{where}: `max_gen_toks` is for generative only "
+                        f"(gsm8k keeps the harness's {tasks_lib.MAX_GEN_TOKS})")
     if kind == "mmlu":
       kw.pop("shots", None)   # MMLU's shots are its dev split
       found += tasks_lib.mmlu(entry["path"], **kw)
@@ -148,7 +157,7 @@ def _batch_size(requested: int, program) -> int:
 
 def evaluate_checkpoint(program, params, pipe, tasks, tokenizer, *,
                         eval_batches: int = 4, batch_size: int = 8,
-                        max_length: int = 2048):
+                        max_length: int = scoring.HF_MAX_LENGTH):
   """({"heldout": {source: {loss, perplexity, tokens}}, "tasks": {task:
   metrics}}, per-document items) of one set of params."""
   heldout = evaluation.evaluate(program, params, pipe, eval_batches)
@@ -187,12 +196,47 @@ def heldout_table(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _signed(value: float, base: float | None) -> str:
+  return "" if base is None else f" ({value - base:+.3f})"
+
+
+def summary_table(results: dict) -> str:
+  """Markdown, one row per checkpoint: held-out loss per source, then each
+  task's first metric (report.chart_metric), with the change from the
+  first checkpoint in parentheses."""
+  names = list(results)
+  sources = list(dict.fromkeys(s for r in results.values()
+                               for s in r["heldout"]))
+  tasks = {n: r["tasks"] for n, r in results.items()}
+  columns = [(t, report_lib.chart_metric(tasks, t))
+             for t in report_lib.task_names(tasks)]
+  columns = [(t, m) for t, m in columns if m]
+  header = (["checkpoint"] + [f"{s} loss" for s in sources]
+            + [f"{t} {m.split(',')[-1]}" for t, m in columns])
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  first = results[names[0]]
+  for k, name in enumerate(names):
+    r, row = results[name], [name]
+    for s in sources:
+      m, b = r["heldout"].get(s), first["heldout"].get(s)
+      row.append("-" if not m else f"{m['loss']:.3f}" + _signed(
+          m["loss"], b["loss"] if k and b else None))
+    for t, metric in columns:
+      m, b = r["tasks"].get(t, {}), first["tasks"].get(t, {})
+      row.append("-" if metric not in m else f"{m[metric]:.3f}" + _signed(
+          m[metric], b.get(metric) if k else None))
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def write_report(results: dict, items: dict, out_dir: str) -> list[str]:
   """report.md, report.json, items/<name>.jsonl and PNG charts; returns the
   files written."""
   os.makedirs(os.path.join(out_dir, "items"), exist_ok=True)
   tasks = {n: r["tasks"] for n, r in results.items()}
-  text = ("# Forgetting report\n\n## Held-out loss (perplexity) per source\n\n"
+  text = ("# Forgetting report\n\n## Summary (change from "
+          f"{next(iter(results))} in parentheses)\n\n" + summary_table(results)
+          + "\n## Held-out loss (perplexity) per source\n\n"
           + heldout_table(results))
   if any(tasks.values()):
     text += "\n## Benchmarks\n\n" + report_lib.markdown_table(tasks)

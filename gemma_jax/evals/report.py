@@ -25,7 +25,8 @@ DEFAULT_METRICS = ("acc", "acc_norm", "exact_match,strict-match",
                    "exact_match,flexible-extract")
 
 
-def _tasks(results: Results) -> list[str]:
+def task_names(results: Results) -> list[str]:
+  """Every task of any checkpoint, in first-seen order."""
   seen = {}
   for per_task in results.values():
     seen.update(dict.fromkeys(per_task))
@@ -58,7 +59,7 @@ def markdown_table(results: Results,
     header.append(f"Δ ({names[-1]} - {names[0]})")
   lines = ["| " + " | ".join(header) + " |",
            "|" + "---|" * len(header)]
-  for task in _tasks(results):
+  for task in task_names(results):
     for metric in _metrics(results, task, metrics):
       per = [results[n].get(task) for n in names]
       n = next((m["n"] for m in per if m and "n" in m), "")
@@ -112,7 +113,8 @@ def bar_chart(results: Results, path, metric_for: Mapping[str, str] |
   import matplotlib.pyplot as plt
   import numpy as np
 
-  tasks = [t for t in _tasks(results) if chart_metric(results, t, metric_for)]
+  tasks = [t for t in task_names(results)
+           if chart_metric(results, t, metric_for)]
   names = list(results)
   width = 0.8 / max(1, len(names))
   fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2), 4.5))

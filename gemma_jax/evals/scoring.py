@@ -99,8 +99,10 @@ def make_token_logprob_fn(params, cfg: ModelConfig) -> TokenLogprobFn:
   return fn
 
 
-def _window(context: Sequence[int], continuation: Sequence[int],
-            seq_len: int) -> tuple[int, ...]:
+def request_window(context: Sequence[int], continuation: Sequence[int],
+                   seq_len: int) -> tuple[int, ...]:
+  """The tokens the model sees for one request: context + continuation,
+  cut from the left to `seq_len + 1` (inputs are all but the last)."""
   if not continuation:
     raise ConfigError("a continuation encodes to no tokens; every choice "
                       "needs at least one token")
@@ -132,7 +134,7 @@ def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]],
   if batch_size <= 0 or seq_len <= 0:
     raise ConfigError(f"batch_size ({batch_size}) and seq_len ({seq_len}) "
                       "must be positive")
-  windows = [_window(c, x, seq_len) for c, x in requests]
+  windows = [request_window(c, x, seq_len) for c, x in requests]
   conts = [len(x) for _, x in requests]
   unique = {}
   for w, n in zip(windows, conts):

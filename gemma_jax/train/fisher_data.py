@@ -1,32 +1,26 @@
-"""What a Fisher is measured on: rows of a data source, or task examples.
+"""What a Fisher is measured on: rows of data sources, or answered examples.
 
     rows = SourceRows(cfg.data, "prose", count=2048)     # old-domain text
-    rows = TaskRows("mmlu.jsonl", tokenizer, seq_len)    # gold answers
+    rows = MixedRows([SourceRows(cfg.data, s, 1024) for s in ("prose",
+                                                              "code")])
     for units in unit_batches(rows, rows_per_unit=1, units_per_step=64): ...
 
-A row is a dict of int32 [T] arrays (inputs, targets, segment_ids, positions,
-loss_mask). A task row holds one example, `bos context " " answer`, with
-loss_mask 1 on the answer's targets only, so a row's summed target
-log-probability is log p(answer | prompt).
-
-Task files are JSON lines {"context": str, "choices": [str, ...], "gold": i}.
-The answer continuation is " " + choices[gold] (lm-evaluation-harness's
-default target delimiter), tokenized as the harness does: trailing spaces
-of the context move to the continuation, the continuation's tokens are
-those of encode(context + continuation) after encode(context), and a
-sequence too long for the row keeps its last T + 1 tokens. This small
-reader stands in for gemma_jax.evals' task readers (ARC, MMLU, ...).
+Row sets are any objects with `num_rows`, `row(i)` and `describe()`. A row
+is a dict of int32 [T] arrays (inputs, targets, segment_ids, positions,
+loss_mask). An answered example (`answer_row`) has loss_mask 1 on the
+answer's targets only, so a row's summed target log-probability is
+log p(answer | prompt); gemma_jax.evals.fisher_rows builds such rows from
+benchmark tasks with lm-evaluation-harness's prompts and tokenization
+(this layer does not know about benchmarks).
 """
 
-import hashlib
-import json
 import math
 
 import numpy as np
 
 from gemma_jax.data import packing, sources
 from gemma_jax.errors import ConfigError, DataError
-from gemma_jax.tokenizer import BOS_ID, Tokenizer
+from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.train.fisher import UNIT_KEYS
 
 
@@ -63,76 +57,43 @@ class SourceRows:
     return dict(self._describe)
 
 
-def encode_pair(tokenizer: Tokenizer, context: str, continuation: str):
-  """(context ids, continuation ids) as lm-evaluation-harness splits them."""
-  spaces = len(context) - len(context.rstrip())
-  if spaces:
-    continuation = context[-spaces:] + continuation
-    context = context[:-spaces]
-  whole = tokenizer.encode(context + continuation)
-  ctx = tokenizer.encode(context)
-  return ctx, whole[len(ctx):]
-
-
-def task_row(ctx: np.ndarray, cont: np.ndarray, seq_len: int) -> dict:
-  """One example as a row: bos + context + continuation, left-truncated to
-  T + 1 tokens, targets counted on the continuation only."""
-  seq = np.concatenate([[BOS_ID], ctx, cont]).astype(np.int32)[-(seq_len + 1):]
+def answer_row(window, num_answer: int, seq_len: int) -> dict:
+  """One example as a row: `window` (int [<= T + 1] token ids, bos first
+  unless cut off) as inputs window[:-1] and targets window[1:], the loss on
+  the last `num_answer` targets only (the answer's tokens)."""
+  seq = np.asarray(window, np.int32)
+  if len(seq) > seq_len + 1 or not 0 < num_answer < len(seq):
+    raise DataError(f"an example of {len(seq)} tokens with a {num_answer}-"
+                    f"token answer does not make a row of {seq_len} tokens")
   n = len(seq) - 1
   row = {k: np.zeros(seq_len, np.int32) for k in UNIT_KEYS}
   row["inputs"][:n], row["targets"][:n] = seq[:-1], seq[1:]
   row["segment_ids"][:n] = 1
   row["positions"][:n] = np.arange(n)
-  row["loss_mask"][max(n - len(cont), 0):n] = 1
+  row["loss_mask"][n - num_answer:n] = 1
   return row
 
 
-class TaskRows:
-  """The first `count` examples (all when None) of a JSON-lines task file,
-  one row each."""
+class MixedRows:
+  """Row sets of equal size taken in turn: row i is row i // k of part
+  i % k, so every stretch of k rows holds one row of each part."""
 
-  def __init__(self, path: str, tokenizer: Tokenizer, seq_len: int,
-               count: int | None = None):
-    try:
-      with open(path, "rb") as f:
-        raw = f.read()
-    except FileNotFoundError:
-      raise DataError(f"task file not found: {path}") from None
-    self._rows, truncated = [], 0
-    for n, line in enumerate(raw.decode().splitlines(), 1):
-      if not line.strip():
-        continue
-      if count is not None and len(self._rows) == count:
-        break
-      ctx, cont = encode_pair(tokenizer, *_example(line, path, n))
-      truncated += len(ctx) + len(cont) + 1 > seq_len + 1
-      self._rows.append(task_row(ctx, cont, seq_len))
-    if not self._rows:
-      raise DataError(f"task file {path} holds no examples")
-    self.num_rows = len(self._rows)
-    self._describe = {
-        "kind": "task", "path": str(path),
-        "sha256": hashlib.sha256(raw).hexdigest(), "examples": self.num_rows,
-        "seq_len": seq_len, "truncated": int(truncated),
-        "target": "' ' + choices[gold] given bos + context",
-        "tokenizer_fingerprint": tokenizer.fingerprint}
+  def __init__(self, parts):
+    sizes = {p.num_rows for p in parts}
+    if len(sizes) != 1:
+      raise ConfigError(f"sources of a Fisher must give equal row counts, "
+                        f"got {sorted(sizes)}")
+    self._parts = list(parts)
+    self.num_rows = len(parts) * sizes.pop()
 
   def row(self, i: int) -> dict:
-    return self._rows[i]
+    k = len(self._parts)
+    return self._parts[i % k].row(i // k)
 
   def describe(self) -> dict:
-    return dict(self._describe)
-
-
-def _example(line: str, path: str, n: int) -> tuple[str, str]:
-  try:
-    ex = json.loads(line)
-    choices, gold = ex["choices"], ex["gold"]
-    return ex["context"], " " + choices[gold]
-  except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-    raise DataError(f"{path}:{n}: expected a JSON object with 'context', "
-                    f"'choices' and an integer 'gold' index into them "
-                    f"({type(e).__name__}: {e})") from None
+    return {"kind": "sources", "rows": self.num_rows,
+            "order": "round robin, one row of each source in turn",
+            "parts": [p.describe() for p in self._parts]}
 
 
 def num_steps(rows, rows_per_unit: int, units_per_step: int) -> int:

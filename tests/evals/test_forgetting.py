@@ -56,6 +56,8 @@ def test_report_command_writes_both_tables_and_every_item(setup, capsys):
   text = (out / "report.md").read_text()
   assert "Held-out loss" in text and "Δ loss (later - base)" in text
   assert "| mc | acc |" in text and "exact_match,strict-match" in text
+  assert "| checkpoint | code loss | prose loss | mc acc | gen strict-match |" \
+      in text and "| checkpoint |" in capsys.readouterr().out
   results = json.loads((out / "report.json").read_text())
   assert list(results) == ["base", "later"]
   assert set(results["base"]["heldout"]) == {"prose", "code"}
@@ -99,3 +101,31 @@ def test_bad_task_files_and_checkpoints_are_one_line_errors(setup, capsys):
   assert "neither a native export" in err and err.count("\n") == 1
   assert cli.main(["report", str(config), "--checkpoint", "nameonly",
                    "--out", str(root / "o")]) == 2
+
+
+def test_summary_has_one_row_per_checkpoint_with_changes_from_the_first():
+  def result(prose, acc, em):
+    return {"heldout": {"prose": {"loss": prose, "perplexity": 0.0}},
+            "tasks": {"mc": {"acc": acc, "acc_norm": 0.0, "n": 4},
+                      "sums": {"exact_match,strict-match": em,
+                               "exact_match,flexible-extract": 1.0}}}
+  table = forgetting.summary_table({"base": result(5.0, 0.5, 0.0),
+                                    "cpt": result(5.25, 0.25, 0.125)})
+  assert table.splitlines() == [
+      "| checkpoint | prose loss | mc acc | sums strict-match |",
+      "|---|---|---|---|",
+      "| base | 5.000 | 0.500 | 0.000 |",
+      "| cpt | 5.250 (+0.250) | 0.250 (-0.250) | 0.125 (+0.125) |"]
+
+
+def test_task_entries_take_max_gen_toks_for_generative_only(setup):
+  root = setup[0]
+  (root / "gen.yaml").write_text(yaml.safe_dump([
+      {"kind": "generative", "path": str(root / "gen.jsonl"),
+       "max_gen_toks": 16}]))
+  assert forgetting.load_tasks(root / "gen.yaml")[0].max_gen_toks == 16
+  (root / "mc.yaml").write_text(yaml.safe_dump([
+      {"kind": "multiple_choice", "path": str(root / "mc.jsonl"),
+       "max_gen_toks": 16}]))
+  with pytest.raises(ConfigError, match="max_gen_toks. is for generative"):
+    forgetting.load_tasks(root / "mc.yaml")

@@ -72,6 +72,41 @@ def test_fisher_command_writes_the_checkpoint_and_its_story(base, fisher_run):
              for x in jax.tree.leaves(values))
 
 
+def fisher_json(args):
+  import contextlib
+  import io
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert cli.main(["fisher", *args, "--json"]) == 0
+  return json.loads(out.getvalue().splitlines()[-1])
+
+
+def test_fisher_on_benchmark_gold_answers_and_on_two_sources(base):
+  root, d, _ = base
+  config = root / "fisher_more.yaml"
+  config.write_text(yaml.safe_dump(d))
+  mc = root / "mc.jsonl"
+  mc.write_text("".join(json.dumps(
+      {"context": f"Question: {q}\nAnswer:", "choices": c, "gold": g}) + "\n"
+      for q, c, g in [("def or class?", ["def", "class"], 0),
+                      ("two words", ["print x", "return y"], 1),
+                      ("a number", ["one", "2", "three"], 1)]))
+  task_list = root / "tasks.yaml"
+  task_list.write_text(f"- {{kind: multiple_choice, path: {mc}, shots: {mc},"
+                       f" num_fewshot: 1}}\n")
+  meta = fisher_json([str(config), "--task", str(task_list), "--out",
+                      str(root / "fisher_task")])
+  data = meta["data"]
+  assert data["kind"] == "task" and meta["num_examples"] == 3
+  assert data["tasks"] == [{"name": "mc", "kind": "multiple_choice",
+                            "num_fewshot": 1, "documents": 3}]
+  assert data["path"] == str(task_list) and len(data["sha256"]) == 64
+  meta = fisher_json([str(config), "--source", "prose", "--source", "code",
+                      "--sequences", "2", "--out", str(root / "fisher_2")])
+  assert meta["num_examples"] == meta["num_units"] == 4
+  assert [p["source"] for p in meta["data"]["parts"]] == ["prose", "code"]
+
+
 def ewc_config(base, fisher_dir, **checkpoint):
   _, d, _ = base
   d = json.loads(json.dumps(d))
