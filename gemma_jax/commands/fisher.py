@@ -168,6 +168,7 @@ def compile_only(args, cfg) -> int:
             "hbm_bytes_per_device": chip.hbm_bytes}
   try:
     mem = lowered.compile().memory_analysis()
+    assert mem is not None   # TPU executables report their memory
     report.update(fits=mem.peak_memory_in_bytes <= chip.hbm_bytes,
                   peak_bytes_per_device=int(mem.peak_memory_in_bytes))
   except Exception as e:  # XlaRuntimeError: out of HBM

@@ -53,7 +53,8 @@ class GoldRows:
                seq_len: int, count: int | None = None):
     if count is not None and count < 1:
       raise ConfigError(f"--sequences must be >= 1, got {count}")
-    requests, used = [], []
+    requests: list[tuple[str, str]] = []
+    used: list[dict] = []
     for task in tasks:
       if count is not None and len(requests) >= count:
         break

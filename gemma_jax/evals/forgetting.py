@@ -30,6 +30,8 @@ default the harness's 256).
 
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +45,7 @@ from gemma_jax.evals import scoring, tasks as tasks_lib
 from gemma_jax.sharding import rules
 from gemma_jax.train import evaluation
 
-TASK_KINDS = {
+TASK_KINDS: dict[str, Callable[..., Any]] = {   # -> Task (mmlu: list)
     "arc": tasks_lib.arc, "hellaswag": tasks_lib.hellaswag,
     "gsm8k": tasks_lib.gsm8k, "mmlu": tasks_lib.mmlu,
     "multiple_choice": tasks_lib.multiple_choice,
@@ -161,7 +163,8 @@ def evaluate_checkpoint(program, params, pipe, tasks, tokenizer, *,
   """({"heldout": {source: {loss, perplexity, tokens}}, "tasks": {task:
   metrics}}, per-document items) of one set of params."""
   heldout = evaluation.evaluate(program, params, pipe, eval_batches)
-  results, items = {}, []
+  results: dict[str, dict] = {}
+  items: list[dict] = []
   if tasks:
     progress = scoring.print_progress("scoring")
     ll = scoring.make_loglikelihood_fn(
@@ -208,9 +211,11 @@ def summary_table(results: dict) -> str:
   sources = list(dict.fromkeys(s for r in results.values()
                                for s in r["heldout"]))
   tasks = {n: r["tasks"] for n, r in results.items()}
-  columns = [(t, report_lib.chart_metric(tasks, t))
-             for t in report_lib.task_names(tasks)]
-  columns = [(t, m) for t, m in columns if m]
+  columns = []   # (task, the metric shown for it)
+  for t in report_lib.task_names(tasks):
+    m = report_lib.chart_metric(tasks, t)
+    if m is not None:
+      columns.append((t, m))
   header = (["checkpoint"] + [f"{s} loss" for s in sources]
             + [f"{t} {m.split(',')[-1]}" for t, m in columns])
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

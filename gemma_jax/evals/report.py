@@ -34,7 +34,7 @@ def task_names(results: Results) -> list[str]:
 
 
 def _metrics(results: Results, task: str, metrics: Sequence[str]):
-  present = set()
+  present: set[str] = set()
   for per_task in results.values():
     present.update(per_task.get(task, {}))
   return [m for m in metrics if m in present]
@@ -124,7 +124,7 @@ def bar_chart(results: Results, path, metric_for: Mapping[str, str] |
     for task in tasks:
       m = results[name].get(task, {})
       metric = chart_metric(results, task, metric_for)
-      values.append(m.get(metric, np.nan))
+      values.append(m.get(metric, np.nan) if metric else np.nan)
       err = m.get(f"{metric}_stderr")
       errors.append(err if err is not None and math.isfinite(err) else 0.0)
     ax.bar(x + (k - (len(names) - 1) / 2) * width, values, width, yerr=errors,

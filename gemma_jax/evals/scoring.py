@@ -136,7 +136,7 @@ def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                       "must be positive")
   windows = [request_window(c, x, seq_len) for c, x in requests]
   conts = [len(x) for _, x in requests]
-  unique = {}
+  unique: dict[tuple, int] = {}
   for w, n in zip(windows, conts):
     unique.setdefault((w, n), len(unique))
   rows = list(unique)
@@ -206,12 +206,12 @@ def choice_requests(task: "tasks_lib.Task", contexts: Sequence[str]
 def choice_metrics(lls: Sequence[float], choices: Sequence[str], gold: int
                    ) -> dict:
   """acc, acc_norm and acc_bytes of one document (harness formulas)."""
-  lls = np.asarray(lls, np.float64)
+  ll = np.asarray(lls, np.float64)
   chars = np.array([float(len(c)) for c in choices])
   nbytes = np.array([float(len(c.encode("utf-8"))) for c in choices])
-  pred = int(np.argmax(lls))
-  pred_norm = int(np.argmax(lls / chars))
-  pred_bytes = int(np.argmax(lls / nbytes))
+  pred = int(np.argmax(ll))
+  pred_norm = int(np.argmax(ll / chars))
+  pred_bytes = int(np.argmax(ll / nbytes))
   return {"pred": pred, "pred_norm": pred_norm, "pred_bytes": pred_bytes,
           "acc": float(pred == gold), "acc_norm": float(pred_norm == gold),
           "acc_bytes": float(pred_bytes == gold)}
@@ -219,11 +219,10 @@ def choice_metrics(lls: Sequence[float], choices: Sequence[str], gold: int
 
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
   """Mean and the harness's mean_stderr (sample std / sqrt(n))."""
-  values = np.asarray(values, np.float64)
-  if len(values) < 2:
-    return float(values.mean()), float("nan")
-  return float(values.mean()), float(values.std(ddof=1) / math.sqrt(
-      len(values)))
+  v = np.asarray(values, np.float64)
+  if len(v) < 2:
+    return float(v.mean()), float("nan")
+  return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def summarize(items: Sequence[dict], metrics: Sequence[str]) -> dict:

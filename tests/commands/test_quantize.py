@@ -39,6 +39,7 @@ def score(tmp, checkpoint, *extra):
   return np.load(out)["logits"]
 
 
+@pytest.mark.slow
 def test_the_int4_file_scores_as_the_qat_model_and_exports_to_hf(ckpt):
   tmp, params = ckpt
   assert cli.main(["quantize", str(tmp / "float"), str(tmp / "int4"),

@@ -14,6 +14,8 @@ from gemma_jax.model import Transformer, preset
 from gemma_jax.model.sampler import generate
 from gemma_jax.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow
+
 CFG = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128, head_dim=16,
              vocab_size=512, sliding_window=8)
 
@@ -28,7 +30,6 @@ def setup(tmp_path_factory):
   return root, tok, params
 
 
-@pytest.mark.slow
 def test_sample_prints_the_greedy_continuation(setup, capsys):
   root, tok, params = setup
   rc = cli.main(["sample", "--checkpoint", str(root / "ckpt"), "--tokenizer",

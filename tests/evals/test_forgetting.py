@@ -46,6 +46,7 @@ def setup(tmp_path_factory):
   return root, config, program, Tokenizer.load(str(tok))
 
 
+@pytest.mark.slow
 def test_report_command_writes_both_tables_and_every_item(setup, capsys):
   root, config, program, tok = setup
   out = root / "out"

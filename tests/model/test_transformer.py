@@ -100,6 +100,7 @@ def test_packed_documents_do_not_see_each_other():
 
 # "full" drops every activation; "qkv_proj" keeps named ones: the two kinds of
 # policy. The other names select other built-in jax policies the same way.
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "qkv_proj"])
 def test_remat_policy_changes_neither_logits_nor_gradients(policy):
   params = init(TINY2)

@@ -20,6 +20,8 @@ from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 from gemma_jax.train.testing import tiny_config_dict
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def base(tiny_tokenizer, tmp_path_factory):

@@ -16,6 +16,8 @@ from gemma_jax.train import step as step_lib
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 
+pytestmark = pytest.mark.slow
+
 STUDENT = {"preset": "tiny-gemma2", "num_layers": 2, "d_model": 32,
            "mlp_dim": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
            "vocab_size": 128, "sliding_window": 4}
@@ -103,7 +105,6 @@ def log_softmax(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-@pytest.mark.slow
 def test_objective_matches_numpy(one_device):
   program, step = one_device
   state = program.init_state(seed=0)
@@ -139,7 +140,6 @@ def test_objective_matches_numpy(one_device):
   assert float(m["loss"]) == float(m["loss/ce"])
 
 
-@pytest.mark.slow
 def test_gradient_is_zero_when_the_student_is_its_own_teacher():
   params = random_params(STUDENT, 0)
   model = Transformer(config_from_dict({"model": STUDENT}).model)
@@ -169,7 +169,6 @@ def train(program, step, steps=2):
   return jax.device_get(state), metrics
 
 
-@pytest.mark.slow
 def test_sharded_online_distillation_matches_one_device(one_device,
                                                         teacher):
   one, ref = train(*one_device)

@@ -13,6 +13,8 @@ from gemma_jax.train import step as step_lib
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 
+pytestmark = pytest.mark.slow
+
 MODEL = {"preset": "tiny-gemma2", "num_layers": 2, "d_model": 32,
          "mlp_dim": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
          "vocab_size": 128, "sliding_window": 4}

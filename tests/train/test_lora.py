@@ -81,6 +81,7 @@ def lora_run(tmp_path_factory):
   return root, program, info, base, state, metrics
 
 
+@pytest.mark.slow
 def test_only_the_adapters_train_and_the_base_stays_as_loaded(lora_run):
   _, program, _, base, state, metrics = lora_run
   assert int(metrics["skipped"]) == 0
@@ -95,6 +96,7 @@ def test_only_the_adapters_train_and_the_base_stays_as_loaded(lora_run):
   assert np.abs(np.asarray(b)).max() > 0
 
 
+@pytest.mark.slow
 def test_the_export_merges_and_the_adapter_reloads(lora_run, tmp_path):
   _, program, info, _, state, _ = lora_run
   adapter_dir, params_dir = lora.export(program, state.params,
@@ -115,6 +117,7 @@ def test_the_export_merges_and_the_adapter_reloads(lora_run, tmp_path):
       program.frozen["base"]["layers"]["mlp"]["linear"]["w"])).max() > 0
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_base_and_accepts_a_moved_copy(lora_run):
   _root, program, info, _, _, _ = lora_run
   lora.check_base(info, dict(info, path="/elsewhere/base"), 2)

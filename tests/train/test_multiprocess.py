@@ -14,6 +14,8 @@ import pytest
 from gemma_jax.train.testing import (
     RESUME_STEPS, exported_params, losses, subprocess_env, train_process)
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 # What the tests below give a lost process before the others stop.
 HEARTBEAT_S = 8
 
@@ -85,8 +87,6 @@ def test_two_processes_match_one_and_resume(uninterrupted_run, compile_cache,
     np.testing.assert_array_equal(a, b, err_msg=str(path))
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
 def test_a_hung_process_stops_the_other_and_a_restart_resumes_exactly(
     uninterrupted_run, compile_cache, tmp_path):
   """SIGSTOP: the process neither answers nor closes its connections (a
@@ -120,8 +120,6 @@ def test_a_hung_process_stops_the_other_and_a_restart_resumes_exactly(
   assert losses(workdir) == {s: ref[s] for s in range(1, 13)}
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
 def test_four_processes_outlive_their_coordinator_and_resume_exactly(
     compile_cache, tmp_path, tiny_tokenizer):
   """SIGKILL of process 0, which also hosts the coordination service: the

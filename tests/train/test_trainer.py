@@ -13,6 +13,8 @@ from gemma_jax import cli
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train import trainer as trainer_lib
 
+pytestmark = pytest.mark.slow
+
 
 def _cfg(tokenizer, checkpoint=None, **train):
   d = tiny_config_dict(tokenizer, steps=4)
@@ -167,7 +169,6 @@ def test_eval_command_reproduces_the_final_eval(trained, tmp_path, capsys):
         final[f"eval/{src}/loss"], rel=1e-6)
 
 
-@pytest.mark.slow
 def test_resume_onto_a_mesh_with_fewer_devices(trained, tiny_tokenizer,
                                                tmp_path):
   import shutil
