@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from gemma_jax import cli
 
 
@@ -17,6 +19,7 @@ def test_help_lists_every_command_with_its_purpose(capsys):
   assert "ahead-of-time compile the train step" in out
 
 
+@pytest.mark.slow
 def test_each_command_has_its_own_help():
   for name in ("convert", "sample", "train"):
     out = subprocess.run([sys.executable, "-m", "gemma_jax.cli", name, "--help"],

@@ -204,6 +204,7 @@ def test_tokenizer_larger_than_the_model_is_refused(with_tokenizer, tmp_path):
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                     reason="needs the optional `hf` extra (transformers)")
 def test_auto_tokenizer_loads_the_export_offline_and_encodes_like_ours(

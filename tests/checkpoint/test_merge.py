@@ -229,6 +229,7 @@ def test_eta_zero_gives_the_base_and_one_the_merge(ckpts, tmp_path):
     np.testing.assert_array_equal(out[p], fbase[p])
 
 
+@pytest.mark.slow
 def test_identical_bf16_checkpoints_merge_to_themselves(tmp_path):
   flat = random_params(CFG, 7, BF16)
   src = save(tmp_path / "x", flat)

@@ -36,6 +36,7 @@ def random_params(cfg):
                            for p, s in layout.param_shapes(cfg).items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits,block", [(4, 16), (8, None)])
 def test_a_quantized_checkpoint_round_trips_the_integers(tmp_path, bits,
                                                          block):

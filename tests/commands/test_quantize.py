@@ -58,6 +58,7 @@ def test_the_int4_file_scores_as_the_qat_model_and_exports_to_hf(ckpt):
   np.testing.assert_allclose(score(tmp, tmp / "back"), int4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_adapter_scores_on_its_base_and_merges_by_convert(ckpt):
   tmp, _ = ckpt
   adapted = dataclasses.replace(CFG, lora=lora.LoraConfig(rank=2, alpha=4.0))

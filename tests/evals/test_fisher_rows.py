@@ -59,6 +59,7 @@ def test_gold_requests_are_the_harness_requests_of_the_gold_choices():
       gold[0][0].count("\nAnswer: ") == 2
 
 
+@pytest.mark.slow
 def test_a_rows_loglikelihood_is_what_scoring_gives_the_gold_choice(tok,
                                                                      model):
   params, cfg = model

@@ -90,6 +90,7 @@ def test_report_command_writes_both_tables_and_every_item(setup, capsys):
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bad_task_files_and_checkpoints_are_one_line_errors(setup, capsys):
   root, config, _, _ = setup
   (root / "bad.yaml").write_text(yaml.safe_dump([{"kind": "nope",
@@ -119,6 +120,7 @@ def test_summary_has_one_row_per_checkpoint_with_changes_from_the_first():
       "| cpt | 5.250 (+0.250) | 0.250 (-0.250) | 0.125 (+0.125) |"]
 
 
+@pytest.mark.slow
 def test_task_entries_take_max_gen_toks_for_generative_only(setup):
   root = setup[0]
   (root / "gen.yaml").write_text(yaml.safe_dump([

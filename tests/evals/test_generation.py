@@ -75,6 +75,7 @@ def test_evaluate_generative_with_a_fake_generator():
   assert metrics["n"] == 2
 
 
+@pytest.mark.slow
 def test_model_generation_keeps_prompt_order_and_truncates_left(tmp_path):
   tok = Tokenizer.load(testing.tiny_tokenizer(tmp_path / "t.model"))
   cfg = preset("tiny-gemma", num_layers=1, d_model=32, mlp_dim=64,

@@ -14,6 +14,8 @@ import pytest
 
 from gemma_jax.train.config import load_config
 
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).parents[2]
 
 # Records its arguments; makes what the script checks for; `report` gives

@@ -34,6 +34,7 @@ def _init(cfg, key):
 TOKENS = jax.random.randint(jax.random.key(3), (2, 12), 0, 256)
 
 
+@pytest.mark.slow
 def test_adapters_at_their_zero_init_leave_the_logits_unchanged():
   params = _init(ADAPTED, jax.random.key(0))
   adapters, base = lora.split(params)
@@ -46,6 +47,7 @@ def test_adapters_at_their_zero_init_leave_the_logits_unchanged():
                                 _logits(TINY, base, TOKENS))
 
 
+@pytest.mark.slow
 def test_merged_weights_equal_the_adapted_forward_on_every_target():
   params = _init(ADAPTED, jax.random.key(0))
   adapters, base = lora.split(params)

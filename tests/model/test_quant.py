@@ -49,6 +49,7 @@ def test_scale_shapes_follow_the_contraction_axis(block, in_axis, shape,
   assert scale.shape == expected == quant.scale_shape(shape, in_axis, block)
 
 
+@pytest.mark.slow
 def test_fake_quant_passes_the_gradient_straight_through():
   w = jax.random.normal(jax.random.key(1), (8, 32))
   g = jax.random.normal(jax.random.key(2), (8, 32))
@@ -70,6 +71,7 @@ def _init(cfg, key):
   return nn.meta.unbox(Transformer(cfg).init(key, tokens)["params"])
 
 
+@pytest.mark.slow
 def test_qat_forward_equals_the_integer_model_and_differs_from_float():
   q = QuantConfig(bits=4, block_size=16, targets=("attn", "mlp", "embed"))
   params = _init(TINY, jax.random.key(0))

@@ -11,6 +11,8 @@ from flax import linen as nn
 from gemma_jax.model import Transformer, preset
 from gemma_jax.model.sampler import choose_tokens, generate
 
+pytestmark = pytest.mark.slow
+
 CFG = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128, head_dim=16,
              vocab_size=256, sliding_window=6)
 

@@ -41,6 +41,7 @@ def test_traced_param_count_equals_config_count(name):
       cfg.param_count()
 
 
+@pytest.mark.slow
 def test_every_param_has_logical_axis_names():
   boxed = Transformer(TINY2).init(jax.random.key(0),
                                   jnp.zeros((1, 4), jnp.int32))["params"]
@@ -55,6 +56,7 @@ def test_every_param_has_logical_axis_names():
              for x in layer_leaves)
 
 
+@pytest.mark.slow
 def test_padding_rows_of_the_embedding_never_reach_the_logits():
   cfg = dataclasses.replace(TINY2, embed_rows=300)
   params = init(cfg)
@@ -66,6 +68,7 @@ def test_padding_rows_of_the_embedding_never_reach_the_logits():
   np.testing.assert_array_equal(forward(cfg, params, tokens), logits)
 
 
+@pytest.mark.slow
 def test_sliding_window_sees_exactly_window_keys():
   """Query i sees key j iff i - W < j <= i; a key exactly W back is masked."""
   cfg = dataclasses.replace(TINY2, num_layers=1, attention_pattern=("local",))
@@ -84,6 +87,7 @@ def test_sliding_window_sees_exactly_window_keys():
                 - forward(global_cfg, params, tokens)[0, i]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_packed_documents_do_not_see_each_other():
   cfg = TINY2
   params = init(cfg)
@@ -128,6 +132,7 @@ def test_embedding_scale_is_rounded_in_bf16(d_model, factor):
   assert x.dtype == jnp.bfloat16 and float(x[0, 0, 0]) == factor
 
 
+@pytest.mark.slow
 def test_param_dtype_and_compute_dtype_are_separate():
   cfg = dataclasses.replace(TINY2, param_dtype="float32", dtype="bfloat16")
   params = init(cfg)

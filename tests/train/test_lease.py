@@ -138,6 +138,7 @@ def test_a_live_process_on_this_host_blocks_until_it_is_gone(tmp_path):
   lease.release()
 
 
+@pytest.mark.slow
 def test_on_gs_one_of_several_wins_and_a_dead_holder_is_taken_over(
     gcs_bucket):
   """An object store has no exclusive create: the lease is written, read

@@ -128,6 +128,7 @@ def test_resume_refuses_another_base_and_accepts_a_moved_copy(lora_run):
   lora.install_base(program, info["path"])   # leave the fixture as it was
 
 
+@pytest.mark.slow
 def test_qlora_holds_the_frozen_base_as_int4():
   cfg = run_config({"lora": {"rank": 2, "targets": ["q", "v"]},
                     "quant": {"bits": 4, "block_size": 16,

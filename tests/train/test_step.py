@@ -141,6 +141,7 @@ def test_loss_counts_only_real_targets(one_device):
   jax.tree.map(np.testing.assert_array_equal, first.params, second.params)
 
 
+@pytest.mark.slow
 def test_metrics_and_a_skipped_non_finite_step(one_device):
   program, step = one_device
   state = program.init_state(seed=0)
