@@ -16,9 +16,23 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("train", "eval", "report", "plot", "compile", "convert", "score",
-            "sample", "tokenizer", "data", "fisher", "merge", "distill",
-            "launch", "quantize")
+COMMANDS = (
+  "train",
+  "eval",
+  "report",
+  "plot",
+  "compile",
+  "convert",
+  "score",
+  "sample",
+  "tokenizer",
+  "data",
+  "fisher",
+  "merge",
+  "distill",
+  "launch",
+  "quantize",
+)
 
 
 def _module(name):
@@ -27,20 +41,27 @@ def _module(name):
 
 def _parser(argv) -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="gemma-jax",
-      description="Pretraining and continual pretraining of Gemma 1 and "
-                  "Gemma 2 in JAX/Flax.")
-  parser.add_argument("--debug", action="store_true",
-                      help="show the Python traceback of an error")
+    prog="gemma-jax",
+    description="Pretraining and continual pretraining of Gemma 1 and "
+    "Gemma 2 in JAX/Flax.",
+  )
+  parser.add_argument(
+    "--debug", action="store_true", help="show the Python traceback of an error"
+  )
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   chosen = next((a for a in argv if not a.startswith("-")), None)
   for name in COMMANDS:
     if name == chosen:
       module = _module(name)
-      module.add_arguments(sub.add_parser(
-          name, help=module.HELP, description=module.__doc__,
-          formatter_class=argparse.RawDescriptionHelpFormatter))
-    elif chosen is None:   # listing every command: `gemma-jax --help`
+      module.add_arguments(
+        sub.add_parser(
+          name,
+          help=module.HELP,
+          description=module.__doc__,
+          formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+      )
+    elif chosen is None:  # listing every command: `gemma-jax --help`
       sub.add_parser(name, help=_module(name).HELP)
     else:
       sub.add_parser(name, add_help=False)
@@ -48,12 +69,12 @@ def _parser(argv) -> argparse.ArgumentParser:
 
 
 _OS_HINTS: dict[int | None, str] = {
-    errno.EISDIR: " (a directory where a file was expected)",
-    errno.ENOTDIR: " (a file where a directory was expected)",
-    errno.ENOSPC: " (free some space and rerun; completed checkpoints and "
-                  "exports are kept whole)",
-    errno.EACCES: " (check the permissions, or choose another path)",
-    errno.EROFS: " (choose a writable path)",
+  errno.EISDIR: " (a directory where a file was expected)",
+  errno.ENOTDIR: " (a file where a directory was expected)",
+  errno.ENOSPC: " (free some space and rerun; completed checkpoints and "
+  "exports are kept whole)",
+  errno.EACCES: " (check the permissions, or choose another path)",
+  errno.EROFS: " (choose a writable path)",
 }
 
 
@@ -78,23 +99,27 @@ def main(argv=None) -> int:
     # Libraries' own warnings (orbax's absl logging) would bury the one
     # line a failure prints; --debug shows them.
     import logging
+
     logging.getLogger("absl").setLevel(logging.ERROR)
   from gemma_jax.errors import GemmaJaxError
+
   try:
     return _module(args.command).main(args) or 0
   except KeyboardInterrupt:
     print(f"gemma-jax {args.command}: interrupted", file=sys.stderr)
     return 130
-  except Exception as e:  # noqa: BLE001  (every failure: one line)
+  except Exception as e:  # every failure: one line
     if debug:
       raise
     if isinstance(e, GemmaJaxError):
       message, code = one_line(e), e.exit_code
     elif isinstance(e, OSError):
       message, code = one_line(e), 1
-    else:   # a bug, or a library error we do not translate yet
-      message = (f"{type(e).__name__}: {one_line(e)} (unexpected; rerun with "
-                 f"--debug for the traceback)")
+    else:  # a bug, or a library error we do not translate yet
+      message = (
+        f"{type(e).__name__}: {one_line(e)} (unexpected; rerun with "
+        f"--debug for the traceback)"
+      )
       code = 1
     print(f"gemma-jax {args.command}: error: {message}", file=sys.stderr)
     return code

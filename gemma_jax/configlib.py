@@ -46,41 +46,52 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return _convert(value, arg, path)
       except ConfigError as e:
         errors.append(str(e))
-    raise ConfigError(errors[0] if len(errors) == 1 else
-                      f"{path}: {value!r} is not a valid {_type_name(tp)}")
+    raise ConfigError(
+      errors[0]
+      if len(errors) == 1
+      else f"{path}: {value!r} is not a valid {_type_name(tp)}"
+    )
   if origin is Literal:
     if value not in args:
-      raise ConfigError(f"{path}: {value!r} is not a valid choice; valid "
-                        f"choices: {', '.join(repr(a) for a in args)}")
+      raise ConfigError(
+        f"{path}: {value!r} is not a valid choice; valid "
+        f"choices: {', '.join(repr(a) for a in args)}"
+      )
     return value
   if isinstance(tp, type) and dataclasses.is_dataclass(tp):
     if isinstance(value, tp):
       return value
     if not isinstance(value, dict):
-      raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, "
-                        f"got {value!r}")
+      raise ConfigError(
+        f"{path}: expected a mapping for {tp.__name__}, got {value!r}"
+      )
     return from_dict(tp, value, path)
   if origin in (tuple, list):
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
       raise ConfigError(f"{path}: expected a list, got {value!r}")
     if len(args) == 2 and args[1] is Ellipsis:
-      return tuple(_convert(v, args[0], f"{path}[{i}]")
-                   for i, v in enumerate(value))
+      return tuple(
+        _convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)
+      )
     if args and len(args) != len(value):
       raise ConfigError(f"{path}: expected {len(args)} items, got {value!r}")
     if not args:
       return tuple(value)
-    return tuple(_convert(v, a, f"{path}[{i}]")
-                 for i, (v, a) in enumerate(zip(value, args)))
+    return tuple(
+      _convert(v, a, f"{path}[{i}]")
+      for i, (v, a) in enumerate(zip(value, args))
+    )
   if origin is dict:
     if not isinstance(value, dict):
       raise ConfigError(f"{path}: expected a mapping, got {value!r}")
     kt, vt = args
-    return {_convert(k, kt, f"{path}"): _convert(v, vt, f"{path}.{k}")
-            for k, v in value.items()}
+    return {
+      _convert(k, kt, f"{path}"): _convert(v, vt, f"{path}.{k}")
+      for k, v in value.items()
+    }
   if tp is float:
     if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-      value = float(value)   # PyYAML reads `1e-3` (no dot) as a string
+      value = float(value)  # PyYAML reads `1e-3` (no dot) as a string
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{path}: expected a number, got {value!r}")
     if not math.isfinite(value):
@@ -112,12 +123,18 @@ def from_dict(cls, data: dict, path: str = ""):
     raise ConfigError(f"{prefix}{key} was removed: {removed[key]}")
   unknown = sorted(set(data) - set(fields))
   if unknown:
-    raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; valid keys under "
-                      f"'{path or '<top>'}': {', '.join(sorted(fields))}")
+    raise ConfigError(
+      f"unknown key '{prefix}{unknown[0]}'; valid keys under "
+      f"'{path or '<top>'}': {', '.join(sorted(fields))}"
+    )
   kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
-  missing = [n for n, f in fields.items()
-             if n not in kwargs and f.default is dataclasses.MISSING
-             and f.default_factory is dataclasses.MISSING]
+  missing = [
+    n
+    for n, f in fields.items()
+    if n not in kwargs
+    and f.default is dataclasses.MISSING
+    and f.default_factory is dataclasses.MISSING
+  ]
   if missing:
     raise ConfigError(f"missing required key '{prefix}{missing[0]}'")
   try:
@@ -125,21 +142,27 @@ def from_dict(cls, data: dict, path: str = ""):
   except ConfigError as e:
     # Validation inside __post_init__ names the field; add the section path.
     msg = str(e)
-    raise ConfigError(msg if not path or msg.startswith(path)
-                      else f"{prefix}{msg}") from None
+    raise ConfigError(
+      msg if not path or msg.startswith(path) else f"{prefix}{msg}"
+    ) from None
 
 
 def to_dict(config) -> dict:
   """Inverse of `from_dict`: plain, YAML/JSON-serialisable nested data."""
+
   def plain(v):
     if dataclasses.is_dataclass(v):
-      return {f.name: plain(getattr(v, f.name))
-              for f in dataclasses.fields(v) if f.init}
+      return {
+        f.name: plain(getattr(v, f.name))
+        for f in dataclasses.fields(v)
+        if f.init
+      }
     if isinstance(v, (list, tuple)):
       return [plain(x) for x in v]
     if isinstance(v, dict):
       return {k: plain(x) for k, x in v.items()}
     return v
+
   return plain(config)
 
 
@@ -151,13 +174,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
   try:
     value = yaml.safe_load(raw) if raw.strip() else ""
   except yaml.YAMLError as e:
-    raise ConfigError(f"override {text!r}: value is not valid YAML: {e}")
+    raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
   return key.strip().split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
   """Returns a copy of nested dict `data` with dotted overrides applied."""
   import copy
+
   data = copy.deepcopy(data)
   for text in overrides:
     keys, value = parse_override(text)
@@ -177,19 +201,25 @@ def _read_yaml(path):
   except FileNotFoundError:
     raise ConfigError(f"config file not found: {path}") from None
   except IsADirectoryError:
-    raise ConfigError(f"config file {path} is a directory; give the path "
-                      f"of a YAML file") from None
+    raise ConfigError(
+      f"config file {path} is a directory; give the path of a YAML file"
+    ) from None
   except UnicodeDecodeError as e:
-    raise ConfigError(f"config file {path} is not UTF-8 text (byte "
-                      f"{e.start}); give the path of a YAML file") from None
+    raise ConfigError(
+      f"config file {path} is not UTF-8 text (byte "
+      f"{e.start}); give the path of a YAML file"
+    ) from None
   except OSError as e:
-    raise ConfigError(f"config file {path}: cannot read it "
-                      f"({e.strerror or e})") from None
+    raise ConfigError(
+      f"config file {path}: cannot read it ({e.strerror or e})"
+    ) from None
   except yaml.YAMLError as e:
     # PyYAML's message spans lines (the offending line and a caret).
     first = str(e).strip().splitlines()
-    raise ConfigError(f"config file {path} is not valid YAML: "
-                      f"{' '.join(x.strip() for x in first)}") from None
+    raise ConfigError(
+      f"config file {path} is not valid YAML: "
+      f"{' '.join(x.strip() for x in first)}"
+    ) from None
 
 
 def load_yaml(path) -> dict:

@@ -71,12 +71,14 @@ class RuntimeConfig:
   pathways: single-controller Pathways on Cloud (needs the `pathwaysutils`
     package and a Pathways proxy); false: one JAX process per host.
   """
+
   pathways: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class _Explicit:
   """jax.distributed arguments from the JAX_* variables."""
+
   coordinator: str
   num_processes: int
   process_id: int
@@ -104,21 +106,26 @@ def explicit_processes(env=None) -> _Explicit | None:
   names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
   present = [n for n in names if env.get(n)]
   if "JAX_NUM_PROCESSES" not in present and "JAX_PROCESS_ID" not in present:
-    return None   # JAX_COORDINATOR_ADDRESS alone: a detected cluster's hint
+    return None  # JAX_COORDINATOR_ADDRESS alone: a detected cluster's hint
   for name in names:
     if name not in present:
-      raise ConfigError(f"{name} is not set but {', '.join(present)} is: set "
-                        f"all three of {', '.join(names)} (or none)")
+      raise ConfigError(
+        f"{name} is not set but {', '.join(present)} is: set "
+        f"all three of {', '.join(names)} (or none)"
+      )
   coordinator = env["JAX_COORDINATOR_ADDRESS"]
   host, _, port = coordinator.rpartition(":")
   if not host or not port.isdigit():
-    raise ConfigError(f"JAX_COORDINATOR_ADDRESS={coordinator!r}: expected "
-                      f"HOST:PORT of process 0, e.g. 10.0.0.2:8476")
+    raise ConfigError(
+      f"JAX_COORDINATOR_ADDRESS={coordinator!r}: expected "
+      f"HOST:PORT of process 0, e.g. 10.0.0.2:8476"
+    )
   num = _int_env(env, "JAX_NUM_PROCESSES", 1)
   pid = _int_env(env, "JAX_PROCESS_ID", 0)
   if pid >= num:
-    raise ConfigError(f"JAX_PROCESS_ID={pid} must be below "
-                      f"JAX_NUM_PROCESSES={num}")
+    raise ConfigError(
+      f"JAX_PROCESS_ID={pid} must be below JAX_NUM_PROCESSES={num}"
+    )
   return _Explicit(coordinator, num, pid)
 
 
@@ -131,11 +138,14 @@ def detected_cluster(env=None) -> bool:
       return int(env.get(name, "1"))
     except ValueError:
       return 1
-  return bool(env.get("GEMMA_JAX_DISTRIBUTED") == "1"
-              or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-              or env.get("MEGASCALE_COORDINATOR_ADDRESS")
-              or count("SLURM_NTASKS") > 1
-              or count("OMPI_COMM_WORLD_SIZE") > 1)
+
+  return bool(
+    env.get("GEMMA_JAX_DISTRIBUTED") == "1"
+    or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+    or count("SLURM_NTASKS") > 1
+    or count("OMPI_COMM_WORLD_SIZE") > 1
+  )
 
 
 def init_timeout_s(env=None) -> int:
@@ -155,8 +165,9 @@ def heartbeat_timeout_s(env=None) -> int:
   return _int_env(env, HEARTBEAT_ENV, 1)
 
 
-def initialize_distributed(log: Callable[[str], None] | None = None,
-                           env=None) -> None:
+def initialize_distributed(
+  log: Callable[[str], None] | None = None, env=None
+) -> None:
   """Starts jax.distributed when this is one of several processes.
 
   Prints one line saying whom it waits for, a reminder every 30 s, and raises
@@ -165,6 +176,7 @@ def initialize_distributed(log: Callable[[str], None] | None = None,
   GEMMA_JAX_INIT_TIMEOUT_S. Bad JAX_* values raise ConfigError first.
   """
   import jax
+
   log = log or _stderr
   env = os.environ if env is None else env
   if jax.distributed.is_initialized():
@@ -177,18 +189,24 @@ def initialize_distributed(log: Callable[[str], None] | None = None,
       return
     # CPU processes need CPU collectives to talk to each other.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = dict(coordinator_address=explicit.coordinator,
-                  num_processes=explicit.num_processes,
-                  process_id=explicit.process_id)
-    who = (f"process {explicit.process_id} of {explicit.num_processes}, "
-           f"coordinator {explicit.coordinator}")
+    kwargs = dict(
+      coordinator_address=explicit.coordinator,
+      num_processes=explicit.num_processes,
+      process_id=explicit.process_id,
+    )
+    who = (
+      f"process {explicit.process_id} of {explicit.num_processes}, "
+      f"coordinator {explicit.coordinator}"
+    )
   elif detected_cluster(env):
     kwargs = {}
     who = "a detected cluster (" + _cluster_hint(env) + ")"
   else:
     return
-  log(f"jax.distributed: {who}: waiting up to {timeout} s for every process "
-      f"to connect ({INIT_TIMEOUT_ENV})")
+  log(
+    f"jax.distributed: {who}: waiting up to {timeout} s for every process "
+    f"to connect ({INIT_TIMEOUT_ENV})"
+  )
   # JAX's own heartbeat abort (C++, a stack trace) comes after ours.
   kwargs["heartbeat_timeout_seconds"] = max(100, 2 * heartbeat + 10)
   _initialize_with_deadline(kwargs, timeout, who, log)
@@ -197,16 +215,24 @@ def initialize_distributed(log: Callable[[str], None] | None = None,
 
 
 def _cluster_hint(env) -> str:
-  hints = [f"{n}={env[n]}" for n in ("MEGASCALE_COORDINATOR_ADDRESS",
-                                      "MEGASCALE_NUM_SLICES",
-                                      "MEGASCALE_SLICE_ID", "TPU_WORKER_ID",
-                                      "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-           if env.get(n)]
+  hints = [
+    f"{n}={env[n]}"
+    for n in (
+      "MEGASCALE_COORDINATOR_ADDRESS",
+      "MEGASCALE_NUM_SLICES",
+      "MEGASCALE_SLICE_ID",
+      "TPU_WORKER_ID",
+      "SLURM_NTASKS",
+      "OMPI_COMM_WORLD_SIZE",
+    )
+    if env.get(n)
+  ]
   return ", ".join(hints) or "Cloud TPU metadata"
 
 
-def _initialize_with_deadline(kwargs: dict, timeout: int, who: str,
-                              log: Callable[[str], None]) -> None:
+def _initialize_with_deadline(
+  kwargs: dict, timeout: int, who: str, log: Callable[[str], None]
+) -> None:
   """jax.distributed.initialize on a helper thread, waited for `timeout`.
 
   JAX's connect blocks in C++ and, at its own deadline, aborts the process
@@ -214,18 +240,20 @@ def _initialize_with_deadline(kwargs: dict, timeout: int, who: str,
   and stop with a Python exception instead.
   """
   import jax
+
   errors = []
 
   def connect():
     try:
       jax.distributed.initialize(
-          **kwargs,
-          initialization_timeout=timeout + _JAX_DEADLINE_MARGIN_S)
-    except BaseException as e:  # noqa: BLE001  (re-raised on the caller)
+        **kwargs, initialization_timeout=timeout + _JAX_DEADLINE_MARGIN_S
+      )
+    except BaseException as e:  # re-raised on the caller
       errors.append(e)
 
-  thread = threading.Thread(target=connect, name="jax-distributed-init",
-                            daemon=True)
+  thread = threading.Thread(
+    target=connect, name="jax-distributed-init", daemon=True
+  )
   start = time.monotonic()
   thread.start()
   while thread.is_alive():
@@ -234,16 +262,19 @@ def _initialize_with_deadline(kwargs: dict, timeout: int, who: str,
       break
     thread.join(min(left, _REMIND_EVERY_S))
     if thread.is_alive() and time.monotonic() - start < timeout:
-      log(f"jax.distributed: still waiting after "
-          f"{time.monotonic() - start:.0f} s ({who})")
+      log(
+        f"jax.distributed: still waiting after "
+        f"{time.monotonic() - start:.0f} s ({who})"
+      )
   if errors:
     raise errors[0]
   if thread.is_alive():
     _exit_quickly_at_interpreter_exit()
     raise TrainingStopped(
-        f"jax.distributed: not every process connected within {timeout} s "
-        f"({who}); start the same command on every host, check that they "
-        f"reach the coordinator's port, or raise {INIT_TIMEOUT_ENV}")
+      f"jax.distributed: not every process connected within {timeout} s "
+      f"({who}); start the same command on every host, check that they "
+      f"reach the coordinator's port, or raise {INIT_TIMEOUT_ENV}"
+    )
 
 
 # A lost peer.
@@ -251,8 +282,11 @@ _peer_lost_hooks: list[Callable[[], None]] = []
 error_prefix = "gemma-jax"
 # What a collective with a vanished process raises (gloo on CPU; the
 # coordination service once it has noticed).
-_PEER_FAILURE = re.compile(r"gloo|connection (closed|reset) by peer|"
-                           r"heartbeat timeout|tasks are unhealthy", re.I)
+_PEER_FAILURE = re.compile(
+  r"gloo|connection (closed|reset) by peer|"
+  r"heartbeat timeout|tasks are unhealthy",
+  re.I,
+)
 
 
 def on_peer_lost(hook: Callable[[], None]) -> Callable[[], None]:
@@ -263,6 +297,7 @@ def on_peer_lost(hook: Callable[[], None]) -> Callable[[], None]:
   def remove() -> None:
     if hook in _peer_lost_hooks:
       _peer_lost_hooks.remove(hook)
+
   return remove
 
 
@@ -270,28 +305,35 @@ def is_peer_failure(error: BaseException) -> bool:
   """Whether `error` (from a step or a collective) means that another
   process of a multi-process run is gone."""
   import jax
-  return (jax.process_count() > 1
-          and isinstance(error, jax.errors.JaxRuntimeError)
-          and bool(_PEER_FAILURE.search(str(error))))
+
+  return (
+    jax.process_count() > 1
+    and isinstance(error, jax.errors.JaxRuntimeError)
+    and bool(_PEER_FAILURE.search(str(error)))
+  )
 
 
 def lost_message(who: str, why: str) -> str:
   import jax
-  return (f"jax.distributed: {who} was lost ({why}); process "
-          f"{jax.process_index()} of {jax.process_count()} stops too; rerun "
-          f"the same command on every host to resume from the last "
-          f"checkpoint")
+
+  return (
+    f"jax.distributed: {who} was lost ({why}); process "
+    f"{jax.process_index()} of {jax.process_count()} stops too; rerun "
+    f"the same command on every host to resume from the last "
+    f"checkpoint"
+  )
 
 
 def stop_for_lost_peer(message: str) -> None:
   """Runs the hooks (at most 10 s), prints one line, exits with status 1
   without JAX's teardown (its shutdown barrier waits for the lost peer)."""
-  timer = threading.Timer(_HOOKS_DEADLINE_S, lambda: os._exit(
-      TrainingStopped.exit_code))
+  timer = threading.Timer(
+    _HOOKS_DEADLINE_S, lambda: os._exit(TrainingStopped.exit_code)
+  )
   timer.daemon = True
   timer.start()
   for hook in list(_peer_lost_hooks):
-    with contextlib.suppress(BaseException):   # stopping anyway
+    with contextlib.suppress(BaseException):  # stopping anyway
       hook()
   sys.stdout.flush()
   print(f"{error_prefix}: error: {message}", file=sys.stderr, flush=True)
@@ -304,8 +346,14 @@ class PeerWatchdog:
 
   PREFIX = "gemma_jax/alive/"
 
-  def __init__(self, client, process_id: int, num_processes: int,
-               timeout_s: float, lost=stop_for_lost_peer):
+  def __init__(
+    self,
+    client,
+    process_id: int,
+    num_processes: int,
+    timeout_s: float,
+    lost=stop_for_lost_peer,
+  ):
     self.client, self.me, self.n = client, process_id, num_processes
     self.timeout_s = timeout_s
     self.every_s = max(0.2, min(5.0, timeout_s / 5))
@@ -318,24 +366,27 @@ class PeerWatchdog:
 
   def start(self) -> None:
     for target, name in ((self._beat, "beat"), (self._judge, "judge")):
-      threading.Thread(target=target, daemon=True,
-                       name=f"gemma-jax-peers-{name}").start()
+      threading.Thread(
+        target=target, daemon=True, name=f"gemma-jax-peers-{name}"
+      ).start()
 
   def done(self) -> None:
     """This process ends normally: peers stop watching it, it them."""
     self._stop.set()
     with contextlib.suppress(Exception):
-      self.client.key_value_set(f"{self.PREFIX}{self.me}", "done",
-                                allow_overwrite=True)
+      self.client.key_value_set(
+        f"{self.PREFIX}{self.me}", "done", allow_overwrite=True
+      )
 
   def _beat(self) -> None:
     while not self._stop.wait(self.every_s):
       try:
         self._beats += 1
-        self.client.key_value_set(f"{self.PREFIX}{self.me}",
-                                  str(self._beats), allow_overwrite=True)
+        self.client.key_value_set(
+          f"{self.PREFIX}{self.me}", str(self._beats), allow_overwrite=True
+        )
         values = dict(self.client.key_value_dir_get(self.PREFIX))
-      except Exception:  # noqa: BLE001  (judged by its age)
+      except Exception:  # judged by its age
         continue
       now = time.monotonic()
       self._answered = now
@@ -350,15 +401,20 @@ class PeerWatchdog:
     while not self._stop.wait(self.every_s):
       now = time.monotonic()
       if self.me != 0 and now - self._answered > self.timeout_s:
-        message = lost_message("the coordinator (process 0)",
-                               f"no answer for {self.timeout_s:g} s")
+        message = lost_message(
+          "the coordinator (process 0)", f"no answer for {self.timeout_s:g} s"
+        )
       else:
-        silent = [p for p, (_, t) in sorted(self._seen.items())
-                  if p != self.me and now - t > self.timeout_s]
+        silent = [
+          p
+          for p, (_, t) in sorted(self._seen.items())
+          if p != self.me and now - t > self.timeout_s
+        ]
         if not silent:
           continue
-        message = lost_message(f"process {silent[0]}",
-                               f"silent for {self.timeout_s:g} s")
+        message = lost_message(
+          f"process {silent[0]}", f"silent for {self.timeout_s:g} s"
+        )
       self._stop.set()
       self._lost(message)
       return
@@ -377,10 +433,14 @@ def _start_watchdog(timeout_s: int) -> None:
   # jax.distributed's client has no public accessor in JAX 0.10;
   # jax.experimental.multihost_utils reads it from here too.
   from jax._src import distributed as jax_distributed
+
   global _watchdog
-  _watchdog = PeerWatchdog(jax_distributed.global_state.client,
-                           jax.process_index(), jax.process_count(),
-                           timeout_s)
+  _watchdog = PeerWatchdog(
+    jax_distributed.global_state.client,
+    jax.process_index(),
+    jax.process_count(),
+    timeout_s,
+  )
   _watchdog.start()
   atexit.register(_watchdog.done)
 
@@ -400,12 +460,15 @@ def _exit_quickly_at_interpreter_exit() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(TrainingStopped.exit_code)
+
   atexit.register(end)
 
 
-def initialize_runtime(cfg: RuntimeConfig = RuntimeConfig(),
-                       log: Callable[[str], None] | None = None,
-                       command: str | None = None) -> None:
+def initialize_runtime(
+  cfg: RuntimeConfig = RuntimeConfig(),
+  log: Callable[[str], None] | None = None,
+  command: str | None = None,
+) -> None:
   """Starts Pathways (cfg.pathways) or jax.distributed; call before any
   device work. `command` names the CLI command in the line printed when a
   peer is lost (`gemma-jax train: error: ...`)."""
@@ -418,19 +481,24 @@ def initialize_runtime(cfg: RuntimeConfig = RuntimeConfig(),
   try:
     import pathwaysutils
   except ImportError:
-    raise ConfigError("runtime.pathways is true but the 'pathwaysutils' "
-                      "package is not installed: pip install pathwaysutils "
-                      "(or set runtime.pathways: false)") from None
+    raise ConfigError(
+      "runtime.pathways is true but the 'pathwaysutils' "
+      "package is not installed: pip install pathwaysutils "
+      "(or set runtime.pathways: false)"
+    ) from None
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if "proxy" not in platforms:
     raise ConfigError(
-        f"runtime.pathways is true but JAX_PLATFORMS={platforms!r} does not "
-        f"name the Pathways 'proxy' backend: run under Pathways (`gemma-jax "
-        f"launch gke --pathways` renders the workload) with "
-        f"JAX_PLATFORMS=proxy and JAX_BACKEND_TARGET=grpc://HEAD:29000")
+      f"runtime.pathways is true but JAX_PLATFORMS={platforms!r} does not "
+      f"name the Pathways 'proxy' backend: run under Pathways (`gemma-jax "
+      f"launch gke --pathways` renders the workload) with "
+      f"JAX_PLATFORMS=proxy and JAX_BACKEND_TARGET=grpc://HEAD:29000"
+    )
   pathwaysutils.initialize()
-  (log or _stderr)(f"pathways: single controller via "
-                   f"{os.environ.get('JAX_BACKEND_TARGET', 'the proxy')}")
+  (log or _stderr)(
+    f"pathways: single controller via "
+    f"{os.environ.get('JAX_BACKEND_TARGET', 'the proxy')}"
+  )
 
 
 def _stderr(line: str) -> None:

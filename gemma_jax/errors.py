@@ -15,12 +15,14 @@ so that it reads on its own after `gemma-jax COMMAND: error: `.
 
 class GemmaJaxError(Exception):
   """Base of the errors above; `exit_code` is what the CLI exits with."""
+
   exit_code = 1
 
 
 class ConfigError(GemmaJaxError, ValueError):
   """A config file, override or argument is invalid; the message names the
   key."""
+
   exit_code = 2
 
 

@@ -219,9 +219,11 @@ def check_writable_directory(path, what: str) -> None:
     probe.unlink()
   except OSError as e:
     reason = e.strerror or str(e)
-    raise ConfigError(f"{what} {path} is not writable ({reason}); fix its "
-                      f"permissions or free space, or choose another "
-                      f"--workdir") from None
+    raise ConfigError(
+      f"{what} {path} is not writable ({reason}); fix its "
+      f"permissions or free space, or choose another "
+      f"--workdir"
+    ) from None
 
 
 # Cloud Storage: clients, emulators, the preflight.
@@ -230,8 +232,10 @@ def _configure_gcsfs() -> None:
   arrays of a checkpoint) and other processes write behind its back, so a
   cached listing would hide their objects (a step orbax just committed)."""
   import fsspec
-  fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache",
-                                                      False)
+
+  fsspec.config.conf.setdefault("gcs", {}).setdefault(
+    "use_listings_cache", False
+  )
 
 
 _configure_gcsfs()
@@ -240,6 +244,7 @@ _configure_gcsfs()
 def _fs(path):
   """(fsspec filesystem, path without its scheme) of a remote `path`."""
   import fsspec
+
   return fsspec.core.url_to_fs(os.fspath(path))
 
 
@@ -248,10 +253,13 @@ def emulator_env(url: str) -> dict[str, str]:
   at `url` (e.g. http://127.0.0.1:9023): gcsfs, tensorstore (with a dummy
   token), array_record's C++ client; and gcsfs's zonal-bucket probe off (it
   asks a control-plane API an emulator lacks, once per call)."""
-  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-          "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
-          "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  return {
+    "STORAGE_EMULATOR_HOST": url,
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+  }
 
 
 def storage_timeout_s(env=None) -> float:
@@ -264,8 +272,9 @@ def storage_timeout_s(env=None) -> float:
   except ValueError:
     value = -1.0
   if not value > 0:
-    raise ConfigError(f"{TIMEOUT_ENV}={text!r}: expected a number of "
-                      f"seconds > 0")
+    raise ConfigError(
+      f"{TIMEOUT_ENV}={text!r}: expected a number of seconds > 0"
+    )
   return value
 
 
@@ -284,7 +293,7 @@ def check_remote(path, what: str, env=None) -> None:
   path = os.fspath(path)
   if not path.startswith("gs://"):
     return
-  bucket = path[len("gs://"):].split("/")[0]
+  bucket = path[len("gs://") :].split("/")[0]
   if bucket in _checked:
     return
   env = os.environ if env is None else env
@@ -299,17 +308,21 @@ def check_remote(path, what: str, env=None) -> None:
 
 def _endpoint(path: str, what: str, env) -> str:
   """The endpoint every client uses; ConfigError if they disagree."""
-  names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-           "CLOUD_STORAGE_EMULATOR_ENDPOINT")
+  names = (
+    "STORAGE_EMULATOR_HOST",
+    "TENSORSTORE_GCS_HTTP_URL",
+    "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+  )
   urls = {n: env.get(n, "").rstrip("/") for n in names}
   if not any(urls.values()):
     return _GCS
   if len(set(urls.values())) > 1:
     given = ", ".join(f"{n}={v!r}" for n, v in urls.items())
     raise ConfigError(
-        f"{what} {path}: the Cloud Storage emulator must be named to every "
-        f"client or to none ({given}): set {', '.join(names)} to the same "
-        f"URL, or unset them all")
+      f"{what} {path}: the Cloud Storage emulator must be named to every "
+      f"client or to none ({given}): set {', '.join(names)} to the same "
+      f"URL, or unset them all"
+    )
   url = urls["STORAGE_EMULATOR_HOST"]
   if "://" not in url:
     url = "http://" + url
@@ -321,14 +334,16 @@ def _endpoint(path: str, what: str, env) -> str:
 def _check_credentials(path: str, what: str) -> None:
   import google.auth
   import google.auth.exceptions
+
   try:
     google.auth.default()
   except google.auth.exceptions.DefaultCredentialsError:
     raise ConfigError(
-        f"{what} {path}: no Google Cloud credentials on this machine; run "
-        f"`gcloud auth application-default login` or set "
-        f"GOOGLE_APPLICATION_CREDENTIALS to a service-account key (a Cloud "
-        f"TPU VM uses its service account)") from None
+      f"{what} {path}: no Google Cloud credentials on this machine; run "
+      f"`gcloud auth application-default login` or set "
+      f"GOOGLE_APPLICATION_CREDENTIALS to a service-account key (a Cloud "
+      f"TPU VM uses its service account)"
+    ) from None
 
 
 def _check_connect(path: str, what: str, endpoint: str, timeout: float):
@@ -339,40 +354,48 @@ def _check_connect(path: str, what: str, endpoint: str, timeout: float):
   except OSError as e:
     reason = e.strerror or str(e) or type(e).__name__
     raise StorageUnreachable(
-        f"{what} {path}: cannot reach Cloud Storage at {url.hostname}:{port}"
-        f" ({reason}) within {timeout:g} s; check the network"
-        + (", or STORAGE_EMULATOR_HOST" if endpoint != _GCS else "")) from None
+      f"{what} {path}: cannot reach Cloud Storage at {url.hostname}:{port}"
+      f" ({reason}) within {timeout:g} s; check the network"
+      + (", or STORAGE_EMULATOR_HOST" if endpoint != _GCS else "")
+    ) from None
 
 
 def _check_request(path: str, what: str, endpoint: str, timeout: float):
   """Lists one object of the bucket through gcsfs (what a trainer needs
   anyway: storage.objects.list), on a thread, so that gcsfs's retries
   cannot hold this process past `timeout`."""
-  bucket = path[len("gs://"):].split("/")[0]
+  bucket = path[len("gs://") :].split("/")[0]
   result = []
 
   def ask():
     try:
       fs, _ = _fs(path)
-      result.append(fs.call("GET", "b/{}/o", bucket, maxResults=1,
-                            json_out=True))
-    except BaseException as e:  # noqa: BLE001  (reported on the caller)
+      result.append(
+        fs.call("GET", "b/{}/o", bucket, maxResults=1, json_out=True)
+      )
+    except BaseException as e:  # reported on the caller
       result.append(e)
+
   thread = threading.Thread(target=ask, daemon=True, name="gcs-preflight")
   thread.start()
   thread.join(timeout)
   if not result:
     raise StorageUnreachable(
-        f"{what} {path}: Cloud Storage at {endpoint} did not answer, or kept "
-        f"failing, for {timeout:g} s (raise {TIMEOUT_ENV} on a slow link)")
+      f"{what} {path}: Cloud Storage at {endpoint} did not answer, or kept "
+      f"failing, for {timeout:g} s (raise {TIMEOUT_ENV} on a slow link)"
+    )
   e = result[0]
   if isinstance(e, FileNotFoundError):
-    raise ConfigError(f"{what} {path}: there is no bucket gs://{bucket} (or "
-                      f"this account cannot see it); create it or fix the "
-                      f"path") from None
+    raise ConfigError(
+      f"{what} {path}: there is no bucket gs://{bucket} (or "
+      f"this account cannot see it); create it or fix the "
+      f"path"
+    ) from None
   if isinstance(e, BaseException):
     text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise StorageUnreachable(f"{what} {path}: Cloud Storage at {endpoint} "
-                             f"refused the request ({type(e).__name__}: "
-                             f"{text}); check this account's access to "
-                             f"gs://{bucket}") from None
+    raise StorageUnreachable(
+      f"{what} {path}: Cloud Storage at {endpoint} "
+      f"refused the request ({type(e).__name__}: "
+      f"{text}); check this account's access to "
+      f"gs://{bucket}"
+    ) from None

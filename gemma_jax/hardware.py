@@ -15,7 +15,7 @@ import math
 
 from gemma_jax.errors import ConfigError
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,7 @@ class Chip:
   per chip).
   `cloud`: how Cloud TPU, GKE and xpk name the generation (TPUs only).
   """
+
   name: str
   device_kinds: tuple[str, ...]
   peak_flops: float
@@ -56,6 +57,7 @@ class CloudNames:
   cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus; the Pathways
   instance type as xpk names it (src/xpk/core/system_characteristics.py).
   """
+
   accelerator_prefix: str
   cores_per_chip: int
   runtime_version: str
@@ -67,36 +69,93 @@ class CloudNames:
 _2D = ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
 _3D = ("2x2x1", "2x2x2", "2x2x4", "2x4x4")
 
-CHIPS = {c.name: c for c in (
+CHIPS = {
+  c.name: c
+  for c in (
     Chip("v2", ("tpu v2",), 22.5e12),
     Chip("v3", ("tpu v3",), 61.5e12),
-    Chip("v4", ("tpu v4",), 275e12, int(30.75 * GiB), 3, 4096, _3D,
-         "megacore", CloudNames("v4", 2, "tpu-ubuntu2204-base",
-                                "tpu-v4-podslice", "ct4p-hightpu-4t",
-                                "tpuv4")),
-    Chip("v5e", ("tpu v5 lite", "tpu v5e"), 197e12, int(15.75 * GiB), 2, 256,
-         _2D, None, CloudNames("v5litepod", 1, "v2-alpha-tpuv5-lite",
-                               "tpu-v5-lite-podslice", "ct5lp-hightpu-4t",
-                               "tpuv5e")),
-    Chip("v5p", ("tpu v5p", "tpu v5"), 459e12, int(95.74 * GiB), 3, 8960, _3D,
-         "megacore", CloudNames("v5p", 2, "v2-alpha-tpuv5", "tpu-v5p-slice",
-                                "ct5p-hightpu-4t", "tpuv5")),
-    Chip("v6e", ("tpu v6 lite", "tpu v6e"), 918e12, int(31.25 * GiB), 2, 256,
-         _2D, None, CloudNames("v6e", 1, "v2-alpha-tpuv6e", "tpu-v6e-slice",
-                               "ct6e-standard-4t", "tpuv6e")),
+    Chip(
+      "v4",
+      ("tpu v4",),
+      275e12,
+      int(30.75 * GiB),
+      3,
+      4096,
+      _3D,
+      "megacore",
+      CloudNames(
+        "v4",
+        2,
+        "tpu-ubuntu2204-base",
+        "tpu-v4-podslice",
+        "ct4p-hightpu-4t",
+        "tpuv4",
+      ),
+    ),
+    Chip(
+      "v5e",
+      ("tpu v5 lite", "tpu v5e"),
+      197e12,
+      int(15.75 * GiB),
+      2,
+      256,
+      _2D,
+      None,
+      CloudNames(
+        "v5litepod",
+        1,
+        "v2-alpha-tpuv5-lite",
+        "tpu-v5-lite-podslice",
+        "ct5lp-hightpu-4t",
+        "tpuv5e",
+      ),
+    ),
+    Chip(
+      "v5p",
+      ("tpu v5p", "tpu v5"),
+      459e12,
+      int(95.74 * GiB),
+      3,
+      8960,
+      _3D,
+      "megacore",
+      CloudNames(
+        "v5p", 2, "v2-alpha-tpuv5", "tpu-v5p-slice", "ct5p-hightpu-4t", "tpuv5"
+      ),
+    ),
+    Chip(
+      "v6e",
+      ("tpu v6 lite", "tpu v6e"),
+      918e12,
+      int(31.25 * GiB),
+      2,
+      256,
+      _2D,
+      None,
+      CloudNames(
+        "v6e",
+        1,
+        "v2-alpha-tpuv6e",
+        "tpu-v6e-slice",
+        "ct6e-standard-4t",
+        "tpuv6e",
+      ),
+    ),
     Chip("tpu7x", ("tpu7x",), 2307e12),
     Chip("a100", ("a100",), 312e12),
     Chip("l4", ("l4",), 121e12),
     Chip("h100", ("h100", "h200", "h800"), 989e12),
     Chip("b200", ("b200",), 2250e12),
-)}
+  )
+}
 
 
 def chip_of(device) -> Chip | None:
   """The table entry for a JAX device (longest matching kind), or None."""
   kind = device.device_kind.lower()
-  matches = [(len(k), c) for c in CHIPS.values() for k in c.device_kinds
-             if k in kind]
+  matches = [
+    (len(k), c) for c in CHIPS.values() for k in c.device_kinds if k in kind
+  ]
   return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
@@ -120,19 +179,27 @@ def parse_topology(name: str) -> tuple[Chip, tuple[int, ...]]:
   tpus = [c for c in CHIPS.values() if c.is_tpu]
   if gen not in CHIPS or not CHIPS[gen].is_tpu or not shape:
     raise ConfigError(
-        f"--topology {name!r}: expected GENERATION:SHAPE such as v5e:16x16 "
-        f"or v5p:4x4x8; generations: {', '.join(c.name for c in tpus)}")
+      f"--topology {name!r}: expected GENERATION:SHAPE such as v5e:16x16 "
+      f"or v5p:4x4x8; generations: {', '.join(c.name for c in tpus)}"
+    )
   chip = CHIPS[gen]
   try:
     sizes = tuple(int(s) for s in shape.split("x"))
   except ValueError:
     sizes = ()
-  cube = (len(sizes) == 3 and all(s % 4 == 0 for s in sizes)
-          and math.prod(sizes) <= chip.max_chips)
-  if len(sizes) != chip.dims or not (shape in chip.shapes or
-                                     (chip.dims == 3 and cube)):
-    rule = (f"one of {', '.join(chip.shapes)}" if chip.dims == 2 else
-            f"{', '.join(chip.shapes)} or AxBxC with A, B, C multiples of "
-            f"4 and at most {chip.max_chips} chips")
+  cube = (
+    len(sizes) == 3
+    and all(s % 4 == 0 for s in sizes)
+    and math.prod(sizes) <= chip.max_chips
+  )
+  if len(sizes) != chip.dims or not (
+    shape in chip.shapes or (chip.dims == 3 and cube)
+  ):
+    rule = (
+      f"one of {', '.join(chip.shapes)}"
+      if chip.dims == 2
+      else f"{', '.join(chip.shapes)} or AxBxC with A, B, C multiples of "
+      f"4 and at most {chip.max_chips} chips"
+    )
     raise ConfigError(f"--topology {name!r}: {gen} slices are {rule}")
   return chip, sizes

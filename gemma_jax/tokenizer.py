@@ -23,12 +23,22 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 # SentencePieceTrainer options that reproduce Gemma's tokenizer settings.
 # Values mix str, bool and int; they go to train() as **kwargs.
 GEMMA_TRAINER_OPTIONS: dict[str, Any] = dict(
-    model_type="bpe", byte_fallback=True, split_digits=True,
-    normalization_rule_name="identity", add_dummy_prefix=False,
-    remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-    pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-    pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-    unk_piece="<unk>")
+  model_type="bpe",
+  byte_fallback=True,
+  split_digits=True,
+  normalization_rule_name="identity",
+  add_dummy_prefix=False,
+  remove_extra_whitespaces=False,
+  allow_whitespace_only_pieces=True,
+  pad_id=PAD_ID,
+  eos_id=EOS_ID,
+  bos_id=BOS_ID,
+  unk_id=UNK_ID,
+  pad_piece="<pad>",
+  eos_piece="<eos>",
+  bos_piece="<bos>",
+  unk_piece="<unk>",
+)
 
 
 class Tokenizer:
@@ -47,13 +57,18 @@ class Tokenizer:
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self._sp.get_piece_size()
     self.fingerprint = hashlib.sha256(model_proto).hexdigest()
-    ids = dict(pad=self._sp.pad_id(), eos=self._sp.eos_id(),
-               bos=self._sp.bos_id(), unk=self._sp.unk_id())
+    ids = dict(
+      pad=self._sp.pad_id(),
+      eos=self._sp.eos_id(),
+      bos=self._sp.bos_id(),
+      unk=self._sp.unk_id(),
+    )
     want = dict(pad=PAD_ID, eos=EOS_ID, bos=BOS_ID, unk=UNK_ID)
     if ids != want:
       raise DataError(
-          f"tokenizer {path or '<bytes>'}: special ids {ids} differ from "
-          f"Gemma's {want}")
+        f"tokenizer {path or '<bytes>'}: special ids {ids} differ from "
+        f"Gemma's {want}"
+      )
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
@@ -66,19 +81,23 @@ class Tokenizer:
     try:
       return cls(proto, path)
     except RuntimeError as e:
-      raise DataError(f"tokenizer {path} is not a SentencePiece model: "
-                        f"{str(e).splitlines()[0]}") from None
+      raise DataError(
+        f"tokenizer {path} is not a SentencePiece model: "
+        f"{str(e).splitlines()[0]}"
+      ) from None
 
   def check_vocab(self, vocab_size: int) -> None:
     """Raises ConfigError if some token id would fall outside the model."""
     if self.vocab_size > vocab_size:
       raise ConfigError(
-          f"tokenizer {self.path or '<bytes>'} has {self.vocab_size} pieces "
-          f"but model.vocab_size is {vocab_size}: ids >= {vocab_size} would "
-          "index past the embedding")
+        f"tokenizer {self.path or '<bytes>'} has {self.vocab_size} pieces "
+        f"but model.vocab_size is {vocab_size}: ids >= {vocab_size} would "
+        "index past the embedding"
+      )
 
-  def encode(self, text: str, add_bos: bool = False,
-             add_eos: bool = False) -> np.ndarray:
+  def encode(
+    self, text: str, add_bos: bool = False, add_eos: bool = False
+  ) -> np.ndarray:
     """Text -> int32 ids [n]."""
     ids = self._sp.encode(text, add_bos=add_bos, add_eos=add_eos)
     return np.asarray(ids, np.int32)
@@ -105,31 +124,45 @@ class Tokenizer:
     self.__init__(state["proto"], state["path"])
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str,
-                    max_sentence_length: int = 16384,
-                    input_sentence_size: int = 200_000) -> Tokenizer:
+def train_tokenizer(
+  texts: Iterable[str],
+  vocab_size: int,
+  out_path: str,
+  max_sentence_length: int = 16384,
+  input_sentence_size: int = 200_000,
+) -> Tokenizer:
   """Trains a Gemma-style BPE tokenizer on `texts` and writes `out_path`.
 
   Each text is one training sentence (long ones are cut into lines).
   """
   if vocab_size < 260 + 4:
     # Byte fallback alone needs 256 pieces plus the 4 special ones.
-    raise ConfigError(f"tokenizer vocab_size must be >= 264 (256 byte pieces "
-                      f"+ specials + merges), got {vocab_size}")
+    raise ConfigError(
+      f"tokenizer vocab_size must be >= 264 (256 byte pieces "
+      f"+ specials + merges), got {vocab_size}"
+    )
   sentences = _sentences(texts, max_sentence_length)
   if not sentences:
     raise DataError("tokenizer training input is empty")
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model,
-        vocab_size=vocab_size, max_sentence_length=max_sentence_length,
-        input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-        hard_vocab_limit=True, character_coverage=1.0, num_threads=2,
-        minloglevel=2, **GEMMA_TRAINER_OPTIONS)
+      sentence_iterator=iter(sentences),
+      model_writer=model,
+      vocab_size=vocab_size,
+      max_sentence_length=max_sentence_length,
+      input_sentence_size=input_sentence_size,
+      shuffle_input_sentence=True,
+      hard_vocab_limit=True,
+      character_coverage=1.0,
+      num_threads=2,
+      minloglevel=2,
+      **GEMMA_TRAINER_OPTIONS,
+    )
   except RuntimeError as e:
-    raise DataError(f"tokenizer training failed: "
-                      f"{str(e).splitlines()[0]}") from None
+    raise DataError(
+      f"tokenizer training failed: {str(e).splitlines()[0]}"
+    ) from None
   out_path = os.path.expanduser(str(out_path))
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   tmp = out_path + ".tmp"
@@ -142,8 +175,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str,
 def _sentences(texts: Iterable[str], max_len: int) -> list[str]:
   out = []
   for text in texts:
-    lines = (text.splitlines(keepends=True) if len(text) > max_len
-             else [text])
+    lines = text.splitlines(keepends=True) if len(text) > max_len else [text]
     for line in lines:
       if line.strip():
         out.append(line[:max_len])

@@ -13,8 +13,6 @@ import argparse
 import os
 import time
 
-import numpy as np
-
 
 def measure(fn, steps: int, rows: int, seq_len: int) -> tuple[float, float]:
   fn(0)  # warm up: opens epochs, spawns workers
@@ -31,7 +29,9 @@ def train_tokens_per_sec(batch: dict, steps: int = 10) -> float:
   import jax.numpy as jnp
   import optax
   from flax.linen import meta
+
   from gemma_jax.model import Transformer, preset
+
   model = Transformer(preset("tiny-gemma2"))
   arrays = {k: jnp.asarray(v) for k, v in batch.items()}
   params = meta.unbox(model.init(jax.random.key(0), arrays["inputs"])["params"])
@@ -39,8 +39,9 @@ def train_tokens_per_sec(batch: dict, steps: int = 10) -> float:
   state = opt.init(params)
 
   def loss_fn(p, b):
-    logits = model.apply({"params": p}, b["inputs"], b["positions"],
-                         b["segment_ids"])
+    logits = model.apply(
+      {"params": p}, b["inputs"], b["positions"], b["segment_ids"]
+    )
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, b["targets"])
     return (nll * b["loss_mask"]).sum() / jnp.maximum(b["loss_mask"].sum(), 1)
 
@@ -72,21 +73,31 @@ def main():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from gemma_jax import configlib
   from gemma_jax.data import DataConfig, build_pipeline, corpus
+
   data = corpus.build_default_corpus(args.corpus or corpus.DEFAULT_DIR)
-  data = {**data, "seq_len": args.seq_len, "stages": [
-      {"start_step": 0, "weights": {"prose": .4, "code": .4, "math": .2}},
-      {"start_step": args.steps // 2,
-       "weights": {"prose": .2, "code": .2, "math": .6}}]}
+  data = {
+    **data,
+    "seq_len": args.seq_len,
+    "stages": [
+      {"start_step": 0, "weights": {"prose": 0.4, "code": 0.4, "math": 0.2}},
+      {
+        "start_step": args.steps // 2,
+        "weights": {"prose": 0.2, "code": 0.2, "math": 0.6},
+      },
+    ],
+  }
   b, t = args.batch, args.seq_len
   results = {}
   pipe = build_pipeline(configlib.from_dict(DataConfig, data, "data"), b)
   results["batch(step), random access"] = measure(pipe.batch, args.steps, b, t)
   for workers in (0, args.workers):
-    cfg = configlib.from_dict(DataConfig, {**data, "num_workers": workers},
-                              "data")
+    cfg = configlib.from_dict(
+      DataConfig, {**data, "num_workers": workers}, "data"
+    )
     stream = build_pipeline(cfg, b).iterate(0)
     results[f"iterate, {workers} worker processes"] = measure(
-        lambda _: next(stream), args.steps, b, t)
+      lambda _, stream=stream: next(stream), args.steps, b, t
+    )
     stream.close()
   print(f"batch {b} x seq_len {t}, {args.steps} steps, default corpus")
   for name, (rows, tokens) in results.items():
@@ -94,10 +105,14 @@ def main():
   if not args.no_train:
     train = train_tokens_per_sec(pipe.batch(0))
     slowest = min(tok for _, tok in results.values())
-    print(f"  {'tiny-gemma2 train step (CPU)':32s} {train / t:10.0f} rows/s "
-          f"{train:12.0f} tokens/s")
-    print(f"  slowest pipeline mode feeds {slowest / train:.0f}x what tiny "
-          "training consumes")
+    print(
+      f"  {'tiny-gemma2 train step (CPU)':32s} {train / t:10.0f} rows/s "
+      f"{train:12.0f} tokens/s"
+    )
+    print(
+      f"  slowest pipeline mode feeds {slowest / train:.0f}x what tiny "
+      "training consumes"
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,15 @@ import pathlib
 import subprocess
 import sys
 
-FIELDS = dict(num_layers=12, d_model=1024, mlp_dim=4096, num_heads=8,
-              num_kv_heads=4, head_dim=128, vocab_size=32000)
+FIELDS = dict(
+  num_layers=12,
+  d_model=1024,
+  mlp_dim=4096,
+  num_heads=8,
+  num_kv_heads=4,
+  head_dim=128,
+  vocab_size=32000,
+)
 
 RUN = r"""
 import json, os, sys, time
@@ -69,17 +76,22 @@ print(json.dumps({"mode": mode, "format": fmt, "seconds": seconds,
 
 def make_checkpoints(workdir: pathlib.Path) -> None:
   import numpy as np
+
   from gemma_jax.checkpoint import hf, layout, testing
   from gemma_jax.model import preset
+
   cfg = preset("tiny-gemma2", **FIELDS)
   if not (workdir / "hf").exists():
     rng = np.random.default_rng(0)
-    params = {p: rng.standard_normal(s, np.float32)
-              for p, s in layout.param_shapes(cfg).items()}
+    params = {
+      p: rng.standard_normal(s, np.float32)
+      for p, s in layout.param_shapes(cfg).items()
+    }
     hf.save(workdir / "hf", layout.unflatten(params), cfg)
   if not (workdir / "kaggle").exists():
-    testing.official_checkpoint(workdir / "kaggle", cfg,
-                                transposed_gating=False)
+    testing.official_checkpoint(
+      workdir / "kaggle", cfg, transposed_gating=False
+    )
 
 
 def main():
@@ -89,18 +101,34 @@ def main():
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   make_checkpoints(workdir)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  )
   for fmt in ("hf", "kaggle"):
     for mode in ("before", "after"):
       out = subprocess.run(
-          [sys.executable, "-c", RUN, mode, fmt, str(workdir / fmt),
-           json.dumps(FIELDS)], env=env, capture_output=True, text=True,
-          check=True)
+        [
+          sys.executable,
+          "-c",
+          RUN,
+          mode,
+          fmt,
+          str(workdir / fmt),
+          json.dumps(FIELDS),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+      )
       r = json.loads(out.stdout.strip().splitlines()[-1])
-      print(f"{fmt:<7} {mode:<7} peak RSS {r['peak_rss_bytes'] / 1e9:5.2f} GB"
-            f"  live arrays {r['live_array_bytes'] / 1e9:5.2f} GB"
-            f"  {r['seconds']:6.1f} s")
+      print(
+        f"{fmt:<7} {mode:<7} peak RSS {r['peak_rss_bytes'] / 1e9:5.2f} GB"
+        f"  live arrays {r['live_array_bytes'] / 1e9:5.2f} GB"
+        f"  {r['seconds']:6.1f} s"
+      )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def measured_matmul_peak(device, n: int | None = None, repeats: int = 5):
 
   @jax.jit
   def chain(a, b):
-    for _ in range(4):          # keeps the device busy between host calls
+    for _ in range(4):  # keeps the device busy between host calls
       a = a @ b
     return a
 
@@ -49,17 +49,21 @@ def measured_matmul_peak(device, n: int | None = None, repeats: int = 5):
     t = time.perf_counter()
     chain(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 4 * 2 * n ** 3 / best, str(jnp.dtype(dtype))
+  return 4 * 2 * n**3 / best, str(jnp.dtype(dtype))
 
 
 def synthetic_batch(rng, batch: int, seq_len: int, vocab: int) -> dict:
   tokens = rng.integers(4, vocab, size=(batch, seq_len + 1), dtype=np.int32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-          "segment_ids": np.ones((batch, seq_len), np.int32),
-          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                       (batch, seq_len)).copy(),
-          "loss_mask": np.ones((batch, seq_len), np.int32),
-          "source": np.zeros((batch,), np.int32)}
+  return {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "segment_ids": np.ones((batch, seq_len), np.int32),
+    "positions": np.broadcast_to(
+      np.arange(seq_len, dtype=np.int32), (batch, seq_len)
+    ).copy(),
+    "loss_mask": np.ones((batch, seq_len), np.int32),
+    "source": np.zeros((batch,), np.int32),
+  }
 
 
 def main(argv=None):
@@ -74,22 +78,36 @@ def main(argv=None):
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--steps", type=int, default=20, help="timed steps")
   p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--set", dest="overrides", action="append", default=[],
-                 metavar="KEY=VALUE", help="override a run-config key")
+  p.add_argument(
+    "--set",
+    dest="overrides",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a run-config key",
+  )
   p.add_argument("--json", action="store_true", help="print one JSON line")
   args = p.parse_args(argv)
 
   from gemma_jax import distributed
+
   distributed.initialize_distributed()
-  cfg = load_config(None, [f"model.preset={args.model}",
-                           f"train.batch_size={args.batch}",
-                           f"data.seq_len={args.seq_len}",
-                           f"train.steps={args.warmup + args.steps}",
-                           *args.overrides])
+  cfg = load_config(
+    None,
+    [
+      f"model.preset={args.model}",
+      f"train.batch_size={args.batch}",
+      f"data.seq_len={args.seq_len}",
+      f"train.steps={args.warmup + args.steps}",
+      *args.overrides,
+    ],
+  )
   rng = np.random.default_rng(0)
   local = args.batch // jax.process_count()
-  batches = [synthetic_batch(rng, local, args.seq_len, cfg.model.vocab_size)
-             for _ in range(2)]
+  batches = [
+    synthetic_batch(rng, local, args.seq_len, cfg.model.vocab_size)
+    for _ in range(2)
+  ]
 
   # Time to the first step: init on devices + compile + one step.
   t0 = time.perf_counter()
@@ -111,7 +129,7 @@ def main(argv=None):
   t = time.perf_counter()
   for i in range(args.steps):
     state, m = compiled(state, device_batches[i % 2])
-  float(m["loss"])          # one sync at the end
+  float(m["loss"])  # one sync at the end
   elapsed = time.perf_counter() - t
 
   n_dev = jax.device_count()
@@ -120,19 +138,24 @@ def main(argv=None):
   peak, peak_dtype = measured_matmul_peak(jax.local_devices()[0])
   table = hardware.peak_flops_per_device(jax.devices()[0])
   result = {
-      "device": jax.devices()[0].device_kind, "devices": n_dev,
-      "model": args.model, "params": cfg.model.param_count(),
-      "batch": args.batch, "seq_len": args.seq_len,
-      "dtype": cfg.model.dtype, "time_to_first_step_s": round(t_first, 2),
-      "init_s": round(t_init, 2), "compile_s": round(t_compile, 2),
-      "step_time_ms": round(1000 * elapsed / args.steps, 2),
-      "tokens_per_sec": round(tokens_per_sec, 1),
-      "model_flops_per_token": fpt,
-      "measured_matmul_peak_flops_per_device": peak,
-      "matmul_peak_dtype": peak_dtype,
-      "mfu_vs_measured_peak": metrics.mfu(fpt, tokens_per_sec, n_dev, peak),
-      "table_peak_flops_per_device": table,
-      "mfu_vs_table_peak": metrics.mfu(fpt, tokens_per_sec, n_dev, table),
+    "device": jax.devices()[0].device_kind,
+    "devices": n_dev,
+    "model": args.model,
+    "params": cfg.model.param_count(),
+    "batch": args.batch,
+    "seq_len": args.seq_len,
+    "dtype": cfg.model.dtype,
+    "time_to_first_step_s": round(t_first, 2),
+    "init_s": round(t_init, 2),
+    "compile_s": round(t_compile, 2),
+    "step_time_ms": round(1000 * elapsed / args.steps, 2),
+    "tokens_per_sec": round(tokens_per_sec, 1),
+    "model_flops_per_token": fpt,
+    "measured_matmul_peak_flops_per_device": peak,
+    "matmul_peak_dtype": peak_dtype,
+    "mfu_vs_measured_peak": metrics.mfu(fpt, tokens_per_sec, n_dev, peak),
+    "table_peak_flops_per_device": table,
+    "mfu_vs_table_peak": metrics.mfu(fpt, tokens_per_sec, n_dev, table),
   }
   if jax.process_index() != 0:
     return

@@ -17,7 +17,6 @@ entries, refuses to write a fixture where a cap does no work, and stores it.
 """
 
 import argparse
-import json
 import pathlib
 from unittest import mock
 
@@ -25,56 +24,101 @@ import numpy as np
 import torch
 import transformers
 
-B, T = 2, 24          # batch of two; row 1 is right-padded
-PAD_FROM = 17         # row 1 holds 17 real tokens
+B, T = 2, 24  # batch of two; row 1 is right-padded
+PAD_FROM = 17  # row 1 holds 17 real tokens
 
 CASES = {
-    # Gemma 1, multi-query attention.
-    "gemma1_mqa": ("gemma", dict(
-        vocab_size=128, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-        head_dim=8)),
-    # Gemma 1, multi-head attention with heads * head_dim (64) != d_model (32).
-    "gemma1_mha_wide_heads": ("gemma", dict(
-        vocab_size=128, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        head_dim=16)),
-    # Gemma 2, grouped-query attention, window 8 < sequence 24, 3 layers
-    # (local, global, local), query scale from head_dim.
-    "gemma2_gqa_window": ("gemma2", dict(
-        vocab_size=128, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
-        attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
-    # Gemma 2, the 27B rule: query scale (d_model / heads)^-0.5 = 12^-0.5,
-    # not head_dim^-0.5 = 8^-0.5.
-    "gemma2_27b_query_scale": ("gemma2", dict(
-        vocab_size=128, hidden_size=48, intermediate_size=96,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, query_pre_attn_scalar=12, sliding_window=8,
-        attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+  # Gemma 1, multi-query attention.
+  "gemma1_mqa": (
+    "gemma",
+    dict(
+      vocab_size=128,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=1,
+      head_dim=8,
+    ),
+  ),
+  # Gemma 1, multi-head attention with heads * head_dim (64) != d_model (32).
+  "gemma1_mha_wide_heads": (
+    "gemma",
+    dict(
+      vocab_size=128,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=4,
+      head_dim=16,
+    ),
+  ),
+  # Gemma 2, grouped-query attention, window 8 < sequence 24, 3 layers
+  # (local, global, local), query scale from head_dim.
+  "gemma2_gqa_window": (
+    "gemma2",
+    dict(
+      vocab_size=128,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=8,
+      query_pre_attn_scalar=8,
+      sliding_window=8,
+      attn_logit_softcapping=50.0,
+      final_logit_softcapping=30.0,
+    ),
+  ),
+  # Gemma 2, the 27B rule: query scale (d_model / heads)^-0.5 = 12^-0.5,
+  # not head_dim^-0.5 = 8^-0.5.
+  "gemma2_27b_query_scale": (
+    "gemma2",
+    dict(
+      vocab_size=128,
+      hidden_size=48,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=8,
+      query_pre_attn_scalar=12,
+      sliding_window=8,
+      attn_logit_softcapping=50.0,
+      final_logit_softcapping=30.0,
+    ),
+  ),
 }
 
 
 def build(model_type: str, fields: dict, seed: int):
   torch.manual_seed(seed)
-  config_cls = {"gemma": transformers.GemmaConfig,
-                "gemma2": transformers.Gemma2Config}[model_type]
-  config = config_cls(hidden_act="gelu_pytorch_tanh",
-                      hidden_activation="gelu_pytorch_tanh",
-                      max_position_embeddings=64, **fields)
+  config_cls = {
+    "gemma": transformers.GemmaConfig,
+    "gemma2": transformers.Gemma2Config,
+  }[model_type]
+  config = config_cls(
+    hidden_act="gelu_pytorch_tanh",
+    hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=64,
+    **fields,
+  )
   config._attn_implementation = "eager"
-  model_cls = {"gemma": transformers.GemmaForCausalLM,
-               "gemma2": transformers.Gemma2ForCausalLM}[model_type]
+  model_cls = {
+    "gemma": transformers.GemmaForCausalLM,
+    "gemma2": transformers.Gemma2ForCausalLM,
+  }[model_type]
   model = model_cls(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("norm.weight") or "layernorm" in name:
-        p.normal_(0.0, 0.5)           # (1 + w) far from 1
+        p.normal_(0.0, 0.5)  # (1 + w) far from 1
       elif "embed_tokens" in name:
-        p.normal_(0.0, 2.5)           # final logits beyond the cap of 30
+        p.normal_(0.0, 2.5)  # final logits beyond the cap of 30
       elif "q_proj" in name or "k_proj" in name:
-        p.normal_(0.0, 1.0)           # attention scores beyond the cap of 50
+        p.normal_(0.0, 1.0)  # attention scores beyond the cap of 50
       else:
         p.normal_(0.0, 0.3)
   return config, model
@@ -97,9 +141,12 @@ def run(model, tokens, mask):
   def spy(x):
     seen.append(x.detach().clone())
     return real_tanh(x)
+
   with torch.no_grad(), mock.patch.object(torch, "tanh", spy):
-    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long))
+    out = model(
+      input_ids=torch.tensor(tokens, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+    )
   return out.logits.float().numpy(), seen
 
 
@@ -128,21 +175,33 @@ def main():
     if model_type == "gemma2":
       assert n_attn == config.num_hidden_layers, n_attn
       if not (attn_frac > 0.01 and final_frac > 0.01):
-        raise SystemExit(f"{name}: soft-caps barely active (attention "
-                         f"{attn_frac:.3f}, final {final_frac:.3f}); widen")
-    state = {f"hf/{k}": v.float().numpy() for k, v in model.state_dict().items()
-             if k != "lm_head.weight"}    # tied to the embedding
+        raise SystemExit(
+          f"{name}: soft-caps barely active (attention "
+          f"{attn_frac:.3f}, final {final_frac:.3f}); widen"
+        )
+    state = {
+      f"hf/{k}": v.float().numpy()
+      for k, v in model.state_dict().items()
+      if k != "lm_head.weight"
+    }  # tied to the embedding
     real = mask.astype(bool)
-    print(f"{name}: params {sum(v.size for v in state.values())}, "
-          f"|logits| max {np.abs(logits[real]).max():.1f}, attention scores "
-          f"beyond cap {attn_frac:.1%}, final logits beyond cap {final_frac:.1%}")
+    print(
+      f"{name}: params {sum(v.size for v in state.values())}, "
+      f"|logits| max {np.abs(logits[real]).max():.1f}, attention scores "
+      f"beyond cap {attn_frac:.1%}, final logits beyond cap {final_frac:.1%}"
+    )
     np.savez_compressed(
-        out / f"{name}.npz", config_json=np.array(config.to_json_string()),
-        tokens=tokens, mask=mask, logits=logits,
-        attn_capped_frac=np.float32(attn_frac),
-        final_capped_frac=np.float32(final_frac),
-        transformers_version=np.array(transformers.__version__),
-        torch_version=np.array(torch.__version__), **state)
+      out / f"{name}.npz",
+      config_json=np.array(config.to_json_string()),
+      tokens=tokens,
+      mask=mask,
+      logits=logits,
+      attn_capped_frac=np.float32(attn_frac),
+      final_capped_frac=np.float32(final_frac),
+      transformers_version=np.array(transformers.__version__),
+      torch_version=np.array(torch.__version__),
+      **state,
+    )
   sizes = sum(p.stat().st_size for p in out.glob("*.npz"))
   print(f"wrote {len(CASES)} fixtures to {out} ({sizes / 1e6:.2f} MB)")
 

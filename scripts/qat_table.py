@@ -20,8 +20,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gemma_jax.checkpoint import native
 from gemma_jax.data import build_pipeline
@@ -37,9 +36,13 @@ def evaluate(cfg, path, quant, batches):
     model = dataclasses.replace(model, quant=quant)
   program = TrainProgram(dataclasses.replace(cfg, model=model))
   params, _ = native.load(path, shardings=program.param_shardings)
-  pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,
-                        process_index=0, process_count=1,
-                        vocab_size=model.vocab_size)
+  pipe = build_pipeline(
+    cfg.data,
+    global_batch=cfg.train.batch_size,
+    process_index=0,
+    process_count=1,
+    vocab_size=model.vocab_size,
+  )
   return evaluation.evaluate(program, params, pipe, batches)
 
 
@@ -47,32 +50,54 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("config")
   # One list in command-line order: (flag, "LABEL=DIR").
-  parser.add_argument("--eval", dest="rows", action="append", default=[],
-                      type=lambda s: ("eval", s), metavar="LABEL=DIR")
-  parser.add_argument("--ptq", dest="rows", action="append",
-                      type=lambda s: ("ptq", s), metavar="LABEL=DIR")
+  parser.add_argument(
+    "--eval",
+    dest="rows",
+    action="append",
+    default=[],
+    type=lambda s: ("eval", s),
+    metavar="LABEL=DIR",
+  )
+  parser.add_argument(
+    "--ptq",
+    dest="rows",
+    action="append",
+    type=lambda s: ("ptq", s),
+    metavar="LABEL=DIR",
+  )
   parser.add_argument("--bits", type=int, default=4)
-  parser.add_argument("--block-size", type=int, default=32,
-                      help="0: one scale per output channel")
+  parser.add_argument(
+    "--block-size", type=int, default=32, help="0: one scale per output channel"
+  )
   parser.add_argument("--targets", default="attn,mlp")
   parser.add_argument("--batches", type=int, default=8)
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
   cfg = load_config(args.config)
-  quant = QuantConfig(bits=args.bits, block_size=args.block_size or None,
-                      targets=tuple(args.targets.split(",")))
+  quant = QuantConfig(
+    bits=args.bits,
+    block_size=args.block_size or None,
+    targets=tuple(args.targets.split(",")),
+  )
   rows = []
   for flag, item in args.rows:
     label, path = item.split("=", 1)
-    rows.append((label, evaluate(cfg, path, quant if flag == "ptq" else None,
-                                 args.batches)))
+    rows.append(
+      (
+        label,
+        evaluate(cfg, path, quant if flag == "ptq" else None, args.batches),
+      )
+    )
   sources = list(rows[0][1])
   print("| model | " + " | ".join(sources) + " | mean |")
   print("|---|" + "---:|" * (len(sources) + 1))
   for label, results in rows:
     losses = [results[s]["loss"] for s in sources]
-    print(f"| {label} | " + " | ".join(f"{x:.4f}" for x in losses)
-          + f" | {sum(losses) / len(losses):.4f} |")
+    print(
+      f"| {label} | "
+      + " | ".join(f"{x:.4f}" for x in losses)
+      + f" | {sum(losses) / len(losses):.4f} |"
+    )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(rows), f, indent=2)

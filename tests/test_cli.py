@@ -22,8 +22,11 @@ def test_help_lists_every_command_with_its_purpose(capsys):
 @pytest.mark.slow
 def test_each_command_has_its_own_help():
   for name in ("convert", "sample", "train"):
-    out = subprocess.run([sys.executable, "-m", "gemma_jax.cli", name, "--help"],
-                         capture_output=True, text=True,
-                         env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+    out = subprocess.run(
+      [sys.executable, "-m", "gemma_jax.cli", name, "--help"],
+      capture_output=True,
+      text=True,
+      env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+    )
     assert out.returncode == 0, out.stderr
     assert f"usage: gemma-jax {name}" in out.stdout

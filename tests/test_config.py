@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from gemma_jax.train.config import config_from_dict, load_config, to_dict
 from gemma_jax.errors import ConfigError
+from gemma_jax.train.config import config_from_dict, load_config, to_dict
 
 
 def write(tmp_path, text):
@@ -15,16 +15,20 @@ def write(tmp_path, text):
 
 
 def test_loads_sections_from_yaml_and_applies_overrides(tmp_path):
-  path = write(tmp_path, """
+  path = write(
+    tmp_path,
+    """
 model: {preset: tiny-gemma2, num_layers: 2}
 optimizer: {learning_rate: 0.001, schedule: wsd}
 train: {steps: 20, batch_size: 4}
 mesh: {ici_data: 2, ici_tensor: -1}
-""")
-  cfg = load_config(path, ["train.steps=30", "optimizer.b2=0.99",
-                           "model.dtype=bfloat16"])
+""",
+  )
+  cfg = load_config(
+    path, ["train.steps=30", "optimizer.b2=0.99", "model.dtype=bfloat16"]
+  )
   assert cfg.model.num_layers == 2 and cfg.model.dtype == "bfloat16"
-  assert cfg.model.d_model == 128            # from the preset
+  assert cfg.model.d_model == 128  # from the preset
   assert cfg.optimizer.learning_rate == 0.001 and cfg.optimizer.b2 == 0.99
   assert cfg.train.steps == 30 and cfg.train.batch_size == 4
   assert (cfg.mesh.ici_data, cfg.mesh.ici_tensor) == (2, -1)
@@ -45,17 +49,43 @@ def test_an_integer_is_accepted_where_a_float_is_expected():
   assert isinstance(cfg.optimizer.learning_rate, float)
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     (["train.steps=20"], "missing required key 'model'"),
-    (["model=tiny-gemma", "trian.steps=3"], "unknown key 'trian'; valid keys under '<top>': checkpoint, continual, data"),
-    (["model=tiny-gemma", "train.steps=many"], "train.steps: expected an integer, got 'many'"),
-    (["model=tiny-gemma", "train.steps=true"], "train.steps: expected an integer, got True"),
-    (["model=tiny-gemma", "optimizer.schedule=cosin"], "optimizer.schedule: 'cosin' is not a valid choice; valid choices: 'cosine', 'wsd'"),
-    (["model=tiny-gemma", "train.batch_size=6", "train.microbatches=4"], "train.batch_size (6) must be divisible by train.microbatches (4)"),
-    (["model=tiny-gemma", "mesh.ici_data=-1", "mesh.ici_fsdp=-1"], "at most one ici_* size may be -1"),
-    (["model=tiny-gemma", "train=3"], "train: expected a mapping for TrainConfig, got 3"),
+    (
+      ["model=tiny-gemma", "trian.steps=3"],
+      "unknown key 'trian'; valid keys under '<top>': checkpoint, "
+      "continual, data",
+    ),
+    (
+      ["model=tiny-gemma", "train.steps=many"],
+      "train.steps: expected an integer, got 'many'",
+    ),
+    (
+      ["model=tiny-gemma", "train.steps=true"],
+      "train.steps: expected an integer, got True",
+    ),
+    (
+      ["model=tiny-gemma", "optimizer.schedule=cosin"],
+      "optimizer.schedule: 'cosin' is not a valid choice; valid choices: "
+      "'cosine', 'wsd'",
+    ),
+    (
+      ["model=tiny-gemma", "train.batch_size=6", "train.microbatches=4"],
+      "train.batch_size (6) must be divisible by train.microbatches (4)",
+    ),
+    (
+      ["model=tiny-gemma", "mesh.ici_data=-1", "mesh.ici_fsdp=-1"],
+      "at most one ici_* size may be -1",
+    ),
+    (
+      ["model=tiny-gemma", "train=3"],
+      "train: expected a mapping for TrainConfig, got 3",
+    ),
     (["model=tiny-gemma", "train.steps"], "is not of the form key.path=value"),
-])
+  ],
+)
 def test_bad_values_fail_at_load_naming_the_key(overrides, message):
   with pytest.raises(ConfigError) as info:
     load_config(None, overrides)
@@ -73,6 +103,7 @@ def test_missing_or_malformed_file_is_named(tmp_path):
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
   from gemma_jax import cli
+
   path = write(tmp_path, "model: {preset: tiny-gemma, num_kv_heads: 3}\n")
   rc = cli.main(["compile", str(path), "--topology", "v5e:2x2"])
   assert rc == 2

@@ -15,11 +15,19 @@ class Cfg:
   clip: float | None = None
 
 
-@pytest.mark.parametrize("text, value", [
-    ("1e-3", 1e-3), ("1E+2", 100.0), ("-.5e-3", -5e-4), ("3", 3.0),
-    ("2.5", 2.5)])
+@pytest.mark.parametrize(
+  "text, value",
+  [
+    ("1e-3", 1e-3),
+    ("1E+2", 100.0),
+    ("-.5e-3", -5e-4),
+    ("3", 3.0),
+    ("2.5", 2.5),
+  ],
+)
 def test_yaml_1_2_numbers_that_pyyaml_reads_as_strings_are_numbers(
-    tmp_path, text, value):
+  tmp_path, text, value
+):
   path = tmp_path / "c.yaml"
   path.write_text(f"rate: {text}\nclip: {text}\n")
   cfg = configlib.from_dict(Cfg, configlib.load_yaml(path))
@@ -31,17 +39,18 @@ def test_yaml_1_2_numbers_that_pyyaml_reads_as_strings_are_numbers(
 def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, text):
   path = tmp_path / "c.yaml"
   path.write_text(f"rate: {text}\n")
-  with pytest.raises(ConfigError, match="rate: (must be a finite number|"
-                     "expected a number)"):
+  with pytest.raises(
+    ConfigError, match="rate: (must be a finite number|expected a number)"
+  ):
     configlib.from_dict(Cfg, configlib.load_yaml(path))
-  with pytest.raises(ConfigError, match="clip: (must be a finite number|"
-                     "expected a number)"):
+  with pytest.raises(
+    ConfigError, match="clip: (must be a finite number|expected a number)"
+  ):
     configlib.from_dict(Cfg, {"clip": yaml.safe_load(text)})
 
 
 def test_a_string_that_is_not_a_number_is_named():
-  with pytest.raises(ConfigError, match="rate: expected a number, got "
-                     "'1e-3x'"):
+  with pytest.raises(ConfigError, match="rate: expected a number, got '1e-3x'"):
     configlib.from_dict(Cfg, {"rate": "1e-3x"})
 
 

@@ -29,42 +29,54 @@ def test_a_failed_write_keeps_the_old_directory(tmp_path):
   target = tmp_path / "params"
   with fileio.atomic_directory(target) as tmp:
     (tmp / "a").write_text("first")
-  with pytest.raises(OSError):
-    with fileio.atomic_directory(target, overwrite=True) as tmp:
-      raise OSError(errno.ENOSPC, "No space left on device")
+  with (
+    pytest.raises(OSError),
+    fileio.atomic_directory(target, overwrite=True) as tmp,
+  ):
+    raise OSError(errno.ENOSPC, "No space left on device")
   assert (target / "a").read_text() == "first"
 
 
 def test_writable_probe(tmp_path, monkeypatch):
   fileio.check_writable_directory(tmp_path / "new" / "dir", "output")
   assert (tmp_path / "new" / "dir").is_dir()
-  assert not list((tmp_path / "new" / "dir").iterdir())   # probe removed
+  assert not list((tmp_path / "new" / "dir").iterdir())  # probe removed
   (tmp_path / "file").write_text("")
   with pytest.raises(ConfigError, match="exists and is not a directory"):
     fileio.check_writable_directory(tmp_path / "file", "output")
   cls = type(epath.Path(tmp_path))
+
   def read_only(self, *a, **k):
     raise OSError(errno.EROFS, "Read-only file system", str(self))
+
   monkeypatch.setattr(cls, "write_text", read_only)
-  with pytest.raises(ConfigError, match="output .* is not writable "
-                     r"\(Read-only file system\)"):
+  with pytest.raises(
+    ConfigError,
+    match="output .* is not writable "
+    r"\(Read-only file system\)",
+  ):
     fileio.check_writable_directory(tmp_path, "output")
 
 
 # gs:// (against the emulator of tests/conftest.py).
 def test_a_remote_directory_is_replaced_whole_and_a_failed_write_keeps_it(
-    gcs_bucket):
+  gcs_bucket,
+):
   target = epath.Path(f"{gcs_bucket}/run/hf")
   with fileio.atomic_directory(target) as tmp:
-    assert fileio.is_local(tmp)            # written locally, then uploaded
+    assert fileio.is_local(tmp)  # written locally, then uploaded
     (tmp / "config.json").write_text("{}")
     (tmp / "sub").mkdir()
     (tmp / "sub" / "w.bin").write_bytes(b"first")
-  with (pytest.raises(ConfigError, match="already exists"),
-        fileio.atomic_directory(target)):
+  with (
+    pytest.raises(ConfigError, match="already exists"),
+    fileio.atomic_directory(target),
+  ):
     pass
-  with (pytest.raises(OSError),
-        fileio.atomic_directory(target, overwrite=True) as tmp):
+  with (
+    pytest.raises(OSError),
+    fileio.atomic_directory(target, overwrite=True) as tmp,
+  ):
     (tmp / "config.json").write_text("{}")
     raise OSError(errno.ENOSPC, "No space left on device")
   assert (target / "sub" / "w.bin").read_bytes() == b"first"
@@ -80,7 +92,7 @@ def test_directories_move_and_copy_between_disk_and_gs(gcs_bucket, tmp_path):
   (local / "meta.json").write_text("{}")
   remote = epath.Path(f"{gcs_bucket}/a")
   fileio.copy_tree(local, remote)
-  fileio.move_directory(remote, f"{gcs_bucket}/moved/a")   # no rename there
+  fileio.move_directory(remote, f"{gcs_bucket}/moved/a")  # no rename there
   assert not remote.exists()
   back = tmp_path / "back"
   fileio.copy_tree(f"{gcs_bucket}/moved/a", back)
@@ -95,6 +107,7 @@ def test_a_listing_sees_objects_written_behind_its_back(gcs_bucket):
   knowing: its listing cache is off, or a committed step would stay
   invisible."""
   import fsspec
+
   fs = fsspec.filesystem("gcs")
   other = fsspec.filesystem("gcs", skip_instance_cache=True)
   fs.pipe(f"{gcs_bucket}/d/a", b"1")
@@ -106,15 +119,18 @@ def test_a_listing_sees_objects_written_behind_its_back(gcs_bucket):
 def test_an_unreachable_endpoint_fails_in_seconds_in_one_line(monkeypatch):
   import socket
   import time
-  with socket.socket() as s:             # a port nobody listens on
+
+  with socket.socket() as s:  # a port nobody listens on
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   for key, value in fileio.emulator_env(f"http://127.0.0.1:{port}").items():
     monkeypatch.setenv(key, value)
   start = time.monotonic()
-  with pytest.raises(fileio.StorageUnreachable,
-                     match=rf"--workdir gs://nowhere/run: cannot reach Cloud "
-                     rf"Storage at 127.0.0.1:{port} \(Connection refused\)"):
+  with pytest.raises(
+    fileio.StorageUnreachable,
+    match=rf"--workdir gs://nowhere/run: cannot reach Cloud "
+    rf"Storage at 127.0.0.1:{port} \(Connection refused\)",
+  ):
     fileio.check_remote("gs://nowhere/run", "--workdir")
   assert time.monotonic() - start < 5
 
@@ -129,10 +145,14 @@ def test_an_emulator_named_to_some_clients_only_is_refused(monkeypatch):
 def test_no_credentials_is_a_one_line_config_error(monkeypatch, tmp_path):
   for key in fileio.emulator_env("x"):
     monkeypatch.delenv(key, raising=False)
-  monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS",
-                     str(tmp_path / "missing.json"))
-  with pytest.raises(ConfigError, match="gs://b/run: no Google Cloud "
-                     "credentials on this machine; run `gcloud auth"):
+  monkeypatch.setenv(
+    "GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json")
+  )
+  with pytest.raises(
+    ConfigError,
+    match="gs://b/run: no Google Cloud "
+    "credentials on this machine; run `gcloud auth",
+  ):
     fileio.check_remote("gs://b/run", "--workdir")
 
 

@@ -8,12 +8,12 @@ PACKAGE = pathlib.Path(__file__).parent.parent / "gemma_jax"
 
 # Lower layers first; a module may import its own layer and those below.
 LAYERS = (
-    {"errors", "fileio", "configlib", "hardware", "tokenizer", "distributed"},
-    {"model", "sharding"},
-    {"data", "checkpoint"},
-    {"train"},
-    {"evals", "launch"},
-    {"commands", "cli"},
+  {"errors", "fileio", "configlib", "hardware", "tokenizer", "distributed"},
+  {"model", "sharding"},
+  {"data", "checkpoint"},
+  {"train"},
+  {"evals", "launch"},
+  {"commands", "cli"},
 )
 
 
@@ -45,15 +45,16 @@ def test_every_import_points_down_the_stack():
   for path in sorted(PACKAGE.rglob("*.py")):
     rel = path.relative_to(PACKAGE.parent).with_suffix("")
     module = ".".join(rel.parts)
-    if module == "gemma_jax.__init__" or module.endswith("__init__") and \
-        rel.parts[1] == "__init__":
+    if module == "gemma_jax.__init__" or (
+      module.endswith("__init__") and rel.parts[1] == "__init__"
+    ):
       continue
     here = layer_of(module)
     for name in imports(path):
       try:
         there = layer_of(name)
       except AssertionError:
-        continue   # `from gemma_jax.x import name` where name is an object
+        continue  # `from gemma_jax.x import name` where name is an object
       if there > here:
         upward.append(f"{module} -> {name}")
   assert not upward, "imports up the stack:\n" + "\n".join(upward)

@@ -7,22 +7,33 @@ import pytest
 import sentencepiece as spm
 
 from gemma_jax import cli
-from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.data import testing
-from gemma_jax.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer,
-                                 train_tokenizer)
+from gemma_jax.errors import ConfigError, DataError
+from gemma_jax.tokenizer import (
+  BOS_ID,
+  EOS_ID,
+  PAD_ID,
+  UNK_ID,
+  Tokenizer,
+  train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  return Tokenizer.load(testing.tiny_tokenizer(
-      tmp_path_factory.mktemp("tok") / "tok.model"))
+  return Tokenizer.load(
+    testing.tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tok.model")
+  )
 
 
 def test_special_ids_are_gemmas(tok):
   assert (PAD_ID, EOS_ID, BOS_ID, UNK_ID) == (0, 1, 2, 3)
   assert [tok.id_to_piece(i) for i in range(4)] == [
-      "<pad>", "<eos>", "<bos>", "<unk>"]
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+  ]
   assert tok.vocab_size == 512
 
 
@@ -39,23 +50,31 @@ def test_encode_decode_round_trip_keeps_whitespace_and_unicode(tok):
 def test_fingerprint_is_sha256_of_the_model_and_stable(tok, tmp_path):
   again = Tokenizer.load(tok.path)
   assert again.fingerprint == tok.fingerprint and len(tok.fingerprint) == 64
-  other = train_tokenizer(testing.sample_texts(50, seed=7), 400,
-                          tmp_path / "other.model")
+  other = train_tokenizer(
+    testing.sample_texts(50, seed=7), 400, tmp_path / "other.model"
+  )
   assert other.fingerprint != tok.fingerprint
 
 
 def test_vocab_larger_than_model_is_refused(tok):
   tok.check_vocab(512)
   tok.check_vocab(2048)
-  with pytest.raises(ConfigError, match="512 pieces but model.vocab_size is 256"):
+  with pytest.raises(
+    ConfigError, match="512 pieces but model.vocab_size is 256"
+  ):
     tok.check_vocab(256)
 
 
 def test_wrong_special_ids_are_refused(tmp_path):
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(testing.sample_texts(50)), model_writer=model,
-      vocab_size=400, model_type="bpe", byte_fallback=True, minloglevel=2)
+    sentence_iterator=iter(testing.sample_texts(50)),
+    model_writer=model,
+    vocab_size=400,
+    model_type="bpe",
+    byte_fallback=True,
+    minloglevel=2,
+  )
   path = tmp_path / "default_ids.model"
   path.write_bytes(model.getvalue())
   with pytest.raises(DataError, match="special ids"):
@@ -74,10 +93,36 @@ def test_cli_train_writes_a_gemma_style_model(tmp_path, capsys):
   for i, text in enumerate(testing.sample_texts(60)):
     (tmp_path / f"{i}.txt").write_text(text)
   out = tmp_path / "cli.model"
-  assert cli.main(["tokenizer", "train", "--input", str(tmp_path / "*.txt"),
-                   "--vocab-size", "400", "--out", str(out)]) == 0
+  assert (
+    cli.main(
+      [
+        "tokenizer",
+        "train",
+        "--input",
+        str(tmp_path / "*.txt"),
+        "--vocab-size",
+        "400",
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   tok = Tokenizer.load(out)
   assert tok.vocab_size == 400 and tok.fingerprint in capsys.readouterr().out
   # No input file: a data error (exit 1), one line.
-  assert cli.main(["tokenizer", "train", "--input", str(tmp_path / "*.none"),
-                   "--vocab-size", "400", "--out", str(out)]) == 1
+  assert (
+    cli.main(
+      [
+        "tokenizer",
+        "train",
+        "--input",
+        str(tmp_path / "*.none"),
+        "--vocab-size",
+        "400",
+        "--out",
+        str(out),
+      ]
+    )
+    == 1
+  )

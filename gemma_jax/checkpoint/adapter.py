@@ -30,28 +30,39 @@ CONFIG_FILE = "adapter_config.json"
 PARAMS_DIR = "adapter"
 
 
-def save(directory, adapters, model_cfg: ModelConfig, base: dict | None = None,
-         *, force: bool = False) -> None:
+def save(
+  directory,
+  adapters,
+  model_cfg: ModelConfig,
+  base: dict | None = None,
+  *,
+  force: bool = False,
+) -> None:
   """Writes the adapters of a model with `model_cfg` (which has `lora`).
 
   base: JSON-able facts about the base (see gemma_jax.train.lora).
   """
   directory = epath.Path(directory).absolute()
   if directory.exists() and not force:
-    raise ConfigError(f"{directory} already exists; pass --force to replace "
-                      "it")
+    raise ConfigError(f"{directory} already exists; pass --force to replace it")
   adapters = meta.unbox(adapters)
   found = {p: tuple(np.shape(x)) for p, x in layout.flatten(adapters)}
   layout.check_shapes(found, lora_lib.adapter_paths(model_cfg), "adapters")
   first = jax.process_index() == 0
-  tmp = (fileio.fresh_temporary_sibling(directory) if first
-         else fileio.temporary_sibling(directory))
+  tmp = (
+    fileio.fresh_temporary_sibling(directory)
+    if first
+    else fileio.temporary_sibling(directory)
+  )
   _sync("adapter_save_start")
   with ocp.PyTreeCheckpointer() as ckptr:
     ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(adapters))
   if first:
-    config = {"format": FORMAT, "model": configlib.to_dict(model_cfg),
-              "base": base or {}}
+    config = {
+      "format": FORMAT,
+      "model": configlib.to_dict(model_cfg),
+      "base": base or {},
+    }
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     fileio.replace_directory(tmp, directory)
   _sync("adapter_save_done")
@@ -60,6 +71,7 @@ def save(directory, adapters, model_cfg: ModelConfig, base: dict | None = None,
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -67,35 +79,44 @@ def read_config(directory) -> tuple[ModelConfig, dict]:
   """(the model config the adapter was trained with, its base facts)."""
   path = epath.Path(directory) / CONFIG_FILE
   if not path.exists():
-    raise CheckpointError(f"{directory} is not a LoRA adapter (no "
-                          f"{CONFIG_FILE})")
+    raise CheckpointError(
+      f"{directory} is not a LoRA adapter (no {CONFIG_FILE})"
+    )
   data = json.loads(path.read_text())
   if data.get("format") != FORMAT:
-    raise CheckpointError(f"{path}: unknown format {data.get('format')!r}; "
-                          f"expected {FORMAT!r}")
+    raise CheckpointError(
+      f"{path}: unknown format {data.get('format')!r}; expected {FORMAT!r}"
+    )
   cfg = configlib.from_dict(ModelConfig, data["model"], "model")
   if cfg.lora is None:
     raise CheckpointError(f"{path}: the model config has no lora section")
   return cfg, data.get("base", {})
 
 
-def check_fits(found: dict[str, tuple[int, ...]], base_cfg: ModelConfig,
-               lora: lora_lib.LoraConfig, source: str) -> None:
+def check_fits(
+  found: dict[str, tuple[int, ...]],
+  base_cfg: ModelConfig,
+  lora: lora_lib.LoraConfig,
+  source: str,
+) -> None:
   """CheckpointError naming the first adapter parameter that does not fit
   a base with `base_cfg`."""
   expected = lora_lib.adapter_paths(dataclasses.replace(base_cfg, lora=lora))
   for path, shape in expected.items():
     if path not in found:
-      raise CheckpointError(f"adapter {source} does not fit the base model: "
-                            f"it has no {path}")
+      raise CheckpointError(
+        f"adapter {source} does not fit the base model: it has no {path}"
+      )
     if tuple(found[path]) != tuple(shape):
       raise CheckpointError(
-          f"adapter {source} does not fit the base model: {path} has shape "
-          f"{tuple(found[path])}, the base needs {tuple(shape)}")
+        f"adapter {source} does not fit the base model: {path} has shape "
+        f"{tuple(found[path])}, the base needs {tuple(shape)}"
+      )
   extra = sorted(set(found) - set(expected))
   if extra:
-    raise CheckpointError(f"adapter {source} does not fit the base model: "
-                          f"unexpected {extra[0]}")
+    raise CheckpointError(
+      f"adapter {source} does not fit the base model: unexpected {extra[0]}"
+    )
 
 
 def load(directory, base_cfg: ModelConfig | None = None, shardings=None):
@@ -110,22 +131,27 @@ def load(directory, base_cfg: ModelConfig | None = None, shardings=None):
   trained_cfg, base = read_config(directory)
   try:
     cfg = dataclasses.replace(base_cfg or trained_cfg, lora=trained_cfg.lora)
-  except ConfigError as e:   # e.g. a rank larger than this base allows
-    raise CheckpointError(f"adapter {directory} does not fit the base "
-                          f"model: {e}") from None
+  except ConfigError as e:  # e.g. a rank larger than this base allows
+    raise CheckpointError(
+      f"adapter {directory} does not fit the base model: {e}"
+    ) from None
   path = epath.Path(directory).absolute() / PARAMS_DIR
   with ocp.PyTreeCheckpointer() as ckptr:
     tree_meta = ckptr.metadata(path).item_metadata.tree
     found = {p: tuple(m.shape) for p, m in layout.flatten(tree_meta)}
-    assert cfg.lora is not None   # read_config refuses a config without
+    assert cfg.lora is not None  # read_config refuses a config without
     check_fits(found, cfg, cfg.lora, str(directory))
     if shardings is None:
       restore_args = jax.tree.map(
-          lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
+        lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta
+      )
     else:
       restore_args = jax.tree.map(
-          lambda m, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape),
-          tree_meta, meta.unbox(shardings))
-    adapters = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        restore_args=restore_args))
+        lambda m, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape),
+        tree_meta,
+        meta.unbox(shardings),
+      )
+    adapters = ckptr.restore(
+      path, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+    )
   return adapters, cfg, base

@@ -27,15 +27,17 @@ def detect(path) -> str:
     raise CheckpointError(f"{path}: no such checkpoint directory")
   if (p / native.CONFIG_FILE).exists():
     return "native"
-  if (p / hf.CONFIG).exists() and ((p / hf.WEIGHTS).exists()
-                                   or (p / hf.INDEX).exists()):
+  if (p / hf.CONFIG).exists() and (
+    (p / hf.WEIGHTS).exists() or (p / hf.INDEX).exists()
+  ):
     return "hf"
   if any((p / f).exists() for f in _ORBAX_FILES):
     return "kaggle"
   raise CheckpointError(
-      f"{path}: cannot tell its format (no {native.CONFIG_FILE}, no "
-      f"{hf.CONFIG} with safetensors, no orbax metadata); name it "
-      f"(one of {', '.join(FORMATS)})")
+    f"{path}: cannot tell its format (no {native.CONFIG_FILE}, no "
+    f"{hf.CONFIG} with safetensors, no orbax metadata); name it "
+    f"(one of {', '.join(FORMATS)})"
+  )
 
 
 def _check_native_model(path, stored: ModelConfig, model_cfg: ModelConfig):
@@ -43,12 +45,14 @@ def _check_native_model(path, stored: ModelConfig, model_cfg: ModelConfig):
   for p, shape in want.items():
     if found.get(p) != shape:
       raise CheckpointError(
-          f"{path} holds another model: parameter {p} has shape "
-          f"{found.get(p)} there and {shape} in the model config")
+        f"{path} holds another model: parameter {p} has shape "
+        f"{found.get(p)} there and {shape} in the model config"
+      )
 
 
-def load(path, model_cfg: ModelConfig, *, shardings=None, dtype=None,
-         fmt: str = "auto") -> dict:
+def load(
+  path, model_cfg: ModelConfig, *, shardings=None, dtype=None, fmt: str = "auto"
+) -> dict:
   """Params of `model_cfg` from the checkpoint at `path`.
 
   shardings: a params-shaped tree of NamedShardings (jax.Arrays placed
@@ -64,11 +68,12 @@ def load(path, model_cfg: ModelConfig, *, shardings=None, dtype=None,
     params, _ = native.load(path, shardings=shardings, dtype=dtype)
     return params
   if fmt == "hf":
-    params, _ = hf.load(path, model_cfg, dtype, model_name="the model config",
-                        shardings=shardings)
+    params, _ = hf.load(
+      path, model_cfg, dtype, model_name="the model config", shardings=shardings
+    )
     return params
   if fmt == "kaggle":
     return kaggle.load(path, model_cfg, dtype=dtype, shardings=shardings)
-  raise CheckpointError(f"unknown checkpoint format {fmt!r}; valid choices: "
-                        f"{', '.join(FORMATS)}")
-
+  raise CheckpointError(
+    f"unknown checkpoint format {fmt!r}; valid choices: {', '.join(FORMATS)}"
+  )

@@ -42,8 +42,12 @@ DEFAULT_SHARD_BYTES = 5 * 2**30
 TOKENIZER_MODEL = "tokenizer.model"
 # Gemma's special pieces and ids (pad 0, eos 1, bos 2, unk 3), as in the
 # official releases' special_tokens_map.json.
-SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>",
-                  "pad_token": "<pad>", "unk_token": "<unk>"}
+SPECIAL_TOKENS = {
+  "bos_token": "<bos>",
+  "eos_token": "<eos>",
+  "pad_token": "<pad>",
+  "unk_token": "<unk>",
+}
 
 
 # A dataclass, not a NamedTuple: a tuple's field `index` would hide the
@@ -51,9 +55,10 @@ SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>",
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One HF tensor and where it lives in the native tree."""
+
   hf_name: str
-  path: str            # native leaf, e.g. 'layers/attn/q_einsum/w'
-  index: tuple         # subscript of that leaf holding this tensor
+  path: str  # native leaf, e.g. 'layers/attn/q_einsum/w'
+  index: tuple  # subscript of that leaf holding this tensor
   hf_shape: tuple[int, ...]
   to_native: Callable[[np.ndarray], np.ndarray]
   to_hf: Callable[[np.ndarray], np.ndarray]
@@ -71,59 +76,108 @@ def tensor_map(cfg: ModelConfig) -> list[Entry]:
   """Every HF tensor of a model with config `cfg`, in layer order."""
   N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   D, F, V = cfg.d_model, cfg.mlp_dim, cfg.vocab_size
+
   # [N*H, D] rows head-major  <->  einsum weight [N, D, H].
   def heads_in(n):
-    return (lambda x: x.reshape(n, H, D).transpose(0, 2, 1),
-            lambda y: y.transpose(0, 2, 1).reshape(n * H, D))
+    return (
+      lambda x: x.reshape(n, H, D).transpose(0, 2, 1),
+      lambda y: y.transpose(0, 2, 1).reshape(n * H, D),
+    )
+
   # o_proj [D, N*H]  <->  attn_vec_einsum [N, H, D].
   heads_out = (lambda x: x.T.reshape(N, H, D), lambda y: y.reshape(N * H, D).T)
   entries = [
-      # The padded rows of a 256128-row table are not part of the HF model.
-      Entry("model.embed_tokens.weight", "embedder/embedding",
-            (slice(0, V),), (V, D), _same, _same),
-      Entry("model.norm.weight", "final_norm/scale", (), (D,), _same, _same),
+    # The padded rows of a 256128-row table are not part of the HF model.
+    Entry(
+      "model.embed_tokens.weight",
+      "embedder/embedding",
+      (slice(0, V),),
+      (V, D),
+      _same,
+      _same,
+    ),
+    Entry("model.norm.weight", "final_norm/scale", (), (D,), _same, _same),
   ]
   # Naming trap: Gemma 1's post_attention_layernorm is the pre-MLP norm.
   norms = {"input_layernorm": "pre_attention_norm"}
   if cfg.sandwich_norms:
-    norms.update(post_attention_layernorm="post_attention_norm",
-                 pre_feedforward_layernorm="pre_ffw_norm",
-                 post_feedforward_layernorm="post_ffw_norm")
+    norms.update(
+      post_attention_layernorm="post_attention_norm",
+      pre_feedforward_layernorm="pre_ffw_norm",
+      post_feedforward_layernorm="post_ffw_norm",
+    )
   else:
     norms["post_attention_layernorm"] = "pre_ffw_norm"
   attn, mlp = "layers/attn/", "layers/mlp/"
   for i in range(cfg.num_layers):
     p = f"model.layers.{i}."
-    entries += [Entry(f"{p}{hf}.weight", f"layers/{ours}/scale", (i,), (D,),
-                      _same, _same) for hf, ours in norms.items()]
     entries += [
-        Entry(p + "self_attn.q_proj.weight", attn + "q_einsum/w", (i,),
-              (N * H, D), *heads_in(N)),
-        Entry(p + "self_attn.k_proj.weight", attn + "kv_einsum/w", (i, 0),
-              (K * H, D), *heads_in(K)),
-        Entry(p + "self_attn.v_proj.weight", attn + "kv_einsum/w", (i, 1),
-              (K * H, D), *heads_in(K)),
-        Entry(p + "self_attn.o_proj.weight", attn + "attn_vec_einsum/w", (i,),
-              (D, N * H), *heads_out),
-        Entry(p + "mlp.gate_proj.weight", mlp + "gating_einsum/w", (i, 0),
-              (F, D), _t, _t),
-        Entry(p + "mlp.up_proj.weight", mlp + "gating_einsum/w", (i, 1),
-              (F, D), _t, _t),
-        Entry(p + "mlp.down_proj.weight", mlp + "linear/w", (i,), (D, F),
-              _t, _t),
+      Entry(f"{p}{hf}.weight", f"layers/{ours}/scale", (i,), (D,), _same, _same)
+      for hf, ours in norms.items()
+    ]
+    entries += [
+      Entry(
+        p + "self_attn.q_proj.weight",
+        attn + "q_einsum/w",
+        (i,),
+        (N * H, D),
+        *heads_in(N),
+      ),
+      Entry(
+        p + "self_attn.k_proj.weight",
+        attn + "kv_einsum/w",
+        (i, 0),
+        (K * H, D),
+        *heads_in(K),
+      ),
+      Entry(
+        p + "self_attn.v_proj.weight",
+        attn + "kv_einsum/w",
+        (i, 1),
+        (K * H, D),
+        *heads_in(K),
+      ),
+      Entry(
+        p + "self_attn.o_proj.weight",
+        attn + "attn_vec_einsum/w",
+        (i,),
+        (D, N * H),
+        *heads_out,
+      ),
+      Entry(
+        p + "mlp.gate_proj.weight",
+        mlp + "gating_einsum/w",
+        (i, 0),
+        (F, D),
+        _t,
+        _t,
+      ),
+      Entry(
+        p + "mlp.up_proj.weight",
+        mlp + "gating_einsum/w",
+        (i, 1),
+        (F, D),
+        _t,
+        _t,
+      ),
+      Entry(p + "mlp.down_proj.weight", mlp + "linear/w", (i,), (D, F), _t, _t),
     ]
   return entries
 
 
-def load_config(directory, model_cfg: ModelConfig | None = None,
-                model_name: str = "the given model config") -> ModelConfig:
+def load_config(
+  directory,
+  model_cfg: ModelConfig | None = None,
+  model_name: str = "the given model config",
+) -> ModelConfig:
   """The directory's config; or `model_cfg` after checking that they agree."""
   path = Path(directory) / CONFIG
   try:
     hf = json.loads(path.read_text())
   except FileNotFoundError:
-    raise CheckpointError(f"{directory}: no {CONFIG}; not a Hugging Face "
-                          "model directory") from None
+    raise CheckpointError(
+      f"{directory}: no {CONFIG}; not a Hugging Face model directory"
+    ) from None
   found = hf_config.from_hf(hf, str(path))
   if model_cfg is None:
     return found
@@ -137,14 +191,19 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
     return {name: directory / f for name, f in weight_map.items()}
   if (directory / WEIGHTS).exists():
-    return dict.fromkeys(safetensors_io.shapes(directory / WEIGHTS),
-                         directory / WEIGHTS)
+    return dict.fromkeys(
+      safetensors_io.shapes(directory / WEIGHTS), directory / WEIGHTS
+    )
   raise CheckpointError(f"{directory}: neither {WEIGHTS} nor {INDEX} found")
 
 
-def load(directory, model_cfg: ModelConfig | None = None, dtype=None,
-         model_name: str = "the given model config", shardings=None
-         ) -> tuple[dict, ModelConfig]:
+def load(
+  directory,
+  model_cfg: ModelConfig | None = None,
+  dtype=None,
+  model_name: str = "the given model config",
+  shardings=None,
+) -> tuple[dict, ModelConfig]:
   """Reads an HF directory into a native params tree.
 
   model_cfg: the config to load into (e.g. a preset with a 256128-row
@@ -160,10 +219,11 @@ def load(directory, model_cfg: ModelConfig | None = None, dtype=None,
   found = {}
   for file in sorted(set(files.values())):
     found.update(safetensors_io.shapes(file))
-  found.pop(TIED_HEAD, None)   # tied to the embedding (checked by from_hf)
+  found.pop(TIED_HEAD, None)  # tied to the embedding (checked by from_hf)
   entries = {e.hf_name: e for e in tensor_map(cfg)}
-  layout.check_shapes(found, {n: e.hf_shape for n, e in entries.items()},
-                      str(directory))
+  layout.check_shapes(
+    found, {n: e.hf_shape for n, e in entries.items()}, str(directory)
+  )
   # Leaves start as zeros: padding rows of the embedding stay 0.
   out = placement.target(layout.param_shapes(cfg), shardings, dtype)
   by_file: dict[Path, list[str]] = {}
@@ -194,20 +254,36 @@ def tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
   a bos is prepended on encode (add_bos_token), no eos appended, and decode
   does not rewrite spaces (clean_up_tokenization_spaces false).
   """
-  config = {"add_bos_token": True, "add_eos_token": False, **SPECIAL_TOKENS,
-            "clean_up_tokenization_spaces": False,
-            "spaces_between_special_tokens": False, "sp_model_kwargs": {},
-            "tokenizer_class": "GemmaTokenizer"}
+  config = {
+    "add_bos_token": True,
+    "add_eos_token": False,
+    **SPECIAL_TOKENS,
+    "clean_up_tokenization_spaces": False,
+    "spaces_between_special_tokens": False,
+    "sp_model_kwargs": {},
+    "tokenizer_class": "GemmaTokenizer",
+  }
+
   def text(d):
     return (json.dumps(d, indent=2) + "\n").encode()
-  return {TOKENIZER_MODEL: tokenizer.serialized(),
-          "tokenizer_config.json": text(config),
-          "special_tokens_map.json": text(SPECIAL_TOKENS)}
+
+  return {
+    TOKENIZER_MODEL: tokenizer.serialized(),
+    "tokenizer_config.json": text(config),
+    "special_tokens_map.json": text(SPECIAL_TOKENS),
+  }
 
 
-def save(directory, params, cfg: ModelConfig, *, dtype=None,
-         max_shard_bytes: int = DEFAULT_SHARD_BYTES, force=False,
-         tokenizer: Tokenizer | None = None) -> None:
+def save(
+  directory,
+  params,
+  cfg: ModelConfig,
+  *,
+  dtype=None,
+  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+  force=False,
+  tokenizer: Tokenizer | None = None,
+) -> None:
   """Writes an HF directory (config.json + safetensors) from native params.
 
   Shards (with an index) when the weights exceed `max_shard_bytes`. With a
@@ -218,30 +294,41 @@ def save(directory, params, cfg: ModelConfig, *, dtype=None,
     tokenizer.check_vocab(cfg.vocab_size)
   directory = Path(directory)
   flat = dict(layout.flatten(meta.unbox(params)))
-  layout.check_shapes({p: tuple(np.shape(x)) for p, x in flat.items()},
-                      layout.param_shapes(cfg), "params")
+  layout.check_shapes(
+    {p: tuple(np.shape(x)) for p, x in flat.items()},
+    layout.param_shapes(cfg),
+    "params",
+  )
   dtype = np.dtype(dtype or flat["embedder/embedding"].dtype)
-  hf = hf_config.to_hf(cfg, dtype.name)   # fails before anything is written
+  hf = hf_config.to_hf(cfg, dtype.name)  # fails before anything is written
 
   def make(e: Entry):
     return e.to_hf(np.asarray(flat[e.path][e.index]))
-  tensors = [safetensors_io.Tensor(e.hf_name, e.hf_shape, dtype,
-                                   functools.partial(make, e))
-             for e in tensor_map(cfg)]
+
+  tensors = [
+    safetensors_io.Tensor(
+      e.hf_name, e.hf_shape, dtype, functools.partial(make, e)
+    )
+    for e in tensor_map(cfg)
+  ]
   shards = _shards(tensors, max_shard_bytes)
   with fileio.atomic_directory(directory, overwrite=force) as tmp:
     (tmp / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
     weight_map: dict[str, str] = {}
     for k, shard in enumerate(shards):
-      name = (WEIGHTS if len(shards) == 1 else
-              f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+      name = (
+        WEIGHTS
+        if len(shards) == 1
+        else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+      )
       safetensors_io.write(tmp / name, shard, {"format": "pt"})
       weight_map.update((t.name, name) for t in shard)
     if len(shards) > 1:
-      index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
-               "weight_map": weight_map}
+      index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+        "weight_map": weight_map,
+      }
       (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
       for name, data in tokenizer_files(tokenizer).items():
         (tmp / name).write_bytes(data)
-

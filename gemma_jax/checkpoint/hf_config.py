@@ -30,13 +30,16 @@ def _rope_theta(hf: dict, source: str) -> float:
     params = dict(next(iter(params.values())), rope_theta=None)
     if len(thetas) != 1:
       raise CheckpointError(
-          f"{source}: rope_parameters has different rope_theta per layer "
-          f"type {sorted(thetas)}; Gemma 1/2 use one")
+        f"{source}: rope_parameters has different rope_theta per layer "
+        f"type {sorted(thetas)}; Gemma 1/2 use one"
+      )
     params["rope_theta"] = thetas.pop()
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type != "default":
-    raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported "
-                      "(Gemma 1/2 use plain RoPE)")
+    raise CheckpointError(
+      f"{source}: rope type {rope_type!r} is not supported "
+      "(Gemma 1/2 use plain RoPE)"
+    )
   return float(params.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
 
 
@@ -46,8 +49,9 @@ def _activation(hf: dict, model_type: str, source: str) -> None:
     return
   if act not in _TANH_GELU:
     raise CheckpointError(
-        f"{source}: hidden_activation {act!r} is not supported; Gemma uses "
-        f"the tanh GELU ({', '.join(_TANH_GELU)})")
+      f"{source}: hidden_activation {act!r} is not supported; Gemma uses "
+      f"the tanh GELU ({', '.join(_TANH_GELU)})"
+    )
 
 
 def _pattern(layer_types: list[str], source: str) -> tuple[str, ...]:
@@ -56,8 +60,10 @@ def _pattern(layer_types: list[str], source: str) -> tuple[str, ...]:
   try:
     kinds = [names[t] for t in layer_types]
   except KeyError as e:
-    raise CheckpointError(f"{source}: unknown layer type {e.args[0]!r} in "
-                      f"layer_types; valid: {', '.join(names)}") from None
+    raise CheckpointError(
+      f"{source}: unknown layer type {e.args[0]!r} in "
+      f"layer_types; valid: {', '.join(names)}"
+    ) from None
   for period in range(1, len(kinds) + 1):
     if all(k == kinds[i % period] for i, k in enumerate(kinds)):
       return tuple(kinds[:period])
@@ -68,45 +74,58 @@ def from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
   """ModelConfig for an HF Gemma / Gemma 2 config dict."""
   model_type = hf.get("model_type")
   if model_type not in ("gemma", "gemma2"):
-    raise CheckpointError(f"{source}: model_type {model_type!r} is not "
-                          "supported; expected 'gemma' or 'gemma2'")
+    raise CheckpointError(
+      f"{source}: model_type {model_type!r} is not "
+      "supported; expected 'gemma' or 'gemma2'"
+    )
   if hf.get("tie_word_embeddings", True) is False:
-    raise CheckpointError(f"{source}: tie_word_embeddings is false; Gemma "
-                          "ties the output projection to the embedding")
+    raise CheckpointError(
+      f"{source}: tie_word_embeddings is false; Gemma "
+      "ties the output projection to the embedding"
+    )
   if hf.get("attention_bias"):
-    raise CheckpointError(f"{source}: attention_bias is true; Gemma has no "
-                          "biases")
+    raise CheckpointError(
+      f"{source}: attention_bias is true; Gemma has no biases"
+    )
   if hf.get("use_bidirectional_attention"):
-    raise CheckpointError(f"{source}: use_bidirectional_attention is not "
-                          "supported")
+    raise CheckpointError(
+      f"{source}: use_bidirectional_attention is not supported"
+    )
   _activation(hf, model_type, source)
   heads = _get(hf, "num_attention_heads", source)
   d_model = _get(hf, "hidden_size", source)
   num_layers = _get(hf, "num_hidden_layers", source)
   kw = dict(
-      num_layers=num_layers, d_model=d_model,
-      mlp_dim=_get(hf, "intermediate_size", source), num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or d_model // heads,
-      vocab_size=_get(hf, "vocab_size", source),
-      rope_max_wavelength=_rope_theta(hf, source),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
+    num_layers=num_layers,
+    d_model=d_model,
+    mlp_dim=_get(hf, "intermediate_size", source),
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=hf.get("head_dim") or d_model // heads,
+    vocab_size=_get(hf, "vocab_size", source),
+    rope_max_wavelength=_rope_theta(hf, source),
+    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+  )
   if model_type == "gemma2":
     layer_types = hf.get("layer_types") or [
-        "sliding_attention" if i % 2 == 0 else "full_attention"
-        for i in range(num_layers)]
+      "sliding_attention" if i % 2 == 0 else "full_attention"
+      for i in range(num_layers)
+    ]
     if len(layer_types) != num_layers:
-      raise CheckpointError(f"{source}: layer_types has {len(layer_types)} "
-                        f"entries but num_hidden_layers is {num_layers}")
+      raise CheckpointError(
+        f"{source}: layer_types has {len(layer_types)} "
+        f"entries but num_hidden_layers is {num_layers}"
+      )
     pattern = _pattern(layer_types, source)
     window = hf.get("sliding_window", hf.get("sliding_window_size", 4096))
     kw.update(
-        attention_pattern=pattern,
-        sliding_window=window if "local" in pattern else None,
-        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-        attn_logit_softcap=hf.get("attn_logit_softcapping"),
-        final_logit_softcap=hf.get("final_logit_softcapping"),
-        sandwich_norms=True)
+      attention_pattern=pattern,
+      sliding_window=window if "local" in pattern else None,
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+      attn_logit_softcap=hf.get("attn_logit_softcapping"),
+      final_logit_softcap=hf.get("final_logit_softcapping"),
+      sandwich_norms=True,
+    )
   return ModelConfig(**(kw | overrides))
 
 
@@ -115,62 +134,100 @@ def to_hf(cfg: ModelConfig, dtype: str) -> dict:
   gemma2 = cfg.sandwich_norms
   if not gemma2:
     unsupported = {
-        "attn_logit_softcap": cfg.attn_logit_softcap,
-        "final_logit_softcap": cfg.final_logit_softcap,
-        "sliding_window": (cfg.sliding_window if any(cfg.layer_windows)
-                           else None),
-        "query_pre_attn_scalar": (cfg.query_pre_attn_scalar
-                                  if cfg.query_scale != cfg.head_dim ** -0.5
-                                  else None)}
+      "attn_logit_softcap": cfg.attn_logit_softcap,
+      "final_logit_softcap": cfg.final_logit_softcap,
+      "sliding_window": (
+        cfg.sliding_window if any(cfg.layer_windows) else None
+      ),
+      "query_pre_attn_scalar": (
+        cfg.query_pre_attn_scalar
+        if cfg.query_scale != cfg.head_dim**-0.5
+        else None
+      ),
+    }
     for key, value in unsupported.items():
       if value is not None:
-        raise ConfigError(f"model.{key}={value} cannot be expressed in an HF "
-                          "'gemma' config (no sandwich norms = Gemma 1)")
+        raise ConfigError(
+          f"model.{key}={value} cannot be expressed in an HF "
+          "'gemma' config (no sandwich norms = Gemma 1)"
+        )
   hf: dict[str, object] = {
-      "architectures": ["Gemma2ForCausalLM" if gemma2 else "GemmaForCausalLM"],
-      "model_type": "gemma2" if gemma2 else "gemma",
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-      "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-      "hidden_act": "gelu_pytorch_tanh",
-      "hidden_activation": "gelu_pytorch_tanh",
-      "max_position_embeddings": 8192, "rms_norm_eps": cfg.norm_eps,
+    "architectures": ["Gemma2ForCausalLM" if gemma2 else "GemmaForCausalLM"],
+    "model_type": "gemma2" if gemma2 else "gemma",
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.d_model,
+    "intermediate_size": cfg.mlp_dim,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.num_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": cfg.norm_eps,
+    "rope_theta": cfg.rope_max_wavelength,
+    "rope_parameters": {
+      "rope_type": "default",
       "rope_theta": cfg.rope_max_wavelength,
-      "rope_parameters": {"rope_type": "default",
-                          "rope_theta": cfg.rope_max_wavelength},
-      "attention_bias": False, "attention_dropout": 0.0,
-      "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-      "tie_word_embeddings": True, "initializer_range": 0.02,
-      "use_cache": True, "dtype": dtype, "torch_dtype": dtype,
+    },
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "dtype": dtype,
+    "torch_dtype": dtype,
   }
   if gemma2:
     scalar = cfg.query_pre_attn_scalar or cfg.head_dim
     hf.update(
-        # transformers >= 5 validates types: an integral scalar must be int.
-        query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
-        sliding_window=cfg.sliding_window or 4096,
-        layer_types=["sliding_attention" if w else "full_attention"
-                     for w in cfg.layer_windows],
-        attn_logit_softcapping=cfg.attn_logit_softcap,
-        final_logit_softcapping=cfg.final_logit_softcap,
-        cache_implementation="hybrid")
+      # transformers >= 5 validates types: an integral scalar must be int.
+      query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
+      sliding_window=cfg.sliding_window or 4096,
+      layer_types=[
+        "sliding_attention" if w else "full_attention"
+        for w in cfg.layer_windows
+      ],
+      attn_logit_softcapping=cfg.attn_logit_softcap,
+      final_logit_softcapping=cfg.final_logit_softcap,
+      cache_implementation="hybrid",
+    )
   return hf
 
 
 # Fields that decide the weights' meaning: a user-given config must agree.
-_ARCH_FIELDS = ("num_layers", "d_model", "mlp_dim", "num_heads",
-                "num_kv_heads", "head_dim", "vocab_size", "query_scale",
-                "layer_windows", "attn_logit_softcap", "final_logit_softcap",
-                "sandwich_norms", "rope_max_wavelength", "norm_eps")
+_ARCH_FIELDS = (
+  "num_layers",
+  "d_model",
+  "mlp_dim",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "vocab_size",
+  "query_scale",
+  "layer_windows",
+  "attn_logit_softcap",
+  "final_logit_softcap",
+  "sandwich_norms",
+  "rope_max_wavelength",
+  "norm_eps",
+)
 
 
-def check_same_architecture(given: ModelConfig, found: ModelConfig,
-                            given_name: str, found_name: str) -> None:
+def check_same_architecture(
+  given: ModelConfig, found: ModelConfig, given_name: str, found_name: str
+) -> None:
   """Raises ConfigError naming every architecture field that differs."""
-  diffs = [f"{k}: {given_name} has {getattr(given, k)!r}, {found_name} has "
-           f"{getattr(found, k)!r}" for k in _ARCH_FIELDS
-           if getattr(given, k) != getattr(found, k)]
+  diffs = [
+    f"{k}: {given_name} has {getattr(given, k)!r}, {found_name} has "
+    f"{getattr(found, k)!r}"
+    for k in _ARCH_FIELDS
+    if getattr(given, k) != getattr(found, k)
+  ]
   if diffs:
-    raise ConfigError(f"{given_name} does not match {found_name}: "
-                      + "; ".join(diffs))
+    raise ConfigError(
+      f"{given_name} does not match {found_name}: " + "; ".join(diffs)
+    )

@@ -32,19 +32,31 @@ from gemma_jax.model.config import ModelConfig
 
 # Presets whose official checkpoints store gating as [2, F, D].
 TRANSPOSED_GATING_PRESETS = ("gemma2-9b", "gemma2-27b")
-_NORMS = ("pre_attention_norm", "pre_ffw_norm", "post_attention_norm",
-          "post_ffw_norm")
+_NORMS = (
+  "pre_attention_norm",
+  "pre_ffw_norm",
+  "post_attention_norm",
+  "post_ffw_norm",
+)
 
 
-def _layer_keys(cfg: ModelConfig, i: int, fused_qkv: bool,
-                transposed: bool) -> dict[str, tuple[int, ...]]:
+def _layer_keys(
+  cfg: ModelConfig, i: int, fused_qkv: bool, transposed: bool
+) -> dict[str, tuple[int, ...]]:
   """{'transformer/layer_i/.../leaf': shape} of one official layer."""
-  N, K, H, D, F = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                   cfg.d_model, cfg.mlp_dim)
+  N, K, H, D, F = (
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+    cfg.d_model,
+    cfg.mlp_dim,
+  )
   p = f"transformer/layer_{i}/"
-  keys = {p + "attn/attn_vec_einsum/w": (N, H, D),
-          p + "mlp/gating_einsum/w": (2, F, D) if transposed else (2, D, F),
-          p + "mlp/linear/w": (F, D)}
+  keys = {
+    p + "attn/attn_vec_einsum/w": (N, H, D),
+    p + "mlp/gating_einsum/w": (2, F, D) if transposed else (2, D, F),
+    p + "mlp/linear/w": (F, D),
+  }
   if fused_qkv:
     keys[p + "attn/qkv_einsum/w"] = (3, N, D, H)
   else:
@@ -59,8 +71,11 @@ def _gating_layout(cfg, found, transposed):
   """[2, D, F] (False) or [2, F, D] (True): the shape decides when D != F."""
   key = "transformer/layer_0/mlp/gating_einsum/w"
   D, F = cfg.d_model, cfg.mlp_dim
-  by_shape = None if D == F else {(2, D, F): False, (2, F, D): True}.get(
-      tuple(found.get(key, ())))
+  by_shape = (
+    None
+    if D == F
+    else {(2, D, F): False, (2, F, D): True}.get(tuple(found.get(key, ())))
+  )
   if transposed is None:
     if by_shape is not None:
       return by_shape
@@ -68,20 +83,23 @@ def _gating_layout(cfg, found, transposed):
       return True
     if D == F:
       raise CheckpointError(
-          f"{key}: d_model == mlp_dim == {D}, so the gating layout cannot be "
-          "read from the shape; pass --kaggle-gating DF or FD")
-    return False   # a wrong shape is reported by the shape check
+        f"{key}: d_model == mlp_dim == {D}, so the gating layout cannot be "
+        "read from the shape; pass --kaggle-gating DF or FD"
+      )
+    return False  # a wrong shape is reported by the shape check
   if by_shape is not None and by_shape != transposed:
     raise CheckpointError(
-        f"{key}: shape {found[key]} is {'[2, F, D]' if by_shape else '[2, D, F]'}"
-        f" but the gating layout was given as {'FD' if transposed else 'DF'}")
+      f"{key}: shape {found[key]} is {'[2, F, D]' if by_shape else '[2, D, F]'}"
+      f" but the gating layout was given as {'FD' if transposed else 'DF'}"
+    )
   return transposed
 
 
 def expected_shapes(cfg: ModelConfig, fused_qkv: bool, transposed: bool):
-  keys = {"transformer/embedder/input_embedding": (cfg.num_embed_rows,
-                                                   cfg.d_model),
-          "transformer/final_norm/scale": (cfg.d_model,)}
+  keys = {
+    "transformer/embedder/input_embedding": (cfg.num_embed_rows, cfg.d_model),
+    "transformer/final_norm/scale": (cfg.d_model,),
+  }
   for i in range(cfg.num_layers):
     keys.update(_layer_keys(cfg, i, fused_qkv, transposed))
   return keys
@@ -94,11 +112,17 @@ def _restore(ckptr, path, keys, dtype):
     module, leaf = key.rsplit("/", 1)
     tree.setdefault(module, {})[leaf] = 0
     args.setdefault(module, {})[leaf] = ocp.RestoreArgs(
-        restore_type=np.ndarray, dtype=dtype)
-  flat = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-      item=tree, restore_args=args, partial_restore=True))
-  return {f"{m}/{leaf}": v for m, leaves in flat.items()
-          for leaf, v in leaves.items()}
+      restore_type=np.ndarray, dtype=dtype
+    )
+  flat = ckptr.restore(
+    path,
+    args=ocp.args.PyTreeRestore(
+      item=tree, restore_args=args, partial_restore=True
+    ),
+  )
+  return {
+    f"{m}/{leaf}": v for m, leaves in flat.items() for leaf, v in leaves.items()
+  }
 
 
 def _open(ckptr, path, dtype):
@@ -111,22 +135,36 @@ def _open(ckptr, path, dtype):
   """
   try:
     tree = ckptr.metadata(path).item_metadata.tree
-    shapes = {f"{module}/{leaf}": tuple(m.shape)
-              for module, leaves in tree.items() for leaf, m in leaves.items()}
+    shapes = {
+      f"{module}/{leaf}": tuple(m.shape)
+      for module, leaves in tree.items()
+      for leaf, m in leaves.items()
+    }
     return shapes, lambda keys: _restore(ckptr, path, keys, dtype)
   except FileNotFoundError:
     raise CheckpointError(f"{path}: not an orbax checkpoint") from None
   except (AttributeError, TypeError, ValueError, KeyError):
-    whole = {f"{module}/{leaf}": v for module, leaves in
-             ckptr.restore(path).items() for leaf, v in leaves.items()}
+    whole = {
+      f"{module}/{leaf}": v
+      for module, leaves in ckptr.restore(path).items()
+      for leaf, v in leaves.items()
+    }
     shapes = {k: tuple(np.shape(v)) for k, v in whole.items()}
+
     def read(keys):
       return {k: np.asarray(whole.pop(k), dtype) for k in keys}
+
     return shapes, read
 
 
-def load(directory, cfg: ModelConfig, *, transposed_gating: bool | None = None,
-         dtype=None, shardings=None) -> dict:
+def load(
+  directory,
+  cfg: ModelConfig,
+  *,
+  transposed_gating: bool | None = None,
+  dtype=None,
+  shardings=None,
+) -> dict:
   """Reads an official checkpoint into native params for `cfg`: numpy
   arrays, or jax.Arrays placed by `shardings` (a params-shaped tree of
   NamedShardings) as each layer is read."""
@@ -137,14 +175,19 @@ def load(directory, cfg: ModelConfig, *, transposed_gating: bool | None = None,
     found, read = _open(ckptr, path, dtype)
     fused = "transformer/layer_0/attn/qkv_einsum/w" in found
     transposed = _gating_layout(cfg, found, transposed_gating)
-    layout.check_shapes(found, expected_shapes(cfg, fused, transposed),
-                        f"{directory} (model {cfg.name})")
-    top = read(["transformer/embedder/input_embedding",
-                "transformer/final_norm/scale"])
+    layout.check_shapes(
+      found,
+      expected_shapes(cfg, fused, transposed),
+      f"{directory} (model {cfg.name})",
+    )
+    top = read(
+      ["transformer/embedder/input_embedding", "transformer/final_norm/scale"]
+    )
     emb = top.pop("transformer/embedder/input_embedding")
     # Every leaf in the stored dtype unless `dtype` (the embedding's rules).
-    out = placement.target(layout.param_shapes(cfg), shardings,
-                           dtype or emb.dtype)
+    out = placement.target(
+      layout.param_shapes(cfg), shardings, dtype or emb.dtype
+    )
     out.set("embedder/embedding", (), emb)
     del emb
     out.set("final_norm/scale", (), top["transformer/final_norm/scale"])
@@ -166,7 +209,10 @@ def _fill_layer(out, i, layer, fused, transposed):
     out.set("layers/attn/q_einsum/w", (i,), layer.pop("attn/q_einsum/w"))
     out.set("layers/attn/kv_einsum/w", (i,), layer.pop("attn/kv_einsum/w"))
   gating = layer.pop("mlp/gating_einsum/w")
-  out.set("layers/mlp/gating_einsum/w", (i,),
-          gating.transpose(0, 2, 1) if transposed else gating)
-  for key, value in layer.items():   # norms, attn_vec_einsum, linear
+  out.set(
+    "layers/mlp/gating_einsum/w",
+    (i,),
+    gating.transpose(0, 2, 1) if transposed else gating,
+  )
+  for key, value in layer.items():  # norms, attn_vec_einsum, linear
     out.set(f"layers/{key}", (i,), value)

@@ -18,15 +18,24 @@ The tree is the one `gemma_jax.model.Transformer` creates with scanned layers
 Converters address leaves by '/'-joined paths such as 'layers/mlp/linear/w'.
 """
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 
-
 # The ModelConfig fields that decide the parameters' shapes.
-SHAPE_FIELDS = ("num_layers", "d_model", "mlp_dim", "num_heads", "num_kv_heads",
-                "head_dim", "vocab_size", "embed_rows", "sandwich_norms")
+SHAPE_FIELDS = (
+  "num_layers",
+  "d_model",
+  "mlp_dim",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "vocab_size",
+  "embed_rows",
+  "sandwich_norms",
+)
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -34,15 +43,15 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   L, D, F = cfg.num_layers, cfg.d_model, cfg.mlp_dim
   N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   shapes = {
-      "embedder/embedding": (cfg.num_embed_rows, D),
-      "final_norm/scale": (D,),
-      "layers/pre_attention_norm/scale": (L, D),
-      "layers/attn/q_einsum/w": (L, N, D, H),
-      "layers/attn/kv_einsum/w": (L, 2, K, D, H),
-      "layers/attn/attn_vec_einsum/w": (L, N, H, D),
-      "layers/pre_ffw_norm/scale": (L, D),
-      "layers/mlp/gating_einsum/w": (L, 2, D, F),
-      "layers/mlp/linear/w": (L, F, D),
+    "embedder/embedding": (cfg.num_embed_rows, D),
+    "final_norm/scale": (D,),
+    "layers/pre_attention_norm/scale": (L, D),
+    "layers/attn/q_einsum/w": (L, N, D, H),
+    "layers/attn/kv_einsum/w": (L, 2, K, D, H),
+    "layers/attn/attn_vec_einsum/w": (L, N, H, D),
+    "layers/pre_ffw_norm/scale": (L, D),
+    "layers/mlp/gating_einsum/w": (L, 2, D, F),
+    "layers/mlp/linear/w": (L, F, D),
   }
   if cfg.sandwich_norms:
     shapes["layers/post_attention_norm/scale"] = (L, D)
@@ -72,18 +81,24 @@ def unflatten(flat: dict[str, Any]) -> dict:
   return tree
 
 
-def check_shapes(found: dict[str, tuple[int, ...]],
-                 expected: dict[str, tuple[int, ...]], source: str) -> None:
+def check_shapes(
+  found: dict[str, tuple[int, ...]],
+  expected: dict[str, tuple[int, ...]],
+  source: str,
+) -> None:
   """Raises CheckpointError listing missing, unexpected and misshapen leaves."""
   missing = sorted(set(expected) - set(found))
   extra = sorted(set(found) - set(expected))
-  problems = [f"{p}: expected shape {expected[p]}, found {tuple(found[p])}"
-              for p in expected if p in found
-              and tuple(found[p]) != tuple(expected[p])]
+  problems = [
+    f"{p}: expected shape {expected[p]}, found {tuple(found[p])}"
+    for p in expected
+    if p in found and tuple(found[p]) != tuple(expected[p])
+  ]
   if missing:
     problems.append("missing tensors: " + ", ".join(missing))
   if extra:
     problems.append("unexpected tensors: " + ", ".join(extra))
   if problems:
-    raise CheckpointError(f"{source} does not match the model config: "
-                          + "; ".join(problems))
+    raise CheckpointError(
+      f"{source} does not match the model config: " + "; ".join(problems)
+    )

@@ -55,6 +55,7 @@ _PAIRED = ("layers/attn/kv_einsum/w", "layers/mlp/gating_einsum/w")
 class Recipe:
   """How to merge. `weights`: linear, one per input (None: equal); `t`:
   slerp's position from input a (0) to b (1); `eta`: LITI toward the base."""
+
   method: str = "linear"
   weights: tuple[float, ...] | None = None
   t: float = 0.5
@@ -65,40 +66,50 @@ class Recipe:
 def resolve(recipe: Recipe, num_inputs: int, has_base: bool) -> Recipe:
   """The recipe with its weights filled in; ConfigError if it is invalid."""
   if recipe.method not in METHODS:
-    raise ConfigError(f"--method: unknown {recipe.method!r}; valid: "
-                      f"{', '.join(METHODS)}")
+    raise ConfigError(
+      f"--method: unknown {recipe.method!r}; valid: {', '.join(METHODS)}"
+    )
   if not 0.0 <= recipe.eta <= 1.0:
     raise ConfigError(f"--eta must be in [0, 1], got {recipe.eta}")
   if recipe.eta != 1.0 and not has_base:
-    raise ConfigError("--eta interpolates toward a base checkpoint: pass "
-                      "--base")
+    raise ConfigError(
+      "--eta interpolates toward a base checkpoint: pass --base"
+    )
   if recipe.method == "slerp":
     if num_inputs != 2 or not has_base:
-      raise ConfigError(f"slerp merges exactly 2 checkpoints relative to "
-                        f"--base; got {num_inputs} and "
-                        f"{'a' if has_base else 'no'} base")
+      raise ConfigError(
+        f"slerp merges exactly 2 checkpoints relative to "
+        f"--base; got {num_inputs} and "
+        f"{'a' if has_base else 'no'} base"
+      )
     if recipe.weights is not None:
       raise ConfigError("--weights is for --method linear; slerp takes --t")
     if not 0.0 <= recipe.t <= 1.0:
       raise ConfigError(f"--t must be in [0, 1], got {recipe.t}")
     return recipe
   if num_inputs < (1 if has_base else 2):
-    raise ConfigError("linear merging needs at least 2 checkpoints (or 1 "
-                      "and --base)")
+    raise ConfigError(
+      "linear merging needs at least 2 checkpoints (or 1 and --base)"
+    )
   weights = recipe.weights or (1.0 / num_inputs,) * num_inputs
   if len(weights) != num_inputs:
-    raise ConfigError(f"--weights: {len(weights)} weights for {num_inputs} "
-                      "checkpoints; give one per checkpoint")
+    raise ConfigError(
+      f"--weights: {len(weights)} weights for {num_inputs} "
+      "checkpoints; give one per checkpoint"
+    )
   total = math.fsum(weights)
   if recipe.normalize:
     if abs(total) < SUM_TOLERANCE:
-      raise ConfigError(f"--normalize: the weights sum to {total:g}; cannot "
-                        "divide by it")
+      raise ConfigError(
+        f"--normalize: the weights sum to {total:g}; cannot divide by it"
+      )
     weights = tuple(w / total for w in weights)
   elif not has_base and abs(total - 1.0) > SUM_TOLERANCE:
-    raise ConfigError(f"--weights sum to {total:g}; without --base they must "
-                      "sum to 1 (pass --normalize to divide them by their "
-                      "sum)")
+    raise ConfigError(
+      f"--weights sum to {total:g}; without --base they must "
+      "sum to 1 (pass --normalize to divide them by their "
+      "sum)"
+    )
   return dataclasses.replace(recipe, weights=tuple(map(float, weights)))
 
 
@@ -115,20 +126,26 @@ def tensor_units(path: str, shape: tuple[int, ...]) -> Iterator[tuple]:
       yield (i,)
 
 
-def merge_into(out: np.ndarray, recipe: Recipe,
-               tensors: Sequence[np.ndarray], base: np.ndarray | None
-               ) -> None:
+def merge_into(
+  out: np.ndarray,
+  recipe: Recipe,
+  tensors: Sequence[np.ndarray],
+  base: np.ndarray | None,
+) -> None:
   """Writes one merged tensor into `out` (contiguous, any dtype), a chunk
   at a time, so float32 temporaries stay chunk-sized (`recipe` resolved)."""
   f32, t = merge_math.as_f32, recipe.t
   if not out.flags.c_contiguous:
-    raise ValueError("merge_into writes through a flat view: `out` must be "
-                     "C-contiguous")
+    raise ValueError(
+      "merge_into writes through a flat view: `out` must be C-contiguous"
+    )
   flat = out.reshape(-1)
   if recipe.method == "slerp":
+
     def task_vectors():
       for ca, cb, cbase in merge_math.chunks(*tensors, base):
         yield f32(ca) - f32(cbase), f32(cb) - f32(cbase)
+
     coefficients = merge_math.slerp_coefficients(task_vectors, t)
   else:
     # resolve() fills in a linear recipe's weights.
@@ -139,15 +156,16 @@ def merge_into(out: np.ndarray, recipe: Recipe,
   for parts in inputs:
     anchor = f32(parts[-1] if base is not None else parts[0])
     if recipe.method == "slerp":
-      delta = merge_math.combine(coefficients, f32(parts[0]) - anchor,
-                                 f32(parts[1]) - anchor, t)
-    elif base is None:   # the anchor is x_1: its own term is zero
+      delta = merge_math.combine(
+        coefficients, f32(parts[0]) - anchor, f32(parts[1]) - anchor, t
+      )
+    elif base is None:  # the anchor is x_1: its own term is zero
       delta = merge_math.weighted_delta(parts[1:], weights[1:], anchor)
     else:
       delta = merge_math.weighted_delta(parts[:-1], weights, anchor)
     if recipe.eta != 1.0:
       delta *= np.float32(recipe.eta)
-    flat[start:start + anchor.size] = anchor + delta
+    flat[start : start + anchor.size] = anchor + delta
     start += anchor.size
 
 
@@ -162,8 +180,9 @@ class _Reader:
       tree = ckptr.metadata(self.path).item_metadata.tree
     self.meta = dict(layout.flatten(tree))
     self.shapes = {p: tuple(m.shape) for p, m in self.meta.items()}
-    layout.check_shapes(self.shapes, layout.param_shapes(self.cfg),
-                        str(self.path))
+    layout.check_shapes(
+      self.shapes, layout.param_shapes(self.cfg), str(self.path)
+    )
     self._ckptr = ocp.PyTreeCheckpointer()
 
   def dtype(self, path: str) -> np.dtype:
@@ -172,8 +191,12 @@ class _Reader:
   def read(self, path: str) -> np.ndarray:
     item = layout.unflatten({path: self.meta[path]})
     args = layout.unflatten({path: ocp.RestoreArgs(restore_type=np.ndarray)})
-    tree = self._ckptr.restore(self.path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=args, partial_restore=True))
+    tree = self._ckptr.restore(
+      self.path,
+      args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=True
+      ),
+    )
     return dict(layout.flatten(tree))[path]
 
   def close(self):
@@ -181,22 +204,36 @@ class _Reader:
 
 
 def _check_same_model(first: _Reader, other: _Reader) -> None:
-  diffs = [f"{f.name} {getattr(first.cfg, f.name)!r} vs "
-           f"{getattr(other.cfg, f.name)!r}"
-           for f in dataclasses.fields(ModelConfig)
-           if f.name not in _NON_ARCH_FIELDS
-           and getattr(first.cfg, f.name) != getattr(other.cfg, f.name)]
-  bad = next((p for p in layout.param_shapes(first.cfg)   # layout order
-              if first.shapes[p] != other.shapes.get(p)), None)
+  diffs = [
+    f"{f.name} {getattr(first.cfg, f.name)!r} vs {getattr(other.cfg, f.name)!r}"
+    for f in dataclasses.fields(ModelConfig)
+    if f.name not in _NON_ARCH_FIELDS
+    and getattr(first.cfg, f.name) != getattr(other.cfg, f.name)
+  ]
+  bad = next(
+    (
+      p
+      for p in layout.param_shapes(first.cfg)  # layout order
+      if first.shapes[p] != other.shapes.get(p)
+    ),
+    None,
+  )
   if not diffs and bad is None:
     return
-  shape = "" if bad is None else (
+  shape = (
+    ""
+    if bad is None
+    else (
       f"; first mismatched parameter {bad}: {first.shapes[bad]} vs "
-      f"{other.shapes.get(bad, 'absent')}")
+      f"{other.shapes.get(bad, 'absent')}"
+    )
+  )
   config = f" (model config: {', '.join(diffs)})" if diffs else ""
-  raise CheckpointError(f"{other.name} is not the same model as {first.name}"
-                        f"{config}{shape}; only checkpoints of one model "
-                        "merge")
+  raise CheckpointError(
+    f"{other.name} is not the same model as {first.name}"
+    f"{config}{shape}; only checkpoints of one model "
+    "merge"
+  )
 
 
 def _output_dtypes(inputs: Sequence[_Reader], dtype) -> dict[str, np.dtype]:
@@ -206,30 +243,40 @@ def _output_dtypes(inputs: Sequence[_Reader], dtype) -> dict[str, np.dtype]:
   for path in inputs[0].shapes:
     found = list(dict.fromkeys(r.dtype(path).name for r in inputs))
     if len(found) > 1:
-      raise ConfigError(f"{path} is stored as {' and '.join(found)} in the "
-                        "inputs; choose the output's dtype with --dtype")
+      raise ConfigError(
+        f"{path} is stored as {' and '.join(found)} in the "
+        "inputs; choose the output's dtype with --dtype"
+      )
     out[path] = np.dtype(inputs[0].dtype(path))
   return out
 
 
-def _merged_leaves(recipe: Recipe, readers: Sequence[_Reader],
-                   base: _Reader | None, dtypes: dict[str, np.dtype]
-                   ) -> Iterator[tuple[str, np.ndarray]]:
+def _merged_leaves(
+  recipe: Recipe,
+  readers: Sequence[_Reader],
+  base: _Reader | None,
+  dtypes: dict[str, np.dtype],
+) -> Iterator[tuple[str, np.ndarray]]:
   """(path, merged leaf) in layout order, one leaf in memory at a time."""
   for path, shape in layout.param_shapes(readers[0].cfg).items():
     tensors = [r.read(path) for r in readers]
     base_leaf = base.read(path) if base else None
     merged = np.empty(shape, dtypes[path])
     for i in tensor_units(path, shape):
-      merge_into(merged[i], recipe, [x[i] for x in tensors],
-                 None if base_leaf is None else base_leaf[i])
+      merge_into(
+        merged[i],
+        recipe,
+        [x[i] for x in tensors],
+        None if base_leaf is None else base_leaf[i],
+      )
     del tensors, base_leaf
     yield path, merged
-    del merged   # before the next leaf's inputs are read
+    del merged  # before the next leaf's inputs are read
 
 
-def _save_native(directory, leaves, cfg: ModelConfig, step_meta: epath.Path,
-                 force: bool) -> None:
+def _save_native(
+  directory, leaves, cfg: ModelConfig, step_meta: epath.Path, force: bool
+) -> None:
   """Writes the leaves with orbax's partial save, one at a time."""
   # A leaf is not modified while orbax writes it: no defensive copy.
   ctx = ocp_v1.Context()
@@ -245,23 +292,24 @@ def _save_native(directory, leaves, cfg: ModelConfig, step_meta: epath.Path,
     # a PyTree checkpoint like the one native.save writes.
     (staging / "state").rename(tmp / native.PARAMS_DIR)
     staging.rmtree()
-    if step_meta.exists():   # names the orbax handler of the tree
+    if step_meta.exists():  # names the orbax handler of the tree
       step_meta.copy(tmp / native.PARAMS_DIR / step_meta.name)
     config = {"format": native.FORMAT, "model": configlib.to_dict(cfg)}
     (tmp / native.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _save_hf(directory, leaves, cfg: ModelConfig, force: bool,
-             max_shard_bytes: int) -> None:
+def _save_hf(
+  directory, leaves, cfg: ModelConfig, force: bool, max_shard_bytes: int
+) -> None:
   """Keeps each leaf in a memory-mapped scratch file next to `directory`
   (local disks only, like `hf.save`), then exports them with `hf.save`,
   which reads one HF tensor at a time."""
   directory = epath.Path(directory)
   if directory.exists() and not force:
-    raise ConfigError(f"{directory} already exists; pass --force to replace "
-                      "it")
+    raise ConfigError(f"{directory} already exists; pass --force to replace it")
   scratch = fileio.fresh_temporary_sibling(
-      directory.parent / f"{directory.name}.merge-scratch")
+    directory.parent / f"{directory.name}.merge-scratch"
+  )
   try:
     flat = {}
     for path, value in leaves:
@@ -269,16 +317,29 @@ def _save_hf(directory, leaves, cfg: ModelConfig, force: bool,
       value.tofile(file)
       flat[path] = np.memmap(file, value.dtype, "r", shape=value.shape)
       del value
-    hf.save(directory, layout.unflatten(flat), cfg,
-            max_shard_bytes=max_shard_bytes, force=force)
+    hf.save(
+      directory,
+      layout.unflatten(flat),
+      cfg,
+      max_shard_bytes=max_shard_bytes,
+      force=force,
+    )
   finally:
     flat.clear()
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def merge(inputs: Sequence, out, recipe: Recipe, *, base=None, dtype=None,
-          to: str = "native", force: bool = False,
-          max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES) -> ModelConfig:
+def merge(
+  inputs: Sequence,
+  out,
+  recipe: Recipe,
+  *,
+  base=None,
+  dtype=None,
+  to: str = "native",
+  force: bool = False,
+  max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES,
+) -> ModelConfig:
   """Merges native checkpoints `inputs` (and `base`) into `out`.
 
   to: "native" (this project's format) or "hf" (safetensors, sharded above
@@ -294,6 +355,7 @@ def merge(inputs: Sequence, out, recipe: Recipe, *, base=None, dtype=None,
   def open_reader(directory) -> _Reader:
     opened.append(_Reader(directory))
     return opened[-1]
+
   try:
     readers = [open_reader(d) for d in inputs]
     base_reader = open_reader(base) if base is not None else None
@@ -306,8 +368,9 @@ def merge(inputs: Sequence, out, recipe: Recipe, *, base=None, dtype=None,
       cfg = dataclasses.replace(cfg, param_dtype=names.pop())
     leaves = _merged_leaves(recipe, readers, base_reader, dtypes)
     if to == "native":
-      _save_native(out, leaves, cfg, readers[0].path / "_CHECKPOINT_METADATA",
-                   force)
+      _save_native(
+        out, leaves, cfg, readers[0].path / "_CHECKPOINT_METADATA", force
+      )
     else:
       _save_hf(out, leaves, cfg, force, max_shard_bytes)
   finally:

@@ -27,8 +27,8 @@ from typing import overload
 
 import numpy as np
 
-DEGENERATE_ANGLE = 1e-4     # radians
-CHUNK = 1 << 20             # elements per step of chunked work
+DEGENERATE_ANGLE = 1e-4  # radians
+CHUNK = 1 << 20  # elements per step of chunked work
 
 
 def as_f32(x) -> np.ndarray:
@@ -36,17 +36,20 @@ def as_f32(x) -> np.ndarray:
 
 
 @overload
-def chunks(a: np.ndarray, b: np.ndarray, /, *, size: int = CHUNK
-           ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+def chunks(
+  a: np.ndarray, b: np.ndarray, /, *, size: int = CHUNK
+) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 @overload
-def chunks(*xs: np.ndarray, size: int = CHUNK
-           ) -> Iterator[tuple[np.ndarray, ...]]: ...
-def chunks(*xs: np.ndarray, size: int = CHUNK
-           ) -> Iterator[tuple[np.ndarray, ...]]:
+def chunks(
+  *xs: np.ndarray, size: int = CHUNK
+) -> Iterator[tuple[np.ndarray, ...]]: ...
+def chunks(
+  *xs: np.ndarray, size: int = CHUNK
+) -> Iterator[tuple[np.ndarray, ...]]:
   """Aligned flat slices (views) of equally sized arrays (a pair for two)."""
   flat = [x.reshape(-1) for x in xs]
   for i in range(0, flat[0].size, size):
-    yield tuple(f[i:i + size] for f in flat)
+    yield tuple(f[i : i + size] for f in flat)
 
 
 Pairs = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
@@ -75,8 +78,9 @@ def angle_of(pairs: Pairs) -> float | None:
     d, s = u - v, u + v
     diff.append(float(np.dot(d, d)))
     plus.append(float(np.dot(s, s)))
-  return 2.0 * math.atan2(math.sqrt(math.fsum(diff)),
-                          math.sqrt(math.fsum(plus)))
+  return 2.0 * math.atan2(
+    math.sqrt(math.fsum(diff)), math.sqrt(math.fsum(plus))
+  )
 
 
 def angle(a, b) -> float | None:
@@ -95,8 +99,9 @@ def slerp_coefficients(pairs: Pairs, t: float) -> tuple[float, float] | None:
   return math.sin((1.0 - t) * w) / s, math.sin(t * w) / s
 
 
-def combine(coefficients: tuple[float, float] | None, a, b, t: float
-            ) -> np.ndarray:
+def combine(
+  coefficients: tuple[float, float] | None, a, b, t: float
+) -> np.ndarray:
   """s0 a + s1 b for SLERP's coefficients, or lerp(a, b, t) for None."""
   if coefficients is None:
     return lerp(a, b, t)
@@ -123,8 +128,9 @@ def slerp(a, b, t: float) -> np.ndarray:
   return combine(slerp_coefficients(lambda: chunks(a, b), t), a, b, t)
 
 
-def weighted_delta(tensors: Sequence[np.ndarray], weights: Sequence[float],
-                   anchor: np.ndarray) -> np.ndarray:
+def weighted_delta(
+  tensors: Sequence[np.ndarray], weights: Sequence[float], anchor: np.ndarray
+) -> np.ndarray:
   """sum_i w_i (x_i - anchor) in float32 (zeros for no tensors)."""
   anchor = as_f32(anchor)
   out = np.zeros(anchor.shape, np.float32)
@@ -137,15 +143,18 @@ def weighted_delta(tensors: Sequence[np.ndarray], weights: Sequence[float],
   return out
 
 
-def linear(tensors: Sequence[np.ndarray], weights: Sequence[float],
-           anchor: np.ndarray | None = None) -> np.ndarray:
+def linear(
+  tensors: Sequence[np.ndarray],
+  weights: Sequence[float],
+  anchor: np.ndarray | None = None,
+) -> np.ndarray:
   """anchor + sum_i w_i (x_i - anchor), float32; anchor defaults to x_1.
 
   With weights summing to 1 this is the weighted average sum_i w_i x_i;
   with a base as the anchor it is task arithmetic (weights free). Working on
   differences keeps the merge of identical tensors bitwise the identity.
   """
-  if anchor is None:   # x_1's own term is zero
+  if anchor is None:  # x_1's own term is zero
     anchor, tensors, weights = tensors[0], tensors[1:], weights[1:]
   anchor = as_f32(anchor)
   return anchor + weighted_delta(tensors, weights, anchor)

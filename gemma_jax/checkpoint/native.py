@@ -34,6 +34,7 @@ PARAMS_DIR = "params"
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -46,15 +47,17 @@ def save(directory, params, model_cfg: ModelConfig, *, force=False) -> None:
   directory = epath.Path(fileio.absolute(directory))
   fileio.check_remote(directory, "params export")
   if directory.exists() and not force:
-    raise ConfigError(f"{directory} already exists; pass --force to replace "
-                      "it")
+    raise ConfigError(f"{directory} already exists; pass --force to replace it")
   params = meta.unbox(params)
   found = {p: tuple(np.shape(x)) for p, x in layout.flatten(params)}
   layout.check_shapes(found, layout.param_shapes(model_cfg), "params")
   main = jax.process_index() == 0
   if fileio.is_local(directory):
-    tmp = (fileio.fresh_temporary_sibling(directory) if main
-           else fileio.temporary_sibling(directory))
+    tmp = (
+      fileio.fresh_temporary_sibling(directory)
+      if main
+      else fileio.temporary_sibling(directory)
+    )
   else:
     tmp = directory
     if main and directory.exists():
@@ -75,21 +78,26 @@ def load_config(directory) -> ModelConfig:
   fileio.check_remote(directory, "checkpoint")
   path = epath.Path(directory) / CONFIG_FILE
   if not epath.Path(directory).is_dir():
-    raise CheckpointError(f"{directory} is not a native gemma_jax "
-                          f"checkpoint (not a directory)")
+    raise CheckpointError(
+      f"{directory} is not a native gemma_jax checkpoint (not a directory)"
+    )
   if not path.exists():
-    raise CheckpointError(f"{directory} is not a native gemma_jax checkpoint "
-                          f"(no {CONFIG_FILE})")
+    raise CheckpointError(
+      f"{directory} is not a native gemma_jax checkpoint (no {CONFIG_FILE})"
+    )
   try:
     data = json.loads(path.read_text())
     if not isinstance(data, dict):
       raise ValueError("not a JSON object")
   except (ValueError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{path} is damaged: not valid JSON ({e}); export "
-                          f"or convert the checkpoint again") from None
+    raise CheckpointError(
+      f"{path} is damaged: not valid JSON ({e}); export "
+      f"or convert the checkpoint again"
+    ) from None
   if data.get("format") != FORMAT:
-    raise CheckpointError(f"{path}: unknown format {data.get('format')!r}; "
-                          f"expected {FORMAT!r}")
+    raise CheckpointError(
+      f"{path}: unknown format {data.get('format')!r}; expected {FORMAT!r}"
+    )
   return configlib.from_dict(ModelConfig, data["model"], "model")
 
 
@@ -109,20 +117,28 @@ def load(directory, shardings=None, dtype=None) -> tuple[dict, ModelConfig]:
     return _load(path, cfg, shardings, dtype), cfg
   except (CheckpointError, ConfigError):
     raise
-  except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many)
+  except Exception as e:  # orbax/tensorstore raise many
     raise CheckpointError(
-        f"{directory} is damaged: {_culprit(path, e)}: "
-        f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}; "
-        f"export or convert it again") from None
+      f"{directory} is damaged: {_culprit(path, e)}: "
+      f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}; "
+      f"export or convert it again"
+    ) from None
 
 
 def _culprit(path, error) -> str:
   """The array an orbax/tensorstore error is about."""
   import re
-  arrays = [p for p in re.findall(r"'path': '([^']+)'", str(error))
-            if not p.startswith("/")]
-  return f"array {arrays[-1].rstrip('/')}" if arrays else (
-      f"{PARAMS_DIR}/ (array data)")
+
+  arrays = [
+    p
+    for p in re.findall(r"'path': '([^']+)'", str(error))
+    if not p.startswith("/")
+  ]
+  return (
+    f"array {arrays[-1].rstrip('/')}"
+    if arrays
+    else (f"{PARAMS_DIR}/ (array data)")
+  )
 
 
 def _check_files(directory, path) -> None:
@@ -133,18 +149,24 @@ def _check_files(directory, path) -> None:
     if not isinstance(tree, dict) or "tree_metadata" not in tree:
       raise ValueError("no tree metadata")
   except FileNotFoundError:
-    raise CheckpointError(f"{directory} is damaged: {PARAMS_DIR}/_METADATA "
-                          f"is missing; export or convert it again") from None
+    raise CheckpointError(
+      f"{directory} is damaged: {PARAMS_DIR}/_METADATA "
+      f"is missing; export or convert it again"
+    ) from None
   except (ValueError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{directory} is damaged: {PARAMS_DIR}/_METADATA "
-                          f"is not valid ({e}); export or convert it again"
-                          ) from None
+    raise CheckpointError(
+      f"{directory} is damaged: {PARAMS_DIR}/_METADATA "
+      f"is not valid ({e}); export or convert it again"
+    ) from None
   manifest = path / "manifest.ocdbt"
-  if tree.get("use_ocdbt", True) and (not manifest.exists() or
-                                      not manifest.read_bytes()):
-    raise CheckpointError(f"{directory} is damaged: {PARAMS_DIR}/"
-                          f"manifest.ocdbt is missing or empty; export or "
-                          f"convert it again")
+  if tree.get("use_ocdbt", True) and (
+    not manifest.exists() or not manifest.read_bytes()
+  ):
+    raise CheckpointError(
+      f"{directory} is damaged: {PARAMS_DIR}/"
+      f"manifest.ocdbt is missing or empty; export or "
+      f"convert it again"
+    )
 
 
 def _load(path, cfg, shardings, dtype) -> dict:
@@ -154,13 +176,18 @@ def _load(path, cfg, shardings, dtype) -> dict:
     layout.check_shapes(found, layout.param_shapes(cfg), str(path))
     if shardings is None:
       restore_args = jax.tree.map(
-          lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype),
-          tree_meta)
+        lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype),
+        tree_meta,
+      )
     else:
       restore_args = jax.tree.map(
-          lambda m, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape,
-                                            dtype=dtype),
-          tree_meta, meta.unbox(shardings))
-    params = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        restore_args=restore_args))
+        lambda m, s: ocp.ArrayRestoreArgs(
+          sharding=s, global_shape=m.shape, dtype=dtype
+        ),
+        tree_meta,
+        meta.unbox(shardings),
+      )
+    params = ckptr.restore(
+      path, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+    )
   return params

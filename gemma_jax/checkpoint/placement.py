@@ -30,13 +30,13 @@ def _region(index, leaf_ndim: int, value_shape) -> tuple:
   """`index` (ints, then at most one leading slice) -> start of every dim
   and the value's shape with the int-indexed dims kept as size 1."""
   starts: list[int] = []
-  shape: list[int | None] = []    # None: a sliced dim, sized by the value
+  shape: list[int | None] = []  # None: a sliced dim, sized by the value
   for i in index:
     if isinstance(i, slice):
       if i.step not in (None, 1):
         raise ValueError(f"index {index}: strided slices are not supported")
       starts.append(i.start or 0)
-      shape.append(None)   # taken from the value below
+      shape.append(None)  # taken from the value below
     else:
       starts.append(int(i))
       shape.append(1)
@@ -62,7 +62,7 @@ class HostTree:
     dtype = self._dtype or value.dtype
     if path not in self._leaves:
       if index == () and np.shape(value) == tuple(self._shapes[path]):
-        self._leaves[path] = np.asarray(value, dtype)   # whole: no copy
+        self._leaves[path] = np.asarray(value, dtype)  # whole: no copy
         return
       self._leaves[path] = np.zeros(self._shapes[path], dtype)
     self._leaves[path][index] = value
@@ -73,16 +73,15 @@ class HostTree:
 
 @functools.cache
 def _zeros(shape, dtype, sharding):
-  return jax.jit(lambda: jax.numpy.zeros(shape, dtype),
-                 out_shardings=sharding)
+  return jax.jit(lambda: jax.numpy.zeros(shape, dtype), out_shardings=sharding)
 
 
 @functools.cache
 def _writer(sharding):
   def write(leaf, piece, starts):
     starts = tuple(starts[i] for i in range(leaf.ndim))
-    return jax.lax.dynamic_update_slice(leaf, piece.astype(leaf.dtype),
-                                        starts)
+    return jax.lax.dynamic_update_slice(leaf, piece.astype(leaf.dtype), starts)
+
   return jax.jit(write, out_shardings=sharding, donate_argnums=0)
 
 
@@ -93,8 +92,13 @@ def _piece_sharding(sharding: NamedSharding, shape) -> NamedSharding:
   spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
   entries = []
   for entry, size in zip(spec, shape):
-    axes = () if entry is None else (entry,) if isinstance(entry, str) \
-        else tuple(entry)
+    axes = (
+      ()
+      if entry is None
+      else (entry,)
+      if isinstance(entry, str)
+      else tuple(entry)
+    )
     ways = math.prod(mesh.shape[a] for a in axes)
     entries.append(entry if size % ways == 0 else None)
   return NamedSharding(mesh, P(*entries))
@@ -102,8 +106,9 @@ def _piece_sharding(sharding: NamedSharding, shape) -> NamedSharding:
 
 def _global(value: np.ndarray, sharding) -> jax.Array:
   """A host value every process holds -> a global array (own shards only)."""
-  return jax.make_array_from_callback(value.shape, sharding,
-                                      lambda idx: value[idx])
+  return jax.make_array_from_callback(
+    value.shape, sharding, lambda idx: value[idx]
+  )
 
 
 class DeviceTree:
@@ -113,8 +118,12 @@ class DeviceTree:
   (in `dtype`, or the first value's dtype) when first written.
   """
 
-  def __init__(self, shapes: dict[str, tuple[int, ...]],
-               shardings: dict[str, NamedSharding], dtype=None):
+  def __init__(
+    self,
+    shapes: dict[str, tuple[int, ...]],
+    shardings: dict[str, NamedSharding],
+    dtype=None,
+  ):
     self._shapes = shapes
     self._shardings = shardings
     self._dtype = dtype
@@ -131,8 +140,9 @@ class DeviceTree:
     piece = _global(host_piece, _piece_sharding(sharding, piece_shape))
     replicated = NamedSharding(sharding.mesh, P())
     device_starts = _global(np.asarray(starts, np.int32), replicated)
-    self._leaves[path] = _writer(sharding)(self._leaves[path], piece,
-                                           device_starts)
+    self._leaves[path] = _writer(sharding)(
+      self._leaves[path], piece, device_starts
+    )
 
   def tree(self) -> dict:
     return layout.unflatten(self._leaves)

@@ -60,11 +60,12 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """{path: stored shape} of every tensor in the file."""
   shapes = layout.param_shapes(cfg)
-  assert cfg.quant is not None   # a quantized checkpoint's config has one
+  assert cfg.quant is not None  # a quantized checkpoint's config has one
   for path, (in_axis, scale_path) in quant_lib.quantized_leaves(cfg).items():
     shape = shapes[path]
-    shapes[scale_path] = quant_lib.scale_shape(shape, in_axis,
-                                               cfg.quant.block_size)
+    shapes[scale_path] = quant_lib.scale_shape(
+      shape, in_axis, cfg.quant.block_size
+    )
     if cfg.quant.bits == 4:
       shapes[path] = (*shape[:-1], shape[-1] // 2)
   return shapes
@@ -74,12 +75,13 @@ def save(directory, params, cfg: ModelConfig, *, force: bool = False) -> int:
   """Writes the params of a `quant.weights: int` model; returns the bytes
   of the weights file. Tensors are fetched and written one at a time."""
   if cfg.quant is None or cfg.quant.weights != "int":
-    raise ConfigError("a quantized checkpoint needs model.quant with "
-                      "weights: int (see gemma_jax.model.quant)")
+    raise ConfigError(
+      "a quantized checkpoint needs model.quant with "
+      "weights: int (see gemma_jax.model.quant)"
+    )
   directory = epath.Path(directory).absolute()
   if directory.exists() and not force:
-    raise ConfigError(f"{directory} already exists; pass --force to replace "
-                      "it")
+    raise ConfigError(f"{directory} already exists; pass --force to replace it")
   leaves = dict(layout.flatten(params))
   quantized = quant_lib.quantized_leaves(cfg)
   expected = expected_shapes(cfg)
@@ -117,14 +119,19 @@ def is_quantized(directory) -> bool:
 def load_config(directory) -> ModelConfig:
   path = epath.Path(directory) / CONFIG_FILE
   if not is_quantized(directory):
-    raise CheckpointError(f"{directory} is not a quantized gemma_jax "
-                          f"checkpoint (no {CONFIG_FILE} of format {FORMAT})")
-  cfg = configlib.from_dict(ModelConfig,
-                            json.loads(path.read_text())["model"], "model")
+    raise CheckpointError(
+      f"{directory} is not a quantized gemma_jax "
+      f"checkpoint (no {CONFIG_FILE} of format {FORMAT})"
+    )
+  cfg = configlib.from_dict(
+    ModelConfig, json.loads(path.read_text())["model"], "model"
+  )
   if cfg.quant is None or cfg.quant.weights != "int":
-    raise CheckpointError(f"{path}: its model config has no quant section "
-                          f"with weights: int; write it again with "
-                          f"gemma-jax quantize")
+    raise CheckpointError(
+      f"{path}: its model config has no quant section "
+      f"with weights: int; write it again with "
+      f"gemma-jax quantize"
+    )
   return cfg
 
 
@@ -135,7 +142,7 @@ def load(directory, shardings=None) -> tuple[dict, ModelConfig]:
   params (`jax.device_put` from this host).
   """
   cfg = load_config(directory)
-  assert cfg.quant is not None   # load_config refuses a config without
+  assert cfg.quant is not None  # load_config refuses a config without
   path = epath.Path(directory) / WEIGHTS
   found = safetensors_io.shapes(path)
   layout.check_shapes(found, expected_shapes(cfg), str(path))
@@ -143,8 +150,9 @@ def load(directory, shardings=None) -> tuple[dict, ModelConfig]:
   flat = {}
   for name, value in safetensors_io.read(path, list(found)):
     if name in quantized:
-      value = (unpack_int4(value) if cfg.quant.bits == 4
-               else value.astype(np.int8))
+      value = (
+        unpack_int4(value) if cfg.quant.bits == 4 else value.astype(np.int8)
+      )
     flat[name] = value
   params = layout.unflatten(flat)
   if shardings is not None:

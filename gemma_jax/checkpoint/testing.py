@@ -11,23 +11,32 @@ from safetensors.numpy import save_file
 from gemma_jax.model.config import ModelConfig
 
 
-def official_checkpoint(path, cfg: ModelConfig, transposed_gating: bool,
-                        seed: int = 0) -> dict:
+def official_checkpoint(
+  path, cfg: ModelConfig, transposed_gating: bool, seed: int = 0
+) -> dict:
   """Saves random weights in the official Flax layout; returns the flat dict.
 
   Keys as in docs/checkpoints.md: qkv_einsum when kv heads == heads,
   gating [2, F, D] when `transposed_gating`; padding embedding rows are 0.
   """
   rng = np.random.default_rng(seed)
-  N, K, H, D, F = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                   cfg.d_model, cfg.mlp_dim)
+  N, K, H, D, F = (
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+    cfg.d_model,
+    cfg.mlp_dim,
+  )
 
   def r(*shape):
     return rng.standard_normal(shape).astype(np.float32)
+
   emb = r(cfg.num_embed_rows, D)
-  emb[cfg.vocab_size:] = 0
-  flat = {"transformer/embedder": {"input_embedding": emb},
-          "transformer/final_norm": {"scale": r(D)}}
+  emb[cfg.vocab_size :] = 0
+  flat = {
+    "transformer/embedder": {"input_embedding": emb},
+    "transformer/final_norm": {"scale": r(D)},
+  }
   norms = ["pre_attention_norm", "pre_ffw_norm"]
   if cfg.sandwich_norms:
     norms += ["post_attention_norm", "post_ffw_norm"]
@@ -40,7 +49,8 @@ def official_checkpoint(path, cfg: ModelConfig, transposed_gating: bool,
       flat[p + "attn/kv_einsum"] = {"w": r(2, K, D, H)}
     flat[p + "attn/attn_vec_einsum"] = {"w": r(N, H, D)}
     flat[p + "mlp/gating_einsum"] = {
-        "w": r(2, F, D) if transposed_gating else r(2, D, F)}
+      "w": r(2, F, D) if transposed_gating else r(2, D, F)
+    }
     flat[p + "mlp/linear"] = {"w": r(F, D)}
     flat.update({p + n: {"scale": r(D)} for n in norms})
   with ocp.PyTreeCheckpointer() as ckptr:

@@ -19,20 +19,41 @@ HELP = "ahead-of-time compile the train step for a Cloud TPU topology"
 
 def add_arguments(parser):
   parser.add_argument("config", help="run config YAML")
-  parser.add_argument("--topology", required=True,
-                      help="GENERATION:SHAPE, e.g. v5e:16x16, v4:4x4x8, "
-                           "v5p:8x8x16, v6e:8x16")
-  parser.add_argument("--slices", type=int, default=1,
-                      help="number of slices (multi-slice over DCN)")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config key, e.g. train.batch_size=512")
-  parser.add_argument("--mfu", type=float, default=0.5,
-                      help="model FLOPs utilisation for the implied step time")
-  parser.add_argument("--no-flop-scaling", action="store_true",
-                      help="skip the two small compiles that count every "
-                           "layer (report the compiler's loop-once FLOPs)")
-  parser.add_argument("--json", action="store_true",
-                      help="print one JSON object instead of a table")
+  parser.add_argument(
+    "--topology",
+    required=True,
+    help="GENERATION:SHAPE, e.g. v5e:16x16, v4:4x4x8, v5p:8x8x16, v6e:8x16",
+  )
+  parser.add_argument(
+    "--slices",
+    type=int,
+    default=1,
+    help="number of slices (multi-slice over DCN)",
+  )
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a config key, e.g. train.batch_size=512",
+  )
+  parser.add_argument(
+    "--mfu",
+    type=float,
+    default=0.5,
+    help="model FLOPs utilisation for the implied step time",
+  )
+  parser.add_argument(
+    "--no-flop-scaling",
+    action="store_true",
+    help="skip the two small compiles that count every "
+    "layer (report the compiler's loop-once FLOPs)",
+  )
+  parser.add_argument(
+    "--json",
+    action="store_true",
+    help="print one JSON object instead of a table",
+  )
 
 
 def _gib(x):
@@ -40,35 +61,51 @@ def _gib(x):
 
 
 def _print_table(r):
-  print(f"{r['model']} ({r['params'] / 1e9:.2f}B params) on {r['topology']}"
-        f" x {r['slices']} slice(s) = {r['devices']} devices; mesh "
-        + " x ".join(f"{a}={s}" for a, s in r["mesh"].items()))
-  print(f"batch {r['batch'][0]} x {r['batch'][1]} tokens, "
-        f"{r['microbatches']} microbatch(es), remat {r['remat_policy']}")
+  print(
+    f"{r['model']} ({r['params'] / 1e9:.2f}B params) on {r['topology']}"
+    f" x {r['slices']} slice(s) = {r['devices']} devices; mesh "
+    + " x ".join(f"{a}={s}" for a, s in r["mesh"].items())
+  )
+  print(
+    f"batch {r['batch'][0]} x {r['batch'][1]} tokens, "
+    f"{r['microbatches']} microbatch(es), remat {r['remat_policy']}"
+  )
   if not r["fits"] and "error" in r:
-    print(f"DOES NOT FIT: the compiler ran out of HBM "
-          f"({_gib(r['hbm_bytes_per_device'])} per device): {r['error']}")
+    print(
+      f"DOES NOT FIT: the compiler ran out of HBM "
+      f"({_gib(r['hbm_bytes_per_device'])} per device): {r['error']}"
+    )
     # Unsharded dimensions are the usual cause: show them.
     for line in r.get("unsharded", []):
       print(f"note: {line}")
     return
-  print(f"peak memory      {_gib(r['peak_bytes_per_device'])} of "
-        f"{_gib(r['hbm_bytes_per_device'])} HBM per device"
-        + ("" if r["fits"] else "  DOES NOT FIT"))
+  print(
+    f"peak memory      {_gib(r['peak_bytes_per_device'])} of "
+    f"{_gib(r['hbm_bytes_per_device'])} HBM per device"
+    + ("" if r["fits"] else "  DOES NOT FIT")
+  )
   print(f"parameters       {_gib(r['param_bytes_per_device'])} per device")
   print(f"optimizer state  {_gib(r['opt_state_bytes_per_device'])} per device")
-  print(f"FLOPs per step   {r['flops_per_device']:.4g} per device "
-        f"(analytic {r['analytic_flops_per_device']:.4g}, ratio "
-        f"{r['flops_per_device'] / r['analytic_flops_per_device']:.3f}; "
-        f"compiler, loops once: {r['compiler_flops_per_device']:.4g})")
+  print(
+    f"FLOPs per step   {r['flops_per_device']:.4g} per device "
+    f"(analytic {r['analytic_flops_per_device']:.4g}, ratio "
+    f"{r['flops_per_device'] / r['analytic_flops_per_device']:.3f}; "
+    f"compiler, loops once: {r['compiler_flops_per_device']:.4g})"
+  )
   if r.get("program_flops_per_device"):
-    print(f"                 traced program: "
-          f"{r['program_flops_per_device']:.4g} per device (remat recompute "
-          f"and masked attention included)")
-  print(f"step time        {r['step_time_s']:.2f} s at {r['mfu']:.0%} MFU "
-        f"({r['tokens_per_step'] / r['step_time_s']:.4g} tokens/s)")
-  print("collectives      " + (", ".join(
-      f"{k} x{v}" for k, v in r["collectives"].items()) or "none"))
+    print(
+      f"                 traced program: "
+      f"{r['program_flops_per_device']:.4g} per device (remat recompute "
+      f"and masked attention included)"
+    )
+  print(
+    f"step time        {r['step_time_s']:.2f} s at {r['mfu']:.0%} MFU "
+    f"({r['tokens_per_step'] / r['step_time_s']:.4g} tokens/s)"
+  )
+  print(
+    "collectives      "
+    + (", ".join(f"{k} x{v}" for k, v in r["collectives"].items()) or "none")
+  )
   for line in r.get("unsharded", []):
     print(f"note: {line}")
   print(f"compile time     {r['compile_s']:.1f} s")
@@ -81,8 +118,13 @@ def main(args) -> int:
   from gemma_jax.train.config import load_config
 
   cfg = load_config(args.config, args.set)
-  report = aot.compile_report(cfg, args.topology, args.slices, args.mfu,
-                              scale_flops=not args.no_flop_scaling)
+  report = aot.compile_report(
+    cfg,
+    args.topology,
+    args.slices,
+    args.mfu,
+    scale_flops=not args.no_flop_scaling,
+  )
   if args.json:
     print(json.dumps(report))
   else:

@@ -49,51 +49,84 @@ HELP = "convert checkpoints between Hugging Face, official Flax and native"
 
 
 def add_arguments(parser):
-  parser.add_argument("--from", dest="src_format", required=True,
-                      choices=("hf", "kaggle", "native", "quantized"))
-  parser.add_argument("--to", dest="dst_format", required=True,
-                      choices=("native", "hf"))
+  parser.add_argument(
+    "--from",
+    dest="src_format",
+    required=True,
+    choices=("hf", "kaggle", "native", "quantized"),
+  )
+  parser.add_argument(
+    "--to", dest="dst_format", required=True, choices=("native", "hf")
+  )
   parser.add_argument("src", help="source checkpoint directory")
-  parser.add_argument("dst", help="destination directory (must not exist "
-                      "unless --force)")
-  parser.add_argument("--model", help="model preset (%s) or config file" %
-                      ", ".join(PRESETS))
-  parser.add_argument("--kaggle-gating", choices=("auto", "DF", "FD"),
-                      default="auto", help="official gating_einsum layout: "
-                      "[2,D,F] or [2,F,D] (Gemma 2 9B/27B); auto reads the "
-                      "shape, or the preset name when d_model == mlp_dim")
-  parser.add_argument("--dtype", choices=("keep", "float32", "bfloat16",
-                                          "float16"), default="keep",
-                      help="dtype of the written weights")
-  parser.add_argument("--max-shard-size", default="5GB",
-                      help="HF output: shard above this size (e.g. 500MB)")
-  parser.add_argument("--force", action="store_true",
-                      help="replace DST if it exists")
-  parser.add_argument("--adapter", help="a LoRA adapter directory (e.g. "
-                      "RUN/adapter) to merge into SRC: W + (alpha/r) A B")
-  parser.add_argument("--tokenizer", help="--to hf: SentencePiece model to "
-                      "write beside the weights (default: a run's "
-                      "data.tokenizer when SRC is RUN/params)")
+  parser.add_argument(
+    "dst", help="destination directory (must not exist unless --force)"
+  )
+  parser.add_argument(
+    "--model", help=f"model preset ({', '.join(PRESETS)}) or config file"
+  )
+  parser.add_argument(
+    "--kaggle-gating",
+    choices=("auto", "DF", "FD"),
+    default="auto",
+    help="official gating_einsum layout: "
+    "[2,D,F] or [2,F,D] (Gemma 2 9B/27B); auto reads the "
+    "shape, or the preset name when d_model == mlp_dim",
+  )
+  parser.add_argument(
+    "--dtype",
+    choices=("keep", "float32", "bfloat16", "float16"),
+    default="keep",
+    help="dtype of the written weights",
+  )
+  parser.add_argument(
+    "--max-shard-size",
+    default="5GB",
+    help="HF output: shard above this size (e.g. 500MB)",
+  )
+  parser.add_argument(
+    "--force", action="store_true", help="replace DST if it exists"
+  )
+  parser.add_argument(
+    "--adapter",
+    help="a LoRA adapter directory (e.g. "
+    "RUN/adapter) to merge into SRC: W + (alpha/r) A B",
+  )
+  parser.add_argument(
+    "--tokenizer",
+    help="--to hf: SentencePiece model to "
+    "write beside the weights (default: a run's "
+    "data.tokenizer when SRC is RUN/params)",
+  )
 
 
 def parse_size(text: str) -> int:
   match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.I)
   if not match:
     raise ConfigError(f"--max-shard-size: cannot parse {text!r}; e.g. 5GB")
-  units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10,
-           "mib": 2**20, "gib": 2**30}
+  units = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+  }
   return int(float(match[1]) * units[(match[2] or "B").lower()])
 
 
 def model_config(spec: str) -> ModelConfig:
   """A preset name, or a YAML/JSON file holding a model section."""
   from gemma_jax.train.config import model_config_from_dict
+
   if spec in PRESETS:
     return PRESETS[spec]
   if not pathlib.Path(spec).is_file():
-    raise ConfigError(f"--model: {spec!r} is neither a preset "
-                      f"({', '.join(PRESETS)}) nor a file")
-  data = configlib.load_yaml(spec)   # YAML is a superset of JSON
+    raise ConfigError(
+      f"--model: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
+    )
+  data = configlib.load_yaml(spec)  # YAML is a superset of JSON
   data = data.get("model", data)
   if isinstance(data, str):
     data = {"preset": data}
@@ -105,6 +138,7 @@ def load(args, dtype):
   name = f"--model {args.model}"
   if args.src_format == "hf" and not fileio.is_local(args.src):
     import tempfile
+
     with tempfile.TemporaryDirectory(prefix="gemma-jax-hf-") as tmp:
       fileio.copy_tree(args.src, f"{tmp}/hf")
       return hf.load(f"{tmp}/hf", given, dtype, model_name=name)
@@ -112,15 +146,19 @@ def load(args, dtype):
     return hf.load(args.src, given, dtype, model_name=name)
   if args.src_format == "kaggle":
     if given is None:
-      raise ConfigError("--from kaggle needs --model (a preset or config "
-                        "file): official checkpoints carry no config")
+      raise ConfigError(
+        "--from kaggle needs --model (a preset or config "
+        "file): official checkpoints carry no config"
+      )
     gating = {"auto": None, "DF": False, "FD": True}[args.kaggle_gating]
-    return kaggle.load(args.src, given, transposed_gating=gating,
-                       dtype=dtype), given
+    return kaggle.load(
+      args.src, given, transposed_gating=gating, dtype=dtype
+    ), given
   if args.src_format == "quantized":
     params, stored = quantized.load(args.src)
     params = quant_lib.dequantize_params(
-        params, stored, dtype or jnp.dtype(stored.param_dtype))
+      params, stored, dtype or jnp.dtype(stored.param_dtype)
+    )
     stored = dataclasses.replace(stored, quant=None)
   else:
     params, stored = native.load(args.src, dtype=dtype)
@@ -133,7 +171,7 @@ def load(args, dtype):
 def run_tokenizer(src) -> str | None:
   """data.tokenizer of the run whose params export is `src`, if it exists."""
   if not fileio.is_local(src):
-    return None   # a remote run's tokenizer: name it with --tokenizer
+    return None  # a remote run's tokenizer: name it with --tokenizer
   src = pathlib.Path(src)
   config = src.parent / "config.yaml"
   if src.name != "params" or not config.is_file():
@@ -165,9 +203,11 @@ def merge_adapter(params, cfg, path):
 
   from gemma_jax.checkpoint import adapter
   from gemma_jax.model import lora
+
   adapters, adapted_cfg, _ = adapter.load(path, base_cfg=cfg)
-  merged = jax.jit(lora.merge_params, static_argnums=2)(params, adapters,
-                                                        adapted_cfg)
+  merged = jax.jit(lora.merge_params, static_argnums=2)(
+    params, adapters, adapted_cfg
+  )
   return jax.device_get(merged), lora.merged_config(adapted_cfg)
 
 
@@ -178,27 +218,32 @@ def read_source(args, dtype):
   from etils import epath
 
   from gemma_jax.errors import CheckpointError, GemmaJaxError
+
   fileio.check_remote(args.src, "source")
   src = epath.Path(args.src)
   if not src.exists():
     raise CheckpointError(f"{args.src}: no such checkpoint directory")
   if not src.is_dir():
-    raise CheckpointError(f"{args.src} is a file; --from {args.src_format} "
-                          f"takes a checkpoint directory")
+    raise CheckpointError(
+      f"{args.src} is a file; --from {args.src_format} "
+      f"takes a checkpoint directory"
+    )
   try:
     return load(args, dtype)
   except GemmaJaxError:
     raise
   except OSError as e:
-    if e.errno is not None:   # a real OS error (disk, permissions)
+    if e.errno is not None:  # a real OS error (disk, permissions)
       raise
-    raise CheckpointError(f"{args.src} is not a readable {args.src_format} "
-                          f"checkpoint ({_first_line(e)}); check the path "
-                          f"and --from") from None
-  except Exception as e:  # noqa: BLE001  (safetensors/orbax raise many)
     raise CheckpointError(
-        f"{args.src} is not a readable {args.src_format} checkpoint "
-        f"({type(e).__name__}: {_first_line(e)}); check the path and --from"
+      f"{args.src} is not a readable {args.src_format} "
+      f"checkpoint ({_first_line(e)}); check the path "
+      f"and --from"
+    ) from None
+  except Exception as e:  # safetensors/orbax raise many
+    raise CheckpointError(
+      f"{args.src} is not a readable {args.src_format} checkpoint "
+      f"({type(e).__name__}: {_first_line(e)}); check the path and --from"
     ) from None
 
 
@@ -211,6 +256,7 @@ def save_hf(dst, params, cfg, force=False, **kwargs) -> None:
   import tempfile
 
   from etils import epath
+
   fileio.check_remote(dst, "destination")
   if epath.Path(dst).exists() and not force:
     raise ConfigError(f"{dst} already exists; pass --force to replace it")
@@ -232,18 +278,29 @@ def main(args) -> int:
   if args.dst_format == "hf" and cfg.quant is not None:
     # A QAT model's float weights run quantized: HF gets what runs.
     params = quant_lib.dequantize_params(
-        quant_lib.quantize_params(params, cfg), cfg,
-        jnp.dtype(cfg.param_dtype))
+      quant_lib.quantize_params(params, cfg), cfg, jnp.dtype(cfg.param_dtype)
+    )
     cfg = dataclasses.replace(cfg, quant=None)
   if dtype is not None:
     cfg = dataclasses.replace(cfg, param_dtype=args.dtype)
   if args.dst_format == "native":
     native.save(args.dst, params, cfg, force=args.force)
   else:
-    save_hf(args.dst, params, cfg, max_shard_bytes=parse_size(
-        args.max_shard_size), force=args.force, tokenizer=tokenizer)
-  summary = {"from": args.src_format, "to": args.dst_format, "dst": args.dst,
-             "model": cfg.name, "params": cfg.param_count(),
-             "tokenizer": tokenizer.path if tokenizer else None}
+    save_hf(
+      args.dst,
+      params,
+      cfg,
+      max_shard_bytes=parse_size(args.max_shard_size),
+      force=args.force,
+      tokenizer=tokenizer,
+    )
+  summary = {
+    "from": args.src_format,
+    "to": args.dst_format,
+    "dst": args.dst,
+    "model": cfg.name,
+    "params": cfg.param_count(),
+    "tokenizer": tokenizer.path if tokenizer else None,
+  }
   print(json.dumps(summary))
   return 0

@@ -5,42 +5,75 @@ HELP = "tokenize text into tfds ArrayRecord datasets; build the default corpus"
 
 def add_arguments(parser):
   sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-  prep = sub.add_parser("prepare", help="tokenize text files once into a "
-                        "tensorflow-datasets ArrayRecord dataset")
-  prep.add_argument("--input", action="append", required=True,
-                    help="text files or globs (.jsonl: one document per "
-                    "line, else one per file); repeatable")
-  prep.add_argument("--name", required=True,
-                    help="dataset name (lower_snake_case)")
+  prep = sub.add_parser(
+    "prepare",
+    help="tokenize text files once into a "
+    "tensorflow-datasets ArrayRecord dataset",
+  )
+  prep.add_argument(
+    "--input",
+    action="append",
+    required=True,
+    help="text files or globs (.jsonl: one document per "
+    "line, else one per file); repeatable",
+  )
+  prep.add_argument(
+    "--name", required=True, help="dataset name (lower_snake_case)"
+  )
   prep.add_argument("--data-dir", required=True, help="tfds data_dir")
   prep.add_argument("--tokenizer", required=True, help="tokenizer.model")
-  prep.add_argument("--eval-fraction", type=float, default=0.0,
-                    help="hold out this share of documents as split 'eval'")
+  prep.add_argument(
+    "--eval-fraction",
+    type=float,
+    default=0.0,
+    help="hold out this share of documents as split 'eval'",
+  )
   prep.add_argument("--text-key", default="text")
-  prep.add_argument("--overwrite", action="store_true",
-                    help="replace a dataset of this name made from other "
-                    "input")
-  prep.add_argument("--on-decode-error", default="error",
-                    choices=("error", "skip_document", "replace"),
-                    help="bytes that are not UTF-8: refuse the file "
-                    "(default), drop the document, or replace them")
-  prep.add_argument("--max-undecodable-fraction", type=float, default=0.0,
-                    help="with --on-decode-error error: refuse a file only "
-                    "above this share of undecodable bytes (default 0)")
-  prep.add_argument("--fix-mojibake", action="store_true",
-                    help="repair UTF-8 text once decoded as cp1252/Latin-1 "
-                    "(ftfy); counted in the metadata")
-  prep.add_argument("--normalize", choices=("NFC", "NFKC"), default=None,
-                    help="Unicode normalization; counted in the metadata")
-  default = sub.add_parser("build-default", help="build the embedded default "
-                           "corpus (stdlib prose and code, generated math) "
-                           "and its tokenizer; cached")
-  default.add_argument("--out", default=None,
-                       help="folder (default: ~/.cache/gemma_jax/corpus)")
+  prep.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace a dataset of this name made from other input",
+  )
+  prep.add_argument(
+    "--on-decode-error",
+    default="error",
+    choices=("error", "skip_document", "replace"),
+    help="bytes that are not UTF-8: refuse the file "
+    "(default), drop the document, or replace them",
+  )
+  prep.add_argument(
+    "--max-undecodable-fraction",
+    type=float,
+    default=0.0,
+    help="with --on-decode-error error: refuse a file only "
+    "above this share of undecodable bytes (default 0)",
+  )
+  prep.add_argument(
+    "--fix-mojibake",
+    action="store_true",
+    help="repair UTF-8 text once decoded as cp1252/Latin-1 "
+    "(ftfy); counted in the metadata",
+  )
+  prep.add_argument(
+    "--normalize",
+    choices=("NFC", "NFKC"),
+    default=None,
+    help="Unicode normalization; counted in the metadata",
+  )
+  default = sub.add_parser(
+    "build-default",
+    help="build the embedded default "
+    "corpus (stdlib prose and code, generated math) "
+    "and its tokenizer; cached",
+  )
+  default.add_argument(
+    "--out", default=None, help="folder (default: ~/.cache/gemma_jax/corpus)"
+  )
   default.add_argument("--vocab-size", type=int, default=2048)
   default.add_argument("--force", action="store_true", help="rebuild")
-  show = sub.add_parser("show", help="decode the first rows of a run "
-                        "config's data pipeline")
+  show = sub.add_parser(
+    "show", help="decode the first rows of a run config's data pipeline"
+  )
   show.add_argument("--config", required=True)
   show.add_argument("--step", type=int, default=0)
   show.add_argument("--rows", type=int, default=4)
@@ -48,8 +81,9 @@ def add_arguments(parser):
 
 
 def main(args) -> int:
-  return {"prepare": _prepare, "build-default": _build_default,
-          "show": _show}[args.action](args)
+  return {"prepare": _prepare, "build-default": _build_default, "show": _show}[
+    args.action
+  ](args)
 
 
 def _prepare(args) -> int:
@@ -58,33 +92,52 @@ def _prepare(args) -> int:
   from gemma_jax.data import prepare
   from gemma_jax.data.sources import DecodePolicy, DecodeReport, read_text_files
   from gemma_jax.tokenizer import Tokenizer
+
   tokenizer = Tokenizer.load(args.tokenizer)
   policy = DecodePolicy(args.on_decode_error, args.max_undecodable_fraction)
   reports: list[DecodeReport] = []
-  texts = read_text_files(args.input, args.text_key, args.name, policy,
-                          reports=reports)
-  texts, cleaning = prepare.clean_texts(texts, args.fix_mojibake,
-                                        args.normalize)
+  texts = read_text_files(
+    args.input, args.text_key, args.name, policy, reports=reports
+  )
+  texts, cleaning = prepare.clean_texts(
+    texts, args.fix_mojibake, args.normalize
+  )
   splits = prepare.split_held_out(texts, args.eval_fraction)
-  options = {"fix_mojibake": args.fix_mojibake, "normalize": args.normalize,
-             "on_decode_error": args.on_decode_error,
-             "max_undecodable_fraction": args.max_undecodable_fraction,
-             "text_key": args.text_key, "eval_fraction": args.eval_fraction}
-  decoding = {"undecodable_bytes": sum(r.undecodable_bytes for r in reports),
-              "skipped_documents": sum(r.skipped_documents for r in reports),
-              "replaced_documents": sum(r.replaced_documents
-                                        for r in reports),
-              "files": [dataclasses.asdict(r) for r in reports[:100]]}
+  options = {
+    "fix_mojibake": args.fix_mojibake,
+    "normalize": args.normalize,
+    "on_decode_error": args.on_decode_error,
+    "max_undecodable_fraction": args.max_undecodable_fraction,
+    "text_key": args.text_key,
+    "eval_fraction": args.eval_fraction,
+  }
+  decoding = {
+    "undecodable_bytes": sum(r.undecodable_bytes for r in reports),
+    "skipped_documents": sum(r.skipped_documents for r in reports),
+    "replaced_documents": sum(r.replaced_documents for r in reports),
+    "files": [dataclasses.asdict(r) for r in reports[:100]],
+  }
   meta = prepare.prepare_dataset(
-      args.name, args.data_dir, splits, tokenizer, overwrite=args.overwrite,
-      extra_metadata={"options": options, "decoding": decoding,
-                      "cleaning": cleaning})
+    args.name,
+    args.data_dir,
+    splits,
+    tokenizer,
+    overwrite=args.overwrite,
+    extra_metadata={
+      "options": options,
+      "decoding": decoding,
+      "cleaning": cleaning,
+    },
+  )
   for split in splits:
     m = meta[split]
-    print(f"{args.name}/{split}: {m['num_docs']} documents, "
-          f"{m['num_tokens']} tokens")
-  changed = {k: v for k, v in meta.get("cleaning", {}).items()
-             if k != "documents" and v}
+    print(
+      f"{args.name}/{split}: {m['num_docs']} documents, "
+      f"{m['num_tokens']} tokens"
+    )
+  changed = {
+    k: v for k, v in meta.get("cleaning", {}).items() if k != "documents" and v
+  }
   if changed:
     print("cleaning: " + ", ".join(f"{k} {v}" for k, v in changed.items()))
   print(f"tokenizer fingerprint {meta['tokenizer_fingerprint']}")
@@ -95,9 +148,10 @@ def _build_default(args) -> int:
   import yaml
 
   from gemma_jax.data import corpus
-  cfg = corpus.build_default_corpus(args.out or corpus.DEFAULT_DIR,
-                                    vocab_size=args.vocab_size,
-                                    force=args.force)
+
+  cfg = corpus.build_default_corpus(
+    args.out or corpus.DEFAULT_DIR, vocab_size=args.vocab_size, force=args.force
+  )
   print(yaml.safe_dump({"data": cfg}, sort_keys=False), end="")
   return 0
 
@@ -105,9 +159,11 @@ def _build_default(args) -> int:
 def _show(args) -> int:
   from gemma_jax.data import build_pipeline
   from gemma_jax.train.config import load_config
+
   cfg = load_config(args.config, args.overrides)
-  pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,
-                        vocab_size=cfg.model.vocab_size)
+  pipe = build_pipeline(
+    cfg.data, global_batch=cfg.train.batch_size, vocab_size=cfg.model.vocab_size
+  )
   batch = pipe.batch(args.step)
   for i in range(min(args.rows, len(batch["source"]))):
     name = pipe.source_names[batch["source"][i]]

@@ -19,24 +19,42 @@ HELP = "offline distillation: dump the teacher's top-k log-probs"
 
 def add_arguments(parser):
   sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-  dump = sub.add_parser("dump", help="write the teacher's top-k of every "
-                        "training position into ArrayRecord files",
-                        description=__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+  dump = sub.add_parser(
+    "dump",
+    help="write the teacher's top-k of every "
+    "training position into ArrayRecord files",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   dump.add_argument("config", help="the student's run config YAML")
   dump.add_argument("--out", help="dump directory (default distill.dump)")
-  dump.add_argument("--steps", type=int, default=None,
-                    help="dump steps [0, N) (default train.steps)")
-  dump.add_argument("--steps-per-file", type=int, default=100,
-                    help="training steps per ArrayRecord file")
-  dump.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="KEY=VALUE", help="override a config key")
+  dump.add_argument(
+    "--steps",
+    type=int,
+    default=None,
+    help="dump steps [0, N) (default train.steps)",
+  )
+  dump.add_argument(
+    "--steps-per-file",
+    type=int,
+    default=100,
+    help="training steps per ArrayRecord file",
+  )
+  dump.add_argument(
+    "--set",
+    dest="overrides",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a config key",
+  )
 
 
 def main(args) -> int:
   from gemma_jax import distributed
   from gemma_jax.errors import ConfigError
   from gemma_jax.train.config import load_config
+
   cfg = load_config(args.config, args.overrides)
   out = args.out or cfg.distill.dump
   if not out:
@@ -46,13 +64,21 @@ def main(args) -> int:
     raise ConfigError(f"--steps must be >= 1, got {steps}")
   distributed.initialize_runtime(cfg.runtime)
   from gemma_jax.train import distillation
+
   manifest = distillation.write_dump(cfg, out, steps, args.steps_per_file)
-  positions = manifest["steps"] * manifest["global_batch"] * manifest[
-      "seq_len"]
+  positions = manifest["steps"] * manifest["global_batch"] * manifest["seq_len"]
   stored = distillation.dump_files_bytes(out)
-  print(json.dumps({
-      "out": out, "steps": manifest["steps"], "topk": cfg.distill.topk,
-      "positions": positions, "bytes": stored,
-      "bytes_per_position": round(stored / positions, 1),
-      "record_bytes_per_position": manifest["bytes_per_position"]}))
+  print(
+    json.dumps(
+      {
+        "out": out,
+        "steps": manifest["steps"],
+        "topk": cfg.distill.topk,
+        "positions": positions,
+        "bytes": stored,
+        "bytes_per_position": round(stored / positions, 1),
+        "record_bytes_per_position": manifest["bytes_per_position"],
+      }
+    )
+  )
   return 0

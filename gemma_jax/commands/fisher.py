@@ -34,65 +34,118 @@ HELP = "estimate the diagonal Fisher of a checkpoint (for EWC)"
 
 def add_arguments(parser):
   parser.add_argument("config", help="run config YAML (model, mesh, data)")
-  parser.add_argument("--out", help="output directory (required unless "
-                                     "--topology)")
-  parser.add_argument("--params", default=None,
-                      help="checkpoint to measure (default: "
-                           "checkpoint.init_from)")
-  parser.add_argument("--params-format", default="auto",
-                      choices=("auto", "native", "hf", "kaggle", "run"))
+  parser.add_argument(
+    "--out", help="output directory (required unless --topology)"
+  )
+  parser.add_argument(
+    "--params",
+    default=None,
+    help="checkpoint to measure (default: checkpoint.init_from)",
+  )
+  parser.add_argument(
+    "--params-format",
+    default="auto",
+    choices=("auto", "native", "hf", "kaggle", "run"),
+  )
   data = parser.add_mutually_exclusive_group()
-  data.add_argument("--source", action="append",
-                    help="a data source of the config (repeatable: rows "
-                         "of each in turn)")
-  data.add_argument("--task", help="task list YAML (as `report --tasks`) or "
-                                   "a JSON-lines file {context, choices, "
-                                   "gold}: the gold answers' log-likelihood")
-  parser.add_argument("--sequences", type=int, default=None,
-                      help="rows of each --source (required), or the first "
-                           "N documents of --task (default: all)")
-  parser.add_argument("--split", default="train", choices=("train", "eval"),
-                      help="split of --source")
-  parser.add_argument("--first-row", type=int, default=0,
-                      help="first row of --source's packed stream")
-  parser.add_argument("--estimator", default="per_example",
-                      choices=("per_example", "batch_mean"))
-  parser.add_argument("--batch-size", type=int, default=None,
-                      help="batch_mean: rows per squared mean gradient "
-                           "(default 4, as the published recipe)")
-  parser.add_argument("--rows-per-vmap", type=int, default=1,
-                      help="units per device per vmap; memory grows with "
-                           "it (that many float32 gradient trees)")
-  parser.add_argument("--grad-dtype", default="float32",
-                      choices=("float32", "bfloat16"),
-                      help="dtype of each unit's gradient (bfloat16 halves "
-                           "its memory; squares are summed in float32)")
-  parser.add_argument("--units-per-step", type=int, default=None,
-                      help="units per compiled step (default: batch "
-                           "shards x --rows-per-vmap)")
-  parser.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="KEY=VALUE", help="override a config key")
-  parser.add_argument("--force", action="store_true",
-                      help="replace --out if it exists")
-  parser.add_argument("--json", action="store_true",
-                      help="print the metadata as one JSON object")
-  parser.add_argument("--topology", default=None,
-                      help="only compile the step for this Cloud TPU "
-                           "topology (e.g. v5e:16x16; needs libtpu) and "
-                           "print its peak memory per device")
+  data.add_argument(
+    "--source",
+    action="append",
+    help="a data source of the config (repeatable: rows of each in turn)",
+  )
+  data.add_argument(
+    "--task",
+    help="task list YAML (as `report --tasks`) or "
+    "a JSON-lines file {context, choices, "
+    "gold}: the gold answers' log-likelihood",
+  )
+  parser.add_argument(
+    "--sequences",
+    type=int,
+    default=None,
+    help="rows of each --source (required), or the first "
+    "N documents of --task (default: all)",
+  )
+  parser.add_argument(
+    "--split",
+    default="train",
+    choices=("train", "eval"),
+    help="split of --source",
+  )
+  parser.add_argument(
+    "--first-row",
+    type=int,
+    default=0,
+    help="first row of --source's packed stream",
+  )
+  parser.add_argument(
+    "--estimator", default="per_example", choices=("per_example", "batch_mean")
+  )
+  parser.add_argument(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="batch_mean: rows per squared mean gradient "
+    "(default 4, as the published recipe)",
+  )
+  parser.add_argument(
+    "--rows-per-vmap",
+    type=int,
+    default=1,
+    help="units per device per vmap; memory grows with "
+    "it (that many float32 gradient trees)",
+  )
+  parser.add_argument(
+    "--grad-dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="dtype of each unit's gradient (bfloat16 halves "
+    "its memory; squares are summed in float32)",
+  )
+  parser.add_argument(
+    "--units-per-step",
+    type=int,
+    default=None,
+    help="units per compiled step (default: batch shards x --rows-per-vmap)",
+  )
+  parser.add_argument(
+    "--set",
+    dest="overrides",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a config key",
+  )
+  parser.add_argument(
+    "--force", action="store_true", help="replace --out if it exists"
+  )
+  parser.add_argument(
+    "--json", action="store_true", help="print the metadata as one JSON object"
+  )
+  parser.add_argument(
+    "--topology",
+    default=None,
+    help="only compile the step for this Cloud TPU "
+    "topology (e.g. v5e:16x16; needs libtpu) and "
+    "print its peak memory per device",
+  )
 
 
 def _rows(args, cfg):
   from gemma_jax.errors import ConfigError
   from gemma_jax.train import fisher_data
+
   if args.source:
     if args.sequences is None:
       raise ConfigError("--source needs --sequences (how many rows)")
     if len(set(args.source)) != len(args.source):
       raise ConfigError(f"--source: a source is given twice: {args.source}")
-    parts = [fisher_data.SourceRows(cfg.data, name, args.sequences,
-                                    args.split, args.first_row)
-             for name in args.source]
+    parts = [
+      fisher_data.SourceRows(
+        cfg.data, name, args.sequences, args.split, args.first_row
+      )
+      for name in args.source
+    ]
     return parts[0] if len(parts) == 1 else fisher_data.MixedRows(parts)
   return _task_rows(args.task, cfg, args.sequences)
 
@@ -101,6 +154,7 @@ def _task_rows(path, cfg, count):
   """GoldRows of a task list YAML or a generic multiple-choice jsonl."""
   from gemma_jax.evals import fisher_rows, forgetting, tasks
   from gemma_jax.tokenizer import Tokenizer
+
   if path.endswith((".yaml", ".yml")):
     found = forgetting.load_tasks(path)
   else:
@@ -115,6 +169,7 @@ def _task_file(path) -> dict:
   import hashlib
 
   from gemma_jax.errors import DataError
+
   try:
     with open(os.path.expanduser(path), "rb") as f:
       return {"path": str(path), "sha256": hashlib.sha256(f.read()).hexdigest()}
@@ -124,25 +179,32 @@ def _task_file(path) -> dict:
 
 def _print_stats(meta):
   s = meta["stats"]
-  print(f"Fisher of {meta['base']['path']} ({meta['estimator']['name']}, "
-        f"N = {meta['num_examples']} {meta['units']}): {s['entries']} "
-        f"entries, mean {s['mean']:.4g}, top 1% of entries hold "
-        f"{s['top1pct_share']:.1%} of the total")
+  print(
+    f"Fisher of {meta['base']['path']} ({meta['estimator']['name']}, "
+    f"N = {meta['num_examples']} {meta['units']}): {s['entries']} "
+    f"entries, mean {s['mean']:.4g}, top 1% of entries hold "
+    f"{s['top1pct_share']:.1%} of the total"
+  )
   for kind, k in s["per_kind"].items():
     layers = k.get("per_layer")
-    text = (" ".join(f"{v:.3g}" for v in layers) if layers else "")
-    print(f"  {kind:<34} mean {k['mean']:.4g}"
-          + (f"  per layer: {text}" if text else ""))
+    text = " ".join(f"{v:.3g}" for v in layers) if layers else ""
+    print(
+      f"  {kind:<34} mean {k['mean']:.4g}"
+      + (f"  per layer: {text}" if text else "")
+    )
   print(f"{meta['seconds']:.1f} s; written to {meta['out']}")
 
 
 def _estimator(args):
   from gemma_jax.errors import ConfigError
   from gemma_jax.train import fisher
+
   if args.batch_size is not None and args.estimator == "per_example":
     raise ConfigError("--batch-size is for --estimator batch_mean")
-  return fisher.Estimator(args.estimator, args.batch_size or (
-      4 if args.estimator == "batch_mean" else 1))
+  return fisher.Estimator(
+    args.estimator,
+    args.batch_size or (4 if args.estimator == "batch_mean" else 1),
+  )
 
 
 def compile_only(args, cfg) -> int:
@@ -154,23 +216,35 @@ def compile_only(args, cfg) -> int:
   from gemma_jax.sharding.mesh import make_mesh
   from gemma_jax.train import aot, fisher
   from gemma_jax.train.program import TrainProgram
+
   chip, _ = hardware.parse_topology(args.topology)
-  program = TrainProgram(cfg, make_mesh(cfg.mesh, aot.topology_devices(
-      args.topology)))
-  fprog = fisher.FisherProgram(program, _estimator(args), args.units_per_step,
-                               args.rows_per_vmap, args.grad_dtype)
+  program = TrainProgram(
+    cfg, make_mesh(cfg.mesh, aot.topology_devices(args.topology))
+  )
+  fprog = fisher.FisherProgram(
+    program,
+    _estimator(args),
+    args.units_per_step,
+    args.rows_per_vmap,
+    args.grad_dtype,
+  )
   start = time.perf_counter()
   lowered = fprog.lower(program.abstract_state.params, cfg.data.seq_len)
-  report = {"topology": args.topology, "mesh": dict(program.mesh.shape),
-            "units_per_step": fprog.units_per_step,
-            "rows_per_vmap": args.rows_per_vmap,
-            "grad_dtype": args.grad_dtype,
-            "hbm_bytes_per_device": chip.hbm_bytes}
+  report = {
+    "topology": args.topology,
+    "mesh": dict(program.mesh.shape),
+    "units_per_step": fprog.units_per_step,
+    "rows_per_vmap": args.rows_per_vmap,
+    "grad_dtype": args.grad_dtype,
+    "hbm_bytes_per_device": chip.hbm_bytes,
+  }
   try:
     mem = lowered.compile().memory_analysis()
-    assert mem is not None   # TPU executables report their memory
-    report.update(fits=mem.peak_memory_in_bytes <= chip.hbm_bytes,
-                  peak_bytes_per_device=int(mem.peak_memory_in_bytes))
+    assert mem is not None  # TPU executables report their memory
+    report.update(
+      fits=mem.peak_memory_in_bytes <= chip.hbm_bytes,
+      peak_bytes_per_device=int(mem.peak_memory_in_bytes),
+    )
   except Exception as e:  # XlaRuntimeError: out of HBM
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -184,6 +258,7 @@ def main(args) -> int:
   from gemma_jax import distributed
   from gemma_jax.errors import ConfigError
   from gemma_jax.train.config import load_config
+
   cfg = load_config(args.config, args.overrides)
   if args.topology:
     return compile_only(args, cfg)
@@ -198,41 +273,57 @@ def main(args) -> int:
 
   path = args.params or cfg.checkpoint.init_from
   if not path:
-    raise ConfigError("give --params, or set checkpoint.init_from in the "
-                      "config: the checkpoint whose Fisher to estimate")
+    raise ConfigError(
+      "give --params, or set checkpoint.init_from in the "
+      "config: the checkpoint whose Fisher to estimate"
+    )
   estimator = _estimator(args)
   from etils import epath
+
   if epath.Path(args.out).exists() and not args.force:
-    raise ConfigError(f"--out {args.out} already exists; pass --force to "
-                      f"replace it")
+    raise ConfigError(
+      f"--out {args.out} already exists; pass --force to replace it"
+    )
   rows = _rows(args, cfg)
   data = {**rows.describe(), **(_task_file(args.task) if args.task else {})}
   program = TrainProgram(cfg)
-  fprog = fisher.FisherProgram(program, estimator, args.units_per_step,
-                               args.rows_per_vmap, args.grad_dtype)
+  fprog = fisher.FisherProgram(
+    program, estimator, args.units_per_step, args.rows_per_vmap, args.grad_dtype
+  )
   params = continual.load_params(path, args.params_format, program)
-  steps = fisher_data.num_steps(rows, estimator.rows_per_unit,
-                                fprog.units_per_step)
+  steps = fisher_data.num_steps(
+    rows, estimator.rows_per_unit, fprog.units_per_step
+  )
   batches = fisher_data.unit_batches(
-      rows, estimator.rows_per_unit, fprog.units_per_step,
-      jax.process_index(), jax.process_count())
+    rows,
+    estimator.rows_per_unit,
+    fprog.units_per_step,
+    jax.process_index(),
+    jax.process_count(),
+  )
   progress = metrics.ProgressLine(steps, jax.process_index() == 0)
-  values, info = fisher.estimate(fprog, params, batches, steps,
-                                 progress=progress)
+  values, info = fisher.estimate(
+    fprog, params, batches, steps, progress=progress
+  )
   stats = fisher.summary(values)
   meta = {
-      "base": {"path": str(path), "format": args.params_format,
-               "fingerprint": continual.fingerprint_of(path)},
-      "data": data,
-      "estimator": {"name": estimator.name,
-                    "batch_size": estimator.batch_size},
-      "num_examples": rows.num_rows,
-      "units": "rows" if estimator.name == "per_example" else "groups",
-      "num_units": info["units"],
-      "accumulation": "float32", "grad_dtype": args.grad_dtype,
-      "mean_loglik_per_unit": info["mean_loglik"],
-      "seconds": info["seconds"], "mesh": dict(program.mesh.shape),
-      "stats": stats}
+    "base": {
+      "path": str(path),
+      "format": args.params_format,
+      "fingerprint": continual.fingerprint_of(path),
+    },
+    "data": data,
+    "estimator": {"name": estimator.name, "batch_size": estimator.batch_size},
+    "num_examples": rows.num_rows,
+    "units": "rows" if estimator.name == "per_example" else "groups",
+    "num_units": info["units"],
+    "accumulation": "float32",
+    "grad_dtype": args.grad_dtype,
+    "mean_loglik_per_unit": info["mean_loglik"],
+    "seconds": info["seconds"],
+    "mesh": dict(program.mesh.shape),
+    "stats": stats,
+  }
   fisher_store.save(args.out, values, cfg.model, meta, force=args.force)
   meta["out"] = args.out
   if jax.process_index() == 0:

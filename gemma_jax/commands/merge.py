@@ -26,50 +26,96 @@ HELP = "merge native checkpoints: weighted average, SLERP, LITI"
 
 
 def add_arguments(parser):
-  parser.add_argument("inputs", nargs="+", help="native checkpoint "
-                      "directories of one model")
-  parser.add_argument("--out", required=True, help="destination directory "
-                      "(must not exist unless --force)")
+  parser.add_argument(
+    "inputs", nargs="+", help="native checkpoint directories of one model"
+  )
+  parser.add_argument(
+    "--out",
+    required=True,
+    help="destination directory (must not exist unless --force)",
+  )
   parser.add_argument("--method", choices=merge.METHODS, default="linear")
-  parser.add_argument("--weights", type=float, nargs="+",
-                      help="linear: one weight per input (default equal); "
-                      "they must sum to 1 unless --base is given")
-  parser.add_argument("--normalize", action="store_true",
-                      help="linear: divide the weights by their sum")
-  parser.add_argument("--base", help="native checkpoint the task vectors "
-                      "are taken from (needed by slerp and --eta)")
-  parser.add_argument("--t", type=float, default=0.5,
-                      help="slerp: 0 gives the first input, 1 the second")
-  parser.add_argument("--eta", type=float, default=1.0,
-                      help="interpolate toward --base: base + eta (merged - "
-                      "base), eta in [0, 1] (WARP's LITI)")
-  parser.add_argument("--dtype", choices=("keep", "float32", "bfloat16",
-                                          "float16"), default="keep",
-                      help="dtype of the written weights (keep: the inputs')")
-  parser.add_argument("--to", choices=("native", "hf"), default="native",
-                      help="output format")
-  parser.add_argument("--max-shard-size", default="5GB",
-                      help="--to hf: shard above this size (e.g. 500MB)")
-  parser.add_argument("--force", action="store_true",
-                      help="replace --out if it exists")
+  parser.add_argument(
+    "--weights",
+    type=float,
+    nargs="+",
+    help="linear: one weight per input (default equal); "
+    "they must sum to 1 unless --base is given",
+  )
+  parser.add_argument(
+    "--normalize",
+    action="store_true",
+    help="linear: divide the weights by their sum",
+  )
+  parser.add_argument(
+    "--base",
+    help="native checkpoint the task vectors "
+    "are taken from (needed by slerp and --eta)",
+  )
+  parser.add_argument(
+    "--t",
+    type=float,
+    default=0.5,
+    help="slerp: 0 gives the first input, 1 the second",
+  )
+  parser.add_argument(
+    "--eta",
+    type=float,
+    default=1.0,
+    help="interpolate toward --base: base + eta (merged - "
+    "base), eta in [0, 1] (WARP's LITI)",
+  )
+  parser.add_argument(
+    "--dtype",
+    choices=("keep", "float32", "bfloat16", "float16"),
+    default="keep",
+    help="dtype of the written weights (keep: the inputs')",
+  )
+  parser.add_argument(
+    "--to", choices=("native", "hf"), default="native", help="output format"
+  )
+  parser.add_argument(
+    "--max-shard-size",
+    default="5GB",
+    help="--to hf: shard above this size (e.g. 500MB)",
+  )
+  parser.add_argument(
+    "--force", action="store_true", help="replace --out if it exists"
+  )
 
 
 def main(args) -> int:
   start = time.perf_counter()
   recipe = merge.Recipe(
-      method=args.method,
-      weights=tuple(args.weights) if args.weights else None,
-      t=args.t, eta=args.eta, normalize=args.normalize)
+    method=args.method,
+    weights=tuple(args.weights) if args.weights else None,
+    t=args.t,
+    eta=args.eta,
+    normalize=args.normalize,
+  )
   cfg = merge.merge(
-      args.inputs, args.out, recipe, base=args.base,
-      dtype=None if args.dtype == "keep" else args.dtype, to=args.to,
-      force=args.force, max_shard_bytes=parse_size(args.max_shard_size))
+    args.inputs,
+    args.out,
+    recipe,
+    base=args.base,
+    dtype=None if args.dtype == "keep" else args.dtype,
+    to=args.to,
+    force=args.force,
+    max_shard_bytes=parse_size(args.max_shard_size),
+  )
   resolved = merge.resolve(recipe, len(args.inputs), args.base is not None)
-  summary = {"method": args.method, "inputs": args.inputs, "base": args.base,
-             "out": args.out, "to": args.to, "model": cfg.name,
-             "params": cfg.param_count(), "dtype": cfg.param_dtype,
-             "seconds": round(time.perf_counter() - start, 2)}
-  if resolved.weights is not None:   # linear (resolve() filled them in)
+  summary = {
+    "method": args.method,
+    "inputs": args.inputs,
+    "base": args.base,
+    "out": args.out,
+    "to": args.to,
+    "model": cfg.name,
+    "params": cfg.param_count(),
+    "dtype": cfg.param_dtype,
+    "seconds": round(time.perf_counter() - start, 2),
+  }
+  if resolved.weights is not None:  # linear (resolve() filled them in)
     summary["weights"] = list(resolved.weights)
   else:
     summary["t"] = args.t

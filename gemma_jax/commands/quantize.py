@@ -25,23 +25,36 @@ HELP = "quantize a checkpoint's weights to int4/int8 with scales"
 def add_arguments(parser):
   parser.add_argument("src", help="native checkpoint (float weights)")
   parser.add_argument("dst", help="output directory")
-  parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
-                      help="default: the source's model.quant, else 4")
-  parser.add_argument("--block-size", default=None,
-                      help="entries per scale along the contraction axis, or "
-                           "'channel' for one scale per output channel "
-                           "(default: the source's model.quant, else 32)")
-  parser.add_argument("--targets", default=None,
-                      help="comma-separated groups of attn, mlp, embed "
-                           "(default: the source's model.quant, else "
-                           "attn,mlp)")
-  parser.add_argument("--force", action="store_true",
-                      help="replace DST if it exists")
+  parser.add_argument(
+    "--bits",
+    type=int,
+    choices=(4, 8),
+    default=None,
+    help="default: the source's model.quant, else 4",
+  )
+  parser.add_argument(
+    "--block-size",
+    default=None,
+    help="entries per scale along the contraction axis, or "
+    "'channel' for one scale per output channel "
+    "(default: the source's model.quant, else 32)",
+  )
+  parser.add_argument(
+    "--targets",
+    default=None,
+    help="comma-separated groups of attn, mlp, embed "
+    "(default: the source's model.quant, else "
+    "attn,mlp)",
+  )
+  parser.add_argument(
+    "--force", action="store_true", help="replace DST if it exists"
+  )
 
 
 def quant_config(args, stored):
   """The QuantConfig to write: flags over the source's own over defaults."""
   from gemma_jax.model.quant import QuantConfig
+
   base = stored or QuantConfig()
   fields = {}
   if args.bits is not None:
@@ -53,11 +66,14 @@ def quant_config(args, stored):
       try:
         fields["block_size"] = int(args.block_size)
       except ValueError:
-        raise ConfigError(f"--block-size: {args.block_size!r} is neither an "
-                          f"integer nor 'channel'") from None
+        raise ConfigError(
+          f"--block-size: {args.block_size!r} is neither an "
+          f"integer nor 'channel'"
+        ) from None
   if args.targets is not None:
-    fields["targets"] = tuple(t.strip() for t in args.targets.split(",")
-                              if t.strip())
+    fields["targets"] = tuple(
+      t.strip() for t in args.targets.split(",") if t.strip()
+    )
   try:
     return dataclasses.replace(base, weights="int", **fields)
   except ConfigError as e:
@@ -69,18 +85,29 @@ def main(args) -> int:
 
   from gemma_jax.checkpoint import native, quantized
   from gemma_jax.model import quant as quant_lib
+
   params, cfg = native.load(args.src)
   quant = quant_config(args, cfg.quant)
   try:
     cfg = dataclasses.replace(cfg, quant=quant)
-  except ConfigError as e:   # a block size that does not divide an axis
-    raise ConfigError(str(e).replace("quant.block_size", "--block-size")) \
-        from None
+  except ConfigError as e:  # a block size that does not divide an axis
+    raise ConfigError(
+      str(e).replace("quant.block_size", "--block-size")
+    ) from None
   qparams = jax.jit(quant_lib.quantize_params, static_argnums=1)(params, cfg)
   size = quantized.save(args.dst, qparams, cfg, force=args.force)
   float_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  print(json.dumps({"dst": args.dst, "model": cfg.name, "bits": quant.bits,
-                    "block_size": quant.block_size,
-                    "targets": list(quant.targets), "bytes": size,
-                    "source_bytes": float_bytes}))
+  print(
+    json.dumps(
+      {
+        "dst": args.dst,
+        "model": cfg.name,
+        "bits": quant.bits,
+        "block_size": quant.block_size,
+        "targets": list(quant.targets),
+        "bytes": size,
+        "source_bytes": float_bytes,
+      }
+    )
+  )
   return 0

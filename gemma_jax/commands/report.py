@@ -20,27 +20,48 @@ HELP = "compare checkpoints: held-out loss per source and benchmark scores"
 
 def add_arguments(parser):
   parser.add_argument("config", help="run config (model, data, mesh)")
-  parser.add_argument("--checkpoint", action="append", required=True,
-                      metavar="NAME=PATH", help="repeatable; the first is the "
-                      "base")
-  parser.add_argument("--tasks", default=None,
-                      help="YAML list of benchmark tasks (local files)")
+  parser.add_argument(
+    "--checkpoint",
+    action="append",
+    required=True,
+    metavar="NAME=PATH",
+    help="repeatable; the first is the base",
+  )
+  parser.add_argument(
+    "--tasks", default=None, help="YAML list of benchmark tasks (local files)"
+  )
   parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--eval-batches", type=int, default=None,
-                      help="held-out batches per source (train.eval_batches)")
-  parser.add_argument("--batch-size", type=int, default=8,
-                      help="rows per scoring batch")
-  parser.add_argument("--max-length", type=int, default=8192,
-                      help="tokens per scored request, cut from the left; "
-                           "the default is lm-evaluation-harness's "
-                           "max_length for a Gemma HF export (its "
-                           "max_position_embeddings)")
-  parser.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="KEY=VALUE", help="override a config key")
+  parser.add_argument(
+    "--eval-batches",
+    type=int,
+    default=None,
+    help="held-out batches per source (train.eval_batches)",
+  )
+  parser.add_argument(
+    "--batch-size", type=int, default=8, help="rows per scoring batch"
+  )
+  parser.add_argument(
+    "--max-length",
+    type=int,
+    default=8192,
+    help="tokens per scored request, cut from the left; "
+    "the default is lm-evaluation-harness's "
+    "max_length for a Gemma HF export (its "
+    "max_position_embeddings)",
+  )
+  parser.add_argument(
+    "--set",
+    dest="overrides",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a config key",
+  )
 
 
 def _checkpoints(specs) -> dict[str, str]:
   from gemma_jax.errors import ConfigError
+
   out = {}
   for spec in specs:
     name, sep, path = spec.partition("=")
@@ -55,23 +76,36 @@ def _checkpoints(specs) -> dict[str, str]:
 def main(args) -> int:
   from gemma_jax import distributed
   from gemma_jax.train.config import load_config
+
   cfg = load_config(args.config, args.overrides)
   checkpoints = _checkpoints(args.checkpoint)
   from gemma_jax.evals import forgetting
+
   tasks = forgetting.load_tasks(args.tasks) if args.tasks else []
   distributed.initialize_runtime(cfg.runtime, command="report")
   import jax
+
   from gemma_jax.data import build_pipeline
   from gemma_jax.train.program import TrainProgram
+
   program = TrainProgram(cfg)
-  pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,
-                        process_index=jax.process_index(),
-                        process_count=jax.process_count(),
-                        vocab_size=cfg.model.vocab_size)
+  pipe = build_pipeline(
+    cfg.data,
+    global_batch=cfg.train.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    vocab_size=cfg.model.vocab_size,
+  )
   results = forgetting.report(
-      program, pipe, checkpoints, tasks, args.out,
-      eval_batches=args.eval_batches or cfg.train.eval_batches or 1,
-      batch_size=args.batch_size, max_length=args.max_length)
+    program,
+    pipe,
+    checkpoints,
+    tasks,
+    args.out,
+    eval_batches=args.eval_batches or cfg.train.eval_batches or 1,
+    batch_size=args.batch_size,
+    max_length=args.max_length,
+  )
   if jax.process_index() == 0:
     print(forgetting.summary_table(results), end="")
     print(f"report written to {args.out}/report.md")

@@ -26,49 +26,72 @@ HELP = "score token arrays or texts: logits and next-token log-probs"
 
 
 def add_arguments(parser):
-  parser.add_argument("--checkpoint", required=True,
-                      help="native checkpoint directory (gemma-jax convert), "
-                           "or a quantized one (gemma-jax quantize)")
-  parser.add_argument("--adapter", help="a LoRA adapter directory (RUN/"
-                      "adapter) to run on top of the checkpoint")
+  parser.add_argument(
+    "--checkpoint",
+    required=True,
+    help="native checkpoint directory (gemma-jax convert), "
+    "or a quantized one (gemma-jax quantize)",
+  )
+  parser.add_argument(
+    "--adapter",
+    help="a LoRA adapter directory (RUN/"
+    "adapter) to run on top of the checkpoint",
+  )
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--tokens", help=".npy of int token ids [B, T]")
-  source.add_argument("--text", action="append",
-                      help="a text to score (repeatable; needs --tokenizer)")
+  source.add_argument(
+    "--text",
+    action="append",
+    help="a text to score (repeatable; needs --tokenizer)",
+  )
   parser.add_argument("--mask", help=".npy of 0/1 [B, T] (with --tokens)")
   parser.add_argument("--tokenizer", help="SentencePiece model (with --text)")
   parser.add_argument("--out", required=True, help="output .npz")
-  parser.add_argument("--batch-size", type=int, default=8,
-                      help="rows per forward pass")
-  parser.add_argument("--logprobs-only", action="store_true",
-                      help="omit the [B, T, V] logits from the output")
+  parser.add_argument(
+    "--batch-size", type=int, default=8, help="rows per forward pass"
+  )
+  parser.add_argument(
+    "--logprobs-only",
+    action="store_true",
+    help="omit the [B, T, V] logits from the output",
+  )
 
 
 def check_inputs(tokens, mask, vocab_size: int, name: str = "tokens"):
   """Validates int tokens [B, T] and a right-padded 0/1 mask; returns both."""
   tokens = np.asarray(tokens)
   if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-    raise DataError(f"{name}: expected integer token ids [B, T], got "
-                      f"{tokens.dtype} {list(tokens.shape)}")
+    raise DataError(
+      f"{name}: expected integer token ids [B, T], got "
+      f"{tokens.dtype} {list(tokens.shape)}"
+    )
   if tokens.shape[1] < 2:
-    raise DataError(f"{name}: need at least 2 tokens per row to score the "
-                      f"next token, got shape {list(tokens.shape)}")
+    raise DataError(
+      f"{name}: need at least 2 tokens per row to score the "
+      f"next token, got shape {list(tokens.shape)}"
+    )
   mask = np.ones_like(tokens) if mask is None else np.asarray(mask)
   if mask.shape != tokens.shape:
-    raise DataError(f"mask shape {list(mask.shape)} differs from {name} "
-                      f"shape {list(tokens.shape)}")
+    raise DataError(
+      f"mask shape {list(mask.shape)} differs from {name} "
+      f"shape {list(tokens.shape)}"
+    )
   if not np.isin(mask, (0, 1)).all():
     raise DataError("mask must hold only 0 (padding) and 1 (real token)")
   later = np.diff(mask.astype(np.int8), axis=1) > 0
   if later.any():
     row, col = np.argwhere(later)[0]
-    raise DataError(f"mask row {row} is not right-padded: a real token "
-                      f"follows padding at position {col + 1}")
+    raise DataError(
+      f"mask row {row} is not right-padded: a real token "
+      f"follows padding at position {col + 1}"
+    )
   bad = (tokens < 0) | (tokens >= vocab_size)
   if (bad & (mask == 1)).any():
     row, col = np.argwhere(bad & (mask == 1))[0]
-    raise DataError(f"{name}: token id {tokens[row, col]} at [{row}, {col}]"
-                      f" is outside the model's vocabulary [0, {vocab_size})")
+    raise DataError(
+      f"{name}: token id {tokens[row, col]} at [{row}, {col}]"
+      f" is outside the model's vocabulary [0, {vocab_size})"
+    )
   return np.where(mask == 1, tokens, 0).astype(np.int32), mask.astype(np.int32)
 
 
@@ -90,8 +113,10 @@ def score(params, cfg: ModelConfig, tokens, mask, batch_size: int = 8):
   # Whole batches only (one compile): padding rows are all-mask-0.
   tokens = np.pad(tokens, ((0, pad), (0, 0)))
   mask = np.pad(mask, ((0, pad), (0, 0)))
-  outs = [jax.device_get(forward(params, tokens[i:i + step], mask[i:i + step]))
-          for i in range(0, len(tokens), step)]
+  outs = [
+    jax.device_get(forward(params, tokens[i : i + step], mask[i : i + step]))
+    for i in range(0, len(tokens), step)
+  ]
   logits = np.concatenate([o[0] for o in outs])[:b]
   logprobs = np.concatenate([o[1] for o in outs])[:b]
   return logits, logprobs
@@ -101,6 +126,7 @@ def _text_inputs(args, cfg):
   if not args.tokenizer:
     raise ConfigError("--text needs --tokenizer PATH")
   from gemma_jax.tokenizer import PAD_ID, Tokenizer
+
   tok = Tokenizer.load(args.tokenizer)
   tok.check_vocab(cfg.vocab_size)
   ids = [tok.encode(t, add_bos=True) for t in args.text]
@@ -108,7 +134,7 @@ def _text_inputs(args, cfg):
   tokens = np.full((len(ids), t), PAD_ID, np.int32)
   mask = np.zeros((len(ids), t), np.int32)
   for row, x in enumerate(ids):
-    tokens[row, :len(x)], mask[row, :len(x)] = x, 1
+    tokens[row, : len(x)], mask[row, : len(x)] = x, 1
   return tokens, mask
 
 
@@ -123,12 +149,14 @@ def load_model(checkpoint, adapter_dir=None):
   """(params, config) of a native or quantized checkpoint, with a LoRA
   adapter on top when given."""
   from gemma_jax.checkpoint import adapter, quantized
+
   if quantized.is_quantized(checkpoint):
     params, cfg = quantized.load(checkpoint)
   else:
     params, cfg = native.load(checkpoint)
   if adapter_dir:
     from gemma_jax.model import lora
+
     adapters, cfg, _ = adapter.load(adapter_dir, base_cfg=cfg)
     params = lora.combine(params, adapters)
   return params, cfg
@@ -157,6 +185,8 @@ def main(args) -> int:
     np.savez(f, **out)
   os.replace(tmp, args.out)
   real = mask[:, 1:] == 1
-  print(f"scored {int(real.sum())} next tokens in {len(tokens)} rows: mean "
-        f"log-prob {logprobs[real].mean():.4f} -> {args.out}")
+  print(
+    f"scored {int(real.sum())} next tokens in {len(tokens)} rows: mean "
+    f"log-prob {logprobs[real].mean():.4f} -> {args.out}"
+  )
   return 0

@@ -17,21 +17,38 @@ HELP = "train (or resume) a model from a YAML run config"
 
 def add_arguments(parser):
   parser.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
-  parser.add_argument("--workdir", required=True,
-                      help="run directory: checkpoints, metrics, exports")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="train to this step (overrides train.steps)")
-  parser.add_argument("--from-step", type=int, default=None, metavar="N",
-                      help="resume from checkpoint N (0: start over); "
-                      "later checkpoints are moved aside, not deleted")
-  parser.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="KEY=VALUE",
-                      help="override a config key, e.g. --set "
-                      "train.log_every=1")
+  parser.add_argument(
+    "--workdir",
+    required=True,
+    help="run directory: checkpoints, metrics, exports",
+  )
+  parser.add_argument(
+    "--steps",
+    type=int,
+    default=None,
+    help="train to this step (overrides train.steps)",
+  )
+  parser.add_argument(
+    "--from-step",
+    type=int,
+    default=None,
+    metavar="N",
+    help="resume from checkpoint N (0: start over); "
+    "later checkpoints are moved aside, not deleted",
+  )
+  parser.add_argument(
+    "--set",
+    dest="overrides",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a config key, e.g. --set train.log_every=1",
+  )
 
 
 def load_run_config(args):
   from gemma_jax.train.config import load_config
+
   overrides = list(args.overrides)
   if args.steps is not None:
     overrides.append(f"train.steps={args.steps}")
@@ -40,9 +57,11 @@ def load_run_config(args):
 
 def main(args) -> int:
   from gemma_jax import distributed
-  cfg = load_run_config(args)        # bad config: fails before any device work
+
+  cfg = load_run_config(args)  # bad config: fails before any device work
   # jax.distributed must start before anything touches the devices.
   distributed.initialize_runtime(cfg.runtime, command="train")
   from gemma_jax.train.trainer import Trainer
+
   Trainer(cfg, args.workdir, from_step=args.from_step).run()
   return 0

@@ -3,5 +3,11 @@
 from gemma_jax.data.config import DataConfig, SourceConfig, StageConfig
 from gemma_jax.data.pipeline import Pipeline, build_pipeline, check_resume
 
-__all__ = ["DataConfig", "SourceConfig", "StageConfig", "Pipeline",
-           "build_pipeline", "check_resume"]
+__all__ = [
+  "DataConfig",
+  "Pipeline",
+  "SourceConfig",
+  "StageConfig",
+  "build_pipeline",
+  "check_resume",
+]

@@ -80,27 +80,34 @@ class Apportionment:
     self.batch_size = batch_size
     self.rows_per_batch = [Fraction(r, self.denominator) for r in self.rate]
 
-  @functools.lru_cache(maxsize=64)
+  # Bounded caches on a long-lived schedule object: nothing leaks.
+  @functools.lru_cache(maxsize=64)  # noqa: B019
   def cumulative(self, k: int) -> np.ndarray:
     """C(k): int64 [S] rows of each source in the first k batches."""
     w = self.denominator
     counts = [r * k // w for r in self.rate]
     # A source below ceil(q_i(k)) has one job left to test: floor + 1.
-    jobs = {i: self._job(i, counts[i] + 1, k)
-            for i, r in enumerate(self.rate) if r * k % w}
+    jobs = {
+      i: self._job(i, counts[i] + 1, k)
+      for i, r in enumerate(self.rate)
+      if r * k % w
+    }
     for i in self._have_run(jobs, k):
       counts[i] += 1
     if sum(counts) != k * self.batch_size:
-      raise AssertionError(f"mixture: {counts} rows after {k} batches of "
-                           f"{self.batch_size} (shares {self.shares})")
+      raise AssertionError(
+        f"mixture: {counts} rows after {k} batches of "
+        f"{self.batch_size} (shares {self.shares})"
+      )
     return np.array(counts, np.int64)
 
   def batch_counts(self, k: int) -> np.ndarray:
     """int64 [S] rows of each source in batch k (0-based): >= 0, sum B."""
     counts = self.cumulative(k + 1) - self.cumulative(k)
     if (counts < 0).any():
-      raise AssertionError(f"mixture: negative count {counts} in batch {k} "
-                           f"(shares {self.shares})")
+      raise AssertionError(
+        f"mixture: negative count {counts} in batch {k} (shares {self.shares})"
+      )
     return counts
 
   def _job(self, i: int, j: int, k: int):
@@ -120,11 +127,12 @@ class Apportionment:
     deadline = -(-j * w // rate[i])
     release = (j - 1) * w // rate[i] + 1
     # Jobs not released by batch k count as not ahead: clip to ceil(q_s(k)).
-    ahead = [min(j - 1 if s == i else r * (deadline - (s > i)) // w,
-                 -(-r * k // w)) for s, r in enumerate(rate)]
+    ahead = [
+      min(j - 1 if s == i else r * (deadline - (s > i)) // w, -(-r * k // w))
+      for s, r in enumerate(rate)
+    ]
     # (last batch with no job of s released beyond those ahead, deficit).
-    full = sorted((a * w // r, r * k - a * w)
-                  for a, r in zip(ahead, rate) if r)
+    full = sorted((a * w // r, r * k - a * w) for a, r in zip(ahead, rate) if r)
     start, deficit = k, 0
     for t, d in full:
       deficit += max(d, 0)
@@ -140,11 +148,12 @@ class Apportionment:
       return self._have_run_long(jobs, k, first)
     w, b = self.denominator, self.batch_size
     # released[t - first - 1][s]: jobs of source s released by batch t.
-    released = [[-(-r * t // w) for r in self.rate]
-                for t in range(first + 1, k + 1)]
+    released = [
+      [-(-r * t // w) for r in self.rate] for t in range(first + 1, k + 1)
+    ]
     run = []
     for i, (release, ahead, start) in jobs.items():
-      low, high = 0, None    # min g before the release, and from it on
+      low, high = 0, None  # min g before the release, and from it on
       for t in range(start + 1, k + 1):
         g = sum(map(min, released[t - first - 1], ahead)) - b * t
         if t < release:
@@ -155,8 +164,9 @@ class Apportionment:
         run.append(i)
     return run
 
-  def _have_run_long(self, jobs: dict, k: int, first: int,
-                     chunk: int = 1 << 14) -> list[int]:
+  def _have_run_long(
+    self, jobs: dict, k: int, first: int, chunk: int = 1 << 14
+  ) -> list[int]:
     """`_have_run` over a long window (a source far below one row per
     batch): the same sums, vectorised over batches in chunks."""
     low: dict[int, int] = dict.fromkeys(jobs, 0)
@@ -166,22 +176,23 @@ class Apportionment:
       released = np.stack([_ceil_rows(x, t) for x in self.rows_per_batch], 1)
       for i, (release, ahead, start) in jobs.items():
         keep = t > start
-        g = (np.minimum(released[keep], np.array(ahead, np.int64)).sum(1)
-             - self.batch_size * t[keep])
+        g = (
+          np.minimum(released[keep], np.array(ahead, np.int64)).sum(1)
+          - self.batch_size * t[keep]
+        )
         before, after = g[t[keep] < release], g[t[keep] >= release]
         low[i] = min(low[i], int(before.min(initial=0)))
         if after.size:
           m, h = int(after.min()), high[i]
           high[i] = m if h is None else min(h, m)
-    return [i for i in jobs
-            if (h := high[i]) is not None and low[i] > h]
+    return [i for i in jobs if (h := high[i]) is not None and low[i] > h]
 
 
 def _ceil_rows(per_batch: Fraction, t: np.ndarray) -> np.ndarray:
   """ceil(per_batch * t), int64 [L], exactly, for int64 t [L] > 0."""
   num, den = per_batch.numerator, per_batch.denominator
   whole, part = divmod(num, den)
-  if den <= (1 << 62) // int(t[-1]):    # part * t fits in int64
+  if den <= (1 << 62) // int(t[-1]):  # part * t fits in int64
     return whole * t - (-part * t // den)
   # Floats are exact here except within t * 2^-52 of an integer (part < den
   # and each float op has relative error 2^-53); those few are redone.
@@ -216,7 +227,7 @@ class StageSchedule(grain.transforms.DatasetSelectionMap):
   def __len__(self):
     return sys.maxsize
 
-  @functools.lru_cache(maxsize=16)
+  @functools.lru_cache(maxsize=16)  # noqa: B019  (bounded, as above)
   def _batch(self, stage: int, k: int):
     """(source label [B], rank among same-label rows [B]) of batch k."""
     counts = self.stages[stage].batch_counts(k)
@@ -242,8 +253,13 @@ class ProcessRows(grain.transforms.DatasetSelectionMap):
   """This process's rows: local row l of step t is global row
   t * B + p * (B / P) + l % (B / P)."""
 
-  def __init__(self, schedule: StageSchedule, global_batch: int,
-               process_index: int, process_count: int):
+  def __init__(
+    self,
+    schedule: StageSchedule,
+    global_batch: int,
+    process_index: int,
+    process_count: int,
+  ):
     self.schedule = schedule
     self.global_batch = global_batch
     self.local = global_batch // process_count

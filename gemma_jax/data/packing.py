@@ -35,8 +35,14 @@ class PackedRows(grain.MapDataset):
   shuffled source belongs to epoch `i // rows_per_epoch`.
   """
 
-  def __init__(self, docs: Documents, seq_len: int, source_id: int,
-               seed: int = 0, shuffle: bool = True):
+  def __init__(
+    self,
+    docs: Documents,
+    seq_len: int,
+    source_id: int,
+    seed: int = 0,
+    shuffle: bool = True,
+  ):
     super().__init__([])
     self.docs = docs
     self.seq_len = seq_len
@@ -105,7 +111,7 @@ class PackedRows(grain.MapDataset):
     """Tokens [lo, hi) of `bos doc eos` for document i."""
     doc = self.docs.doc(i)
     n = len(doc)
-    out = doc[max(lo - 1, 0):max(min(hi - 1, n), 0)]
+    out = doc[max(lo - 1, 0) : max(min(hi - 1, n), 0)]
     if lo == 0:
       out = np.concatenate([[BOS_ID], out])
     if hi == n + 2:
@@ -123,10 +129,14 @@ def to_example(tokens, segments, positions, source_id: int) -> dict:
   input: padding and the first token of the next document are excluded.
   """
   loss = (segments[1:] == segments[:-1]) & (segments[1:] != 0)
-  return {"inputs": tokens[:-1], "targets": tokens[1:],
-          "segment_ids": segments[:-1], "positions": positions[:-1],
-          "loss_mask": loss.astype(np.int32),
-          "source": np.int32(source_id)}
+  return {
+    "inputs": tokens[:-1],
+    "targets": tokens[1:],
+    "segment_ids": segments[:-1],
+    "positions": positions[:-1],
+    "loss_mask": loss.astype(np.int32),
+    "source": np.int32(source_id),
+  }
 
 
 def padding_example(seq_len: int, source_id: int) -> dict:

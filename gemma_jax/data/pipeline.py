@@ -16,11 +16,10 @@ import itertools
 import grain
 import numpy as np
 
-from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.data import mixture, packing, sources
 from gemma_jax.data.config import DataConfig
+from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.tokenizer import Tokenizer
-
 
 # How rows are spread over sources (see mixture.py); part of `describe()`,
 # so that a checkpoint written under another rule is not resumed silently.
@@ -34,20 +33,30 @@ class Pipeline:
   positions, loss_mask [B/P, T] and source [B/P] (index into source_names).
   """
 
-  def __init__(self, cfg: DataConfig, global_batch: int, process_index: int = 0,
-               process_count: int = 1, vocab_size: int | None = None):
+  def __init__(
+    self,
+    cfg: DataConfig,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    vocab_size: int | None = None,
+  ):
     if global_batch < 1 or global_batch % process_count:
-      raise ConfigError(f"train.batch_size ({global_batch}) must be a "
-                        f"positive multiple of the process count "
-                        f"({process_count})")
+      raise ConfigError(
+        f"train.batch_size ({global_batch}) must be a "
+        f"positive multiple of the process count "
+        f"({process_count})"
+      )
     if not 0 <= process_index < process_count:
-      raise ConfigError(f"process_index {process_index} is not in "
-                        f"[0, {process_count})")
+      raise ConfigError(
+        f"process_index {process_index} is not in [0, {process_count})"
+      )
     if not cfg.sources:
       raise ConfigError("data.sources: the data config names no source")
     if not cfg.tokenizer:
-      raise ConfigError("data.tokenizer: path to a SentencePiece model is "
-                        "required")
+      raise ConfigError(
+        "data.tokenizer: path to a SentencePiece model is required"
+      )
     self.cfg = cfg
     self.global_batch = global_batch
     self.local_batch = global_batch // process_count
@@ -61,30 +70,43 @@ class Pipeline:
     # Held-out splits are opened now so that a bad one fails at start-up,
     # not at the first evaluation.
     self._eval_rows = {
-        n: packing.PackedRows(self._open(n, "eval"), cfg.seq_len,
-                              self.source_names.index(n), shuffle=False)
-        for n in self.eval_sources}
-    self._rows = [packing.PackedRows(self._docs[n], cfg.seq_len, i, cfg.seed)
-                  for i, n in enumerate(self.source_names)]
-    weights = [[st.weights.get(n, 0.0) for n in self.source_names]
-               for st in self.stages]
+      n: packing.PackedRows(
+        self._open(n, "eval"),
+        cfg.seq_len,
+        self.source_names.index(n),
+        shuffle=False,
+      )
+      for n in self.eval_sources
+    }
+    self._rows = [
+      packing.PackedRows(self._docs[n], cfg.seq_len, i, cfg.seed)
+      for i, n in enumerate(self.source_names)
+    ]
+    weights = [
+      [st.weights.get(n, 0.0) for n in self.source_names] for st in self.stages
+    ]
     self.schedule = mixture.StageSchedule(
-        [st.start_step for st in self.stages], weights, global_batch,
-        cfg.seed)
+      [st.start_step for st in self.stages], weights, global_batch, cfg.seed
+    )
     rows = grain.MapDataset.select_from_datasets(
-        self._rows, mixture.ProcessRows(self.schedule, global_batch,
-                                        process_index, process_count))
+      self._rows,
+      mixture.ProcessRows(
+        self.schedule, global_batch, process_index, process_count
+      ),
+    )
     self._batches = rows.batch(self.local_batch)
 
   def _open(self, name: str, split: str) -> sources.Documents:
-    docs = sources.open_documents(name, self.cfg.sources[name],
-                                  self.tokenizer, split)
+    docs = sources.open_documents(
+      name, self.cfg.sources[name], self.tokenizer, split
+    )
     if docs.fingerprint not in (None, self.tokenizer.fingerprint):
       raise DataError(
-          f"data.sources.{name}: its tokens were made by a tokenizer with "
-          f"fingerprint {docs.fingerprint[:12]}..., but data.tokenizer "
-          f"({self.cfg.tokenizer}) has {self.tokenizer.fingerprint[:12]}...; "
-          "prepare the source again with this tokenizer")
+        f"data.sources.{name}: its tokens were made by a tokenizer with "
+        f"fingerprint {docs.fingerprint[:12]}..., but data.tokenizer "
+        f"({self.cfg.tokenizer}) has {self.tokenizer.fingerprint[:12]}...; "
+        "prepare the source again with this tokenizer"
+      )
     return docs
 
   def batch(self, step: int) -> dict:
@@ -103,13 +125,19 @@ class Pipeline:
   def iterate(self, start_step: int = 0):
     """Yields (step, batch) from `start_step` on, prefetched (worker
     processes when data.num_workers > 0); equal to `batch(step)`."""
-    ds = self._batches[start_step:].to_iter_dataset(grain.ReadOptions(
-        num_threads=2, prefetch_buffer_size=max(self.cfg.prefetch, 1)))
+    ds = self._batches[start_step:].to_iter_dataset(
+      grain.ReadOptions(
+        num_threads=2, prefetch_buffer_size=max(self.cfg.prefetch, 1)
+      )
+    )
     if self.cfg.num_workers > 0:
       _mark_absl_flags_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+      ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(
           num_workers=self.cfg.num_workers,
-          per_worker_buffer_size=max(self.cfg.prefetch, 1)))
+          per_worker_buffer_size=max(self.cfg.prefetch, 1),
+        )
+      )
     return _numbered(iter(ds), start_step)
 
   def eval_batches(self, source: str, n: int):
@@ -117,8 +145,9 @@ class Pipeline:
     without repeats; rows past the split's end are padding (loss_mask 0).
     A source configured without held-out data yields no batches."""
     if source not in self.cfg.sources:
-      raise ConfigError(f"eval source {source!r} is not one of "
-                        f"{', '.join(self.source_names)}")
+      raise ConfigError(
+        f"eval source {source!r} is not one of {', '.join(self.source_names)}"
+      )
     if source not in self._eval_rows:
       return
     rows = self._eval_rows[source]
@@ -127,17 +156,21 @@ class Pipeline:
     offset = self.process_index * self.local_batch
     for g in range(num):
       first = g * self.global_batch + offset
-      examples = [rows[i] if i < total else
-                  packing.padding_example(self.cfg.seq_len, rows.source_id)
-                  for i in range(first, first + self.local_batch)]
+      examples = [
+        rows[i]
+        if i < total
+        else packing.padding_example(self.cfg.seq_len, rows.source_id)
+        for i in range(first, first + self.local_batch)
+      ]
       yield {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
   @property
   def eval_sources(self) -> tuple[str, ...]:
     """Sources configured with held-out data (eval_split / eval_paths /
     eval_texts)."""
-    return tuple(n for n in self.source_names
-                 if self.cfg.sources[n].has_held_out)
+    return tuple(
+      n for n in self.source_names if self.cfg.sources[n].has_held_out
+    )
 
   def source_tokens(self, batch: dict) -> np.ndarray:
     """Tokens (non-padding inputs) per source in `batch`: int64 [S].
@@ -145,8 +178,9 @@ class Pipeline:
     Mixture weights are shares of these; the trainer sums them to log the
     realized shares (per-source loss uses `loss_mask` and `source`)."""
     per_row = (batch["segment_ids"] > 0).sum(axis=1)
-    return np.bincount(batch["source"], weights=per_row,
-                       minlength=len(self.source_names)).astype(np.int64)
+    return np.bincount(
+      batch["source"], weights=per_row, minlength=len(self.source_names)
+    ).astype(np.int64)
 
   def target_shares(self, step: int) -> dict[str, float]:
     """The token shares of the stage in force at `step`."""
@@ -163,22 +197,33 @@ class Pipeline:
   def describe(self) -> dict:
     """JSON-able description; `check_resume` compares two of these."""
     return {
-        "seq_len": self.cfg.seq_len, "global_batch": self.global_batch,
-        "seed": self.cfg.seed, "mixing": MIXING,
-        "tokenizer": {"path": self.tokenizer.path,
-                      "fingerprint": self.tokenizer.fingerprint,
-                      "vocab_size": self.tokenizer.vocab_size},
-        "source_names": list(self.source_names),
-        "sources": {n: _describe_source(self.cfg.sources[n], d)
-                    for n, d in self._docs.items()},
-        "stages": [{"start_step": s.start_step, "weights": s.shares()}
-                   for s in self.stages],
+      "seq_len": self.cfg.seq_len,
+      "global_batch": self.global_batch,
+      "seed": self.cfg.seed,
+      "mixing": MIXING,
+      "tokenizer": {
+        "path": self.tokenizer.path,
+        "fingerprint": self.tokenizer.fingerprint,
+        "vocab_size": self.tokenizer.vocab_size,
+      },
+      "source_names": list(self.source_names),
+      "sources": {
+        n: _describe_source(self.cfg.sources[n], d)
+        for n, d in self._docs.items()
+      },
+      "stages": [
+        {"start_step": s.start_step, "weights": s.shares()} for s in self.stages
+      ],
     }
 
 
 def _describe_source(cfg, docs: sources.Documents) -> dict:
-  return {"kind": cfg.kind, **sources.KINDS[cfg.kind].location(cfg),
-          "num_docs": len(docs), "num_tokens": docs.num_tokens}
+  return {
+    "kind": cfg.kind,
+    **sources.KINDS[cfg.kind].location(cfg),
+    "num_docs": len(docs),
+    "num_tokens": docs.num_tokens,
+  }
 
 
 class _AddKeys:
@@ -191,9 +236,13 @@ class _AddKeys:
     return batch | self.fn(step, batch)
 
 
-def build_pipeline(cfg: DataConfig, global_batch: int, process_index: int = 0,
-                   process_count: int = 1, vocab_size: int | None = None
-                   ) -> Pipeline:
+def build_pipeline(
+  cfg: DataConfig,
+  global_batch: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  vocab_size: int | None = None,
+) -> Pipeline:
   """The pipeline of `cfg`; `vocab_size` (the model's) checks the tokenizer."""
   return Pipeline(cfg, global_batch, process_index, process_count, vocab_size)
 
@@ -216,6 +265,7 @@ def _mark_absl_flags_parsed():
   # grain's worker processes read absl flags; outside an absl app mark them
   # parsed so that they use their defaults.
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -232,40 +282,57 @@ def check_resume(saved: dict, current: dict, step: int) -> None:
     return
   if saved.get("mixing") != current.get("mixing"):
     raise ConfigError(
-        f"the checkpoint's data stream was mixed "
-        f"{saved.get('mixing') or 'in blocks of data.block_size rows'}, "
-        f"this version mixes {current.get('mixing')}: resuming at step "
-        f"{step} would not continue the same rows; use a fresh --workdir")
+      f"the checkpoint's data stream was mixed "
+      f"{saved.get('mixing') or 'in blocks of data.block_size rows'}, "
+      f"this version mixes {current.get('mixing')}: resuming at step "
+      f"{step} would not continue the same rows; use a fresh --workdir"
+    )
   for key in ("seq_len", "global_batch", "seed"):
     if saved.get(key) != current.get(key):
       name = "train.batch_size" if key == "global_batch" else f"data.{key}"
-      raise ConfigError(f"{name} changed from {saved.get(key)} to "
-                        f"{current.get(key)}: resuming at step {step} would "
-                        "not continue the same data stream")
+      raise ConfigError(
+        f"{name} changed from {saved.get(key)} to "
+        f"{current.get(key)}: resuming at step {step} would "
+        "not continue the same data stream"
+      )
   if saved["tokenizer"]["fingerprint"] != current["tokenizer"]["fingerprint"]:
-    raise ConfigError("data.tokenizer: the tokenizer differs from the one "
-                      "this run was trained with (fingerprint changed)")
+    raise ConfigError(
+      "data.tokenizer: the tokenizer differs from the one "
+      "this run was trained with (fingerprint changed)"
+    )
   names = list(saved["source_names"])
-  if list(current["source_names"])[:len(names)] != names:
-    raise ConfigError(f"data.sources: sources {names} must keep their names "
-                      f"and order (new ones go after them); got "
-                      f"{current['source_names']}")
+  if list(current["source_names"])[: len(names)] != names:
+    raise ConfigError(
+      f"data.sources: sources {names} must keep their names "
+      f"and order (new ones go after them); got "
+      f"{current['source_names']}"
+    )
   for n in names:
     old, new = saved["sources"][n], current["sources"][n]
-    if (old["num_docs"], old["num_tokens"]) != (new["num_docs"],
-                                                new["num_tokens"]):
-      raise ConfigError(f"data.sources.{n}: the source's contents changed "
-                        f"({old['num_docs']} docs / {old['num_tokens']} "
-                        f"tokens -> {new['num_docs']} / {new['num_tokens']})")
+    if (old["num_docs"], old["num_tokens"]) != (
+      new["num_docs"],
+      new["num_tokens"],
+    ):
+      raise ConfigError(
+        f"data.sources.{n}: the source's contents changed "
+        f"({old['num_docs']} docs / {old['num_tokens']} "
+        f"tokens -> {new['num_docs']} / {new['num_tokens']})"
+      )
   past_old = _past_stages(saved["stages"], step)
   past_new = _past_stages(current["stages"], step)
   if past_old != past_new:
     raise ConfigError(
-        f"data.stages: stages starting at or before step {step} cannot be "
-        f"edited on resume (only later ones); was {past_old}, now {past_new}")
+      f"data.stages: stages starting at or before step {step} cannot be "
+      f"edited on resume (only later ones); was {past_old}, now {past_new}"
+    )
 
 
 def _past_stages(stages, step):
-  return [(s["start_step"], {k: round(v, 9) for k, v in s["weights"].items()
-                             if v > 0})
-          for s in stages if s["start_step"] <= step]
+  return [
+    (
+      s["start_step"],
+      {k: round(v, 9) for k, v in s["weights"].items() if v > 0},
+    )
+    for s in stages
+    if s["start_step"] <= step
+  ]

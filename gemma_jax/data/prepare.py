@@ -45,30 +45,37 @@ Normalization = Literal["NFC", "NFKC"]
 NORMALIZATIONS: tuple[Normalization, ...] = ("NFC", "NFKC")
 
 
-def clean_texts(texts: list[str], fix_mojibake: bool = False,
-                normalize: Normalization | None = None
-                ) -> tuple[list[str], dict]:
+def clean_texts(
+  texts: list[str],
+  fix_mojibake: bool = False,
+  normalize: Normalization | None = None,
+) -> tuple[list[str], dict]:
   """(cleaned texts, counts of documents each step changed)."""
   if normalize is not None and normalize not in NORMALIZATIONS:
-    raise ConfigError(f"--normalize: {normalize!r} is not one of "
-                      f"{', '.join(NORMALIZATIONS)}")
+    raise ConfigError(
+      f"--normalize: {normalize!r} is not one of {', '.join(NORMALIZATIONS)}"
+    )
   counts = {"documents": len(texts)}
   if fix_mojibake:
     import ftfy
+
     fixed = [ftfy.fix_encoding(t) for t in texts]
     counts["mojibake_fixed_documents"] = sum(
-        a != b for a, b in zip(texts, fixed))
+      a != b for a, b in zip(texts, fixed)
+    )
     texts = fixed
   if normalize:
     normal = [unicodedata.normalize(normalize, t) for t in texts]
     counts[f"{normalize}_changed_documents"] = sum(
-        a != b for a, b in zip(texts, normal))
+      a != b for a, b in zip(texts, normal)
+    )
     texts = normal
   return texts, counts
 
 
-def input_fingerprint(splits: dict[str, list[str]], tokenizer,
-                      options: dict) -> str:
+def input_fingerprint(
+  splits: dict[str, list[str]], tokenizer, options: dict
+) -> str:
   """sha256 of the texts of every split, the tokenizer and `options`."""
   h = hashlib.sha256()
   h.update(tokenizer.fingerprint.encode())
@@ -81,9 +88,14 @@ def input_fingerprint(splits: dict[str, list[str]], tokenizer,
   return h.hexdigest()
 
 
-def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
-                    tokenizer, overwrite: bool = False,
-                    extra_metadata: dict | None = None) -> dict:
+def prepare_dataset(
+  name: str,
+  data_dir: str,
+  splits: dict[str, list[str]],
+  tokenizer,
+  overwrite: bool = False,
+  extra_metadata: dict | None = None,
+) -> dict:
   """Writes `splits` ({split: texts}) tokenized as tfds dataset `name`.
 
   Returns the dataset's metadata: tokenizer fingerprint, input fingerprint,
@@ -93,30 +105,39 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
   `overwrite` (DataError naming --overwrite).
   """
   if not _NAME.match(name):
-    raise ConfigError(f"dataset name {name!r} must be lower_snake_case "
-                      "(letters, digits, underscores)")
+    raise ConfigError(
+      f"dataset name {name!r} must be lower_snake_case "
+      "(letters, digits, underscores)"
+    )
   for split, texts in splits.items():
     if not texts:
       raise DataError(f"dataset {name!r}: split {split!r} has no documents")
   data_dir = os.path.expanduser(data_dir)
   fileio.check_remote(data_dir, "--data-dir")
   extra_metadata = dict(extra_metadata or {})
-  fingerprint = input_fingerprint(splits, tokenizer,
-                                  extra_metadata.get("options", {}))
+  fingerprint = input_fingerprint(
+    splits, tokenizer, extra_metadata.get("options", {})
+  )
   existing = _existing(name, data_dir)
   if existing is not None and not overwrite:
     if existing.get("input_fingerprint") == fingerprint:
       return existing
     raise DataError(
-        f"dataset {name!r} already exists in {data_dir} with different input "
-        f"({_counts(existing)} there, {_counts_of(splits)} now); pass "
-        f"--overwrite to replace it, or choose another --name")
+      f"dataset {name!r} already exists in {data_dir} with different input "
+      f"({_counts(existing)} there, {_counts_of(splits)} now); pass "
+      f"--overwrite to replace it, or choose another --name"
+    )
   tokens = {s: tokenizer.encode_batch(t) for s, t in splits.items()}
-  metadata = {FINGERPRINT_KEY: tokenizer.fingerprint,
-              "input_fingerprint": fingerprint, **extra_metadata}
+  metadata = {
+    FINGERPRINT_KEY: tokenizer.fingerprint,
+    "input_fingerprint": fingerprint,
+    **extra_metadata,
+  }
   for split, docs in tokens.items():
-    metadata[split] = {"num_docs": len(docs),
-                       "num_tokens": int(sum(len(d) for d in docs))}
+    metadata[split] = {
+      "num_docs": len(docs),
+      "num_tokens": int(sum(len(d) for d in docs)),
+    }
     if metadata[split]["num_tokens"] == 0:
       raise DataError(f"dataset {name!r}: split {split!r} has no tokens")
   if fileio.is_local(data_dir):
@@ -124,26 +145,33 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
   else:
     with tempfile.TemporaryDirectory(prefix="gemma-jax-prepare-") as tmp:
       local = _write(name, tmp, tokens, metadata)
-      fileio.publish_directory(local, os.path.join(
-          data_dir, os.path.relpath(local, tmp)))
+      fileio.publish_directory(
+        local, os.path.join(data_dir, os.path.relpath(local, tmp))
+      )
   return metadata
 
 
 def _write(name: str, data_dir: str, tokens: dict, metadata: dict) -> str:
   """Writes the dataset into local `data_dir`; returns its directory."""
   import tensorflow_datasets as tfds  # slow import; only when preparing
+
   builder = _builder_class(name, tokens, metadata)(
-      data_dir=data_dir, file_format="array_record")
+    data_dir=data_dir, file_format="array_record"
+  )
   if os.path.isdir(builder.data_dir):
     fileio.remove_tree(builder.data_dir)
     builder = _builder_class(name, tokens, metadata)(
-        data_dir=data_dir, file_format="array_record")
+      data_dir=data_dir, file_format="array_record"
+    )
   tfds.disable_progress_bar()
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    download_config=tfds.download.DownloadConfig(verify_ssl=False)
+  )
   for split, docs in tokens.items():
-    np.save(os.path.join(builder.data_dir, LENGTHS_FILE.format(split=split)),
-            np.array([len(d) for d in docs], np.int64))
+    np.save(
+      os.path.join(builder.data_dir, LENGTHS_FILE.format(split=split)),
+      np.array([len(d) for d in docs], np.int64),
+    )
   return os.fspath(builder.data_dir)
 
 
@@ -152,23 +180,30 @@ def _existing(name: str, data_dir: str) -> dict | None:
   if not epath.Path(data_dir, name).is_dir():
     return None
   import tensorflow_datasets as tfds
+
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     return dict(builder.info.metadata or {})
-  except Exception:  # noqa: BLE001  (a torn dataset: its files are there)
+  except Exception:  # a torn dataset: its files are there
     return {"input_fingerprint": None}
 
 
 def _counts(metadata: dict) -> str:
-  splits = {k: v for k, v in metadata.items()
-            if isinstance(v, dict) and "num_docs" in v}
-  return ", ".join(f"{k}: {v['num_docs']} documents"
-                   for k, v in sorted(splits.items())) or "unknown input"
+  splits = {
+    k: v for k, v in metadata.items() if isinstance(v, dict) and "num_docs" in v
+  }
+  return (
+    ", ".join(
+      f"{k}: {v['num_docs']} documents" for k, v in sorted(splits.items())
+    )
+    or "unknown input"
+  )
 
 
 def _counts_of(splits: dict) -> str:
-  return ", ".join(f"{k}: {len(v)} documents"
-                   for k, v in sorted(splits.items()))
+  return ", ".join(
+    f"{k}: {len(v)} documents" for k, v in sorted(splits.items())
+  )
 
 
 def _builder_class(name: str, tokens: dict, metadata: dict):
@@ -177,8 +212,7 @@ def _builder_class(name: str, tokens: dict, metadata: dict):
 
   # tfds ships no type information, so mypy checks the class keyword
   # against object.__init_subclass__, not tfds's RegisteredDataset one.
-  class TokenizedText(tfds.core.GeneratorBasedBuilder,
-                      skip_registration=True):  # type: ignore[call-arg]
+  class TokenizedText(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
     VERSION = tfds.core.Version("1.0.0")
     # No checksums file to find: this builder downloads nothing (looking for
     # one beside a packaged module needs the optional importlib_resources).
@@ -186,17 +220,20 @@ def _builder_class(name: str, tokens: dict, metadata: dict):
 
     def _info(self):
       return tfds.core.DatasetInfo(
-          builder=self,
-          description="Documents tokenized by gemma-jax data prepare.",
-          features=tfds.features.FeaturesDict({
-              "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32)}),
-          metadata=tfds.core.MetadataDict(metadata),
-          # Keep the generator's order, which the lengths file follows.
-          disable_shuffling=True)
+        builder=self,
+        description="Documents tokenized by gemma-jax data prepare.",
+        features=tfds.features.FeaturesDict(
+          {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32)}
+        ),
+        metadata=tfds.core.MetadataDict(metadata),
+        # Keep the generator's order, which the lengths file follows.
+        disable_shuffling=True,
+      )
 
     def _split_generators(self, dl_manager):
-      return {split: self._generate_examples(docs)
-              for split, docs in tokens.items()}
+      return {
+        split: self._generate_examples(docs) for split, docs in tokens.items()
+      }
 
     def _generate_examples(self, docs):
       for i, doc in enumerate(docs):
@@ -206,13 +243,16 @@ def _builder_class(name: str, tokens: dict, metadata: dict):
   return TokenizedText
 
 
-def split_held_out(texts: list[str], eval_fraction: float
-                   ) -> dict[str, list[str]]:
+def split_held_out(
+  texts: list[str], eval_fraction: float
+) -> dict[str, list[str]]:
   """{'train': ..., 'eval': every k-th document} with k = 1 / eval_fraction."""
   if not 0 <= eval_fraction < 1:
     raise ConfigError(f"eval fraction must be in [0, 1), got {eval_fraction}")
   if eval_fraction == 0:
     return {"train": texts}
   k = max(2, round(1 / eval_fraction))
-  return {"train": [t for i, t in enumerate(texts) if i % k],
-          "eval": [t for i, t in enumerate(texts) if i % k == 0]}
+  return {
+    "train": [t for i, t in enumerate(texts) if i % k],
+    "eval": [t for i, t in enumerate(texts) if i % k == 0],
+  }

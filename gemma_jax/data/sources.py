@@ -45,8 +45,10 @@ class Documents:
     self.fingerprint = fingerprint
     self._cache = None
     if len(self.lengths) == 0 or self.lengths.sum() == 0:
-      raise DataError(f"data source {name!r} is empty: it has "
-                        f"{len(self.lengths)} documents and no tokens")
+      raise DataError(
+        f"data source {name!r} is empty: it has "
+        f"{len(self.lengths)} documents and no tokens"
+      )
 
   def __len__(self):
     return len(self.lengths)
@@ -74,14 +76,16 @@ class SourceKind:
   `required` names the config field the kind cannot do without (`needs`
   says what it holds) and `held_out` the one naming its held-out data.
   """
+
   required: str
   needs: str
   held_out: str
 
   def check(self, cfg) -> None:
     if not getattr(cfg, self.required):
-      raise ConfigError(f"{self.required}: a {cfg.kind} source needs "
-                        f"{self.needs}")
+      raise ConfigError(
+        f"{self.required}: a {cfg.kind} source needs {self.needs}"
+      )
 
   def has_held_out(self, cfg) -> bool:
     return bool(getattr(cfg, self.held_out))
@@ -110,8 +114,11 @@ class FileSource(SourceKind):
 
   def documents(self, name, cfg, tokenizer, split):
     globs = cfg.paths if split == "train" else cfg.eval_paths
-    return _from_texts(name, read_text_files(
-        globs, cfg.text_key, name, decode_policy(cfg)), tokenizer)
+    return _from_texts(
+      name,
+      read_text_files(globs, cfg.text_key, name, decode_policy(cfg)),
+      tokenizer,
+    )
 
 
 class TfdsSource(SourceKind):
@@ -121,20 +128,25 @@ class TfdsSource(SourceKind):
     return {"name": cfg.name, "data_dir": tfds_dir(cfg), "split": cfg.split}
 
   def documents(self, name, cfg, tokenizer, split):
-    return _from_tfds(name, cfg, cfg.split if split == "train"
-                      else cfg.eval_split, tokenizer)
+    return _from_tfds(
+      name, cfg, cfg.split if split == "train" else cfg.eval_split, tokenizer
+    )
 
 
-KINDS: dict[str, SourceKind] = {"tfds": TfdsSource(), "files": FileSource(),
-                                "memory": MemorySource()}
+KINDS: dict[str, SourceKind] = {
+  "tfds": TfdsSource(),
+  "files": FileSource(),
+  "memory": MemorySource(),
+}
 
 
 def open_documents(name: str, cfg, tokenizer, split: str) -> Documents:
   """Opens `split` ('train' or 'eval') of source `name`."""
   kind = KINDS[cfg.kind]
   if split != "train" and not kind.has_held_out(cfg):
-    raise ConfigError(f"data.sources.{name}.{kind.held_out}: source has no "
-                      "held-out data")
+    raise ConfigError(
+      f"data.sources.{name}.{kind.held_out}: source has no held-out data"
+    )
   return kind.documents(name, cfg, tokenizer, split)
 
 
@@ -165,37 +177,47 @@ class DecodePolicy:
 
   def __post_init__(self):
     if self.on_error not in DECODE_POLICIES:
-      raise ConfigError(f"on_decode_error: {self.on_error!r} is not a valid "
-                        f"choice; valid choices: "
-                        f"{', '.join(map(repr, DECODE_POLICIES))}")
+      raise ConfigError(
+        f"on_decode_error: {self.on_error!r} is not a valid "
+        f"choice; valid choices: "
+        f"{', '.join(map(repr, DECODE_POLICIES))}"
+      )
     if not 0 <= self.max_fraction <= 1:
-      raise ConfigError(f"max_undecodable_fraction must be in [0, 1], got "
-                        f"{self.max_fraction}")
+      raise ConfigError(
+        f"max_undecodable_fraction must be in [0, 1], got {self.max_fraction}"
+      )
 
 
 def decode_policy(cfg) -> DecodePolicy:
   """The DecodePolicy of a SourceConfig."""
-  return DecodePolicy(getattr(cfg, "on_decode_error", "error"),
-                      getattr(cfg, "max_undecodable_fraction", 0.0))
+  return DecodePolicy(
+    getattr(cfg, "on_decode_error", "error"),
+    getattr(cfg, "max_undecodable_fraction", 0.0),
+  )
 
 
 @dataclasses.dataclass
 class DecodeReport:
   """What decoding one file found."""
+
   path: str
   bytes: int = 0
   undecodable_bytes: int = 0
   documents: int = 0
   skipped_documents: int = 0
   replaced_documents: int = 0
-  first_offset: int | str | None = None   # of the first undecodable byte
+  first_offset: int | str | None = None  # of the first undecodable byte
 
   def line(self) -> str:
-    what = (f"{self.skipped_documents} documents skipped" if
-            self.skipped_documents else
-            f"{self.replaced_documents} documents with U+FFFD in their place")
-    return (f"{self.path}: {self.undecodable_bytes} of {self.bytes} bytes are "
-            f"not UTF-8; {what}")
+    what = (
+      f"{self.skipped_documents} documents skipped"
+      if self.skipped_documents
+      else f"{self.replaced_documents} documents with U+FFFD in their place"
+    )
+    return (
+      f"{self.path}: {self.undecodable_bytes} of {self.bytes} bytes are "
+      f"not UTF-8; {what}"
+    )
 
 
 def _decode(raw: bytes) -> tuple[str, int]:
@@ -215,31 +237,38 @@ def _refuse(report: DecodeReport, policy: DecodePolicy, where: str):
     return
   if report.undecodable_bytes > policy.max_fraction * report.bytes:
     raise DataError(
-        f"{where}: {report.undecodable_bytes} of {report.bytes} bytes are not "
-        f"UTF-8 (first at byte {report.first_offset}); convert the file to "
-        f"UTF-8, or set on_decode_error: skip_document or replace (or raise "
-        f"max_undecodable_fraction)")
+      f"{where}: {report.undecodable_bytes} of {report.bytes} bytes are not "
+      f"UTF-8 (first at byte {report.first_offset}); convert the file to "
+      f"UTF-8, or set on_decode_error: skip_document or replace (or raise "
+      f"max_undecodable_fraction)"
+    )
 
 
-def read_text_files(globs, text_key: str, name: str = "",
-                    policy: DecodePolicy = DecodePolicy(), warn=None,
-                    reports: list[DecodeReport] | None = None
-                    ) -> list[str]:
+def read_text_files(
+  globs,
+  text_key: str,
+  name: str = "",
+  policy: DecodePolicy = DecodePolicy(),
+  warn=None,
+  reports: list[DecodeReport] | None = None,
+) -> list[str]:
   """Documents of text files: one per `.jsonl` line, else one per file.
 
   Bytes that are not UTF-8 are handled by `policy` (see DECODE_POLICIES);
   each file holding some gets one `warn` line (default: stderr) and a
   DecodeReport appended to `reports`.
   """
-  warn = warn or (lambda m: print(f"gemma-jax: warning: {m}",
-                                  file=sys.stderr, flush=True))
+  warn = warn or (
+    lambda m: print(f"gemma-jax: warning: {m}", file=sys.stderr, flush=True)
+  )
   paths: list[str] = []
   for pattern in globs:
     found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     if not found:
       raise DataError(f"data source {name!r}: no file matches {pattern!r}")
     paths += [p for p in found if not os.path.isdir(p)] or _no_files(
-        name, pattern)
+      name, pattern
+    )
   texts = []
   for path in paths:
     try:
@@ -269,8 +298,10 @@ def read_text_files(globs, text_key: str, name: str = "",
 
 
 def _no_files(name, pattern):
-  raise DataError(f"data source {name!r}: {pattern!r} matches only "
-                  f"directories; give files or a glob of files")
+  raise DataError(
+    f"data source {name!r}: {pattern!r} matches only "
+    f"directories; give files or a glob of files"
+  )
 
 
 def _first_bad(raw: bytes) -> int:
@@ -281,8 +312,13 @@ def _first_bad(raw: bytes) -> int:
   return -1
 
 
-def _jsonl_documents(raw: bytes, path: str, text_key: str,
-                     policy: DecodePolicy, report: DecodeReport):
+def _jsonl_documents(
+  raw: bytes,
+  path: str,
+  text_key: str,
+  policy: DecodePolicy,
+  report: DecodeReport,
+):
   texts, offset = [], 0
   for lineno, line in enumerate(raw.split(b"\n"), 1):
     start, offset = offset, offset + len(line) + 1
@@ -297,8 +333,9 @@ def _jsonl_documents(raw: bytes, path: str, text_key: str,
       if not isinstance(value, str):
         raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-      raise DataError(f"{path}:{lineno}: not a JSON object with a "
-                      f"{text_key!r} field") from None
+      raise DataError(
+        f"{path}:{lineno}: not a JSON object with a {text_key!r} field"
+      ) from None
     report.documents += 1
     if bad and policy.on_error == "skip_document":
       report.skipped_documents += 1
@@ -315,45 +352,65 @@ def tfds_dir(cfg) -> str:
 
 def _from_tfds(name, cfg, split: str, tokenizer) -> Documents:
   import tensorflow_datasets as tfds  # slow import; only when needed
+
   data_dir = tfds_dir(cfg)
   fileio.check_remote(data_dir, f"data.sources.{name}.data_dir")
   if not epath.Path(data_dir, cfg.name.split(":")[0]).is_dir():
-    raise DataError(f"data.sources.{name}: tfds dataset {cfg.name!r} not "
-                    f"found in data_dir {data_dir} (prepare it with "
-                    "`gemma-jax data prepare` or `gemma-jax data "
-                    "build-default`)")
+    raise DataError(
+      f"data.sources.{name}: tfds dataset {cfg.name!r} not "
+      f"found in data_dir {data_dir} (prepare it with "
+      "`gemma-jax data prepare` or `gemma-jax data "
+      "build-default`)"
+    )
   try:
     builder = tfds.builder(cfg.name, data_dir=data_dir)
     splits = builder.info.splits
-  except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError,
-          ValueError) as e:
-    raise DataError(f"data.sources.{name}: cannot open tfds dataset "
-                    f"{cfg.name!r} in {data_dir}: "
-                    f"{str(e).splitlines()[0]}") from None
+  except (
+    tfds.core.registered.DatasetNotFoundError,
+    FileNotFoundError,
+    ValueError,
+  ) as e:
+    raise DataError(
+      f"data.sources.{name}: cannot open tfds dataset "
+      f"{cfg.name!r} in {data_dir}: "
+      f"{str(e).splitlines()[0]}"
+    ) from None
   if split not in splits:
-    raise ConfigError(f"data.sources.{name}: tfds dataset {cfg.name!r} has "
-                      f"no split {split!r}; splits: {', '.join(splits)}")
+    raise ConfigError(
+      f"data.sources.{name}: tfds dataset {cfg.name!r} has "
+      f"no split {split!r}; splits: {', '.join(splits)}"
+    )
   source = builder.as_data_source(split)
   features = builder.info.features
   if "tokens" in features:
     fingerprint = (builder.info.metadata or {}).get(FINGERPRINT_KEY)
-    lengths_path = epath.Path(builder.data_dir,
-                              LENGTHS_FILE.format(split=split))
+    lengths_path = epath.Path(
+      builder.data_dir, LENGTHS_FILE.format(split=split)
+    )
     if lengths_path.exists():
       with lengths_path.open("rb") as f:
         lengths = np.load(f)
     else:
       lengths = [len(source[i]["tokens"]) for i in range(len(source))]
-    return Documents(name, lengths,
-                     lambda i: np.asarray(source[i]["tokens"], np.int32),
-                     fingerprint)
+    return Documents(
+      name,
+      lengths,
+      lambda i: np.asarray(source[i]["tokens"], np.int32),
+      fingerprint,
+    )
   if cfg.text_key not in features:
-    raise ConfigError(f"data.sources.{name}.text_key: tfds dataset "
-                      f"{cfg.name!r} has neither a 'tokens' nor a "
-                      f"{cfg.text_key!r} feature; features: "
-                      f"{', '.join(features)}")
-  texts = _tfds_texts(source, cfg.text_key, decode_policy(cfg),
-                      f"data.sources.{name} ({cfg.name}:{split})")
+    raise ConfigError(
+      f"data.sources.{name}.text_key: tfds dataset "
+      f"{cfg.name!r} has neither a 'tokens' nor a "
+      f"{cfg.text_key!r} feature; features: "
+      f"{', '.join(features)}"
+    )
+  texts = _tfds_texts(
+    source,
+    cfg.text_key,
+    decode_policy(cfg),
+    f"data.sources.{name} ({cfg.name}:{split})",
+  )
   return _from_texts(name, texts, tokenizer)
 
 

@@ -1,7 +1,7 @@
 """Tiny data for tests: a small tokenizer, memory sources, a small corpus.
 
     tok_path = tiny_tokenizer(tmp_path / "tok.model")          # ~0.5 s
-    cfg = tiny_corpus(tmp_path / "corpus")                      # data config dict, ~3 s
+    cfg = tiny_corpus(tmp_path / "corpus")   # data config dict, ~3 s
 
 Both are deterministic and cached on disk (a second call returns at once).
 """
@@ -16,8 +16,28 @@ from gemma_jax.tokenizer import train_tokenizer
 def sample_texts(num_docs: int = 200, seed: int = 0) -> list[str]:
   """Varied small documents: arithmetic, words and code-like lines."""
   rng = random.Random(seed)
-  words = ("the model reads text and code while numbers add up to more "
-           "tokens def return class import print value list").split()
+  words = [
+    "the",
+    "model",
+    "reads",
+    "text",
+    "and",
+    "code",
+    "while",
+    "numbers",
+    "add",
+    "up",
+    "to",
+    "more",
+    "tokens",
+    "def",
+    "return",
+    "class",
+    "import",
+    "print",
+    "value",
+    "list",
+  ]
   docs = corpus.math_documents(num_docs // 2, seed, problems_per_doc=3)
   for i in range(num_docs - len(docs)):
     n = rng.randint(3, 120)
@@ -37,5 +57,8 @@ def tiny_tokenizer(path, vocab_size: int = 512) -> str:
 def tiny_corpus(out_dir, vocab_size: int = 512) -> dict:
   """A small default corpus (same code path, less text); data config dict."""
   return corpus.build_default_corpus(
-      os.fspath(out_dir), vocab_size=vocab_size, max_code_chars=300_000,
-      math_docs=400)
+    os.fspath(out_dir),
+    vocab_size=vocab_size,
+    max_code_chars=300_000,
+    math_docs=400,
+  )

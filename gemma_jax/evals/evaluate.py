@@ -21,8 +21,9 @@ from gemma_jax.evals.tasks import FEWSHOT_SEED, Task
 
 def pooled_stderr(stderrs: Sequence[float], sizes: Sequence[int]) -> float:
   """lm_eval.api.metrics.pooled_sample_stderr."""
-  var = sum((n - 1) * s ** 2 * n for s, n in zip(stderrs, sizes)) / (
-      sum(sizes) - len(sizes))
+  var = sum((n - 1) * s**2 * n for s, n in zip(stderrs, sizes)) / (
+    sum(sizes) - len(sizes)
+  )
   return math.sqrt(var / sum(sizes))
 
 
@@ -34,22 +35,29 @@ def group_metrics(members: Sequence[dict]) -> dict:
   for name in names:
     out[name] = sum(m[name] * n for m, n in zip(members, sizes)) / sum(sizes)
     out[f"{name}_stderr"] = pooled_stderr(
-        [m[f"{name}_stderr"] for m in members], sizes)
+      [m[f"{name}_stderr"] for m in members], sizes
+    )
   out["n"] = sum(sizes)
   return out
 
 
-def evaluate_task(task: Task, loglikelihood_fn=None, generate_fn=None,
-                  seed: int = FEWSHOT_SEED) -> tuple[dict, list[dict]]:
+def evaluate_task(
+  task: Task, loglikelihood_fn=None, generate_fn=None, seed: int = FEWSHOT_SEED
+) -> tuple[dict, list[dict]]:
   """(metrics, items) of one task with the function its kind needs."""
-  results, items = evaluate_tasks([task], loglikelihood_fn, generate_fn,
-                                  seed, groups=False)
+  results, items = evaluate_tasks(
+    [task], loglikelihood_fn, generate_fn, seed, groups=False
+  )
   return results[task.name], items
 
 
-def evaluate_tasks(tasks: Sequence[Task], loglikelihood_fn=None,
-                   generate_fn=None, seed: int = FEWSHOT_SEED,
-                   groups: bool = True) -> tuple[dict[str, dict], list[dict]]:
+def evaluate_tasks(
+  tasks: Sequence[Task],
+  loglikelihood_fn=None,
+  generate_fn=None,
+  seed: int = FEWSHOT_SEED,
+  groups: bool = True,
+) -> tuple[dict[str, dict], list[dict]]:
   """({task or group: metrics}, all items) over `tasks`, groups last.
 
   The requests of all multiple-choice tasks go to `loglikelihood_fn` in
@@ -60,26 +68,26 @@ def evaluate_tasks(tasks: Sequence[Task], loglikelihood_fn=None,
     raise ConfigError(f"task names must be unique, got {names}")
   mc = [t for t in tasks if t.kind == "multiple_choice"]
   if mc and loglikelihood_fn is None:
-    raise ConfigError(f"{mc[0].name}: multiple choice needs a "
-                      "loglikelihood function")
+    raise ConfigError(
+      f"{mc[0].name}: multiple choice needs a loglikelihood function"
+    )
   gen = [t for t in tasks if t.kind == "generate_until"]
   if gen and generate_fn is None:
-    raise ConfigError(f"{gen[0].name}: generation needs a generate "
-                      "function")
+    raise ConfigError(f"{gen[0].name}: generation needs a generate function")
   contexts = {t.name: tasks_lib.contexts(t, seed) for t in mc}
   requests = [scoring.choice_requests(t, contexts[t.name]) for t in mc]
-  lls = list(loglikelihood_fn([r for rs in requests for r in rs])) \
-      if mc else []
+  lls = list(loglikelihood_fn([r for rs in requests for r in rs])) if mc else []
   scored, start = {}, 0
   for t, rs in zip(mc, requests):
-    scored[t.name] = scoring.choice_items(t, contexts[t.name],
-                                          lls[start:start + len(rs)])
+    scored[t.name] = scoring.choice_items(
+      t, contexts[t.name], lls[start : start + len(rs)]
+    )
     start += len(rs)
   for t in gen:
     scored[t.name] = generation.evaluate_generative(t, generate_fn, seed)
   results: dict[str, dict] = {}
   items: list[dict] = []
-  members: dict[str, list[dict]] = {}    # group: its tasks' metrics
+  members: dict[str, list[dict]] = {}  # group: its tasks' metrics
   for t in tasks:
     results[t.name], task_items = scored[t.name]
     items += task_items

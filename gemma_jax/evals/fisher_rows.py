@@ -33,24 +33,29 @@ from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.train import fisher_data
 
 
-def gold_requests(task: tasks_lib.Task, seed: int = tasks_lib.FEWSHOT_SEED
-                  ) -> list[tuple[str, str]]:
+def gold_requests(
+  task: tasks_lib.Task, seed: int = tasks_lib.FEWSHOT_SEED
+) -> list[tuple[str, str]]:
   """(context, gold continuation) of every document, in document order."""
   contexts = tasks_lib.contexts(task, seed)
   if task.kind == "multiple_choice":
     answers = [doc.choices[doc.gold] for doc in task.docs]
   else:
     answers = [doc.target for doc in task.docs]
-  return [(ctx, task.target_delimiter + a)
-          for ctx, a in zip(contexts, answers)]
+  return [(ctx, task.target_delimiter + a) for ctx, a in zip(contexts, answers)]
 
 
 class GoldRows:
   """One row per document of `tasks` (in order; the first `count` when
   given): the gold answer's tokens given the harness's prompt."""
 
-  def __init__(self, tasks: Sequence[tasks_lib.Task], tokenizer: Tokenizer,
-               seq_len: int, count: int | None = None):
+  def __init__(
+    self,
+    tasks: Sequence[tasks_lib.Task],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    count: int | None = None,
+  ):
     if count is not None and count < 1:
       raise ConfigError(f"--sequences must be >= 1, got {count}")
     requests: list[tuple[str, str]] = []
@@ -58,11 +63,18 @@ class GoldRows:
     for task in tasks:
       if count is not None and len(requests) >= count:
         break
-      mine = gold_requests(task)[:None if count is None
-                                 else count - len(requests)]
+      mine = gold_requests(task)[
+        : None if count is None else count - len(requests)
+      ]
       requests += mine
-      used.append({"name": task.name, "kind": task.kind,
-                   "num_fewshot": task.num_fewshot, "documents": len(mine)})
+      used.append(
+        {
+          "name": task.name,
+          "kind": task.kind,
+          "num_fewshot": task.num_fewshot,
+          "documents": len(mine),
+        }
+      )
     if not requests:
       raise ConfigError("the tasks hold no documents")
     self._rows, truncated = [], 0
@@ -74,12 +86,16 @@ class GoldRows:
     self.num_rows = len(self._rows)
     digest = hashlib.sha256(json.dumps(requests).encode()).hexdigest()
     self._describe = {
-        "kind": "task", "tasks": used, "examples": self.num_rows,
-        "seq_len": seq_len, "truncated": int(truncated),
-        "target": "target_delimiter + gold answer given the harness's "
-                  "prompt (few-shot context included)",
-        "requests_sha256": digest,
-        "tokenizer_fingerprint": tokenizer.fingerprint}
+      "kind": "task",
+      "tasks": used,
+      "examples": self.num_rows,
+      "seq_len": seq_len,
+      "truncated": int(truncated),
+      "target": "target_delimiter + gold answer given the harness's "
+      "prompt (few-shot context included)",
+      "requests_sha256": digest,
+      "tokenizer_fingerprint": tokenizer.fingerprint,
+    }
 
   def row(self, i: int) -> dict:
     return self._rows[i]

@@ -16,7 +16,7 @@ applied in that order, then lower case). No match gives "[invalid]".
 """
 
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from gemma_jax.errors import ConfigError
 from gemma_jax.evals import scoring
@@ -75,11 +75,14 @@ def exact_match(prediction: str, reference: str) -> float:
   return float(normalize(prediction) == normalize(reference))
 
 
-def make_generate_fn(params, model_config: ModelConfig, tokenizer: Tokenizer,
-                     batch_size: int = 8,
-                     max_length: int = scoring.HF_MAX_LENGTH,
-                     progress: scoring.ProgressFn | None = None
-                     ) -> GenerateFn:
+def make_generate_fn(
+  params,
+  model_config: ModelConfig,
+  tokenizer: Tokenizer,
+  batch_size: int = 8,
+  max_length: int = scoring.HF_MAX_LENGTH,
+  progress: scoring.ProgressFn | None = None,
+) -> GenerateFn:
   """Greedy generation with our KV-cache sampler.
 
   Prompts are encoded with bos and, like the harness, keep only their last
@@ -90,58 +93,78 @@ def make_generate_fn(params, model_config: ModelConfig, tokenizer: Tokenizer,
   (rows never attend to each other; filler outputs are dropped).
   """
   from gemma_jax.model import sampler
+
   tokenizer.check_vocab(model_config.vocab_size)
 
   def generate(prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     keep = max_length - max_new_tokens
     if keep <= 0:
-      raise ConfigError(f"max_new_tokens ({max_new_tokens}) must be less "
-                        f"than max_length ({max_length})")
-    ids = [tokenizer.encode(p, add_bos=True)[-keep:].tolist()
-           for p in prompts]
+      raise ConfigError(
+        f"max_new_tokens ({max_new_tokens}) must be less "
+        f"than max_length ({max_length})"
+      )
+    ids = [tokenizer.encode(p, add_bos=True)[-keep:].tolist() for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     width = max(len(x) for x in ids)
     out = [""] * len(ids)
     for start in range(0, len(order), batch_size):
-      rows = order[start:start + batch_size]
+      rows = order[start : start + batch_size]
       batch = [ids[i] for i in rows]
       batch += [[BOS_ID]] * (batch_size - len(rows)) + [[BOS_ID] * width]
-      new = sampler.generate(params, model_config, batch, max_new_tokens,
-                             temperature=0.0, eos_id=EOS_ID)
+      new = sampler.generate(
+        params,
+        model_config,
+        batch,
+        max_new_tokens,
+        temperature=0.0,
+        eos_id=EOS_ID,
+      )
       for i, tokens in zip(rows, new):
         out[i] = tokenizer.decode([t for t in tokens if t != EOS_ID])
       if progress is not None:
         progress(min(start + batch_size, len(ids)), len(ids))
     return out
+
   return generate
 
 
 def generation_metrics(generation: str, reference: str) -> dict:
   """Both filters' answers and exact matches for one document."""
   strict, flexible = strict_match(generation), flexible_extract(generation)
-  return {"strict-match": strict, "flexible-extract": flexible,
-          "exact_match,strict-match": exact_match(strict, reference),
-          "exact_match,flexible-extract": exact_match(flexible, reference)}
+  return {
+    "strict-match": strict,
+    "flexible-extract": flexible,
+    "exact_match,strict-match": exact_match(strict, reference),
+    "exact_match,flexible-extract": exact_match(flexible, reference),
+  }
 
 
 METRICS = ("exact_match,strict-match", "exact_match,flexible-extract")
 
 
-def evaluate_generative(task: "tasks_lib.Task", generate_fn: GenerateFn,
-                        seed: int = tasks_lib.FEWSHOT_SEED
-                        ) -> tuple[dict, list[dict]]:
+def evaluate_generative(
+  task: "tasks_lib.Task",
+  generate_fn: GenerateFn,
+  seed: int = tasks_lib.FEWSHOT_SEED,
+) -> tuple[dict, list[dict]]:
   """Scores a generate_until task: (metrics, one record per document)."""
   if task.kind != "generate_until":
     raise ConfigError(f"{task.name} is a {task.kind} task, not generative")
   ctxs = tasks_lib.contexts(task, seed)
   raw = generate_fn(ctxs, task.max_gen_toks)
-  until = list(task.until) + ([EOS_TEXT] if EOS_TEXT not in task.until
-                              else [])
+  until = list(task.until) + ([EOS_TEXT] if EOS_TEXT not in task.until else [])
   items = []
   for i, (ctx, doc, text) in enumerate(zip(ctxs, task.docs, raw)):
     generation = cut_at_stop(text, until)
-    items.append({"task": task.name, "doc": i, "where": doc.where,
-                  "context": ctx, "generation": generation,
-                  "target": doc.target,
-                  **generation_metrics(generation, doc.target)})
+    items.append(
+      {
+        "task": task.name,
+        "doc": i,
+        "where": doc.where,
+        "context": ctx,
+        "generation": generation,
+        "target": doc.target,
+        **generation_metrics(generation, doc.target),
+      }
+    )
   return scoring.summarize(items, METRICS), items

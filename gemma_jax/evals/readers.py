@@ -41,6 +41,7 @@ class Doc:
   where: 'file:line', for messages and per-item output. Not compared: the
     harness tells documents apart by their content only.
   """
+
   query: str
   choices: tuple[str, ...] = ()
   gold: int = -1
@@ -56,7 +57,9 @@ class Doc:
 def _jsonl(path):
   """Yields (line number, dict) for every non-blank line of a jsonl file."""
   try:
-    f = open(os.path.expanduser(os.fspath(path)), encoding="utf-8")
+    # Opened apart from the `with` below, so that only a failure to open
+    # is reported as unreadable.
+    f = open(os.path.expanduser(os.fspath(path)), encoding="utf-8")  # noqa: SIM115
   except OSError as e:
     raise DataError(f"{path}: cannot read ({e.strerror})") from None
   with f:
@@ -68,8 +71,9 @@ def _jsonl(path):
       except json.JSONDecodeError as e:
         raise DataError(f"{path}:{number}: not a JSON line ({e.msg})") from None
       if not isinstance(row, dict):
-        raise DataError(f"{path}:{number}: expected a JSON object, got "
-                        f"{type(row).__name__}")
+        raise DataError(
+          f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
+        )
       yield number, row
 
 
@@ -78,8 +82,10 @@ def _field(row, key, kind, where):
     raise DataError(f"{where}: missing field {key!r}")
   value = row[key]
   if not isinstance(value, kind) or isinstance(value, bool):
-    raise DataError(f"{where}: field {key!r} must be {kind.__name__}, got "
-                    f"{type(value).__name__}")
+    raise DataError(
+      f"{where}: field {key!r} must be {kind.__name__}, got "
+      f"{type(value).__name__}"
+    )
   return value
 
 
@@ -93,8 +99,10 @@ def _choices(values, where, key="choices"):
 
 def _mc_doc(query, choices, gold, where) -> Doc:
   if not 0 <= gold < len(choices):
-    raise DataError(f"{where}: gold index {gold} is outside the "
-                    f"{len(choices)} choices (0..{len(choices) - 1})")
+    raise DataError(
+      f"{where}: gold index {gold} is outside the "
+      f"{len(choices)} choices (0..{len(choices) - 1})"
+    )
   return Doc(query, choices, gold, where=where)
 
 
@@ -115,31 +123,39 @@ def read_arc(path) -> list[Doc]:
   for number, row in _jsonl(path):
     where = f"{path}:{number}"
     question = row.get("question")
-    if isinstance(question, dict):     # AI2 layout
+    if isinstance(question, dict):  # AI2 layout
       stem = _field(question, "stem", str, where)
       items = question.get("choices")
       if not isinstance(items, list) or not items:
-        raise DataError(f"{where}: 'question.choices' must be a non-empty "
-                        "list of {label, text}")
+        raise DataError(
+          f"{where}: 'question.choices' must be a non-empty "
+          "list of {label, text}"
+        )
       if not all(isinstance(c, dict) for c in items):
-        raise DataError(f"{where}: every choice must be a {{label, text}} "
-                        "object")
+        raise DataError(
+          f"{where}: every choice must be a {{label, text}} object"
+        )
       labels = [_field(c, "label", str, where) for c in items]
       texts = [_field(c, "text", str, where) for c in items]
-    else:                              # HF layout
+    else:  # HF layout
       stem = _field(row, "question", str, where)
       choices = _field(row, "choices", dict, where)
       texts = list(_choices(choices.get("text"), where, "choices.text"))
       labels = list(_choices(choices.get("label"), where, "choices.label"))
       if len(labels) != len(texts):
-        raise DataError(f"{where}: {len(labels)} labels for {len(texts)} "
-                        "choice texts")
+        raise DataError(
+          f"{where}: {len(labels)} labels for {len(texts)} choice texts"
+        )
     key = _field(row, "answerKey", str, where)
     if key not in labels:
-      raise DataError(f"{where}: answerKey {key!r} is not one of the "
-                      f"labels {labels}")
-    docs.append(_mc_doc(f"Question: {stem}\nAnswer:", tuple(texts),
-                        labels.index(key), where))
+      raise DataError(
+        f"{where}: answerKey {key!r} is not one of the labels {labels}"
+      )
+    docs.append(
+      _mc_doc(
+        f"Question: {stem}\nAnswer:", tuple(texts), labels.index(key), where
+      )
+    )
   return _nonempty(docs, path)
 
 
@@ -157,8 +173,9 @@ def read_mmlu_csv(path) -> list[Doc]:
   the harness's default MMLU task.
   """
   try:
-    f = open(os.path.expanduser(os.fspath(path)), encoding="utf-8",
-             newline="")
+    f = open(  # noqa: SIM115  (closed by the `with` below, as in _jsonl)
+      os.path.expanduser(os.fspath(path)), encoding="utf-8", newline=""
+    )
   except OSError as e:
     raise DataError(f"{path}: cannot read ({e.strerror})") from None
   docs = []
@@ -170,14 +187,24 @@ def read_mmlu_csv(path) -> list[Doc]:
         if not row:
           continue
         if len(row) != 6:
-          raise DataError(f"{where}: expected 6 columns (question, A, B, C, "
-                          f"D, answer), got {len(row)}")
+          raise DataError(
+            f"{where}: expected 6 columns (question, A, B, C, "
+            f"D, answer), got {len(row)}"
+          )
         answer = row[5].strip()
         if answer not in MMLU_LETTERS:
-          raise DataError(f"{where}: answer {row[5]!r} is not one of "
-                          f"{', '.join(MMLU_LETTERS)}")
-        docs.append(_mc_doc(mmlu_query(row[0], row[1:5]), MMLU_LETTERS,
-                            MMLU_LETTERS.index(answer), where))
+          raise DataError(
+            f"{where}: answer {row[5]!r} is not one of "
+            f"{', '.join(MMLU_LETTERS)}"
+          )
+        docs.append(
+          _mc_doc(
+            mmlu_query(row[0], row[1:5]),
+            MMLU_LETTERS,
+            MMLU_LETTERS.index(answer),
+            where,
+          )
+        )
     except csv.Error as e:
       raise DataError(f"{path}:{reader.line_num}: bad CSV ({e})") from None
   return _nonempty(docs, path)
@@ -235,13 +262,19 @@ def read_hellaswag(path) -> list[Doc]:
     try:
       gold = int(label)
     except (TypeError, ValueError):
-      raise DataError(f"{where}: 'label' must be an integer, got "
-                      f"{label!r} (the public test file has no labels)"
-                      ) from None
+      raise DataError(
+        f"{where}: 'label' must be an integer, got "
+        f"{label!r} (the public test file has no labels)"
+      ) from None
     ctx = ctx_a + " " + ctx_b.capitalize()
-    docs.append(_mc_doc(hellaswag_preprocess(activity + ": " + ctx),
-                        tuple(hellaswag_preprocess(e) for e in endings),
-                        gold, where))
+    docs.append(
+      _mc_doc(
+        hellaswag_preprocess(activity + ": " + ctx),
+        tuple(hellaswag_preprocess(e) for e in endings),
+        gold,
+        where,
+      )
+    )
   return _nonempty(docs, path)
 
 
@@ -262,6 +295,11 @@ def read_generative(path) -> list[Doc]:
   docs = []
   for number, row in _jsonl(path):
     where = f"{path}:{number}"
-    docs.append(Doc(_field(row, "context", str, where),
-                    target=_field(row, "answer", str, where), where=where))
+    docs.append(
+      Doc(
+        _field(row, "context", str, where),
+        target=_field(row, "answer", str, where),
+        where=where,
+      )
+    )
   return _nonempty(docs, path)

@@ -14,15 +14,19 @@ the baseline the table's last column compares against):
 import io
 import json
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from gemma_jax import fileio
 
 Results = Mapping[str, Mapping[str, Mapping[str, float]]]
 
 # The metric shown for a task when none is named: the first it has.
-DEFAULT_METRICS = ("acc", "acc_norm", "exact_match,strict-match",
-                   "exact_match,flexible-extract")
+DEFAULT_METRICS = (
+  "acc",
+  "acc_norm",
+  "exact_match,strict-match",
+  "exact_match,flexible-extract",
+)
 
 
 def task_names(results: Results) -> list[str]:
@@ -49,16 +53,16 @@ def _cell(metrics: Mapping[str, float] | None, name: str) -> str:
   return f"{value:.4f} ± {err:.4f}"
 
 
-def markdown_table(results: Results,
-                   metrics: Sequence[str] = DEFAULT_METRICS) -> str:
+def markdown_table(
+  results: Results, metrics: Sequence[str] = DEFAULT_METRICS
+) -> str:
   """One row per (task, metric), one column per checkpoint, and with two or
   more checkpoints a last column: last minus first."""
   names = list(results)
   header = ["task", "metric", "n", *names]
   if len(names) > 1:
     header.append(f"Δ ({names[-1]} - {names[0]})")
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "---|" * len(header)]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for task in task_names(results):
     for metric in _metrics(results, task, metrics):
       per = [results[n].get(task) for n in names]
@@ -66,9 +70,11 @@ def markdown_table(results: Results,
       row = [task, metric, str(n), *(_cell(m, metric) for m in per)]
       if len(names) > 1:
         first, last = per[0], per[-1]
-        row.append(f"{last[metric] - first[metric]:+.4f}"
-                   if first and last and metric in first and metric in last
-                   else "-")
+        row.append(
+          f"{last[metric] - first[metric]:+.4f}"
+          if first and last and metric in first and metric in last
+          else "-"
+        )
       lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
@@ -90,12 +96,15 @@ def write_json(path, results: Results) -> None:
 
 def write_items(path, items: Sequence[dict]) -> None:
   """One JSON object per scored document (see evaluate_* for the keys)."""
-  fileio.atomic_write(path, "".join(
-      json.dumps(_clean(it), ensure_ascii=False) + "\n" for it in items))
+  fileio.atomic_write(
+    path,
+    "".join(json.dumps(_clean(it), ensure_ascii=False) + "\n" for it in items),
+  )
 
 
-def chart_metric(results: Results, task: str,
-                 metric_for: Mapping[str, str] | None = None) -> str | None:
+def chart_metric(
+  results: Results, task: str, metric_for: Mapping[str, str] | None = None
+) -> str | None:
   """The metric charted for `task`: metric_for[task], else the first of
   DEFAULT_METRICS that it has."""
   if metric_for and task in metric_for:
@@ -104,17 +113,23 @@ def chart_metric(results: Results, task: str,
   return found[0] if found else None
 
 
-def bar_chart(results: Results, path, metric_for: Mapping[str, str] |
-              None = None, title: str = "Benchmarks") -> None:
+def bar_chart(
+  results: Results,
+  path,
+  metric_for: Mapping[str, str] | None = None,
+  title: str = "Benchmarks",
+) -> None:
   """Grouped bars: one group per task, one bar per checkpoint, with stderr
   whiskers. Written as PNG (matplotlib, Agg backend)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
 
-  tasks = [t for t in task_names(results)
-           if chart_metric(results, t, metric_for)]
+  tasks = [
+    t for t in task_names(results) if chart_metric(results, t, metric_for)
+  ]
   names = list(results)
   width = 0.8 / max(1, len(names))
   fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2), 4.5))
@@ -127,8 +142,14 @@ def bar_chart(results: Results, path, metric_for: Mapping[str, str] |
       values.append(m.get(metric, np.nan) if metric else np.nan)
       err = m.get(f"{metric}_stderr")
       errors.append(err if err is not None and math.isfinite(err) else 0.0)
-    ax.bar(x + (k - (len(names) - 1) / 2) * width, values, width, yerr=errors,
-           capsize=2, label=name)
+    ax.bar(
+      x + (k - (len(names) - 1) / 2) * width,
+      values,
+      width,
+      yerr=errors,
+      capsize=2,
+      label=name,
+    )
   labels = [f"{t}\n{chart_metric(results, t, metric_for)}" for t in tasks]
   ax.set_xticks(x, labels, fontsize=8)
   ax.set_ylim(0, 1)

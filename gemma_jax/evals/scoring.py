@@ -11,9 +11,9 @@ context. Per document (lm_eval/api/task.py, `process_results`):
 Tokenization follows the harness's `_encode_pair` for a causal model:
 trailing whitespace of the context moves to the front of the continuation;
 the context is encoded alone (with bos), the continuation is the whole
-text's encoding past as many tokens as the context has. A request longer than `seq_len + 1` tokens
-loses tokens from the left, bos first, as the harness truncates to the
-model's max_length.
+text's encoding past as many tokens as the context has. A request longer
+than `seq_len + 1` tokens loses tokens from the left, bos first, as the
+harness truncates to the model's max_length.
 
 Three layers, each replaceable:
 
@@ -29,7 +29,7 @@ Three layers, each replaceable:
 import math
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +54,9 @@ LoglikelihoodFn = Callable[[Sequence[tuple[str, str]]], list[float]]
 ProgressFn = Callable[[int, int], None]
 
 
-def encode_pair(tokenizer: Tokenizer, context: str, continuation: str
-                ) -> tuple[list[int], list[int]]:
+def encode_pair(
+  tokenizer: Tokenizer, context: str, continuation: str
+) -> tuple[list[int], list[int]]:
   """The harness's TemplateLM._encode_pair (causal) with a bos-adding
   tokenizer; an empty context becomes [bos] (TemplateLM.loglikelihood)."""
   if not context:
@@ -72,13 +73,12 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str
   # The context keeps its own encoding even where the whole text merges a
   # piece across the boundary ("):" + "\n" -> "):\n"): the model then sees
   # ctx + whole[len(ctx):], not the whole text's tokens, as in the harness.
-  return ctx, whole[len(ctx):]
+  return ctx, whole[len(ctx) :]
 
 
 def model_logits(cfg: ModelConfig, params, tokens, segment_ids):
   """float32 logits [B, T, V] of our Transformer (the one call site)."""
-  return Transformer(cfg).apply({"params": params}, tokens, None,
-                                segment_ids)
+  return Transformer(cfg).apply({"params": params}, tokens, None, segment_ids)
 
 
 def make_token_logprob_fn(params, cfg: ModelConfig) -> TokenLogprobFn:
@@ -94,23 +94,32 @@ def make_token_logprob_fn(params, cfg: ModelConfig) -> TokenLogprobFn:
     return jnp.where(mask == 1, out, 0.0)
 
   def fn(inputs, targets, mask):
-    return np.asarray(logprobs(params, jnp.asarray(inputs),
-                               jnp.asarray(targets), jnp.asarray(mask)))
+    return np.asarray(
+      logprobs(
+        params, jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(mask)
+      )
+    )
+
   return fn
 
 
-def request_window(context: Sequence[int], continuation: Sequence[int],
-                   seq_len: int) -> tuple[int, ...]:
+def request_window(
+  context: Sequence[int], continuation: Sequence[int], seq_len: int
+) -> tuple[int, ...]:
   """The tokens the model sees for one request: context + continuation,
   cut from the left to `seq_len + 1` (inputs are all but the last)."""
   if not continuation:
-    raise ConfigError("a continuation encodes to no tokens; every choice "
-                      "needs at least one token")
+    raise ConfigError(
+      "a continuation encodes to no tokens; every choice "
+      "needs at least one token"
+    )
   if len(continuation) > seq_len:
-    raise ConfigError(f"a continuation of {len(continuation)} tokens does "
-                      f"not fit seq_len {seq_len}")
+    raise ConfigError(
+      f"a continuation of {len(continuation)} tokens does "
+      f"not fit seq_len {seq_len}"
+    )
   # HFLM._loglikelihood_tokens: (ctx + cont)[-(max_length + 1):][:-1].
-  return tuple(list(context) + list(continuation))[-(seq_len + 1):]
+  return tuple(list(context) + list(continuation))[-(seq_len + 1) :]
 
 
 def batch_width(lengths: Sequence[int], seq_len: int, multiple: int) -> int:
@@ -121,10 +130,14 @@ def batch_width(lengths: Sequence[int], seq_len: int, multiple: int) -> int:
   return min(seq_len, -(-longest // multiple) * multiple)
 
 
-def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                   logprob_fn: TokenLogprobFn, batch_size: int, seq_len: int,
-                   width_multiple: int = 128,
-                   progress: ProgressFn | None = None) -> np.ndarray:
+def loglikelihoods(
+  requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+  logprob_fn: TokenLogprobFn,
+  batch_size: int,
+  seq_len: int,
+  width_multiple: int = 128,
+  progress: ProgressFn | None = None,
+) -> np.ndarray:
   """Summed log p(continuation | context) per (context, continuation) ids.
 
   Rows are right-padded into [batch_size, T] batches of one shape (T from
@@ -132,8 +145,9 @@ def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]],
   requests are scored once.
   """
   if batch_size <= 0 or seq_len <= 0:
-    raise ConfigError(f"batch_size ({batch_size}) and seq_len ({seq_len}) "
-                      "must be positive")
+    raise ConfigError(
+      f"batch_size ({batch_size}) and seq_len ({seq_len}) must be positive"
+    )
   windows = [request_window(c, x, seq_len) for c, x in requests]
   conts = [len(x) for _, x in requests]
   unique: dict[tuple, int] = {}
@@ -145,7 +159,7 @@ def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]],
   t = batch_width([len(w) - 1 for w, _ in rows], seq_len, width_multiple)
   sums = np.zeros((len(rows),), np.float64)
   for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
+    chunk = rows[start : start + batch_size]
     inputs = np.full((batch_size, t), PAD_ID, np.int32)
     targets = np.full((batch_size, t), PAD_ID, np.int32)
     mask = np.zeros((batch_size, t), np.int32)
@@ -155,7 +169,7 @@ def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]],
     out = np.asarray(logprob_fn(inputs, targets, mask), np.float64)
     for i, (w, n_cont) in enumerate(chunk):
       n = len(w) - 1
-      sums[start + i] = out[i, n - n_cont:n].sum()
+      sums[start + i] = out[i, n - n_cont : n].sum()
     if progress is not None:
       progress(min(start + batch_size, len(rows)), len(rows))
   return np.array([sums[unique[(w, n)]] for w, n in zip(windows, conts)])
@@ -170,15 +184,19 @@ def print_progress(label: str, every_s: float = 10.0) -> ProgressFn:
     if done == total or now - last[0] >= every_s:
       last[0] = now
       print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
+
   return report
 
 
-def make_loglikelihood_fn(params, model_config: ModelConfig,
-                          tokenizer: Tokenizer, batch_size: int = 8,
-                          seq_len: int = HF_MAX_LENGTH,
-                          logprob_fn: TokenLogprobFn | None = None,
-                          progress: ProgressFn | None = None
-                          ) -> LoglikelihoodFn:
+def make_loglikelihood_fn(
+  params,
+  model_config: ModelConfig,
+  tokenizer: Tokenizer,
+  batch_size: int = 8,
+  seq_len: int = HF_MAX_LENGTH,
+  logprob_fn: TokenLogprobFn | None = None,
+  progress: ProgressFn | None = None,
+) -> LoglikelihoodFn:
   """[(context, continuation)] -> summed log-probs under our model.
 
   seq_len plays the harness's max_length: longer requests are cut from the
@@ -191,20 +209,27 @@ def make_loglikelihood_fn(params, model_config: ModelConfig,
 
   def loglikelihood(requests):
     ids = [encode_pair(tokenizer, c, x) for c, x in requests]
-    return loglikelihoods(ids, fn, batch_size, seq_len,
-                          progress=progress).tolist()
+    return loglikelihoods(
+      ids, fn, batch_size, seq_len, progress=progress
+    ).tolist()
+
   return loglikelihood
 
 
-def choice_requests(task: "tasks_lib.Task", contexts: Sequence[str]
-                    ) -> list[tuple[str, str]]:
+def choice_requests(
+  task: "tasks_lib.Task", contexts: Sequence[str]
+) -> list[tuple[str, str]]:
   """Every (context, delimiter + choice) request, document by document."""
-  return [(ctx, task.target_delimiter + choice)
-          for ctx, doc in zip(contexts, task.docs) for choice in doc.choices]
+  return [
+    (ctx, task.target_delimiter + choice)
+    for ctx, doc in zip(contexts, task.docs)
+    for choice in doc.choices
+  ]
 
 
-def choice_metrics(lls: Sequence[float], choices: Sequence[str], gold: int
-                   ) -> dict:
+def choice_metrics(
+  lls: Sequence[float], choices: Sequence[str], gold: int
+) -> dict:
   """acc, acc_norm and acc_bytes of one document (harness formulas)."""
   ll = np.asarray(lls, np.float64)
   chars = np.array([float(len(c)) for c in choices])
@@ -212,9 +237,14 @@ def choice_metrics(lls: Sequence[float], choices: Sequence[str], gold: int
   pred = int(np.argmax(ll))
   pred_norm = int(np.argmax(ll / chars))
   pred_bytes = int(np.argmax(ll / nbytes))
-  return {"pred": pred, "pred_norm": pred_norm, "pred_bytes": pred_bytes,
-          "acc": float(pred == gold), "acc_norm": float(pred_norm == gold),
-          "acc_bytes": float(pred_bytes == gold)}
+  return {
+    "pred": pred,
+    "pred_norm": pred_norm,
+    "pred_bytes": pred_bytes,
+    "acc": float(pred == gold),
+    "acc_norm": float(pred_norm == gold),
+    "acc_bytes": float(pred_bytes == gold),
+  }
 
 
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -237,8 +267,9 @@ def summarize(items: Sequence[dict], metrics: Sequence[str]) -> dict:
 MC_METRICS = ("acc", "acc_norm", "acc_bytes")
 
 
-def choice_items(task: "tasks_lib.Task", contexts: Sequence[str],
-                 lls: Sequence[float]) -> tuple[dict, list[dict]]:
+def choice_items(
+  task: "tasks_lib.Task", contexts: Sequence[str], lls: Sequence[float]
+) -> tuple[dict, list[dict]]:
   """(metrics, one record per document) from the log-likelihoods of
   `choice_requests(task, contexts)`, in that order.
 
@@ -248,25 +279,34 @@ def choice_items(task: "tasks_lib.Task", contexts: Sequence[str],
   """
   items, k = [], 0
   for i, (ctx, doc) in enumerate(zip(contexts, task.docs)):
-    doc_lls = [float(x) for x in lls[k:k + len(doc.choices)]]
+    doc_lls = [float(x) for x in lls[k : k + len(doc.choices)]]
     k += len(doc.choices)
-    items.append({
-        "task": task.name, "doc": i, "where": doc.where, "context": ctx,
-        "choices": list(doc.choices), "loglikelihoods": doc_lls,
+    items.append(
+      {
+        "task": task.name,
+        "doc": i,
+        "where": doc.where,
+        "context": ctx,
+        "choices": list(doc.choices),
+        "loglikelihoods": doc_lls,
         "lengths": [len(c) for c in doc.choices],
         "bytes": [len(c.encode("utf-8")) for c in doc.choices],
-        "gold": doc.gold, **choice_metrics(doc_lls, doc.choices, doc.gold)})
+        "gold": doc.gold,
+        **choice_metrics(doc_lls, doc.choices, doc.gold),
+      }
+    )
   return summarize(items, MC_METRICS), items
 
 
-def evaluate_multiple_choice(task: "tasks_lib.Task",
-                             loglikelihood_fn: LoglikelihoodFn,
-                             seed: int = tasks_lib.FEWSHOT_SEED
-                             ) -> tuple[dict, list[dict]]:
+def evaluate_multiple_choice(
+  task: "tasks_lib.Task",
+  loglikelihood_fn: LoglikelihoodFn,
+  seed: int = tasks_lib.FEWSHOT_SEED,
+) -> tuple[dict, list[dict]]:
   """Scores a multiple-choice task: (metrics, one record per document)."""
   if task.kind != "multiple_choice":
-    raise ConfigError(f"{task.name} is a {task.kind} task, not multiple "
-                      "choice")
+    raise ConfigError(f"{task.name} is a {task.kind} task, not multiple choice")
   ctxs = tasks_lib.contexts(task, seed)
-  return choice_items(task, ctxs,
-                      list(loglikelihood_fn(choice_requests(task, ctxs))))
+  return choice_items(
+    task, ctxs, list(loglikelihood_fn(choice_requests(task, ctxs)))
+  )

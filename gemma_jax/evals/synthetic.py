@@ -38,7 +38,7 @@ def _paragraph_sentences(doc: str) -> list[list[str]]:
   for para in re.split(r"\n\s*\n", doc):
     lines = para.splitlines()
     if any(line.startswith((" ", "\t", ">>>")) for line in lines):
-      continue   # code examples and indented blocks are not prose
+      continue  # code examples and indented blocks are not prose
     text = " ".join(para.split())
     if text:
       out.append(SENTENCE_END.split(text))
@@ -49,8 +49,13 @@ def _good_sentence(s: str) -> bool:
   return 20 <= len(s) <= 200 and s[0].isupper() and s[-1] in ".!?"
 
 
-def _mc_item(context: str, answer: str, pool: Sequence[str],
-             rng: random.Random, num_choices: int) -> dict:
+def _mc_item(
+  context: str,
+  answer: str,
+  pool: Sequence[str],
+  rng: random.Random,
+  num_choices: int,
+) -> dict:
   distractors: list[str] = []
   while len(distractors) < num_choices - 1:
     c = rng.choice(pool)
@@ -61,8 +66,13 @@ def _mc_item(context: str, answer: str, pool: Sequence[str],
   return {"context": context, "choices": choices, "gold": gold}
 
 
-def prose_next(docs: Sequence[str], num_items: int, seed: int = 0,
-               num_choices: int = 4, context_chars: int = 300) -> list[dict]:
+def prose_next(
+  docs: Sequence[str],
+  num_items: int,
+  seed: int = 0,
+  num_choices: int = 4,
+  context_chars: int = 300,
+) -> list[dict]:
   """Next-sentence multiple choice over prose documents."""
   rng = random.Random(seed)
   candidates, pool = [], []
@@ -73,8 +83,9 @@ def prose_next(docs: Sequence[str], num_items: int, seed: int = 0,
         if _good_sentence(sentences[i]) and sentences[i - 1][-1:] in ".!?":
           candidates.append((d, sentences[:i], sentences[i]))
   items = []
-  for d, before, answer in rng.sample(candidates,
-                                      min(num_items, len(candidates))):
+  for d, before, answer in rng.sample(
+    candidates, min(num_items, len(candidates))
+  ):
     context = before[-1]
     for s in reversed(before[:-1]):
       if len(s) + 1 + len(context) > context_chars:
@@ -90,8 +101,13 @@ def _good_line(line: str) -> bool:
   return 10 <= len(text) <= 120 and not text.startswith("#")
 
 
-def code_next(docs: Sequence[str], num_items: int, seed: int = 0,
-              num_choices: int = 4, context_lines: int = 6) -> list[dict]:
+def code_next(
+  docs: Sequence[str],
+  num_items: int,
+  seed: int = 0,
+  num_choices: int = 4,
+  context_lines: int = 6,
+) -> list[dict]:
   """Next-line multiple choice over code files (indented target lines)."""
   rng = random.Random(seed)
   candidates, pool = [], []
@@ -102,10 +118,11 @@ def code_next(docs: Sequence[str], num_items: int, seed: int = 0,
       line = lines[i]
       indent = len(line) - len(line.lstrip(" "))
       if indent and _good_line(line) and "\t" not in line[:indent]:
-        candidates.append((d, lines[i - context_lines:i], line, indent))
+        candidates.append((d, lines[i - context_lines : i], line, indent))
   items = []
   for d, before, line, indent in rng.sample(
-      candidates, min(num_items, len(candidates))):
+    candidates, min(num_items, len(candidates))
+  ):
     context = "\n".join(before) + "\n" + " " * (indent - 1)
     others = [s for e, s in pool if e != d]
     items.append(_mc_item(context, line.strip(), others, rng, num_choices))
@@ -124,8 +141,10 @@ def _question(rng: random.Random) -> tuple[str, str]:
   if kind == 2:
     return f"{a} * {c}", f"{a} * {c} = {a * c}. The answer is {a * c}."
   s = a + b
-  return (f"({a} + {b}) * {c}", f"First {a} + {b} = {s}. Then {s} * {c} = "
-          f"{s * c}. The answer is {s * c}.")
+  return (
+    f"({a} + {b}) * {c}",
+    f"First {a} + {b} = {s}. Then {s} * {c} = {s * c}. The answer is {s * c}.",
+  )
 
 
 def arithmetic(num_items: int, seed: int = 0) -> list[dict]:
@@ -135,8 +154,12 @@ def arithmetic(num_items: int, seed: int = 0) -> list[dict]:
   for _ in range(num_items):
     expr, worked = _question(rng)
     result = worked.rsplit(" ", 1)[1].rstrip(".")
-    items.append({"context": f"Question: Compute {expr}.\nAnswer:",
-                  "answer": f"{worked}\n#### {result}"})
+    items.append(
+      {
+        "context": f"Question: Compute {expr}.\nAnswer:",
+        "answer": f"{worked}\n#### {result}",
+      }
+    )
   return items
 
 
@@ -144,8 +167,13 @@ def write_jsonl(path, rows: Sequence[dict]) -> None:
   fileio.atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def write_synthetic(out_dir, texts: dict | None = None, num_items: int = 200,
-                    num_shots: int = 50, seed: int = 0) -> dict[str, str]:
+def write_synthetic(
+  out_dir,
+  texts: dict | None = None,
+  num_items: int = 200,
+  num_shots: int = 50,
+  seed: int = 0,
+) -> dict[str, str]:
   """Writes the three tasks (and a shots file for each) into `out_dir`.
 
   texts: {'prose': [...], 'code': [...]} held-out documents; default the
@@ -157,6 +185,7 @@ def write_synthetic(out_dir, texts: dict | None = None, num_items: int = 200,
   """
   if texts is None:
     from gemma_jax.data import corpus
+
     splits = corpus.corpus_texts()
     texts = {s: splits[s]["eval"] for s in ("prose", "code")}
     shots_texts = {s: splits[s]["train"][:20] for s in ("prose", "code")}
@@ -164,17 +193,17 @@ def write_synthetic(out_dir, texts: dict | None = None, num_items: int = 200,
     shots_texts = texts
   os.makedirs(os.path.expanduser(os.fspath(out_dir)), exist_ok=True)
   rows = {
-      "prose_next": prose_next(texts["prose"], num_items, seed),
-      "code_next": code_next(texts["code"], num_items, seed),
-      "arithmetic": arithmetic(num_items, seed),
-      "prose_next_shots": prose_next(shots_texts["prose"], num_shots,
-                                     seed + 1),
-      "code_next_shots": code_next(shots_texts["code"], num_shots, seed + 1),
-      "arithmetic_shots": arithmetic(num_shots, seed + 1),
+    "prose_next": prose_next(texts["prose"], num_items, seed),
+    "code_next": code_next(texts["code"], num_items, seed),
+    "arithmetic": arithmetic(num_items, seed),
+    "prose_next_shots": prose_next(shots_texts["prose"], num_shots, seed + 1),
+    "code_next_shots": code_next(shots_texts["code"], num_shots, seed + 1),
+    "arithmetic_shots": arithmetic(num_shots, seed + 1),
   }
   paths = {}
   for name, items in rows.items():
-    paths[name] = os.path.join(os.path.expanduser(os.fspath(out_dir)),
-                               f"{name}.jsonl")
+    paths[name] = os.path.join(
+      os.path.expanduser(os.fspath(out_dir)), f"{name}.jsonl"
+    )
     write_jsonl(paths[name], items)
   return paths

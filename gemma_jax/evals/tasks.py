@@ -34,7 +34,7 @@ from gemma_jax.evals.readers import Doc
 
 FEWSHOT_SEED = 1234
 GSM8K_UNTIL = ("Question:", "</s>", "<|im_end|>")
-MAX_GEN_TOKS = 256      # the harness's HFLM default
+MAX_GEN_TOKS = 256  # the harness's HFLM default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Task:
   group: the group the task is averaged into (e.g. 'mmlu'), weighted by
     the number of documents.
   """
+
   name: str
   kind: Literal["multiple_choice", "generate_until"]
   docs: tuple[Doc, ...]
@@ -71,8 +72,9 @@ class Task:
     if num_fewshot is None:
       return self
     if num_fewshot < 0:
-      raise ConfigError(f"{self.name}: num_fewshot must be >= 0, got "
-                        f"{num_fewshot}")
+      raise ConfigError(
+        f"{self.name}: num_fewshot must be >= 0, got {num_fewshot}"
+      )
     return dataclasses.replace(self, num_fewshot=num_fewshot)
 
 
@@ -89,7 +91,7 @@ def sample_shots(task: Task, doc: Doc, rnd: random.Random) -> list[Doc]:
   if not task.exclude_doc:
     return rnd.sample(pool, k)
   shots = [d for d in rnd.sample(pool, k + 1) if d != doc][:k]
-  if len(shots) < k:    # several copies of `doc` were drawn: draw again
+  if len(shots) < k:  # several copies of `doc` were drawn: draw again
     shots = rnd.sample([d for d in pool if d != doc], k)
   return shots
 
@@ -104,8 +106,11 @@ def _turn(query: str, answer: str, task: Task) -> str:
 def fewshot_context(task: Task, doc: Doc, rnd: random.Random) -> str:
   """description + k answered examples + the document's query."""
   shots = sample_shots(task, doc, rnd)
-  return task.description + "".join(
-      _turn(s.query, s.answer, task) for s in shots) + doc.query
+  return (
+    task.description
+    + "".join(_turn(s.query, s.answer, task) for s in shots)
+    + doc.query
+  )
 
 
 def contexts(task: Task, seed: int = FEWSHOT_SEED) -> list[str]:
@@ -113,9 +118,10 @@ def contexts(task: Task, seed: int = FEWSHOT_SEED) -> list[str]:
   need = task.num_fewshot + (1 if task.exclude_doc else 0)
   if task.num_fewshot and len(task.fewshot_docs) < need:
     raise ConfigError(
-        f"{task.name}: {task.num_fewshot}-shot needs at least {need} "
-        f"few-shot documents, found {len(task.fewshot_docs)}; give a shots "
-        "file or set num_fewshot 0")
+      f"{task.name}: {task.num_fewshot}-shot needs at least {need} "
+      f"few-shot documents, found {len(task.fewshot_docs)}; give a shots "
+      "file or set num_fewshot 0"
+    )
   rnd = random.Random(seed)
   return [fewshot_context(task, doc, rnd) for doc in task.docs]
 
@@ -124,18 +130,21 @@ def _shots(shots, read, eval_path) -> tuple[tuple[Doc, ...], bool]:
   """(few-shot docs, whether `shots` is the scored file itself)."""
   if shots is None:
     return (), False
-  same = os.path.abspath(os.path.expanduser(os.fspath(shots))) == \
-      os.path.abspath(os.path.expanduser(os.fspath(eval_path)))
+  same = os.path.abspath(
+    os.path.expanduser(os.fspath(shots))
+  ) == os.path.abspath(os.path.expanduser(os.fspath(eval_path)))
   return tuple(read(shots)), same
 
 
-def arc(path, shots=None, name: str = "arc_easy",
-        num_fewshot: int | None = None) -> Task:
+def arc(
+  path, shots=None, name: str = "arc_easy", num_fewshot: int | None = None
+) -> Task:
   """ARC-Easy / ARC-Challenge (0-shot by default; shots: the train file)."""
   # fewshot_split unset, test_split "test": the harness never excludes.
   fewshot, _ = _shots(shots, readers.read_arc, path)
-  return Task(name, "multiple_choice", tuple(readers.read_arc(path)),
-              fewshot).with_fewshot(num_fewshot)
+  return Task(
+    name, "multiple_choice", tuple(readers.read_arc(path)), fewshot
+  ).with_fewshot(num_fewshot)
 
 
 def hellaswag(path, shots=None, num_fewshot: int | None = None) -> Task:
@@ -144,26 +153,38 @@ def hellaswag(path, shots=None, num_fewshot: int | None = None) -> Task:
   # the harness's `fewshot_split == test_split` holds: k + 1 drawn, the
   # document dropped.
   fewshot, _ = _shots(shots, readers.read_hellaswag, path)
-  return Task("hellaswag", "multiple_choice",
-              tuple(readers.read_hellaswag(path)), fewshot,
-              exclude_doc=True).with_fewshot(num_fewshot)
+  return Task(
+    "hellaswag",
+    "multiple_choice",
+    tuple(readers.read_hellaswag(path)),
+    fewshot,
+    exclude_doc=True,
+  ).with_fewshot(num_fewshot)
 
 
 def gsm8k(path, shots=None, num_fewshot: int | None = None) -> Task:
   """GSM8K test, 5-shot from the train file by default."""
-  fewshot, _ = _shots(shots, readers.read_gsm8k, path)   # train != test
-  return Task("gsm8k", "generate_until", tuple(readers.read_gsm8k(path)),
-              fewshot, num_fewshot=5,
-              until=GSM8K_UNTIL).with_fewshot(num_fewshot)
+  fewshot, _ = _shots(shots, readers.read_gsm8k, path)  # train != test
+  return Task(
+    "gsm8k",
+    "generate_until",
+    tuple(readers.read_gsm8k(path)),
+    fewshot,
+    num_fewshot=5,
+    until=GSM8K_UNTIL,
+  ).with_fewshot(num_fewshot)
 
 
 def mmlu_description(subject: str) -> str:
-  return ("The following are multiple choice questions (with answers) about "
-          f"{' '.join(subject.split('_'))}.\n\n")
+  return (
+    "The following are multiple choice questions (with answers) about "
+    f"{' '.join(subject.split('_'))}.\n\n"
+  )
 
 
-def mmlu(data_dir, split: str = "test",
-         num_fewshot: int | None = None) -> list[Task]:
+def mmlu(
+  data_dir, split: str = "test", num_fewshot: int | None = None
+) -> list[Task]:
   """One task per subject from `data_dir/{split}/*_{split}.csv`.
 
   Shots are the first k questions of `data_dir/dev/<subject>_dev.csv`.
@@ -177,33 +198,54 @@ def mmlu(data_dir, split: str = "test",
     subject = readers.mmlu_subject(path)
     dev = os.path.join(data_dir, "dev", f"{subject}_dev.csv")
     fewshot = tuple(readers.read_mmlu_csv(dev)) if os.path.exists(dev) else ()
-    tasks.append(Task(
-        f"mmlu_{subject}", "multiple_choice",
-        tuple(readers.read_mmlu_csv(path)), fewshot, sampler="first_n",
-        exclude_doc=split == "dev", description=mmlu_description(subject),
-        group="mmlu").with_fewshot(num_fewshot))
+    tasks.append(
+      Task(
+        f"mmlu_{subject}",
+        "multiple_choice",
+        tuple(readers.read_mmlu_csv(path)),
+        fewshot,
+        sampler="first_n",
+        exclude_doc=split == "dev",
+        description=mmlu_description(subject),
+        group="mmlu",
+      ).with_fewshot(num_fewshot)
+    )
   return tasks
 
 
-def multiple_choice(path, shots=None, name: str | None = None,
-                    num_fewshot: int | None = None) -> Task:
+def multiple_choice(
+  path, shots=None, name: str | None = None, num_fewshot: int | None = None
+) -> Task:
   """A generic {context, choices, gold} jsonl file (0-shot by default)."""
   fewshot, same = _shots(shots, readers.read_multiple_choice, path)
-  return Task(name or _stem(path), "multiple_choice",
-              tuple(readers.read_multiple_choice(path)), fewshot,
-              exclude_doc=same).with_fewshot(num_fewshot)
+  return Task(
+    name or _stem(path),
+    "multiple_choice",
+    tuple(readers.read_multiple_choice(path)),
+    fewshot,
+    exclude_doc=same,
+  ).with_fewshot(num_fewshot)
 
 
-def generative(path, shots=None, name: str | None = None,
-               num_fewshot: int | None = None,
-               until: tuple[str, ...] = GSM8K_UNTIL,
-               max_gen_toks: int = MAX_GEN_TOKS) -> Task:
+def generative(
+  path,
+  shots=None,
+  name: str | None = None,
+  num_fewshot: int | None = None,
+  until: tuple[str, ...] = GSM8K_UNTIL,
+  max_gen_toks: int = MAX_GEN_TOKS,
+) -> Task:
   """A generic {context, answer} jsonl file, scored like GSM8K."""
   fewshot, same = _shots(shots, readers.read_generative, path)
-  return Task(name or _stem(path), "generate_until",
-              tuple(readers.read_generative(path)), fewshot,
-              exclude_doc=same, until=tuple(until),
-              max_gen_toks=max_gen_toks).with_fewshot(num_fewshot)
+  return Task(
+    name or _stem(path),
+    "generate_until",
+    tuple(readers.read_generative(path)),
+    fewshot,
+    exclude_doc=same,
+    until=tuple(until),
+    max_gen_toks=max_gen_toks,
+  ).with_fewshot(num_fewshot)
 
 
 def _stem(path) -> str:

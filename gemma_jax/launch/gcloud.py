@@ -71,8 +71,9 @@ class Shell:
       print(show(argv), file=self.out, flush=True)
       return Result(0)
     if capture:
-      p = subprocess.run(argv, capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL)
+      p = subprocess.run(
+        argv, capture_output=True, text=True, stdin=subprocess.DEVNULL
+      )
       return Result(p.returncode, p.stdout, p.stderr)
     return Result(subprocess.run(argv).returncode)
 
@@ -81,23 +82,30 @@ def check(result: Result, argv: list[str]) -> Result:
   """GcloudError with the command and its first error line unless ok."""
   if not result.ok:
     detail = (result.stderr or result.stdout).strip().splitlines()
-    raise GcloudError(f"`{show(argv)}` failed (exit {result.returncode})"
-                      + (f": {detail[-1]}" if detail else ""))
+    raise GcloudError(
+      f"`{show(argv)}` failed (exit {result.returncode})"
+      + (f": {detail[-1]}" if detail else "")
+    )
   return result
 
 
-def preflight(run: Runner,
-              which: Callable[[str], str | None] = shutil.which) -> str:
+def preflight(
+  run: Runner, which: Callable[[str], str | None] = shutil.which
+) -> str:
   """The active gcloud account; GcloudError before anything is created
   when gcloud is not on PATH or no account is logged in."""
   if which("gcloud") is None:
-    raise GcloudError("gcloud is not on PATH: install the Google Cloud CLI "
-                      "(https://cloud.google.com/sdk/docs/install), then "
-                      "`gcloud auth login`")
+    raise GcloudError(
+      "gcloud is not on PATH: install the Google Cloud CLI "
+      "(https://cloud.google.com/sdk/docs/install), then "
+      "`gcloud auth login`"
+    )
   argv = gcloud("auth list", filter="status:ACTIVE", format="value(account)")
   result = run(argv, capture=True)
   account = result.stdout.strip()
   if not result.ok or not account:
-    raise GcloudError("gcloud has no active account: run `gcloud auth login` "
-                      "(or `gcloud auth activate-service-account`) first")
+    raise GcloudError(
+      "gcloud has no active account: run `gcloud auth login` "
+      "(or `gcloud auth activate-service-account`) first"
+    )
   return account.splitlines()[0]

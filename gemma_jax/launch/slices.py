@@ -29,16 +29,19 @@ CHIPS_PER_GKE_NODE = 4
 @dataclasses.dataclass(frozen=True)
 class TpuSlice:
   """One slice: its generation and shape in chips, e.g. v5e 16x16."""
+
   generation: str
   shape: tuple[int, ...]
 
   @property
   def gen(self) -> CloudNames:
     cloud = CHIPS[self.generation].cloud
-    if cloud is None:   # not a generation that parse_tpu accepts
-      raise ConfigError(f"--tpu {self}: Cloud TPU does not rent "
-                        f"{self.generation}; generations: "
-                        f"{', '.join(GENERATIONS)}")
+    if cloud is None:  # not a generation that parse_tpu accepts
+      raise ConfigError(
+        f"--tpu {self}: Cloud TPU does not rent "
+        f"{self.generation}; generations: "
+        f"{', '.join(GENERATIONS)}"
+      )
     return cloud
 
   @property
@@ -51,8 +54,9 @@ class TpuSlice:
 
   @property
   def accelerator_type(self) -> str:
-    return (f"{self.gen.accelerator_prefix}-"
-            f"{self.chips * self.gen.cores_per_chip}")
+    return (
+      f"{self.gen.accelerator_prefix}-{self.chips * self.gen.cores_per_chip}"
+    )
 
   @property
   def runtime_version(self) -> str:
@@ -110,19 +114,28 @@ def parse_tpu(spec: str, mesh=None) -> TpuSlice:
     product, sizes = parse_topology(spec)
     return TpuSlice(product.name, tuple(sizes))
   if spec not in GENERATIONS:
-    raise ConfigError(f"--tpu {spec!r}: expected GENERATION:SHAPE such as "
-                      f"v5e:16x16, or a generation: {', '.join(GENERATIONS)}")
-  ici = [getattr(mesh, f"ici_{a}") for a in ("data", "fsdp", "tensor")] \
-      if mesh is not None else [-1]
+    raise ConfigError(
+      f"--tpu {spec!r}: expected GENERATION:SHAPE such as "
+      f"v5e:16x16, or a generation: {', '.join(GENERATIONS)}"
+    )
+  ici = (
+    [getattr(mesh, f"ici_{a}") for a in ("data", "fsdp", "tensor")]
+    if mesh is not None
+    else [-1]
+  )
   if -1 in ici:
-    raise ConfigError(f"--tpu {spec}: the mesh does not fix the chips per "
-                      f"slice (an ici_* size is -1); give the shape, e.g. "
-                      f"--tpu {spec}:{CHIPS[spec].shapes[-1]}")
+    raise ConfigError(
+      f"--tpu {spec}: the mesh does not fix the chips per "
+      f"slice (an ici_* size is -1); give the shape, e.g. "
+      f"--tpu {spec}:{CHIPS[spec].shapes[-1]}"
+    )
   shape = _default_shape(spec, math.prod(ici))
   if shape is None:
-    raise ConfigError(f"--tpu {spec}: no usual {spec} slice has "
-                      f"{math.prod(ici)} chips (the mesh's ici_* "
-                      f"product); give the shape, e.g. --tpu {spec}:AxB")
+    raise ConfigError(
+      f"--tpu {spec}: no usual {spec} slice has "
+      f"{math.prod(ici)} chips (the mesh's ici_* "
+      f"product); give the shape, e.g. --tpu {spec}:AxB"
+    )
   return TpuSlice(spec, shape)
 
 
@@ -130,10 +143,13 @@ def check_mesh(mesh, tpu: TpuSlice, slices: int, what: str = "config"):
   """ConfigError unless the mesh's ici_* sizes fill one slice and its dcn_*
   sizes multiply to `slices`. Returns the resolved (ici, dcn) sizes."""
   from gemma_jax.sharding import mesh as mesh_lib
+
   if slices < 1:
     raise ConfigError(f"--slices must be >= 1, got {slices}")
   try:
     return mesh_lib.mesh_shape(mesh, tpu.chips * slices, slices)
   except ConfigError as e:
-    raise ConfigError(f"{what} does not fit {slices} x {tpu.accelerator_type}"
-                      f" ({tpu}, {tpu.chips} chips per slice): {e}") from None
+    raise ConfigError(
+      f"{what} does not fit {slices} x {tpu.accelerator_type}"
+      f" ({tpu}, {tpu.chips} chips per slice): {e}"
+    ) from None

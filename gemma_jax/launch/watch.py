@@ -43,13 +43,18 @@ def _stamp(now: float) -> str:
   return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
 
 
-def watch(t: tpu.Target, start: Callable[[], None], run: Runner,
-          policy: WatchPolicy = WatchPolicy(),
-          sleep: Callable[[float], None] = time.sleep,
-          now: Callable[[], float] = time.time,
-          print_line: Callable[[str], None] = print) -> int:
+def watch(
+  t: tpu.Target,
+  start: Callable[[], None],
+  run: Runner,
+  policy: WatchPolicy = WatchPolicy(),
+  sleep: Callable[[float], None] = time.sleep,
+  now: Callable[[], float] = time.time,
+  print_line: Callable[[str], None] = print,
+) -> int:
   """Runs the loop above; returns 0 when training finished, raises
   TrainingStopped when retries run out or the config is wrong."""
+
   def log(message):
     print_line(f"{_stamp(now())} watch {t.name}: {message}")
 
@@ -62,14 +67,17 @@ def watch(t: tpu.Target, start: Callable[[], None], run: Runner,
     retries += 1
     if retries > policy.max_retries:
       log(f"{reason}; giving up after {policy.max_retries} retries")
-      raise TrainingStopped(f"watch {t.name}: {reason}; gave up after "
-                            f"{policy.max_retries} retries")
+      raise TrainingStopped(
+        f"watch {t.name}: {reason}; gave up after {policy.max_retries} retries"
+      )
     wait = policy.backoff(retries)
     log(f"{reason}; retry {retries}/{policy.max_retries} in {wait:.0f} s")
     return wait
 
-  log(f"watching {t.slices} x {t.tpu_slice.accelerator_type} in {t.zone} "
-      f"(poll every {policy.poll_s:.0f} s)")
+  log(
+    f"watching {t.slices} x {t.tpu_slice.accelerator_type} in {t.zone} "
+    f"(poll every {policy.poll_s:.0f} s)"
+  )
   while True:
     state = tpu.state(t, run)
     if state != last_state:
@@ -90,15 +98,19 @@ def watch(t: tpu.Target, start: Callable[[], None], run: Runner,
           return 0
         if status == "2":
           log("training exited 2 (a config or usage error); not retrying")
-          raise TrainingStopped(f"watch {t.name}: training exited 2 (a "
-                                f"config error): see its log")
+          raise TrainingStopped(
+            f"watch {t.name}: training exited 2 (a config error): see its log"
+          )
         if status not in ("running", "unknown"):
           sleep(retry(f"training ended ({status}) on an active allocation"))
           started = False
           continue
     elif state in tpu.LOST or state == tpu.MISSING:
-      what = {"SUSPENDED": "preempted (SUSPENDED)", "FAILED": "FAILED",
-              tpu.MISSING: "gone"}[state]
+      what = {
+        "SUSPENDED": "preempted (SUSPENDED)",
+        "FAILED": "FAILED",
+        tpu.MISSING: "gone",
+      }[state]
       wait = retry(f"queued resource {what}")
       if state != tpu.MISSING:
         log("deleting it")
@@ -112,6 +124,7 @@ def watch(t: tpu.Target, start: Callable[[], None], run: Runner,
       last_state = None
       continue
     elif state not in tpu.WAITING:
-      raise GcloudError(f"watch {t.name}: unexpected queued resource state "
-                        f"{state!r}")
+      raise GcloudError(
+        f"watch {t.name}: unexpected queued resource state {state!r}"
+      )
     sleep(policy.poll_s)

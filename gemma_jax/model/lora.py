@@ -37,19 +37,19 @@ from gemma_jax.model import quant as quant_lib
 
 @dataclasses.dataclass(frozen=True)
 class Projection:
-  module: str              # path of the Einsum under the params root
-  slot: int | None         # index on the fused axis C (axis 0), if fused
+  module: str  # path of the Einsum under the params root
+  slot: int | None  # index on the fused axis C (axis 0), if fused
   in_axes: tuple[int, ...]  # fan-in axes of the (slot) weight
 
 
 PROJECTIONS = {
-    "q": Projection("layers/attn/q_einsum", None, (1,)),
-    "k": Projection("layers/attn/kv_einsum", 0, (1,)),
-    "v": Projection("layers/attn/kv_einsum", 1, (1,)),
-    "o": Projection("layers/attn/attn_vec_einsum", None, (0, 1)),
-    "gate": Projection("layers/mlp/gating_einsum", 0, (0,)),
-    "up": Projection("layers/mlp/gating_einsum", 1, (0,)),
-    "down": Projection("layers/mlp/linear", None, (0,)),
+  "q": Projection("layers/attn/q_einsum", None, (1,)),
+  "k": Projection("layers/attn/kv_einsum", 0, (1,)),
+  "v": Projection("layers/attn/kv_einsum", 1, (1,)),
+  "o": Projection("layers/attn/attn_vec_einsum", None, (0, 1)),
+  "gate": Projection("layers/mlp/gating_einsum", 0, (0,)),
+  "up": Projection("layers/mlp/gating_einsum", 1, (0,)),
+  "down": Projection("layers/mlp/linear", None, (0,)),
 }
 TARGETS = tuple(PROJECTIONS)
 
@@ -57,6 +57,7 @@ TARGETS = tuple(PROJECTIONS)
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """The `model.lora` section. alpha None means alpha = rank (scale 1)."""
+
   rank: int
   alpha: float | None = None
   targets: tuple[str, ...] = TARGETS
@@ -65,8 +66,10 @@ class LoraConfig:
   def __post_init__(self):
     bad = [t for t in self.targets if t not in PROJECTIONS]
     if bad:
-      raise ConfigError(f"targets: unknown target {bad[0]!r}; valid targets: "
-                        f"{', '.join(TARGETS)}")
+      raise ConfigError(
+        f"targets: unknown target {bad[0]!r}; valid targets: "
+        f"{', '.join(TARGETS)}"
+      )
     if not self.targets:
       raise ConfigError(f"targets: name at least one of {', '.join(TARGETS)}")
     if len(set(self.targets)) != len(self.targets):
@@ -107,9 +110,10 @@ def check(lora: LoraConfig, model_cfg) -> None:
     fan_out = math.prod(shape) // fan_in
     if lora.rank > min(fan_in, fan_out):
       raise ConfigError(
-          f"lora.rank: {lora.rank} is larger than projection {target!r} "
-          f"({fan_in} in, {fan_out} out); a rank-r adapter needs r <= "
-          f"{min(fan_in, fan_out)}")
+        f"lora.rank: {lora.rank} is larger than projection {target!r} "
+        f"({fan_in} in, {fan_out} out); a rank-r adapter needs r <= "
+        f"{min(fan_in, fan_out)}"
+      )
 
 
 def adapter_paths(model_cfg) -> dict[str, tuple[int, ...]]:
@@ -128,16 +132,28 @@ def is_adapter(path: str) -> bool:
 
 
 def _targets_of(module_name: str, lora: LoraConfig):
-  return [(t, PROJECTIONS[t]) for t in lora.targets
-          if PROJECTIONS[t].module.rsplit("/", 1)[-1] == module_name]
+  return [
+    (t, PROJECTIONS[t])
+    for t in lora.targets
+    if PROJECTIONS[t].module.rsplit("/", 1)[-1] == module_name
+  ]
 
 
 def _free_letter(equation: str) -> str:
   return next(c for c in "RZYXWVUQ" if c not in equation)
 
 
-def adapter_delta(module: nn.Module, equation: str, x, shape, axes, in_axis,
-                  lora: LoraConfig, param_dtype, dtype):
+def adapter_delta(
+  module: nn.Module,
+  equation: str,
+  x,
+  shape,
+  axes,
+  in_axis,
+  lora: LoraConfig,
+  param_dtype,
+  dtype,
+):
   """The adapters' term of `module`'s einsum output, or None if it has none.
 
   Called inside an Einsum's compact __call__: creates lora_<t>_a/_b there.
@@ -157,32 +173,49 @@ def adapter_delta(module: nn.Module, equation: str, x, shape, axes, in_axis,
     w_shape = shape[1:] if fused else shape
     out_spec = outs.replace(ws[0], "") if fused else outs
     in_spec = "".join(w_spec[i] for i in proj.in_axes)
-    out_letters = "".join(c for i, c in enumerate(w_spec)
-                          if i not in proj.in_axes)
-    a_shape, b_shape = (tuple(w_shape[i] for i in proj.in_axes),
-                        tuple(s for i, s in enumerate(w_shape)
-                              if i not in proj.in_axes))
+    out_letters = "".join(
+      c for i, c in enumerate(w_spec) if i not in proj.in_axes
+    )
+    a_shape, b_shape = (
+      tuple(w_shape[i] for i in proj.in_axes),
+      tuple(s for i, s in enumerate(w_shape) if i not in proj.in_axes),
+    )
     fan_in = math.prod(a_shape)
     a = module.param(
-        f"lora_{target}_a", nn.with_logical_partitioning(
-            nn.initializers.normal(fan_in ** -0.5),
-            (*tuple(w_axes[i] for i in proj.in_axes), None)),
-        (*a_shape, lora.rank), param_dtype)
+      f"lora_{target}_a",
+      nn.with_logical_partitioning(
+        nn.initializers.normal(fan_in**-0.5),
+        (*tuple(w_axes[i] for i in proj.in_axes), None),
+      ),
+      (*a_shape, lora.rank),
+      param_dtype,
+    )
     b = module.param(
-        f"lora_{target}_b", nn.with_logical_partitioning(
-            nn.initializers.zeros_init(),
-            (None, *tuple(ax for i, ax in enumerate(w_axes)
-                          if i not in proj.in_axes))),
-        (lora.rank, *b_shape), param_dtype)
+      f"lora_{target}_b",
+      nn.with_logical_partitioning(
+        nn.initializers.zeros_init(),
+        (
+          None,
+          *tuple(ax for i, ax in enumerate(w_axes) if i not in proj.in_axes),
+        ),
+      ),
+      (lora.rank, *b_shape),
+      param_dtype,
+    )
     h_spec = "".join(c for c in xs if c not in in_spec) + rank_letter
     inputs = x
     if lora.dropout:
       inputs = nn.Dropout(lora.dropout, name=f"lora_{target}_dropout")(
-          x, deterministic=not module.has_rng("dropout"))
-    h = jnp.einsum(f"{xs},{in_spec}{rank_letter}->{h_spec}", inputs,
-                   jnp.asarray(a, dtype))
-    delta = jnp.einsum(f"{h_spec},{rank_letter}{out_letters}->{out_spec}", h,
-                       jnp.asarray(b, dtype))
+        x, deterministic=not module.has_rng("dropout")
+      )
+    h = jnp.einsum(
+      f"{xs},{in_spec}{rank_letter}->{h_spec}", inputs, jnp.asarray(a, dtype)
+    )
+    delta = jnp.einsum(
+      f"{h_spec},{rank_letter}{out_letters}->{out_spec}",
+      h,
+      jnp.asarray(b, dtype),
+    )
     deltas[proj.slot] = delta * jnp.asarray(lora.scale, dtype)
   if None in deltas:
     return deltas[None]
@@ -199,10 +232,15 @@ def delta(a, b, target: str, scale: float):
   slot_ndim = a.ndim + b.ndim - 4
   letters = "abcdefgh"[:slot_ndim]
   in_spec = "".join(letters[i] for i in proj.in_axes)
-  out_spec = "".join(c for i, c in enumerate(letters)
-                     if i not in proj.in_axes)
-  return jnp.einsum(f"z{in_spec}r,zr{out_spec}->z{letters}",
-                    a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+  out_spec = "".join(c for i, c in enumerate(letters) if i not in proj.in_axes)
+  return (
+    jnp.einsum(
+      f"z{in_spec}r,zr{out_spec}->z{letters}",
+      a.astype(jnp.float32),
+      b.astype(jnp.float32),
+    )
+    * scale
+  )
 
 
 def delta_sq_norm(a, b, scale: float):
@@ -213,7 +251,7 @@ def delta_sq_norm(a, b, scale: float):
   b = b.astype(jnp.float32).reshape(layers, rank, -1)
   gram_a = jnp.einsum("lir,lis->lrs", a, a)
   gram_b = jnp.einsum("lro,lso->lrs", b, b)
-  return jnp.sum(gram_a * gram_b) * scale ** 2
+  return jnp.sum(gram_a * gram_b) * scale**2
 
 
 def merged_weight(w, a, b, target: str, scale: float):
@@ -230,6 +268,7 @@ def merged_weight(w, a, b, target: str, scale: float):
 def split(tree):
   """(adapters, base): the `lora_*` leaves and all the others, two trees
   of the same nesting (empty dicts dropped)."""
+
   def part(t, keep):
     out = {}
     for k, v in t.items():
@@ -240,6 +279,7 @@ def split(tree):
       elif keep(k):
         out[k] = v
     return out
+
   adapter = lambda k: k.startswith("lora_")
   return part(tree, adapter), part(tree, lambda k: not adapter(k))
 
@@ -266,15 +306,20 @@ def merge_params(base, adapters, model_cfg):
   W' = W + (alpha / r) A B on every target (integer bases dequantized to
   param_dtype first)."""
   if model_cfg.quant is not None and model_cfg.quant.weights == "int":
-    base = quant_lib.dequantize_params(base, model_cfg,
-                                       jnp.dtype(model_cfg.param_dtype))
+    base = quant_lib.dequantize_params(
+      base, model_cfg, jnp.dtype(model_cfg.param_dtype)
+    )
   updates = {}
   for target in model_cfg.lora.targets:
     module = PROJECTIONS[target].module
     path = f"{module}/w"
     w = updates.get(path, quant_lib.get_path(base, path))
     node = quant_lib.get_path(adapters, module)
-    updates[path] = merged_weight(w, node[f"lora_{target}_a"],
-                                  node[f"lora_{target}_b"], target,
-                                  model_cfg.lora.scale)
+    updates[path] = merged_weight(
+      w,
+      node[f"lora_{target}_a"],
+      node[f"lora_{target}_b"],
+      target,
+      model_cfg.lora.scale,
+    )
   return quant_lib.with_paths(base, updates)

@@ -36,9 +36,13 @@ from gemma_jax.errors import ConfigError
 
 GROUPS = ("attn", "mlp", "embed")
 # The Einsum modules of each group (by module name).
-MODULE_GROUPS = {"q_einsum": "attn", "kv_einsum": "attn",
-                 "attn_vec_einsum": "attn", "gating_einsum": "mlp",
-                 "linear": "mlp"}
+MODULE_GROUPS = {
+  "q_einsum": "attn",
+  "kv_einsum": "attn",
+  "attn_vec_einsum": "attn",
+  "gating_einsum": "mlp",
+  "linear": "mlp",
+}
 QMAX = {4: 7, 8: 127}
 INT_DTYPES = {4: jnp.int4, 8: jnp.int8}
 
@@ -55,6 +59,7 @@ class QuantConfig:
   post-training evaluation of a float model); 'int' holds the weights as
   integers plus scales (a quantized export, the frozen base of QLoRA).
   """
+
   bits: Literal[4, 8] = 4
   block_size: int | None = 32
   targets: tuple[str, ...] = ("attn", "mlp")
@@ -63,13 +68,16 @@ class QuantConfig:
   def __post_init__(self):
     bad = [t for t in self.targets if t not in GROUPS]
     if bad:
-      raise ConfigError(f"targets: unknown group {bad[0]!r}; valid groups: "
-                        f"{', '.join(GROUPS)}")
+      raise ConfigError(
+        f"targets: unknown group {bad[0]!r}; valid groups: {', '.join(GROUPS)}"
+      )
     if not self.targets:
       raise ConfigError(f"targets: name at least one of {', '.join(GROUPS)}")
     if self.block_size is not None and self.block_size <= 0:
-      raise ConfigError(f"block_size must be positive (or null for one scale "
-                        f"per channel), got {self.block_size}")
+      raise ConfigError(
+        f"block_size must be positive (or null for one scale "
+        f"per channel), got {self.block_size}"
+      )
 
   @property
   def qmax(self) -> int:
@@ -93,9 +101,10 @@ def check_block(cfg: QuantConfig, name: str, shape, in_axis) -> None:
   axis = fan_in_axes(in_axis, len(shape))[-1]
   if shape[axis] % cfg.block_size:
     raise ConfigError(
-        f"quant.block_size: {cfg.block_size} does not divide the contraction "
-        f"axis of {name} (size {shape[axis]}, shape {tuple(shape)}); choose a "
-        f"divisor or null (per channel)")
+      f"quant.block_size: {cfg.block_size} does not divide the contraction "
+      f"axis of {name} (size {shape[axis]}, shape {tuple(shape)}); choose a "
+      f"divisor or null (per channel)"
+    )
 
 
 def scale_shape(shape, in_axis, block_size: int | None) -> tuple[int, ...]:
@@ -112,8 +121,9 @@ def scale_shape(shape, in_axis, block_size: int | None) -> tuple[int, ...]:
 def _blocked(x, axis: int, block_size: int):
   """[..., n * b, ...] -> [..., n, b, ...] at `axis`."""
   shape = x.shape
-  return x.reshape((*shape[:axis], shape[axis] // block_size, block_size,
-                    *shape[axis + 1:]))
+  return x.reshape(
+    (*shape[:axis], shape[axis] // block_size, block_size, *shape[axis + 1 :])
+  )
 
 
 def quantize(w, in_axis, bits: int, block_size: int | None):
@@ -169,7 +179,7 @@ def quantized_leaves(model_cfg) -> dict[str, tuple[object, str]]:
       continue
     if module == "embedder":
       out["embedder/embedding"] = (in_axis, "embedder/embedding_scale")
-    else:   # one more leading axis: the layers
+    else:  # one more leading axis: the layers
       shifted = tuple(a + 1 for a in fan_in_axes(in_axis))
       out[f"{module}/w"] = (shifted, f"{module}/scale")
   return out
@@ -184,8 +194,10 @@ def get_path(tree, path: str):
 def with_paths(tree, updates: dict, drop=()):
   """A copy of nested dict `tree` with {path: value} set and paths dropped
   (the dicts are copied, the arrays shared)."""
+
   def copy(t: dict) -> dict:
     return {k: copy(v) if isinstance(v, dict) else v for k, v in t.items()}
+
   out = copy(tree)
   for path, value in updates.items():
     *parents, leaf = path.split("/")
@@ -203,7 +215,8 @@ def quantize_params(params, model_cfg):
   updates = {}
   for path, (in_axis, scale_path) in quantized_leaves(model_cfg).items():
     updates[path], updates[scale_path] = quantize(
-        get_path(params, path), in_axis, q.bits, q.block_size)
+      get_path(params, path), in_axis, q.bits, q.block_size
+    )
   return with_paths(params, updates)
 
 
@@ -213,8 +226,12 @@ def dequantize_params(params, model_cfg, dtype):
   q = model_cfg.quant
   updates, drop = {}, []
   for path, (in_axis, scale_path) in quantized_leaves(model_cfg).items():
-    updates[path] = dequantize(get_path(params, path),
-                               get_path(params, scale_path),
-                               in_axis, q.block_size, dtype)
+    updates[path] = dequantize(
+      get_path(params, path),
+      get_path(params, scale_path),
+      in_axis,
+      q.block_size,
+      dtype,
+    )
     drop.append(scale_path)
   return with_paths(params, updates, drop)

@@ -8,7 +8,7 @@ segment, causal and windowed by position) is exact for every row.
 """
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,13 @@ from gemma_jax.model.config import ModelConfig
 from gemma_jax.model.transformer import Transformer, init_cache
 
 
-def choose_tokens(logits, rng, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None):
+def choose_tokens(
+  logits,
+  rng,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+):
   """Picks one token per row from float32 logits [B, V]."""
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -37,17 +42,42 @@ def choose_tokens(logits, rng, temperature: float = 0.0,
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "config", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
-def _generate(params, tokens, lengths, rng, *, config: ModelConfig,
-              max_new_tokens: int, temperature: float, top_k, top_p, eos_id):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "config",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "eos_id",
+  ),
+)
+def _generate(
+  params,
+  tokens,
+  lengths,
+  rng,
+  *,
+  config: ModelConfig,
+  max_new_tokens: int,
+  temperature: float,
+  top_k,
+  top_p,
+  eos_id,
+):
   """tokens [B, P] right-padded, lengths [B] -> new tokens [B, max_new]."""
   model = Transformer(config)
   b, p = tokens.shape
   segments = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)
   cache = init_cache(config, b, p + max_new_tokens)
-  logits, cache = model.apply({"params": params}, tokens, cache,
-                              segment_ids=segments, method=Transformer.decode)
+  logits, cache = model.apply(
+    {"params": params},
+    tokens,
+    cache,
+    segment_ids=segments,
+    method=Transformer.decode,
+  )
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
   def step(carry, i):
@@ -56,9 +86,13 @@ def _generate(params, tokens, lengths, rng, *, config: ModelConfig,
     token = choose_tokens(last_logits, key, temperature, top_k, top_p)
     token = jnp.where(done, eos_id, token)
     logits, cache = model.apply(
-        {"params": params}, token[:, None], cache,
-        positions=(lengths + i)[:, None],
-        segment_ids=jnp.ones((b, 1), jnp.int32), method=Transformer.decode)
+      {"params": params},
+      token[:, None],
+      cache,
+      positions=(lengths + i)[:, None],
+      segment_ids=jnp.ones((b, 1), jnp.int32),
+      method=Transformer.decode,
+    )
     return (logits[:, 0], cache, rng, done | (token == eos_id)), token
 
   init = (last, cache, rng, jnp.zeros((b,), bool))
@@ -66,10 +100,18 @@ def _generate(params, tokens, lengths, rng, *, config: ModelConfig,
   return new_tokens.T
 
 
-def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
-             max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, eos_id: int | None = 1) -> list[list[int]]:
+def generate(
+  params,
+  config: ModelConfig,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int,
+  *,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  seed: int = 0,
+  eos_id: int | None = 1,
+) -> list[list[int]]:
   """Continues each prompt (token ids, bos included) by up to max_new_tokens.
 
   Generation of a row stops after it emits `eos_id` (kept in the output).
@@ -83,15 +125,24 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
   lengths = np.array([len(p) for p in prompts], np.int32)
   tokens = np.zeros((len(prompts), lengths.max()), np.int32)
   for row, prompt in zip(tokens, prompts):
-    row[:len(prompt)] = prompt
-  out = np.asarray(_generate(
-      params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
-      config=config, max_new_tokens=max_new_tokens,
-      temperature=float(temperature), top_k=top_k, top_p=top_p,
-      eos_id=-1 if eos_id is None else eos_id))
+    row[: len(prompt)] = prompt
+  out = np.asarray(
+    _generate(
+      params,
+      jnp.asarray(tokens),
+      jnp.asarray(lengths),
+      jax.random.key(seed),
+      config=config,
+      max_new_tokens=max_new_tokens,
+      temperature=float(temperature),
+      top_k=top_k,
+      top_p=top_p,
+      eos_id=-1 if eos_id is None else eos_id,
+    )
+  )
   results = []
   for row in out.tolist():
     if eos_id is not None and eos_id in row:
-      row = row[:row.index(eos_id) + 1]
+      row = row[: row.index(eos_id) + 1]
     results.append(row)
   return results

@@ -14,8 +14,8 @@ how tests emulate multi-slice training on 8 fake CPU devices.
 import collections
 import math
 
-import numpy as np
 import jax
+import numpy as np
 from jax.experimental import mesh_utils
 
 from gemma_jax.errors import ConfigError
@@ -32,12 +32,15 @@ def _resolve(sizes: dict[str, int], total: int, group: str) -> dict[str, int]:
   shown = ", ".join(f"{group}_{a}={s}" for a, s in sizes.items())
   what = "devices per slice" if group == "ici" else "slices"
   if total % known:
-    raise MeshError(f"mesh: {shown} (product {known}) does not divide the "
-                    f"{total} {what}")
+    raise MeshError(
+      f"mesh: {shown} (product {known}) does not divide the {total} {what}"
+    )
   sizes = {a: (total // known if s == -1 else s) for a, s in sizes.items()}
   if math.prod(sizes.values()) != total:
-    raise MeshError(f"mesh: {shown} (product {known}) must equal the "
-                    f"{total} {what}; set one size to -1 to take what is left")
+    raise MeshError(
+      f"mesh: {shown} (product {known}) must equal the "
+      f"{total} {what}; set one size to -1 to take what is left"
+    )
   return sizes
 
 
@@ -50,26 +53,35 @@ def _slices(devices, num_slices: int | None) -> list[list]:
   if len(groups) == 1 and num_slices and num_slices > 1:
     # Emulated slices (CPU tests): consecutive equal groups.
     if len(devices) % num_slices:
-      raise MeshError(f"mesh: {len(devices)} devices cannot be cut into "
-                      f"{num_slices} equal slices")
+      raise MeshError(
+        f"mesh: {len(devices)} devices cannot be cut into "
+        f"{num_slices} equal slices"
+      )
     n = len(devices) // num_slices
-    groups = [list(devices[i * n:(i + 1) * n]) for i in range(num_slices)]
+    groups = [list(devices[i * n : (i + 1) * n]) for i in range(num_slices)]
   if len({len(g) for g in groups}) != 1:
-    raise MeshError(f"mesh: slices have unequal device counts "
-                    f"{[len(g) for g in groups]}")
+    raise MeshError(
+      f"mesh: slices have unequal device counts {[len(g) for g in groups]}"
+    )
   return groups
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int,
-               num_slices: int = 1) -> tuple[dict[str, int], dict[str, int]]:
+def mesh_shape(
+  cfg: MeshConfig, num_devices: int, num_slices: int = 1
+) -> tuple[dict[str, int], dict[str, int]]:
   """Resolved (ici, dcn) sizes per axis for this many devices and slices."""
   if num_devices % num_slices:
-    raise MeshError(f"mesh: {num_devices} devices do not split into "
-                    f"{num_slices} slices")
-  ici = _resolve({a: getattr(cfg, f"ici_{a}") for a in MESH_AXES},
-                 num_devices // num_slices, "ici")
-  dcn = _resolve({a: getattr(cfg, f"dcn_{a}") for a in MESH_AXES},
-                 num_slices, "dcn")
+    raise MeshError(
+      f"mesh: {num_devices} devices do not split into {num_slices} slices"
+    )
+  ici = _resolve(
+    {a: getattr(cfg, f"ici_{a}") for a in MESH_AXES},
+    num_devices // num_slices,
+    "ici",
+  )
+  dcn = _resolve(
+    {a: getattr(cfg, f"dcn_{a}") for a in MESH_AXES}, num_slices, "dcn"
+  )
   return ici, dcn
 
 
@@ -90,7 +102,8 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
   dcn_shape = [dcn[a] for a in MESH_AXES]
   if len(groups) > 1 and all(hasattr(d, "slice_index") for d in devices):
     array = mesh_utils.create_hybrid_device_mesh(
-        ici_shape, dcn_shape, devices, allow_split_physical_axes=True)
+      ici_shape, dcn_shape, devices, allow_split_physical_axes=True
+    )
   else:
     per_slice = np.stack([_slice_mesh(ici_shape, g) for g in groups])
     # [S, *ici] -> [*dcn, *ici] -> interleave (dcn_a, ici_a) -> merge.
@@ -104,7 +117,8 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
 def _slice_mesh(shape, devices) -> np.ndarray:
   """Devices of one slice arranged for the ICI topology where known."""
   try:
-    return mesh_utils.create_device_mesh(shape, devices,
-                                         allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(
+      shape, devices, allow_split_physical_axes=True
+    )
   except (ValueError, NotImplementedError, AssertionError):
     return np.asarray(devices, dtype=object).reshape(shape)

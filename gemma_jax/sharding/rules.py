@@ -27,8 +27,10 @@ from gemma_jax.sharding.config import MeshConfig
 
 def flax_rules(cfg: MeshConfig) -> tuple:
   """MeshConfig.rules in flax's format ((name, axis | tuple | None), ...)."""
-  return tuple((name, None if not axes else axes[0] if len(axes) == 1
-                else tuple(axes)) for name, axes in cfg.rules)
+  return tuple(
+    (name, None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    for name, axes in cfg.rules
+  )
 
 
 @contextlib.contextmanager
@@ -69,8 +71,9 @@ def fit(spec: P, shape: tuple[int, ...], mesh) -> tuple[P, list[str]]:
   return P(*entries), notes
 
 
-def zero_spec(spec: P, shape: tuple[int, ...], mesh,
-              axes: tuple[str, ...] = ("data",)) -> P:
+def zero_spec(
+  spec: P, shape: tuple[int, ...], mesh, axes: tuple[str, ...] = ("data",)
+) -> P:
   """Adds the unused `axes` to the largest dimension they still divide."""
   entries = list(spec) + [None] * (len(shape) - len(spec))
   used = {a for e in entries for a in axes_of(e)}
@@ -92,8 +95,10 @@ def zero_spec(spec: P, shape: tuple[int, ...], mesh,
 def values(boxed_tree):
   """Strips nn.Partitioned boxes without adding sharding constraints."""
   return jax.tree.map(
-      lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed_tree,
-      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+    boxed_tree,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
 
 
 def logical_specs(boxed_tree):
@@ -116,19 +121,23 @@ def mesh_specs(boxed_tree, mesh, cfg: MeshConfig):
     return spec
 
   specs = jax.tree_util.tree_map_with_path(
-      one, logical, shapes, is_leaf=lambda x: isinstance(x, P))
+    one, logical, shapes, is_leaf=lambda x: isinstance(x, P)
+  )
   return specs, notes
 
 
 def named(mesh, spec_tree):
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda s: NamedSharding(mesh, s),
+    spec_tree,
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def batch_spec(cfg: MeshConfig) -> P:
   """Rows of a batch are split over the mesh axes of 'act_batch'."""
   spec = nn.logical_to_mesh_axes(("act_batch",), flax_rules(cfg))
-  assert spec is not None   # None only for no dimension names
+  assert spec is not None  # None only for no dimension names
   return P(spec[0])
 
 

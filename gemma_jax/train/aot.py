@@ -32,21 +32,28 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
   # Lets this process load libtpu while another process holds it.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
-  kwargs = {"chip_config_name": chip.chip_config} if chip.chip_config \
-      else {}
+
+  kwargs = {"chip_config_name": chip.chip_config} if chip.chip_config else {}
   try:
-    topo = topologies.get_topology_desc(topology_name=name, platform="tpu",
-                                        num_slices=num_slices, **kwargs)
+    topo = topologies.get_topology_desc(
+      topology_name=name, platform="tpu", num_slices=num_slices, **kwargs
+    )
   except Exception as e:  # jax raises plain RuntimeErrors here.
     if "not installed" in str(e) or "Unknown backend" in str(e):
-      raise ConfigError("compiling for TPU needs libtpu: pip install "
-                        "'gemma-jax[tpu]'") from None
+      raise ConfigError(
+        "compiling for TPU needs libtpu: pip install 'gemma-jax[tpu]'"
+      ) from None
     raise
   return list(topo.devices)
 
 
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-                "collective-permute")
+_COLLECTIVES = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "all-to-all",
+  "collective-permute",
+)
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
@@ -99,7 +106,7 @@ def _flops(compiled) -> float:
 
 def _jaxprs(params):
   for v in params.values():
-    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+    for x in v if isinstance(v, (tuple, list)) else (v,):
       if isinstance(x, jax.extend.core.ClosedJaxpr):
         yield x.jaxpr
       elif isinstance(x, jax.extend.core.Jaxpr):
@@ -133,8 +140,9 @@ def matmul_flops(jaxpr, loops: bool = True) -> float:
   return total
 
 
-def loop_scaled_flops(program: TrainProgram,
-                      compiled_flops: float) -> tuple[float, float]:
+def loop_scaled_flops(
+  program: TrainProgram, compiled_flops: float
+) -> tuple[float, float]:
   """(compiler FLOPs with every loop iteration counted, program FLOPs).
 
   XLA's cost analysis counts a loop body once, and the layers and the
@@ -150,8 +158,13 @@ def loop_scaled_flops(program: TrainProgram,
   return scaled, full / program.mesh.devices.size
 
 
-def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
-                   mfu: float = 0.5, scale_flops: bool = True) -> dict:
+def compile_report(
+  cfg: RunConfig,
+  topology: str,
+  num_slices: int = 1,
+  mfu: float = 0.5,
+  scale_flops: bool = True,
+) -> dict:
   """Compiles the train step for `topology` and reports per-device numbers.
 
   Keys: fits, peak_bytes_per_device, hbm_bytes_per_device,
@@ -165,50 +178,60 @@ def compile_report(cfg: RunConfig, topology: str, num_slices: int = 1,
   compile_s; `error` when the compiler ran out of memory.
   """
   chip, _ = hardware.parse_topology(topology)
-  assert chip.hbm_bytes is not None   # every TPU in hardware.CHIPS has it
+  assert chip.hbm_bytes is not None  # every TPU in hardware.CHIPS has it
   devices = topology_devices(topology, num_slices)
   program = TrainProgram(cfg, make_mesh(cfg.mesh, devices))
   n = len(devices)
   tokens = cfg.train.batch_size * cfg.data.seq_len
-  analytic = flops_lib.model_flops_per_token(cfg.model,
-                                             cfg.data.seq_len) * tokens / n
-  report = dict(topology=topology, slices=num_slices, devices=n,
-                mesh=dict(program.mesh.shape), model=cfg.model.name,
-                params=cfg.model.param_count(),
-                batch=[cfg.train.batch_size, cfg.data.seq_len],
-                microbatches=cfg.train.microbatches,
-                remat_policy=cfg.model.remat_policy,
-                hbm_bytes_per_device=chip.hbm_bytes,
-                analytic_flops_per_device=analytic,
-                unsharded=rules.unsharded_report(program.unsharded))
+  analytic = (
+    flops_lib.model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens / n
+  )
+  report = dict(
+    topology=topology,
+    slices=num_slices,
+    devices=n,
+    mesh=dict(program.mesh.shape),
+    model=cfg.model.name,
+    params=cfg.model.param_count(),
+    batch=[cfg.train.batch_size, cfg.data.seq_len],
+    microbatches=cfg.train.microbatches,
+    remat_policy=cfg.model.remat_policy,
+    hbm_bytes_per_device=chip.hbm_bytes,
+    analytic_flops_per_device=analytic,
+    unsharded=rules.unsharded_report(program.unsharded),
+  )
   start = time.perf_counter()
   try:
     compiled = _compile(program)
   except OutOfMemory as e:
-    return report | dict(fits=False, error=str(e),
-                         peak_bytes_per_device=_required_bytes(str(e)),
-                         flops_per_device=None,
-                         compile_s=time.perf_counter() - start)
+    return report | dict(
+      fits=False,
+      error=str(e),
+      peak_bytes_per_device=_required_bytes(str(e)),
+      flops_per_device=None,
+      compile_s=time.perf_counter() - start,
+    )
   report["compile_s"] = time.perf_counter() - start
   mem = compiled.memory_analysis()
   peak = int(mem.peak_memory_in_bytes)
   raw = _flops(compiled)
-  scaled, traced = (loop_scaled_flops(program, raw) if scale_flops
-                    else (raw, None))
+  scaled, traced = (
+    loop_scaled_flops(program, raw) if scale_flops else (raw, None)
+  )
   report |= dict(
-      fits=peak <= chip.hbm_bytes,
-      peak_bytes_per_device=peak,
-      argument_bytes_per_device=int(mem.argument_size_in_bytes),
-      temp_bytes_per_device=int(mem.temp_size_in_bytes),
-      param_bytes_per_device=_leaf_bytes(program.abstract_state.params),
-      opt_state_bytes_per_device=_leaf_bytes(
-          program.abstract_state.opt_state),
-      frozen_bytes_per_device=_leaf_bytes(program.abstract_frozen),
-      compiler_flops_per_device=raw,
-      flops_per_device=scaled,
-      program_flops_per_device=traced,
-      collectives=count_collectives(compiled.as_text()),
-      mfu=mfu,
-      step_time_s=analytic / (chip.peak_flops * mfu),
-      tokens_per_step=tokens)
+    fits=peak <= chip.hbm_bytes,
+    peak_bytes_per_device=peak,
+    argument_bytes_per_device=int(mem.argument_size_in_bytes),
+    temp_bytes_per_device=int(mem.temp_size_in_bytes),
+    param_bytes_per_device=_leaf_bytes(program.abstract_state.params),
+    opt_state_bytes_per_device=_leaf_bytes(program.abstract_state.opt_state),
+    frozen_bytes_per_device=_leaf_bytes(program.abstract_frozen),
+    compiler_flops_per_device=raw,
+    flops_per_device=scaled,
+    program_flops_per_device=traced,
+    collectives=count_collectives(compiled.as_text()),
+    mfu=mfu,
+    step_time_s=analytic / (chip.peak_flops * mfu),
+    tokens_per_step=tokens,
+  )
   return report

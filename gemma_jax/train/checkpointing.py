@@ -48,9 +48,12 @@ DAMAGED_DIR = "checkpoints.damaged"
 DISCARDED_DIR = "checkpoints.discarded"
 # A tensorstore/orbax failure that means a file is missing or torn (not a
 # checkpoint of another model).
-_DAMAGE = re.compile(r"NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|"
-                     r"Error reading|error while reading|Error opening|"
-                     r"No such file|Unexpected end|corrupt|decod", re.I)
+_DAMAGE = re.compile(
+  r"NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|"
+  r"Error reading|error while reading|Error opening|"
+  r"No such file|Unexpected end|corrupt|decod",
+  re.I,
+)
 
 
 class CheckpointDamaged(CheckpointError):
@@ -61,8 +64,9 @@ class CheckpointDamaged(CheckpointError):
 
   def __init__(self, directory: str, step: int, file: str, reason: str):
     self.step, self.file = step, file
-    super().__init__(f"checkpoint {directory}/{step} is damaged: {file}: "
-                     f"{reason}")
+    super().__init__(
+      f"checkpoint {directory}/{step} is damaged: {file}: {reason}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +113,9 @@ class Checkpointer:
   (eval and other readers) never creates or deletes anything.
   """
 
-  def __init__(self, directory: str, cfg: CheckpointConfig,
-               read_only: bool = False):
+  def __init__(
+    self, directory: str, cfg: CheckpointConfig, read_only: bool = False
+  ):
     self.directory = fileio.absolute(directory)
     self.read_only = read_only
     if read_only and not epath.Path(self.directory).is_dir():
@@ -118,8 +123,8 @@ class Checkpointer:
     self._metas: dict[int, dict] = {}
     self._good: dict[int, bool] = {}
     self._manager = ocp.CheckpointManager(
-        self.directory, options=self._options(cfg),
-        item_names=("state", "meta"))
+      self.directory, options=self._options(cfg), item_names=("state", "meta")
+    )
 
   def _options(self, cfg) -> ocp.CheckpointManagerOptions:
     if self.read_only:
@@ -129,13 +134,15 @@ class Checkpointer:
     # orbax's own interval check.
     cm = ocp.checkpoint_managers
     return ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=cfg.async_save,
-        create=True,
-        # The newest `keep`, and the newest good one (see health.py).
-        preservation_policy=cm.AnyPreservationPolicy(
-            [cm.LatestN(n=cfg.keep), _KeepNewestGood(self)]),
-        # Leftover `*.orbax-checkpoint-tmp-*` directories of a killed save.
-        cleanup_tmp_directories=True)
+      enable_async_checkpointing=cfg.async_save,
+      create=True,
+      # The newest `keep`, and the newest good one (see health.py).
+      preservation_policy=cm.AnyPreservationPolicy(
+        [cm.LatestN(n=cfg.keep), _KeepNewestGood(self)]
+      ),
+      # Leftover `*.orbax-checkpoint-tmp-*` directories of a killed save.
+      cleanup_tmp_directories=True,
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -148,16 +155,25 @@ class Checkpointer:
     (never silently kept or overwritten). Meta gets the arrays' shapes and
     checksums; `meta["good"]["good"]` marks a good checkpoint."""
     if step in self._manager.all_steps():
-      raise CheckpointError(f"checkpoint {self.directory}/{step} already "
-                            "exists; not overwriting it")
-    meta = {"format_version": FORMAT_VERSION, "step": step, **meta,
-            "shapes": _shapes(state), "checksums": health.checksums(state)}
+      raise CheckpointError(
+        f"checkpoint {self.directory}/{step} already exists; not overwriting it"
+      )
+    meta = {
+      "format_version": FORMAT_VERSION,
+      "step": step,
+      **meta,
+      "shapes": _shapes(state),
+      "checksums": health.checksums(state),
+    }
     self._metas[step] = meta
     self._good[step] = bool(meta.get("good", {}).get("good", False))
     self._manager.save(
-        step, force=True,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                meta=ocp.args.JsonSave(meta)))
+      step,
+      force=True,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+      ),
+    )
 
   # Goodness (see gemma_jax/train/health.py).
   def good(self, step: int) -> dict | None:
@@ -178,8 +194,11 @@ class Checkpointer:
       except CheckpointError:
         return False
       record = meta.get("good")
-      self._good[step] = (bool(record.get("good")) if isinstance(record, dict)
-                          else meta.get("format_version", 0) < 3)
+      self._good[step] = (
+        bool(record.get("good"))
+        if isinstance(record, dict)
+        else meta.get("format_version", 0) < 3
+      )
     return self._good[step]
 
   def newest_good_step(self) -> int | None:
@@ -212,23 +231,29 @@ class Checkpointer:
     self._check_files(step)
     self._check_structure(step, meta, abstract_state)
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
-    except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many)
+      restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)),
+      )
+    except Exception as e:  # orbax/tensorstore raise many
       text = str(e)
       if "shapes" in meta or _DAMAGE.search(text):
-        raise CheckpointDamaged(self.directory, step, _culprit(text),
-                                _first_line(text)) from None
-      raise self._mismatch(step, f"{type(e).__name__}: {text[:300]}"
-                           ) from None
+        raise CheckpointDamaged(
+          self.directory, step, _culprit(text), _first_line(text)
+        ) from None
+      raise self._mismatch(step, f"{type(e).__name__}: {text[:300]}") from None
     if "checksums" in meta:
-      bad = health.mismatched(meta["checksums"],
-                              health.checksums(restored.state))
+      bad = health.mismatched(
+        meta["checksums"], health.checksums(restored.state)
+      )
       if bad:
         raise CheckpointDamaged(
-            self.directory, step, f"array {bad[0]}",
-            f"its data does not match the checksum saved with it "
-            f"({len(bad)} arrays differ)")
+          self.directory,
+          step,
+          f"array {bad[0]}",
+          f"its data does not match the checksum saved with it "
+          f"({len(bad)} arrays differ)",
+        )
     return Restored(state=restored.state, meta=meta)
 
   def set_aside(self, step: int, folder: str) -> str:
@@ -257,23 +282,23 @@ class Checkpointer:
 
   def _rel(self, path: str) -> str:
     """`path` inside the checkpoint directory, for messages."""
-    return path[len(self.directory):].lstrip("/")
+    return path[len(self.directory) :].lstrip("/")
 
   def _read_json(self, step: int, path: str) -> dict:
     try:
       data = json.loads(epath.Path(path).read_text())
     except FileNotFoundError:
-      raise CheckpointDamaged(self.directory, step,
-                              self._rel(path),
-                              "missing") from None
+      raise CheckpointDamaged(
+        self.directory, step, self._rel(path), "missing"
+      ) from None
     except (ValueError, UnicodeDecodeError) as e:
-      raise CheckpointDamaged(self.directory, step,
-                              self._rel(path),
-                              f"not valid JSON ({e})") from None
+      raise CheckpointDamaged(
+        self.directory, step, self._rel(path), f"not valid JSON ({e})"
+      ) from None
     if not isinstance(data, dict):
-      raise CheckpointDamaged(self.directory, step,
-                              self._rel(path),
-                              "not a JSON object")
+      raise CheckpointDamaged(
+        self.directory, step, self._rel(path), "not a JSON object"
+      )
     return data
 
   def _check_files(self, step: int) -> None:
@@ -283,12 +308,16 @@ class Checkpointer:
     if tree.get("use_ocdbt", True):
       manifest = os.path.join(state, "manifest.ocdbt")
       if not _nonempty_file(manifest):
-        raise CheckpointDamaged(self.directory, step,
-                                self._rel(manifest),
-                                "missing or empty")
+        raise CheckpointDamaged(
+          self.directory, step, self._rel(manifest), "missing or empty"
+        )
     if not isinstance(tree.get("tree_metadata"), dict):
-      raise CheckpointDamaged(self.directory, step, f"{step}/state/_METADATA",
-                              "holds no tree metadata")
+      raise CheckpointDamaged(
+        self.directory,
+        step,
+        f"{step}/state/_METADATA",
+        "holds no tree metadata",
+      )
 
   def _check_structure(self, step: int, meta: dict, abstract_state) -> None:
     """CheckpointError naming the first array whose path or shape differs
@@ -296,26 +325,36 @@ class Checkpointer:
     want = _shapes(abstract_state)
     if "shapes" in meta:
       saved = meta["shapes"]
-    else:   # earlier versions: paths only, from orbax's tree metadata
-      tree = json.loads(epath.Path(self._step_dir(step), "state",
-                                   "_METADATA").read_text())["tree_metadata"]
-      saved = {k: want.get(k) for k, v in tree.items()
-               if (v.get("value_metadata") or {}).get("value_type")}
+    else:  # earlier versions: paths only, from orbax's tree metadata
+      tree = json.loads(
+        epath.Path(self._step_dir(step), "state", "_METADATA").read_text()
+      )["tree_metadata"]
+      saved = {
+        k: want.get(k)
+        for k, v in tree.items()
+        if (v.get("value_metadata") or {}).get("value_type")
+      }
     for key in sorted(set(saved) | set(want)):
       if key not in saved:
         raise self._mismatch(step, f"array {key} is not in the checkpoint")
       if key not in want:
-        raise self._mismatch(step, f"the checkpoint has an array {key} the "
-                             f"configured state has not")
+        raise self._mismatch(
+          step,
+          f"the checkpoint has an array {key} the configured state has not",
+        )
       if list(saved[key]) != list(want[key]):
-        raise self._mismatch(step, f"array {key} has shape {saved[key]} in "
-                             f"the checkpoint, {want[key]} in the config")
+        raise self._mismatch(
+          step,
+          f"array {key} has shape {saved[key]} in "
+          f"the checkpoint, {want[key]} in the config",
+        )
 
   def _mismatch(self, step: int, detail: str) -> CheckpointError:
     return CheckpointError(
-        f"checkpoint {self.directory}/{step} does not match the configured "
-        f"model/optimizer state ({detail}); use the config it was trained "
-        f"with, or a fresh --workdir")
+      f"checkpoint {self.directory}/{step} does not match the configured "
+      f"model/optimizer state ({detail}); use the config it was trained "
+      f"with, or a fresh --workdir"
+    )
 
   def _step_or_latest(self, step):
     if step is None:
@@ -324,14 +363,19 @@ class Checkpointer:
         raise CheckpointError(f"no checkpoint found in {self.directory}")
     elif step not in self._manager.all_steps():
       steps = ", ".join(map(str, self.all_steps())) or "none"
-      raise CheckpointError(f"no checkpoint at step {step} in "
-                            f"{self.directory} (steps: {steps})")
+      raise CheckpointError(
+        f"no checkpoint at step {step} in {self.directory} (steps: {steps})"
+      )
     return step
 
 
-def restore_newest_intact(checkpointer: Checkpointer, abstract_state,
-                          check_meta=None, damaged_dir: str | None = None,
-                          warn=None):
+def restore_newest_intact(
+  checkpointer: Checkpointer,
+  abstract_state,
+  check_meta=None,
+  damaged_dir: str | None = None,
+  warn=None,
+):
   """(step, Restored) of the newest intact checkpoint; (None, None) when
   there is none at all.
 
@@ -358,8 +402,9 @@ def restore_newest_intact(checkpointer: Checkpointer, abstract_state,
   if damaged:
     kept = f" (moved to {damaged_dir})" if damaged_dir else ""
     raise CheckpointError(
-        f"no intact checkpoint in {checkpointer.directory}: checkpoints "
-        f"{', '.join(map(str, damaged))} are damaged{kept}")
+      f"no intact checkpoint in {checkpointer.directory}: checkpoints "
+      f"{', '.join(map(str, damaged))} are damaged{kept}"
+    )
   return None, None
 
 
@@ -378,8 +423,9 @@ def _first_line(text: str) -> str:
 
 def _culprit(text: str) -> str:
   """The array (or file) a tensorstore error names."""
-  arrays = [p for p in re.findall(r"'path': '([^']+)'", text)
-            if not p.startswith("/")]
+  arrays = [
+    p for p in re.findall(r"'path': '([^']+)'", text) if not p.startswith("/")
+  ]
   if arrays:
     return f"array {arrays[-1].rstrip('/')}"
   key = re.search(r'Error reading "([^"/]+)/', text)

@@ -31,8 +31,8 @@ class OptimizerConfig:
   learning_rate: float = 3e-4
   schedule: Literal["cosine", "wsd", "linear", "constant", "rsqrt"] = "cosine"
   warmup_steps: int = 0
-  decay_steps: int | None = None   # None: the run's train.steps
-  min_lr_ratio: float = 0.1        # final lr as a fraction of the peak
+  decay_steps: int | None = None  # None: the run's train.steps
+  min_lr_ratio: float = 0.1  # final lr as a fraction of the peak
   wsd_decay_fraction: float = 0.1  # share of steps spent decaying (wsd)
   b1: float = 0.9
   b2: float = 0.95
@@ -42,8 +42,9 @@ class OptimizerConfig:
 
   def __post_init__(self):
     if self.learning_rate < 0:
-      raise ConfigError(f"optimizer.learning_rate must be >= 0, got "
-                        f"{self.learning_rate}")
+      raise ConfigError(
+        f"optimizer.learning_rate must be >= 0, got {self.learning_rate}"
+      )
     if self.warmup_steps < 0:
       raise ConfigError("optimizer.warmup_steps must be >= 0")
 
@@ -51,42 +52,48 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 100
-  batch_size: int = 8              # global batch, rows
-  microbatches: int = 1            # gradient accumulation
+  batch_size: int = 8  # global batch, rows
+  microbatches: int = 1  # gradient accumulation
   z_loss: float = 0.0
   seed: int = 0
   log_every: int = 10
-  eval_every: int = 0              # 0: only at the end
+  eval_every: int = 0  # 0: only at the end
   eval_batches: int = 4
   max_nonfinite_in_row: int = 3
   peak_flops_per_device: float | None = None  # None: from the device table
-  prefetch: int = 2                # batches placed on the devices ahead
+  prefetch: int = 2  # batches placed on the devices ahead
   sample_prompts: tuple[str, ...] = ()  # printed with a continuation at the end
   sample_tokens: int = 32
-  ema_decay: float = 0.0           # EMA of the weights (0: none)
-  ema_debias: bool = True          # false: anchored at the start (WARP)
+  ema_decay: float = 0.0  # EMA of the weights (0: none)
+  ema_debias: bool = True  # false: anchored at the start (WARP)
 
   def __post_init__(self):
     if self.steps < 0:
       raise ConfigError(f"train.steps must be >= 0, got {self.steps}")
     if self.batch_size <= 0:
-      raise ConfigError(f"train.batch_size must be positive")
+      raise ConfigError("train.batch_size must be positive")
     if self.microbatches <= 0 or self.batch_size % self.microbatches:
       raise ConfigError(
-          f"train.batch_size ({self.batch_size}) must be divisible by "
-          f"train.microbatches ({self.microbatches})")
-    for key in ("log_every", "eval_every", "eval_batches",
-                "max_nonfinite_in_row", "sample_tokens"):
+        f"train.batch_size ({self.batch_size}) must be divisible by "
+        f"train.microbatches ({self.microbatches})"
+      )
+    for key in (
+      "log_every",
+      "eval_every",
+      "eval_batches",
+      "max_nonfinite_in_row",
+      "sample_tokens",
+    ):
       if getattr(self, key) < 0:
-        raise ConfigError(f"train.{key} must be >= 0, got "
-                          f"{getattr(self, key)}")
+        raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
     if self.log_every == 0:
       raise ConfigError("train.log_every must be positive")
     if self.prefetch < 1:
       raise ConfigError(f"train.prefetch must be >= 1, got {self.prefetch}")
     if not 0.0 <= self.ema_decay < 1.0:
-      raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no EMA), "
-                        f"got {self.ema_decay}")
+      raise ConfigError(
+        f"train.ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,28 +101,34 @@ class CheckpointConfig:
   save_every: int = 100
   keep: int = 3
   async_save: bool = True
-  init_from: str | None = None     # params to start from (continual pretraining)
+  init_from: str | None = None  # params to start from (continual pretraining)
   # Format of init_from: detected, or named (a gemma_jax run directory is
   # `run`; see gemma_jax.train.continual).
   init_format: Literal["auto", "native", "hf", "kaggle", "run"] = "auto"
   # With init_from a run directory: continue its AdamW moments too (the
   # learning-rate schedule still restarts at step 0).
   init_optimizer: bool = False
-  export_params: bool = True       # params-only export to WORKDIR/params at the end
+  export_params: bool = True  # params-only export to WORKDIR/params at the end
 
   def __post_init__(self):
     if self.save_every < 0:
-      raise ConfigError(f"checkpoint.save_every must be >= 0 (0: only at the "
-                        f"end), got {self.save_every}")
+      raise ConfigError(
+        f"checkpoint.save_every must be >= 0 (0: only at the "
+        f"end), got {self.save_every}"
+      )
     if self.keep < 1:
       raise ConfigError(f"checkpoint.keep must be >= 1, got {self.keep}")
     if self.init_optimizer and not self.init_from:
-      raise ConfigError("checkpoint.init_optimizer needs checkpoint.init_from "
-                        "(a gemma_jax run directory)")
+      raise ConfigError(
+        "checkpoint.init_optimizer needs checkpoint.init_from "
+        "(a gemma_jax run directory)"
+      )
     if self.init_optimizer and self.init_format not in ("auto", "run"):
-      raise ConfigError(f"checkpoint.init_optimizer restores the optimizer of "
-                        f"a gemma_jax run; checkpoint.init_format "
-                        f"{self.init_format!r} holds params only")
+      raise ConfigError(
+        f"checkpoint.init_optimizer restores the optimizer of "
+        f"a gemma_jax run; checkpoint.init_format "
+        f"{self.init_format!r} holds params only"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +138,10 @@ class ContinualConfig:
 
   ewc_lambda > 0 without a `fisher` is L2-SP (F = 1).
   """
+
   ewc_lambda: float = 0.0
-  fisher: str | None = None        # a `gemma-jax fisher` output directory
-  anchor: str | None = None        # params to hold (default: init_from)
+  fisher: str | None = None  # a `gemma-jax fisher` output directory
+  anchor: str | None = None  # params to hold (default: init_from)
   anchor_format: Literal["auto", "native", "hf", "kaggle", "run"] = "auto"
   # F as used: divided by its mean over all entries ("mean", so that
   # mean F = 1 and ewc_lambda is the average stiffness, whatever the data
@@ -138,8 +152,9 @@ class ContinualConfig:
 
   def __post_init__(self):
     if self.ewc_lambda < 0:
-      raise ConfigError(f"continual.ewc_lambda must be >= 0, got "
-                        f"{self.ewc_lambda}")
+      raise ConfigError(
+        f"continual.ewc_lambda must be >= 0, got {self.ewc_lambda}"
+      )
 
   @property
   def enabled(self) -> bool:
@@ -163,27 +178,32 @@ class RunConfig:
     if self.model.lora is not None:
       self._check_lora()
     if c.enabled and not (c.anchor or self.checkpoint.init_from):
-      raise ConfigError("continual.ewc_lambda > 0 holds the params near an "
-                        "anchor: set continual.anchor or "
-                        "checkpoint.init_from")
+      raise ConfigError(
+        "continual.ewc_lambda > 0 holds the params near an "
+        "anchor: set continual.anchor or "
+        "checkpoint.init_from"
+      )
 
   def _check_lora(self):
     c, ck = self.continual, self.checkpoint
     if ck.init_optimizer:
       raise ConfigError(
-          "checkpoint.init_optimizer: with model.lora the optimizer holds the "
-          "adapters only and checkpoint.init_from is their frozen base, so "
-          "there are no moments to keep; remove init_optimizer")
+        "checkpoint.init_optimizer: with model.lora the optimizer holds the "
+        "adapters only and checkpoint.init_from is their frozen base, so "
+        "there are no moments to keep; remove init_optimizer"
+      )
     if c.enabled and not ck.init_from:
       raise ConfigError(
-          "continual.ewc_lambda > 0 with model.lora holds the adapted weights "
-          "near their frozen base: set checkpoint.init_from to the base")
+        "continual.ewc_lambda > 0 with model.lora holds the adapted weights "
+        "near their frozen base: set checkpoint.init_from to the base"
+      )
     if c.enabled and c.anchor and c.anchor != ck.init_from:
       raise ConfigError(
-          f"continual.anchor: with model.lora the EWC anchor is the frozen "
-          f"base the adapters move away from (checkpoint.init_from "
-          f"{ck.init_from}), so it cannot be {c.anchor}; remove "
-          f"continual.anchor")
+        f"continual.anchor: with model.lora the EWC anchor is the frozen "
+        f"base the adapters move away from (checkpoint.init_from "
+        f"{ck.init_from}), so it cannot be {c.anchor}; remove "
+        f"continual.anchor"
+      )
 
 
 def model_config_from_dict(data: dict, path: str = "model") -> ModelConfig:
@@ -192,8 +212,10 @@ def model_config_from_dict(data: dict, path: str = "model") -> ModelConfig:
   name = data.pop("preset", None)
   if name is not None:
     if name not in PRESETS:
-      raise ConfigError(f"{path}.preset: unknown preset {name!r}; valid "
-                        f"choices: {', '.join(PRESETS)}")
+      raise ConfigError(
+        f"{path}.preset: unknown preset {name!r}; valid "
+        f"choices: {', '.join(PRESETS)}"
+      )
     data = {**configlib.to_dict(PRESETS[name]), **data}
   return configlib.from_dict(ModelConfig, data, path)
 
@@ -206,19 +228,24 @@ def config_from_dict(data: dict) -> RunConfig:
   if isinstance(model, str):
     model = {"preset": model}
   if not isinstance(model, dict):
-    raise ConfigError(f"model: expected a preset name or a mapping, "
-                      f"got {model!r}")
+    raise ConfigError(
+      f"model: expected a preset name or a mapping, got {model!r}"
+    )
   distill = data.get("distill")
   if isinstance(distill, dict) and distill.get("teacher_model") is not None:
     teacher = distill["teacher_model"]
     teacher = {"preset": teacher} if isinstance(teacher, str) else teacher
     if not isinstance(teacher, dict):
-      raise ConfigError(f"distill.teacher_model: expected a preset name or a "
-                        f"mapping, got {teacher!r}")
-    data["distill"] = distill | {"teacher_model": model_config_from_dict(
-        teacher, "distill.teacher_model")}
-  return configlib.from_dict(RunConfig,
-                             data | {"model": model_config_from_dict(model)})
+      raise ConfigError(
+        f"distill.teacher_model: expected a preset name or a "
+        f"mapping, got {teacher!r}"
+      )
+    data["distill"] = distill | {
+      "teacher_model": model_config_from_dict(teacher, "distill.teacher_model")
+    }
+  return configlib.from_dict(
+    RunConfig, data | {"model": model_config_from_dict(model)}
+  )
 
 
 def load_config(path=None, overrides=()) -> RunConfig:
@@ -230,8 +257,9 @@ def load_config(path=None, overrides=()) -> RunConfig:
     if isinstance(data.get("model"), str):
       data["model"] = {"preset": data["model"]}
     distill = data.get("distill")
-    if isinstance(distill, dict) and isinstance(distill.get("teacher_model"),
-                                                str):
+    if isinstance(distill, dict) and isinstance(
+      distill.get("teacher_model"), str
+    ):
       distill["teacher_model"] = {"preset": distill["teacher_model"]}
     data = configlib.apply_overrides(data, [override])
   return config_from_dict(data)

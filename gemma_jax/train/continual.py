@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gemma_jax.checkpoint import fisher as fisher_store
 from gemma_jax.checkpoint import formats, layout
@@ -52,19 +53,22 @@ KEY = "ewc"
 def penalty(params, ewc: dict, ewc_lambda: float):
   """ewc_lambda / 2 * sum F (params - anchor)^2, float32; F = 1 when `ewc`
   has no "fisher" (L2-SP)."""
+
   def term(p, a, f=None):
     d = jnp.square(p.astype(jnp.float32) - a.astype(jnp.float32))
     return jnp.sum(d if f is None else f.astype(jnp.float32) * d)
-  trees = [params, ewc["anchor"]] + ([ewc["fisher"]] if "fisher" in ewc
-                                     else [])
+
+  trees = [params, ewc["anchor"]] + ([ewc["fisher"]] if "fisher" in ewc else [])
   return 0.5 * ewc_lambda * sum(jax.tree.leaves(jax.tree.map(term, *trees)))
 
 
 def penalty_fn(ewc_lambda: float):
   """A TrainProgram penalty_fn: (params, frozen) -> (penalty, {"ewc": ..})."""
+
   def fn(params, frozen):
     value = penalty(params, frozen[KEY], ewc_lambda)
     return value, {KEY: value}
+
   return fn
 
 
@@ -73,8 +77,9 @@ def _adapted_weights(model_cfg) -> dict[str, list[str]]:
   """{weight path: [targets]} of the weights the adapters change."""
   out: dict[str, list[str]] = {}
   for target in model_cfg.lora.targets:
-    out.setdefault(f"{lora_lib.PROJECTIONS[target].module}/w",
-                   []).append(target)
+    out.setdefault(f"{lora_lib.PROJECTIONS[target].module}/w", []).append(
+      target
+    )
   return out
 
 
@@ -106,16 +111,19 @@ def _install_lora(program, c) -> None:
   def fn(params, frozen):
     value = lora_penalty(params, frozen[KEY], c.ewc_lambda, model_cfg)
     return value, {KEY: value}
+
   program.penalty_fn = fn
   program.train_only_frozen.add(KEY)
   program.frozen[KEY] = {}
   if c.fisher:
     flat = dict(layout.flatten(program.frozen[lora_train.BASE]))
     dtype = jnp.dtype(c.dtype)
-    program.frozen[KEY]["fisher"] = layout.unflatten({
-        p: jax.ShapeDtypeStruct(flat[p].shape, dtype,
-                                sharding=flat[p].sharding)
-        for p in _adapted_weights(model_cfg)})
+    program.frozen[KEY]["fisher"] = layout.unflatten(
+      {
+        p: jax.ShapeDtypeStruct(flat[p].shape, dtype, sharding=flat[p].sharding)
+        for p in _adapted_weights(model_cfg)
+      }
+    )
 
 
 def _load_lora_ewc(program) -> None:
@@ -127,13 +135,21 @@ def _load_lora_ewc(program) -> None:
     program.frozen[KEY] = {}
     return
   base_cfg = lora_lib.merged_config(cfg.model)
-  shardings = jax.tree.map(lambda x: x.sharding, lora_train.float_base(
-      program.frozen[lora_train.BASE], cfg.model))
+  shardings = jax.tree.map(
+    lambda x: x.sharding,
+    lora_train.float_base(program.frozen[lora_train.BASE], cfg.model),
+  )
   raw = fisher_store.load(c.fisher, base_cfg, shardings)
-  fisher = dict(layout.flatten(prepare_fisher(
-      program, raw, f"continual.fisher {c.fisher}", shardings)))
-  program.frozen[KEY] = {"fisher": layout.unflatten(
-      {p: fisher[p] for p in _adapted_weights(cfg.model)})}
+  fisher = dict(
+    layout.flatten(
+      prepare_fisher(program, raw, f"continual.fisher {c.fisher}", shardings)
+    )
+  )
+  program.frozen[KEY] = {
+    "fisher": layout.unflatten(
+      {p: fisher[p] for p in _adapted_weights(cfg.model)}
+    )
+  }
 
 
 def install(program) -> None:
@@ -148,7 +164,7 @@ def install(program) -> None:
     _install_lora(program, c)
     return
   program.penalty_fn = penalty_fn(c.ewc_lambda)
-  program.train_only_frozen.add(KEY)   # evaluation never needs F or anchor
+  program.train_only_frozen.add(KEY)  # evaluation never needs F or anchor
   dtype = jnp.dtype(c.dtype)
   like = lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
   params = program.abstract_state.params
@@ -169,15 +185,22 @@ def load_params(path: str, fmt: str, program, dtype=None):
   dtype = dtype or jnp.dtype(program.cfg.model.param_dtype)
   if fmt == "run" or (fmt == "auto" and is_run_dir(path)):
     return _run_params(path, program, dtype)
-  return formats.load(path, program.cfg.model, fmt=fmt, dtype=dtype,
-                      shardings=program.param_shardings)
+  return formats.load(
+    path,
+    program.cfg.model,
+    fmt=fmt,
+    dtype=dtype,
+    shardings=program.param_shardings,
+  )
 
 
 def _latest_run_step(path):
   from gemma_jax.train.checkpointing import Checkpointer
   from gemma_jax.train.config import CheckpointConfig
-  ckpt = Checkpointer(str(epath.Path(path) / "checkpoints"),
-                      CheckpointConfig(async_save=False))
+
+  ckpt = Checkpointer(
+    str(epath.Path(path) / "checkpoints"), CheckpointConfig(async_save=False)
+  )
   try:
     step = ckpt.latest_step()
     if step is None:
@@ -190,13 +213,18 @@ def _latest_run_step(path):
 
 def _check_run_model(path, saved: dict, program) -> None:
   from gemma_jax.train.config import model_config_from_dict
+
   stored = model_config_from_dict(saved.get("config", {}).get("model", {}))
-  want, found = (layout.param_shapes(program.cfg.model),
-                 layout.param_shapes(stored))
+  want, found = (
+    layout.param_shapes(program.cfg.model),
+    layout.param_shapes(stored),
+  )
   for p, shape in want.items():
     if found.get(p) != shape:
-      raise CheckpointError(f"{path} trained another model: parameter {p} "
-                            f"is {found.get(p)} there and {shape} here")
+      raise CheckpointError(
+        f"{path} trained another model: parameter {p} "
+        f"is {found.get(p)} there and {shape} here"
+      )
 
 
 def _run_params(path, program, dtype):
@@ -206,24 +234,38 @@ def _run_params(path, program, dtype):
   _check_run_model(path, saved, program)
   state_dir = epath.Path(path).absolute() / "checkpoints" / str(step) / "state"
   item = {"params": program.abstract_state.params}
-  args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
-      sharding=s.sharding, global_shape=s.shape, dtype=dtype), item)
+  args = jax.tree.map(
+    lambda s: ocp.ArrayRestoreArgs(
+      sharding=s.sharding, global_shape=s.shape, dtype=dtype
+    ),
+    item,
+  )
   with ocp.PyTreeCheckpointer() as c:
-    return c.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=args, partial_restore=True))["params"]
+    return c.restore(
+      state_dir,
+      args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=True
+      ),
+    )["params"]
 
 
 def restart_schedule(opt_state):
   """The optimizer state with its learning-rate schedule back at step 0;
   the moments and Adam's bias-correction count are kept."""
+
   def reset(s):
     if isinstance(s, optax.InjectStatefulHyperparamsState):
-      return s._replace(count=jnp.zeros_like(s.count),
-                        hyperparams_states=jax.tree.map(
-                            jnp.zeros_like, s.hyperparams_states))
+      return s._replace(
+        count=jnp.zeros_like(s.count),
+        hyperparams_states=jax.tree.map(jnp.zeros_like, s.hyperparams_states),
+      )
     return s
-  return jax.tree.map(reset, opt_state, is_leaf=lambda s: isinstance(
-      s, optax.InjectStatefulHyperparamsState))
+
+  return jax.tree.map(
+    reset,
+    opt_state,
+    is_leaf=lambda s: isinstance(s, optax.InjectStatefulHyperparamsState),
+  )
 
 
 def _continued_state(program, path):
@@ -238,13 +280,20 @@ def _continued_state(program, path):
 
   def restart(state, key):
     return state_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=state.params,
-        opt_state=restart_schedule(state.opt_state), rng=key,
-        nonfinite_in_row=jnp.zeros((), jnp.int32))
+      step=jnp.zeros((), jnp.int32),
+      params=state.params,
+      opt_state=restart_schedule(state.opt_state),
+      rng=key,
+      nonfinite_in_row=jnp.zeros((), jnp.int32),
+    )
+
   replicated = NamedSharding(program.mesh, P())
-  return jax.jit(restart, in_shardings=(program.state_shardings, replicated),
-                 out_shardings=program.state_shardings,
-                 donate_argnums=0)(restored, key)
+  return jax.jit(
+    restart,
+    in_shardings=(program.state_shardings, replicated),
+    out_shardings=program.state_shardings,
+    donate_argnums=0,
+  )(restored, key)
 
 
 # Fisher and anchor on the devices.
@@ -255,18 +304,23 @@ def _replicated_jit(program, fn):
 def check_fisher_values(program, fisher, source: str) -> None:
   """CheckpointError naming the first leaf with NaN, inf or negative
   entries (counted on the devices)."""
-  def counts(tree):   # float32: an int32 count may overflow at 27B
+
+  def counts(tree):  # float32: an int32 count may overflow at 27B
     count = lambda b: jnp.sum(b, dtype=jnp.float32)
-    return {p: (count(jnp.isnan(x)), count(jnp.isinf(x)), count(x < 0))
-            for p, x in layout.flatten(tree)}
+    return {
+      p: (count(jnp.isnan(x)), count(jnp.isinf(x)), count(x < 0))
+      for p, x in layout.flatten(tree)
+    }
+
   found = jax.device_get(_replicated_jit(program, counts)(fisher))
   for p in layout.param_shapes(program.cfg.model):
     nan, inf, neg = (int(v) for v in found[p])
     if nan or inf or neg:
       raise CheckpointError(
-          f"{source}: parameter {p} has {nan} NaN, {inf} infinite and {neg} "
-          f"negative Fisher entries; a Fisher is finite and >= 0, so it is "
-          f"refused (estimate it again with gemma-jax fisher)")
+        f"{source}: parameter {p} has {nan} NaN, {inf} infinite and {neg} "
+        f"negative Fisher entries; a Fisher is finite and >= 0, so it is "
+        f"refused (estimate it again with gemma-jax fisher)"
+      )
 
 
 def prepare_fisher(program, fisher, source: str, shardings=None):
@@ -275,21 +329,31 @@ def prepare_fisher(program, fisher, source: str, shardings=None):
   c = program.cfg.continual
   check_fisher_values(program, fisher, source)
   if c.fisher_normalization == "mean":
-    scale = _replicated_jit(program, lambda t: sum(
-        jnp.sum(x) for x in jax.tree.leaves(t)) / sum(
-            x.size for x in jax.tree.leaves(t)))(fisher)
+    scale = _replicated_jit(
+      program,
+      lambda t: (
+        sum(jnp.sum(x) for x in jax.tree.leaves(t))
+        / sum(x.size for x in jax.tree.leaves(t))
+      ),
+    )(fisher)
   elif c.fisher_normalization == "max":
-    scale = _replicated_jit(program, lambda t: jnp.max(jnp.stack(
-        [jnp.max(x) for x in jax.tree.leaves(t)])))(fisher)
+    scale = _replicated_jit(
+      program,
+      lambda t: jnp.max(jnp.stack([jnp.max(x) for x in jax.tree.leaves(t)])),
+    )(fisher)
   else:
     scale = jnp.float32(1.0)
   if float(scale) <= 0:
-    raise CheckpointError(f"{source}: every Fisher entry is 0, so it cannot "
-                          f"be normalised by its {c.fisher_normalization}")
+    raise CheckpointError(
+      f"{source}: every Fisher entry is 0, so it cannot "
+      f"be normalised by its {c.fisher_normalization}"
+    )
   dtype = jnp.dtype(c.dtype)
-  return jax.jit(lambda t, s: jax.tree.map(lambda x: (x / s).astype(dtype), t),
-                 out_shardings=shardings or program.param_shardings,
-                 donate_argnums=0)(fisher, scale)
+  return jax.jit(
+    lambda t, s: jax.tree.map(lambda x: (x / s).astype(dtype), t),
+    out_shardings=shardings or program.param_shardings,
+    donate_argnums=0,
+  )(fisher, scale)
 
 
 def _anchor_path(cfg) -> tuple[str, str]:
@@ -306,14 +370,21 @@ def describe(cfg) -> dict:
   if not c.enabled:
     return {}
   path, fmt = _anchor_path(cfg)
-  out = {"anchor": {"path": str(path), "format": fmt,
-                    "fingerprint": fingerprint_of(path, "continual.anchor")},
-         "dtype": c.dtype, "fisher": None}
+  out = {
+    "anchor": {
+      "path": str(path),
+      "format": fmt,
+      "fingerprint": fingerprint_of(path, "continual.anchor"),
+    },
+    "dtype": c.dtype,
+    "fisher": None,
+  }
   if c.fisher:
     out["fisher"] = {
-        "path": str(c.fisher),
-        "fingerprint": fingerprint_of(c.fisher, "continual.fisher"),
-        "normalization": c.fisher_normalization}
+      "path": str(c.fisher),
+      "fingerprint": fingerprint_of(c.fisher, "continual.fisher"),
+      "normalization": c.fisher_normalization,
+    }
   return out
 
 
@@ -322,10 +393,15 @@ def fingerprint_of(path, key: str = "checkpoint") -> str:
   directory; of a run directory, that of its latest checkpoint."""
   if not epath.Path(path).exists():
     raise ConfigError(f"{key}: {path} does not exist")
-  if is_run_dir(path):   # what a run holds is its latest checkpoint
-    latest = max((int(p.name) for p in (epath.Path(path) / "checkpoints"
-                                        ).iterdir() if p.name.isdigit()),
-                 default=None)
+  if is_run_dir(path):  # what a run holds is its latest checkpoint
+    latest = max(
+      (
+        int(p.name)
+        for p in (epath.Path(path) / "checkpoints").iterdir()
+        if p.name.isdigit()
+      ),
+      default=None,
+    )
     if latest is not None:
       return fingerprint(epath.Path(path) / "checkpoints" / str(latest))
   return fingerprint(path)
@@ -343,21 +419,25 @@ def check_resume(saved: dict | None, current: dict, step: int) -> None:
       continue
     if old is None or new is None:
       raise ConfigError(
-          f"continual.{part}: the run was trained up to step {step} "
-          f"{'with' if old else 'without'} a {part} and is now configured "
-          f"{'with' if new else 'without'} one; restore the config or use a "
-          f"fresh --workdir")
+        f"continual.{part}: the run was trained up to step {step} "
+        f"{'with' if old else 'without'} a {part} and is now configured "
+        f"{'with' if new else 'without'} one; restore the config or use a "
+        f"fresh --workdir"
+      )
     for key in ("fingerprint", "normalization"):
       if key in old and old.get(key) != new.get(key):
         raise ConfigError(
-            f"continual.{part}: {key} changed since the checkpoint at step "
-            f"{step} ({old['path']}: {old[key]} -> {new['path']}: "
-            f"{new[key]}); restore the {part} it was trained with or use a "
-            f"fresh --workdir")
+          f"continual.{part}: {key} changed since the checkpoint at step "
+          f"{step} ({old['path']}: {old[key]} -> {new['path']}: "
+          f"{new[key]}); restore the {part} it was trained with or use a "
+          f"fresh --workdir"
+        )
   if saved.get("dtype") != current.get("dtype"):
-    raise ConfigError(f"continual.dtype changed since the checkpoint at step "
-                      f"{step} ({saved.get('dtype')} -> "
-                      f"{current.get('dtype')}); restore it")
+    raise ConfigError(
+      f"continual.dtype changed since the checkpoint at step "
+      f"{step} ({saved.get('dtype')} -> "
+      f"{current.get('dtype')}); restore it"
+    )
 
 
 def load_ewc(program, initial_params=None) -> None:
@@ -374,9 +454,10 @@ def load_ewc(program, initial_params=None) -> None:
   dtype = jnp.dtype(c.dtype)
   path, fmt = _anchor_path(cfg)
   if initial_params is not None and path == cfg.checkpoint.init_from:
-    anchor = jax.jit(lambda t: jax.tree.map(
-        lambda x: jnp.copy(x).astype(dtype), t),
-                     out_shardings=program.param_shardings)(initial_params)
+    anchor = jax.jit(
+      lambda t: jax.tree.map(lambda x: jnp.copy(x).astype(dtype), t),
+      out_shardings=program.param_shardings,
+    )(initial_params)
   else:
     anchor = load_params(path, fmt, program, dtype)
   ewc = {"anchor": anchor}
@@ -392,7 +473,7 @@ def initial_state(program):
   checkpoint.init_from restored into the param shardings; F and the anchor
   loaded."""
   cfg = program.cfg
-  ewc = describe(cfg)   # fails on a missing Fisher or anchor, before loading
+  ewc = describe(cfg)  # fails on a missing Fisher or anchor, before loading
   ck = cfg.checkpoint
   if not ck.init_from or cfg.model.lora is not None:
     # Random; or fresh adapters, init_from being their frozen base, which
@@ -401,8 +482,10 @@ def initial_state(program):
     return program.init_state(), ewc
   if ck.init_optimizer:
     if not is_run_dir(ck.init_from):
-      raise ConfigError(f"checkpoint.init_optimizer: {ck.init_from} is not a "
-                        f"gemma_jax run directory (no checkpoints/)")
+      raise ConfigError(
+        f"checkpoint.init_optimizer: {ck.init_from} is not a "
+        f"gemma_jax run directory (no checkpoints/)"
+      )
     state = _continued_state(program, ck.init_from)
     load_ewc(program, state.params)
     return state, ewc
@@ -418,4 +501,3 @@ def resume(program, saved_meta: dict, step: int) -> dict:
   check_resume(saved_meta.get("continual"), ewc, step)
   load_ewc(program)
   return ewc
-

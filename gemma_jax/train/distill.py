@@ -63,9 +63,9 @@ from gemma_jax.model.config import DType, ModelConfig
 
 TAILS = ("renormalize", "bucket")
 Tail = Literal["renormalize", "bucket"]
-LOGPROB_DTYPE = ml_dtypes.bfloat16   # stored log-probs: 2 bytes
-ID_DTYPE = np.dtype("<i4")           # stored ids: 4 bytes, little-endian
-TAIL_DTYPE = np.dtype("<f4")         # stored tail log-mass: 4 bytes
+LOGPROB_DTYPE = ml_dtypes.bfloat16  # stored log-probs: 2 bytes
+ID_DTYPE = np.dtype("<i4")  # stored ids: 4 bytes, little-endian
+TAIL_DTYPE = np.dtype("<f4")  # stored tail log-mass: 4 bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,7 @@ class DistillConfig:
   topk, tail: what a dump stores per position and how its tail is used.
   dump: a dump directory: train from it (offline).
   """
+
   teacher: str | None = None
   teacher_model: ModelConfig | None = None
   teacher_dtype: DType = "bfloat16"
@@ -99,8 +100,9 @@ class DistillConfig:
 
   def __post_init__(self):
     if self.temperature <= 0:
-      raise ConfigError(f"distill.temperature must be > 0, got "
-                        f"{self.temperature}")
+      raise ConfigError(
+        f"distill.temperature must be > 0, got {self.temperature}"
+      )
     if not 0.0 <= self.alpha <= 1.0:
       raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
     if self.topk < 1:
@@ -121,9 +123,9 @@ def _xlogy(x, y):
   return jnp.where(x > 0, x * y, 0.0)
 
 
-def distill_token_losses(student_logits, teacher_logits,
-                         temperature: float = 1.0, *, kl: bool = False
-                         ) -> jax.Array:
+def distill_token_losses(
+  student_logits, teacher_logits, temperature: float = 1.0, *, kl: bool = False
+) -> jax.Array:
   """tau^2 * -sum_v p_T(v) log p_S(v) per position: [B, T, V] x2 -> [B, T].
 
   kl: subtract the teacher's entropy (tau^2 KL(p_T || p_S)).
@@ -131,7 +133,8 @@ def distill_token_losses(student_logits, teacher_logits,
   tau = jnp.float32(temperature)
   log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau)
   log_p = jax.nn.log_softmax(
-      jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / tau)
+    jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / tau
+  )
   p = jnp.exp(log_p)
   loss = -jnp.sum(_xlogy(p, log_q), axis=-1)
   if kl:
@@ -139,11 +142,16 @@ def distill_token_losses(student_logits, teacher_logits,
   return tau * tau * loss
 
 
-def topk_distill_token_losses(student_logits, teacher_topk_logprobs,
-                              teacher_topk_ids, temperature: float = 1.0,
-                              tail: str = "renormalize", *,
-                              teacher_tail_logmass=None, kl: bool = False
-                              ) -> jax.Array:
+def topk_distill_token_losses(
+  student_logits,
+  teacher_topk_logprobs,
+  teacher_topk_ids,
+  temperature: float = 1.0,
+  tail: str = "renormalize",
+  *,
+  teacher_tail_logmass=None,
+  kl: bool = False,
+) -> jax.Array:
   """Distillation loss from the teacher's top-k only: [B, T] float32.
 
   student_logits: [B, T, V]. teacher_topk_logprobs: [B, T, K], the teacher's
@@ -160,7 +168,7 @@ def topk_distill_token_losses(student_logits, teacher_topk_logprobs,
   z = student_logits.astype(jnp.float32) / tau
   ids = teacher_topk_ids.astype(jnp.int32)
   lp = jax.lax.stop_gradient(teacher_topk_logprobs).astype(jnp.float32)
-  z_k = jnp.take_along_axis(z, ids, axis=-1)                   # [B, T, K]
+  z_k = jnp.take_along_axis(z, ids, axis=-1)  # [B, T, K]
   if tail == "renormalize":
     log_p = jax.nn.log_softmax(lp)
     log_q = jax.nn.log_softmax(z_k)
@@ -174,8 +182,7 @@ def topk_distill_token_losses(student_logits, teacher_topk_logprobs,
     # Rounding in the dump may push the sum past 1: then r = 0.
     r = -jnp.expm1(jnp.minimum(log_mass, 0.0))
   else:
-    r = jnp.exp(jax.lax.stop_gradient(teacher_tail_logmass).astype(
-        jnp.float32))
+    r = jnp.exp(jax.lax.stop_gradient(teacher_tail_logmass).astype(jnp.float32))
   log_p = lp - log_mass[..., None] + jnp.log1p(-r)[..., None]
   # Student: log-probs at the ids and log of the mass outside them.
   lse = jax.nn.logsumexp(z, axis=-1)
@@ -183,19 +190,22 @@ def topk_distill_token_losses(student_logits, teacher_topk_logprobs,
   log_tail = _log_mass_outside(z - lse[..., None], ids)
   # No tail to match where the top-k covers the whole vocabulary.
   use_tail = (r > 0) & (log_tail > -jnp.inf)
-  loss = (-jnp.sum(_xlogy(jnp.exp(log_p), log_q), axis=-1)
-          - _xlogy(r, jnp.where(use_tail, log_tail, 0.0)))
+  loss = -jnp.sum(_xlogy(jnp.exp(log_p), log_q), axis=-1) - _xlogy(
+    r, jnp.where(use_tail, log_tail, 0.0)
+  )
   if kl:
-    loss += (jnp.sum(_xlogy(jnp.exp(log_p), log_p), axis=-1)
-             + _xlogy(r, jnp.log(jnp.where(use_tail, r, 1.0))))
+    loss += jnp.sum(_xlogy(jnp.exp(log_p), log_p), axis=-1) + _xlogy(
+      r, jnp.log(jnp.where(use_tail, r, 1.0))
+    )
   return tau * tau * loss
 
 
 class TopK(NamedTuple):
   """One dump of the teacher: its k most likely ids per position."""
-  logprobs: Any    # bfloat16 [..., K], log p_T at the temperature, descending
-  ids: Any         # int32 [..., K]
-  tail: Any        # float32 [...], log of the mass outside the top-k
+
+  logprobs: Any  # bfloat16 [..., K], log p_T at the temperature, descending
+  ids: Any  # int32 [..., K]
+  tail: Any  # float32 [...], log of the mass outside the top-k
 
 
 def encode_topk(teacher_logits, k: int, temperature: float = 1.0) -> TopK:
@@ -205,11 +215,15 @@ def encode_topk(teacher_logits, k: int, temperature: float = 1.0) -> TopK:
   sum of the bfloat16 top-k probabilities it is off by up to 3e-3, as much
   as the whole tail of a confident teacher.
   """
-  log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32)
-                             / jnp.float32(temperature))
+  log_p = jax.nn.log_softmax(
+    teacher_logits.astype(jnp.float32) / jnp.float32(temperature)
+  )
   values, ids = jax.lax.top_k(log_p, k)
-  return TopK(values.astype(LOGPROB_DTYPE), ids.astype(jnp.int32),
-              _log_mass_outside(log_p, ids))
+  return TopK(
+    values.astype(LOGPROB_DTYPE),
+    ids.astype(jnp.int32),
+    _log_mass_outside(log_p, ids),
+  )
 
 
 def _log_mass_outside(log_p, ids):
@@ -224,8 +238,10 @@ def _log_mass_outside(log_p, ids):
 def bytes_per_token(k: int) -> int:
   """Storage of one position: k bfloat16 log-probs, k int32 ids and the
   float32 tail log-mass."""
-  return (k * (np.dtype(LOGPROB_DTYPE).itemsize + ID_DTYPE.itemsize)
-          + TAIL_DTYPE.itemsize)
+  return (
+    k * (np.dtype(LOGPROB_DTYPE).itemsize + ID_DTYPE.itemsize)
+    + TAIL_DTYPE.itemsize
+  )
 
 
 def pack_topk(topk: TopK) -> bytes:
@@ -234,22 +250,33 @@ def pack_topk(topk: TopK) -> bytes:
   logprobs = np.asarray(topk.logprobs).astype(LOGPROB_DTYPE)
   ids, tail = np.asarray(topk.ids), np.asarray(topk.tail)
   if logprobs.shape != ids.shape or tail.shape != ids.shape[:-1]:
-    raise ValueError(f"log-probs {logprobs.shape}, ids {ids.shape} and tail "
-                     f"{tail.shape} do not describe one [T, K] dump")
-  return (logprobs.view(np.uint16).astype("<u2").tobytes()
-          + ids.astype(ID_DTYPE).tobytes() + tail.astype(TAIL_DTYPE).tobytes())
+    raise ValueError(
+      f"log-probs {logprobs.shape}, ids {ids.shape} and tail "
+      f"{tail.shape} do not describe one [T, K] dump"
+    )
+  return (
+    logprobs.view(np.uint16).astype("<u2").tobytes()
+    + ids.astype(ID_DTYPE).tobytes()
+    + tail.astype(TAIL_DTYPE).tobytes()
+  )
 
 
 def unpack_topk(record: bytes, k: int) -> TopK:
   """Inverse of `pack_topk`: bfloat16 [T, k], int32 [T, k], float32 [T]."""
   per = bytes_per_token(k)
   if len(record) % per:
-    raise DataError(f"a top-{k} record holds a multiple of {per} bytes; got "
-                    f"{len(record)}: written with another k?")
+    raise DataError(
+      f"a top-{k} record holds a multiple of {per} bytes; got "
+      f"{len(record)}: written with another k?"
+    )
   t = len(record) // per
   ends = np.cumsum([t * k * 2, t * k * 4])
-  logprobs = np.frombuffer(record[:ends[0]], "<u2").astype(np.uint16).view(
-      LOGPROB_DTYPE).reshape(t, k)
-  ids = np.frombuffer(record[ends[0]:ends[1]], ID_DTYPE).astype(np.int32)
-  tail = np.frombuffer(record[ends[1]:], TAIL_DTYPE).astype(np.float32)
+  logprobs = (
+    np.frombuffer(record[: ends[0]], "<u2")
+    .astype(np.uint16)
+    .view(LOGPROB_DTYPE)
+    .reshape(t, k)
+  )
+  ids = np.frombuffer(record[ends[0] : ends[1]], ID_DTYPE).astype(np.int32)
+  tail = np.frombuffer(record[ends[1] :], TAIL_DTYPE).astype(np.float32)
   return TopK(logprobs, ids.reshape(t, k), tail)

@@ -51,12 +51,12 @@ from gemma_jax.train import distill
 from gemma_jax.train import state as state_lib
 from gemma_jax.train import step as step_lib
 
-TEACHER = "teacher"                 # the key of program.frozen
+TEACHER = "teacher"  # the key of program.frozen
 DUMP_KEYS = ("teacher_logprobs", "teacher_ids", "teacher_tail")
 DUMP_FORMAT = "gemma_jax.distill_dump/1"
 MANIFEST = "dump.json"
 TOKENIZER_FILE = "tokenizer.model"  # shipped with HF and Kaggle releases
-_CRC = struct.Struct("<I")          # per-record CRC-32 of the row's tokens
+_CRC = struct.Struct("<I")  # per-record CRC-32 of the row's tokens
 
 
 # The teacher checkpoint.
@@ -64,10 +64,10 @@ def checkpoint_format(path) -> str:
   """The format of a checkpoint directory: native (model_config.json),
   hf (config.json) or kaggle (neither)."""
   from gemma_jax.checkpoint import hf, native
+
   p = epath.Path(path)
   if not p.is_dir():
-    raise ConfigError(f"distill.teacher: {path} is not a checkpoint "
-                      "directory")
+    raise ConfigError(f"distill.teacher: {path} is not a checkpoint directory")
   if (p / native.CONFIG_FILE).exists():
     return "native"
   return "hf" if (p / hf.CONFIG).exists() else "kaggle"
@@ -82,34 +82,47 @@ def teacher_config(cfg) -> ModelConfig:
   for an official Flax checkpoint, and all `gemma-jax compile` reads).
   """
   from gemma_jax.checkpoint import hf, hf_config, native
+
   d = cfg.distill
   model = d.teacher_model
   if d.teacher:
     kind = checkpoint_format(d.teacher)
     if kind == "kaggle" and model is None:
-      raise ConfigError(f"distill.teacher: {d.teacher} holds no config (an "
-                        "official Flax checkpoint?); set "
-                        "distill.teacher_model to its preset")
+      raise ConfigError(
+        f"distill.teacher: {d.teacher} holds no config (an "
+        "official Flax checkpoint?); set "
+        "distill.teacher_model to its preset"
+      )
     if kind != "kaggle":
-      stored = (native.load_config(d.teacher) if kind == "native"
-                else hf.load_config(d.teacher))
+      stored = (
+        native.load_config(d.teacher)
+        if kind == "native"
+        else hf.load_config(d.teacher)
+      )
       if model is not None:
-        hf_config.check_same_architecture(model, stored,
-                                          "distill.teacher_model", d.teacher)
+        hf_config.check_same_architecture(
+          model, stored, "distill.teacher_model", d.teacher
+        )
       model = stored
   if model.vocab_size != cfg.model.vocab_size:
     raise ConfigError(
-        f"distill: the teacher's vocabulary has {model.vocab_size} tokens, "
-        f"the student's (model.vocab_size) {cfg.model.vocab_size}; "
-        "distillation needs one vocabulary")
-  return dataclasses.replace(model, param_dtype=d.teacher_dtype,
-                             dtype=d.teacher_dtype, remat_policy="none")
+      f"distill: the teacher's vocabulary has {model.vocab_size} tokens, "
+      f"the student's (model.vocab_size) {cfg.model.vocab_size}; "
+      "distillation needs one vocabulary"
+    )
+  return dataclasses.replace(
+    model,
+    param_dtype=d.teacher_dtype,
+    dtype=d.teacher_dtype,
+    remat_policy="none",
+  )
 
 
 def check_teacher_tokenizer(cfg) -> None:
   """ConfigError, with both fingerprints, if the teacher ships a
   tokenizer.model other than data.tokenizer."""
   from gemma_jax.tokenizer import Tokenizer
+
   path = epath.Path(cfg.distill.teacher) / TOKENIZER_FILE
   if not path.exists() or not cfg.data.tokenizer:
     return
@@ -117,18 +130,22 @@ def check_teacher_tokenizer(cfg) -> None:
   ours = Tokenizer.load(cfg.data.tokenizer).fingerprint
   if theirs != ours:
     raise ConfigError(
-        f"distill.teacher: its tokenizer {path} (fingerprint {theirs[:12]}"
-        f"...) is not data.tokenizer {cfg.data.tokenizer} (fingerprint "
-        f"{ours[:12]}...); distillation needs the student's tokenizer")
+      f"distill.teacher: its tokenizer {path} (fingerprint {theirs[:12]}"
+      f"...) is not data.tokenizer {cfg.data.tokenizer} (fingerprint "
+      f"{ours[:12]}...); distillation needs the student's tokenizer"
+    )
 
 
 def load_teacher(cfg, model: ModelConfig, shardings):
   """The teacher's params on the devices, in `model`'s dtype."""
   from gemma_jax.checkpoint import hf, kaggle, native
+
   path, dtype = cfg.distill.teacher, jnp.dtype(model.param_dtype)
   if not path:
-    raise ConfigError("distill.teacher: online distillation needs the "
-                      "teacher's checkpoint directory")
+    raise ConfigError(
+      "distill.teacher: online distillation needs the "
+      "teacher's checkpoint directory"
+    )
   kind = checkpoint_format(path)
   if kind == "native":
     params, _ = native.load(path, shardings=shardings, dtype=dtype)
@@ -149,6 +166,7 @@ def checkpoint_fingerprint(path) -> str:
   def files(folder):
     for f in folder.iterdir():
       yield from files(f) if f.is_dir() else [f]
+
   for name, f in sorted((str(f.relative_to(root)), f) for f in files(root)):
     digest.update(name.encode() + b"\0")
     with f.open("rb") as stream:
@@ -158,14 +176,16 @@ def checkpoint_fingerprint(path) -> str:
 
 
 # The objective.
-def distill_loss(forward, token_losses, num_sources: int, alpha: float,
-                 z_loss: float = 0.0):
+def distill_loss(
+  forward, token_losses, num_sources: int, alpha: float, z_loss: float = 0.0
+):
   """A TrainProgram loss_fn: alpha * distill + (1 - alpha) * ce (+ z-loss),
   summed over the batch's target tokens; terms `distill` and `ce`.
 
   token_losses(logits, batch, frozen) -> distillation loss per position
   [B, T] (see gemma_jax.train.distill).
   """
+
   def loss(params, batch, frozen):
     logits = forward(params, frozen, batch)
     sums = step_lib.cross_entropy_sums(logits, batch, num_sources, z_loss)
@@ -173,20 +193,27 @@ def distill_loss(forward, token_losses, num_sources: int, alpha: float,
     d = jnp.where(batch["loss_mask"] > 0, per_token, 0.0).sum()
     total = alpha * d + (1.0 - alpha) * sums["ce"] + sums["z"]
     return total, sums | {"terms": {"distill": d, "ce": sums["ce"]}}
+
   return loss
 
 
 def teacher_logits(teacher: Transformer, frozen, batch):
   """The teacher's float32 logits [B, T, V], a constant for autodiff."""
-  logits = teacher.apply({"params": frozen[TEACHER]}, batch["inputs"],
-                         batch["positions"], batch["segment_ids"])
+  logits = teacher.apply(
+    {"params": frozen[TEACHER]},
+    batch["inputs"],
+    batch["positions"],
+    batch["segment_ids"],
+  )
   return jax.lax.stop_gradient(logits)
 
 
 def online_token_losses(teacher: Transformer, temperature: float):
   def token_losses(logits, batch, frozen):
     return distill.distill_token_losses(
-        logits, teacher_logits(teacher, frozen, batch), temperature)
+      logits, teacher_logits(teacher, frozen, batch), temperature
+    )
+
   return token_losses
 
 
@@ -201,8 +228,14 @@ def offline_token_losses(temperature: float, tail: str):
   def token_losses(logits, batch, frozen):
     del frozen
     return distill.topk_distill_token_losses(
-        logits, batch["teacher_logprobs"], batch["teacher_ids"], temperature,
-        tail, teacher_tail_logmass=batch["teacher_tail"])
+      logits,
+      batch["teacher_logprobs"],
+      batch["teacher_ids"],
+      temperature,
+      tail,
+      teacher_tail_logmass=batch["teacher_tail"],
+    )
+
   return token_losses
 
 
@@ -219,30 +252,42 @@ def install(program) -> None:
     boxed = state_lib.abstract_params(program.teacher_config)
     specs, _ = rules.mesh_specs(boxed, program.mesh, cfg.mesh)
     program.frozen[TEACHER] = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=NamedSharding(program.mesh, s)),
-        rules.values(boxed), specs, is_leaf=lambda x: isinstance(x, P))
+      lambda x, s: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(program.mesh, s)
+      ),
+      rules.values(boxed),
+      specs,
+      is_leaf=lambda x: isinstance(x, P),
+    )
     program.train_only_frozen.add(TEACHER)
-    token_losses = online_token_losses(Transformer(program.teacher_config),
-                                       d.temperature)
+    token_losses = online_token_losses(
+      Transformer(program.teacher_config), d.temperature
+    )
   else:
     program.abstract_batch |= dump_batch(
-        cfg.train.batch_size, cfg.data.seq_len, d.topk,
-        program.batch_sharding)
+      cfg.train.batch_size, cfg.data.seq_len, d.topk, program.batch_sharding
+    )
     token_losses = offline_token_losses(d.temperature, d.tail)
-  program.loss_fn = distill_loss(program.forward, token_losses,
-                                 program.num_sources, d.alpha,
-                                 cfg.train.z_loss)
+  program.loss_fn = distill_loss(
+    program.forward,
+    token_losses,
+    program.num_sources,
+    d.alpha,
+    cfg.train.z_loss,
+  )
 
 
 def dump_batch(rows: int, t: int, k: int, sharding) -> dict:
   """The batch keys a dump adds: log-probs bfloat16 [B, T, K], ids int32
   [B, T, K] and the log tail mass float32 [B, T]."""
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
-                                                   sharding=sharding)
-  return dict(teacher_logprobs=spec((rows, t, k), distill.LOGPROB_DTYPE),
-              teacher_ids=spec((rows, t, k), jnp.int32),
-              teacher_tail=spec((rows, t), jnp.float32))
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(
+    shape, dtype, sharding=sharding
+  )
+  return dict(
+    teacher_logprobs=spec((rows, t, k), distill.LOGPROB_DTYPE),
+    teacher_ids=spec((rows, t, k), jnp.int32),
+    teacher_tail=spec((rows, t), jnp.float32),
+  )
 
 
 def attach(program, pipe, steps: int) -> None:
@@ -255,19 +300,31 @@ def attach(program, pipe, steps: int) -> None:
   if d.mode == "online":
     check_teacher_tokenizer(cfg)
     program.frozen[TEACHER] = load_teacher(
-        cfg, installed_teacher_config(program),
-        program.frozen_shardings[TEACHER])
+      cfg, installed_teacher_config(program), program.frozen_shardings[TEACHER]
+    )
   elif d.mode == "offline":
     manifest = read_manifest(d.dump)
-    check_dump(d.dump, manifest, run_fingerprint(cfg, pipe, with_teacher=bool(
-        d.teacher)), cfg.model.vocab_size)
+    check_dump(
+      d.dump,
+      manifest,
+      run_fingerprint(cfg, pipe, with_teacher=bool(d.teacher)),
+      cfg.model.vocab_size,
+    )
     if manifest["steps"] < steps:
       raise DataError(
-          f"distill.dump {d.dump} holds {manifest['steps']} steps but "
-          f"train.steps is {steps}; extend it with `gemma-jax distill dump "
-          f"CONFIG --steps {steps}`")
-    pipe.add_batch_keys(DumpReader(d.dump, manifest, pipe.global_batch,
-                                   pipe.local_batch, pipe.process_index))
+        f"distill.dump {d.dump} holds {manifest['steps']} steps but "
+        f"train.steps is {steps}; extend it with `gemma-jax distill dump "
+        f"CONFIG --steps {steps}`"
+      )
+    pipe.add_batch_keys(
+      DumpReader(
+        d.dump,
+        manifest,
+        pipe.global_batch,
+        pipe.local_batch,
+        pipe.process_index,
+      )
+    )
 
 
 # Dumps.
@@ -277,71 +334,94 @@ def run_fingerprint(cfg, pipe, with_teacher: bool = True) -> dict:
   d = cfg.distill
   teacher = None
   if with_teacher:
-    teacher = {"path": d.teacher,
-               "fingerprint": checkpoint_fingerprint(d.teacher)}
-  return {"data": pipe.describe(), "tokenizer": pipe.tokenizer.fingerprint,
-          "teacher": teacher, "topk": d.topk, "temperature": d.temperature}
+    teacher = {
+      "path": d.teacher,
+      "fingerprint": checkpoint_fingerprint(d.teacher),
+    }
+  return {
+    "data": pipe.describe(),
+    "tokenizer": pipe.tokenizer.fingerprint,
+    "teacher": teacher,
+    "topk": d.topk,
+    "temperature": d.temperature,
+  }
 
 
-def check_dump(directory, manifest: dict, expected: dict,
-               vocab_size: int) -> None:
+def check_dump(
+  directory, manifest: dict, expected: dict, vocab_size: int
+) -> None:
   """Refuses a dump written for another run, naming what differs."""
   from gemma_jax.data import pipeline
+
   got = manifest["fingerprint"]
   if got["tokenizer"] != expected["tokenizer"]:
     raise DataError(
-        f"distill.dump {directory} was written with another tokenizer "
-        f"(fingerprint {got['tokenizer'][:12]}..., data.tokenizer has "
-        f"{expected['tokenizer'][:12]}...); dump again")
+      f"distill.dump {directory} was written with another tokenizer "
+      f"(fingerprint {got['tokenizer'][:12]}..., data.tokenizer has "
+      f"{expected['tokenizer'][:12]}...); dump again"
+    )
   if expected["teacher"] is not None and (
-      got["teacher"]["fingerprint"] != expected["teacher"]["fingerprint"]):
+    got["teacher"]["fingerprint"] != expected["teacher"]["fingerprint"]
+  ):
     raise DataError(
-        f"distill.dump {directory} was written from another teacher "
-        f"({got['teacher']['path']}, fingerprint "
-        f"{got['teacher']['fingerprint'][:12]}...; distill.teacher "
-        f"{expected['teacher']['path']} has "
-        f"{expected['teacher']['fingerprint'][:12]}...); dump again")
+      f"distill.dump {directory} was written from another teacher "
+      f"({got['teacher']['path']}, fingerprint "
+      f"{got['teacher']['fingerprint'][:12]}...; distill.teacher "
+      f"{expected['teacher']['path']} has "
+      f"{expected['teacher']['fingerprint'][:12]}...); dump again"
+    )
   try:
-    pipeline.check_resume(got["data"], expected["data"],
-                          max(manifest["steps"] - 1, 0))
+    pipeline.check_resume(
+      got["data"], expected["data"], max(manifest["steps"] - 1, 0)
+    )
   except ConfigError as e:
-    raise DataError(f"distill.dump {directory} was written for other data: "
-                    f"{e}") from None
+    raise DataError(
+      f"distill.dump {directory} was written for other data: {e}"
+    ) from None
   for key in ("topk", "temperature"):
     if got[key] != expected[key]:
-      raise ConfigError(f"distill.{key} is {expected[key]} but distill.dump "
-                        f"{directory} was written with {got[key]}")
+      raise ConfigError(
+        f"distill.{key} is {expected[key]} but distill.dump "
+        f"{directory} was written with {got[key]}"
+      )
   if manifest["vocab_size"] != vocab_size:
     raise ConfigError(
-        f"distill.dump {directory}: the teacher's vocabulary has "
-        f"{manifest['vocab_size']} tokens, the student's (model.vocab_size) "
-        f"{vocab_size}")
+      f"distill.dump {directory}: the teacher's vocabulary has "
+      f"{manifest['vocab_size']} tokens, the student's (model.vocab_size) "
+      f"{vocab_size}"
+    )
 
 
 def read_manifest(directory) -> dict:
   path = epath.Path(directory) / MANIFEST
   if not path.exists():
-    raise DataError(f"distill.dump {directory}: no {MANIFEST}; write it with "
-                    "`gemma-jax distill dump`")
+    raise DataError(
+      f"distill.dump {directory}: no {MANIFEST}; write it with "
+      "`gemma-jax distill dump`"
+    )
   manifest = json.loads(path.read_text())
   if manifest.get("format") != DUMP_FORMAT:
-    raise DataError(f"{path}: unknown format {manifest.get('format')!r}; "
-                    f"expected {DUMP_FORMAT!r}")
+    raise DataError(
+      f"{path}: unknown format {manifest.get('format')!r}; "
+      f"expected {DUMP_FORMAT!r}"
+    )
   return manifest
 
 
 def chunk_file(first: int, end: int, part: int, parts: int) -> str:
   """Steps [first, end) of writer process `part` of `parts`."""
-  return (f"steps-{first:08d}-{end:08d}.part-{part:05d}-of-{parts:05d}"
-          ".array_record")
+  return (
+    f"steps-{first:08d}-{end:08d}.part-{part:05d}-of-{parts:05d}.array_record"
+  )
 
 
 def row_checksum(batch: dict, row: int) -> int:
   """CRC-32 of one row's tokens and layout: ties a record to its row."""
   crc = 0
   for key in ("inputs", "targets", "segment_ids", "loss_mask"):
-    crc = zlib.crc32(np.ascontiguousarray(batch[key][row], np.int32)
-                     .tobytes(), crc)
+    crc = zlib.crc32(
+      np.ascontiguousarray(batch[key][row], np.int32).tobytes(), crc
+    )
   return crc
 
 
@@ -352,7 +432,8 @@ def encode_record(topk: distill.TopK, crc: int) -> bytes:
 
 def decode_record(record: bytes, k: int) -> tuple[int, distill.TopK]:
   return _CRC.unpack_from(record)[0], distill.unpack_topk(
-      record[_CRC.size:], k)
+    record[_CRC.size :], k
+  )
 
 
 class DumpReader:
@@ -360,24 +441,32 @@ class DumpReader:
   `batch` (see Pipeline.add_batch_keys); DataError when a record's CRC does
   not match its row. Files open lazily (the reader crosses processes)."""
 
-  def __init__(self, directory, manifest: dict, global_batch: int,
-               local_batch: int, process_index: int):
+  def __init__(
+    self,
+    directory,
+    manifest: dict,
+    global_batch: int,
+    local_batch: int,
+    process_index: int,
+  ):
     self.directory = os.fspath(directory)
     self.k = manifest["fingerprint"]["topk"]
     self.chunks = manifest["chunks"]
     self.parts = manifest["process_count"]
     self.global_batch, self.local_batch = global_batch, local_batch
     self.first_row = process_index * local_batch
-    self._readers: dict[str, Any] = {}    # file name -> ArrayRecordReader
+    self._readers: dict[str, Any] = {}  # file name -> ArrayRecordReader
 
   def __getstate__(self):
     return self.__dict__ | {"_readers": {}}
 
   def _reader(self, name):
     from array_record.python.array_record_module import ArrayRecordReader
+
     if name not in self._readers:
       self._readers[name] = ArrayRecordReader(
-          os.path.join(self.directory, name))
+        os.path.join(self.directory, name)
+      )
     return self._readers[name]
 
   def _locate(self, step: int, row: int) -> tuple[str, int]:
@@ -388,8 +477,9 @@ class DumpReader:
       if first <= step < end:
         name = chunk_file(first, end, part, self.parts)
         return name, (step - first) * per_part + offset
-    raise DataError(f"distill.dump {self.directory} holds no entries for "
-                    f"step {step}")
+    raise DataError(
+      f"distill.dump {self.directory} holds no entries for step {step}"
+    )
 
   def __call__(self, step: int, batch: dict) -> dict:
     wanted: dict[str, list[tuple[int, int]]] = {}  # file: [(row, record)]
@@ -398,22 +488,26 @@ class DumpReader:
       wanted.setdefault(name, []).append((r, index))
     records: list[bytes | None] = [None] * self.local_batch
     for name, pairs in wanted.items():
-      for (r, _), rec in zip(pairs, self._reader(name).read(
-          [i for _, i in pairs])):
+      for (r, _), rec in zip(
+        pairs, self._reader(name).read([i for _, i in pairs])
+      ):
         records[r] = rec
     out = []
     for r, rec in enumerate(records):
-      assert rec is not None   # `wanted` located every row
+      assert rec is not None  # `wanted` located every row
       crc, topk = decode_record(rec, self.k)
       if crc != row_checksum(batch, r):
         raise DataError(
-            f"distill.dump {self.directory}: the entry of step {step}, row "
-            f"{self.first_row + r} was written for other tokens; the dump "
-            "does not match this data stream")
+          f"distill.dump {self.directory}: the entry of step {step}, row "
+          f"{self.first_row + r} was written for other tokens; the dump "
+          "does not match this data stream"
+        )
       out.append(topk)
-    return dict(teacher_logprobs=np.stack([t.logprobs for t in out]),
-                teacher_ids=np.stack([t.ids for t in out]),
-                teacher_tail=np.stack([t.tail for t in out]))
+    return dict(
+      teacher_logprobs=np.stack([t.logprobs for t in out]),
+      teacher_ids=np.stack([t.ids for t in out]),
+      teacher_tail=np.stack([t.tail for t in out]),
+    )
 
 
 def _unsplit(x, m: int):
@@ -429,8 +523,9 @@ def make_encoder(program):
   m = program.cfg.train.microbatches
 
   def one(frozen, batch):
-    return distill.encode_topk(teacher_logits(teacher, frozen, batch),
-                               d.topk, d.temperature)
+    return distill.encode_topk(
+      teacher_logits(teacher, frozen, batch), d.topk, d.temperature
+    )
 
   def encode(frozen, batch):
     batch = {k: batch[k] for k in step_lib.BATCH_KEYS}
@@ -439,22 +534,30 @@ def make_encoder(program):
     parts = step_lib.split_microbatches(batch, m)
     out = jax.lax.map(lambda mb: one(frozen, mb), parts)
     return jax.tree.map(lambda x: _unsplit(x, m), out)
-  return jax.jit(encode, in_shardings=(program.frozen_shardings,
-                                       program.batch_sharding),
-                 out_shardings=program.batch_sharding)
+
+  return jax.jit(
+    encode,
+    in_shardings=(program.frozen_shardings, program.batch_sharding),
+    out_shardings=program.batch_sharding,
+  )
 
 
 def _local_rows(program, x) -> np.ndarray:
   """This process's rows of a batch-sharded global array."""
   from jax.experimental import multihost_utils
+
   if jax.process_count() == 1:
     return np.asarray(x)
-  return np.asarray(multihost_utils.global_array_to_host_local_array(
-      x, program.mesh, program.batch_sharding.spec))
+  return np.asarray(
+    multihost_utils.global_array_to_host_local_array(
+      x, program.mesh, program.batch_sharding.spec
+    )
+  )
 
 
-def write_dump(cfg, directory, steps: int, steps_per_file: int = 100,
-               log=print) -> dict:
+def write_dump(
+  cfg, directory, steps: int, steps_per_file: int = 100, log=print
+) -> dict:
   """Writes (or extends to `steps`) the teacher's top-k for the training
   batches of steps [0, steps) into `directory`; returns the manifest.
 
@@ -465,36 +568,48 @@ def write_dump(cfg, directory, steps: int, steps_per_file: int = 100,
   """
   from gemma_jax.data import build_pipeline
   from gemma_jax.train.program import TrainProgram
+
   if not cfg.distill.teacher:
-    raise ConfigError("distill.teacher: a dump needs the teacher's "
-                      "checkpoint directory")
+    raise ConfigError(
+      "distill.teacher: a dump needs the teacher's checkpoint directory"
+    )
   if steps_per_file < 1:
     raise ConfigError(f"--steps-per-file must be >= 1, got {steps_per_file}")
-  cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill,
-                                                             dump=None))
+  cfg = dataclasses.replace(
+    cfg, distill=dataclasses.replace(cfg.distill, dump=None)
+  )
   program = TrainProgram(cfg)
-  pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,
-                        process_index=jax.process_index(),
-                        process_count=jax.process_count(),
-                        vocab_size=cfg.model.vocab_size)
+  pipe = build_pipeline(
+    cfg.data,
+    global_batch=cfg.train.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    vocab_size=cfg.model.vocab_size,
+  )
   expected = run_fingerprint(cfg, pipe)
   root = epath.Path(directory)
   teacher = installed_teacher_config(program)
-  manifest = {"format": DUMP_FORMAT, "fingerprint": expected,
-              "vocab_size": teacher.vocab_size,
-              "teacher_model": configlib.to_dict(teacher),
-              "tail_stored": True, "process_count": jax.process_count(),
-              "global_batch": pipe.global_batch,
-              "seq_len": cfg.data.seq_len, "steps": 0, "chunks": [],
-              "bytes_per_position": distill.bytes_per_token(
-                  cfg.distill.topk)}
+  manifest = {
+    "format": DUMP_FORMAT,
+    "fingerprint": expected,
+    "vocab_size": teacher.vocab_size,
+    "teacher_model": configlib.to_dict(teacher),
+    "tail_stored": True,
+    "process_count": jax.process_count(),
+    "global_batch": pipe.global_batch,
+    "seq_len": cfg.data.seq_len,
+    "steps": 0,
+    "chunks": [],
+    "bytes_per_position": distill.bytes_per_token(cfg.distill.topk),
+  }
   if (root / MANIFEST).exists():
     manifest = read_manifest(directory)
     check_dump(directory, manifest, expected, cfg.model.vocab_size)
     if manifest["process_count"] != jax.process_count():
       raise ConfigError(
-          f"distill.dump {directory} was written by "
-          f"{manifest['process_count']} processes; extend it with as many")
+        f"distill.dump {directory} was written by "
+        f"{manifest['process_count']} processes; extend it with as many"
+      )
   root.mkdir(parents=True, exist_ok=True)
   if manifest["steps"] >= steps:
     log(f"{directory} already holds {manifest['steps']} steps")
@@ -516,19 +631,24 @@ def write_dump(cfg, directory, steps: int, steps_per_file: int = 100,
 
 def _write_chunk(program, pipe, encode, root, first: int, end: int):
   from array_record.python.array_record_module import ArrayRecordWriter
+
   name = chunk_file(first, end, jax.process_index(), jax.process_count())
   tmp = os.fspath(root / f".{name}.tmp")
   writer = ArrayRecordWriter(tmp, "group_size:1")
   try:
     for step in range(first, end):
       batch = pipe.batch(step)
-      topk = encode(program.frozen, program.put(
-          {k: batch[k] for k in step_lib.BATCH_KEYS}))
+      topk = encode(
+        program.frozen, program.put({k: batch[k] for k in step_lib.BATCH_KEYS})
+      )
       topk = distill.TopK(*(_local_rows(program, x) for x in topk))
       for r in range(pipe.local_batch):
-        writer.write(encode_record(
+        writer.write(
+          encode_record(
             distill.TopK(topk.logprobs[r], topk.ids[r], topk.tail[r]),
-            row_checksum(batch, r)))
+            row_checksum(batch, r),
+          )
+        )
   finally:
     writer.close()
   os.replace(tmp, os.fspath(root / name))
@@ -537,10 +657,12 @@ def _write_chunk(program, pipe, encode, root, first: int, end: int):
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
 def dump_files_bytes(directory) -> int:
   """Bytes of a dump's ArrayRecord files."""
-  return sum(f.stat().length for f in epath.Path(directory).glob(
-      "*.array_record"))
+  return sum(
+    f.stat().length for f in epath.Path(directory).glob("*.array_record")
+  )

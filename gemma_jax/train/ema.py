@@ -40,7 +40,7 @@ def ema_decay(decay: float, count, debias: bool = True) -> jax.Array:
   if not debias:
     return d
   count = jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
-  return 1.0 - (1.0 - d) / (1.0 - d ** count)
+  return 1.0 - (1.0 - d) / (1.0 - d**count)
 
 
 def ema_update(ema_params, params, decay):
@@ -57,4 +57,5 @@ def ema_update(ema_params, params, decay):
     p = jnp.asarray(p, jnp.float32)
     gap = p - e
     return jnp.where(rate < 0.5, e + rate * gap, p - (1.0 - rate) * gap)
+
   return jax.tree.map(one, ema_params, params)

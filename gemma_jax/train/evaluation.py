@@ -23,8 +23,10 @@ def evaluate(program, params, pipe, num_batches: int) -> dict[str, dict]:
   """
   results = {}
   for name in pipe.source_names:
-    outs = [program.eval_step(params, program.put(batch))
-            for batch in pipe.eval_batches(name, num_batches)]
+    outs = [
+      program.eval_step(params, program.put(batch))
+      for batch in pipe.eval_batches(name, num_batches)
+    ]
     if not outs:
       continue
     outs = jax.device_get(outs)
@@ -33,8 +35,11 @@ def evaluate(program, params, pipe, num_batches: int) -> dict[str, dict]:
     if tokens == 0:
       continue
     loss = loss_sum / tokens
-    results[name] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-                     "tokens": int(tokens)}
+    results[name] = {
+      "loss": loss,
+      "perplexity": math.exp(min(loss, 700.0)),
+      "tokens": int(tokens),
+    }
   return results
 
 

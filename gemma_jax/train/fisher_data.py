@@ -28,26 +28,42 @@ class SourceRows:
   """`count` rows of source `name` from row `first_row` of its packed,
   shuffled stream (data.seed), as training would read them."""
 
-  def __init__(self, data_cfg, name: str, count: int, split: str = "train",
-               first_row: int = 0, tokenizer: Tokenizer | None = None):
+  def __init__(
+    self,
+    data_cfg,
+    name: str,
+    count: int,
+    split: str = "train",
+    first_row: int = 0,
+    tokenizer: Tokenizer | None = None,
+  ):
     if name not in data_cfg.sources:
-      raise ConfigError(f"--source {name!r} is not one of the config's "
-                        f"sources: {', '.join(data_cfg.sources)}")
+      raise ConfigError(
+        f"--source {name!r} is not one of the config's "
+        f"sources: {', '.join(data_cfg.sources)}"
+      )
     if count < 1 or first_row < 0:
-      raise ConfigError(f"--sequences must be >= 1 and --first-row >= 0, got "
-                        f"{count} and {first_row}")
+      raise ConfigError(
+        f"--sequences must be >= 1 and --first-row >= 0, got "
+        f"{count} and {first_row}"
+      )
     self.tokenizer = tokenizer or Tokenizer.load(data_cfg.tokenizer)
     src = data_cfg.sources[name]
     docs = sources.open_documents(name, src, self.tokenizer, split)
     self._rows = packing.PackedRows(docs, data_cfg.seq_len, 0, data_cfg.seed)
     self.num_rows, self.first_row = count, first_row
     self._describe = {
-        "kind": "source", "source": name, "split": split,
-        "location": {"kind": src.kind, **sources.KINDS[src.kind].location(src)},
-        "seq_len": data_cfg.seq_len, "seed": data_cfg.seed,
-        "first_row": first_row, "rows": count,
-        "rows_per_epoch": self._rows.rows_per_epoch,
-        "tokenizer_fingerprint": self.tokenizer.fingerprint}
+      "kind": "source",
+      "source": name,
+      "split": split,
+      "location": {"kind": src.kind, **sources.KINDS[src.kind].location(src)},
+      "seq_len": data_cfg.seq_len,
+      "seed": data_cfg.seed,
+      "first_row": first_row,
+      "rows": count,
+      "rows_per_epoch": self._rows.rows_per_epoch,
+      "tokenizer_fingerprint": self.tokenizer.fingerprint,
+    }
 
   def row(self, i: int) -> dict:
     r = self._rows[self.first_row + i]
@@ -63,14 +79,16 @@ def answer_row(window, num_answer: int, seq_len: int) -> dict:
   the last `num_answer` targets only (the answer's tokens)."""
   seq = np.asarray(window, np.int32)
   if len(seq) > seq_len + 1 or not 0 < num_answer < len(seq):
-    raise DataError(f"an example of {len(seq)} tokens with a {num_answer}-"
-                    f"token answer does not make a row of {seq_len} tokens")
+    raise DataError(
+      f"an example of {len(seq)} tokens with a {num_answer}-"
+      f"token answer does not make a row of {seq_len} tokens"
+    )
   n = len(seq) - 1
   row = {k: np.zeros(seq_len, np.int32) for k in UNIT_KEYS}
   row["inputs"][:n], row["targets"][:n] = seq[:-1], seq[1:]
   row["segment_ids"][:n] = 1
   row["positions"][:n] = np.arange(n)
-  row["loss_mask"][n - num_answer:n] = 1
+  row["loss_mask"][n - num_answer : n] = 1
   return row
 
 
@@ -81,8 +99,9 @@ class MixedRows:
   def __init__(self, parts):
     sizes = {p.num_rows for p in parts}
     if len(sizes) != 1:
-      raise ConfigError(f"sources of a Fisher must give equal row counts, "
-                        f"got {sorted(sizes)}")
+      raise ConfigError(
+        f"sources of a Fisher must give equal row counts, got {sorted(sizes)}"
+      )
     self._parts = list(parts)
     self.num_rows = len(parts) * sizes.pop()
 
@@ -91,17 +110,25 @@ class MixedRows:
     return self._parts[i % k].row(i // k)
 
   def describe(self) -> dict:
-    return {"kind": "sources", "rows": self.num_rows,
-            "order": "round robin, one row of each source in turn",
-            "parts": [p.describe() for p in self._parts]}
+    return {
+      "kind": "sources",
+      "rows": self.num_rows,
+      "order": "round robin, one row of each source in turn",
+      "parts": [p.describe() for p in self._parts],
+    }
 
 
 def num_steps(rows, rows_per_unit: int, units_per_step: int) -> int:
   return math.ceil(math.ceil(rows.num_rows / rows_per_unit) / units_per_step)
 
 
-def unit_batches(rows, rows_per_unit: int, units_per_step: int,
-                 process_index: int = 0, process_count: int = 1):
+def unit_batches(
+  rows,
+  rows_per_unit: int,
+  units_per_step: int,
+  process_index: int = 0,
+  process_count: int = 1,
+):
   """Yields this process's units of each step: {key: int32 [U/P, R, T]}.
 
   Unit u holds rows [u R, (u + 1) R); step k holds units [k U, (k + 1) U),
@@ -109,13 +136,19 @@ def unit_batches(rows, rows_per_unit: int, units_per_step: int,
   padding (no targets), so a short last group is the mean of its real rows.
   """
   if units_per_step % process_count:
-    raise ConfigError(f"--units-per-step {units_per_step} must be a multiple "
-                      f"of the process count {process_count}")
+    raise ConfigError(
+      f"--units-per-step {units_per_step} must be a multiple "
+      f"of the process count {process_count}"
+    )
   local = units_per_step // process_count
   pad = {k: np.zeros_like(v) for k, v in rows.row(0).items()}
   for k in range(num_steps(rows, rows_per_unit, units_per_step)):
     first = (k * units_per_step + process_index * local) * rows_per_unit
-    picked = [rows.row(i) if i < rows.num_rows else pad
-              for i in range(first, first + local * rows_per_unit)]
-    yield {key: np.stack([r[key] for r in picked]).reshape(
-        local, rows_per_unit, -1) for key in UNIT_KEYS}
+    picked = [
+      rows.row(i) if i < rows.num_rows else pad
+      for i in range(first, first + local * rows_per_unit)
+    ]
+    yield {
+      key: np.stack([r[key] for r in picked]).reshape(local, rows_per_unit, -1)
+      for key in UNIT_KEYS
+    }

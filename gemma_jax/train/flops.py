@@ -27,6 +27,8 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token: 6 * matmul params + causal attention."""
-  attn = sum(12 * cfg.num_heads * cfg.head_dim * mean_keys_per_query(seq_len, w)
-             for w in cfg.layer_windows)
+  attn = sum(
+    12 * cfg.num_heads * cfg.head_dim * mean_keys_per_query(seq_len, w)
+    for w in cfg.layer_windows
+  )
   return 6 * matmul_params(cfg) + attn

@@ -26,9 +26,11 @@ import jax.numpy as jnp
 
 DIVERGENCE_FACTOR = 2.0
 RECENT_LOGS = 50
-RULE = (f"params finite, step applied, and the last batch's loss finite and "
-        f"not above both {DIVERGENCE_FACTOR:g} x the lowest of the last "
-        f"{RECENT_LOGS} logged losses and ln(vocab_size)")
+RULE = (
+  f"params finite, step applied, and the last batch's loss finite and "
+  f"not above both {DIVERGENCE_FACTOR:g} x the lowest of the last "
+  f"{RECENT_LOGS} logged losses and ln(vocab_size)"
+)
 
 
 def _bits_sum(x: jax.Array) -> jax.Array:
@@ -42,7 +44,7 @@ def _bits_sum(x: jax.Array) -> jax.Array:
   if size in (1, 2, 4):
     unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
     bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-  else:   # 8 bytes: two uint32 words
+  else:  # 8 bytes: two uint32 words
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
   return jnp.sum(bits, dtype=jnp.uint32)
 
@@ -52,9 +54,14 @@ _checksums = jax.jit(lambda leaves: [_bits_sum(x) for x in leaves])
 
 @jax.jit
 def _params_finite(params):
-  return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)
-                    if jnp.issubdtype(x.dtype, jnp.inexact)]
-                   or [jnp.bool_(True)]).all()
+  return jnp.stack(
+    [
+      jnp.isfinite(x).all()
+      for x in jax.tree.leaves(params)
+      if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    or [jnp.bool_(True)]
+  ).all()
 
 
 def checksums(tree) -> dict[str, int]:
@@ -66,8 +73,9 @@ def checksums(tree) -> dict[str, int]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   groups: dict[frozenset[jax.Device] | None, list[int]] = {}
   for i, (_, x) in enumerate(flat):
-    devices = (frozenset(x.sharding.device_set)
-               if isinstance(x, jax.Array) else None)
+    devices = (
+      frozenset(x.sharding.device_set) if isinstance(x, jax.Array) else None
+    )
     groups.setdefault(devices, []).append(i)
   sums = [0] * len(flat)
   for indices in groups.values():
@@ -84,33 +92,43 @@ def params_finite(params) -> bool:
 
 def mismatched(saved: dict[str, int], now: dict[str, int]) -> list[str]:
   """Paths whose checksum differs (arrays missing on either side count)."""
-  return sorted(k for k in set(saved) | set(now)
-                if saved.get(k) != now.get(k))
+  return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
 
 
 def is_diverging(loss: float, recent: list[float], vocab_size: int) -> bool:
   """The documented rule (module docstring) for a finite `loss`."""
-  finite = [x for x in recent[-RECENT_LOGS:]
-            if x is not None and math.isfinite(x)]
+  finite = [
+    x for x in recent[-RECENT_LOGS:] if x is not None and math.isfinite(x)
+  ]
   if not finite:
     return False
-  return loss > DIVERGENCE_FACTOR * min(finite) and loss > math.log(
-      vocab_size)
+  return loss > DIVERGENCE_FACTOR * min(finite) and loss > math.log(vocab_size)
 
 
-def judge(params_finite: bool, skipped_in_row: int, loss: float | None,
-          recent: list[float], vocab_size: int) -> dict:
+def judge(
+  params_finite: bool,
+  skipped_in_row: int,
+  loss: float | None,
+  recent: list[float],
+  vocab_size: int,
+) -> dict:
   """The `good` record of a checkpoint (module docstring)."""
-  loss_ok = (loss is not None and math.isfinite(loss)
-             and not is_diverging(loss, recent, vocab_size))
-  finite = [x for x in recent[-RECENT_LOGS:]
-            if x is not None and math.isfinite(x)]
-  return {"good": bool(params_finite and skipped_in_row == 0 and loss_ok),
-          "params_finite": bool(params_finite),
-          "skipped_in_row": int(skipped_in_row),
-          "loss": loss if loss is not None and math.isfinite(loss) else None,
-          "best_recent_loss": min(finite) if finite else None,
-          "rule": RULE}
+  loss_ok = (
+    loss is not None
+    and math.isfinite(loss)
+    and not is_diverging(loss, recent, vocab_size)
+  )
+  finite = [
+    x for x in recent[-RECENT_LOGS:] if x is not None and math.isfinite(x)
+  ]
+  return {
+    "good": bool(params_finite and skipped_in_row == 0 and loss_ok),
+    "params_finite": bool(params_finite),
+    "skipped_in_row": int(skipped_in_row),
+    "loss": loss if loss is not None and math.isfinite(loss) else None,
+    "best_recent_loss": min(finite) if finite else None,
+    "rule": RULE,
+  }
 
 
 def why_not(good: dict) -> str:
@@ -122,5 +140,7 @@ def why_not(good: dict) -> str:
   loss = good.get("loss")
   if loss is None:
     return "the loss of its params is not finite"
-  return (f"the loss of its params ({loss:.4g}) is diverging (lowest "
-          f"recent {good.get('best_recent_loss')})")
+  return (
+    f"the loss of its params ({loss:.4g}) is diverging (lowest "
+    f"recent {good.get('best_recent_loss')})"
+  )

@@ -80,7 +80,7 @@ def _pid_alive(pid: int) -> bool:
   except ProcessLookupError:
     return False
   except PermissionError:
-    return True   # exists, owned by someone else
+    return True  # exists, owned by someone else
   return True
 
 
@@ -89,21 +89,28 @@ def describe(holder: dict) -> str:
   if holder.get("token") == "torn":
     return "a torn, unreadable lease"
   age = time.time() - float(holder.get("heartbeat", 0))
-  return (f"pid {holder.get('pid')} on {holder.get('host')}, heartbeat "
-          f"{age:.0f} s ago")
+  return (
+    f"pid {holder.get('pid')} on {holder.get('host')}, heartbeat "
+    f"{age:.0f} s ago"
+  )
 
 
 class WorkdirLease:
   """The lease on one workdir (see module docstring)."""
 
-  def __init__(self, workdir, heartbeat_s: float | None = None,
-               timeout_s: float | None = None, command: str = "train",
-               warn=None):
+  def __init__(
+    self,
+    workdir,
+    heartbeat_s: float | None = None,
+    timeout_s: float | None = None,
+    command: str = "train",
+    warn=None,
+  ):
     self.path = epath.Path(workdir) / LOCK_FILE
-    self.heartbeat_s = heartbeat_s or _float_env(HEARTBEAT_ENV,
-                                                 DEFAULT_HEARTBEAT_S)
-    self.timeout_s = timeout_s or _float_env(TIMEOUT_ENV,
-                                             4 * self.heartbeat_s)
+    self.heartbeat_s = heartbeat_s or _float_env(
+      HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S
+    )
+    self.timeout_s = timeout_s or _float_env(TIMEOUT_ENV, 4 * self.heartbeat_s)
     self.check_every_s = min(5.0, self.heartbeat_s)
     self.command = command
     self.token: str | None = None
@@ -134,10 +141,12 @@ class WorkdirLease:
   def is_stale(self, holder: dict) -> bool:
     if time.time() - float(holder.get("heartbeat", 0)) > self.timeout_s:
       return True
-    return (holder.get("host") == socket.gethostname()
-            and isinstance(holder.get("pid"), int)
-            and holder["pid"] != os.getpid()
-            and not _pid_alive(holder["pid"]))
+    return (
+      holder.get("host") == socket.gethostname()
+      and isinstance(holder.get("pid"), int)
+      and holder["pid"] != os.getpid()
+      and not _pid_alive(holder["pid"])
+    )
 
   # Taking and giving back.
   def acquire(self) -> None:
@@ -149,24 +158,30 @@ class WorkdirLease:
       if holder is None:
         if self._create():
           break
-        continue          # someone created it first: look at theirs
+        continue  # someone created it first: look at theirs
       if not self.is_stale(holder):
         raise WorkdirBusy(
-            f"--workdir {self.path.parent} is in use by another trainer "
-            f"({describe(holder)}; lease {self.path}, stale once its "
-            f"heartbeat is {self.timeout_s:.0f} s old); wait for it to end, "
-            f"stop it, or choose another --workdir")
+          f"--workdir {self.path.parent} is in use by another trainer "
+          f"({describe(holder)}; lease {self.path}, stale once its "
+          f"heartbeat is {self.timeout_s:.0f} s old); wait for it to end, "
+          f"stop it, or choose another --workdir"
+        )
       if self._take_over(holder):
-        self._warn(f"gemma-jax: warning: took over the stale lease "
-                   f"{self.path} of {describe(holder)}")
+        self._warn(
+          f"gemma-jax: warning: took over the stale lease "
+          f"{self.path} of {describe(holder)}"
+        )
         break
     else:
-      raise WorkdirBusy(f"--workdir {self.path.parent}: could not take the "
-                        f"lease {self.path} (other trainers are starting); "
-                        f"try again")
+      raise WorkdirBusy(
+        f"--workdir {self.path.parent}: could not take the "
+        f"lease {self.path} (other trainers are starting); "
+        f"try again"
+      )
     self._last_check = time.monotonic()
-    self._thread = threading.Thread(target=self._beat, daemon=True,
-                                    name="gemma-jax-lease")
+    self._thread = threading.Thread(
+      target=self._beat, daemon=True, name="gemma-jax-lease"
+    )
     self._thread.start()
 
   def release(self) -> None:
@@ -197,13 +212,16 @@ class WorkdirLease:
     if self.token is None:
       return
     now = time.monotonic()
-    if not self.lost and (force or now - self._last_check >=
-                          self.check_every_s):
+    if not self.lost and (
+      force or now - self._last_check >= self.check_every_s
+    ):
       self._last_check = now
       self._verify()
     if self.lost:
-      raise LeaseLost(f"not writing the {what}: {self.lost}; this trainer "
-                      f"stops so as not to overwrite the other run")
+      raise LeaseLost(
+        f"not writing the {what}: {self.lost}; this trainer "
+        f"stops so as not to overwrite the other run"
+      )
 
   def _verify(self) -> None:
     holder = self.read()
@@ -213,9 +231,16 @@ class WorkdirLease:
 
   def _record(self, started: float | None = None) -> str:
     now = time.time()
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                       "token": self.token, "command": self.command,
-                       "started": started or now, "heartbeat": now})
+    return json.dumps(
+      {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "token": self.token,
+        "command": self.command,
+        "started": started or now,
+        "heartbeat": now,
+      }
+    )
 
   def _create(self) -> bool:
     """Creates the lease file if none exists; whether we did."""
@@ -239,7 +264,7 @@ class WorkdirLease:
     if fileio.is_local(claim):
       try:
         if time.time() - os.path.getmtime(claim) > self.timeout_s:
-          os.remove(claim)      # a claimer killed before it finished
+          os.remove(claim)  # a claimer killed before it finished
       except FileNotFoundError:
         pass
       try:
@@ -250,7 +275,7 @@ class WorkdirLease:
     try:
       current = self.read()
       if current is not None and current.get("token") != stale.get("token"):
-        return False          # replaced meanwhile (not by a claimer)
+        return False  # replaced meanwhile (not by a claimer)
       with contextlib.suppress(FileNotFoundError):
         self.path.unlink()
       return self._create()
@@ -269,5 +294,6 @@ class WorkdirLease:
           if not self.lost:
             fileio.atomic_write(self.path, self._record(started))
         except OSError as e:  # a full or flaky disk: retried next beat
-          self._warn(f"gemma-jax: warning: cannot refresh the lease "
-                     f"{self.path}: {e}")
+          self._warn(
+            f"gemma-jax: warning: cannot refresh the lease {self.path}: {e}"
+          )

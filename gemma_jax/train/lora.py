@@ -45,8 +45,10 @@ def setup(program, boxed):
   adapters, base = lora_lib.split(boxed)
   specs, _ = rules.mesh_specs(base, program.mesh, program.cfg.mesh)
   program.frozen[BASE] = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      rules.values(base), rules.named(program.mesh, specs))
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    rules.values(base),
+    rules.named(program.mesh, specs),
+  )
   program.forward = forward(program.model)
   return adapters
 
@@ -61,8 +63,11 @@ def adapter_specs(specs, adapters, mesh):
   the rank: it is too small). The optimizer moments then add `data` as for
   every parameter."""
   return jax.tree.map(
-      lambda s, x: rules.zero_spec(s, x.shape, mesh, ("fsdp",)), specs,
-      adapters, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    lambda s, x: rules.zero_spec(s, x.shape, mesh, ("fsdp",)),
+    specs,
+    adapters,
+    is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+  )
 
 
 def forward(model):
@@ -79,9 +84,14 @@ def forward(model):
     if dropout and "rng" in batch:
       rngs["dropout"] = batch["rng"][0]
     base = jax.tree.map(_from_container, frozen[BASE])
-    return model.apply({"params": lora_lib.combine(base, params)},
-                       batch["inputs"], batch["positions"],
-                       batch["segment_ids"], rngs=rngs)
+    return model.apply(
+      {"params": lora_lib.combine(base, params)},
+      batch["inputs"],
+      batch["positions"],
+      batch["segment_ids"],
+      rngs=rngs,
+    )
+
   return fwd
 
 
@@ -106,10 +116,17 @@ def float_base(abstract, model_cfg):
   scales = {scale for _, scale in leaves.values()}
   flat = dict(layout.flatten(abstract))
   dtype = jnp.dtype(model_cfg.param_dtype)
-  return layout.unflatten({
-      p: (jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
-          if p in leaves else x)
-      for p, x in flat.items() if p not in scales})
+  return layout.unflatten(
+    {
+      p: (
+        jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        if p in leaves
+        else x
+      )
+      for p, x in flat.items()
+      if p not in scales
+    }
+  )
 
 
 def _load_float(path, fmt, abstract, model_cfg):
@@ -123,13 +140,18 @@ def _load_float(path, fmt, abstract, model_cfg):
     for p, shape in want.items():
       if have.get(p) != shape:
         raise ConfigError(
-            f"checkpoint.init_from {path}: the base does not fit model "
-            f"{model_cfg.name}: {p} is {have.get(p)} there, the model needs "
-            f"{shape}")
+          f"checkpoint.init_from {path}: the base does not fit model "
+          f"{model_cfg.name}: {p} is {have.get(p)} there, the model needs "
+          f"{shape}"
+        )
   dtypes = {x.dtype for x in jax.tree.leaves(abstract)}
-  return formats.load(path, lora_lib.merged_config(model_cfg), fmt=fmt,
-                      dtype=dtypes.pop() if len(dtypes) == 1 else None,
-                      shardings=jax.tree.map(lambda x: x.sharding, abstract))
+  return formats.load(
+    path,
+    lora_lib.merged_config(model_cfg),
+    fmt=fmt,
+    dtype=dtypes.pop() if len(dtypes) == 1 else None,
+    shardings=jax.tree.map(lambda x: x.sharding, abstract),
+  )
 
 
 def install_base(program, init_from: str | None, fmt: str = "auto") -> dict:
@@ -138,46 +160,58 @@ def install_base(program, init_from: str | None, fmt: str = "auto") -> dict:
   program.frozen["base"]; returns the facts a checkpoint records:
   {"path", "fingerprint"}."""
   cfg = program.cfg.model
-  if init_from and (fmt == "run" or (fmt == "auto" and os.path.isdir(
-      os.path.join(init_from, "checkpoints")))):
+  if init_from and (
+    fmt == "run"
+    or (fmt == "auto" and os.path.isdir(os.path.join(init_from, "checkpoints")))
+  ):
     raise ConfigError(
-        f"checkpoint.init_from {init_from}: a run directory cannot be the "
-        f"base of LoRA (its state may hold adapters, not weights); point it "
-        f"at the run's export, {os.path.join(init_from, 'params')}")
+      f"checkpoint.init_from {init_from}: a run directory cannot be the "
+      f"base of LoRA (its state may hold adapters, not weights); point it "
+      f"at the run's export, {os.path.join(init_from, 'params')}"
+    )
   abstract = program.frozen[BASE]
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
   held_int = cfg.quant is not None and cfg.quant.weights == "int"
   if init_from and quantized.is_quantized(init_from):
     stored = quantized.load_config(init_from)
     if stored.quant != cfg.quant:
-      raise ConfigError(f"checkpoint.init_from {init_from} is quantized with "
-                        f"{stored.quant}, the model config says {cfg.quant}")
+      raise ConfigError(
+        f"checkpoint.init_from {init_from} is quantized with "
+        f"{stored.quant}, the model config says {cfg.quant}"
+      )
     base, _ = quantized.load(init_from, shardings=shardings)
   elif init_from:
-    float_abstract = (float_base(abstract, cfg) if held_int
-                      else abstract)
+    float_abstract = float_base(abstract, cfg) if held_int else abstract
     base = _load_float(init_from, fmt, float_abstract, cfg)
-    if held_int:   # QLoRA from a float base: quantized on the devices
-      base = jax.jit(functools.partial(quant_lib.quantize_params,
-                                       model_cfg=cfg),
-                     out_shardings=shardings)(base)
+    if held_int:  # QLoRA from a float base: quantized on the devices
+      base = jax.jit(
+        functools.partial(quant_lib.quantize_params, model_cfg=cfg),
+        out_shardings=shardings,
+      )(base)
   else:
     seed = program.cfg.train.seed
     init_key, _ = jax.random.split(jax.random.PRNGKey(seed))
     init = lambda key: lora_lib.split(state_lib.init_params(cfg, key))[1]
     if held_int:
       init = lambda key: quant_lib.quantize_params(
-          lora_lib.split(state_lib.init_params(
-              lora_lib.merged_config(cfg), key))[1], cfg)
+        lora_lib.split(state_lib.init_params(lora_lib.merged_config(cfg), key))[
+          1
+        ],
+        cfg,
+      )
     with program.context():
       base = jax.jit(init, out_shardings=shardings)(init_key)
-  if (program.mesh.devices.flat[0].platform != "tpu"
-      and any(x.dtype == jnp.int4 for x in jax.tree.leaves(base))):
-    base = jax.jit(lambda t: jax.tree.map(_to_container, t),
-                   out_shardings=shardings)(base)
+  if program.mesh.devices.flat[0].platform != "tpu" and any(
+    x.dtype == jnp.int4 for x in jax.tree.leaves(base)
+  ):
+    base = jax.jit(
+      lambda t: jax.tree.map(_to_container, t), out_shardings=shardings
+    )(base)
   program.frozen[BASE] = base
-  return {"path": os.path.abspath(init_from) if init_from else None,
-          "fingerprint": fingerprint(base)}
+  return {
+    "path": os.path.abspath(init_from) if init_from else None,
+    "fingerprint": fingerprint(base),
+  }
 
 
 # jax 0.10.2 on CPU holds int4 arrays unpacked while an ahead-of-time
@@ -195,16 +229,23 @@ def _from_container(x):
 @jax.jit
 def _moments(tree):
   return jax.tree.map(
-      lambda x: jnp.stack([jnp.sum(x.astype(jnp.float32)),
-                           jnp.sum(jnp.square(x.astype(jnp.float32)))]), tree)
+    lambda x: jnp.stack(
+      [
+        jnp.sum(x.astype(jnp.float32)),
+        jnp.sum(jnp.square(x.astype(jnp.float32))),
+      ]
+    ),
+    tree,
+  )
 
 
 def fingerprint(base) -> dict[str, list[float]]:
   """{leaf path: [sum, sum of squares]}: cheap, and equal (to rounding)
   for the same weights on any mesh."""
   moments = jax.device_get(_moments(base))
-  return {p: [float(v) for v in np.asarray(m)]
-          for p, m in layout.flatten(moments)}
+  return {
+    p: [float(v) for v in np.asarray(m)] for p, m in layout.flatten(moments)
+  }
 
 
 def check_base(saved: dict, current: dict, step: int) -> None:
@@ -215,19 +256,26 @@ def check_base(saved: dict, current: dict, step: int) -> None:
   old, new = saved.get("fingerprint", {}), current["fingerprint"]
   for path in sorted(set(old) | set(new)):
     a, b = old.get(path), new.get(path)
-    same = a is not None and b is not None and all(
-        math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(a, b))
+    same = (
+      a is not None
+      and b is not None
+      and all(
+        math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(a, b)
+      )
+    )
     if not same:
       raise ConfigError(
-          f"the checkpoint at step {step} trained its adapters on base "
-          f"{saved.get('path') or '(random init)'}, and this run's base "
-          f"{current['path'] or '(random init)'} differs at {path}; set "
-          f"checkpoint.init_from to the base it was trained on, or use a "
-          f"fresh --workdir")
+        f"the checkpoint at step {step} trained its adapters on base "
+        f"{saved.get('path') or '(random init)'}, and this run's base "
+        f"{current['path'] or '(random init)'} differs at {path}; set "
+        f"checkpoint.init_from to the base it was trained on, or use a "
+        f"fresh --workdir"
+      )
 
 
-def export(program, adapters, workdir: str, base_info: dict,
-           suffix: str = "") -> tuple[str, str]:
+def export(
+  program, adapters, workdir: str, base_info: dict, suffix: str = ""
+) -> tuple[str, str]:
   """Writes WORKDIR/adapter<suffix> (adapters only) and
   WORKDIR/params<suffix> (merged into the base, a plain native
   checkpoint); returns both paths. (suffix "_ema": the adapters' EMA.)"""

@@ -31,8 +31,12 @@ FLUSH_ENV = "GEMMA_JAX_REMOTE_FLUSH_S"
 DEFAULT_REMOTE_FLUSH_S = 30.0
 
 
-def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
-        peak_per_device: float | None):
+def mfu(
+  flops_per_token: float,
+  tokens_per_sec: float,
+  num_devices: int,
+  peak_per_device: float | None,
+):
   """Model FLOPs utilisation, or None when the peak is unknown."""
   if not peak_per_device or not tokens_per_sec:
     return None
@@ -59,24 +63,30 @@ class MetricsWriter:
   `<workdir>/tensorboard/`.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True,
-               tensorboard: bool = True, guard=None,
-               flush_every_s: float | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    enabled: bool = True,
+    tensorboard: bool = True,
+    guard=None,
+    flush_every_s: float | None = None,
+  ):
     """`guard(what)` is called before every write and may raise to stop it
     (the trainer's workdir lease: another run must not be clobbered)."""
     self.enabled = enabled
     self.remote = not fileio.is_local(workdir)
     self._guard = guard or (lambda what: None)
     self._workdir = str(workdir)
-    self._files: dict[str, IO[str]] = {}      # local: open files
-    self._lines: dict[str, list[str]] = {}    # remote: each file's lines
+    self._files: dict[str, IO[str]] = {}  # local: open files
+    self._lines: dict[str, list[str]] = {}  # remote: each file's lines
     self._dirty: set[str] = set()
     self._flush_every = flush_every_s or _flush_every_s()
     self._last_flush = time.monotonic()
     self._tb = None
-    self._tb_local = None     # remote: where TensorBoard writes first
+    self._tb_local = None  # remote: where TensorBoard writes first
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter
+
       self._tb_dir = os.path.join(self._workdir, "tensorboard")
       if self.remote:
         self._tb_local = tempfile.mkdtemp(prefix="gemma-jax-tensorboard-")
@@ -95,8 +105,11 @@ class MetricsWriter:
       if not epath.Path(path).exists():
         continue
       self._guard(f"{name}.jsonl")
-      kept = [json.dumps(r) + "\n" for r in read_jsonl(path)
-              if r.get("step", 0) <= step]
+      kept = [
+        json.dumps(r) + "\n"
+        for r in read_jsonl(path)
+        if r.get("step", 0) <= step
+      ]
       if self.remote:
         self._lines[name] = kept
       fileio.atomic_write(path, "".join(kept))
@@ -113,7 +126,8 @@ class MetricsWriter:
       self._dirty.add(name)
     else:
       if name not in self._files:
-        self._files[name] = open(self._path(name), "a")
+        # Kept open between writes; close() closes it.
+        self._files[name] = open(self._path(name), "a")  # noqa: SIM115
       self._files[name].write(line)
       self._files[name].flush()
     if self._tb is not None:
@@ -122,8 +136,9 @@ class MetricsWriter:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)) and v is not None:
           self._tb.add_scalar(prefix + k, v, step)
-    if self.remote and (time.monotonic() - self._last_flush
-                        >= self._flush_every):
+    if self.remote and (
+      time.monotonic() - self._last_flush >= self._flush_every
+    ):
       self.flush()
 
   def _remote_lines(self, name: str) -> list[str]:
@@ -185,8 +200,7 @@ def _flush_every_s() -> float:
   except ValueError:
     value = -1.0
   if not value > 0:
-    raise ConfigError(f"{FLUSH_ENV}={text!r}: expected a number of seconds "
-                      f"> 0")
+    raise ConfigError(f"{FLUSH_ENV}={text!r}: expected a number of seconds > 0")
   return value
 
 
@@ -220,15 +234,24 @@ class ProgressLine:
     self.enabled = enabled
     self.stream = stream or sys.stdout
 
-  def update(self, step: int, loss: float, tokens_per_sec: float,
-             steps_per_sec: float, extra: str = ""):
+  def update(
+    self,
+    step: int,
+    loss: float,
+    tokens_per_sec: float,
+    steps_per_sec: float,
+    extra: str = "",
+  ):
     if not self.enabled:
       return
-    eta = ((self.total - step) / steps_per_sec if steps_per_sec > 0
-           else float("nan"))
+    eta = (
+      (self.total - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
+    )
     eta_text = format_duration(eta) if math.isfinite(eta) else "?"
-    line = (f"step {step}/{self.total} | loss {loss:.4f} | "
-            f"{_si(tokens_per_sec)} tok/s | ETA {eta_text}")
+    line = (
+      f"step {step}/{self.total} | loss {loss:.4f} | "
+      f"{_si(tokens_per_sec)} tok/s | ETA {eta_text}"
+    )
     if extra:
       line += f" | {extra}"
     print(line, file=self.stream, flush=True)
@@ -256,9 +279,16 @@ class Stopwatch:
     return time.perf_counter() - self.start
 
 
-def train_record(step: int, values: list[dict], seconds: float,
-                 source_names, tokens_per_step: int, flops_per_token: float,
-                 num_devices: int, peak: float | None) -> dict:
+def train_record(
+  step: int,
+  values: list[dict],
+  seconds: float,
+  source_names,
+  tokens_per_step: int,
+  flops_per_token: float,
+  num_devices: int,
+  peak: float | None,
+) -> dict:
   """One metrics.jsonl record from the host copies of per-step metrics.
 
   Losses are means over the steps since the last log (exactly the step's
@@ -272,15 +302,15 @@ def train_record(step: int, values: list[dict], seconds: float,
   total_src = float(src_tokens.sum())
   tokens_per_sec = tokens_per_step * n / seconds if seconds > 0 else 0.0
   record = {
-      "step": step,
-      "loss": mean("loss"),
-      "grad_norm": mean("grad_norm"),
-      "learning_rate": float(values[-1]["learning_rate"]),
-      "tokens": int(np.sum([v["tokens"] for v in values])),
-      "tokens_per_sec": tokens_per_sec,
-      "step_time_s": seconds / n,
-      "mfu": mfu(flops_per_token, tokens_per_sec, num_devices, peak),
-      "skipped": int(np.sum([v["skipped"] for v in values])),
+    "step": step,
+    "loss": mean("loss"),
+    "grad_norm": mean("grad_norm"),
+    "learning_rate": float(values[-1]["learning_rate"]),
+    "tokens": int(np.sum([v["tokens"] for v in values])),
+    "tokens_per_sec": tokens_per_sec,
+    "step_time_s": seconds / n,
+    "mfu": mfu(flops_per_token, tokens_per_sec, num_devices, peak),
+    "skipped": int(np.sum([v["skipped"] for v in values])),
   }
   # Extra objective terms (loss/distill, loss/ewc, ...), per target token.
   for key in values[0]:

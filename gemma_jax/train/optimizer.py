@@ -32,11 +32,12 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   elif cfg.schedule == "constant":
     main = optax.constant_schedule(peak)
   elif cfg.schedule == "wsd":
-    decay = max(int(round(decay_steps * cfg.wsd_decay_fraction)), 1)
+    decay = max(round(decay_steps * cfg.wsd_decay_fraction), 1)
     stable = max(after - decay, 0)
     main = optax.join_schedules(
-        [optax.constant_schedule(peak),
-         optax.linear_schedule(peak, end, decay)], [stable])
+      [optax.constant_schedule(peak), optax.linear_schedule(peak, end, decay)],
+      [stable],
+    )
   elif cfg.schedule == "rsqrt":
     w = max(warmup, 1)
     main = lambda n: peak * jnp.sqrt(w / jnp.maximum(n + warmup, w))
@@ -45,19 +46,21 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   if not warmup:
     return main
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+    [optax.linear_schedule(0.0, peak, warmup), main], [warmup]
+  )
 
 
 def decay_mask(params):
   """Weight decay on weight matrices only: not on norm scales."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: not any("norm" in str(getattr(k, "key", ""))
-                              for k in path), params)
+    lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path),
+    params,
+  )
 
 
-def make_optimizer(cfg: OptimizerConfig,
-                   total_steps: int) -> tuple[optax.GradientTransformation,
-                                              optax.Schedule]:
+def make_optimizer(
+  cfg: OptimizerConfig, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(AdamW with global-norm clipping, its schedule).
 
   The learning rate is an injected hyperparameter: the optimizer state holds
@@ -69,14 +72,24 @@ def make_optimizer(cfg: OptimizerConfig,
   if cfg.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   adamw = optax.inject_hyperparams(
-      optax.adamw,
-      static_args=("b1", "b2", "eps", "eps_root", "weight_decay", "mask"))
-  parts.append(adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                     weight_decay=cfg.weight_decay, mask=decay_mask))
+    optax.adamw,
+    static_args=("b1", "b2", "eps", "eps_root", "weight_decay", "mask"),
+  )
+  parts.append(
+    adamw(
+      schedule,
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+      mask=decay_mask,
+    )
+  )
   return optax.chain(*parts), schedule
 
 
 def learning_rate(opt_state) -> jax.Array:
   """The learning rate the last update of `opt_state` applied."""
-  return optax.tree.get(opt_state, "learning_rate",
-                        filtering=lambda _, v: isinstance(v, jax.Array))
+  return optax.tree.get(
+    opt_state, "learning_rate", filtering=lambda _, v: isinstance(v, jax.Array)
+  )

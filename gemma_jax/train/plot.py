@@ -1,6 +1,7 @@
 """PNG curves of a run from its metrics files (matplotlib, no display).
 
-    plot_run("runs/tiny")  ->  runs/tiny/plots/{loss,learning_rate,throughput}.png
+    plot_run("runs/tiny")
+    # -> runs/tiny/plots/{loss,learning_rate,throughput}.png
 
 The workdir and the output folder may be gs:// paths.
 """
@@ -13,20 +14,30 @@ from gemma_jax.train.metrics import read_jsonl
 
 
 def _series(records, key):
-  pts = [(r["step"], r[key]) for r in records
-         if r.get(key) is not None and "step" in r]
+  pts = [
+    (r["step"], r[key])
+    for r in records
+    if r.get(key) is not None and "step" in r
+  ]
   return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def _prefixed(records, prefix, suffix=""):
-  keys = sorted({k for r in records for k in r
-                 if k.startswith(prefix) and k.endswith(suffix)})
+  keys = sorted(
+    {
+      k
+      for r in records
+      for k in r
+      if k.startswith(prefix) and k.endswith(suffix)
+    }
+  )
   return keys
 
 
 def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
   """Writes loss, learning-rate and throughput PNGs; returns their paths."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -52,15 +63,26 @@ def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
   # Loss: overall and per source (train), held-out per source (eval).
   fig, ax = plt.subplots(figsize=(7, 4.5))
   ax.plot(*_series(train, "loss"), label="train", color="black", lw=1.5)
-  sources = sorted({k[5:] for k in _prefixed(train, "loss/")} |
-                   {k[5:-5] for k in _prefixed(evals, "eval/", "/loss")})
+  sources = sorted(
+    {k[5:] for k in _prefixed(train, "loss/")}
+    | {k[5:-5] for k in _prefixed(evals, "eval/", "/loss")}
+  )
   colors = {s: f"C{i}" for i, s in enumerate(sources)}
   for key in _prefixed(train, "loss/"):
-    ax.plot(*_series(train, key), label=f"train {key[5:]}", lw=0.8,
-            color=colors[key[5:]])
+    ax.plot(
+      *_series(train, key),
+      label=f"train {key[5:]}",
+      lw=0.8,
+      color=colors[key[5:]],
+    )
   for key in _prefixed(evals, "eval/", "/loss"):
-    ax.plot(*_series(evals, key), "o--", label=f"held-out {key[5:-5]}",
-            ms=4, color=colors[key[5:-5]])
+    ax.plot(
+      *_series(evals, key),
+      "o--",
+      label=f"held-out {key[5:-5]}",
+      ms=4,
+      color=colors[key[5:-5]],
+    )
   ax.set(xlabel="step", ylabel="loss (nats/token)", title="Loss per source")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)

@@ -11,7 +11,6 @@ computes a sharding. The model's logical axis names become mesh axes through
 the config's rules table (gemma_jax.sharding.rules).
 """
 
-import contextlib
 import functools
 import math
 from typing import Any
@@ -19,7 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gemma_jax.errors import ConfigError
 from gemma_jax.model import ModelConfig, Transformer
@@ -74,40 +74,57 @@ class TrainProgram:
     if cfg.model.lora is not None:
       # LoRA: the state trains the adapters only; the base is frozen.
       boxed = lora.setup(self, boxed)
-    self.loss_fn = step_lib.lm_loss(self.forward, self.num_sources,
-                                    cfg.train.z_loss)
+    self.loss_fn = step_lib.lm_loss(
+      self.forward, self.num_sources, cfg.train.z_loss
+    )
     self.penalty_fn = None
     self.optimizer, self.schedule = make_optimizer(
-        cfg.optimizer, cfg.optimizer.decay_steps or cfg.train.steps)
-    self.batch_sharding = NamedSharding(self.mesh,
-                                        rules.batch_spec(cfg.mesh))
+      cfg.optimizer, cfg.optimizer.decay_steps or cfg.train.steps
+    )
+    self.batch_sharding = NamedSharding(self.mesh, rules.batch_spec(cfg.mesh))
     self._check_batch_size()
 
-    self.param_specs, self.unsharded = rules.mesh_specs(boxed, self.mesh,
-                                                        cfg.mesh)
+    self.param_specs, self.unsharded = rules.mesh_specs(
+      boxed, self.mesh, cfg.mesh
+    )
     params = rules.values(boxed)
     if cfg.model.lora is not None:
-      self.param_specs = lora.adapter_specs(self.param_specs, params,
-                                            self.mesh)
+      self.param_specs = lora.adapter_specs(self.param_specs, params, self.mesh)
     opt_state = jax.eval_shape(self.optimizer.init, params)
     moment_specs = self._moment_specs(params)
     self.ema = cfg.train.ema_decay > 0
-    self.state_shardings = rules.named(self.mesh, state_lib.TrainState(
-        step=P(), params=self.param_specs,
-        opt_state=self._opt_state_specs(moment_specs, opt_state), rng=P(),
-        nonfinite_in_row=P(), ema=moment_specs if self.ema else None))
+    self.state_shardings = rules.named(
+      self.mesh,
+      state_lib.TrainState(
+        step=P(),
+        params=self.param_specs,
+        opt_state=self._opt_state_specs(moment_specs, opt_state),
+        rng=P(),
+        nonfinite_in_row=P(),
+        ema=moment_specs if self.ema else None,
+      ),
+    )
     shapes = jax.eval_shape(
-        functools.partial(state_lib.init_state, optimizer=self.optimizer,
-                          ema=self.ema),
-        params, jax.ShapeDtypeStruct((2,), jnp.uint32))
+      functools.partial(
+        state_lib.init_state, optimizer=self.optimizer, ema=self.ema
+      ),
+      params,
+      jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
     self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        shapes, self.state_shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      shapes,
+      self.state_shardings,
+    )
     rows, t = cfg.train.batch_size, cfg.data.seq_len
     self.abstract_batch = {
-        k: jax.ShapeDtypeStruct((rows,) if k == "source" else (rows, t),
-                                jnp.int32, sharding=self.batch_sharding)
-        for k in step_lib.BATCH_KEYS}
+      k: jax.ShapeDtypeStruct(
+        (rows,) if k == "source" else (rows, t),
+        jnp.int32,
+        sharding=self.batch_sharding,
+      )
+      for k in step_lib.BATCH_KEYS
+    }
     # distill: the teacher (frozen), its loss, and a dump's batch keys.
     distillation.install(self)
     # EWC (continual.ewc_lambda > 0): the penalty, and the Fisher and anchor
@@ -121,9 +138,10 @@ class TrainProgram:
     rows, m = self.cfg.train.batch_size, self.cfg.train.microbatches
     if rows % (shards * m):
       raise ConfigError(
-          f"train.batch_size: {rows} rows do not split into "
-          f"train.microbatches={m} microbatches over {shards} batch shards "
-          f"(mesh axes {spec}); rows must be divisible by {shards * m}")
+        f"train.batch_size: {rows} rows do not split into "
+        f"train.microbatches={m} microbatches over {shards} batch shards "
+        f"(mesh axes {spec}); rows must be divisible by {shards * m}"
+      )
 
   def _moment_specs(self, params):
     """Per-parameter state (moments, the EMA): like the params, plus ZeRO
@@ -131,16 +149,23 @@ class TrainProgram:
     specs = self.param_specs
     if self.cfg.mesh.shard_optimizer_over_data:
       specs = jax.tree.map(
-          lambda s, x: rules.zero_spec(s, x.shape, self.mesh), specs, params,
-          is_leaf=lambda x: isinstance(x, P))
+        lambda s, x: rules.zero_spec(s, x.shape, self.mesh),
+        specs,
+        params,
+        is_leaf=lambda x: isinstance(x, P),
+      )
     return specs
 
   def _opt_state_specs(self, specs, opt_state):
     """Optimizer moments like `specs`; everything else replicated."""
     return optax.tree_map_params(
-        self.optimizer, lambda _, spec: spec, opt_state, specs,
-        transform_non_params=lambda _: P(),
-        is_leaf=lambda x: isinstance(x, P))
+      self.optimizer,
+      lambda _, spec: spec,
+      opt_state,
+      specs,
+      transform_non_params=lambda _: P(),
+      is_leaf=lambda x: isinstance(x, P),
+    )
 
   @property
   def param_shardings(self):
@@ -153,13 +178,15 @@ class TrainProgram:
   @property
   def abstract_frozen(self):
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        self.frozen)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      self.frozen,
+    )
 
   @property
   def eval_frozen(self) -> dict:
-    return {k: v for k, v in self.frozen.items()
-            if k not in self.train_only_frozen}
+    return {
+      k: v for k, v in self.frozen.items() if k not in self.train_only_frozen
+    }
 
   @property
   def abstract_eval_batch(self) -> dict:
@@ -171,8 +198,10 @@ class TrainProgram:
 
   def put(self, batch: dict) -> dict:
     """Process-local numpy rows -> global arrays sharded over the batch."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in batch.items()}
+    return {
+      k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+      for k, v in batch.items()
+    }
 
   # State.
   def init_state(self, seed: int | None = None, params=None):
@@ -196,50 +225,76 @@ class TrainProgram:
   @functools.cached_property
   def _init_state(self):
     return jax.jit(
-        functools.partial(state_lib.init_state, optimizer=self.optimizer,
-                          ema=self.ema),
-        in_shardings=(self.param_shardings, None),
-        out_shardings=self.state_shardings, donate_argnums=0)
+      functools.partial(
+        state_lib.init_state, optimizer=self.optimizer, ema=self.ema
+      ),
+      in_shardings=(self.param_shardings, None),
+      out_shardings=self.state_shardings,
+      donate_argnums=0,
+    )
 
   # Steps.
   @functools.cached_property
   def _train_step(self):
     fn = functools.partial(
-        step_lib.train_step, loss_fn=self.loss_fn, optimizer=self.optimizer,
-        microbatches=self.cfg.train.microbatches, penalty_fn=self.penalty_fn,
-        ema_decay=self.cfg.train.ema_decay,
-        ema_debias=self.cfg.train.ema_debias)
+      step_lib.train_step,
+      loss_fn=self.loss_fn,
+      optimizer=self.optimizer,
+      microbatches=self.cfg.train.microbatches,
+      penalty_fn=self.penalty_fn,
+      ema_decay=self.cfg.train.ema_decay,
+      ema_debias=self.cfg.train.ema_debias,
+    )
     replicated = NamedSharding(self.mesh, P())
     return jax.jit(
-        fn, in_shardings=(self.state_shardings, self.batch_sharding,
-                          self.frozen_shardings),
-        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+      fn,
+      in_shardings=(
+        self.state_shardings,
+        self.batch_sharding,
+        self.frozen_shardings,
+      ),
+      out_shardings=(self.state_shardings, replicated),
+      donate_argnums=0,
+    )
 
   @functools.cached_property
   def _eval_step(self):
-    fn = functools.partial(step_lib.eval_step, forward=self.forward,
-                           num_sources=self.num_sources,
-                           microbatches=self.cfg.train.microbatches)
-    return jax.jit(fn, in_shardings=(
-        self.param_shardings, self.batch_sharding,
-        jax.tree.map(lambda x: x.sharding, self.eval_frozen)),
-                   out_shardings=NamedSharding(self.mesh, P()))
+    fn = functools.partial(
+      step_lib.eval_step,
+      forward=self.forward,
+      num_sources=self.num_sources,
+      microbatches=self.cfg.train.microbatches,
+    )
+    return jax.jit(
+      fn,
+      in_shardings=(
+        self.param_shardings,
+        self.batch_sharding,
+        jax.tree.map(lambda x: x.sharding, self.eval_frozen),
+      ),
+      out_shardings=NamedSharding(self.mesh, P()),
+    )
 
   def lower_train_step(self) -> jax.stages.Lowered:
     with self.context():
-      return self._train_step.lower(self.abstract_state, self.abstract_batch,
-                                    self.abstract_frozen)
+      return self._train_step.lower(
+        self.abstract_state, self.abstract_batch, self.abstract_frozen
+      )
 
   def compile_train_step(self):
     """(state, batch) -> (state, metrics), compiled once; the state is
     donated, the frozen arrays passed along. metrics as in
     gemma_jax.train.step.train_step."""
-    unloaded = [k for k, v in self.frozen.items()
-                if any(isinstance(x, jax.ShapeDtypeStruct)
-                       for x in jax.tree.leaves(v))]
+    unloaded = [
+      k
+      for k, v in self.frozen.items()
+      if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(v))
+    ]
     if unloaded:
-      raise ValueError(f"frozen inputs {unloaded} are abstract; load them "
-                       f"before compiling the step to run it")
+      raise ValueError(
+        f"frozen inputs {unloaded} are abstract; load them "
+        f"before compiling the step to run it"
+      )
     compiled = self.lower_train_step().compile()
     frozen = self.frozen
     return lambda state, batch: compiled(state, batch, frozen)
@@ -248,18 +303,19 @@ class TrainProgram:
     """The traced train step (to count FLOPs of every loop iteration)."""
     with self.context():
       return jax.make_jaxpr(self._train_step)(
-          self.abstract_state, self.abstract_batch, self.abstract_frozen)
+        self.abstract_state, self.abstract_batch, self.abstract_frozen
+      )
 
   @functools.cached_property
   def _compiled_eval_step(self):
     with self.context():
       frozen = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                         sharding=x.sharding),
-          self.eval_frozen)
-      return self._eval_step.lower(self.abstract_state.params,
-                                   self.abstract_eval_batch,
-                                   frozen).compile()
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        self.eval_frozen,
+      )
+      return self._eval_step.lower(
+        self.abstract_state.params, self.abstract_eval_batch, frozen
+      ).compile()
 
   def eval_step(self, params, batch):
     """Held-out sums of (params, batch), compiled once (see
@@ -270,9 +326,10 @@ class TrainProgram:
   @functools.cached_property
   def _ema_params(self):
     dtypes = jax.tree.map(lambda x: x.dtype, self.abstract_state.params)
-    return jax.jit(lambda ema: jax.tree.map(lambda e, d: e.astype(d), ema,
-                                            dtypes),
-                   out_shardings=self.param_shardings)
+    return jax.jit(
+      lambda ema: jax.tree.map(lambda e, d: e.astype(d), ema, dtypes),
+      out_shardings=self.param_shardings,
+    )
 
   def ema_params(self, state):
     """The state's EMA as params: their dtype and sharding (to evaluate or

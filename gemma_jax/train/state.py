@@ -18,11 +18,11 @@ from gemma_jax.train import ema as ema_lib
 class TrainState:
   # Leaves are arrays, or (for the same tree of shardings, specs or
   # shapes) whatever describes them; hence Any.
-  step: Any                     # int32 [], updates attempted so far
+  step: Any  # int32 [], updates attempted so far
   params: Any
   opt_state: Any
-  rng: Any                      # uint32 [2], raw PRNG key
-  nonfinite_in_row: Any         # int32 [], consecutive skipped steps
+  rng: Any  # uint32 [2], raw PRNG key
+  nonfinite_in_row: Any  # int32 [], consecutive skipped steps
   # float32 EMA of the params when train.ema_decay > 0; None (no leaves, so
   # the layout of an EMA-less state is unchanged) otherwise.
   ema: Any = None
@@ -33,8 +33,10 @@ def abstract_params(model_cfg: ModelConfig):
   """ShapeDtypeStructs of the params, boxed with their logical axis names."""
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   return jax.eval_shape(
-      lambda key, t: Transformer(model_cfg).init(key, t)["params"],
-      jax.ShapeDtypeStruct((2,), jnp.uint32), tokens)
+    lambda key, t: Transformer(model_cfg).init(key, t)["params"],
+    jax.ShapeDtypeStruct((2,), jnp.uint32),
+    tokens,
+  )
 
 
 def init_params(model_cfg: ModelConfig, key: jax.Array):
@@ -43,12 +45,19 @@ def init_params(model_cfg: ModelConfig, key: jax.Array):
   return nn.unbox(Transformer(model_cfg).init(key, tokens)["params"])
 
 
-def init_state(params, key: jax.Array,
-               optimizer: optax.GradientTransformation,
-               ema: bool = False) -> TrainState:
+def init_state(
+  params,
+  key: jax.Array,
+  optimizer: optax.GradientTransformation,
+  ema: bool = False,
+) -> TrainState:
   """Step 0 from given params: a fresh optimizer state, the RNG `key`, and
   with `ema` an EMA starting at the params."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), rng=key,
-                    nonfinite_in_row=jnp.zeros((), jnp.int32),
-                    ema=ema_lib.init_ema(params) if ema else None)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    rng=key,
+    nonfinite_in_row=jnp.zeros((), jnp.int32),
+    ema=ema_lib.init_ema(params) if ema else None,
+  )

@@ -1,15 +1,43 @@
 """Tiny training runs for tests: configs on in-memory sources, subprocesses.
 
-    config = tiny_config_dict(tokenizer_path)    # 2-layer model, 2 sources
-    proc = train_process(write_config(path, tok), workdir, subprocess_env(cache))
+config = tiny_config_dict(tokenizer_path)    # 2-layer model, 2 sources
+proc = train_process(write_config(path, tok), workdir, subprocess_env(cache))
 """
 
 import random
 
 import yaml
 
-WORDS = ("the cat dog sat ran on a mat hat big small red blue and then it was "
-         "happy sad very quick slow fox jumps over lazy river tree").split()
+WORDS = [
+  "the",
+  "cat",
+  "dog",
+  "sat",
+  "ran",
+  "on",
+  "a",
+  "mat",
+  "hat",
+  "big",
+  "small",
+  "red",
+  "blue",
+  "and",
+  "then",
+  "it",
+  "was",
+  "happy",
+  "sad",
+  "very",
+  "quick",
+  "slow",
+  "fox",
+  "jumps",
+  "over",
+  "lazy",
+  "river",
+  "tree",
+]
 
 
 def texts(seed: int, n: int, kind: str) -> list[str]:
@@ -17,8 +45,9 @@ def texts(seed: int, n: int, kind: str) -> list[str]:
   out = []
   for _ in range(n):
     if kind == "prose":
-      out.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40)))
-                 + ".")
+      out.append(
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) + "."
+      )
     else:
       a, b = rng.randint(0, 99), rng.randint(0, 99)
       out.append(f"def f{a}(x):\n  return x + {b}\n")
@@ -28,34 +57,61 @@ def texts(seed: int, n: int, kind: str) -> list[str]:
 def tiny_config_dict(tokenizer: str, steps: int = 6) -> dict:
   """A 2-layer Gemma 2-style model on two in-memory sources, two stages."""
   return {
-      "model": {"preset": "tiny-gemma2", "num_layers": 2, "d_model": 32,
-                "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1,
-                "head_dim": 16, "vocab_size": 512, "sliding_window": 8},
-      "data": {
-          "seq_len": 32, "tokenizer": tokenizer,
-          "sources": {
-              "prose": {"kind": "memory", "texts": texts(2, 60, "prose"),
-                        "eval_texts": texts(3, 8, "prose")},
-              "code": {"kind": "memory", "texts": texts(4, 60, "code"),
-                       "eval_texts": texts(5, 8, "code")}},
-          "stages": [{"start_step": 0, "weights": {"prose": 1, "code": 1}},
-                     {"start_step": 4, "weights": {"prose": 3, "code": 1}}]},
-      "optimizer": {"learning_rate": 1e-2, "warmup_steps": 1},
-      "train": {"steps": steps, "batch_size": 8, "log_every": 1,
-                "eval_every": 0, "eval_batches": 1},
-      "checkpoint": {"save_every": 2, "keep": 2, "export_params": False},
+    "model": {
+      "preset": "tiny-gemma2",
+      "num_layers": 2,
+      "d_model": 32,
+      "mlp_dim": 64,
+      "num_heads": 2,
+      "num_kv_heads": 1,
+      "head_dim": 16,
+      "vocab_size": 512,
+      "sliding_window": 8,
+    },
+    "data": {
+      "seq_len": 32,
+      "tokenizer": tokenizer,
+      "sources": {
+        "prose": {
+          "kind": "memory",
+          "texts": texts(2, 60, "prose"),
+          "eval_texts": texts(3, 8, "prose"),
+        },
+        "code": {
+          "kind": "memory",
+          "texts": texts(4, 60, "code"),
+          "eval_texts": texts(5, 8, "code"),
+        },
+      },
+      "stages": [
+        {"start_step": 0, "weights": {"prose": 1, "code": 1}},
+        {"start_step": 4, "weights": {"prose": 3, "code": 1}},
+      ],
+    },
+    "optimizer": {"learning_rate": 1e-2, "warmup_steps": 1},
+    "train": {
+      "steps": steps,
+      "batch_size": 8,
+      "log_every": 1,
+      "eval_every": 0,
+      "eval_batches": 1,
+    },
+    "checkpoint": {"save_every": 2, "keep": 2, "export_params": False},
   }
 
 
 def subprocess_env(cache_dir: str, devices: int = 2) -> dict:
   import os
+
   env = dict(os.environ)
-  env.update(JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-             PYTHONUNBUFFERED="1")
+  env.update(
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_COMPILATION_CACHE_DIR=cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    PYTHONUNBUFFERED="1",
+  )
   return env
 
 
@@ -76,20 +132,35 @@ def write_config(path, tokenizer, **train) -> str:
 def train_process(config, workdir, env, *extra):
   import subprocess
   import sys
+
   return subprocess.Popen(
-      [sys.executable, "-m", "gemma_jax.cli", "train", config, "--workdir",
-       str(workdir), *extra], env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+    [
+      sys.executable,
+      "-m",
+      "gemma_jax.cli",
+      "train",
+      config,
+      "--workdir",
+      str(workdir),
+      *extra,
+    ],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def losses(workdir) -> dict[int, float]:
   from gemma_jax.train.metrics import read_jsonl
-  return {r["step"]: r["loss"]
-          for r in read_jsonl(f"{workdir}/metrics.jsonl")}
+
+  return {r["step"]: r["loss"] for r in read_jsonl(f"{workdir}/metrics.jsonl")}
 
 
 def exported_params(workdir):
   import jax
+
   from gemma_jax.checkpoint import native
+
   params, _ = native.load(f"{workdir}/params")
   return jax.tree_util.tree_leaves_with_path(params)

@@ -10,17 +10,30 @@ from gemma_jax.errors import CheckpointError
 from gemma_jax.model import lora, preset
 from gemma_jax.model.lora import LoraConfig
 
-BASE = preset("tiny-gemma2", num_layers=2, d_model=32, mlp_dim=64,
-              num_heads=2, num_kv_heads=1, head_dim=16, vocab_size=64,
-              sliding_window=4)
-ADAPTED = dataclasses.replace(BASE, lora=LoraConfig(rank=4,
-                                                    targets=("q", "down")))
+BASE = preset(
+  "tiny-gemma2",
+  num_layers=2,
+  d_model=32,
+  mlp_dim=64,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=16,
+  vocab_size=64,
+  sliding_window=4,
+)
+ADAPTED = dataclasses.replace(
+  BASE, lora=LoraConfig(rank=4, targets=("q", "down"))
+)
 
 
 def adapters(cfg):
   rng = np.random.default_rng(0)
-  return layout.unflatten({p: rng.normal(size=s).astype(np.float32)
-                           for p, s in lora.adapter_paths(cfg).items()})
+  return layout.unflatten(
+    {
+      p: rng.normal(size=s).astype(np.float32)
+      for p, s in lora.adapter_paths(cfg).items()
+    }
+  )
 
 
 def test_adapters_round_trip_with_their_config_and_base_facts(tmp_path):
@@ -35,12 +48,16 @@ def test_adapters_round_trip_with_their_config_and_base_facts(tmp_path):
 
 
 def test_loading_onto_a_base_of_another_shape_names_the_first_mismatch(
-    tmp_path):
+  tmp_path,
+):
   adapter.save(tmp_path / "a", adapters(ADAPTED), ADAPTED)
   wider = dataclasses.replace(BASE, d_model=48)
-  with pytest.raises(CheckpointError, match=r"does not fit the base model: "
-                     r"layers/attn/q_einsum/lora_q_a has shape \(2, 32, 4\), "
-                     r"the base needs \(2, 48, 4\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"does not fit the base model: "
+    r"layers/attn/q_einsum/lora_q_a has shape \(2, 32, 4\), "
+    r"the base needs \(2, 48, 4\)",
+  ):
     adapter.load(tmp_path / "a", base_cfg=wider)
   deeper = dataclasses.replace(BASE, num_layers=3)
   with pytest.raises(CheckpointError, match="lora_q_a has shape"):

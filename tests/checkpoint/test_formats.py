@@ -17,9 +17,18 @@ from gemma_jax.sharding.config import MeshConfig
 from gemma_jax.sharding.mesh import make_mesh
 from gemma_jax.train.state import abstract_params
 
-KAGGLE = preset("tiny-gemma2", num_layers=2, d_model=32, mlp_dim=48,
-                num_heads=4, num_kv_heads=2, head_dim=8, vocab_size=128,
-                embed_rows=160, sliding_window=8)
+KAGGLE = preset(
+  "tiny-gemma2",
+  num_layers=2,
+  d_model=32,
+  mlp_dim=48,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  vocab_size=128,
+  embed_rows=160,
+  sliding_window=8,
+)
 
 
 def shardings(cfg):
@@ -31,12 +40,16 @@ def shardings(cfg):
 
 
 def assert_placed(params, want, where, dtype):
-  for (path, x), y, s in zip(jax.tree_util.tree_leaves_with_path(params),
-                             jax.tree.leaves(want), jax.tree.leaves(where)):
+  for (path, x), y, s in zip(
+    jax.tree_util.tree_leaves_with_path(params),
+    jax.tree.leaves(want),
+    jax.tree.leaves(where),
+  ):
     assert x.sharding.is_equivalent_to(s, x.ndim), jax.tree_util.keystr(path)
     assert x.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y, dtype),
-                                  err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_array_equal(
+      np.asarray(x), np.asarray(y, dtype), err_msg=jax.tree_util.keystr(path)
+    )
 
 
 def test_hf_loads_into_shards_with_padded_rows_as_the_host_load(hf_dir):
@@ -56,8 +69,12 @@ def test_kaggle_loads_into_shards_as_the_host_load(tmp_path):
   host = kaggle.load(tmp_path / "k", KAGGLE)
   where = shardings(KAGGLE)
   assert formats.detect(tmp_path / "k") == "kaggle"
-  assert_placed(formats.load(tmp_path / "k", KAGGLE, shardings=where),
-                host, where, jnp.float32)
+  assert_placed(
+    formats.load(tmp_path / "k", KAGGLE, shardings=where),
+    host,
+    where,
+    jnp.float32,
+  )
 
 
 def test_native_is_detected_and_another_model_is_refused(tmp_path):
@@ -66,11 +83,18 @@ def test_native_is_detected_and_another_model_is_refused(tmp_path):
   native.save(tmp_path / "n", host, KAGGLE)
   assert formats.detect(tmp_path / "n") == "native"
   where = shardings(KAGGLE)
-  assert_placed(formats.load(tmp_path / "n", KAGGLE, shardings=where), host,
-                where, jnp.float32)
+  assert_placed(
+    formats.load(tmp_path / "n", KAGGLE, shardings=where),
+    host,
+    where,
+    jnp.float32,
+  )
   wider = dataclasses.replace(KAGGLE, mlp_dim=64)
-  with pytest.raises(CheckpointError, match=r"layers/mlp/gating_einsum/w "
-                     r"has shape \(2, 2, 32, 48\) there and \(2, 2, 32, 64\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"layers/mlp/gating_einsum/w "
+    r"has shape \(2, 2, 32, 48\) there and \(2, 2, 32, 64\)",
+  ):
     formats.load(tmp_path / "n", wider)
   (tmp_path / "empty").mkdir()
   with pytest.raises(CheckpointError, match="cannot tell its format"):
@@ -79,12 +103,14 @@ def test_native_is_detected_and_another_model_is_refused(tmp_path):
 
 def test_fingerprint_follows_content_not_location(tmp_path, hf_dir):
   import shutil
+
   src, _, state = hf_dir()
   first = fingerprint(src)
   shutil.copytree(src, tmp_path / "copy")
   assert fingerprint(tmp_path / "copy") == first
   # The same shapes with other values: another fingerprint.
   from safetensors.numpy import save_file
+
   state = {k: v + 1 for k, v in state.items()}
   save_file(state, str(tmp_path / "copy" / "model.safetensors"))
   assert fingerprint(tmp_path / "copy") != first

@@ -16,9 +16,17 @@ from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model import preset, quant
 from gemma_jax.model.quant import QuantConfig
 
-CFG = preset("tiny-gemma2", num_layers=2, d_model=32, mlp_dim=64,
-             num_heads=2, num_kv_heads=1, head_dim=16, vocab_size=64,
-             sliding_window=4)
+CFG = preset(
+  "tiny-gemma2",
+  num_layers=2,
+  d_model=32,
+  mlp_dim=64,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=16,
+  vocab_size=64,
+  sliding_window=4,
+)
 
 
 def test_int4_packing_puts_even_entries_in_the_low_nibble():
@@ -32,17 +40,26 @@ def test_int4_packing_puts_even_entries_in_the_low_nibble():
 
 def random_params(cfg):
   rng = np.random.default_rng(0)
-  return layout.unflatten({p: rng.normal(size=s).astype(np.float32)
-                           for p, s in layout.param_shapes(cfg).items()})
+  return layout.unflatten(
+    {
+      p: rng.normal(size=s).astype(np.float32)
+      for p, s in layout.param_shapes(cfg).items()
+    }
+  )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bits,block", [(4, 16), (8, None)])
-def test_a_quantized_checkpoint_round_trips_the_integers(tmp_path, bits,
-                                                         block):
-  cfg = dataclasses.replace(CFG, quant=QuantConfig(
-      bits=bits, block_size=block, targets=("attn", "mlp", "embed"),
-      weights="int"))
+def test_a_quantized_checkpoint_round_trips_the_integers(tmp_path, bits, block):
+  cfg = dataclasses.replace(
+    CFG,
+    quant=QuantConfig(
+      bits=bits,
+      block_size=block,
+      targets=("attn", "mlp", "embed"),
+      weights="int",
+    ),
+  )
   params = quant.quantize_params(random_params(CFG), cfg)
   size = quantized.save(tmp_path / "q", params, cfg)
   loaded, loaded_cfg = quantized.load(tmp_path / "q")
@@ -51,8 +68,9 @@ def test_a_quantized_checkpoint_round_trips_the_integers(tmp_path, bits,
     y = layout.flatten(loaded)
     got = dict(y)[path]
     assert got.dtype == x.dtype, path
-    np.testing.assert_array_equal(np.asarray(got).astype(np.float32),
-                                  np.asarray(x).astype(np.float32))
+    np.testing.assert_array_equal(
+      np.asarray(got).astype(np.float32), np.asarray(x).astype(np.float32)
+    )
   # The file holds the documented tensors: packed int4 is half a byte each.
   with safe_open(str(tmp_path / "q" / quantized.WEIGHTS), "numpy") as f:
     linear = f.get_slice("layers/mlp/linear/w")
@@ -65,10 +83,15 @@ def test_a_quantized_checkpoint_round_trips_the_integers(tmp_path, bits,
   # Bytes: bits/8 per quantized weight, 4 per scale and norm, a header.
   shapes = layout.param_shapes(CFG)
   weights = sum(np.prod(shapes[p]) for p in quant.quantized_leaves(cfg))
-  floats = sum(np.prod(s) for p, s in layout.param_shapes(CFG).items()
-               if p not in quant.quantized_leaves(cfg)) + sum(
-                   np.prod(x.shape) for p, x in layout.flatten(params)
-                   if p.endswith("scale") and p not in shapes)
+  floats = sum(
+    np.prod(s)
+    for p, s in layout.param_shapes(CFG).items()
+    if p not in quant.quantized_leaves(cfg)
+  ) + sum(
+    np.prod(x.shape)
+    for p, x in layout.flatten(params)
+    if p.endswith("scale") and p not in shapes
+  )
   assert 0 < size - (weights * bits / 8 + floats * 4) < 4096
 
 
@@ -79,23 +102,30 @@ def test_only_models_with_integer_weights_are_written(tmp_path):
 
 
 def test_a_config_without_integer_weights_is_refused_on_load(tmp_path):
-  cfg = dataclasses.replace(CFG, quant=QuantConfig(block_size=16,
-                                                   weights="int"))
-  quantized.save(tmp_path / "q", quant.quantize_params(random_params(CFG),
-                                                       cfg), cfg)
+  cfg = dataclasses.replace(
+    CFG, quant=QuantConfig(block_size=16, weights="int")
+  )
+  quantized.save(
+    tmp_path / "q", quant.quantize_params(random_params(CFG), cfg), cfg
+  )
   path = tmp_path / "q" / "model_config.json"
   meta = json.loads(path.read_text())
   meta["model"]["quant"] = None
   path.write_text(json.dumps(meta))
-  with pytest.raises(CheckpointError, match="has no quant section with "
-                     "weights: int; write it again with gemma-jax quantize"):
+  with pytest.raises(
+    CheckpointError,
+    match="has no quant section with "
+    "weights: int; write it again with gemma-jax quantize",
+  ):
     quantized.load(tmp_path / "q")
 
 
 def test_a_quantized_model_runs_from_the_file(tmp_path):
   from gemma_jax.model import Transformer
-  cfg = dataclasses.replace(CFG, quant=QuantConfig(block_size=16,
-                                                   weights="int"))
+
+  cfg = dataclasses.replace(
+    CFG, quant=QuantConfig(block_size=16, weights="int")
+  )
   params = quant.quantize_params(random_params(CFG), cfg)
   quantized.save(tmp_path / "q", params, cfg)
   loaded, cfg = quantized.load(tmp_path / "q")

@@ -22,9 +22,20 @@ def test_hf_to_native_to_hf_gives_identical_tensors(hf_dir, tmp_path):
   assert convert("--from", "hf", "--to", "native", src, tmp_path / "n") == 0
   _, cfg = native.load(tmp_path / "n")
   assert cfg.num_kv_heads == cfg.num_heads == 4 and cfg.head_dim == 16
-  assert convert("--from", "native", "--to", "hf", "--max-shard-size",
-                 "60KB", tmp_path / "n", tmp_path / "hf2") == 0
-  assert (tmp_path / "hf2" / hf.INDEX).exists()   # 132 KB -> sharded
+  assert (
+    convert(
+      "--from",
+      "native",
+      "--to",
+      "hf",
+      "--max-shard-size",
+      "60KB",
+      tmp_path / "n",
+      tmp_path / "hf2",
+    )
+    == 0
+  )
+  assert (tmp_path / "hf2" / hf.INDEX).exists()  # 132 KB -> sharded
   back = {}
   for f in (tmp_path / "hf2").glob("*.safetensors"):
     back.update(load_file(str(f)))
@@ -34,21 +45,55 @@ def test_hf_to_native_to_hf_gives_identical_tensors(hf_dir, tmp_path):
 
 
 def test_kaggle_to_native_to_hf_to_native(tmp_path):
-  fields = {"num_layers": 2, "d_model": 32, "mlp_dim": 48, "num_heads": 4,
-            "num_kv_heads": 2, "head_dim": 8, "vocab_size": 128,
-            "embed_rows": 160, "sliding_window": 8}
-  official_checkpoint(tmp_path / "k", preset("tiny-gemma2", **fields),
-                      transposed_gating=True)
+  fields = {
+    "num_layers": 2,
+    "d_model": 32,
+    "mlp_dim": 48,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 8,
+    "vocab_size": 128,
+    "embed_rows": 160,
+    "sliding_window": 8,
+  }
+  official_checkpoint(
+    tmp_path / "k", preset("tiny-gemma2", **fields), transposed_gating=True
+  )
   model = tmp_path / "model.yaml"
-  model.write_text(yaml.safe_dump({"model": {"preset": "tiny-gemma2",
-                                             **fields}}))
-  assert convert("--from", "kaggle", "--to", "native", "--model", model,
-                 tmp_path / "k", tmp_path / "n1") == 0
-  assert convert("--from", "native", "--to", "hf", tmp_path / "n1",
-                 tmp_path / "hf") == 0
+  model.write_text(
+    yaml.safe_dump({"model": {"preset": "tiny-gemma2", **fields}})
+  )
+  assert (
+    convert(
+      "--from",
+      "kaggle",
+      "--to",
+      "native",
+      "--model",
+      model,
+      tmp_path / "k",
+      tmp_path / "n1",
+    )
+    == 0
+  )
+  assert (
+    convert("--from", "native", "--to", "hf", tmp_path / "n1", tmp_path / "hf")
+    == 0
+  )
   # Back from HF into the padded-embedding config.
-  assert convert("--from", "hf", "--to", "native", "--model", model,
-                 tmp_path / "hf", tmp_path / "n2") == 0
+  assert (
+    convert(
+      "--from",
+      "hf",
+      "--to",
+      "native",
+      "--model",
+      model,
+      tmp_path / "hf",
+      tmp_path / "n2",
+    )
+    == 0
+  )
   p1, c1 = native.load(tmp_path / "n1")
   p2, c2 = native.load(tmp_path / "n2")
   assert c1 == c2 and c1.num_embed_rows == 160
@@ -59,28 +104,54 @@ def test_kaggle_to_native_to_hf_to_native(tmp_path):
 
 def test_dtype_option(hf_dir, tmp_path):
   src, _, _ = hf_dir()
-  assert convert("--from", "hf", "--to", "native", "--dtype", "bfloat16",
-                 src, tmp_path / "n") == 0
+  assert (
+    convert(
+      "--from",
+      "hf",
+      "--to",
+      "native",
+      "--dtype",
+      "bfloat16",
+      src,
+      tmp_path / "n",
+    )
+    == 0
+  )
   params, cfg = native.load(tmp_path / "n")
   assert cfg.param_dtype == "bfloat16"
   assert params["layers"]["mlp"]["linear"]["w"].dtype.name == "bfloat16"
-  assert convert("--from", "native", "--to", "hf", tmp_path / "n",
-                 tmp_path / "out") == 0
+  assert (
+    convert("--from", "native", "--to", "hf", tmp_path / "n", tmp_path / "out")
+    == 0
+  )
   config = json.loads((tmp_path / "out" / "config.json").read_text())
   assert config["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("argv, message, code", [
+@pytest.mark.parametrize(
+  "argv, message, code",
+  [
     (["--from", "kaggle", "--to", "native"], "--from kaggle needs --model", 2),
-    (["--from", "hf", "--to", "native", "--model", "gemma2-2b"],
-     "num_layers: --model gemma2-2b has 26", 2),
-    (["--from", "hf", "--to", "native", "--model", "nope"],
-     "neither a preset", 2),
-    (["--from", "native", "--to", "hf"], "not a native gemma_jax checkpoint",
-     1),
-])
-def test_errors_are_one_line_naming_the_problem(hf_dir, tmp_path, capsys,
-                                                argv, message, code):
+    (
+      ["--from", "hf", "--to", "native", "--model", "gemma2-2b"],
+      "num_layers: --model gemma2-2b has 26",
+      2,
+    ),
+    (
+      ["--from", "hf", "--to", "native", "--model", "nope"],
+      "neither a preset",
+      2,
+    ),
+    (
+      ["--from", "native", "--to", "hf"],
+      "not a native gemma_jax checkpoint",
+      1,
+    ),
+  ],
+)
+def test_errors_are_one_line_naming_the_problem(
+  hf_dir, tmp_path, capsys, argv, message, code
+):
   src, _, _ = hf_dir()
   assert convert(*argv, src, tmp_path / "out") == code
   err = capsys.readouterr().err
@@ -94,8 +165,10 @@ def test_existing_destination_needs_force(hf_dir, tmp_path, capsys):
   (tmp_path / "n").mkdir()
   assert convert("--from", "hf", "--to", "native", src, tmp_path / "n") == 2
   assert "already exists" in capsys.readouterr().err
-  assert convert("--from", "hf", "--to", "native", "--force", src,
-                 tmp_path / "n") == 0
+  assert (
+    convert("--from", "hf", "--to", "native", "--force", src, tmp_path / "n")
+    == 0
+  )
 
 
 @pytest.fixture
@@ -103,13 +176,18 @@ def run_export(tmp_path):
   """A run directory: RUN/params (native) and RUN/config.yaml naming the
   tokenizer in data.tokenizer."""
   from gemma_jax.data import testing
+
   tok = testing.tiny_tokenizer(tmp_path / "tok" / "tokenizer.model")
   cfg = preset("tiny-gemma", num_layers=1, vocab_size=512)
-  params = layout.unflatten({p: np.zeros(s, np.float32) for p, s in
-                             layout.param_shapes(cfg).items()})
+  params = layout.unflatten(
+    {p: np.zeros(s, np.float32) for p, s in layout.param_shapes(cfg).items()}
+  )
   native.save(tmp_path / "run" / "params", params, cfg)
-  (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(
-      {"model": {"preset": "tiny-gemma"}, "data": {"tokenizer": tok}}))
+  (tmp_path / "run" / "config.yaml").write_text(
+    yaml.safe_dump(
+      {"model": {"preset": "tiny-gemma"}, "data": {"tokenizer": tok}}
+    )
+  )
   return tmp_path / "run", tok
 
 
@@ -117,30 +195,60 @@ def test_to_hf_writes_the_given_tokenizer(run_export, tmp_path, capsys):
   run, tok = run_export
   other = tmp_path / "copy.model"
   other.write_bytes(open(tok, "rb").read())
-  assert convert("--from", "native", "--to", "hf", "--tokenizer", other,
-                 run / "params", tmp_path / "hf") == 0
+  assert (
+    convert(
+      "--from",
+      "native",
+      "--to",
+      "hf",
+      "--tokenizer",
+      other,
+      run / "params",
+      tmp_path / "hf",
+    )
+    == 0
+  )
   assert json.loads(capsys.readouterr().out)["tokenizer"] == str(other)
-  assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == \
-      other.read_bytes()
+  assert (
+    tmp_path / "hf" / "tokenizer.model"
+  ).read_bytes() == other.read_bytes()
   assert (tmp_path / "hf" / "tokenizer_config.json").exists()
 
 
-def test_a_runs_params_export_brings_its_tokenizer(run_export, tmp_path,
-                                                    capsys):
+def test_a_runs_params_export_brings_its_tokenizer(
+  run_export, tmp_path, capsys
+):
   run, tok = run_export
-  assert convert("--from", "native", "--to", "hf", run / "params",
-                 tmp_path / "hf") == 0
+  assert (
+    convert("--from", "native", "--to", "hf", run / "params", tmp_path / "hf")
+    == 0
+  )
   assert json.loads(capsys.readouterr().out)["tokenizer"] == tok
   assert (tmp_path / "hf" / "special_tokens_map.json").exists()
   # Without a run config beside it there is nothing to find.
   native.save(tmp_path / "bare", *native.load(run / "params"))
-  assert convert("--from", "native", "--to", "hf", tmp_path / "bare",
-                 tmp_path / "hf2") == 0
+  assert (
+    convert(
+      "--from", "native", "--to", "hf", tmp_path / "bare", tmp_path / "hf2"
+    )
+    == 0
+  )
   assert not (tmp_path / "hf2" / "tokenizer.model").exists()
 
 
 def test_tokenizer_only_goes_with_to_hf(run_export, tmp_path, capsys):
   run, tok = run_export
-  assert convert("--from", "native", "--to", "native", "--tokenizer", tok,
-                 run / "params", tmp_path / "n") == 2
+  assert (
+    convert(
+      "--from",
+      "native",
+      "--to",
+      "native",
+      "--tokenizer",
+      tok,
+      run / "params",
+      tmp_path / "n",
+    )
+    == 2
+  )
   assert "--tokenizer goes with --to hf" in capsys.readouterr().err

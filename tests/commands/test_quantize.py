@@ -11,15 +11,27 @@ from gemma_jax.checkpoint import adapter, layout, native
 from gemma_jax.model import lora, preset
 from gemma_jax.model.quant import QuantConfig
 
-CFG = preset("tiny-gemma2", num_layers=2, d_model=32, mlp_dim=64,
-             num_heads=2, num_kv_heads=1, head_dim=16, vocab_size=64,
-             sliding_window=4)
+CFG = preset(
+  "tiny-gemma2",
+  num_layers=2,
+  d_model=32,
+  mlp_dim=64,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=16,
+  vocab_size=64,
+  sliding_window=4,
+)
 
 
 def random_tree(shapes, seed=0, scale=0.2):
   rng = np.random.default_rng(seed)
-  return layout.unflatten({p: (scale * rng.normal(size=s)).astype(np.float32)
-                           for p, s in shapes.items()})
+  return layout.unflatten(
+    {
+      p: (scale * rng.normal(size=s)).astype(np.float32)
+      for p, s in shapes.items()
+    }
+  )
 
 
 @pytest.fixture(scope="module")
@@ -33,28 +45,77 @@ def ckpt(tmp_path_factory):
 
 def score(tmp, checkpoint, *extra):
   out = tmp / "out.npz"
-  assert cli.main(["score", "--checkpoint", str(checkpoint), "--tokens",
-                   str(tmp / "tokens.npy"), "--out", str(out),
-                   *map(str, extra)]) == 0
+  assert (
+    cli.main(
+      [
+        "score",
+        "--checkpoint",
+        str(checkpoint),
+        "--tokens",
+        str(tmp / "tokens.npy"),
+        "--out",
+        str(out),
+        *map(str, extra),
+      ]
+    )
+    == 0
+  )
   return np.load(out)["logits"]
 
 
 @pytest.mark.slow
 def test_the_int4_file_scores_as_the_qat_model_and_exports_to_hf(ckpt):
   tmp, params = ckpt
-  assert cli.main(["quantize", str(tmp / "float"), str(tmp / "int4"),
-                   "--block-size", "16", "--targets", "attn,mlp,embed"]) == 0
-  qat = dataclasses.replace(CFG, quant=QuantConfig(
-      block_size=16, targets=("attn", "mlp", "embed")))
+  assert (
+    cli.main(
+      [
+        "quantize",
+        str(tmp / "float"),
+        str(tmp / "int4"),
+        "--block-size",
+        "16",
+        "--targets",
+        "attn,mlp,embed",
+      ]
+    )
+    == 0
+  )
+  qat = dataclasses.replace(
+    CFG, quant=QuantConfig(block_size=16, targets=("attn", "mlp", "embed"))
+  )
   native.save(tmp / "qat", params, qat)
   int4 = score(tmp, tmp / "int4")
   np.testing.assert_allclose(int4, score(tmp, tmp / "qat"), atol=1e-5)
   assert np.abs(int4 - score(tmp, tmp / "float")).max() > 1e-3
   # Dequantized for Hugging Face, and back: the same model.
-  assert cli.main(["convert", "--from", "quantized", "--to", "hf",
-                   str(tmp / "int4"), str(tmp / "hf")]) == 0
-  assert cli.main(["convert", "--from", "hf", "--to", "native",
-                   str(tmp / "hf"), str(tmp / "back")]) == 0
+  assert (
+    cli.main(
+      [
+        "convert",
+        "--from",
+        "quantized",
+        "--to",
+        "hf",
+        str(tmp / "int4"),
+        str(tmp / "hf"),
+      ]
+    )
+    == 0
+  )
+  assert (
+    cli.main(
+      [
+        "convert",
+        "--from",
+        "hf",
+        "--to",
+        "native",
+        str(tmp / "hf"),
+        str(tmp / "back"),
+      ]
+    )
+    == 0
+  )
   np.testing.assert_allclose(score(tmp, tmp / "back"), int4, atol=1e-5)
 
 
@@ -62,24 +123,43 @@ def test_the_int4_file_scores_as_the_qat_model_and_exports_to_hf(ckpt):
 def test_an_adapter_scores_on_its_base_and_merges_by_convert(ckpt):
   tmp, _ = ckpt
   adapted = dataclasses.replace(CFG, lora=lora.LoraConfig(rank=2, alpha=4.0))
-  adapter.save(tmp / "adapter", random_tree(lora.adapter_paths(adapted), 1),
-               adapted)
+  adapter.save(
+    tmp / "adapter", random_tree(lora.adapter_paths(adapted), 1), adapted
+  )
   with_adapter = score(tmp, tmp / "float", "--adapter", tmp / "adapter")
-  assert cli.main(["convert", "--from", "native", "--to", "native",
-                   "--adapter", str(tmp / "adapter"), str(tmp / "float"),
-                   str(tmp / "merged")]) == 0
+  assert (
+    cli.main(
+      [
+        "convert",
+        "--from",
+        "native",
+        "--to",
+        "native",
+        "--adapter",
+        str(tmp / "adapter"),
+        str(tmp / "float"),
+        str(tmp / "merged"),
+      ]
+    )
+    == 0
+  )
   assert native.load_config(tmp / "merged") == CFG
-  np.testing.assert_allclose(score(tmp, tmp / "merged"), with_adapter,
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    score(tmp, tmp / "merged"), with_adapter, atol=1e-4
+  )
 
 
 def test_bad_quantize_flags_are_usage_errors(ckpt, capsys):
   tmp, _ = ckpt
-  for flags, message in [(["--block-size", "12"], "--block-size: 12 does not "
-                           "divide the contraction axis"),
-                         (["--block-size", "big"], "neither an integer nor "
-                          "'channel'"),
-                         (["--targets", "attn,norm"], "unknown group 'norm'")]:
-    assert cli.main(["quantize", str(tmp / "float"), str(tmp / "bad"),
-                     *flags]) == 2
+  for flags, message in [
+    (
+      ["--block-size", "12"],
+      "--block-size: 12 does not divide the contraction axis",
+    ),
+    (["--block-size", "big"], "neither an integer nor 'channel'"),
+    (["--targets", "attn,norm"], "unknown group 'norm'"),
+  ]:
+    assert (
+      cli.main(["quantize", str(tmp / "float"), str(tmp / "bad"), *flags]) == 2
+    )
     assert message in capsys.readouterr().err

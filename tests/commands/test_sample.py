@@ -16,24 +16,45 @@ from gemma_jax.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 
-CFG = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128, head_dim=16,
-             vocab_size=512, sliding_window=8)
+CFG = preset(
+  "tiny-gemma2",
+  num_layers=2,
+  d_model=64,
+  mlp_dim=128,
+  head_dim=16,
+  vocab_size=512,
+  sliding_window=8,
+)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("sample")
   tok = tiny_tokenizer(root / "tok.model", vocab_size=512)
-  params = nn.meta.unbox(Transformer(CFG).init(
-      jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  params = nn.meta.unbox(
+    Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))[
+      "params"
+    ]
+  )
   native.save(root / "ckpt", params, CFG)
   return root, tok, params
 
 
 def test_sample_prints_the_greedy_continuation(setup, capsys):
   root, tok, params = setup
-  rc = cli.main(["sample", "--checkpoint", str(root / "ckpt"), "--tokenizer",
-                 tok, "--prompt", "the model", "--max-new-tokens", "12"])
+  rc = cli.main(
+    [
+      "sample",
+      "--checkpoint",
+      str(root / "ckpt"),
+      "--tokenizer",
+      tok,
+      "--prompt",
+      "the model",
+      "--max-new-tokens",
+      "12",
+    ]
+  )
   assert rc == 0
   tokenizer = Tokenizer.load(tok)
   ids = tokenizer.encode("the model", add_bos=True).tolist()
@@ -45,9 +66,20 @@ def test_sample_prints_the_greedy_continuation(setup, capsys):
 def test_sample_rejects_a_tokenizer_larger_than_the_model(setup, capsys):
   root, tok, params = setup
   small = dataclasses.replace(CFG, vocab_size=300)
-  params = dict(params, embedder={"embedding": params["embedder"]["embedding"][:300]})
+  params = dict(
+    params, embedder={"embedding": params["embedder"]["embedding"][:300]}
+  )
   native.save(root / "small", params, small)
-  rc = cli.main(["sample", "--checkpoint", str(root / "small"), "--tokenizer",
-                 tok, "--prompt", "x"])
+  rc = cli.main(
+    [
+      "sample",
+      "--checkpoint",
+      str(root / "small"),
+      "--tokenizer",
+      tok,
+      "--prompt",
+      "x",
+    ]
+  )
   assert rc == 2
   assert "has 512 pieces but model.vocab_size is 300" in capsys.readouterr().err

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gemma_jax import configlib
-from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.data import DataConfig, StageConfig, build_pipeline, check_resume
+from gemma_jax.errors import ConfigError, DataError
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source")
 
@@ -42,9 +42,12 @@ def test_resumed_stream_equals_uninterrupted_stream(make_config):
 
 
 def test_realized_shares_match_targets_in_each_stage(make_config):
-  cfg = make_config(stages=[
+  cfg = make_config(
+    stages=[
       {"start_step": 0, "weights": {"a": 0.5, "b": 0.3, "c": 0.2}},
-      {"start_step": 64, "weights": {"a": 0.1, "b": 0.2, "c": 0.7}}])
+      {"start_step": 64, "weights": {"a": 0.1, "b": 0.2, "c": 0.7}},
+    ]
+  )
   pipe = build_pipeline(cfg, global_batch=16)
   for first, last in [(0, 64), (64, 128)]:
     tokens = sum(pipe.source_tokens(pipe.batch(s)) for s in range(first, last))
@@ -57,8 +60,10 @@ def test_process_shards_union_to_the_single_process_batch(make_config):
   cfg = make_config()
   single = build_pipeline(cfg, global_batch=8)
   for count in (2, 4):
-    shards = [build_pipeline(cfg, 8, process_index=p, process_count=count)
-              for p in range(count)]
+    shards = [
+      build_pipeline(cfg, 8, process_index=p, process_count=count)
+      for p in range(count)
+    ]
     for step in (0, 19, 20, 33):
       parts = [s.batch(step) for s in shards]
       assert parts[0]["inputs"].shape == (8 // count, 32)
@@ -74,10 +79,10 @@ def test_eval_batches_cover_the_held_out_split_once(make_config):
   assert all((b["source"] == 0).all() for b in batches)
   counted = sum(int(b["loss_mask"].sum()) for b in batches)
   docs = rows.docs
-  assert counted == docs.num_tokens + len(docs)   # every token + eos, once
+  assert counted == docs.num_tokens + len(docs)  # every token + eos, once
   assert len(list(pipe.eval_batches("a", 2))) == 2
   assert pipe.eval_sources == ("a",)
-  assert list(pipe.eval_batches("b", 1)) == []   # no held-out data
+  assert list(pipe.eval_batches("b", 1)) == []  # no held-out data
   with pytest.raises(ConfigError, match="'zzz' is not one of a, b, c"):
     next(pipe.eval_batches("zzz", 1))
 
@@ -85,8 +90,9 @@ def test_eval_batches_cover_the_held_out_split_once(make_config):
 def test_later_stages_may_change_on_resume_past_ones_may_not(make_config):
   cfg = make_config()
   pipe = build_pipeline(cfg, 8)
-  edited = dataclasses.replace(cfg, stages=(
-      *cfg.stages, StageConfig(30, {"a": 1.0})))
+  edited = dataclasses.replace(
+    cfg, stages=(*cfg.stages, StageConfig(30, {"a": 1.0}))
+  )
   new = build_pipeline(edited, 8)
   check_resume(pipe.describe(), new.describe(), step=25)
   for step in (24, 25, 29):
@@ -94,25 +100,31 @@ def test_later_stages_may_change_on_resume_past_ones_may_not(make_config):
   assert (new.batch(30)["source"] == 0).all()
   with pytest.raises(ConfigError, match="stages starting at or before step 35"):
     check_resume(pipe.describe(), new.describe(), step=35)
-  past = dataclasses.replace(cfg, stages=(
-      cfg.stages[0], StageConfig(20, {"a": 1.0, "b": 1.0})))
+  past = dataclasses.replace(
+    cfg, stages=(cfg.stages[0], StageConfig(20, {"a": 1.0, "b": 1.0}))
+  )
   with pytest.raises(ConfigError, match="cannot be edited on resume"):
     check_resume(pipe.describe(), build_pipeline(past, 8).describe(), 25)
   with pytest.raises(ConfigError, match="data.seq_len changed from 32 to 16"):
-    check_resume(pipe.describe(),
-                 build_pipeline(make_config(seq_len=16), 8).describe(), 5)
+    check_resume(
+      pipe.describe(), build_pipeline(make_config(seq_len=16), 8).describe(), 5
+    )
   with pytest.raises(ConfigError, match="train.batch_size changed"):
     check_resume(pipe.describe(), build_pipeline(cfg, 16).describe(), 5)
   # A checkpoint from the block-mixing version drew other rows.
   old = {**pipe.describe(), "block_size": 256}
   del old["mixing"]
-  with pytest.raises(ConfigError, match="mixed in blocks of data.block_size "
-                     "rows, this version mixes exactly per batch"):
+  with pytest.raises(
+    ConfigError,
+    match="mixed in blocks of data.block_size "
+    "rows, this version mixes exactly per batch",
+  ):
     check_resume(old, pipe.describe(), 5)
 
 
 def test_describe_is_json_and_names_tokenizer_and_stages(make_config):
   import json
+
   desc = build_pipeline(make_config(), 8).describe()
   assert json.loads(json.dumps(desc)) == desc
   assert len(desc["tokenizer"]["fingerprint"]) == 64
@@ -122,16 +134,36 @@ def test_describe_is_json_and_names_tokenizer_and_stages(make_config):
 
 def test_bad_input_is_a_clear_error(make_config, tmp_path, tokenizer_path):
   with pytest.raises(DataError, match="no file matches"):
-    build_pipeline(make_config(sources={"f": {"kind": "files", "paths": [
-        str(tmp_path / "missing*.txt")]}}, stages=[]), 8)
+    build_pipeline(
+      make_config(
+        sources={
+          "f": {"kind": "files", "paths": [str(tmp_path / "missing*.txt")]}
+        },
+        stages=[],
+      ),
+      8,
+    )
   (tmp_path / "empty.txt").write_text("")
   with pytest.raises(DataError, match="'f' is empty"):
-    build_pipeline(make_config(sources={"f": {"kind": "files", "paths": [
-        str(tmp_path / "empty.txt")]}}, stages=[]), 8)
+    build_pipeline(
+      make_config(
+        sources={
+          "f": {"kind": "files", "paths": [str(tmp_path / "empty.txt")]}
+        },
+        stages=[],
+      ),
+      8,
+    )
   with pytest.raises(DataError, match="tfds dataset 'nope' not found"):
-    build_pipeline(make_config(sources={"t": {
-        "kind": "tfds", "name": "nope", "data_dir": str(tmp_path)}},
-        stages=[]), 8)
+    build_pipeline(
+      make_config(
+        sources={
+          "t": {"kind": "tfds", "name": "nope", "data_dir": str(tmp_path)}
+        },
+        stages=[],
+      ),
+      8,
+    )
   with pytest.raises(ConfigError, match="model.vocab_size is 256"):
     build_pipeline(make_config(), 8, vocab_size=256)
   with pytest.raises(DataError, match="tokenizer file not found"):
@@ -143,22 +175,41 @@ def test_bad_input_is_a_clear_error(make_config, tmp_path, tokenizer_path):
 def test_files_sources_read_text_and_jsonl(make_config, tmp_path):
   (tmp_path / "one.txt").write_text("a whole file is one document")
   (tmp_path / "many.jsonl").write_text(
-      '{"text": "first line"}\n\n{"text": "second line"}\n')
-  cfg = make_config(sources={"f": {"kind": "files", "paths": [
-      str(tmp_path / "*.txt"), str(tmp_path / "*.jsonl")]}}, stages=[])
+    '{"text": "first line"}\n\n{"text": "second line"}\n'
+  )
+  cfg = make_config(
+    sources={
+      "f": {
+        "kind": "files",
+        "paths": [str(tmp_path / "*.txt"), str(tmp_path / "*.jsonl")],
+      }
+    },
+    stages=[],
+  )
   pipe = build_pipeline(cfg, 2)
   assert pipe.describe()["sources"]["f"]["num_docs"] == 3
   (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
-  with pytest.raises(DataError, match=r"bad.jsonl:1: not a JSON object "
-                     "with a 'text' field"):
-    build_pipeline(make_config(sources={"f": {"kind": "files", "paths": [
-        str(tmp_path / "bad.jsonl")]}}, stages=[]), 2)
+  with pytest.raises(
+    DataError,
+    match=r"bad.jsonl:1: not a JSON object "
+    "with a 'text' field",
+  ):
+    build_pipeline(
+      make_config(
+        sources={
+          "f": {"kind": "files", "paths": [str(tmp_path / "bad.jsonl")]}
+        },
+        stages=[],
+      ),
+      2,
+    )
 
 
 @pytest.mark.slow
 def test_worker_processes_yield_the_same_batches(corpus_config):
-  cfg = configlib.from_dict(DataConfig, {**corpus_config, "num_workers": 2},
-                            "data")
+  cfg = configlib.from_dict(
+    DataConfig, {**corpus_config, "num_workers": 2}, "data"
+  )
   pipe = build_pipeline(cfg, 8)
   stream = pipe.iterate(7)
   try:
@@ -173,10 +224,14 @@ def test_worker_processes_yield_the_same_batches(corpus_config):
 def test_resume_may_add_a_source_for_a_later_stage(make_config):
   cfg = make_config()
   old = build_pipeline(cfg, 8)
-  sources = {**configlib.to_dict(cfg)["sources"],
-             "d": {"kind": "memory", "texts": ["delta " * 30] * 10}}
-  stages = [*configlib.to_dict(cfg)["stages"],
-            {"start_step": 30, "weights": {"d": 1.0}}]
+  sources = {
+    **configlib.to_dict(cfg)["sources"],
+    "d": {"kind": "memory", "texts": ["delta " * 30] * 10},
+  }
+  stages = [
+    *configlib.to_dict(cfg)["stages"],
+    {"start_step": 30, "weights": {"d": 1.0}},
+  ]
   new = build_pipeline(make_config(sources=sources, stages=stages), 8)
   check_resume(old.describe(), new.describe(), step=25)
   for step in (0, 21, 29):
@@ -184,15 +239,21 @@ def test_resume_may_add_a_source_for_a_later_stage(make_config):
   assert (new.batch(30)["source"] == 3).all()
   reordered = dict(reversed(list(sources.items())))
   with pytest.raises(ConfigError, match="must keep their names and order"):
-    check_resume(old.describe(), build_pipeline(
-        make_config(sources=reordered, stages=stages), 8).describe(), 25)
-  check_resume({}, new.describe(), 25)   # nothing recorded: nothing to check
+    check_resume(
+      old.describe(),
+      build_pipeline(
+        make_config(sources=reordered, stages=stages), 8
+      ).describe(),
+      25,
+    )
+  check_resume({}, new.describe(), 25)  # nothing recorded: nothing to check
 
 
 def test_missing_held_out_split_fails_at_build(corpus_config):
   sources = {**corpus_config["sources"]}
   sources["math"] = {**sources["math"], "eval_split": "validation"}
-  cfg = configlib.from_dict(DataConfig, {**corpus_config, "sources": sources},
-                            "data")
+  cfg = configlib.from_dict(
+    DataConfig, {**corpus_config, "sources": sources}, "data"
+  )
   with pytest.raises(ConfigError, match="has no split 'validation'"):
     build_pipeline(cfg, 8)

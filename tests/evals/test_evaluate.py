@@ -21,23 +21,30 @@ def test_group_is_the_size_weighted_mean_with_pooled_stderr():
 
 
 def test_evaluate_tasks_dispatches_by_kind_and_adds_groups():
-  mc = [tasks.Task(f"mmlu_{s}", "multiple_choice",
-                   (Doc("q", ("A", "B"), 0),) * n, group="mmlu")
-        for s, n in (("x", 2), ("y", 4))]
+  mc = [
+    tasks.Task(
+      f"mmlu_{s}",
+      "multiple_choice",
+      (Doc("q", ("A", "B"), 0),) * n,
+      group="mmlu",
+    )
+    for s, n in (("x", 2), ("y", 4))
+  ]
   gen = tasks.Task("math", "generate_until", (Doc("Q:", target="#### 3"),))
 
   calls = []
 
-  def ll(requests):          # always prefers " A": acc 1 everywhere
+  def ll(requests):  # always prefers " A": acc 1 everywhere
     calls.append(len(requests))
     return [-1.0 if cont == " A" else -2.0 for _, cont in requests]
 
   def generate(prompts, n):
     return [" #### 3"] * len(prompts)
+
   results, items = evaluate.evaluate_tasks([*mc, gen], ll, generate)
   assert list(results) == ["mmlu_x", "mmlu_y", "math", "mmlu"]
   assert results["mmlu"]["acc"] == 1.0 and results["mmlu"]["n"] == 6
-  assert calls == [12]       # every choice of both subjects in one call
+  assert calls == [12]  # every choice of both subjects in one call
   assert results["math"]["exact_match,strict-match"] == 1.0
   assert len(items) == 7
   with pytest.raises(ConfigError, match="math: generation needs a generate"):

@@ -57,11 +57,21 @@ def run_demo(tmp_path, *args, **env):
   fake.chmod(0o755)
   log = tmp_path / "calls.jsonl"
   result = subprocess.run(
-      ["bash", str(ROOT / "launch/cpt_demo.sh"), *args],
-      env={**os.environ, "GEMMA_JAX": str(fake), "PYTHON": sys.executable,
-           "PYTHONPATH": str(ROOT), "WORKDIR": str(tmp_path / "w"),
-           "FAKE_LOG": str(log), **env},
-      capture_output=True, text=True, timeout=120, check=False)
+    ["bash", str(ROOT / "launch/cpt_demo.sh"), *args],
+    env={
+      **os.environ,
+      "GEMMA_JAX": str(fake),
+      "PYTHON": sys.executable,
+      "PYTHONPATH": str(ROOT),
+      "WORKDIR": str(tmp_path / "w"),
+      "FAKE_LOG": str(log),
+      **env,
+    },
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr
   calls = [json.loads(x) for x in log.read_text().splitlines()]
   log.unlink()
@@ -77,8 +87,16 @@ def config_of(call):
 def test_the_demo_runs_four_variants_of_one_base_then_one_report(tmp_path):
   out, calls = run_demo(tmp_path, LAMBDA="0.5", STEPS="7")
   w = str(tmp_path / "w")
-  assert [c[0] for c in calls] == ["data", "train", "fisher", "train", "train",
-                                   "train", "train", "report"]
+  assert [c[0] for c in calls] == [
+    "data",
+    "train",
+    "fisher",
+    "train",
+    "train",
+    "train",
+    "train",
+    "report",
+  ]
   base = config_of(calls[1])
   assert calls[1][1] == "configs/cpt/tiny-base.yaml"
   assert set(base.data.sources) == {"prose", "code"}
@@ -86,26 +104,33 @@ def test_the_demo_runs_four_variants_of_one_base_then_one_report(tmp_path):
   assert fisher[fisher.index("--params") + 1] == f"{w}/base/params"
   assert config_of(fisher).model == base.model
   runs = {c[c.index("--workdir") + 1]: config_of(c) for c in calls[3:7]}
-  assert list(runs) == [f"{w}/{n}" for n in ("naive", "replay", "ewc_0.5",
-                                             "ewc_replay_0.5")]
+  assert list(runs) == [
+    f"{w}/{n}" for n in ("naive", "replay", "ewc_0.5", "ewc_replay_0.5")
+  ]
   for name, cfg in runs.items():
     replay = "replay" in name
     weights = cfg.data.stages[0].weights
     assert len(cfg.data.stages) == 1 and weights["math"] == (
-        0.8 if replay else 1.0), name
+      0.8 if replay else 1.0
+    ), name
     assert sum(weights.get(s, 0) for s in ("prose", "code")) == (
-        pytest.approx(0.2) if replay else 0)
+      pytest.approx(0.2) if replay else 0
+    )
     assert cfg.continual.ewc_lambda == (0.5 if "ewc" in name else 0.0)
     assert cfg.continual.fisher == f"{w}/fisher"
     assert cfg.checkpoint.init_from == f"{w}/base/params"
     assert cfg.train.steps == 7 and cfg.model == base.model
   report = calls[7]
   assert config_of(report).continual.ewc_lambda == 0
-  assert [report[i + 1] for i, a in enumerate(report)
-          if a == "--checkpoint"] == [
-              f"base={w}/base/params", f"naive={w}/naive/params",
-              f"replay={w}/replay/params", f"ewc={w}/ewc_0.5/params",
-              f"ewc_replay={w}/ewc_replay_0.5/params"]
+  assert [
+    report[i + 1] for i, a in enumerate(report) if a == "--checkpoint"
+  ] == [
+    f"base={w}/base/params",
+    f"naive={w}/naive/params",
+    f"replay={w}/replay/params",
+    f"ewc={w}/ewc_0.5/params",
+    f"ewc_replay={w}/ewc_replay_0.5/params",
+  ]
   tasks = (tmp_path / "w/tasks.yaml").read_text()
   assert "prose_next" in tasks and "code_next" in tasks
   assert "| base | 4.0 |" in out and "after 7 steps" in out
@@ -123,5 +148,8 @@ def test_sweep_picks_the_lambda_of_lowest_mean_heldout_loss(tmp_path):
   assert f"naive 6.000, ewc_1e-3 {3 + abs(math.log10(1e-3) + 2):.3f}" in out
   # The demo then reuses the base, the Fisher, naive and the picked run.
   _, calls = run_demo(tmp_path, LAMBDA="1e-2")
-  assert [c[c.index("--workdir") + 1].rsplit("/", 1)[1] for c in calls
-          if c[0] == "train"] == ["replay", "ewc_replay_1e-2"]
+  assert [
+    c[c.index("--workdir") + 1].rsplit("/", 1)[1]
+    for c in calls
+    if c[0] == "train"
+  ] == ["replay", "ewc_replay_1e-2"]

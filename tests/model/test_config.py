@@ -2,17 +2,17 @@
 
 import pytest
 
-from gemma_jax.train.config import load_config
 from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import PRESETS, preset
+from gemma_jax.train.config import load_config
 
 # The published counts with the 256128-row embedding (docs/checkpoints.md).
 PUBLISHED = {
-    "gemma-2b": (2_506_434_560, 524_550_144),
-    "gemma-7b": (8_538_074_112, 786_825_216),
-    "gemma2-2b": (2_614_636_800, 590_118_912),
-    "gemma2-9b": (9_242_164_736, 917_962_752),
-    "gemma2-27b": (27_227_718_144, 1_180_237_824),
+  "gemma-2b": (2_506_434_560, 524_550_144),
+  "gemma-7b": (8_538_074_112, 786_825_216),
+  "gemma2-2b": (2_614_636_800, 590_118_912),
+  "gemma2-9b": (9_242_164_736, 917_962_752),
+  "gemma2-27b": (27_227_718_144, 1_180_237_824),
 }
 
 
@@ -30,9 +30,9 @@ def test_tiny_presets_are_small():
 
 
 def test_query_scale_rule():
-  assert preset("gemma-7b").query_scale == 256 ** -0.5   # head_dim, not D/N
-  assert preset("gemma2-27b").query_scale == 144 ** -0.5  # query_pre_attn_scalar
-  assert preset("gemma2-9b").query_scale == 256 ** -0.5
+  assert preset("gemma-7b").query_scale == 256**-0.5  # head_dim, not D/N
+  assert preset("gemma2-27b").query_scale == 144**-0.5  # query_pre_attn_scalar
+  assert preset("gemma2-9b").query_scale == 256**-0.5
 
 
 def test_gemma2_layers_alternate_local_and_global():
@@ -42,24 +42,48 @@ def test_gemma2_layers_alternate_local_and_global():
   assert set(preset("gemma-7b").layer_windows) == {0}
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.num_kv_heads=3", "num_heads (8) must be divisible by num_kv_heads (3)"),
-    ("model.remat_policy=some", "model.remat_policy: 'some' is not a valid choice; valid choices: 'none', 'full'"),
-    ("model.num_layer=3", "unknown key 'model.num_layer'; valid keys under 'model'"),
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    (
+      "model.num_kv_heads=3",
+      "num_heads (8) must be divisible by num_kv_heads (3)",
+    ),
+    (
+      "model.remat_policy=some",
+      "model.remat_policy: 'some' is not a valid choice; valid choices: "
+      "'none', 'full'",
+    ),
+    (
+      "model.num_layer=3",
+      "unknown key 'model.num_layer'; valid keys under 'model'",
+    ),
     ("model.d_model=1.5", "model.d_model: expected an integer"),
-    ("model.preset=gemma3", "model.preset: unknown preset 'gemma3'; valid choices: gemma-2b"),
-    ("model.attention_pattern=[local]", "'local' layers but sliding_window is not set"),
+    (
+      "model.preset=gemma3",
+      "model.preset: unknown preset 'gemma3'; valid choices: gemma-2b",
+    ),
+    (
+      "model.attention_pattern=[local]",
+      "'local' layers but sliding_window is not set",
+    ),
     ("model.embed_rows=10", "embed_rows (10) must be >= vocab_size"),
-])
+  ],
+)
 def test_invalid_model_config_names_the_key(override, message):
   base = "model=gemma-2b" if "preset" not in override else "model={}"
   with pytest.raises(ConfigError, match=None) as info:
-    load_config(None, [base, override] if "attention_pattern" not in override
-                else ["model=gemma-7b", override])
+    load_config(
+      None,
+      [base, override]
+      if "attention_pattern" not in override
+      else ["model=gemma-7b", override],
+    )
   assert message in str(info.value)
 
 
 def test_overrides_apply_to_a_preset():
-  cfg = load_config(None, ["model=gemma2-2b", "model.num_layers=2",
-                           "model.dtype=bfloat16"]).model
+  cfg = load_config(
+    None, ["model=gemma2-2b", "model.num_layers=2", "model.dtype=bfloat16"]
+  ).model
   assert (cfg.num_layers, cfg.dtype, cfg.d_model) == (2, "bfloat16", 2304)

@@ -14,9 +14,17 @@ from gemma_jax.errors import ConfigError
 from gemma_jax.model import PRESETS, Transformer, lora, preset
 from gemma_jax.model.lora import LoraConfig
 
-TINY = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128,
-              num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=256,
-              sliding_window=4)
+TINY = preset(
+  "tiny-gemma2",
+  num_layers=2,
+  d_model=64,
+  mlp_dim=128,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+  vocab_size=256,
+  sliding_window=4,
+)
 ADAPTED = dataclasses.replace(TINY, lora=LoraConfig(rank=4, alpha=8.0))
 
 
@@ -39,12 +47,19 @@ def test_adapters_at_their_zero_init_leave_the_logits_unchanged():
   params = _init(ADAPTED, jax.random.key(0))
   adapters, base = lora.split(params)
   # B starts at zero and A random, so the adapters are live but silent.
-  assert all(not np.any(b) for p, b in jax.tree_util.tree_leaves_with_path(
-      adapters) if jax.tree_util.keystr(p).endswith("_b']"))
-  assert all(np.any(a) for p, a in jax.tree_util.tree_leaves_with_path(
-      adapters) if jax.tree_util.keystr(p).endswith("_a']"))
-  np.testing.assert_array_equal(_logits(ADAPTED, params, TOKENS),
-                                _logits(TINY, base, TOKENS))
+  assert all(
+    not np.any(b)
+    for p, b in jax.tree_util.tree_leaves_with_path(adapters)
+    if jax.tree_util.keystr(p).endswith("_b']")
+  )
+  assert all(
+    np.any(a)
+    for p, a in jax.tree_util.tree_leaves_with_path(adapters)
+    if jax.tree_util.keystr(p).endswith("_a']")
+  )
+  np.testing.assert_array_equal(
+    _logits(ADAPTED, params, TOKENS), _logits(TINY, base, TOKENS)
+  )
 
 
 @pytest.mark.slow
@@ -53,34 +68,52 @@ def test_merged_weights_equal_the_adapted_forward_on_every_target():
   adapters, base = lora.split(params)
   keys = iter(jax.random.split(jax.random.key(1), 32))
   adapters = jax.tree.map(
-      lambda x: 0.3 * jax.random.normal(next(keys), x.shape), adapters)
+    lambda x: 0.3 * jax.random.normal(next(keys), x.shape), adapters
+  )
   adapted = _logits(ADAPTED, lora.combine(base, adapters), TOKENS)
-  merged = jax.jit(lora.merge_params, static_argnums=2)(base, adapters,
-                                                       ADAPTED)
+  merged = jax.jit(lora.merge_params, static_argnums=2)(base, adapters, ADAPTED)
   assert lora.merged_config(ADAPTED) == TINY
   assert np.abs(adapted - _logits(TINY, base, TOKENS)).max() > 0.1
-  np.testing.assert_allclose(_logits(TINY, merged, TOKENS), adapted,
-                             atol=2e-4)
+  np.testing.assert_allclose(_logits(TINY, merged, TOKENS), adapted, atol=2e-4)
 
 
 def test_adapter_shapes_and_axes_keep_the_rank_replicated():
-  boxed = jax.eval_shape(Transformer(ADAPTED).init, jax.random.key(0),
-                         jnp.zeros((1, 8), jnp.int32))["params"]
+  boxed = jax.eval_shape(
+    Transformer(ADAPTED).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+  )["params"]
   adapters, _ = lora.split(boxed)
-  found = {jax.tree_util.keystr(p, simple=True, separator="/"): x
-           for p, x in jax.tree_util.tree_leaves_with_path(
-               adapters, is_leaf=lambda x: isinstance(x, nn.Partitioned))}
-  assert {p: x.value.shape for p, x in found.items()} == \
-      lora.adapter_paths(ADAPTED)
+  found = {
+    jax.tree_util.keystr(p, simple=True, separator="/"): x
+    for p, x in jax.tree_util.tree_leaves_with_path(
+      adapters, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+  }
+  assert {p: x.value.shape for p, x in found.items()} == lora.adapter_paths(
+    ADAPTED
+  )
   # A: the weight's fan-in axes, then the rank; B: the rank, then fan-out.
-  assert found["layers/attn/q_einsum/lora_q_a"].names == ("layers", "embed",
-                                                          None)
+  assert found["layers/attn/q_einsum/lora_q_a"].names == (
+    "layers",
+    "embed",
+    None,
+  )
   assert found["layers/attn/q_einsum/lora_q_b"].names == (
-      "layers", None, "heads", "head_dim")
+    "layers",
+    None,
+    "heads",
+    "head_dim",
+  )
   assert found["layers/attn/attn_vec_einsum/lora_o_a"].names == (
-      "layers", "heads", "head_dim", None)
-  assert found["layers/mlp/gating_einsum/lora_up_b"].names == ("layers", None,
-                                                               "mlp")
+    "layers",
+    "heads",
+    "head_dim",
+    None,
+  )
+  assert found["layers/mlp/gating_einsum/lora_up_b"].names == (
+    "layers",
+    None,
+    "mlp",
+  )
 
 
 def test_an_adapter_on_one_slot_of_a_fused_weight_leaves_the_other():
@@ -96,20 +129,25 @@ def test_an_adapter_on_one_slot_of_a_fused_weight_leaves_the_other():
   assert list(adapters["layers"]) == ["attn"]
   merged = lora.merge_params(base, adapters, only_k)
   kv, kv0 = (t["layers"]["attn"]["kv_einsum"]["w"] for t in (merged, base))
-  np.testing.assert_array_equal(kv[:, 1], kv0[:, 1])     # v untouched
+  np.testing.assert_array_equal(kv[:, 1], kv0[:, 1])  # v untouched
   # All-ones A and B: each entry gains rank (2) x alpha/rank (1).
   np.testing.assert_allclose(kv[:, 0] - kv0[:, 0], 2.0, rtol=1e-6)
 
 
 def test_bad_lora_configs_are_config_errors_that_name_the_choices():
-  with pytest.raises(ConfigError, match="unknown target 'qkv'; valid targets:"
-                     " q, k, v, o, gate, up, down"):
+  with pytest.raises(
+    ConfigError,
+    match="unknown target 'qkv'; valid targets: q, k, v, o, gate, up, down",
+  ):
     LoraConfig(rank=4, targets=("q", "qkv"))
   with pytest.raises(ConfigError, match="rank must be positive, got 0"):
     LoraConfig(rank=0)
   # k and v project 64 -> 2 heads x 16 = 32: rank 33 cannot exist.
-  with pytest.raises(ConfigError, match=r"lora.rank: 33 is larger than "
-                     r"projection 'k' \(64 in, 32 out\)"):
+  with pytest.raises(
+    ConfigError,
+    match=r"lora.rank: 33 is larger than "
+    r"projection 'k' \(64 in, 32 out\)",
+  ):
     dataclasses.replace(TINY, lora=LoraConfig(rank=33))
 
 

@@ -21,23 +21,26 @@ from gemma_jax.model import Transformer
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "parity"
 CASES = sorted(p.stem for p in FIXTURES.glob("*.npz"))
-TOLERANCE = 3e-4   # float32; HF itself is off a float64 reference by ~1e-4
+TOLERANCE = 3e-4  # float32; HF itself is off a float64 reference by ~1e-4
 
 
 def load_fixture(name, directory):
   """Writes the fixture as an HF directory and loads it with hf.load."""
   data = np.load(FIXTURES / f"{name}.npz")
   (directory / "config.json").write_text(str(data["config_json"]))
-  save_file({k[3:]: data[k] for k in data.files if k.startswith("hf/")},
-            str(directory / "model.safetensors"))
+  save_file(
+    {k[3:]: data[k] for k in data.files if k.startswith("hf/")},
+    str(directory / "model.safetensors"),
+  )
   params, cfg = hf.load(directory)
   return data, params, cfg
 
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
-  return {name: load_fixture(name, tmp_path_factory.mktemp(name))
-          for name in CASES}
+  return {
+    name: load_fixture(name, tmp_path_factory.mktemp(name)) for name in CASES
+  }
 
 
 @functools.cache
@@ -50,25 +53,35 @@ def forward(cfg, params, tokens, positions=None, segment_ids=None):
   if positions is None:
     positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
   with jax.default_matmul_precision("highest"):
-    return np.asarray(_jitted_apply(cfg)(
-        {"params": params}, tokens, np.asarray(positions, np.int32),
-        np.asarray(segment_ids, np.int32)))
+    return np.asarray(
+      _jitted_apply(cfg)(
+        {"params": params},
+        tokens,
+        np.asarray(positions, np.int32),
+        np.asarray(segment_ids, np.int32),
+      )
+    )
 
 
 def test_fixtures_cover_the_required_cases(fixtures):
   cfgs = {name: f[2] for name, f in fixtures.items()}
-  assert any(c.num_kv_heads == 1 and not c.sandwich_norms
-             for c in cfgs.values())                        # Gemma 1 MQA
-  assert any(c.num_kv_heads == c.num_heads and not c.sandwich_norms
-             and c.num_heads * c.head_dim != c.d_model
-             for c in cfgs.values())                        # Gemma 1 MHA
+  assert any(
+    c.num_kv_heads == 1 and not c.sandwich_norms for c in cfgs.values()
+  )  # Gemma 1 MQA
+  assert any(
+    c.num_kv_heads == c.num_heads
+    and not c.sandwich_norms
+    and c.num_heads * c.head_dim != c.d_model
+    for c in cfgs.values()
+  )  # Gemma 1 MHA
   gemma2 = [c for c in cfgs.values() if c.sandwich_norms]
-  assert any(1 < c.num_kv_heads < c.num_heads and c.sliding_window < 24
-             for c in gemma2)                               # GQA + window
-  assert any(c.query_scale != c.head_dim ** -0.5 for c in gemma2)  # 27B rule
+  assert any(
+    1 < c.num_kv_heads < c.num_heads and c.sliding_window < 24 for c in gemma2
+  )  # GQA + window
+  assert any(c.query_scale != c.head_dim**-0.5 for c in gemma2)  # 27B rule
   for name, (data, _, cfg) in fixtures.items():
-    assert (data["mask"] == 0).any(), name                  # right padding
-    if cfg.sandwich_norms:   # both caps saturate on a real share of values
+    assert (data["mask"] == 0).any(), name  # right padding
+    if cfg.sandwich_norms:  # both caps saturate on a real share of values
       assert data["attn_capped_frac"] > 0.05, name
       assert data["final_capped_frac"] > 0.05, name
 
@@ -80,8 +93,10 @@ def test_logits_match_hugging_face(fixtures, name):
   logits = forward(cfg, params, data["tokens"], segment_ids=mask)
   real = mask.astype(bool)
   diff = np.abs(logits[real] - data["logits"][real]).max()
-  print(f"{name}: max |ours - HF| = {diff:.2e} on real positions, "
-        f"|logits| up to {np.abs(data['logits'][real]).max():.1f}")
+  print(
+    f"{name}: max |ours - HF| = {diff:.2e} on real positions, "
+    f"|logits| up to {np.abs(data['logits'][real]).max():.1f}"
+  )
   assert diff < TOLERANCE
 
 
@@ -91,17 +106,18 @@ def test_packed_documents_match_each_document_alone(fixtures):
   data, params, cfg = fixtures["gemma2_gqa_window"]
   doc_a, doc_b = data["tokens"][0, :13], data["tokens"][1, :9]
   tokens, segments, positions = (np.zeros((2, 24), np.int32) for _ in "tsp")
-  tokens[0, :22] = np.concatenate([doc_a, doc_b])        # row 0: packed
+  tokens[0, :22] = np.concatenate([doc_a, doc_b])  # row 0: packed
   segments[0, :13], segments[0, 13:22] = 1, 2
   positions[0, :13], positions[0, 13:22] = np.arange(13), np.arange(9)
-  tokens[1, :13], segments[1, :13] = doc_a, 1            # row 1: A alone
+  tokens[1, :13], segments[1, :13] = doc_a, 1  # row 1: A alone
   positions[1, :13] = np.arange(13)
   together = forward(cfg, params, tokens, positions, segments)
-  tokens[1], segments[1], positions[1] = 0, 0, 0         # row 1: B alone
+  tokens[1], segments[1], positions[1] = 0, 0, 0  # row 1: B alone
   tokens[1, :9], segments[1, :9], positions[1, :9] = doc_b, 1, np.arange(9)
   alone_b = forward(cfg, params, tokens, positions, segments)[1, :9]
-  np.testing.assert_allclose(together[0, :13], together[1, :13], atol=1e-4,
-                             rtol=0)
+  np.testing.assert_allclose(
+    together[0, :13], together[1, :13], atol=1e-4, rtol=0
+  )
   np.testing.assert_allclose(together[0, 13:22], alone_b, atol=1e-4, rtol=0)
 
 
@@ -116,8 +132,10 @@ def test_bfloat16_forward_stays_close_to_float32(fixtures, name):
   gap = np.abs(bf16[real] - f32[real])
   scale = np.abs(f32[real]).max()
   agree = (bf16[real].argmax(-1) == f32[real].argmax(-1)).mean()
-  print(f"{name}: bf16 vs f32 max gap {gap.max():.3f}, mean {gap.mean():.4f},"
-        f" |logits| up to {scale:.1f}, argmax agreement {agree:.1%}")
+  print(
+    f"{name}: bf16 vs f32 max gap {gap.max():.3f}, mean {gap.mean():.4f},"
+    f" |logits| up to {scale:.1f}, argmax agreement {agree:.1%}"
+  )
   # Measured: max gap 0.69 / 0.93, mean 0.10 / 0.06 (|logits| up to 74 / 30).
   assert gap.mean() < 0.005 * scale
   assert gap.max() < 0.05 * scale

@@ -14,9 +14,17 @@ from gemma_jax.errors import ConfigError
 from gemma_jax.model import Transformer, preset, quant
 from gemma_jax.model.quant import QuantConfig
 
-TINY = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128,
-              num_heads=4, num_kv_heads=2, head_dim=32, vocab_size=256,
-              sliding_window=4)
+TINY = preset(
+  "tiny-gemma2",
+  num_layers=2,
+  d_model=64,
+  mlp_dim=128,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=32,
+  vocab_size=256,
+  sliding_window=4,
+)
 
 
 def test_int4_values_lie_on_a_symmetric_grid_and_the_block_max_is_exact():
@@ -36,14 +44,18 @@ def test_int4_values_lie_on_a_symmetric_grid_and_the_block_max_is_exact():
   np.testing.assert_array_equal(np.asarray(neg_q).astype(np.int8), -values)
 
 
-@pytest.mark.parametrize("block,in_axis,shape,expected", [
-    (None, 1, (4, 64, 32), (4, 1, 32)),          # q: per (head, head_dim)
-    (32, 1, (4, 64, 32), (4, 2, 32)),            # blocks along D
-    (None, (0, 1), (4, 32, 64), (1, 1, 64)),     # attn output: per D
-    (16, (0, 1), (4, 32, 64), (4, 2, 64)),       # blocks along H, per head
-])
-def test_scale_shapes_follow_the_contraction_axis(block, in_axis, shape,
-                                                  expected):
+@pytest.mark.parametrize(
+  "block,in_axis,shape,expected",
+  [
+    (None, 1, (4, 64, 32), (4, 1, 32)),  # q: per (head, head_dim)
+    (32, 1, (4, 64, 32), (4, 2, 32)),  # blocks along D
+    (None, (0, 1), (4, 32, 64), (1, 1, 64)),  # attn output: per D
+    (16, (0, 1), (4, 32, 64), (4, 2, 64)),  # blocks along H, per head
+  ],
+)
+def test_scale_shapes_follow_the_contraction_axis(
+  block, in_axis, shape, expected
+):
   w = jnp.ones(shape)
   _, scale = quant.quantize(w, in_axis, bits=8, block_size=block)
   assert scale.shape == expected == quant.scale_shape(shape, in_axis, block)
@@ -54,7 +66,8 @@ def test_fake_quant_passes_the_gradient_straight_through():
   w = jax.random.normal(jax.random.key(1), (8, 32))
   g = jax.random.normal(jax.random.key(2), (8, 32))
   value, grad = jax.value_and_grad(
-      lambda w: jnp.sum(quant.fake_quant(w, 1, 4, 16) * g))(w)
+    lambda w: jnp.sum(quant.fake_quant(w, 1, 4, 16) * g)
+  )(w)
   np.testing.assert_array_equal(grad, g)
   w_q = quant.dequantize(*quant.quantize(w, 1, 4, 16), 1, 16)
   np.testing.assert_allclose(value, jnp.sum(w_q * g), rtol=1e-6)
@@ -77,27 +90,32 @@ def test_qat_forward_equals_the_integer_model_and_differs_from_float():
   params = _init(TINY, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, 256)
   qat = dataclasses.replace(TINY, quant=q)
-  held_int = dataclasses.replace(TINY, quant=dataclasses.replace(
-      q, weights="int"))
-  int_params = jax.jit(quant.quantize_params, static_argnums=1)(params,
-                                                               held_int)
+  held_int = dataclasses.replace(
+    TINY, quant=dataclasses.replace(q, weights="int")
+  )
+  int_params = jax.jit(quant.quantize_params, static_argnums=1)(
+    params, held_int
+  )
   assert int_params["layers"]["mlp"]["linear"]["w"].dtype == jnp.int4
   assert int_params["embedder"]["embedding_scale"].shape == (256, 4)
   logits_qat = _logits(qat, params, tokens)
-  np.testing.assert_allclose(_logits(held_int, int_params, tokens),
-                             logits_qat, atol=1e-5)
+  np.testing.assert_allclose(
+    _logits(held_int, int_params, tokens), logits_qat, atol=1e-5
+  )
   assert np.abs(_logits(TINY, params, tokens) - logits_qat).max() > 1e-2
   back = jax.jit(quant.dequantize_params, static_argnums=(1, 2))(
-      int_params, held_int, jnp.float32)
-  np.testing.assert_allclose(_logits(TINY, back, tokens), logits_qat,
-                             atol=1e-5)
+    int_params, held_int, jnp.float32
+  )
+  np.testing.assert_allclose(_logits(TINY, back, tokens), logits_qat, atol=1e-5)
 
 
 def test_a_group_left_out_of_targets_stays_float():
-  qat = dataclasses.replace(TINY, quant=QuantConfig(targets=("mlp",),
-                                                    weights="int"))
-  shapes = jax.eval_shape(Transformer(qat).init, jax.random.key(0),
-                          jnp.zeros((1, 8), jnp.int32))["params"]
+  qat = dataclasses.replace(
+    TINY, quant=QuantConfig(targets=("mlp",), weights="int")
+  )
+  shapes = jax.eval_shape(
+    Transformer(qat).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+  )["params"]
   layers = nn.meta.unbox(shapes)["layers"]
   assert layers["mlp"]["linear"]["w"].dtype == jnp.int4
   assert layers["attn"]["q_einsum"]["w"].dtype == jnp.float32
@@ -105,9 +123,13 @@ def test_a_group_left_out_of_targets_stays_float():
 
 
 def test_bad_quant_configs_name_the_key_and_the_choices():
-  with pytest.raises(ConfigError, match="unknown group 'norms'; valid groups:"
-                     " attn, mlp, embed"):
+  with pytest.raises(
+    ConfigError, match="unknown group 'norms'; valid groups: attn, mlp, embed"
+  ):
     QuantConfig(targets=("norms",))
-  with pytest.raises(ConfigError, match=r"block_size: 48 does not divide .* "
-                     r"layers/attn/q_einsum \(size 64"):
+  with pytest.raises(
+    ConfigError,
+    match=r"block_size: 48 does not divide .* "
+    r"layers/attn/q_einsum \(size 64",
+  ):
     dataclasses.replace(TINY, quant=QuantConfig(block_size=48))

@@ -1,7 +1,5 @@
 """Sampling with a KV cache equals recomputation without one."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,13 +11,22 @@ from gemma_jax.model.sampler import choose_tokens, generate
 
 pytestmark = pytest.mark.slow
 
-CFG = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128, head_dim=16,
-             vocab_size=256, sliding_window=6)
+CFG = preset(
+  "tiny-gemma2",
+  num_layers=2,
+  d_model=64,
+  mlp_dim=128,
+  head_dim=16,
+  vocab_size=256,
+  sliding_window=6,
+)
 
 
 @pytest.fixture(scope="module")
 def params():
-  variables = Transformer(CFG).init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+  variables = Transformer(CFG).init(
+    jax.random.key(1), jnp.zeros((1, 4), jnp.int32)
+  )
   return nn.meta.unbox(variables["params"])
 
 
@@ -35,11 +42,11 @@ def greedy_without_cache(params, prompt, steps):
   zeros after the current token irrelevant to its logits.
   """
   tokens = np.zeros((1, len(prompt) + steps), np.int32)
-  tokens[0, :len(prompt)] = prompt
+  tokens[0, : len(prompt)] = prompt
   for n in range(len(prompt), len(prompt) + steps):
     logits = full_forward(params, jnp.asarray(tokens))
     tokens[0, n] = int(jnp.argmax(logits[0, n - 1]))
-  return tokens[0, len(prompt):].tolist()
+  return tokens[0, len(prompt) :].tolist()
 
 
 def test_greedy_with_cache_equals_recomputation_past_the_window(params):
@@ -54,7 +61,7 @@ def test_generation_stops_at_eos(params):
   free = generate(params, CFG, [[2, 17, 31]], 12, eos_id=None)[0]
   eos = free[4]
   stopped = generate(params, CFG, [[2, 17, 31]], 12, eos_id=eos)[0]
-  assert stopped == free[:free.index(eos) + 1]
+  assert stopped == free[: free.index(eos) + 1]
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():
@@ -71,7 +78,7 @@ def test_top_k_and_top_p_restrict_the_support():
   top2 = choose_tokens(logits, keys, temperature=1.0, top_k=2)
   assert set(np.unique(top2)) == {0, 1}
   top_p = choose_tokens(logits, keys, temperature=1.0, top_p=0.7)
-  assert set(np.unique(top_p)) == {0, 1}   # 0.5 + 0.3 reaches 0.7
+  assert set(np.unique(top_p)) == {0, 1}  # 0.5 + 0.3 reaches 0.7
   full = choose_tokens(logits, keys, temperature=1.0)
   assert set(np.unique(full)) == {0, 1, 2, 3}
   freq = np.bincount(np.asarray(full), minlength=4) / 2000

@@ -36,8 +36,7 @@ def _slice_of(device, per_slice=4):
 
 
 def test_two_emulated_slices_only_the_data_axis_crosses_slices():
-  mesh = make_mesh(MeshConfig(ici_data=1, ici_fsdp=2, ici_tensor=2,
-                              dcn_data=2))
+  mesh = make_mesh(MeshConfig(ici_data=1, ici_fsdp=2, ici_tensor=2, dcn_data=2))
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   slices = np.vectorize(_slice_of)(mesh.devices)
   # Fixing the data index fixes the slice: fsdp and tensor stay inside.

@@ -10,14 +10,23 @@ from gemma_jax.sharding import rules
 from gemma_jax.sharding.config import MeshConfig
 from gemma_jax.sharding.mesh import make_mesh
 
-MODEL = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128,
-               num_heads=8, num_kv_heads=2, head_dim=8, vocab_size=256,
-               sliding_window=4)
+MODEL = preset(
+  "tiny-gemma2",
+  num_layers=2,
+  d_model=64,
+  mlp_dim=128,
+  num_heads=8,
+  num_kv_heads=2,
+  head_dim=8,
+  vocab_size=256,
+  sliding_window=4,
+)
 
 
 def boxed_params():
-  return jax.eval_shape(Transformer(MODEL).init, jax.random.key(0),
-                        jnp.zeros((1, 8), jnp.int32))["params"]
+  return jax.eval_shape(
+    Transformer(MODEL).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+  )["params"]
 
 
 def mesh_config(**mesh) -> MeshConfig:
@@ -43,29 +52,44 @@ def spec(sharding):
 def test_tensor_axis_shards_heads_mlp_and_vocab():
   params = param_shardings(ici_data=1, ici_tensor=8)
   layers = params["layers"]
-  assert spec(layers["attn"]["q_einsum"]["w"])[:4] == (None, "tensor", None,
-                                                      None)
-  assert spec(layers["mlp"]["gating_einsum"]["w"])[:4] == (None, None, None,
-                                                          "tensor")
+  assert spec(layers["attn"]["q_einsum"]["w"])[:4] == (
+    None,
+    "tensor",
+    None,
+    None,
+  )
+  assert spec(layers["mlp"]["gating_einsum"]["w"])[:4] == (
+    None,
+    None,
+    None,
+    "tensor",
+  )
   assert spec(layers["mlp"]["linear"]["w"])[:3] == (None, "tensor", None)
   assert spec(params["embedder"]["embedding"])[:2] == ("tensor", None)
 
 
 def test_too_few_kv_heads_for_the_tensor_axis_are_replicated_and_reported():
   specs, notes = param_specs(ici_data=1, ici_tensor=8)
-  assert specs["layers"]["attn"]["kv_einsum"]["w"] == P(None, None, None,
-                                                        None, None)
-  assert notes == {"layers/attn/kv_einsum/w":
-                   ["dim 2 (size 2) not sharded over ('tensor',)"]}
+  assert specs["layers"]["attn"]["kv_einsum"]["w"] == P(
+    None, None, None, None, None
+  )
+  assert notes == {
+    "layers/attn/kv_einsum/w": ["dim 2 (size 2) not sharded over ('tensor',)"]
+  }
 
 
 def test_fsdp_shards_the_embed_dimension_of_every_parameter():
   params = param_shardings(ici_data=1, ici_fsdp=8)
   shapes_axes = {
-      "embedder/embedding": 1, "final_norm/scale": 0,
-      "layers/attn/q_einsum/w": 2, "layers/attn/kv_einsum/w": 3,
-      "layers/attn/attn_vec_einsum/w": 3, "layers/mlp/linear/w": 2,
-      "layers/mlp/gating_einsum/w": 2, "layers/pre_ffw_norm/scale": 1}
+    "embedder/embedding": 1,
+    "final_norm/scale": 0,
+    "layers/attn/q_einsum/w": 2,
+    "layers/attn/kv_einsum/w": 3,
+    "layers/attn/attn_vec_einsum/w": 3,
+    "layers/mlp/linear/w": 2,
+    "layers/mlp/gating_einsum/w": 2,
+    "layers/pre_ffw_norm/scale": 1,
+  }
   for path, dim in shapes_axes.items():
     node = params
     for k in path.split("/"):
@@ -75,10 +99,17 @@ def test_fsdp_shards_the_embed_dimension_of_every_parameter():
 
 def test_zero_spec_picks_the_largest_dimension_it_divides():
   mesh = make_mesh(mesh_config(ici_data=4, ici_tensor=2))
-  assert rules.zero_spec(P(None, "tensor"), (12, 64), mesh) == \
-      P(None, ("tensor", "data"))
+  assert rules.zero_spec(P(None, "tensor"), (12, 64), mesh) == P(
+    None, ("tensor", "data")
+  )
   assert rules.zero_spec(P(None, None), (8, 6), mesh) == P("data", None)
-  assert rules.zero_spec(P(None,), (6,), mesh) == P(None)  # nothing divides
+  assert rules.zero_spec(
+    P(
+      None,
+    ),
+    (6,),
+    mesh,
+  ) == P(None)  # nothing divides
 
 
 def test_batch_rows_split_over_data_and_fsdp():
@@ -86,7 +117,8 @@ def test_batch_rows_split_over_data_and_fsdp():
 
 
 def test_rules_are_config_data():
-  params = param_shardings(ici_data=1, ici_tensor=8,
-                     rules=[["mlp", []], ["heads", ["tensor"]]])
+  params = param_shardings(
+    ici_data=1, ici_tensor=8, rules=[["mlp", []], ["heads", ["tensor"]]]
+  )
   assert params["layers"]["mlp"]["linear"]["w"].is_fully_replicated
   assert spec(params["layers"]["attn"]["q_einsum"]["w"])[1] == "tensor"

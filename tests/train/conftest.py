@@ -4,14 +4,20 @@
 import pytest
 import yaml
 
-from gemma_jax.train.testing import (subprocess_env, tiny_config_dict,
-                                     train_process, write_config)
+from gemma_jax.train.testing import (
+  subprocess_env,
+  tiny_config_dict,
+  train_process,
+  write_config,
+)
 
 
 @pytest.fixture
 def tiny_config_path(tiny_tokenizer, tmp_path):
   path = tmp_path / "tiny.yaml"
-  path.write_text(yaml.safe_dump(tiny_config_dict(tiny_tokenizer), sort_keys=False))
+  path.write_text(
+    yaml.safe_dump(tiny_config_dict(tiny_tokenizer), sort_keys=False)
+  )
   return str(path)
 
 
@@ -27,4 +33,5 @@ def uninterrupted_run(tiny_tokenizer, compile_cache, tmp_path_factory):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     return root / "run"
+
   return config, result

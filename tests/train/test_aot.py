@@ -6,18 +6,28 @@ import pytest
 import yaml
 
 from gemma_jax import cli
-from gemma_jax.errors import ConfigError
 from gemma_jax.train import aot
 
 pytest.importorskip("libtpu", reason="AOT compiles need the tpu extra")
 
-TINY = {"model": {"preset": "tiny-gemma2", "num_layers": 2, "d_model": 64,
-                  "mlp_dim": 128, "num_heads": 4, "num_kv_heads": 2,
-                  "head_dim": 16, "vocab_size": 256, "sliding_window": 16,
-                  "dtype": "bfloat16", "remat_policy": "full"},
-        "mesh": {"ici_data": -1, "ici_tensor": 2},
-        "data": {"seq_len": 64},
-        "train": {"batch_size": 8, "microbatches": 2}}
+TINY = {
+  "model": {
+    "preset": "tiny-gemma2",
+    "num_layers": 2,
+    "d_model": 64,
+    "mlp_dim": 128,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 256,
+    "sliding_window": 16,
+    "dtype": "bfloat16",
+    "remat_policy": "full",
+  },
+  "mesh": {"ici_data": -1, "ici_tensor": 2},
+  "data": {"seq_len": 64},
+  "train": {"batch_size": 8, "microbatches": 2},
+}
 
 
 def compile_cli(tmp_path, capsys, config, *args):
@@ -28,8 +38,9 @@ def compile_cli(tmp_path, capsys, config, *args):
 
 
 @pytest.mark.tpu_compile
-def test_tiny_step_compiles_for_v5e_2x2_and_reports_per_device(tmp_path,
-                                                                capsys):
+def test_tiny_step_compiles_for_v5e_2x2_and_reports_per_device(
+  tmp_path, capsys
+):
   code, r = compile_cli(tmp_path, capsys, TINY, "--topology", "v5e:2x2")
   assert code == 0 and r["fits"] and r["devices"] == 4
   assert r["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
@@ -46,17 +57,29 @@ def test_tiny_step_compiles_for_v5e_2x2_and_reports_per_device(tmp_path,
 
 @pytest.mark.tpu_compile
 def test_a_step_that_does_not_fit_says_so_and_fails(tmp_path, capsys):
-  big = dict(TINY, model=dict(TINY["model"], d_model=4096, mlp_dim=65536,
-                              num_heads=16, head_dim=256, num_kv_heads=16),
-             mesh={"ici_data": -1})
-  code, r = compile_cli(tmp_path, capsys, big, "--topology", "v5e:2x2",
-                        "--no-flop-scaling")
+  big = dict(
+    TINY,
+    model=dict(
+      TINY["model"],
+      d_model=4096,
+      mlp_dim=65536,
+      num_heads=16,
+      head_dim=256,
+      num_kv_heads=16,
+    ),
+    mesh={"ici_data": -1},
+  )
+  code, r = compile_cli(
+    tmp_path, capsys, big, "--topology", "v5e:2x2", "--no-flop-scaling"
+  )
   assert code == 1 and r["fits"] is False
   assert "HBM" in r["error"] or "memory" in r["error"]
   assert r["peak_bytes_per_device"] > r["hbm_bytes_per_device"]
 
 
 def test_collectives_are_counted_from_hlo():
-  hlo = ("%a = f32[8] all-reduce-start(%x)\n%b = f32[8] all-reduce-done(%a)\n"
-         "%c = bf16[4,8] all-gather(%y), dimensions={0}\n")
+  hlo = (
+    "%a = f32[8] all-reduce-start(%x)\n%b = f32[8] all-reduce-done(%a)\n"
+    "%c = bf16[4,8] all-gather(%y), dimensions={0}\n"
+  )
   assert aot.count_collectives(hlo) == {"all-reduce": 1, "all-gather": 1}

@@ -1,6 +1,5 @@
-"""Training checkpoints: round trip, keep-N, atomicity, restore on a new mesh."""
-
-import os
+"""Training checkpoints: round trip, keep-N, atomicity, restore on a new
+mesh."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gemma_jax.errors import CheckpointError
 from gemma_jax.train.checkpointing import Checkpointer
@@ -27,16 +27,19 @@ def _state(mesh, step=0):
   sharding = NamedSharding(mesh, P(mesh.axis_names[0], None))
   w = jax.device_put(jnp.arange(64.0).reshape(16, 4) + step, sharding)
   params = {"w": w}
-  return State(step=jnp.array(step), params=params,
-               opt_state=optax.adam(1e-3).init(params),
-               rng=jax.random.key(step))
+  return State(
+    step=jnp.array(step),
+    params=params,
+    opt_state=optax.adam(1e-3).init(params),
+    rng=jax.random.key(step),
+  )
 
 
 def _abstract(tree):
   """ShapeDtypeStructs of `tree`'s arrays with their shardings."""
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      tree)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+  )
 
 
 def _mesh(n):
@@ -52,8 +55,10 @@ def test_save_restore_round_trip_with_meta(tmp_path):
   abstract = _abstract(state)
   restored = ckpt.restore(abstract)
   np.testing.assert_array_equal(restored.state.params["w"], state.params["w"])
-  assert jax.random.key_data(restored.state.rng).tolist() == \
-      jax.random.key_data(state.rng).tolist()
+  assert (
+    jax.random.key_data(restored.state.rng).tolist()
+    == jax.random.key_data(state.rng).tolist()
+  )
   assert restored.meta["data"] == {"sources": ["a"]}
   assert restored.meta["step"] == 4
   assert ckpt.restore_meta()["step"] == 4
@@ -111,9 +116,13 @@ def test_restore_into_a_different_shape_names_the_fix(tmp_path):
   ckpt.save(1, state, {})
   ckpt.close()
   wrong = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((32, 4), x.dtype, sharding=x.sharding)
-      if x.shape == (16, 4) else
-      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    lambda x: (
+      jax.ShapeDtypeStruct((32, 4), x.dtype, sharding=x.sharding)
+      if x.shape == (16, 4)
+      else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    ),
+    state,
+  )
   ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
   with pytest.raises(CheckpointError, match="does not match"):
     ckpt.restore(wrong)

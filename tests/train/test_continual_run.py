@@ -30,13 +30,16 @@ def base(tiny_tokenizer, tmp_path_factory):
   root = tmp_path_factory.mktemp("cpt")
   d = tiny_config_dict(tiny_tokenizer, steps=2)
   d["train"].update(eval_batches=0)
-  d["optimizer"]["warmup_steps"] = 0   # step 2 starts away from the anchor
+  d["optimizer"]["warmup_steps"] = 0  # step 2 starts away from the anchor
   d["checkpoint"].update(save_every=2, init_from=str(root / "hf"))
   cfg = config_from_dict(d).model
   rng = np.random.default_rng(0)
-  params = layout.unflatten({
+  params = layout.unflatten(
+    {
       p: (0.1 * rng.standard_normal(s)).astype(np.float32)
-      for p, s in layout.param_shapes(cfg).items()})
+      for p, s in layout.param_shapes(cfg).items()
+    }
+  )
   hf.save(root / "hf", params, cfg)
   return root, d, params
 
@@ -49,10 +52,21 @@ def fisher_run(base):
   config.write_text(yaml.safe_dump(d))
   import contextlib
   import io
+
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    code = cli.main(["fisher", str(config), "--source", "prose",
-                     "--sequences", "12", "--out", str(root / "fisher")])
+    code = cli.main(
+      [
+        "fisher",
+        str(config),
+        "--source",
+        "prose",
+        "--sequences",
+        "12",
+        "--out",
+        str(root / "fisher"),
+      ]
+    )
   assert code == 0
   return out.getvalue(), root / "fisher"
 
@@ -70,13 +84,15 @@ def test_fisher_command_writes_the_checkpoint_and_its_story(base, fisher_run):
   assert 0 < meta["stats"]["top1pct_share"] < 1
   assert "layers/mlp/linear/w" in printed and "top 1% of entries" in printed
   values = fisher_store.load(out, config_from_dict(d).model)
-  assert all(x.dtype == np.float32 and (x >= 0).all()
-             for x in jax.tree.leaves(values))
+  assert all(
+    x.dtype == np.float32 and (x >= 0).all() for x in jax.tree.leaves(values)
+  )
 
 
 def fisher_json(args):
   import contextlib
   import io
+
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     assert cli.main(["fisher", *args, "--json"]) == 0
@@ -88,23 +104,45 @@ def test_fisher_on_benchmark_gold_answers_and_on_two_sources(base):
   config = root / "fisher_more.yaml"
   config.write_text(yaml.safe_dump(d))
   mc = root / "mc.jsonl"
-  mc.write_text("".join(json.dumps(
-      {"context": f"Question: {q}\nAnswer:", "choices": c, "gold": g}) + "\n"
-      for q, c, g in [("def or class?", ["def", "class"], 0),
-                      ("two words", ["print x", "return y"], 1),
-                      ("a number", ["one", "2", "three"], 1)]))
+  mc.write_text(
+    "".join(
+      json.dumps(
+        {"context": f"Question: {q}\nAnswer:", "choices": c, "gold": g}
+      )
+      + "\n"
+      for q, c, g in [
+        ("def or class?", ["def", "class"], 0),
+        ("two words", ["print x", "return y"], 1),
+        ("a number", ["one", "2", "three"], 1),
+      ]
+    )
+  )
   task_list = root / "tasks.yaml"
-  task_list.write_text(f"- {{kind: multiple_choice, path: {mc}, shots: {mc},"
-                       f" num_fewshot: 1}}\n")
-  meta = fisher_json([str(config), "--task", str(task_list), "--out",
-                      str(root / "fisher_task")])
+  task_list.write_text(
+    f"- {{kind: multiple_choice, path: {mc}, shots: {mc}, num_fewshot: 1}}\n"
+  )
+  meta = fisher_json(
+    [str(config), "--task", str(task_list), "--out", str(root / "fisher_task")]
+  )
   data = meta["data"]
   assert data["kind"] == "task" and meta["num_examples"] == 3
-  assert data["tasks"] == [{"name": "mc", "kind": "multiple_choice",
-                            "num_fewshot": 1, "documents": 3}]
+  assert data["tasks"] == [
+    {"name": "mc", "kind": "multiple_choice", "num_fewshot": 1, "documents": 3}
+  ]
   assert data["path"] == str(task_list) and len(data["sha256"]) == 64
-  meta = fisher_json([str(config), "--source", "prose", "--source", "code",
-                      "--sequences", "2", "--out", str(root / "fisher_2")])
+  meta = fisher_json(
+    [
+      str(config),
+      "--source",
+      "prose",
+      "--source",
+      "code",
+      "--sequences",
+      "2",
+      "--out",
+      str(root / "fisher_2"),
+    ]
+  )
   assert meta["num_examples"] == meta["num_units"] == 4
   assert [p["source"] for p in meta["data"]["parts"]] == ["prose", "code"]
 
@@ -122,18 +160,19 @@ def ewc_run(base, fisher_run, tmp_path_factory):
   """(config, workdir, trainer): two steps from the HF params with EWC on
   a copy of the command's Fisher, checkpointed at step 2."""
   import shutil
+
   root = tmp_path_factory.mktemp("ewc_run")
   shutil.copytree(fisher_run[1], root / "fisher")
   cfg = ewc_config(base, root / "fisher")
   trainer = trainer_lib.Trainer(cfg, str(root / "run"))
-  start = jax.device_get((trainer.state.params,
-                          trainer.program.frozen["ewc"]["anchor"]))
+  start = jax.device_get(
+    (trainer.state.params, trainer.program.frozen["ewc"]["anchor"])
+  )
   trainer.run()
   return cfg, root / "run", start
 
 
-def test_a_run_from_hf_with_ewc_then_a_changed_fisher_is_refused(base,
-                                                                 ewc_run):
+def test_a_run_from_hf_with_ewc_then_a_changed_fisher_is_refused(base, ewc_run):
   _, _, params = base
   cfg, workdir, (start, anchor) = ewc_run
   # Started from the HF params, held to them.
@@ -143,6 +182,7 @@ def test_a_run_from_hf_with_ewc_then_a_changed_fisher_is_refused(base,
   last = records[-1]
   assert last["loss/ewc"] > 0 and last["loss/ce"] == last["loss"]
   from gemma_jax.train.checkpointing import Checkpointer
+
   ckpt = Checkpointer(str(workdir / "checkpoints"), cfg.checkpoint)
   meta = ckpt.restore_meta(2)
   ckpt.close()
@@ -151,17 +191,22 @@ def test_a_run_from_hf_with_ewc_then_a_changed_fisher_is_refused(base,
   # Another Fisher at the same path: the resume is refused, nothing lost.
   fisher_dir = cfg.continual.fisher
   values = fisher_store.load(fisher_dir, cfg.model)
-  fisher_store.save(fisher_dir, jax.tree.map(lambda x: 2 * x, values),
-                    cfg.model, {}, force=True)
-  with pytest.raises(ConfigError, match="continual.fisher: fingerprint "
-                                        "changed since the checkpoint at "
-                                        "step 2"):
+  fisher_store.save(
+    fisher_dir, jax.tree.map(lambda x: 2 * x, values), cfg.model, {}, force=True
+  )
+  with pytest.raises(
+    ConfigError,
+    match="continual.fisher: fingerprint "
+    "changed since the checkpoint at "
+    "step 2",
+  ):
     trainer_lib.Trainer(cfg, str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
 
 
 def test_continuing_a_run_keeps_its_moments_and_restarts_the_schedule(
-    base, ewc_run):
+  base, ewc_run
+):
   _, d, _ = base
   first, workdir, _ = ewc_run
   d = json.loads(json.dumps(d))
@@ -170,18 +215,24 @@ def test_continuing_a_run_keeps_its_moments_and_restarts_the_schedule(
   state, ewc = continual.initial_state(program)
   assert ewc == {} and int(state.step) == 0
   from gemma_jax.train.checkpointing import Checkpointer
+
   ckpt = Checkpointer(str(workdir / "checkpoints"), first.checkpoint)
   saved = ckpt.restore(program.abstract_state, 2).state
   ckpt.close()
   jax.tree.map(np.testing.assert_array_equal, state.params, saved.params)
   inject = state.opt_state[1]
-  assert int(inject.count) == 0                       # schedule restarts
-  assert int(inject.inner_state[0].count) == 2        # Adam's own count
-  jax.tree.map(np.testing.assert_array_equal, inject.inner_state[0].mu,
-               saved.opt_state[1].inner_state[0].mu)
+  assert int(inject.count) == 0  # schedule restarts
+  assert int(inject.inner_state[0].count) == 2  # Adam's own count
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    inject.inner_state[0].mu,
+    saved.opt_state[1].inner_state[0].mu,
+  )
   # Without init_optimizer the moments are fresh.
   d["checkpoint"]["init_optimizer"] = False
   state, _ = continual.initial_state(TrainProgram(config_from_dict(d)))
-  assert not any(np.asarray(x).any() for x in
-                 jax.tree.leaves(state.opt_state[1].inner_state[0].mu))
+  assert not any(
+    np.asarray(x).any()
+    for x in jax.tree.leaves(state.opt_state[1].inner_state[0].mu)
+  )
   jax.tree.map(np.testing.assert_array_equal, state.params, saved.params)

@@ -29,8 +29,9 @@ def reference(student, teacher, tau, kl):
 
 
 def logits(seed, scale=3.0):
-  return (scale * np.random.default_rng(seed).standard_normal((B, T, V))
-          ).astype(np.float32)
+  return (
+    scale * np.random.default_rng(seed).standard_normal((B, T, V))
+  ).astype(np.float32)
 
 
 def full_topk(teacher, tau):
@@ -41,18 +42,25 @@ def full_topk(teacher, tau):
 
 
 full = jax.jit(distill.distill_token_losses, static_argnames="kl")
-topk = jax.jit(distill.topk_distill_token_losses,
-               static_argnames=("tail", "kl"))
+topk = jax.jit(
+  distill.topk_distill_token_losses, static_argnames=("tail", "kl")
+)
 encode = jax.jit(distill.encode_topk, static_argnames="k")
 # Gradients of the summed losses wrt the student logits.
-full_grad = jax.jit(jax.grad(
-    lambda x, t, tau, kl: distill.distill_token_losses(x, t, tau,
-                                                       kl=kl).sum()),
-    static_argnames="kl")
-topk_grad = jax.jit(jax.grad(
+full_grad = jax.jit(
+  jax.grad(
+    lambda x, t, tau, kl: distill.distill_token_losses(x, t, tau, kl=kl).sum()
+  ),
+  static_argnames="kl",
+)
+topk_grad = jax.jit(
+  jax.grad(
     lambda x, lp, ids, tau, tail, kl, **kw: distill.topk_distill_token_losses(
-        x, lp, ids, tau, tail, kl=kl, **kw).sum()),
-    static_argnames=("tail", "kl"))
+      x, lp, ids, tau, tail, kl=kl, **kw
+    ).sum()
+  ),
+  static_argnames=("tail", "kl"),
+)
 
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
@@ -61,8 +69,9 @@ def test_full_vocabulary_loss_matches_numpy(tau, kl):
   s, t = logits(0), logits(1)
   out = full(s, t, tau, kl=kl)
   assert out.shape == (B, T) and out.dtype == jnp.float32
-  np.testing.assert_allclose(out, reference(s, t, tau, kl), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    out, reference(s, t, tau, kl), rtol=1e-5, atol=1e-5
+  )
   if kl:
     assert (np.asarray(out) > 0).all()
 
@@ -96,8 +105,9 @@ def test_topk_with_k_equal_v_is_the_full_loss(tail, tau, kl):
   s, t = logits(5), logits(6)
   lp, ids = full_topk(t, tau)
   out = topk(s, lp, ids, tau, tail=tail, kl=kl)
-  np.testing.assert_allclose(out, reference(s, t, tau, kl), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    out, reference(s, t, tau, kl), rtol=1e-5, atol=1e-5
+  )
   g = topk_grad(s, lp, ids, tau, tail=tail, kl=kl)
   g_full = full_grad(s, t, tau, kl=kl)
   np.testing.assert_allclose(g, g_full, atol=1e-6)
@@ -108,8 +118,10 @@ def hand_example(student_probs):
   lp = np.log([[[0.5, 0.3]]], dtype=np.float32)
   ids = np.array([[[0, 1]]], np.int32)
   student = np.log(np.array([[student_probs]], np.float32))
-  return {tail: float(topk(student, lp, ids, tail=tail, kl=True)[0, 0])
-          for tail in distill.TAILS}
+  return {
+    tail: float(topk(student, lp, ids, tail=tail, kl=True)[0, 0])
+    for tail in distill.TAILS
+  }
 
 
 def test_renormalize_ignores_the_students_tail_mass_and_bucket_does_not():
@@ -127,24 +139,34 @@ def test_renormalize_ignores_the_students_tail_mass_and_bucket_does_not():
   student = np.log(np.array([[[0.5, 0.3, 0.15, 0.05]]], np.float32))
   lp, ids = np.log([[[0.5, 0.3]]], dtype=np.float32), np.array([[[0, 1]]])
   h = lambda *p: -sum(x * math.log(x) for x in p)
-  assert float(topk(student, lp, ids, tail="renormalize")[0, 0]) == \
-      pytest.approx(h(5 / 8, 3 / 8), rel=1e-5)
-  assert float(topk(student, lp, ids, tail="bucket")[0, 0]) == \
-      pytest.approx(h(0.5, 0.3, 0.2), rel=1e-5)
+  assert float(
+    topk(student, lp, ids, tail="renormalize")[0, 0]
+  ) == pytest.approx(h(5 / 8, 3 / 8), rel=1e-5)
+  assert float(topk(student, lp, ids, tail="bucket")[0, 0]) == pytest.approx(
+    h(0.5, 0.3, 0.2), rel=1e-5
+  )
 
 
 def test_bucket_is_finite_when_the_top_k_holds_all_the_mass():
   teacher = np.full((B, T, V), -1e9, np.float32)
-  teacher[..., :4] = logits(7)[..., :4]      # no mass outside these 4
+  teacher[..., :4] = logits(7)[..., :4]  # no mass outside these 4
   dump = encode(jnp.asarray(teacher), k=4)
-  assert (np.asarray(dump.tail) < -1e8).all()   # mass exp(tail) = 0
+  assert (np.asarray(dump.tail) < -1e8).all()  # mass exp(tail) = 0
   student = logits(8)
   for kw in ({}, {"teacher_tail_logmass": dump.tail}):
-    g = topk_grad(student, dump.logprobs, dump.ids, 1.0, tail="bucket",
-                  kl=False, **kw)
+    g = topk_grad(
+      student, dump.logprobs, dump.ids, 1.0, tail="bucket", kl=False, **kw
+    )
     assert np.isfinite(g).all()
-  assert np.isfinite(topk(student, dump.logprobs, dump.ids, tail="bucket",
-                          teacher_tail_logmass=dump.tail)).all()
+  assert np.isfinite(
+    topk(
+      student,
+      dump.logprobs,
+      dump.ids,
+      tail="bucket",
+      teacher_tail_logmass=dump.tail,
+    )
+  ).all()
 
 
 def test_dump_codec_round_trip_and_size():
@@ -156,10 +178,10 @@ def test_dump_codec_round_trip_and_size():
   exact = np.asarray(jax.nn.log_softmax(t / 2.0), np.float64)
   np.testing.assert_array_equal(dump.ids, np.argsort(-exact, axis=-1)[:, :5])
   top = np.take_along_axis(exact, np.asarray(dump.ids), -1)
-  np.testing.assert_allclose(dump.logprobs.astype(jnp.float32), top,
-                             rtol=2**-8)
-  np.testing.assert_allclose(dump.tail, np.log1p(-np.exp(top).sum(-1)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(dump.logprobs.astype(jnp.float32), top, rtol=2**-8)
+  np.testing.assert_allclose(
+    dump.tail, np.log1p(-np.exp(top).sum(-1)), rtol=1e-5
+  )
   record = distill.pack_topk(dump)
   assert len(record) == B * T * distill.bytes_per_token(5)
   back = distill.unpack_topk(record, k=5)
@@ -183,10 +205,12 @@ def test_stored_tail_mass_gives_the_tail_gradient_of_a_confident_teacher():
   expected = (p_s * outside).sum(-1) - (p_t * outside).sum(-1)
 
   def tail_gradient(**kw):
-    g = topk_grad(student, dump.logprobs, dump.ids, 1.0, tail="bucket",
-                  kl=False, **kw)
+    g = topk_grad(
+      student, dump.logprobs, dump.ids, 1.0, tail="bucket", kl=False, **kw
+    )
     return (np.asarray(g) * outside).sum(-1)
+
   stored = tail_gradient(teacher_tail_logmass=dump.tail)
-  derived = tail_gradient()   # r = 1 - sum of the bfloat16 top-k
+  derived = tail_gradient()  # r = 1 - sum of the bfloat16 top-k
   np.testing.assert_allclose(stored, expected, atol=1e-6)
   assert np.abs(derived - expected).max() > 1e-4

@@ -31,9 +31,11 @@ STEPS, V = 4, 512
 def random_params(cfg, seed):
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda x: (0.3 * rng.standard_normal(x.shape) / np.sqrt(x.shape[-1])
-                 ).astype(x.dtype),
-      rules.values(state_lib.abstract_params(cfg)))
+    lambda x: (
+      0.3 * rng.standard_normal(x.shape) / np.sqrt(x.shape[-1])
+    ).astype(x.dtype),
+    rules.values(state_lib.abstract_params(cfg)),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,13 @@ def config_dict(tokenizer, teacher, dump=None, **train):
   d["train"].update(ema_decay=0.5, eval_every=0, **train)
   d["checkpoint"].update(save_every=2, export_params=True)
   # k = V: the dump holds the whole distribution.
-  d["distill"] = {"teacher": teacher, "teacher_dtype": "float32",
-                  "topk": V, "alpha": 0.5, "dump": dump}
+  d["distill"] = {
+    "teacher": teacher,
+    "teacher_dtype": "float32",
+    "topk": V,
+    "alpha": 0.5,
+    "dump": dump,
+  }
   return d
 
 
@@ -62,12 +69,25 @@ def dump(tiny_tokenizer, teacher_dir, compile_cache, tmp_path_factory):
   command printed."""
   root = tmp_path_factory.mktemp("dump")
   path = root / "run.yaml"
-  path.write_text(yaml.safe_dump(config_dict(tiny_tokenizer, teacher_dir),
-                                 sort_keys=False))
+  path.write_text(
+    yaml.safe_dump(config_dict(tiny_tokenizer, teacher_dir), sort_keys=False)
+  )
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    assert cli.main(["distill", "dump", str(path), "--out", str(root / "d"),
-                     "--steps-per-file", "3"]) == 0
+    assert (
+      cli.main(
+        [
+          "distill",
+          "dump",
+          str(path),
+          "--out",
+          str(root / "d"),
+          "--steps-per-file",
+          "3",
+        ]
+      )
+      == 0
+    )
   return str(root / "d"), json.loads(out.getvalue().splitlines()[-1])
 
 
@@ -79,9 +99,11 @@ def attached(cfg):
   """(program, pipeline) as the trainer sets them up, checks included."""
   from gemma_jax.data import build_pipeline
   from gemma_jax.train.program import TrainProgram
+
   program = TrainProgram(cfg)
-  pipe = build_pipeline(cfg.data, cfg.train.batch_size,
-                        vocab_size=cfg.model.vocab_size)
+  pipe = build_pipeline(
+    cfg.data, cfg.train.batch_size, vocab_size=cfg.model.vocab_size
+  )
   distillation.attach(program, pipe, cfg.train.steps)
   return program, pipe
 
@@ -96,8 +118,9 @@ def runs(tiny_tokenizer, dump, tmp_path_factory):
   shutil.copytree(whole, resumed)
   for lost in ("checkpoints/4", "params", "params_ema"):
     shutil.rmtree(os.path.join(resumed, lost))
-  trainer = trainer_lib.Trainer(offline_config(tiny_tokenizer, dump[0]),
-                                resumed)
+  trainer = trainer_lib.Trainer(
+    offline_config(tiny_tokenizer, dump[0]), resumed
+  )
   assert trainer.start_step == 2
   trainer.run()
   return whole, resumed
@@ -108,9 +131,10 @@ def test_dump_files_and_bytes_per_position(dump):
   with open(os.path.join(path, "dump.json")) as f:
     manifest = json.load(f)
   assert manifest["chunks"] == [[0, 3], [3, 4]]
-  assert sorted(n for n in os.listdir(path) if n.endswith(".array_record")) \
-      == [distillation.chunk_file(0, 3, 0, 1),
-          distillation.chunk_file(3, 4, 0, 1)]
+  assert sorted(n for n in os.listdir(path) if n.endswith(".array_record")) == [
+    distillation.chunk_file(0, 3, 0, 1),
+    distillation.chunk_file(3, 4, 0, 1),
+  ]
   assert summary["positions"] == STEPS * 8 * 32
   assert summary["record_bytes_per_position"] == 6 * V + 4
   # ArrayRecord compresses the records (zstd); never much above them.
@@ -123,7 +147,8 @@ def read_jsonl(path):
 
 
 def test_offline_with_k_equal_vocab_is_the_online_loss(
-    runs, dump, teacher_dir, tiny_tokenizer):
+  runs, dump, teacher_dir, tiny_tokenizer
+):
   """Step 1's loss/distill from the dump is the online loss of the initial
   student against the teacher on the same rows (bfloat16 log-probs)."""
   whole, _ = runs
@@ -136,26 +161,34 @@ def test_offline_with_k_equal_vocab_is_the_online_loss(
   @jax.jit
   def losses_of(student, teacher):
     apply = lambda cfg, p: Transformer(cfg).apply(
-        {"params": p}, batch["inputs"], batch["positions"],
-        batch["segment_ids"])
+      {"params": p}, batch["inputs"], batch["positions"], batch["segment_ids"]
+    )
     logits = apply(cfg.model, student)
     online = distill.distill_token_losses(logits, apply(tcfg, teacher))
     offline = distill.topk_distill_token_losses(
-        logits, batch["teacher_logprobs"], batch["teacher_ids"], 1.0,
-        "bucket", teacher_tail_logmass=batch["teacher_tail"])
+      logits,
+      batch["teacher_logprobs"],
+      batch["teacher_ids"],
+      1.0,
+      "bucket",
+      teacher_tail_logmass=batch["teacher_tail"],
+    )
     return online, offline
+
   online, offline = losses_of(student, teacher)
   mask = batch["loss_mask"]
-  np.testing.assert_allclose(offline * mask, online * mask, rtol=2e-3,
-                             atol=1e-3)
+  np.testing.assert_allclose(
+    offline * mask, online * mask, rtol=2e-3, atol=1e-3
+  )
   logged = read_jsonl(f"{whole}/metrics.jsonl")[0]
   assert logged["loss/distill"] == pytest.approx(
-      float((online * mask).sum() / mask.sum()), rel=1e-3)
+    float((online * mask).sum() / mask.sum()), rel=1e-3
+  )
 
 
 def test_resume_from_the_dump_is_exact(runs):
   whole, resumed = runs
-  assert losses(resumed) == losses(whole)          # bitwise, every step
+  assert losses(resumed) == losses(whole)  # bitwise, every step
   assert sorted(losses(whole)) == list(range(1, STEPS + 1))
   for name in ("params", "params_ema"):
     a, b = (native.load(f"{w}/{name}")[0] for w in (whole, resumed))
@@ -175,15 +208,20 @@ def test_metrics_eval_and_export_with_distillation_and_ema(runs):
   ema, _ = native.load(f"{whole}/params_ema")
   params, _ = native.load(f"{whole}/params")
   assert jax.tree.map(lambda x: x.dtype, ema) == jax.tree.map(
-      lambda x: x.dtype, params)
-  assert any(not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(ema), jax.tree.leaves(params)))
+    lambda x: x.dtype, params
+  )
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(params))
+  )
 
 
 def test_dump_that_does_not_match_is_refused_naming_which(
-    runs, dump, teacher_dir, tiny_tokenizer, tmp_path):
+  runs, dump, teacher_dir, tiny_tokenizer, tmp_path
+):
   from gemma_jax.tokenizer import train_tokenizer
   from gemma_jax.train.testing import texts
+
   path, _ = dump
   workdir = str(tmp_path / "w")
   # Another data stream (a different shuffle seed).
@@ -202,13 +240,13 @@ def test_dump_that_does_not_match_is_refused_naming_which(
   with open(other / "model_config.json", "a") as f:
     f.write("\n")
   with pytest.raises(DataError, match=r"written from another teacher"):
-    trainer_lib.Trainer(offline_config(tiny_tokenizer, path, str(other)),
-                        workdir)
+    trainer_lib.Trainer(
+      offline_config(tiny_tokenizer, path, str(other)), workdir
+    )
   attached(offline_config(tiny_tokenizer, path, teacher_dir))  # the same
   # Too few steps, another k.
   with pytest.raises(DataError, match=r"holds 4 steps but train.steps is 6"):
-    trainer_lib.Trainer(offline_config(tiny_tokenizer, path, steps=6),
-                        workdir)
+    trainer_lib.Trainer(offline_config(tiny_tokenizer, path, steps=6), workdir)
   d = config_dict(tiny_tokenizer, None, path)
   d["distill"]["topk"] = 64
   with pytest.raises(ConfigError, match=r"distill.topk is 64 .* with 512"):
@@ -216,13 +254,17 @@ def test_dump_that_does_not_match_is_refused_naming_which(
   # A teacher that ships another tokenizer (online).
   shutil.copy(other_tok, other / "tokenizer.model")
   cfg = config_from_dict(config_dict(tiny_tokenizer, str(other)))
-  with pytest.raises(ConfigError, match=r"its tokenizer .* \(fingerprint "
-                     r"\w+\.\.\.\) is not data.tokenizer .* \(fingerprint"):
+  with pytest.raises(
+    ConfigError,
+    match=r"its tokenizer .* \(fingerprint "
+    r"\w+\.\.\.\) is not data.tokenizer .* \(fingerprint",
+  ):
     distillation.check_teacher_tokenizer(cfg)
 
 
-def test_a_record_read_for_other_rows_is_refused(dump, tiny_tokenizer,
-                                                 tmp_path):
+def test_a_record_read_for_other_rows_is_refused(
+  dump, tiny_tokenizer, tmp_path
+):
   path, _ = dump
   _, pipe = attached(offline_config(tiny_tokenizer, path))
   manifest = distillation.read_manifest(path)

@@ -41,12 +41,12 @@ def test_constant_params_keep_the_ema_bitwise():
 def test_debiased_ema_is_the_normalised_weighted_average():
   d, steps = 0.9, 12
   thetas = np.random.default_rng(0).standard_normal((steps, 5))
-  e = ema.init_ema({"w": jnp.full((5,), 100.0)})   # the start drops out
+  e = ema.init_ema({"w": jnp.full((5,), 100.0)})  # the start drops out
   for n in range(1, steps + 1):
     e = update(e, {"w": thetas[n - 1]}, decay_at(d, n))
     if n == 1:
       np.testing.assert_array_equal(e["w"], thetas[0].astype(np.float32))
-  weights = (1 - d) * d ** np.arange(steps - 1, -1, -1) / (1 - d ** steps)
+  weights = (1 - d) * d ** np.arange(steps - 1, -1, -1) / (1 - d**steps)
   np.testing.assert_allclose(e["w"], weights @ thetas, rtol=1e-5, atol=1e-6)
 
 
@@ -54,6 +54,5 @@ def test_plain_ema_keeps_the_start_with_weight_decay_to_the_n():
   d, steps = 0.5, 3
   e = {"w": jnp.array([8.0])}
   for _ in range(steps):
-    e = update(e, {"w": jnp.array([0.0])},
-                       ema.ema_decay(d, 1, debias=False))
-  assert float(e["w"][0]) == pytest.approx(8.0 * d ** steps)
+    e = update(e, {"w": jnp.array([0.0])}, ema.ema_decay(d, 1, debias=False))
+  assert float(e["w"][0]) == pytest.approx(8.0 * d**steps)

@@ -16,8 +16,9 @@ def test_answer_row_counts_only_the_answer_targets():
   np.testing.assert_array_equal(row["positions"][:5], np.arange(5))
 
 
-@pytest.mark.parametrize("window, answer", [(list(range(10)), 2),
-                                            ([2, 5], 0), ([2, 5], 2)])
+@pytest.mark.parametrize(
+  "window, answer", [(list(range(10)), 2), ([2, 5], 0), ([2, 5], 2)]
+)
 def test_answer_row_refuses_what_does_not_fit(window, answer):
   with pytest.raises(DataError, match="does not make a row of 8 tokens"):
     fisher_data.answer_row(window, answer, seq_len=8)
@@ -40,7 +41,13 @@ def test_mixed_rows_take_one_row_of_each_source_in_turn():
   rows = fisher_data.MixedRows([Numbered(0, 3), Numbered(1, 3)])
   assert rows.num_rows == 6
   assert [tuple(rows.row(i)["inputs"]) for i in range(6)] == [
-      (0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    (0, 0),
+    (1, 0),
+    (0, 1),
+    (1, 1),
+    (0, 2),
+    (1, 2),
+  ]
   assert rows.describe()["parts"] == [{"part": 0}, {"part": 1}]
   with pytest.raises(ConfigError, match="equal row counts"):
     fisher_data.MixedRows([Numbered(0, 3), Numbered(1, 2)])

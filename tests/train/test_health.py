@@ -13,12 +13,12 @@ from gemma_jax.train import health
 
 def test_the_divergence_rule_needs_both_bounds():
   recent = [6.0, 5.0, 4.0]
-  v = 512                                  # ln(512) = 6.24
-  assert not health.is_diverging(7.9, recent, v)    # below 2 x 4.0
-  assert health.is_diverging(8.1, recent, v)        # above both
+  v = 512  # ln(512) = 6.24
+  assert not health.is_diverging(7.9, recent, v)  # below 2 x 4.0
+  assert health.is_diverging(8.1, recent, v)  # above both
   # Near the start (loss ~ ln V) a doubling is not divergence yet.
   assert not health.is_diverging(6.2, [3.0], v)
-  assert not health.is_diverging(100.0, [], v)      # nothing to compare
+  assert not health.is_diverging(100.0, [], v)  # nothing to compare
   # Only the last RECENT_LOGS logs count.
   old_best = [0.1] + [4.0] * health.RECENT_LOGS
   assert not health.is_diverging(7.9, old_best, v)
@@ -28,10 +28,12 @@ def test_judge_records_the_evidence():
   good = health.judge(True, 0, 3.9, [3.8, 4.0], 512)
   assert good["good"] and good["best_recent_loss"] == 3.8
   assert good["rule"] == health.RULE
-  for args, why in [((False, 0, 3.9), "params are not finite"),
-                    ((True, 2, 3.9), "2 steps before it were skipped"),
-                    ((True, 0, math.nan), "loss of its params is not finite"),
-                    ((True, 0, 1e9), "diverging")]:
+  for args, why in [
+    ((False, 0, 3.9), "params are not finite"),
+    ((True, 2, 3.9), "2 steps before it were skipped"),
+    ((True, 0, math.nan), "loss of its params is not finite"),
+    ((True, 0, 1e9), "diverging"),
+  ]:
     record = health.judge(*args, [3.8], 512)
     assert not record["good"] and why in health.why_not(record)
 
@@ -45,7 +47,7 @@ def test_checksums_do_not_depend_on_sharding_and_see_one_bit():
   on2 = {**tree, "w": jax.device_put(x, NamedSharding(mesh2, P(None, "d")))}
   assert health.checksums(on8) == health.checksums(on2)
   flipped = np.array(x)
-  flipped.view(np.uint32)[17, 5] ^= 1      # the lowest mantissa bit
+  flipped.view(np.uint32)[17, 5] ^= 1  # the lowest mantissa bit
   changed = health.checksums({**tree, "w": jnp.asarray(flipped)})
   assert health.mismatched(health.checksums(tree), changed) == ["['w']"]
 

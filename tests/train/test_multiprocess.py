@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 from gemma_jax.train.testing import (
-    RESUME_STEPS, exported_params, losses, subprocess_env, train_process)
+  RESUME_STEPS,
+  exported_params,
+  losses,
+  subprocess_env,
+  train_process,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -31,9 +36,12 @@ def _start(n, config, workdir, cache, *extra):
   procs = []
   for i in range(n):
     env = subprocess_env(cache, devices=1)
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i),
-               GEMMA_JAX_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
+    env.update(
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES=str(n),
+      JAX_PROCESS_ID=str(i),
+      GEMMA_JAX_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
+    )
     procs.append(train_process(config, workdir, env, *extra))
   return procs
 
@@ -49,8 +57,10 @@ def _run(n, config, workdir, cache, *extra):
 def _when_checkpointed(procs, workdir, step, logged):
   """Waits until checkpoint `step` is complete and `logged` steps logged."""
   deadline = time.time() + 240
-  while not ((workdir / "checkpoints" / str(step)).is_dir()
-             and max(losses(workdir), default=0) >= logged):
+  while not (
+    (workdir / "checkpoints" / str(step)).is_dir()
+    and max(losses(workdir), default=0) >= logged
+  ):
     for p in procs:
       assert p.poll() is None, p.communicate()[0]
     assert time.time() < deadline, "no checkpoint in time"
@@ -68,27 +78,29 @@ def _stopped_within(procs, seconds) -> tuple[list[str], float]:
 SCHEDULE = ("--set", f"optimizer.decay_steps={RESUME_STEPS}")
 
 
-def test_two_processes_match_one_and_resume(uninterrupted_run, compile_cache,
-                                            tmp_path):
+def test_two_processes_match_one_and_resume(
+  uninterrupted_run, compile_cache, tmp_path
+):
   config, reference = uninterrupted_run
   workdir = tmp_path / "run"
   half = RESUME_STEPS // 2
-  outs = _run(2, config, workdir, compile_cache, "--steps", str(half),
-              *SCHEDULE)
+  outs = _run(
+    2, config, workdir, compile_cache, "--steps", str(half), *SCHEDULE
+  )
   assert f"step {half}/{half}" in outs[0]
-  assert "step " not in outs[1]            # only process 0 logs
+  assert "step " not in outs[1]  # only process 0 logs
   outs = _run(2, config, workdir, compile_cache, *SCHEDULE)
   assert f"resumed from {workdir}/checkpoints/{half}" in outs[0]
 
   ref = reference()
   assert losses(workdir) == losses(ref)
-  for (path, a), (_, b) in zip(exported_params(workdir),
-                               exported_params(ref)):
+  for (path, a), (_, b) in zip(exported_params(workdir), exported_params(ref)):
     np.testing.assert_array_equal(a, b, err_msg=str(path))
 
 
 def test_a_hung_process_stops_the_other_and_a_restart_resumes_exactly(
-    uninterrupted_run, compile_cache, tmp_path):
+  uninterrupted_run, compile_cache, tmp_path
+):
   """SIGSTOP: the process neither answers nor closes its connections (a
   hung host), so the collective waits; the watchdog ends it."""
   config, reference = uninterrupted_run
@@ -104,12 +116,13 @@ def test_a_hung_process_stops_the_other_and_a_restart_resumes_exactly(
   errors = [l for l in outs[0].splitlines() if "error" in l.lower()]
   assert len(errors) == 1, outs[0]
   assert re.fullmatch(
-      rf"gemma-jax train: error: jax\.distributed: process 1 was lost "
-      rf"\(silent for {HEARTBEAT_S} s\); process 0 of 2 stops too; rerun "
-      rf"the same command on every host to resume from the last checkpoint",
-      errors[0]), errors[0]
+    rf"gemma-jax train: error: jax\.distributed: process 1 was lost "
+    rf"\(silent for {HEARTBEAT_S} s\); process 0 of 2 stops too; rerun "
+    rf"the same command on every host to resume from the last checkpoint",
+    errors[0],
+  ), errors[0]
   assert took < HEARTBEAT_S + 20
-  assert not (workdir / "LOCK").exists()   # given back before stopping
+  assert not (workdir / "LOCK").exists()  # given back before stopping
   print(f"process 0 stopped {took:.1f} s after process 1 hung")
 
   outs = _run(2, config, workdir, compile_cache, *steps)
@@ -121,11 +134,13 @@ def test_a_hung_process_stops_the_other_and_a_restart_resumes_exactly(
 
 
 def test_four_processes_outlive_their_coordinator_and_resume_exactly(
-    compile_cache, tmp_path, tiny_tokenizer):
+  compile_cache, tmp_path, tiny_tokenizer
+):
   """SIGKILL of process 0, which also hosts the coordination service: the
   other three stop within seconds, naming the loss; all four restarted
   replay exactly the steps the killed run had logged."""
   from gemma_jax.train.testing import write_config
+
   config = write_config(tmp_path / "run.yaml", tiny_tokenizer)
   workdir = tmp_path / "run"
   steps = ("--steps", "12", *SCHEDULE)
@@ -138,11 +153,13 @@ def test_four_processes_outlive_their_coordinator_and_resume_exactly(
     assert p.returncode != 0, out
     # Ours, or JAX's client's when it notices first that the coordinator
     # (its service) is gone: either names the loss in one line.
-    assert re.search(r"jax\.distributed: .* was lost \(.*\); process \d of "
-                     r"4 stops too|Terminating process because the JAX "
-                     r"distributed service detected fatal errors\. This "
-                     r"most likely indicates that another task died",
-                     out), out
+    assert re.search(
+      r"jax\.distributed: .* was lost \(.*\); process \d of "
+      r"4 stops too|Terminating process because the JAX "
+      r"distributed service detected fatal errors\. This "
+      r"most likely indicates that another task died",
+      out,
+    ), out
   assert took < HEARTBEAT_S + 20
   print(f"processes 1-3 stopped {took:.1f} s after process 0 was killed")
 
@@ -152,4 +169,4 @@ def test_four_processes_outlive_their_coordinator_and_resume_exactly(
   assert replayed, "the killed run logged nothing past its checkpoint"
   final = losses(workdir)
   assert sorted(final) == list(range(1, 13))
-  assert {s: final[s] for s in logged} == logged     # bitwise
+  assert {s: final[s] for s in logged} == logged  # bitwise

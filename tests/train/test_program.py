@@ -8,9 +8,17 @@ from gemma_jax.errors import ConfigError
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 
-MODEL = {"preset": "tiny-gemma2", "num_layers": 2, "d_model": 64,
-         "mlp_dim": 128, "num_heads": 8, "num_kv_heads": 2, "head_dim": 8,
-         "vocab_size": 256, "sliding_window": 4}
+MODEL = {
+  "preset": "tiny-gemma2",
+  "num_layers": 2,
+  "d_model": 64,
+  "mlp_dim": 128,
+  "num_heads": 8,
+  "num_kv_heads": 2,
+  "head_dim": 8,
+  "vocab_size": 256,
+  "sliding_window": 4,
+}
 
 
 def program(**mesh) -> TrainProgram:
@@ -47,6 +55,9 @@ def test_abstract_state_and_batch_carry_the_shardings():
 
 def test_a_batch_that_does_not_split_over_the_batch_shards_is_a_config_error():
   cfg = config_from_dict({"model": MODEL, "train": {"batch_size": 6}})
-  with pytest.raises(ConfigError, match=r"train.batch_size: 6 rows .* "
-                     r"divisible by 8"):
+  with pytest.raises(
+    ConfigError,
+    match=r"train.batch_size: 6 rows .* "
+    r"divisible by 8",
+  ):
     TrainProgram(cfg)

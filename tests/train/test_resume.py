@@ -7,11 +7,15 @@ import signal
 import time
 
 import numpy as np
-
 import pytest
 
 from gemma_jax.train.testing import (
-    RESUME_STEPS, exported_params, losses, subprocess_env, train_process)
+  RESUME_STEPS,
+  exported_params,
+  losses,
+  subprocess_env,
+  train_process,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +23,11 @@ pytestmark = pytest.mark.slow
 def _checkpoints(workdir) -> list[int]:
   """Complete checkpoints (orbax renames a step's directory when done)."""
   path = workdir / "checkpoints"
-  return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if (
-      path.exists()) else []
+  return (
+    sorted(int(n) for n in os.listdir(path) if n.isdigit())
+    if (path.exists())
+    else []
+  )
 
 
 def _wait(proc, condition, timeout=240):
@@ -34,7 +41,8 @@ def _wait(proc, condition, timeout=240):
 
 
 def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(
-    uninterrupted_run, compile_cache, tmp_path):
+  uninterrupted_run, compile_cache, tmp_path
+):
   config, reference = uninterrupted_run
   env = subprocess_env(compile_cache)
   workdir = tmp_path / "run"
@@ -53,8 +61,13 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(
   # 2. Rerun resumes there; SIGKILL it after its next checkpoint and a
   # few more steps (a later save may be in flight).
   proc = train_process(config, workdir, env)
-  _wait(proc, lambda: _checkpoints(workdir)[-1] > stopped and
-        max(losses(workdir)) >= _checkpoints(workdir)[-1] + 2)
+  _wait(
+    proc,
+    lambda: (
+      _checkpoints(workdir)[-1] > stopped
+      and max(losses(workdir)) >= _checkpoints(workdir)[-1] + 2
+    ),
+  )
   saved = _checkpoints(workdir)[-1]
   proc.kill()
   out, _ = proc.communicate(timeout=60)
@@ -70,8 +83,7 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(
   assert saved <= resumed <= killed
 
   ref = reference()
-  assert losses(workdir) == losses(ref)          # bitwise, every step
+  assert losses(workdir) == losses(ref)  # bitwise, every step
   assert sorted(losses(workdir)) == list(range(1, RESUME_STEPS + 1))
-  for (path, a), (_, b) in zip(exported_params(workdir),
-                               exported_params(ref)):
+  for (path, a), (_, b) in zip(exported_params(workdir), exported_params(ref)):
     np.testing.assert_array_equal(a, b, err_msg=str(path))

@@ -10,9 +10,17 @@ from gemma_jax.sharding.mesh import make_mesh
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 
-MODEL = {"preset": "tiny-gemma2", "num_layers": 2, "d_model": 64,
-         "mlp_dim": 128, "num_heads": 8, "num_kv_heads": 2, "head_dim": 8,
-         "vocab_size": 256, "sliding_window": 4}
+MODEL = {
+  "preset": "tiny-gemma2",
+  "num_layers": 2,
+  "d_model": 64,
+  "mlp_dim": 128,
+  "num_heads": 8,
+  "num_kv_heads": 2,
+  "head_dim": 8,
+  "vocab_size": 256,
+  "sliding_window": 4,
+}
 ROWS, T = 8, 16
 
 
@@ -20,11 +28,15 @@ SOURCES = {name: {"kind": "memory", "texts": ["x"]} for name in ("a", "b")}
 
 
 def run_config(mesh=None, **train):
-  return config_from_dict({
-      "model": MODEL, "mesh": mesh or {}, "data": {"seq_len": T,
-                                                   "sources": SOURCES},
+  return config_from_dict(
+    {
+      "model": MODEL,
+      "mesh": mesh or {},
+      "data": {"seq_len": T, "sources": SOURCES},
       "optimizer": {"learning_rate": 1e-2, "warmup_steps": 1},
-      "train": {"batch_size": ROWS, "steps": 3, "z_loss": 1e-4} | train})
+      "train": {"batch_size": ROWS, "steps": 3, "z_loss": 1e-4} | train,
+    }
+  )
 
 
 def packed_batch(seed=0):
@@ -41,9 +53,14 @@ def packed_batch(seed=0):
     positions[r, cut:] -= cut
     segments[r, pad:] = positions[r, pad:] = loss_mask[r, pad:] = 0
     loss_mask[r, cut - 1] = 0  # the last token of a document has no target
-  batch = dict(inputs=inputs, targets=targets, segment_ids=segments,
-               positions=positions, loss_mask=loss_mask,
-               source=np.arange(ROWS) % 2)
+  batch = dict(
+    inputs=inputs,
+    targets=targets,
+    segment_ids=segments,
+    positions=positions,
+    loss_mask=loss_mask,
+    source=np.arange(ROWS) % 2,
+  )
   return {k: np.asarray(v, np.int32) for k, v in batch.items()}
 
 
@@ -72,13 +89,17 @@ def reference(one_device):
 
 
 MESHES = {
-    "data8": ({"ici_data": 8}, {}),
-    "fsdp8": ({"ici_data": 1, "ici_fsdp": 8}, {}),
-    "tensor8": ({"ici_data": 1, "ici_tensor": 8}, {}),
-    "2x2x2_microbatches": ({"ici_data": 2, "ici_fsdp": 2, "ici_tensor": 2},
-                           {"microbatches": 2}),
-    "two_slices": ({"ici_data": 1, "ici_fsdp": 2, "ici_tensor": 2,
-                    "dcn_data": 2}, {}),
+  "data8": ({"ici_data": 8}, {}),
+  "fsdp8": ({"ici_data": 1, "ici_fsdp": 8}, {}),
+  "tensor8": ({"ici_data": 1, "ici_tensor": 8}, {}),
+  "2x2x2_microbatches": (
+    {"ici_data": 2, "ici_fsdp": 2, "ici_tensor": 2},
+    {"microbatches": 2},
+  ),
+  "two_slices": (
+    {"ici_data": 1, "ici_fsdp": 2, "ici_tensor": 2, "dcn_data": 2},
+    {},
+  ),
 }
 
 
@@ -91,12 +112,14 @@ def test_sharded_steps_match_one_device(name, reference):
   ref_params, ref_losses = reference
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
   assert losses[-1] < losses[0]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
-               jax.device_get(state.params), ref_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
+    jax.device_get(state.params),
+    ref_params,
+  )
   # Parameters and optimizer state live where the rules put them.
   expected = program.state_shardings
-  jax.tree.map(lambda x, e: assert_same_layout(x.sharding, e), state,
-               expected)
+  jax.tree.map(lambda x, e: assert_same_layout(x.sharding, e), state, expected)
   if name == "data8":
     assert_optimizer_state_sharded_over_data(state)
 
@@ -120,10 +143,14 @@ def test_loss_counts_only_real_targets(one_device):
   state = program.init_state(seed=0)
   batch = packed_batch()
   logits = program.model.apply(
-      {"params": state.params}, batch["inputs"], batch["positions"],
-      batch["segment_ids"])
-  ce = -jnp.take_along_axis(jax.nn.log_softmax(logits),
-                            batch["targets"][..., None], -1)[..., 0]
+    {"params": state.params},
+    batch["inputs"],
+    batch["positions"],
+    batch["segment_ids"],
+  )
+  ce = -jnp.take_along_axis(
+    jax.nn.log_softmax(logits), batch["targets"][..., None], -1
+  )[..., 0]
   mask = batch["loss_mask"]
   want = float((ce * mask).sum() / mask.sum())
   out = program.eval_step(state.params, program.put(batch))
@@ -152,19 +179,28 @@ def test_metrics_and_a_skipped_non_finite_step(one_device):
   assert int(m["tokens"]) == int(packed_batch()["loss_mask"].sum())
   assert int(m["skipped"]) == 0 and float(m["grad_norm"]) > 0
   assert float(m["source_tokens"].sum()) == int(m["tokens"])
-  poisoned = state.replace(params=jax.tree.map(
-      lambda x: x.at[...].multiply(jnp.nan) if x.ndim == 2 and
-      x.shape[0] == 256 else x, state.params))
-  before = jax.device_get(poisoned)   # the step donates its input
+  poisoned = state.replace(
+    params=jax.tree.map(
+      lambda x: (
+        x.at[...].multiply(jnp.nan) if x.ndim == 2 and x.shape[0] == 256 else x
+      ),
+      state.params,
+    )
+  )
+  before = jax.device_get(poisoned)  # the step donates its input
   after, m = step(poisoned, batch)
   assert int(m["skipped"]) == 1 and int(after.nonfinite_in_row) == 1
   assert int(after.step) == 2
   # Nothing of the update is applied, the optimizer's count included.
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.params),
-               before.params)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.opt_state),
-               before.opt_state)
-  assert int(after.opt_state[1].count) == 1   # the injected schedule's
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(after.params), before.params
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(after.opt_state),
+    before.opt_state,
+  )
+  assert int(after.opt_state[1].count) == 1  # the injected schedule's
   # The reported rate is the one the schedule gives at the applied count.
   assert float(m["learning_rate"]) == pytest.approx(1e-2)
 
