@@ -1,0 +1,396 @@
+"""Train-step speed against Hugging Face transformers on the same model.
+
+    pip install /opt/wheels/torch-2.13.0+cpu-*.whl transformers  # `hf` extra
+    python scripts/bench_vs_hf.py                          # both shapes
+    python scripts/bench_vs_hf.py --shape 8x512 --repeats 3 \
+        --ours base: --ours dots:model.remat_policy=dots
+
+The model is a Gemma 2-shaped one small enough for a CPU: d_model 512,
+8 layers, 8 query / 4 kv heads of 64, MLP 2048, vocabulary 8192, local
+(window 256) and global layers alternating, soft-caps 50 / 30, sandwich
+norms, float32. Our params are initialised, exported with our converter
+(gemma_jax.checkpoint.hf.save) and loaded by transformers'
+Gemma2ForCausalLM (eager attention), so both frameworks start from the same
+weights. Both train with AdamW (same lr, betas, eps, weight decay on every
+tensor but the norm scales, global-norm clipping) on the same batches.
+
+Every measurement runs in its own subprocess, so the peak resident memory
+(ru_maxrss) is that framework's alone. For each shape and repeat, HF runs
+first, then each `--ours` variant on one-document rows (no packing: segment
+ids all 1) and on packed rows (several documents a row, positions restarting
+at each), interleaved so that the machine's noise hits all of them alike.
+Before timing, the first-step losses of HF and ours on one-document rows must
+agree within 1e-4: both do the same work.
+
+An `--ours LABEL:SPEC` variant is ours with SPEC, comma-separated items:
+  KEY=VALUE     a run-config override (e.g. model.remat_policy=dots);
+  env:NAME=VAL  an environment variable of the subprocess (XLA_FLAGS, ...);
+  +NAME         a prototype patch from scripts/bench_variants.py.
+
+Printed per run: tokens/s (from the median timed step), model FLOP/s
+(gemma_jax.train.flops), MFU against the machine's float32 matmul peak
+(the best of a timed jnp.dot and torch.matmul chain), peak RSS, our step's
+compile time, and ours/HF ratios.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+MODEL = {"num_layers": 8, "d_model": 512, "mlp_dim": 2048, "num_heads": 8,
+         "num_kv_heads": 4, "head_dim": 64, "vocab_size": 8192,
+         "attention_pattern": "[local,global]", "sliding_window": 256,
+         "attn_logit_softcap": 50.0, "final_logit_softcap": 30.0,
+         "sandwich_norms": True, "dtype": "float32",
+         "param_dtype": "float32"}
+OPTIMIZER = {"learning_rate": 3e-4, "schedule": "constant", "b1": 0.9,
+             "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
+             "grad_clip_norm": 1.0}
+LOSS_TOLERANCE = 1e-4
+SEED = 0
+
+
+# Batches: the same numpy rows in both frameworks.
+
+def batches(batch: int, seq_len: int, vocab: int, packed: bool,
+            count: int = 2) -> list[dict]:
+  """`count` batches of int32 [B, T] rows (source [B]), seeded."""
+  rng = np.random.default_rng(SEED)
+  out = []
+  for _ in range(count):
+    tokens = rng.integers(4, vocab, size=(batch, seq_len + 1), dtype=np.int32)
+    segments = np.ones((batch, seq_len), np.int32)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                (batch, seq_len)).copy()
+    if packed:
+      for row in range(batch):
+        segments[row], positions[row] = _packed_row(rng, seq_len)
+    out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                "segment_ids": segments, "positions": positions,
+                "loss_mask": np.ones((batch, seq_len), np.int32),
+                "source": np.zeros((batch,), np.int32)})
+  return out
+
+
+def _packed_row(rng, seq_len: int):
+  """Segment ids 1, 2, ... of documents of seq_len/8..seq_len/2 tokens and
+  positions restarting at 0 in each."""
+  segments = np.empty(seq_len, np.int32)
+  positions = np.empty(seq_len, np.int32)
+  start, doc = 0, 1
+  while start < seq_len:
+    n = min(int(rng.integers(seq_len // 8, seq_len // 2 + 1)), seq_len - start)
+    segments[start:start + n] = doc
+    positions[start:start + n] = np.arange(n)
+    start, doc = start + n, doc + 1
+  return segments, positions
+
+
+# Workers: one framework, one shape, one subprocess.
+
+def run_config(batch: int, seq_len: int, overrides=()):
+  from gemma_jax.config import load_config
+  # YAML reads 1e-08 as a string: floats go as 1.0000000000e-08.
+  text = lambda v: f"{v:.10e}" if isinstance(v, float) else v
+  sets = [f"model.{k}={text(v)}" for k, v in MODEL.items()]
+  sets += [f"optimizer.{k}={text(v)}" for k, v in OPTIMIZER.items()]
+  return load_config(None, ["model.preset=tiny-gemma2", "model.name=bench",
+                            *sets,
+                            f"train.batch_size={batch}",
+                            f"data.seq_len={seq_len}", "train.steps=1000",
+                            f"train.seed={SEED}", *overrides])
+
+
+def ours_program(cfg, params):
+  """(state, step, put): the only glue to our train-step API.
+
+  step(state, device_batch) -> (state, metrics with 'loss'); put(numpy
+  batch) -> device batch.
+  """
+  import jax
+  from gemma_jax.sharding.mesh import make_mesh
+  from gemma_jax.train import step as step_lib
+  mesh = make_mesh(cfg.mesh)
+  state = step_lib.init_train_state(cfg, mesh, cfg.train.seed)
+  shardings = step_lib.state_shardings(cfg, mesh).params
+  state = state.replace(params=jax.tree.map(
+      lambda s, x: jax.device_put(np.asarray(x, s.dtype), s.sharding),
+      state.params, params))
+  sharding = step_lib.batch_sharding(cfg, mesh)
+  del shardings
+  return (state, step_lib.make_train_step(cfg, mesh, 1),
+          lambda b: step_lib.device_batch(b, sharding))
+
+
+def export_weights(directory: str) -> None:
+  """Initialises our model (seed SEED) and writes it as an HF directory."""
+  import jax
+  from flax import linen as nn
+  from gemma_jax.checkpoint import hf
+  from gemma_jax.model import Transformer
+  cfg = run_config(1, 8).model
+  params = nn.unbox(jax.jit(Transformer(cfg).init)(
+      jax.random.PRNGKey(SEED), np.zeros((1, 8), np.int32))["params"])
+  hf.save(directory, jax.device_get(params), cfg, force=True)
+
+
+def _timed(step_fn, n: int) -> list[float]:
+  times = []
+  for i in range(n):
+    t = time.perf_counter()
+    step_fn(i)
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def worker_ours(a) -> dict:
+  import jax
+  from gemma_jax.checkpoint import hf
+  from gemma_jax.train import flops
+  import bench_train
+  overrides, patches = [], []
+  for item in a.spec:
+    (patches if item.startswith("+") else overrides).append(item.lstrip("+"))
+  if patches:
+    import bench_variants
+    for name in patches:
+      bench_variants.apply(name)
+  cfg = run_config(a.batch, a.seq_len, overrides)
+  params, _ = hf.load(a.weights, cfg.model)
+  state, step, put = ours_program(cfg, params)
+  data = [put(b) for b in batches(a.batch, a.seq_len, cfg.model.vocab_size,
+                                  a.packed)]
+  t = time.perf_counter()
+  compiled = step.lower(state, data[0]).compile()
+  compile_s = time.perf_counter() - t
+  mem = compiled.memory_analysis()
+  losses = []
+
+  def one(i):
+    nonlocal state
+    state, m = compiled(state, data[i % 2])
+    losses.append(float(m["loss"]))       # a host sync: honest step times
+  _timed(one, a.warmup)
+  times = _timed(lambda i: one(a.warmup + i), a.steps)
+  peak, _ = bench_train.measured_matmul_peak(jax.local_devices()[0], n=2048)
+  return {"framework": "ours", "compile_s": compile_s, "times": times,
+          "losses": losses, "matmul_peak": peak,
+          "flops_per_token": flops.model_flops_per_token(cfg.model,
+                                                         a.seq_len),
+          "temp_bytes": getattr(mem, "temp_size_in_bytes", None)}
+
+
+def worker_hf(a) -> dict:
+  import torch
+  import transformers
+  cfg = run_config(a.batch, a.seq_len)
+  from gemma_jax.train import flops
+  model = transformers.Gemma2ForCausalLM.from_pretrained(
+      a.weights, attn_implementation="eager", dtype=torch.float32)
+  model.train()
+  named = list(model.named_parameters())
+  opt = torch.optim.AdamW(
+      [{"params": [p for n, p in named if "norm" not in n],
+        "weight_decay": OPTIMIZER["weight_decay"]},
+       {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0}],
+      lr=OPTIMIZER["learning_rate"], betas=(OPTIMIZER["b1"], OPTIMIZER["b2"]),
+      eps=OPTIMIZER["eps"])
+  data = [{k: torch.from_numpy(v.astype(np.int64)) for k, v in b.items()}
+          for b in batches(a.batch, a.seq_len, cfg.model.vocab_size, False)]
+  losses = []
+
+  def one(i):
+    b = data[i % 2]
+    opt.zero_grad(set_to_none=True)
+    logits = model(input_ids=b["inputs"], use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        b["targets"].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                   OPTIMIZER["grad_clip_norm"])
+    opt.step()
+    losses.append(float(loss))
+  _timed(one, a.warmup)
+  times = _timed(lambda i: one(a.warmup + i), a.steps)
+  return {"framework": "hf", "compile_s": 0.0, "times": times,
+          "losses": losses, "matmul_peak": _torch_matmul_peak(),
+          "flops_per_token": flops.model_flops_per_token(cfg.model,
+                                                         a.seq_len),
+          "threads": torch.get_num_threads()}
+
+
+def _torch_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  import torch
+  a = torch.ones(n, n) / n
+  b = torch.ones(n, n)
+  best = float("inf")
+  for _ in range(repeats + 1):
+    t = time.perf_counter()
+    x = a
+    for _ in range(4):
+      x = x @ b
+    best = min(best, time.perf_counter() - t)
+  return 4 * 2 * n ** 3 / best
+
+
+def worker(argv) -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--framework", choices=("ours", "hf", "export"))
+  p.add_argument("--weights")
+  p.add_argument("--batch", type=int)
+  p.add_argument("--seq-len", type=int)
+  p.add_argument("--steps", type=int)
+  p.add_argument("--warmup", type=int)
+  p.add_argument("--packed", action="store_true")
+  p.add_argument("--spec", nargs="*", default=[])
+  a = p.parse_args(argv)
+  sys.path.insert(0, str(HERE))
+  if a.framework == "export":
+    export_weights(a.weights)
+    return
+  out = worker_ours(a) if a.framework == "ours" else worker_hf(a)
+  out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss \
+      * 1024
+  print("RESULT " + json.dumps(out), flush=True)
+
+
+# The driver.
+
+def _spawn(args: list[str], env_items=()) -> dict | None:
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  env["PYTHONPATH"] = os.pathsep.join(
+      filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+  for item in env_items:
+    name, _, value = item.partition("=")
+    env[name] = value
+  proc = subprocess.run([sys.executable, __file__, "--worker", *args],
+                        env=env, capture_output=True, text=True)
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  sys.stderr.write(proc.stderr[-4000:])
+  return None
+
+
+def _variant(text: str) -> tuple[str, list[str], list[str]]:
+  label, _, spec = text.partition(":")
+  items = [s for s in spec.split(",") if s]
+  env = [s[4:] for s in items if s.startswith("env:")]
+  return label, [s for s in items if not s.startswith("env:")], env
+
+
+def _summary(r: dict, tokens: int, peak: float) -> dict:
+  med = statistics.median(r["times"])
+  tps = tokens / med
+  return {"tok_s": tps, "step_s": med, "min_step_s": min(r["times"]),
+          "mflop_s": r["flops_per_token"] * tps / 1e6,
+          "mfu": r["flops_per_token"] * tps / peak,
+          "rss_gb": r["max_rss_bytes"] / 1e9, "compile_s": r["compile_s"],
+          "first_loss": r["losses"][0]}
+
+
+def _range(xs, fmt="{:.0f}"):
+  xs = [x for x in xs if x is not None]
+  if not xs:
+    return "-"
+  lo, hi = min(xs), max(xs)
+  return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--shape", action="append", default=[],
+                 help="BATCHxSEQ_LEN (default: 8x512 and 32x128)")
+  p.add_argument("--ours", action="append", default=[],
+                 help="LABEL:SPEC variant of ours (default base:)")
+  p.add_argument("--steps", type=int, default=3, help="timed steps")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--repeats", type=int, default=1)
+  p.add_argument("--no-packed", action="store_true",
+                 help="skip ours on packed rows")
+  p.add_argument("--no-hf", action="store_true", help="skip transformers")
+  p.add_argument("--json", help="also write every result to this file")
+  a = p.parse_args(argv)
+  shapes = [tuple(map(int, s.split("x"))) for s in a.shape or
+            ("8x512", "32x128")]
+  variants = [_variant(v) for v in a.ours or ["base:"]]
+
+  results = []
+  with tempfile.TemporaryDirectory() as tmp:
+    weights = os.path.join(tmp, "hf")
+    _spawn(["--framework", "export", "--weights", weights])
+    for rep in range(a.repeats):
+      for batch, seq in shapes:
+        common = ["--weights", weights, "--batch", str(batch), "--seq-len",
+                  str(seq), "--steps", str(a.steps), "--warmup",
+                  str(a.warmup)]
+        runs = [] if a.no_hf else [("hf", False, [], [])]
+        for label, spec, env in variants:
+          runs.append((label, False, spec, env))
+          if not a.no_packed:
+            runs.append((label + "/packed", True, spec, env))
+        for label, packed, spec, env in runs:
+          fw = "hf" if label == "hf" else "ours"
+          args = ["--framework", fw, *common] + (["--packed"] if packed
+                                                  else [])
+          args += ["--spec", *spec] if spec else []
+          r = _spawn(args, env)
+          print(f"[repeat {rep} {batch}x{seq} {label}] " +
+                ("FAILED" if r is None else
+                 f"median step {statistics.median(r['times']):.2f}s "
+                 f"first loss {r['losses'][0]:.6f}"), flush=True)
+          if r is not None:
+            results.append(dict(r, label=label, packed=packed, rep=rep,
+                                batch=batch, seq_len=seq))
+  if a.json:
+    pathlib.Path(a.json).write_text(json.dumps(results, indent=1))
+  report(results, shapes)
+
+
+def report(results: list[dict], shapes) -> None:
+  peak = max(r["matmul_peak"] for r in results)
+  print(f"\nmachine float32 matmul peak (best of jnp.dot / torch.matmul "
+        f"2048^3 chains): {peak / 1e9:.0f} GFLOP/s; "
+        f"jax {max(r['matmul_peak'] for r in results if r['framework'] == 'ours') / 1e9 if any(r['framework'] == 'ours' for r in results) else 0:.0f}, "
+        f"torch {max((r['matmul_peak'] for r in results if r['framework'] == 'hf'), default=0) / 1e9:.0f}")
+  for batch, seq in shapes:
+    rows = [r for r in results if (r["batch"], r["seq_len"]) == (batch, seq)]
+    hf = {r["rep"]: _summary(r, batch * seq, peak)
+          for r in rows if r["label"] == "hf"}
+    print(f"\n{batch} x {seq} tokens ({len({r['rep'] for r in rows})} "
+          "repeats; ranges over repeats)")
+    print(f"{'run':<28}{'tok/s':>12}{'MFLOP/s':>14}{'MFU':>12}"
+          f"{'RSS GB':>12}{'compile s':>11}{'x HF':>12}  loss check")
+    for label in dict.fromkeys(r["label"] for r in rows):
+      mine = [r for r in rows if r["label"] == label]
+      s = [(r["rep"], _summary(r, batch * seq, peak)) for r in mine]
+      ratio = [x["tok_s"] / hf[rep]["tok_s"] for rep, x in s if rep in hf]
+      check = ""
+      if label != "hf" and not mine[0]["packed"] and hf:
+        diff = max(abs(x["first_loss"] - hf[rep]["first_loss"])
+                   for rep, x in s if rep in hf)
+        check = (f"|dloss| {diff:.1e} "
+                 + ("ok" if diff <= LOSS_TOLERANCE else "MISMATCH"))
+      col = lambda k, f="{:.0f}": _range([x[k] for _, x in s], f)
+      print(f"{label:<28}{col('tok_s'):>12}{col('mflop_s'):>14}"
+            f"{col('mfu', '{:.1%}'):>12}{col('rss_gb', '{:.2f}'):>12}"
+            f"{col('compile_s', '{:.1f}'):>11}"
+            f"{_range(ratio, '{:.2f}'):>12}  {check}")
+
+
+if __name__ == "__main__":
+  if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    worker(sys.argv[2:])
+  else:
+    main()
