@@ -144,13 +144,15 @@ def export_weights(directory: str) -> None:
   hf.save(directory, jax.device_get(params), cfg, force=True)
 
 
-def _timed(step_fn, n: int) -> list[float]:
-  times = []
+def _timed(step_fn, n: int) -> tuple[list[float], list[float]]:
+  """Wall seconds and CPU seconds (all threads of this process) per step."""
+  times, cpu = [], []
   for i in range(n):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     step_fn(i)
     times.append(time.perf_counter() - t)
-  return times
+    cpu.append(time.process_time() - c)
+  return times, cpu
 
 
 def worker_ours(a) -> dict:
@@ -181,9 +183,10 @@ def worker_ours(a) -> dict:
     state, m = compiled(state, data[i % 2])
     losses.append(float(m["loss"]))       # a host sync: honest step times
   _timed(one, a.warmup)
-  times = _timed(lambda i: one(a.warmup + i), a.steps)
+  times, cpu = _timed(lambda i: one(a.warmup + i), a.steps)
   peak, _ = bench_train.measured_matmul_peak(jax.local_devices()[0], n=2048)
   return {"framework": "ours", "compile_s": compile_s, "times": times,
+          "cpu_times": cpu,
           "losses": losses, "matmul_peak": peak,
           "flops_per_token": flops.model_flops_per_token(cfg.model,
                                                          a.seq_len),
@@ -222,8 +225,9 @@ def worker_hf(a) -> dict:
     opt.step()
     losses.append(float(loss))
   _timed(one, a.warmup)
-  times = _timed(lambda i: one(a.warmup + i), a.steps)
+  times, cpu = _timed(lambda i: one(a.warmup + i), a.steps)
   return {"framework": "hf", "compile_s": 0.0, "times": times,
+          "cpu_times": cpu,
           "losses": losses, "matmul_peak": _torch_matmul_peak(),
           "flops_per_token": flops.model_flops_per_token(cfg.model,
                                                          a.seq_len),
@@ -293,8 +297,10 @@ def _variant(text: str) -> tuple[str, list[str], list[str]]:
 def _summary(r: dict, tokens: int, peak: float) -> dict:
   med = statistics.median(r["times"])
   tps = tokens / med
+  cpu = r.get("cpu_times")
   return {"tok_s": tps, "step_s": med, "min_step_s": min(r["times"]),
-          "mflop_s": r["flops_per_token"] * tps / 1e6,
+          "tok_cpu_s": tokens / statistics.median(cpu) if cpu else None,
+          "gflop_s": r["flops_per_token"] * tps / 1e9,
           "mfu": r["flops_per_token"] * tps / peak,
           "rss_gb": r["max_rss_bytes"] / 1e9, "compile_s": r["compile_s"],
           "first_loss": r["losses"][0]}
@@ -321,7 +327,13 @@ def main(argv=None):
                  help="skip ours on packed rows")
   p.add_argument("--no-hf", action="store_true", help="skip transformers")
   p.add_argument("--json", help="also write every result to this file")
+  p.add_argument("--report", help="only print the table of a --json file")
   a = p.parse_args(argv)
+  if a.report:
+    results = json.loads(pathlib.Path(a.report).read_text())
+    report(results, list(dict.fromkeys((r["batch"], r["seq_len"])
+                                       for r in results)))
+    return
   shapes = [tuple(map(int, s.split("x"))) for s in a.shape or
             ("8x512", "32x128")]
   variants = [_variant(v) for v in a.ours or ["base:"]]
@@ -353,8 +365,8 @@ def main(argv=None):
           if r is not None:
             results.append(dict(r, label=label, packed=packed, rep=rep,
                                 batch=batch, seq_len=seq))
-  if a.json:
-    pathlib.Path(a.json).write_text(json.dumps(results, indent=1))
+            if a.json:   # after every run: a killed run keeps its results
+              pathlib.Path(a.json).write_text(json.dumps(results, indent=1))
   report(results, shapes)
 
 
@@ -370,12 +382,15 @@ def report(results: list[dict], shapes) -> None:
           for r in rows if r["label"] == "hf"}
     print(f"\n{batch} x {seq} tokens ({len({r['rep'] for r in rows})} "
           "repeats; ranges over repeats)")
-    print(f"{'run':<28}{'tok/s':>12}{'MFLOP/s':>14}{'MFU':>12}"
-          f"{'RSS GB':>12}{'compile s':>11}{'x HF':>12}  loss check")
+    print(f"{'run':<20}{'tok/s':>10}{'GFLOP/s':>10}{'MFU':>12}"
+          f"{'RSS GB':>11}{'compile s':>11}{'x HF':>11}{'tok/CPU-s':>11}"
+          f"{'x HF':>11}  loss check")
     for label in dict.fromkeys(r["label"] for r in rows):
       mine = [r for r in rows if r["label"] == label]
       s = [(r["rep"], _summary(r, batch * seq, peak)) for r in mine]
       ratio = [x["tok_s"] / hf[rep]["tok_s"] for rep, x in s if rep in hf]
+      cpu_ratio = [x["tok_cpu_s"] / hf[rep]["tok_cpu_s"] for rep, x in s
+                   if rep in hf and x["tok_cpu_s"] and hf[rep]["tok_cpu_s"]]
       check = ""
       if label != "hf" and not mine[0]["packed"] and hf:
         diff = max(abs(x["first_loss"] - hf[rep]["first_loss"])
@@ -383,10 +398,11 @@ def report(results: list[dict], shapes) -> None:
         check = (f"|dloss| {diff:.1e} "
                  + ("ok" if diff <= LOSS_TOLERANCE else "MISMATCH"))
       col = lambda k, f="{:.0f}": _range([x[k] for _, x in s], f)
-      print(f"{label:<28}{col('tok_s'):>12}{col('mflop_s'):>14}"
-            f"{col('mfu', '{:.1%}'):>12}{col('rss_gb', '{:.2f}'):>12}"
+      print(f"{label:<20}{col('tok_s'):>10}{col('gflop_s', '{:.1f}'):>10}"
+            f"{col('mfu', '{:.1%}'):>12}{col('rss_gb', '{:.2f}'):>11}"
             f"{col('compile_s', '{:.1f}'):>11}"
-            f"{_range(ratio, '{:.2f}'):>12}  {check}")
+            f"{_range(ratio, '{:.2f}'):>11}{col('tok_cpu_s'):>11}"
+            f"{_range(cpu_ratio, '{:.2f}'):>11}  {check}")
 
 
 if __name__ == "__main__":
