@@ -323,6 +323,9 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=3, help="timed steps")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--repeats", type=int, default=1)
+  p.add_argument("--packed", action="append", default=[], metavar="LABEL",
+                 help="run only these variants on packed rows too "
+                 "(default: all)")
   p.add_argument("--no-packed", action="store_true",
                  help="skip ours on packed rows")
   p.add_argument("--no-hf", action="store_true", help="skip transformers")
@@ -350,7 +353,7 @@ def main(argv=None):
         runs = [] if a.no_hf else [("hf", False, [], [])]
         for label, spec, env in variants:
           runs.append((label, False, spec, env))
-          if not a.no_packed:
+          if not a.no_packed and (not a.packed or label in a.packed):
             runs.append((label + "/packed", True, spec, env))
         for label, packed, spec, env in runs:
           fw = "hf" if label == "hf" else "ours"

@@ -10,8 +10,9 @@ HLO instruction (the CPU runtime's thunk events) to a category read from the
 compiled HLO:
 
   matmul        a dot, or a fusion around one (YNNPACK / oneDNN included);
-  stack/slice   dynamic-update-slice / dynamic-slice (the layer scan writing
-                and reading its stacked per-layer residuals);
+  stack/slice   dynamic-update-slice (the layer scan writing its stacked
+                per-layer residuals; reading them back is fused into the
+                consumers);
   copy/layout   copy, transpose, and fusions whose root is one;
   reduce        fusions with a reduce (softmax sums, norms, gradients of
                 broadcasts);
@@ -67,7 +68,7 @@ def parse_hlo(text: str):
 
 def category(name, instrs, comps) -> str:
   opcode, _, calls, _ = instrs.get(name, ("?", "", None, ""))
-  if opcode in _CONTAINERS:
+  if opcode in _CONTAINERS or name.split(".")[0] in _CONTAINERS:
     return "container"
   if opcode in ("dot", "custom-call") or name.startswith(("ynn", "onednn")):
     return "matmul"
@@ -79,7 +80,7 @@ def category(name, instrs, comps) -> str:
     body = "\n".join(comps.get(calls, []))
     if re.search(r" dot\(", body):
       return "matmul"
-    if "dynamic-update-slice(" in body or "dynamic-slice(" in body:
+    if "dynamic-update-slice(" in body:
       return "stack/slice"
     root = [l for l in comps.get(calls, []) if "ROOT" in l]
     if root and re.search(r" (copy|transpose)\(", root[0]):
