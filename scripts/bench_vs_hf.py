@@ -271,14 +271,18 @@ def worker(argv) -> None:
 
 # The driver.
 
-def _spawn(args: list[str], env_items=()) -> dict | None:
+def _spawn(args: list[str], env_items=(), cpus: str | None = None
+           ) -> dict | None:
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   env["PYTHONPATH"] = os.pathsep.join(
       filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
   for item in env_items:
     name, _, value = item.partition("=")
     env[name] = value
-  proc = subprocess.run([sys.executable, __file__, "--worker", *args],
+  # taskset: both XLA's and torch's thread pools size themselves to the
+  # CPUs a process may run on.
+  pin = ["taskset", "-c", cpus] if cpus else []
+  proc = subprocess.run([*pin, sys.executable, __file__, "--worker", *args],
                         env=env, capture_output=True, text=True)
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
@@ -329,6 +333,9 @@ def main(argv=None):
   p.add_argument("--no-packed", action="store_true",
                  help="skip ours on packed rows")
   p.add_argument("--no-hf", action="store_true", help="skip transformers")
+  p.add_argument("--cpus", help="run every worker on these CPUs only "
+                 "(taskset list, e.g. 0: one thread each, no spin-waiting, "
+                 "so CPU time measures work on a shared machine)")
   p.add_argument("--json", help="also write every result to this file")
   p.add_argument("--report", help="only print the table of a --json file")
   a = p.parse_args(argv)
@@ -360,7 +367,7 @@ def main(argv=None):
           args = ["--framework", fw, *common] + (["--packed"] if packed
                                                   else [])
           args += ["--spec", *spec] if spec else []
-          r = _spawn(args, env)
+          r = _spawn(args, env, a.cpus)
           print(f"[repeat {rep} {batch}x{seq} {label}] " +
                 ("FAILED" if r is None else
                  f"median step {statistics.median(r['times']):.2f}s "
