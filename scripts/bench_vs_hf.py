@@ -155,7 +155,8 @@ def _timed(step_fn, n: int) -> tuple[list[float], list[float]]:
   return times, cpu
 
 
-def worker_ours(a) -> dict:
+def build_ours(a):
+  """(one step: i -> loss, info) for our train step."""
   import jax
   from gemma_jax.checkpoint import hf
   from gemma_jax.train import flops
@@ -176,28 +177,26 @@ def worker_ours(a) -> dict:
   compiled = step.lower(state, data[0]).compile()
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
-  losses = []
 
   def one(i):
     nonlocal state
     state, m = compiled(state, data[i % 2])
-    losses.append(float(m["loss"]))       # a host sync: honest step times
-  _timed(one, a.warmup)
-  times, cpu = _timed(lambda i: one(a.warmup + i), a.steps)
-  peak, _ = bench_train.measured_matmul_peak(jax.local_devices()[0], n=2048)
-  return {"framework": "ours", "compile_s": compile_s, "times": times,
-          "cpu_times": cpu,
-          "losses": losses, "matmul_peak": peak,
+    return float(m["loss"])          # a host sync: honest step times
+  info = {"framework": "ours", "compile_s": compile_s,
           "flops_per_token": flops.model_flops_per_token(cfg.model,
                                                          a.seq_len),
           "temp_bytes": getattr(mem, "temp_size_in_bytes", None)}
+  peak = lambda: bench_train.measured_matmul_peak(jax.local_devices()[0],
+                                                  n=2048)[0]
+  return one, info, peak
 
 
-def worker_hf(a) -> dict:
+def build_hf(a):
+  """(one step: i -> loss, info) for transformers' Gemma 2 in torch."""
   import torch
   import transformers
-  cfg = run_config(a.batch, a.seq_len)
   from gemma_jax.train import flops
+  cfg = run_config(a.batch, a.seq_len)
   model = transformers.Gemma2ForCausalLM.from_pretrained(
       a.weights, attn_implementation="eager", dtype=torch.float32)
   model.train()
@@ -210,7 +209,6 @@ def worker_hf(a) -> dict:
       eps=OPTIMIZER["eps"])
   data = [{k: torch.from_numpy(v.astype(np.int64)) for k, v in b.items()}
           for b in batches(a.batch, a.seq_len, cfg.model.vocab_size, False)]
-  losses = []
 
   def one(i):
     b = data[i % 2]
@@ -223,15 +221,12 @@ def worker_hf(a) -> dict:
     torch.nn.utils.clip_grad_norm_(model.parameters(),
                                    OPTIMIZER["grad_clip_norm"])
     opt.step()
-    losses.append(float(loss))
-  _timed(one, a.warmup)
-  times, cpu = _timed(lambda i: one(a.warmup + i), a.steps)
-  return {"framework": "hf", "compile_s": 0.0, "times": times,
-          "cpu_times": cpu,
-          "losses": losses, "matmul_peak": _torch_matmul_peak(),
+    return float(loss)
+  info = {"framework": "hf", "compile_s": 0.0,
           "flops_per_token": flops.model_flops_per_token(cfg.model,
                                                          a.seq_len),
           "threads": torch.get_num_threads()}
+  return one, info, _torch_matmul_peak
 
 
 def _torch_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -257,38 +252,130 @@ def worker(argv) -> None:
   p.add_argument("--steps", type=int)
   p.add_argument("--warmup", type=int)
   p.add_argument("--packed", action="store_true")
+  p.add_argument("--serve", action="store_true",
+                 help="after warm-up, one step per 'STEP' line on stdin")
   p.add_argument("--spec", nargs="*", default=[])
   a = p.parse_args(argv)
   sys.path.insert(0, str(HERE))
   if a.framework == "export":
     export_weights(a.weights)
     return
-  out = worker_ours(a) if a.framework == "ours" else worker_hf(a)
-  out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss \
-      * 1024
+  one, out, peak = (build_ours if a.framework == "ours" else build_hf)(a)
+  losses = []
+  step = lambda i: losses.append(one(i))
+  _timed(step, a.warmup)
+  if a.serve:
+    print("READY", flush=True)
+    times, cpu = [], []
+    for line in sys.stdin:
+      if line.strip() != "STEP":
+        break
+      t, c = _timed(lambda _: step(a.warmup + len(times)), 1)
+      times += t
+      cpu += c
+      print(f"DONE {t[0]} {c[0]}", flush=True)
+  else:
+    times, cpu = _timed(lambda i: step(a.warmup + i), a.steps)
+  out.update(times=times, cpu_times=cpu, losses=losses, matmul_peak=peak(),
+             max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+             * 1024)
   print("RESULT " + json.dumps(out), flush=True)
 
 
 # The driver.
 
-def _spawn(args: list[str], env_items=(), cpus: str | None = None
-           ) -> dict | None:
+def _env(env_items=()) -> dict:
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   env["PYTHONPATH"] = os.pathsep.join(
       filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
   for item in env_items:
     name, _, value = item.partition("=")
     env[name] = value
+  return env
+
+
+def _command(args, cpus):
   # taskset: both XLA's and torch's thread pools size themselves to the
   # CPUs a process may run on.
   pin = ["taskset", "-c", cpus] if cpus else []
-  proc = subprocess.run([*pin, sys.executable, __file__, "--worker", *args],
-                        env=env, capture_output=True, text=True)
+  return [*pin, sys.executable, __file__, "--worker", *args]
+
+
+def _spawn(args: list[str], env_items=(), cpus: str | None = None
+           ) -> dict | None:
+  proc = subprocess.run(_command(args, cpus), env=_env(env_items),
+                        capture_output=True, text=True)
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
   sys.stderr.write(proc.stderr[-4000:])
   return None
+
+
+class _Server:
+  """A worker in --serve mode: warmed up, then one step per request."""
+
+  def __init__(self, args, env_items=(), cpus=None):
+    self._err = tempfile.TemporaryFile("w+")
+    self._proc = subprocess.Popen(
+        _command([*args, "--serve"], cpus), env=_env(env_items),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
+        text=True)
+
+  def _line(self) -> str:
+    line = self._proc.stdout.readline()
+    if not line:
+      self._err.seek(0)
+      raise RuntimeError("worker died:\n" + self._err.read()[-4000:])
+    return line
+
+  def ready(self):
+    while self._line().strip() != "READY":
+      pass
+
+  def step(self) -> tuple[float, float]:
+    self._proc.stdin.write("STEP\n")
+    self._proc.stdin.flush()
+    while not (line := self._line()).startswith("DONE "):
+      pass
+    wall, cpu = map(float, line.split()[1:])
+    return wall, cpu
+
+  def end(self) -> dict:
+    self._proc.stdin.write("END\n")
+    self._proc.stdin.flush()
+    while not (line := self._line()).startswith("RESULT "):
+      pass
+    self._proc.wait()
+    return json.loads(line[len("RESULT "):])
+
+
+def _paired(hf_args, runs, steps, cpus):
+  """HF and each ours run alive together, stepping in turn (HF first on
+  even steps, ours first on odd ones), so both see the same load.
+
+  runs: [(worker args, env items, key)]. Returns (HF's result, [(key, ours
+  result with the partner's step times)]).
+  """
+  hf = _Server(hf_args, cpus=cpus)
+  hf.ready()
+  out = []
+  for args, env, key in runs:
+    try:
+      ours = _Server(args, env, cpus)
+      ours.ready()
+      mine, theirs = [], []
+      for i in range(steps):
+        for srv in ((hf, ours) if i % 2 == 0 else (ours, hf)):
+          (theirs if srv is hf else mine).append(srv.step())
+      r = ours.end()
+    except RuntimeError as e:
+      print(f"{key} FAILED: {e}", file=sys.stderr)
+      continue
+    r.update(partner_times=[w for w, _ in theirs],
+             partner_cpu_times=[c for _, c in theirs])
+    out.append((key, r))
+  return hf.end(), out
 
 
 def _variant(text: str) -> tuple[str, list[str], list[str]]:
@@ -299,15 +386,22 @@ def _variant(text: str) -> tuple[str, list[str], list[str]]:
 
 
 def _summary(r: dict, tokens: int, peak: float) -> dict:
-  med = statistics.median(r["times"])
-  tps = tokens / med
-  cpu = r.get("cpu_times")
-  return {"tok_s": tps, "step_s": med, "min_step_s": min(r["times"]),
-          "tok_cpu_s": tokens / statistics.median(cpu) if cpu else None,
+  tps = tokens / statistics.median(r["times"])
+  return {"tok_s": tps,
+          "tok_cpu_s": tokens / statistics.median(r["cpu_times"]),
           "gflop_s": r["flops_per_token"] * tps / 1e9,
           "mfu": r["flops_per_token"] * tps / peak,
-          "rss_gb": r["max_rss_bytes"] / 1e9, "compile_s": r["compile_s"],
-          "first_loss": r["losses"][0]}
+          "rss_gb": r["max_rss_bytes"] / 1e9, "compile_s": r["compile_s"]}
+
+
+def _ratios(r: dict, hf: dict | None, key: str) -> list[float]:
+  """ours/HF speed ratios: per step pair when paired, else per repeat."""
+  partner = r.get("partner_" + key)
+  if partner:
+    return [p / x for p, x in zip(partner, r[key])]
+  if hf:
+    return [statistics.median(hf[key]) / statistics.median(r[key])]
+  return []
 
 
 def _range(xs, fmt="{:.0f}"):
@@ -336,6 +430,9 @@ def main(argv=None):
   p.add_argument("--cpus", help="run every worker on these CPUs only "
                  "(taskset list, e.g. 0: one thread each, no spin-waiting, "
                  "so CPU time measures work on a shared machine)")
+  p.add_argument("--paired", action="store_true",
+                 help="keep HF running beside each of ours and alternate "
+                 "their steps (both in memory at once)")
   p.add_argument("--json", help="also write every result to this file")
   p.add_argument("--report", help="only print the table of a --json file")
   a = p.parse_args(argv)
@@ -349,70 +446,90 @@ def main(argv=None):
   variants = [_variant(v) for v in a.ours or ["base:"]]
 
   results = []
+
+  def record(r, label, packed, rep, batch, seq):
+    print(f"[repeat {rep} {batch}x{seq} {label}] " +
+          ("FAILED" if r is None else
+           f"median step {statistics.median(r['times']):.2f}s "
+           f"first loss {r['losses'][0]:.6f}"), flush=True)
+    if r is not None:
+      results.append(dict(r, label=label, packed=packed, rep=rep,
+                          batch=batch, seq_len=seq))
+      if a.json:   # after every run: a killed run keeps its results
+        pathlib.Path(a.json).write_text(json.dumps(results, indent=1))
+
   with tempfile.TemporaryDirectory() as tmp:
     weights = os.path.join(tmp, "hf")
     _spawn(["--framework", "export", "--weights", weights])
     for rep in range(a.repeats):
       for batch, seq in shapes:
-        common = ["--weights", weights, "--batch", str(batch), "--seq-len",
-                  str(seq), "--steps", str(a.steps), "--warmup",
-                  str(a.warmup)]
-        runs = [] if a.no_hf else [("hf", False, [], [])]
+        def args_of(fw, packed=False, spec=()):
+          return (["--framework", fw, "--weights", weights, "--batch",
+                   str(batch), "--seq-len", str(seq), "--steps",
+                   str(a.steps), "--warmup", str(a.warmup)]
+                  + (["--packed"] if packed else [])
+                  + (["--spec", *spec] if spec else []))
+        ours = []                      # (label, packed, spec, env)
         for label, spec, env in variants:
-          runs.append((label, False, spec, env))
+          ours.append((label, False, spec, env))
           if not a.no_packed and (not a.packed or label in a.packed):
-            runs.append((label + "/packed", True, spec, env))
-        for label, packed, spec, env in runs:
-          fw = "hf" if label == "hf" else "ours"
-          args = ["--framework", fw, *common] + (["--packed"] if packed
-                                                  else [])
-          args += ["--spec", *spec] if spec else []
-          r = _spawn(args, env, a.cpus)
-          print(f"[repeat {rep} {batch}x{seq} {label}] " +
-                ("FAILED" if r is None else
-                 f"median step {statistics.median(r['times']):.2f}s "
-                 f"first loss {r['losses'][0]:.6f}"), flush=True)
-          if r is not None:
-            results.append(dict(r, label=label, packed=packed, rep=rep,
-                                batch=batch, seq_len=seq))
-            if a.json:   # after every run: a killed run keeps its results
-              pathlib.Path(a.json).write_text(json.dumps(results, indent=1))
+            ours.append((label + "/packed", True, spec, env))
+        where = (rep, batch, seq)
+        if a.paired:
+          hf_r, mine = _paired(
+              args_of("hf"),
+              [(args_of("ours", p, s), e, (l, p)) for l, p, s, e in ours],
+              a.steps, a.cpus)
+          record(hf_r, "hf", False, *where)
+          for (label, packed), r in mine:
+            record(r, label, packed, *where)
+          continue
+        if not a.no_hf:
+          record(_spawn(args_of("hf"), (), a.cpus), "hf", False, *where)
+        for label, packed, spec, env in ours:
+          record(_spawn(args_of("ours", packed, spec), env, a.cpus), label,
+                 packed, *where)
   report(results, shapes)
 
 
 def report(results: list[dict], shapes) -> None:
-  peak = max(r["matmul_peak"] for r in results)
-  print(f"\nmachine float32 matmul peak (best of jnp.dot / torch.matmul "
-        f"2048^3 chains): {peak / 1e9:.0f} GFLOP/s; "
-        f"jax {max(r['matmul_peak'] for r in results if r['framework'] == 'ours') / 1e9 if any(r['framework'] == 'ours' for r in results) else 0:.0f}, "
-        f"torch {max((r['matmul_peak'] for r in results if r['framework'] == 'hf'), default=0) / 1e9:.0f}")
+  peaks = {fw: max((r["matmul_peak"] for r in results
+                    if r["framework"] == fw), default=0.0)
+           for fw in ("ours", "hf")}
+  peak = max(peaks.values())
+  print(f"\nmachine float32 matmul peak: {peak / 1e9:.0f} GFLOP/s (best "
+        f"2048^3 chain: jnp.dot {peaks['ours'] / 1e9:.0f}, torch.matmul "
+        f"{peaks['hf'] / 1e9:.0f})")
+  print("ranges over repeats; x HF: ours/HF tokens/s, per step pair when "
+        "paired (median in brackets)")
   for batch, seq in shapes:
     rows = [r for r in results if (r["batch"], r["seq_len"]) == (batch, seq)]
-    hf = {r["rep"]: _summary(r, batch * seq, peak)
-          for r in rows if r["label"] == "hf"}
-    print(f"\n{batch} x {seq} tokens ({len({r['rep'] for r in rows})} "
-          "repeats; ranges over repeats)")
-    print(f"{'run':<20}{'tok/s':>10}{'GFLOP/s':>10}{'MFU':>12}"
-          f"{'RSS GB':>11}{'compile s':>11}{'x HF':>11}{'tok/CPU-s':>11}"
-          f"{'x HF':>11}  loss check")
+    hf = {r["rep"]: r for r in rows if r["label"] == "hf"}
+    print(f"\n{batch} x {seq}")
+    print(f"{'run':<16}{'tok/s':>10}{'GFLOP/s':>9}{'MFU':>12}{'RSS GB':>11}"
+          f"{'compile s':>10}{'x HF':>17}{'tok/CPU-s':>11}{'x HF':>17}"
+          "  loss check")
     for label in dict.fromkeys(r["label"] for r in rows):
       mine = [r for r in rows if r["label"] == label]
-      s = [(r["rep"], _summary(r, batch * seq, peak)) for r in mine]
-      ratio = [x["tok_s"] / hf[rep]["tok_s"] for rep, x in s if rep in hf]
-      cpu_ratio = [x["tok_cpu_s"] / hf[rep]["tok_cpu_s"] for rep, x in s
-                   if rep in hf and x["tok_cpu_s"] and hf[rep]["tok_cpu_s"]]
+      s = [_summary(r, batch * seq, peak) for r in mine]
+      col = lambda k, f="{:.0f}": _range([x[k] for x in s], f)
+      cells = []
+      for key in ("times", "cpu_times"):
+        ratio = [q for r in mine for q in _ratios(r, hf.get(r["rep"]), key)]
+        cells.append(f"{_range(ratio, '{:.2f}')} "
+                     f"[{statistics.median(ratio):.2f}]" if ratio and
+                     label != "hf" else "")
       check = ""
-      if label != "hf" and not mine[0]["packed"] and hf:
-        diff = max(abs(x["first_loss"] - hf[rep]["first_loss"])
-                   for rep, x in s if rep in hf)
-        check = (f"|dloss| {diff:.1e} "
-                 + ("ok" if diff <= LOSS_TOLERANCE else "MISMATCH"))
-      col = lambda k, f="{:.0f}": _range([x[k] for _, x in s], f)
-      print(f"{label:<20}{col('tok_s'):>10}{col('gflop_s', '{:.1f}'):>10}"
+      if label != "hf" and not mine[0]["packed"]:
+        diffs = [abs(r["losses"][0] - hf[r["rep"]]["losses"][0])
+                 for r in mine if r["rep"] in hf]
+        if diffs:
+          check = (f"|dloss| {max(diffs):.1e} "
+                   + ("ok" if max(diffs) <= LOSS_TOLERANCE else "MISMATCH"))
+      print(f"{label:<16}{col('tok_s'):>10}{col('gflop_s', '{:.1f}'):>9}"
             f"{col('mfu', '{:.1%}'):>12}{col('rss_gb', '{:.2f}'):>11}"
-            f"{col('compile_s', '{:.1f}'):>11}"
-            f"{_range(ratio, '{:.2f}'):>11}{col('tok_cpu_s'):>11}"
-            f"{_range(cpu_ratio, '{:.2f}'):>11}  {check}")
+            f"{col('compile_s', '{:.1f}'):>10}{cells[0]:>17}"
+            f"{col('tok_cpu_s'):>11}{cells[1]:>17}  {check}")
 
 
 if __name__ == "__main__":

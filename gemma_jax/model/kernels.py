@@ -204,64 +204,69 @@ def cross_entropy(hidden, table, targets, cap: float | None, chunk: int):
   """(ce, lse), float32 [B, T], of logits = cap(hidden @ table^T).
 
   hidden: [B, T, D]; table: [V, D] (the tied embedding's real rows);
-  targets: int32 [B, T]. ce = lse - logits[target]. Logits are computed
-  `chunk` tokens at a time and never stored.
+  targets: int32 [B, T]. ce = lse - logits[target]. Logits are computed for
+  about `chunk` tokens at a time (all rows, a slice of T, so a batch-sharded
+  hidden stays sharded) and never stored.
   """
   return _ce_fwd(hidden, table, targets, cap, chunk)[0]
 
 
-def _chunked(x, chunk):
-  """[B, T, ...] -> [C, chunk, ...] (tokens flattened)."""
-  flat = x.reshape((-1,) + x.shape[2:])
-  return flat.reshape((flat.shape[0] // chunk, chunk) + x.shape[2:])
+def _time_chunks(x, chunk):
+  """[B, T, ...] -> [T / c, B, c, ...], c dividing T with B * c ~ chunk."""
+  b, t = x.shape[:2]
+  c = math.gcd(t, max(1, chunk // b))
+  return x.reshape((b, t // c, c) + x.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(x):
+  """[T / c, B, c] -> [B, T]."""
+  return x.swapaxes(0, 1).reshape(x.shape[1], -1)
 
 
 def _logits(h, table, cap):
-  z = jnp.einsum("TD,VD->TV", h, table, preferred_element_type=jnp.float32)
+  z = jnp.einsum("BTD,VD->BTV", h, table, preferred_element_type=jnp.float32)
   return softcap(z, cap) if cap else z
 
 
 def _ce_fwd(hidden, table, targets, cap, chunk):
-  b, t = targets.shape
-  chunk = math.gcd(chunk, b * t)
-
   def one(_, xs):
     h, tgt = xs
     logits = _logits(h, table, cap)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
+    picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
     return None, (lse - picked, lse)
 
-  _, (ce, lse) = jax.lax.scan(one, None, (_chunked(hidden, chunk),
-                                          _chunked(targets, chunk)))
-  out = (ce.reshape(b, t), lse.reshape(b, t))
-  return out, (hidden, table, targets, out[1])
+  _, (ce, lse) = jax.lax.scan(one, None, (_time_chunks(hidden, chunk),
+                                          _time_chunks(targets, chunk)))
+  lse = _unchunk(lse)
+  return (_unchunk(ce), lse), (hidden, table, targets, lse)
 
 
 def _ce_bwd(cap, chunk, res, g):
   hidden, table, targets, lse = res
   g_ce, g_lse = g
-  b, t = targets.shape
-  chunk = math.gcd(chunk, b * t)
 
   def one(d_table, xs):
     h, tgt, l, gc, gl = xs
     logits = _logits(h, table, cap)
-    p = jnp.exp(logits - l[:, None])
+    p = jnp.exp(logits - l[..., None])
     # d/dlogits of gc * (lse - logit[tgt]) + gl * lse.
-    d = (gc + gl)[:, None] * p
-    d = d - gc[:, None] * jax.nn.one_hot(tgt, d.shape[-1], dtype=d.dtype)
+    d = (gc + gl)[..., None] * p
+    d = d - gc[..., None] * jax.nn.one_hot(tgt, d.shape[-1], dtype=d.dtype)
     if cap:
       d = d * (1 - jnp.square(logits / cap))
-    dh = jnp.einsum("TV,VD->TD", d, table.astype(jnp.float32))
-    d_table = d_table + jnp.einsum("TV,TD->VD", d, h.astype(jnp.float32))
+    dh = jnp.einsum("BTV,VD->BTD", d, table.astype(jnp.float32))
+    # h^T d rather than d^T h: the transposed copy is of h, not of d.
+    d_table = d_table + jnp.einsum("BTD,BTV->DV", h.astype(jnp.float32),
+                                   d).T
     return d_table, dh
 
   d_table, dh = jax.lax.scan(
       one, jnp.zeros(table.shape, jnp.float32),
-      tuple(_chunked(x, chunk) for x in (hidden, targets, lse, g_ce, g_lse)))
-  return (dh.reshape(hidden.shape).astype(hidden.dtype),
-          d_table.astype(table.dtype), None)
+      tuple(_time_chunks(x, chunk)
+            for x in (hidden, targets, lse, g_ce, g_lse)))
+  dh = dh.swapaxes(0, 1).reshape(hidden.shape)
+  return dh.astype(hidden.dtype), d_table.astype(table.dtype), None
 
 
 cross_entropy.defvjp(_ce_fwd, _ce_bwd)
@@ -293,10 +298,14 @@ def _geglu_bwd(res, dy):
   gate, up = h[..., 0, :], h[..., 1, :]
   gelu, slope = _gelu_and_slope(gate)
   d_act = jnp.einsum("BTD,FD->BTF", dy, w_down)
-  d_down = jnp.einsum("BTF,BTD->FD", gelu * up, dy)
   dh = jnp.stack([d_act * up * slope, d_act * gelu], axis=-2)   # [B,T,2,F]
   dx = jnp.einsum("BTCF,CDF->BTD", dh, w_gate_up)
-  d_gate_up = jnp.einsum("BTD,BTCF->CDF", x, dh)
+  # Weight gradients contract over tokens. Written as (small^T @ big) with
+  # the small [B, T, D] operand first, the transposed copy XLA makes for
+  # the matmul is of x or dy, not of a [B, T, F] tensor (on a CPU, a
+  # transposed copy of the recomputed gelu * up cost more than the matmul).
+  d_down = jnp.einsum("BTD,BTF->DF", dy, gelu * up).T
+  d_gate_up = jnp.einsum("BTD,BTCF->DCF", x, dh).transpose(1, 0, 2)
   return dx, d_gate_up.astype(w_gate_up.dtype), d_down.astype(w_down.dtype)
 
 

@@ -112,8 +112,11 @@ def _axes(mesh, names):
 
 
 def _interpret(mesh) -> bool:
-  devices = (mesh.devices.flat if mesh is not None else jax.devices())
-  return next(iter(devices)).platform != "tpu"
+  """Whether the devices are not TPUs (then Pallas interprets the kernel)."""
+  if mesh is None:
+    return jax.default_backend() != "tpu"
+  abstract = getattr(mesh, "abstract_mesh", mesh)
+  return abstract.abstract_device.platform != "tpu"
 
 
 def splash_attention(query, key, value, segment_ids, window_index,
@@ -129,8 +132,9 @@ def splash_attention(query, key, value, segment_ids, window_index,
     window_index: int scalar (may be traced): the layer's entry in `windows`.
     windows: static tuple of the model's distinct windows (0 = global).
     softcap: attention logit soft-cap (`cap * tanh(s / cap)`) or None.
-    mesh: shard over its ('data', 'fsdp') and 'tensor' axes; None: one
-      device (or already inside shard_map).
+    mesh: a Mesh or AbstractMesh (e.g. jax.sharding.get_abstract_mesh()
+      under jax.set_mesh) to shard over its ('data', 'fsdp') and 'tensor'
+      axes; None or an empty mesh: one device (or already in shard_map).
     interpret: run the Pallas interpreter; default: unless on TPU.
   Returns:
     [B, T, N, H] in query's dtype.
@@ -140,6 +144,8 @@ def splash_attention(query, key, value, segment_ids, window_index,
   if n % k_heads:
     raise ConfigError(f"splash attention: {n} query heads are not a multiple "
                       f"of {k_heads} kv heads")
+  if mesh is not None and mesh.empty:
+    mesh = None
   if interpret is None:
     interpret = _interpret(mesh)
   run = functools.partial(_local_attention, windows=tuple(windows),

@@ -117,6 +117,19 @@ def test_sharded_over_batch_and_heads(shape, heads, kv_heads):
   check_against_reference(attend, q, k, v, seg)
 
 
+def test_takes_the_abstract_mesh_of_the_context():
+  # How the model calls it: under jax.set_mesh, with no Mesh object at hand.
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2),
+              ("data", "fsdp", "tensor"))
+  q, k, v, seg = inputs(4, 2, 2, seed=3)
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda *a: splash.splash_attention(
+        *a, windows=WINDOWS, softcap=CAP,
+        mesh=jax.sharding.get_abstract_mesh()))(q, k, v, seg, 0)
+  np.testing.assert_allclose(out, reference(q, k, v, seg, WINDOWS[0], CAP),
+                             atol=TOL * float(jnp.max(jnp.abs(out))), rtol=0)
+
+
 def test_sequence_must_be_a_multiple_of_128():
   q = jnp.zeros((1, 200, 2, 8))
   with pytest.raises(ConfigError, match="data.seq_len=200"):
