@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+(?:\{[^}]*\})?) "
                     r"([\w\-]+)\(")
-_CONTAINERS = {"while", "conditional", "call"}
+_CONTAINERS = {"while", "conditional", "call", "cond"}
 
 
 def parse_hlo(text: str):
