@@ -11,12 +11,14 @@ and exit status 2 for a config or usage error, 1 for anything else. `--debug`
 """
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 
-COMMANDS = ("train", "eval", "plot", "compile", "convert", "score", "sample",
-            "tokenizer", "data")
+COMMANDS = ("train", "eval", "report", "plot", "compile", "convert", "score",
+            "sample", "tokenizer", "data", "fisher", "merge", "distill",
+            "launch")
 
 
 def _module(name):
@@ -45,12 +47,23 @@ def _parser(argv) -> argparse.ArgumentParser:
   return parser
 
 
+_OS_HINTS = {
+    errno.EISDIR: " (a directory where a file was expected)",
+    errno.ENOTDIR: " (a file where a directory was expected)",
+    errno.ENOSPC: " (free some space and rerun; completed checkpoints and "
+                  "exports are kept whole)",
+    errno.EACCES: " (check the permissions, or choose another path)",
+    errno.EROFS: " (choose a writable path)",
+}
+
+
 def one_line(error: BaseException) -> str:
   """The error as one line: the first line of its message, with the file
   an OSError is about."""
   if isinstance(error, OSError) and error.strerror:
     where = f"{error.filename}: " if error.filename else ""
-    return f"{where}{error.strerror}"
+    hint = _OS_HINTS.get(error.errno, "")
+    return f"{where}{error.strerror}{hint}"
   text = str(error).strip().splitlines()
   return text[0] if text else type(error).__name__
 
@@ -61,6 +74,11 @@ def main(argv=None) -> int:
   debug = "--debug" in argv or os.environ.get("GEMMA_JAX_DEBUG") == "1"
   argv = [a for a in argv if a != "--debug"]
   args = _parser(argv).parse_args(argv)
+  if not debug:
+    # Libraries' own warnings (orbax's absl logging) would bury the one
+    # line a failure prints; --debug shows them.
+    import logging
+    logging.getLogger("absl").setLevel(logging.ERROR)
   from gemma_jax.errors import GemmaJaxError
   try:
     return _module(args.command).main(args) or 0

@@ -8,6 +8,9 @@ dict with `key.sub=value` strings from the command line before it is built.
 """
 
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -15,6 +18,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from gemma_jax.errors import ConfigError
+
+# A YAML 1.2 number that PyYAML (YAML 1.1) leaves as a string, e.g. 1e-3.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp) -> str:
@@ -73,8 +79,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     return {_convert(k, kt, f"{path}"): _convert(v, vt, f"{path}.{k}")
             for k, v in value.items()}
   if tp is float:
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+      value = float(value)   # PyYAML reads `1e-3` (no dot) as a string
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+      raise ConfigError(f"{path}: must be a finite number, got {value!r}")
     return float(value)
   if tp is int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -92,10 +102,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
 
 
 def from_dict(cls, data: dict, path: str = ""):
-  """Builds dataclass `cls` from a nested dict; unknown keys are errors."""
+  """Builds dataclass `cls` from a nested dict; unknown keys are errors, and
+  so are keys a config class lists in its `REMOVED_KEYS` {key: reason}."""
   hints = typing.get_type_hints(cls)
   fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
   prefix = f"{path}." if path else ""
+  removed = getattr(cls, "REMOVED_KEYS", {})
+  for key in sorted(set(data) & set(removed)):
+    raise ConfigError(f"{prefix}{key} was removed: {removed[key]}")
   unknown = sorted(set(data) - set(fields))
   if unknown:
     raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; valid keys under "
@@ -156,16 +170,41 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
   return data
 
 
-def load_yaml(path) -> dict:
+def _read_yaml(path):
   try:
-    with open(path) as f:
-      data = yaml.safe_load(f)
+    with open(os.path.expanduser(os.fspath(path)), encoding="utf-8") as f:
+      return yaml.safe_load(f)
   except FileNotFoundError:
     raise ConfigError(f"config file not found: {path}") from None
+  except IsADirectoryError:
+    raise ConfigError(f"config file {path} is a directory; give the path "
+                      f"of a YAML file") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"config file {path} is not UTF-8 text (byte "
+                      f"{e.start}); give the path of a YAML file") from None
+  except OSError as e:
+    raise ConfigError(f"config file {path}: cannot read it "
+                      f"({e.strerror or e})") from None
   except yaml.YAMLError as e:
-    raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    # PyYAML's message spans lines (the offending line and a caret).
+    first = str(e).strip().splitlines()
+    raise ConfigError(f"config file {path} is not valid YAML: "
+                      f"{' '.join(x.strip() for x in first)}") from None
+
+
+def load_yaml(path) -> dict:
+  """A YAML file whose top level is a mapping ({} when empty)."""
+  data = _read_yaml(path)
   if data is None:
     return {}
   if not isinstance(data, dict):
     raise ConfigError(f"config file {path}: top level must be a mapping")
+  return data
+
+
+def load_yaml_list(path) -> list:
+  """A YAML file whose top level is a list."""
+  data = _read_yaml(path)
+  if not isinstance(data, list):
+    raise ConfigError(f"{path}: top level must be a list")
   return data

@@ -100,3 +100,25 @@ def replace_directory(new: epath.Path, path: epath.Path) -> None:
     path.rename(old)
   epath.Path(new).rename(path)
   _remove(old)
+
+
+def check_writable_directory(path, what: str) -> None:
+  """Creates directory `path` if needed and proves it writable by creating
+  and removing a probe file; ConfigError naming `what` and `path` if not.
+
+  Permission bits alone do not tell (root ignores them; a read-only mount
+  or a full disk does not show in them), so the probe writes for real.
+  """
+  path = epath.Path(path)
+  probe = path / f".write-probe-{os.getpid()}"
+  try:
+    if path.exists() and not path.is_dir():
+      raise ConfigError(f"{what} {path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    reason = e.strerror or str(e)
+    raise ConfigError(f"{what} {path} is not writable ({reason}); fix its "
+                      f"permissions or free space, or choose another "
+                      f"--workdir") from None

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import ConfigError, DataError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
@@ -49,7 +49,7 @@ class Tokenizer:
                bos=self._sp.bos_id(), unk=self._sp.unk_id())
     want = dict(pad=PAD_ID, eos=EOS_ID, bos=BOS_ID, unk=UNK_ID)
     if ids != want:
-      raise ConfigError(
+      raise DataError(
           f"tokenizer {path or '<bytes>'}: special ids {ids} differ from "
           f"Gemma's {want}")
 
@@ -60,11 +60,11 @@ class Tokenizer:
       with open(path, "rb") as f:
         proto = f.read()
     except FileNotFoundError:
-      raise ConfigError(f"tokenizer file not found: {path}") from None
+      raise DataError(f"tokenizer file not found: {path}") from None
     try:
       return cls(proto, path)
     except RuntimeError as e:
-      raise ConfigError(f"tokenizer {path} is not a SentencePiece model: "
+      raise DataError(f"tokenizer {path} is not a SentencePiece model: "
                         f"{str(e).splitlines()[0]}") from None
 
   def check_vocab(self, vocab_size: int) -> None:
@@ -93,6 +93,7 @@ class Tokenizer:
     return self._sp.id_to_piece(int(i))
 
   def serialized(self) -> bytes:
+    """The model file's bytes (what an HF export writes as tokenizer.model)."""
     return self._proto
 
   def __getstate__(self):
@@ -115,7 +116,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str,
                       f"+ specials + merges), got {vocab_size}")
   sentences = _sentences(texts, max_sentence_length)
   if not sentences:
-    raise ConfigError("tokenizer training input is empty")
+    raise DataError("tokenizer training input is empty")
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -125,7 +126,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str,
         hard_vocab_limit=True, character_coverage=1.0, num_threads=2,
         minloglevel=2, **GEMMA_TRAINER_OPTIONS)
   except RuntimeError as e:
-    raise ConfigError(f"tokenizer training failed: "
+    raise DataError(f"tokenizer training failed: "
                       f"{str(e).splitlines()[0]}") from None
   out_path = os.path.expanduser(str(out_path))
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

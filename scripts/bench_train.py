@@ -63,10 +63,10 @@ def synthetic_batch(rng, batch: int, seq_len: int, vocab: int) -> dict:
 
 
 def main(argv=None):
-  from gemma_jax.config import load_config
-  from gemma_jax.sharding.mesh import make_mesh
-  from gemma_jax.train import flops, metrics, step as step_lib
-  from gemma_jax.train.trainer import initialize_distributed
+  from gemma_jax import hardware
+  from gemma_jax.train import flops, metrics
+  from gemma_jax.train.config import load_config
+  from gemma_jax.train.program import TrainProgram
 
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="tiny-gemma2", help="model preset")
@@ -79,7 +79,8 @@ def main(argv=None):
   p.add_argument("--json", action="store_true", help="print one JSON line")
   args = p.parse_args(argv)
 
-  initialize_distributed()
+  from gemma_jax import distributed
+  distributed.initialize_distributed()
   cfg = load_config(None, [f"model.preset={args.model}",
                            f"train.batch_size={args.batch}",
                            f"data.seq_len={args.seq_len}",
@@ -92,14 +93,12 @@ def main(argv=None):
 
   # Time to the first step: init on devices + compile + one step.
   t0 = time.perf_counter()
-  mesh = make_mesh(cfg.mesh)
-  sharding = step_lib.batch_sharding(cfg, mesh)
-  put = lambda b: step_lib.device_batch(b, sharding)
-  state = step_lib.init_train_state(cfg, mesh, 0)
+  program = TrainProgram(cfg)
+  put = program.put
+  state = program.init_state(seed=0)
   jax.block_until_ready(state)
   t_init = time.perf_counter() - t0
-  step = step_lib.make_train_step(cfg, mesh, 1)
-  compiled = step.lower(state, put(batches[0])).compile()
+  compiled = program.compile_train_step()
   t_compile = time.perf_counter() - t0 - t_init
   state, m = compiled(state, put(batches[0]))
   float(m["loss"])
@@ -119,7 +118,7 @@ def main(argv=None):
   tokens_per_sec = args.batch * args.seq_len * args.steps / elapsed
   fpt = flops.model_flops_per_token(cfg.model, args.seq_len)
   peak, peak_dtype = measured_matmul_peak(jax.local_devices()[0])
-  table = metrics.peak_flops_per_device()
+  table = hardware.peak_flops_per_device(jax.devices()[0])
   result = {
       "device": jax.devices()[0].device_kind, "devices": n_dev,
       "model": args.model, "params": cfg.model.param_count(),

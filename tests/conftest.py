@@ -24,6 +24,35 @@ import pytest  # noqa: E402
 PARITY_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "parity"
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+  """The tiny trainer runs' tokenizer (gemma_jax.train.testing texts)."""
+  from gemma_jax.tokenizer import train_tokenizer
+  from gemma_jax.train.testing import texts
+  path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+  train_tokenizer(texts(0, 300, "prose") + texts(1, 300, "code"),
+                  vocab_size=400, out_path=str(path))
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+  """A persistent XLA cache shared by this area's runs and subprocesses:
+  identical programs compile once per session."""
+  import jax
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  old = {k: jax.config.values[k] for k in (
+      "jax_compilation_cache_dir",
+      "jax_persistent_cache_min_compile_time_secs",
+      "jax_persistent_cache_min_entry_size_bytes")}
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield path
+  for k, v in old.items():
+    jax.config.update(k, v)
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
   """Writes a Hugging Face directory from a committed parity fixture."""

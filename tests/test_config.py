@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from gemma_jax.config import config_from_dict, load_config, to_dict
+from gemma_jax.train.config import config_from_dict, load_config, to_dict
 from gemma_jax.errors import ConfigError
 
 
@@ -47,7 +47,7 @@ def test_an_integer_is_accepted_where_a_float_is_expected():
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.steps=20"], "missing required key 'model'"),
-    (["model=tiny-gemma", "trian.steps=3"], "unknown key 'trian'; valid keys under '<top>': checkpoint, data"),
+    (["model=tiny-gemma", "trian.steps=3"], "unknown key 'trian'; valid keys under '<top>': checkpoint, continual, data"),
     (["model=tiny-gemma", "train.steps=many"], "train.steps: expected an integer, got 'many'"),
     (["model=tiny-gemma", "train.steps=true"], "train.steps: expected an integer, got True"),
     (["model=tiny-gemma", "optimizer.schedule=cosin"], "optimizer.schedule: 'cosin' is not a valid choice; valid choices: 'cosine', 'wsd'"),

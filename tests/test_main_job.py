@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from gemma_jax.config import load_config
+from gemma_jax.train.config import load_config
 from gemma_jax.data import corpus
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")

@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 
 from gemma_jax import cli
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.data import testing
 from gemma_jax.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer,
                                  train_tokenizer)
@@ -58,15 +58,15 @@ def test_wrong_special_ids_are_refused(tmp_path):
       vocab_size=400, model_type="bpe", byte_fallback=True, minloglevel=2)
   path = tmp_path / "default_ids.model"
   path.write_bytes(model.getvalue())
-  with pytest.raises(ConfigError, match="special ids"):
+  with pytest.raises(DataError, match="special ids"):
     Tokenizer.load(path)
 
 
 def test_missing_or_broken_file_is_a_clear_error(tmp_path):
-  with pytest.raises(ConfigError, match="not found"):
+  with pytest.raises(DataError, match="not found"):
     Tokenizer.load(tmp_path / "nope.model")
   (tmp_path / "bad.model").write_bytes(b"not a proto")
-  with pytest.raises(ConfigError, match="not a SentencePiece model"):
+  with pytest.raises(DataError, match="not a SentencePiece model"):
     Tokenizer.load(tmp_path / "bad.model")
 
 
@@ -78,5 +78,6 @@ def test_cli_train_writes_a_gemma_style_model(tmp_path, capsys):
                    "--vocab-size", "400", "--out", str(out)]) == 0
   tok = Tokenizer.load(out)
   assert tok.vocab_size == 400 and tok.fingerprint in capsys.readouterr().out
+  # No input file: a data error (exit 1), one line.
   assert cli.main(["tokenizer", "train", "--input", str(tmp_path / "*.none"),
-                   "--vocab-size", "400", "--out", str(out)]) == 2
+                   "--vocab-size", "400", "--out", str(out)]) == 1

@@ -3,11 +3,20 @@
 A directory holds `config.json` and either `model.safetensors` or shards
 listed in `model.safetensors.index.json`. HF Linear weights are [out, in]
 with head-major rows; the native tree is described in `layout`. Loading fills
-the stacked [L, ...] arrays one HF tensor at a time and exporting streams one
-tensor at a time, so neither direction holds two copies of the model.
+the stacked [L, ...] arrays one HF tensor at a time (on the host, or straight
+into their device shards) and exporting streams one tensor at a time, so
+neither direction holds two copies of the model.
 
     params, cfg = hf.load("gemma-2-2b/")            # numpy arrays
+    params, cfg = hf.load("gemma-2-2b/", cfg, shardings=param_shardings)
     hf.save("out/", params, cfg, max_shard_bytes=2**30)
+    hf.save("out/", params, cfg, tokenizer=Tokenizer.load("tokenizer.model"))
+
+With a tokenizer, the directory also holds `tokenizer.model` and the
+`tokenizer_config.json` / `special_tokens_map.json` that transformers'
+AutoTokenizer reads (GemmaTokenizer: bos added, eos not), so the export runs
+unchanged under tools that load a model by directory, such as
+lm-evaluation-harness's `hf` model.
 """
 
 import functools
@@ -19,15 +28,22 @@ import numpy as np
 from flax.linen import meta
 
 from gemma_jax import fileio
-from gemma_jax.checkpoint import hf_config, layout, safetensors_io
+from gemma_jax.checkpoint import hf_config, layout, placement
+from gemma_jax.checkpoint import safetensors_io
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
+from gemma_jax.tokenizer import Tokenizer
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TIED_HEAD = "lm_head.weight"
 DEFAULT_SHARD_BYTES = 5 * 2**30
+TOKENIZER_MODEL = "tokenizer.model"
+# Gemma's special pieces and ids (pad 0, eos 1, bos 2, unk 3), as in the
+# official releases' special_tokens_map.json.
+SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>",
+                  "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
 class Entry(NamedTuple):
@@ -124,13 +140,16 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
 
 
 def load(directory, model_cfg: ModelConfig | None = None, dtype=None,
-         model_name: str = "the given model config"
+         model_name: str = "the given model config", shardings=None
          ) -> tuple[dict, ModelConfig]:
-  """Reads an HF directory into a native params tree of numpy arrays.
+  """Reads an HF directory into a native params tree.
 
   model_cfg: the config to load into (e.g. a preset with a 256128-row
     embedding); it must agree with config.json. Default: from config.json.
   dtype: dtype of the params; default that of the stored tensors.
+  shardings: None -> numpy arrays; a params-shaped tree of NamedShardings ->
+    jax.Arrays, each tensor placed into its shards as it is read
+    (gemma_jax.checkpoint.placement).
   """
   directory = Path(directory)
   cfg = load_config(directory, model_cfg, model_name)
@@ -142,18 +161,16 @@ def load(directory, model_cfg: ModelConfig | None = None, dtype=None,
   entries = {e.hf_name: e for e in tensor_map(cfg)}
   layout.check_shapes(found, {n: e.hf_shape for n, e in entries.items()},
                       str(directory))
-  shapes = layout.param_shapes(cfg)
-  flat: dict[str, np.ndarray] = {}
+  # Leaves start as zeros: padding rows of the embedding stay 0.
+  out = placement.target(layout.param_shapes(cfg), shardings, dtype)
   by_file: dict[Path, list[str]] = {}
   for name in entries:
     by_file.setdefault(files[name], []).append(name)
   for file, names in by_file.items():
     for name, x in safetensors_io.read(file, names):
       e = entries[name]
-      if e.path not in flat:   # zeros: padding rows of the embedding stay 0
-        flat[e.path] = np.zeros(shapes[e.path], dtype or x.dtype)
-      flat[e.path][e.index] = e.to_native(x)
-  return layout.unflatten(flat), cfg
+      out.set(e.path, e.index, e.to_native(x))
+  return out.tree(), cfg
 
 
 def _shards(tensors, max_bytes):
@@ -167,13 +184,35 @@ def _shards(tensors, max_bytes):
   return shards
 
 
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
+  """{file name: contents} of a transformers GemmaTokenizer directory.
+
+  The settings are those of the official Gemma releases' tokenizer_config:
+  a bos is prepended on encode (add_bos_token), no eos appended, and decode
+  does not rewrite spaces (clean_up_tokenization_spaces false).
+  """
+  config = {"add_bos_token": True, "add_eos_token": False, **SPECIAL_TOKENS,
+            "clean_up_tokenization_spaces": False,
+            "spaces_between_special_tokens": False, "sp_model_kwargs": {},
+            "tokenizer_class": "GemmaTokenizer"}
+  def text(d):
+    return (json.dumps(d, indent=2) + "\n").encode()
+  return {TOKENIZER_MODEL: tokenizer.serialized(),
+          "tokenizer_config.json": text(config),
+          "special_tokens_map.json": text(SPECIAL_TOKENS)}
+
+
 def save(directory, params, cfg: ModelConfig, *, dtype=None,
-         max_shard_bytes: int = DEFAULT_SHARD_BYTES, force=False) -> None:
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, force=False,
+         tokenizer: Tokenizer | None = None) -> None:
   """Writes an HF directory (config.json + safetensors) from native params.
 
-  Shards (with an index) when the weights exceed `max_shard_bytes`. Atomic:
+  Shards (with an index) when the weights exceed `max_shard_bytes`. With a
+  `tokenizer` (checked against cfg.vocab_size first), its files too. Atomic:
   `directory` appears only once complete.
   """
+  if tokenizer is not None:
+    tokenizer.check_vocab(cfg.vocab_size)
   directory = Path(directory)
   flat = dict(layout.flatten(meta.unbox(params)))
   layout.check_shapes({p: tuple(np.shape(x)) for p, x in flat.items()},
@@ -199,4 +238,7 @@ def save(directory, params, cfg: ModelConfig, *, dtype=None,
       index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
                "weight_map": weight_map}
       (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+      for name, data in tokenizer_files(tokenizer).items():
+        (tmp / name).write_bytes(data)
 

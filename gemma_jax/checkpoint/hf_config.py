@@ -17,7 +17,7 @@ _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 def _get(hf: dict, key: str, source: str, default=None):
   value = hf.get(key, default)
   if value is None and default is None:
-    raise ConfigError(f"{source}: missing field '{key}'")
+    raise CheckpointError(f"{source}: missing field '{key}'")
   return value
 
 
@@ -28,12 +28,12 @@ def _rope_theta(hf: dict, source: str) -> float:
     thetas = {v.get("rope_theta") for v in params.values()}
     params = dict(next(iter(params.values())), rope_theta=None)
     if len(thetas) != 1:
-      raise ConfigError(f"{source}: rope_parameters has different rope_theta "
+      raise CheckpointError(f"{source}: rope_parameters has different rope_theta "
                         f"per layer type {sorted(thetas)}; Gemma 1/2 use one")
     params["rope_theta"] = thetas.pop()
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type != "default":
-    raise ConfigError(f"{source}: rope type {rope_type!r} is not supported "
+    raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported "
                       "(Gemma 1/2 use plain RoPE)")
   return float(params.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
 
@@ -43,7 +43,7 @@ def _activation(hf: dict, model_type: str, source: str) -> None:
   if act == "gelu" and model_type == "gemma":
     return
   if act not in _TANH_GELU:
-    raise ConfigError(f"{source}: hidden_activation {act!r} is not supported;"
+    raise CheckpointError(f"{source}: hidden_activation {act!r} is not supported;"
                       f" Gemma uses the tanh GELU ({', '.join(_TANH_GELU)})")
 
 
@@ -53,7 +53,7 @@ def _pattern(layer_types: list[str], source: str) -> tuple[str, ...]:
   try:
     kinds = [names[t] for t in layer_types]
   except KeyError as e:
-    raise ConfigError(f"{source}: unknown layer type {e.args[0]!r} in "
+    raise CheckpointError(f"{source}: unknown layer type {e.args[0]!r} in "
                       f"layer_types; valid: {', '.join(names)}") from None
   for period in range(1, len(kinds) + 1):
     if all(k == kinds[i % period] for i, k in enumerate(kinds)):
@@ -65,15 +65,15 @@ def from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
   """ModelConfig for an HF Gemma / Gemma 2 config dict."""
   model_type = hf.get("model_type")
   if model_type not in ("gemma", "gemma2"):
-    raise ConfigError(f"{source}: model_type {model_type!r} is not supported;"
+    raise CheckpointError(f"{source}: model_type {model_type!r} is not supported;"
                       " expected 'gemma' or 'gemma2'")
   if hf.get("tie_word_embeddings", True) is False:
-    raise ConfigError(f"{source}: tie_word_embeddings is false; Gemma ties "
+    raise CheckpointError(f"{source}: tie_word_embeddings is false; Gemma ties "
                       "the output projection to the embedding")
   if hf.get("attention_bias"):
-    raise ConfigError(f"{source}: attention_bias is true; Gemma has no biases")
+    raise CheckpointError(f"{source}: attention_bias is true; Gemma has no biases")
   if hf.get("use_bidirectional_attention"):
-    raise ConfigError(f"{source}: use_bidirectional_attention is not supported")
+    raise CheckpointError(f"{source}: use_bidirectional_attention is not supported")
   _activation(hf, model_type, source)
   heads = _get(hf, "num_attention_heads", source)
   d_model = _get(hf, "hidden_size", source)
@@ -91,7 +91,7 @@ def from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
         "sliding_attention" if i % 2 == 0 else "full_attention"
         for i in range(num_layers)]
     if len(layer_types) != num_layers:
-      raise ConfigError(f"{source}: layer_types has {len(layer_types)} "
+      raise CheckpointError(f"{source}: layer_types has {len(layer_types)} "
                         f"entries but num_hidden_layers is {num_layers}")
     pattern = _pattern(layer_types, source)
     window = hf.get("sliding_window", hf.get("sliding_window_size", 4096))

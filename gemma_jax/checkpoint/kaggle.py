@@ -17,15 +17,16 @@ The file holds no config: the caller names it (a preset or a config file).
 Which gating layout a checkpoint has is read from its shape when D != F
 (always so for real models); `transposed_gating` states it explicitly, and
 must then agree with the shape. Layers are restored one at a time (orbax
-partial restore) into the stacked native arrays, so memory holds the output
-plus one layer.
+partial restore) into the stacked native arrays, on the host or straight into
+their device shards (gemma_jax.checkpoint.placement), so memory holds the
+output plus one layer.
 """
 
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gemma_jax.checkpoint import layout
+from gemma_jax.checkpoint import layout, placement
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 
@@ -125,8 +126,10 @@ def _open(ckptr, path, dtype):
 
 
 def load(directory, cfg: ModelConfig, *, transposed_gating: bool | None = None,
-         dtype=None) -> dict:
-  """Reads an official checkpoint into native params (numpy) for `cfg`."""
+         dtype=None, shardings=None) -> dict:
+  """Reads an official checkpoint into native params for `cfg`: numpy
+  arrays, or jax.Arrays placed by `shardings` (a params-shaped tree of
+  NamedShardings) as each layer is read."""
   path = epath.Path(directory)
   if not path.exists():
     raise CheckpointError(f"{directory}: no such checkpoint directory")
@@ -138,30 +141,32 @@ def load(directory, cfg: ModelConfig, *, transposed_gating: bool | None = None,
                         f"{directory} (model {cfg.name})")
     top = read(["transformer/embedder/input_embedding",
                 "transformer/final_norm/scale"])
-    emb = top["transformer/embedder/input_embedding"]
-    out = {"embedder/embedding": emb,
-           "final_norm/scale": top["transformer/final_norm/scale"]}
-    out.update({p: np.empty(s, dtype or emb.dtype)
-                for p, s in layout.param_shapes(cfg).items()
-                if p.startswith("layers/")})
+    emb = top.pop("transformer/embedder/input_embedding")
+    # Every leaf in the stored dtype unless `dtype` (the embedding's rules).
+    out = placement.target(layout.param_shapes(cfg), shardings,
+                           dtype or emb.dtype)
+    out.set("embedder/embedding", (), emb)
+    del emb
+    out.set("final_norm/scale", (), top["transformer/final_norm/scale"])
     for i in range(cfg.num_layers):
       keys = _layer_keys(cfg, i, fused, transposed)
       layer = {k.split("/", 2)[2]: v for k, v in read(list(keys)).items()}
       _fill_layer(out, i, layer, fused, transposed)
-  return layout.unflatten(out)
+  return out.tree()
 
 
 def _fill_layer(out, i, layer, fused, transposed):
-  """Writes one official layer (keys 'attn/q_einsum/w', ...) into `out`."""
+  """Writes one official layer (keys 'attn/q_einsum/w', ...) into the
+  target `out` (gemma_jax.checkpoint.placement)."""
   if fused:
     qkv = layer.pop("attn/qkv_einsum/w")
-    out["layers/attn/q_einsum/w"][i] = qkv[0]
-    out["layers/attn/kv_einsum/w"][i] = qkv[1:]
+    out.set("layers/attn/q_einsum/w", (i,), qkv[0])
+    out.set("layers/attn/kv_einsum/w", (i,), qkv[1:])
   else:
-    out["layers/attn/q_einsum/w"][i] = layer.pop("attn/q_einsum/w")
-    out["layers/attn/kv_einsum/w"][i] = layer.pop("attn/kv_einsum/w")
+    out.set("layers/attn/q_einsum/w", (i,), layer.pop("attn/q_einsum/w"))
+    out.set("layers/attn/kv_einsum/w", (i,), layer.pop("attn/kv_einsum/w"))
   gating = layer.pop("mlp/gating_einsum/w")
-  out["layers/mlp/gating_einsum/w"][i] = (gating.transpose(0, 2, 1)
-                                          if transposed else gating)
+  out.set("layers/mlp/gating_einsum/w", (i,),
+          gating.transpose(0, 2, 1) if transposed else gating)
   for key, value in layer.items():   # norms, attn_vec_einsum, linear
-    out[f"layers/{key}"][i] = value
+    out.set(f"layers/{key}", (i,), value)

@@ -24,6 +24,11 @@ from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 
 
+# The ModelConfig fields that decide the parameters' shapes.
+SHAPE_FIELDS = ("num_layers", "d_model", "mlp_dim", "num_heads", "num_kv_heads",
+                "head_dim", "vocab_size", "embed_rows", "sandwich_norms")
+
+
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Flat {path: shape} of every parameter of a model with config `cfg`."""
   L, D, F = cfg.num_layers, cfg.d_model, cfg.mlp_dim

@@ -61,10 +61,19 @@ def save(directory, params, model_cfg: ModelConfig, *, force=False) -> None:
 
 def load_config(directory) -> ModelConfig:
   path = epath.Path(directory) / CONFIG_FILE
+  if not epath.Path(directory).is_dir():
+    raise CheckpointError(f"{directory} is not a native gemma_jax "
+                          f"checkpoint (not a directory)")
   if not path.exists():
     raise CheckpointError(f"{directory} is not a native gemma_jax checkpoint "
                           f"(no {CONFIG_FILE})")
-  data = json.loads(path.read_text())
+  try:
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+      raise ValueError("not a JSON object")
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is damaged: not valid JSON ({e}); export "
+                          f"or convert the checkpoint again") from None
   if data.get("format") != FORMAT:
     raise CheckpointError(f"{path}: unknown format {data.get('format')!r}; "
                           f"expected {FORMAT!r}")
@@ -82,6 +91,50 @@ def load(directory, shardings=None, dtype=None) -> tuple[dict, ModelConfig]:
   cfg = load_config(directory)
   # orbax finds no tree metadata under a relative path.
   path = epath.Path(directory).absolute() / PARAMS_DIR
+  _check_files(directory, path)
+  try:
+    return _load(path, cfg, shardings, dtype), cfg
+  except (CheckpointError, ConfigError):
+    raise
+  except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many)
+    raise CheckpointError(
+        f"{directory} is damaged: {_culprit(path, e)}: "
+        f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}; "
+        f"export or convert it again") from None
+
+
+def _culprit(path, error) -> str:
+  """The array an orbax/tensorstore error is about."""
+  import re
+  arrays = [p for p in re.findall(r"'path': '([^']+)'", str(error))
+            if not p.startswith("/")]
+  return f"array {arrays[-1].rstrip('/')}" if arrays else (
+      f"{PARAMS_DIR}/ (array data)")
+
+
+def _check_files(directory, path) -> None:
+  """The files orbax reads before any array: present and parseable."""
+  meta = path / "_METADATA"
+  try:
+    tree = json.loads(meta.read_text())
+    if not isinstance(tree, dict) or "tree_metadata" not in tree:
+      raise ValueError("no tree metadata")
+  except FileNotFoundError:
+    raise CheckpointError(f"{directory} is damaged: {PARAMS_DIR}/_METADATA "
+                          f"is missing; export or convert it again") from None
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{directory} is damaged: {PARAMS_DIR}/_METADATA "
+                          f"is not valid ({e}); export or convert it again"
+                          ) from None
+  manifest = path / "manifest.ocdbt"
+  if tree.get("use_ocdbt", True) and (not manifest.exists() or
+                                      not manifest.read_bytes()):
+    raise CheckpointError(f"{directory} is damaged: {PARAMS_DIR}/"
+                          f"manifest.ocdbt is missing or empty; export or "
+                          f"convert it again")
+
+
+def _load(path, cfg, shardings, dtype) -> dict:
   with ocp.PyTreeCheckpointer() as ckptr:
     tree_meta = ckptr.metadata(path).item_metadata.tree
     found = {p: tuple(m.shape) for p, m in layout.flatten(tree_meta)}
@@ -97,4 +150,4 @@ def load(directory, shardings=None, dtype=None) -> tuple[dict, ModelConfig]:
           tree_meta, meta.unbox(shardings))
     params = ckptr.restore(path, args=ocp.args.PyTreeRestore(
         restore_args=restore_args))
-  return params, cfg
+  return params

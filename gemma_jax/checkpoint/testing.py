@@ -15,7 +15,7 @@ def official_checkpoint(path, cfg: ModelConfig, transposed_gating: bool,
                         seed: int = 0) -> dict:
   """Saves random weights in the official Flax layout; returns the flat dict.
 
-  Keys as in REFERENCE.md section 3: qkv_einsum when kv heads == heads,
+  Keys as in docs/checkpoints.md: qkv_einsum when kv heads == heads,
   gating [2, F, D] when `transposed_gating`; padding embedding rows are 0.
   """
   rng = np.random.default_rng(seed)

@@ -13,7 +13,6 @@ the step does not fit in HBM.
 
 import json
 import os
-import sys
 
 HELP = "ahead-of-time compile the train step for a Cloud TPU topology"
 
@@ -48,7 +47,7 @@ def _print_table(r):
         f"{r['microbatches']} microbatch(es), remat {r['remat_policy']}")
   if not r["fits"] and "error" in r:
     print(f"DOES NOT FIT: the compiler ran out of HBM "
-          f"({_gib(r['hbm_bytes_per_device'])} per device):\n  {r['error']}")
+          f"({_gib(r['hbm_bytes_per_device'])} per device): {r['error']}")
     # Unsharded dimensions are the usual cause: show them.
     for line in r.get("unsharded", []):
       print(f"note: {line}")
@@ -78,17 +77,12 @@ def _print_table(r):
 def main(args) -> int:
   # AOT compiles for TPU; the host backend only needs to be CPU.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from gemma_jax.config import load_config
-  from gemma_jax.sharding import aot
-  from gemma_jax.sharding.mesh import make_mesh
-  from gemma_jax.train.step import param_specs
+  from gemma_jax.train import aot
+  from gemma_jax.train.config import load_config
 
   cfg = load_config(args.config, args.set)
   report = aot.compile_report(cfg, args.topology, args.slices, args.mfu,
                               scale_flops=not args.no_flop_scaling)
-  mesh = make_mesh(cfg.mesh, aot.topology_devices(args.topology, args.slices))
-  from gemma_jax.sharding.rules import unsharded_report
-  report["unsharded"] = unsharded_report(param_specs(cfg, mesh)[1])
   if args.json:
     print(json.dumps(report))
   else:

@@ -6,11 +6,18 @@
     gemma-jax convert --from kaggle --to native --model gemma2-9b 9b/ ckpt/9b
     # native -> Hugging Face (loads in transformers), sharded above 2 GB
     gemma-jax convert --from native --to hf --max-shard-size 2GB ckpt/9b hf-9b/
+    # ... with the tokenizer, so AutoTokenizer (and lm-eval's `hf`) load it
+    gemma-jax convert --from native --to hf --tokenizer tok.model ckpt/ hf/
 
 `--model` is a preset name or a YAML/JSON file with a model section (a
 preset plus overrides, or every field); with --from hf/native it must agree
 with the stored config and decides the output config (e.g. a preset's
 256128-row embedding, zero-padded).
+
+With --to hf, `--tokenizer PATH` writes that SentencePiece model and its
+transformers configs into DST. Without it, converting a run's params export
+(RUN/params) takes the tokenizer that RUN/config.yaml names in
+`data.tokenizer`, when that file exists.
 """
 
 import dataclasses
@@ -24,6 +31,7 @@ from gemma_jax import configlib
 from gemma_jax.checkpoint import hf, hf_config, kaggle, native
 from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import PRESETS, ModelConfig
+from gemma_jax.tokenizer import Tokenizer
 
 HELP = "convert checkpoints between Hugging Face, official Flax and native"
 
@@ -49,6 +57,9 @@ def add_arguments(parser):
                       help="HF output: shard above this size (e.g. 500MB)")
   parser.add_argument("--force", action="store_true",
                       help="replace DST if it exists")
+  parser.add_argument("--tokenizer", help="--to hf: SentencePiece model to "
+                      "write beside the weights (default: a run's "
+                      "data.tokenizer when SRC is RUN/params)")
 
 
 def parse_size(text: str) -> int:
@@ -62,7 +73,7 @@ def parse_size(text: str) -> int:
 
 def model_config(spec: str) -> ModelConfig:
   """A preset name, or a YAML/JSON file holding a model section."""
-  from gemma_jax.config import model_config_from_dict
+  from gemma_jax.train.config import model_config_from_dict
   if spec in PRESETS:
     return PRESETS[spec]
   if not pathlib.Path(spec).is_file():
@@ -94,17 +105,78 @@ def load(args, dtype):
   return params, stored
 
 
+def run_tokenizer(src) -> str | None:
+  """data.tokenizer of the run whose params export is `src`, if it exists."""
+  src = pathlib.Path(src)
+  config = src.parent / "config.yaml"
+  if src.name != "params" or not config.is_file():
+    return None
+  try:
+    data = configlib.load_yaml(str(config)).get("data")
+  except ConfigError:
+    return None
+  path = data.get("tokenizer") if isinstance(data, dict) else None
+  if not isinstance(path, str):
+    return None
+  path = pathlib.Path(path).expanduser()
+  return str(path) if path.is_file() else None
+
+
+def tokenizer_for(args):
+  """The Tokenizer to export with --to hf, or None."""
+  if args.tokenizer and args.dst_format != "hf":
+    raise ConfigError("--tokenizer goes with --to hf")
+  path = args.tokenizer
+  if path is None and args.dst_format == "hf" and args.src_format == "native":
+    path = run_tokenizer(args.src)
+  return None if path is None else Tokenizer.load(path)
+
+
+def read_source(args, dtype):
+  """`load`, with any library failure on a bad source (garbage or
+  truncated safetensors, a directory that is not an orbax checkpoint)
+  turned into one CheckpointError naming the source."""
+  from gemma_jax.errors import CheckpointError, GemmaJaxError
+  src = pathlib.Path(args.src)
+  if not src.exists():
+    raise CheckpointError(f"{args.src}: no such checkpoint directory")
+  if not src.is_dir():
+    raise CheckpointError(f"{args.src} is a file; --from {args.src_format} "
+                          f"takes a checkpoint directory")
+  try:
+    return load(args, dtype)
+  except GemmaJaxError:
+    raise
+  except OSError as e:
+    if e.errno is not None:   # a real OS error (disk, permissions)
+      raise
+    raise CheckpointError(f"{args.src} is not a readable {args.src_format} "
+                          f"checkpoint ({_first_line(e)}); check the path "
+                          f"and --from") from None
+  except Exception as e:  # noqa: BLE001  (safetensors/orbax raise many)
+    raise CheckpointError(
+        f"{args.src} is not a readable {args.src_format} checkpoint "
+        f"({type(e).__name__}: {_first_line(e)}); check the path and --from"
+    ) from None
+
+
+def _first_line(error) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def main(args) -> int:
   dtype = None if args.dtype == "keep" else jnp.dtype(args.dtype)
-  params, cfg = load(args, dtype)
+  tokenizer = tokenizer_for(args)
+  params, cfg = read_source(args, dtype)
   if dtype is not None:
     cfg = dataclasses.replace(cfg, param_dtype=args.dtype)
   if args.dst_format == "native":
     native.save(args.dst, params, cfg, force=args.force)
   else:
     hf.save(args.dst, params, cfg, max_shard_bytes=parse_size(
-        args.max_shard_size), force=args.force)
+        args.max_shard_size), force=args.force, tokenizer=tokenizer)
   summary = {"from": args.src_format, "to": args.dst_format, "dst": args.dst,
-             "model": cfg.name, "params": cfg.param_count()}
+             "model": cfg.name, "params": cfg.param_count(),
+             "tokenizer": tokenizer.path if tokenizer else None}
   print(json.dumps(summary))
   return 0

@@ -17,7 +17,21 @@ def add_arguments(parser):
   prep.add_argument("--eval-fraction", type=float, default=0.0,
                     help="hold out this share of documents as split 'eval'")
   prep.add_argument("--text-key", default="text")
-  prep.add_argument("--overwrite", action="store_true")
+  prep.add_argument("--overwrite", action="store_true",
+                    help="replace a dataset of this name made from other "
+                    "input")
+  prep.add_argument("--on-decode-error", default="error",
+                    choices=("error", "skip_document", "replace"),
+                    help="bytes that are not UTF-8: refuse the file "
+                    "(default), drop the document, or replace them")
+  prep.add_argument("--max-undecodable-fraction", type=float, default=0.0,
+                    help="with --on-decode-error error: refuse a file only "
+                    "above this share of undecodable bytes (default 0)")
+  prep.add_argument("--fix-mojibake", action="store_true",
+                    help="repair UTF-8 text once decoded as cp1252/Latin-1 "
+                    "(ftfy); counted in the metadata")
+  prep.add_argument("--normalize", choices=("NFC", "NFKC"), default=None,
+                    help="Unicode normalization; counted in the metadata")
   default = sub.add_parser("build-default", help="build the embedded default "
                            "corpus (stdlib prose and code, generated math) "
                            "and its tokenizer; cached")
@@ -39,18 +53,39 @@ def main(args) -> int:
 
 
 def _prepare(args) -> int:
+  import dataclasses
   from gemma_jax.data import prepare
-  from gemma_jax.data.sources import read_text_files
+  from gemma_jax.data.sources import DecodePolicy, read_text_files
   from gemma_jax.tokenizer import Tokenizer
   tokenizer = Tokenizer.load(args.tokenizer)
-  texts = read_text_files(args.input, args.text_key, args.name)
+  policy = DecodePolicy(args.on_decode_error, args.max_undecodable_fraction)
+  reports = []
+  texts = read_text_files(args.input, args.text_key, args.name, policy,
+                          reports=reports)
+  texts, cleaning = prepare.clean_texts(texts, args.fix_mojibake,
+                                        args.normalize)
   splits = prepare.split_held_out(texts, args.eval_fraction)
-  meta = prepare.prepare_dataset(args.name, args.data_dir, splits, tokenizer,
-                                 overwrite=args.overwrite)
+  options = {"fix_mojibake": args.fix_mojibake, "normalize": args.normalize,
+             "on_decode_error": args.on_decode_error,
+             "max_undecodable_fraction": args.max_undecodable_fraction,
+             "text_key": args.text_key, "eval_fraction": args.eval_fraction}
+  decoding = {"undecodable_bytes": sum(r.undecodable_bytes for r in reports),
+              "skipped_documents": sum(r.skipped_documents for r in reports),
+              "replaced_documents": sum(r.replaced_documents
+                                        for r in reports),
+              "files": [dataclasses.asdict(r) for r in reports[:100]]}
+  meta = prepare.prepare_dataset(
+      args.name, args.data_dir, splits, tokenizer, overwrite=args.overwrite,
+      extra_metadata={"options": options, "decoding": decoding,
+                      "cleaning": cleaning})
   for split in splits:
     m = meta[split]
     print(f"{args.name}/{split}: {m['num_docs']} documents, "
           f"{m['num_tokens']} tokens")
+  changed = {k: v for k, v in meta.get("cleaning", {}).items()
+             if k != "documents" and v}
+  if changed:
+    print("cleaning: " + ", ".join(f"{k} {v}" for k, v in changed.items()))
   print(f"tokenizer fingerprint {meta['tokenizer_fingerprint']}")
   return 0
 
@@ -66,7 +101,7 @@ def _build_default(args) -> int:
 
 
 def _show(args) -> int:
-  from gemma_jax.config import load_config
+  from gemma_jax.train.config import load_config
   from gemma_jax.data import build_pipeline
   cfg = load_config(args.config, args.overrides)
   pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,

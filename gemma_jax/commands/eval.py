@@ -27,9 +27,13 @@ def add_arguments(parser):
 
 def _config(args):
   import os
-  from gemma_jax.config import load_config
+  from gemma_jax.train.config import load_config
   from gemma_jax.errors import ConfigError
   path = args.config
+  if args.workdir and not os.path.isdir(args.workdir):
+    # A read-only command: a mistyped --workdir is never created.
+    raise ConfigError(f"--workdir {args.workdir} is not a directory (a "
+                      f"training run's --workdir)")
   if path is None:
     if not args.workdir:
       raise ConfigError("give a CONFIG or a --workdir holding config.yaml")
@@ -37,47 +41,63 @@ def _config(args):
   return load_config(path, args.overrides)
 
 
-def _params(args, cfg, parts):
+def _params(args, program):
   import os
-  from gemma_jax.errors import ConfigError
-  from gemma_jax.train import step as step_lib
+  import sys
+  from gemma_jax.errors import CheckpointError, ConfigError
   if args.params:
     from gemma_jax.checkpoint import native
     path = os.path.abspath(args.params)
-    saved = native.load_config(path)
-    if saved != cfg.model:
+    if native.load_config(path) != program.cfg.model:
       raise ConfigError(f"--params {args.params} holds a different model "
                         f"than the config's model section")
-    shardings = step_lib.state_shardings(cfg, parts.mesh).params
-    params, _ = native.load(path, shardings=shardings)
+    params, _ = native.load(path, shardings=program.param_shardings)
     return params, "export"
   if not args.workdir:
     raise ConfigError("give --workdir (training checkpoints) or --params")
-  from gemma_jax.train.checkpointing import Checkpointer
+  from gemma_jax.train.checkpointing import (Checkpointer,
+                                             restore_newest_intact)
   ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"),
-                      cfg.checkpoint)
-  restored = ckpt.restore(parts.abstract_state(), args.step)
-  ckpt.close()
+                      program.cfg.checkpoint, read_only=True)
+  try:
+    if args.step is not None:
+      restored = ckpt.restore(program.abstract_state, args.step)
+    else:   # the newest intact checkpoint; a damaged one is only named
+      warn = lambda m: print(f"gemma-jax eval: warning: {m}",
+                             file=sys.stderr)
+      step, restored = restore_newest_intact(ckpt, program.abstract_state,
+                                             warn=warn)
+      if step is None:
+        raise CheckpointError(f"no checkpoint found in {ckpt.directory}")
+  finally:
+    ckpt.close()
   return restored.state.params, int(restored.meta["step"])
 
 
 def main(args) -> int:
   import json
-  from gemma_jax.train import build, evaluation, trainer
+  from gemma_jax.data import build_pipeline
+  from gemma_jax import distributed
+  from gemma_jax.train import evaluation
+  from gemma_jax.train.program import TrainProgram
   cfg = _config(args)
-  trainer.initialize_distributed()
+  distributed.initialize_runtime(cfg.runtime)
   import jax
-  parts = build.build(cfg)
-  params, step = _params(args, cfg, parts)
-  results = evaluation.evaluate(parts.eval_step, params, parts.pipe,
-                                args.batches or cfg.train.eval_batches or 1,
-                                parts.put)
+  program = TrainProgram(cfg)
+  pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,
+                        process_index=jax.process_index(),
+                        process_count=jax.process_count(),
+                        vocab_size=cfg.model.vocab_size)
+  params, step = _params(args, program)
+  results = evaluation.evaluate(program, params, pipe,
+                                args.batches or cfg.train.eval_batches or 1)
   if jax.process_index() == 0:
     print(f"step {step}")
     for name, r in results.items():
       print(f"  {name:<12} loss {r['loss']:.4f}  perplexity "
             f"{r['perplexity']:.2f}  ({r['tokens']} tokens)")
     if args.out:
-      with open(args.out, "w") as f:
-        json.dump({"step": step, "sources": results}, f, indent=2)
+      from gemma_jax import fileio
+      fileio.atomic_write(args.out, json.dumps(
+          {"step": step, "sources": results}, indent=2))
   return 0

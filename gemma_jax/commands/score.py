@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax.checkpoint import native
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.model import ModelConfig, Transformer
 
 HELP = "score token arrays or texts: logits and next-token log-probs"
@@ -43,26 +43,26 @@ def check_inputs(tokens, mask, vocab_size: int, name: str = "tokens"):
   """Validates int tokens [B, T] and a right-padded 0/1 mask; returns both."""
   tokens = np.asarray(tokens)
   if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-    raise ConfigError(f"{name}: expected integer token ids [B, T], got "
+    raise DataError(f"{name}: expected integer token ids [B, T], got "
                       f"{tokens.dtype} {list(tokens.shape)}")
   if tokens.shape[1] < 2:
-    raise ConfigError(f"{name}: need at least 2 tokens per row to score the "
+    raise DataError(f"{name}: need at least 2 tokens per row to score the "
                       f"next token, got shape {list(tokens.shape)}")
   mask = np.ones_like(tokens) if mask is None else np.asarray(mask)
   if mask.shape != tokens.shape:
-    raise ConfigError(f"mask shape {list(mask.shape)} differs from {name} "
+    raise DataError(f"mask shape {list(mask.shape)} differs from {name} "
                       f"shape {list(tokens.shape)}")
   if not np.isin(mask, (0, 1)).all():
-    raise ConfigError("mask must hold only 0 (padding) and 1 (real token)")
+    raise DataError("mask must hold only 0 (padding) and 1 (real token)")
   later = np.diff(mask.astype(np.int8), axis=1) > 0
   if later.any():
     row, col = np.argwhere(later)[0]
-    raise ConfigError(f"mask row {row} is not right-padded: a real token "
+    raise DataError(f"mask row {row} is not right-padded: a real token "
                       f"follows padding at position {col + 1}")
   bad = (tokens < 0) | (tokens >= vocab_size)
   if (bad & (mask == 1)).any():
     row, col = np.argwhere(bad & (mask == 1))[0]
-    raise ConfigError(f"{name}: token id {tokens[row, col]} at [{row}, {col}]"
+    raise DataError(f"{name}: token id {tokens[row, col]} at [{row}, {col}]"
                       f" is outside the model's vocabulary [0, {vocab_size})")
   return np.where(mask == 1, tokens, 0).astype(np.int32), mask.astype(np.int32)
 
@@ -111,7 +111,7 @@ def _load_npy(path, what):
   try:
     return np.load(path)
   except (OSError, ValueError) as e:
-    raise ConfigError(f"{what} {path}: cannot read a .npy array ({e})") from None
+    raise DataError(f"{what} {path}: cannot read a .npy array ({e})") from None
 
 
 def main(args) -> int:

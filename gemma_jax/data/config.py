@@ -14,8 +14,9 @@
 
 import dataclasses
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
+from gemma_jax.data.sources import KINDS, decode_policy
 from gemma_jax.errors import ConfigError
 
 
@@ -30,7 +31,7 @@ class SourceConfig:
     `text_key`), any other file is one document.
   kind=memory: the documents are `texts` (tests, tiny experiments).
   """
-  kind: Literal["tfds", "files", "memory"] = "tfds"
+  kind: str = "tfds"             # one of gemma_jax.data.sources.KINDS
   name: str = ""                 # tfds dataset name (kind=tfds)
   data_dir: str | None = None    # tfds data_dir
   split: str = "train"
@@ -40,14 +41,20 @@ class SourceConfig:
   text_key: str = "text"         # field of a JSON line / tfds feature
   texts: tuple[str, ...] = ()    # documents (kind=memory)
   eval_texts: tuple[str, ...] = ()  # held-out documents (kind=memory)
+  # Bytes that are not UTF-8 (files, tfds text): see data/sources.py.
+  on_decode_error: Literal["error", "skip_document", "replace"] = "error"
+  max_undecodable_fraction: float = 0.0
 
   def __post_init__(self):
-    if self.kind == "tfds" and not self.name:
-      raise ConfigError("name: a tfds source needs a dataset name")
-    if self.kind == "files" and not self.paths:
-      raise ConfigError("paths: a files source needs at least one glob")
-    if self.kind == "memory" and not self.texts:
-      raise ConfigError("texts: a memory source needs documents")
+    if self.kind not in KINDS:
+      raise ConfigError(f"kind: {self.kind!r} is not a valid choice; valid "
+                        f"choices: {', '.join(map(repr, KINDS))}")
+    KINDS[self.kind].check(self)
+    decode_policy(self)   # checks max_undecodable_fraction
+
+  @property
+  def has_held_out(self) -> bool:
+    return KINDS[self.kind].has_held_out(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +86,17 @@ class DataConfig:
   sources: dict[str, SourceConfig] = dataclasses.field(default_factory=dict)
   stages: tuple[StageConfig, ...] = ()  # empty: one stage, equal weights
   seed: int = 0
-  block_size: int = 256          # rows per exactly-mixed block
   num_workers: int = 0           # grain worker processes (0 = in process)
   prefetch: int = 4              # batches buffered ahead by `iterate`
+
+  # Keys of earlier versions: a config that still sets one gets the reason.
+  REMOVED_KEYS: ClassVar[dict[str, str]] = {
+      "block_size": "every global batch is now mixed exactly (within one "
+                    "row per source), so delete the key"}
 
   def __post_init__(self):
     if self.seq_len <= 1:
       raise ConfigError(f"seq_len must be > 1, got {self.seq_len}")
-    if self.block_size < 1:
-      raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
     if self.num_workers < 0:
       raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
     for i, stage in enumerate(self.stages):

@@ -16,10 +16,15 @@ import itertools
 import grain
 import numpy as np
 
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.data import mixture, packing, sources
 from gemma_jax.data.config import DataConfig
 from gemma_jax.tokenizer import Tokenizer
+
+
+# How rows are spread over sources (see mixture.py); part of `describe()`,
+# so that a checkpoint written under another rule is not resumed silently.
+MIXING = "exactly per batch (EDF, within one row at every step)"
 
 
 class Pipeline:
@@ -61,11 +66,11 @@ class Pipeline:
         for n in self.eval_sources}
     self._rows = [packing.PackedRows(self._docs[n], cfg.seq_len, i, cfg.seed)
                   for i, n in enumerate(self.source_names)]
-    shares = [[st.shares().get(n, 0.0) for n in self.source_names]
-              for st in self.stages]
+    weights = [[st.weights.get(n, 0.0) for n in self.source_names]
+               for st in self.stages]
     self.schedule = mixture.StageSchedule(
-        [st.start_step * global_batch for st in self.stages], shares,
-        cfg.block_size, cfg.seed)
+        [st.start_step for st in self.stages], weights, global_batch,
+        cfg.seed)
     rows = grain.MapDataset.select_from_datasets(
         self._rows, mixture.ProcessRows(self.schedule, global_batch,
                                         process_index, process_count))
@@ -75,7 +80,7 @@ class Pipeline:
     docs = sources.open_documents(name, self.cfg.sources[name],
                                   self.tokenizer, split)
     if docs.fingerprint not in (None, self.tokenizer.fingerprint):
-      raise ConfigError(
+      raise DataError(
           f"data.sources.{name}: its tokens were made by a tokenizer with "
           f"fingerprint {docs.fingerprint[:12]}..., but data.tokenizer "
           f"({self.cfg.tokenizer}) has {self.tokenizer.fingerprint[:12]}...; "
@@ -87,6 +92,13 @@ class Pipeline:
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}")
     return self._batches[step]
+
+  def add_batch_keys(self, fn) -> None:
+    """Adds `fn(step, batch)` {key: array [B/P, ...]} to every training
+    batch, e.g. a teacher's entries stored per row. fn must be a pure
+    function of the step (resume stays exact) and picklable (worker
+    processes)."""
+    self._batches = self._batches.map_with_index(_AddKeys(fn))
 
   def iterate(self, start_step: int = 0):
     """Yields (step, batch) from `start_step` on, prefetched (worker
@@ -124,11 +136,8 @@ class Pipeline:
   def eval_sources(self) -> tuple[str, ...]:
     """Sources configured with held-out data (eval_split / eval_paths /
     eval_texts)."""
-    def held_out(c):
-      return bool(c.eval_texts if c.kind == "memory" else
-                  c.eval_paths if c.kind == "files" else c.eval_split)
     return tuple(n for n in self.source_names
-                 if held_out(self.cfg.sources[n]))
+                 if self.cfg.sources[n].has_held_out)
 
   def source_tokens(self, batch: dict) -> np.ndarray:
     """Tokens (non-padding inputs) per source in `batch`: int64 [S].
@@ -146,11 +155,16 @@ class Pipeline:
     shares = stage.shares()
     return {n: shares.get(n, 0.0) for n in self.source_names}
 
+  def check_resume(self, saved: dict, step: int) -> None:
+    """ConfigError unless resuming at `step` continues the stream a
+    checkpoint's `describe()` (`saved`) recorded."""
+    check_resume(saved, self.describe(), step)
+
   def describe(self) -> dict:
     """JSON-able description; `check_resume` compares two of these."""
     return {
         "seq_len": self.cfg.seq_len, "global_batch": self.global_batch,
-        "seed": self.cfg.seed, "block_size": self.cfg.block_size,
+        "seed": self.cfg.seed, "mixing": MIXING,
         "tokenizer": {"path": self.tokenizer.path,
                       "fingerprint": self.tokenizer.fingerprint,
                       "vocab_size": self.tokenizer.vocab_size},
@@ -163,11 +177,18 @@ class Pipeline:
 
 
 def _describe_source(cfg, docs: sources.Documents) -> dict:
-  where = ({"name": cfg.name, "data_dir": sources.tfds_dir(cfg),
-            "split": cfg.split} if cfg.kind == "tfds" else
-           {"paths": list(cfg.paths)} if cfg.kind == "files" else {})
-  return {"kind": cfg.kind, **where, "num_docs": len(docs),
-          "num_tokens": docs.num_tokens}
+  return {"kind": cfg.kind, **sources.KINDS[cfg.kind].location(cfg),
+          "num_docs": len(docs), "num_tokens": docs.num_tokens}
+
+
+class _AddKeys:
+  """(step, batch) -> batch with fn(step, batch)'s keys added."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, step: int, batch: dict) -> dict:
+    return batch | self.fn(step, batch)
 
 
 def build_pipeline(cfg: DataConfig, global_batch: int, process_index: int = 0,
@@ -209,7 +230,13 @@ def check_resume(saved: dict, current: dict, step: int) -> None:
   """
   if not saved:
     return
-  for key in ("seq_len", "global_batch", "seed", "block_size"):
+  if saved.get("mixing") != current.get("mixing"):
+    raise ConfigError(
+        f"the checkpoint's data stream was mixed "
+        f"{saved.get('mixing') or 'in blocks of data.block_size rows'}, "
+        f"this version mixes {current.get('mixing')}: resuming at step "
+        f"{step} would not continue the same rows; use a fresh --workdir")
+  for key in ("seq_len", "global_batch", "seed"):
     if saved.get(key) != current.get(key):
       name = "train.batch_size" if key == "global_batch" else f"data.{key}"
       raise ConfigError(f"{name} changed from {saved.get(key)} to "

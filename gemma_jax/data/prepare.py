@@ -6,26 +6,82 @@ in its metadata, and keeps each split's document lengths in
 `<split>_doc_lengths.npy` beside the records, so that a pipeline opens it
 without reading the records. Read it back with `SourceConfig(kind="tfds",
 name=..., data_dir=...)`.
+
+Optional cleaning before tokenizing (off by default; what changed is counted
+in the metadata under "cleaning"): `fix_mojibake` repairs UTF-8 text that
+was once decoded as cp1252/Latin-1 ("cafÃ©" -> "café", the "ã®" pattern of
+Japanese web text) with ftfy's `fix_encoding` (nothing else of ftfy: quotes,
+ligatures and line breaks are left alone); `normalize` applies Unicode NFC
+or NFKC.
+
+The metadata also records an `input_fingerprint` (sha256 of the texts, the
+tokenizer and the cleaning options): preparing a name that exists with other
+input is refused unless `overwrite`, and the same input is not tokenized
+again.
 """
 
+import hashlib
 import os
 import re
 import shutil
+import unicodedata
 
 import numpy as np
 
-from gemma_jax.errors import ConfigError
 from gemma_jax.data.sources import FINGERPRINT_KEY, LENGTHS_FILE
+from gemma_jax.errors import ConfigError, DataError
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+NORMALIZATIONS = ("NFC", "NFKC")
+
+
+def clean_texts(texts: list[str], fix_mojibake: bool = False,
+                normalize: str | None = None) -> tuple[list[str], dict]:
+  """(cleaned texts, counts of documents each step changed)."""
+  if normalize is not None and normalize not in NORMALIZATIONS:
+    raise ConfigError(f"--normalize: {normalize!r} is not one of "
+                      f"{', '.join(NORMALIZATIONS)}")
+  counts = {"documents": len(texts)}
+  if fix_mojibake:
+    import ftfy
+    fixed = [ftfy.fix_encoding(t) for t in texts]
+    counts["mojibake_fixed_documents"] = sum(
+        a != b for a, b in zip(texts, fixed))
+    texts = fixed
+  if normalize:
+    normal = [unicodedata.normalize(normalize, t) for t in texts]
+    counts[f"{normalize}_changed_documents"] = sum(
+        a != b for a, b in zip(texts, normal))
+    texts = normal
+  return texts, counts
+
+
+def input_fingerprint(splits: dict[str, list[str]], tokenizer,
+                      options: dict) -> str:
+  """sha256 of the texts of every split, the tokenizer and `options`."""
+  h = hashlib.sha256()
+  h.update(tokenizer.fingerprint.encode())
+  h.update(repr(sorted(options.items())).encode())
+  for split in sorted(splits):
+    h.update(f"\0split {split} {len(splits[split])}\0".encode())
+    for text in splits[split]:
+      h.update(text.encode("utf-8", "surrogatepass"))
+      h.update(b"\0")
+  return h.hexdigest()
+
+
 def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
-                    tokenizer, overwrite: bool = False) -> dict:
+                    tokenizer, overwrite: bool = False,
+                    extra_metadata: dict | None = None) -> dict:
   """Writes `splits` ({split: texts}) tokenized as tfds dataset `name`.
 
-  Returns the dataset's metadata: tokenizer fingerprint and, per split,
-  num_docs and num_tokens. An existing dataset is kept unless `overwrite`.
+  Returns the dataset's metadata: tokenizer fingerprint, input fingerprint,
+  `extra_metadata` (e.g. decoding and cleaning counts) and, per split,
+  num_docs and num_tokens. An existing dataset made from the same input is
+  returned as it is; one made from other input is refused unless
+  `overwrite` (DataError naming --overwrite).
   """
   import tensorflow_datasets as tfds  # slow import; only when preparing
   if not _NAME.match(name):
@@ -33,20 +89,30 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
                       "(letters, digits, underscores)")
   for split, texts in splits.items():
     if not texts:
-      raise ConfigError(f"dataset {name!r}: split {split!r} has no documents")
+      raise DataError(f"dataset {name!r}: split {split!r} has no documents")
   data_dir = os.path.expanduser(data_dir)
+  extra_metadata = dict(extra_metadata or {})
+  fingerprint = input_fingerprint(splits, tokenizer,
+                                  extra_metadata.get("options", {}))
+  existing = _existing(name, data_dir)
+  if existing is not None and not overwrite:
+    if existing.get("input_fingerprint") == fingerprint:
+      return existing
+    raise DataError(
+        f"dataset {name!r} already exists in {data_dir} with different input "
+        f"({_counts(existing)} there, {_counts_of(splits)} now); pass "
+        f"--overwrite to replace it, or choose another --name")
   tokens = {s: tokenizer.encode_batch(t) for s, t in splits.items()}
-  metadata = {FINGERPRINT_KEY: tokenizer.fingerprint}
+  metadata = {FINGERPRINT_KEY: tokenizer.fingerprint,
+              "input_fingerprint": fingerprint, **extra_metadata}
   for split, docs in tokens.items():
     metadata[split] = {"num_docs": len(docs),
                        "num_tokens": int(sum(len(d) for d in docs))}
     if metadata[split]["num_tokens"] == 0:
-      raise ConfigError(f"dataset {name!r}: split {split!r} has no tokens")
+      raise DataError(f"dataset {name!r}: split {split!r} has no tokens")
   builder = _builder_class(name, tokens, metadata)(
       data_dir=data_dir, file_format="array_record")
   if os.path.isdir(builder.data_dir):
-    if not overwrite:
-      return dict(builder.info.metadata)
     shutil.rmtree(builder.data_dir)
     builder = _builder_class(name, tokens, metadata)(
         data_dir=data_dir, file_format="array_record")
@@ -57,6 +123,31 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
     np.save(os.path.join(builder.data_dir, LENGTHS_FILE.format(split=split)),
             np.array([len(d) for d in docs], np.int64))
   return metadata
+
+
+def _existing(name: str, data_dir: str) -> dict | None:
+  """The metadata of dataset `name` in `data_dir`, if one is there."""
+  root = os.path.join(data_dir, name)
+  if not os.path.isdir(root):
+    return None
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    return dict(builder.info.metadata or {})
+  except Exception:  # noqa: BLE001  (a torn dataset: its files are there)
+    return {"input_fingerprint": None}
+
+
+def _counts(metadata: dict) -> str:
+  splits = {k: v for k, v in metadata.items()
+            if isinstance(v, dict) and "num_docs" in v}
+  return ", ".join(f"{k}: {v['num_docs']} documents"
+                   for k, v in sorted(splits.items())) or "unknown input"
+
+
+def _counts_of(splits: dict) -> str:
+  return ", ".join(f"{k}: {len(v)} documents"
+                   for k, v in sorted(splits.items()))
 
 
 def _builder_class(name: str, tokens: dict, metadata: dict):

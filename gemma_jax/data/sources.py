@@ -11,15 +11,17 @@ opening them reads nothing else; other tfds datasets are tokenized on open from
 their text feature. Files and in-memory texts are tokenized on open.
 """
 
+import dataclasses
 import functools
 import glob
 import json
 import os
+import re
+import sys
 
 import numpy as np
 
-from gemma_jax.errors import ConfigError
-from gemma_jax.data.config import SourceConfig
+from gemma_jax.errors import ConfigError, DataError
 
 LENGTHS_FILE = "{split}_doc_lengths.npy"
 FINGERPRINT_KEY = "tokenizer_fingerprint"
@@ -41,7 +43,7 @@ class Documents:
     self.fingerprint = fingerprint
     self._cache = None
     if len(self.lengths) == 0 or self.lengths.sum() == 0:
-      raise ConfigError(f"data source {name!r} is empty: it has "
+      raise DataError(f"data source {name!r} is empty: it has "
                         f"{len(self.lengths)} documents and no tokens")
 
   def __len__(self):
@@ -64,27 +66,74 @@ class Documents:
     return {**self.__dict__, "_cache": None}
 
 
-def open_documents(name: str, cfg: SourceConfig, tokenizer, split: str
-                   ) -> Documents:
-  """Opens `split` ('train' or 'eval') of source `name`."""
-  if cfg.kind == "memory":
+class SourceKind:
+  """How one kind of source (`SourceConfig.kind`) finds its documents.
+
+  `required` names the config field the kind cannot do without (`needs`
+  says what it holds) and `held_out` the one naming its held-out data.
+  """
+  required: str
+  needs: str
+  held_out: str
+
+  def check(self, cfg) -> None:
+    if not getattr(cfg, self.required):
+      raise ConfigError(f"{self.required}: a {cfg.kind} source needs "
+                        f"{self.needs}")
+
+  def has_held_out(self, cfg) -> bool:
+    return bool(getattr(cfg, self.held_out))
+
+  def location(self, cfg) -> dict:
+    """Where the documents come from, for `Pipeline.describe`."""
+    return {}
+
+  def documents(self, name: str, cfg, tokenizer, split: str) -> "Documents":
+    raise NotImplementedError
+
+
+class MemorySource(SourceKind):
+  required, needs, held_out = "texts", "documents", "eval_texts"
+
+  def documents(self, name, cfg, tokenizer, split):
     texts = cfg.texts if split == "train" else cfg.eval_texts
-    if split != "train" and not texts:
-      raise ConfigError(f"data.sources.{name}.eval_texts: source has no "
-                        "held-out documents")
     return _from_texts(name, list(texts), tokenizer)
-  if cfg.kind == "files":
+
+
+class FileSource(SourceKind):
+  required, needs, held_out = "paths", "at least one glob", "eval_paths"
+
+  def location(self, cfg):
+    return {"paths": list(cfg.paths)}
+
+  def documents(self, name, cfg, tokenizer, split):
     globs = cfg.paths if split == "train" else cfg.eval_paths
-    if split != "train" and not globs:
-      raise ConfigError(f"data.sources.{name}.eval_paths: source has no "
-                        "held-out files")
-    return _from_texts(name, read_text_files(globs, cfg.text_key, name),
-                       tokenizer)
-  tfds_split = cfg.split if split == "train" else cfg.eval_split
-  if tfds_split is None:
-    raise ConfigError(f"data.sources.{name}.eval_split: source has no "
-                      "held-out split")
-  return _from_tfds(name, cfg, tfds_split, tokenizer)
+    return _from_texts(name, read_text_files(
+        globs, cfg.text_key, name, decode_policy(cfg)), tokenizer)
+
+
+class TfdsSource(SourceKind):
+  required, needs, held_out = "name", "a dataset name", "eval_split"
+
+  def location(self, cfg):
+    return {"name": cfg.name, "data_dir": tfds_dir(cfg), "split": cfg.split}
+
+  def documents(self, name, cfg, tokenizer, split):
+    return _from_tfds(name, cfg, cfg.split if split == "train"
+                      else cfg.eval_split, tokenizer)
+
+
+KINDS: dict[str, SourceKind] = {"tfds": TfdsSource(), "files": FileSource(),
+                                "memory": MemorySource()}
+
+
+def open_documents(name: str, cfg, tokenizer, split: str) -> Documents:
+  """Opens `split` ('train' or 'eval') of source `name`."""
+  kind = KINDS[cfg.kind]
+  if split != "train" and not kind.has_held_out(cfg):
+    raise ConfigError(f"data.sources.{name}.{kind.held_out}: source has no "
+                      "held-out data")
+  return kind.documents(name, cfg, tokenizer, split)
 
 
 def _from_texts(name, texts, tokenizer) -> Documents:
@@ -93,57 +142,194 @@ def _from_texts(name, texts, tokenizer) -> Documents:
   return Documents(name, lengths, docs.__getitem__, tokenizer.fingerprint)
 
 
-def read_text_files(globs, text_key: str, name: str = "") -> list[str]:
-  """Documents of text files: one per `.jsonl` line, else one per file."""
+# Text decoding: every byte that is not UTF-8 is counted, never silently
+# replaced. `on_decode_error` (a source's key; `--on-decode-error` of the
+# commands that read files) says what happens to a document holding some:
+#   error          refuse the file when more than `max_undecodable_fraction`
+#                  of its bytes are undecodable (default 0: any); below it,
+#                  replace them with U+FFFD and report the count
+#   skip_document  drop such documents (a .jsonl line, or a whole file)
+#   replace        replace them with U+FFFD
+DECODE_POLICIES = ("error", "skip_document", "replace")
+# Undecodable bytes come out of "surrogateescape" as lone surrogates.
+_ESCAPED = re.compile("[\udc80-\udcff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePolicy:
+  on_error: str = "error"
+  max_fraction: float = 0.0
+
+  def __post_init__(self):
+    if self.on_error not in DECODE_POLICIES:
+      raise ConfigError(f"on_decode_error: {self.on_error!r} is not a valid "
+                        f"choice; valid choices: "
+                        f"{', '.join(map(repr, DECODE_POLICIES))}")
+    if not 0 <= self.max_fraction <= 1:
+      raise ConfigError(f"max_undecodable_fraction must be in [0, 1], got "
+                        f"{self.max_fraction}")
+
+
+def decode_policy(cfg) -> DecodePolicy:
+  """The DecodePolicy of a SourceConfig."""
+  return DecodePolicy(getattr(cfg, "on_decode_error", "error"),
+                      getattr(cfg, "max_undecodable_fraction", 0.0))
+
+
+@dataclasses.dataclass
+class DecodeReport:
+  """What decoding one file found."""
+  path: str
+  bytes: int = 0
+  undecodable_bytes: int = 0
+  documents: int = 0
+  skipped_documents: int = 0
+  replaced_documents: int = 0
+  first_offset: int | str | None = None   # of the first undecodable byte
+
+  def line(self) -> str:
+    what = (f"{self.skipped_documents} documents skipped" if
+            self.skipped_documents else
+            f"{self.replaced_documents} documents with U+FFFD in their place")
+    return (f"{self.path}: {self.undecodable_bytes} of {self.bytes} bytes are "
+            f"not UTF-8; {what}")
+
+
+def _decode(raw: bytes) -> tuple[str, int]:
+  """(text with undecodable bytes as lone surrogates, their count)."""
+  text = raw.decode("utf-8", "surrogateescape")
+  return text, len(_ESCAPED.findall(text))
+
+
+def _clean(text: str) -> str:
+  """Lone surrogates (undecodable bytes, or JSON escapes of them) ->
+  U+FFFD, which the tokenizer can encode."""
+  return _SURROGATE.sub("\ufffd", text)
+
+
+def _refuse(report: DecodeReport, policy: DecodePolicy, where: str):
+  if policy.on_error != "error" or not report.undecodable_bytes:
+    return
+  if report.undecodable_bytes > policy.max_fraction * report.bytes:
+    raise DataError(
+        f"{where}: {report.undecodable_bytes} of {report.bytes} bytes are not "
+        f"UTF-8 (first at byte {report.first_offset}); convert the file to "
+        f"UTF-8, or set on_decode_error: skip_document or replace (or raise "
+        f"max_undecodable_fraction)")
+
+
+def read_text_files(globs, text_key: str, name: str = "",
+                    policy: DecodePolicy = DecodePolicy(), warn=None,
+                    reports: list | None = None) -> list[str]:
+  """Documents of text files: one per `.jsonl` line, else one per file.
+
+  Bytes that are not UTF-8 are handled by `policy` (see DECODE_POLICIES);
+  each file holding some gets one `warn` line (default: stderr) and a
+  DecodeReport appended to `reports`.
+  """
+  warn = warn or (lambda m: print(f"gemma-jax: warning: {m}",
+                                  file=sys.stderr, flush=True))
   paths = []
   for pattern in globs:
     found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     if not found:
-      raise ConfigError(f"data source {name!r}: no file matches {pattern!r}")
-    paths += found
+      raise DataError(f"data source {name!r}: no file matches {pattern!r}")
+    paths += [p for p in found if not os.path.isdir(p)] or _no_files(
+        name, pattern)
   texts = []
   for path in paths:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      if not path.endswith(".jsonl"):
-        texts.append(f.read())
-        continue
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          texts.append(json.loads(line)[text_key])
-        except (json.JSONDecodeError, KeyError, TypeError):
-          raise ConfigError(f"{path}:{lineno}: not a JSON object with a "
-                            f"{text_key!r} field") from None
+    try:
+      with open(path, "rb") as f:
+        raw = f.read()
+    except OSError as e:
+      raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    report = DecodeReport(path, bytes=len(raw))
+    if path.endswith(".jsonl"):
+      texts += _jsonl_documents(raw, path, text_key, policy, report)
+    else:
+      text, bad = _decode(raw)
+      report.undecodable_bytes = bad
+      report.first_offset = _first_bad(raw) if bad else None
+      _refuse(report, policy, path)
+      report.documents = 1
+      if bad and policy.on_error == "skip_document":
+        report.skipped_documents = 1
+      else:
+        report.replaced_documents = int(bad > 0)
+        texts.append(_clean(text))
+    if report.undecodable_bytes:
+      warn(report.line())
+      if reports is not None:
+        reports.append(report)
   return texts
 
 
-def tfds_dir(cfg: SourceConfig) -> str:
+def _no_files(name, pattern):
+  raise DataError(f"data source {name!r}: {pattern!r} matches only "
+                  f"directories; give files or a glob of files")
+
+
+def _first_bad(raw: bytes) -> int:
+  try:
+    raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return e.start
+  return -1
+
+
+def _jsonl_documents(raw: bytes, path: str, text_key: str,
+                     policy: DecodePolicy, report: DecodeReport):
+  texts, offset = [], 0
+  for lineno, line in enumerate(raw.split(b"\n"), 1):
+    start, offset = offset, offset + len(line) + 1
+    if not line.strip():
+      continue
+    text, bad = _decode(line)
+    report.undecodable_bytes += bad
+    if bad and report.first_offset is None:
+      report.first_offset = start + _first_bad(line)
+    try:
+      value = json.loads(text)[text_key]
+      if not isinstance(value, str):
+        raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+      raise DataError(f"{path}:{lineno}: not a JSON object with a "
+                      f"{text_key!r} field") from None
+    report.documents += 1
+    if bad and policy.on_error == "skip_document":
+      report.skipped_documents += 1
+      continue
+    report.replaced_documents += int(bad > 0)
+    texts.append(_clean(value))
+  _refuse(report, policy, path)
+  return texts
+
+
+def tfds_dir(cfg) -> str:
   return os.path.expanduser(cfg.data_dir or "~/tensorflow_datasets")
 
 
-def _from_tfds(name, cfg: SourceConfig, split: str, tokenizer) -> Documents:
+def _from_tfds(name, cfg, split: str, tokenizer) -> Documents:
   import tensorflow_datasets as tfds  # slow import; only when needed
   data_dir = tfds_dir(cfg)
   if not os.path.isdir(os.path.join(data_dir, cfg.name.split(":")[0])):
-    raise ConfigError(f"data.sources.{name}: tfds dataset {cfg.name!r} not "
-                      f"found in data_dir {data_dir} (prepare it with "
-                      "`gemma-jax data prepare` or `gemma-jax data "
-                      "build-default`)")
+    raise DataError(f"data.sources.{name}: tfds dataset {cfg.name!r} not "
+                    f"found in data_dir {data_dir} (prepare it with "
+                    "`gemma-jax data prepare` or `gemma-jax data "
+                    "build-default`)")
   try:
     builder = tfds.builder(cfg.name, data_dir=data_dir)
-    if split not in builder.info.splits:
-      raise ConfigError(f"data.sources.{name}: tfds dataset {cfg.name!r} has "
-                        f"no split {split!r}; splits: "
-                        f"{', '.join(builder.info.splits)}")
-    source = builder.as_data_source(split)
+    splits = builder.info.splits
   except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError,
           ValueError) as e:
-    if isinstance(e, ConfigError):
-      raise
-    raise ConfigError(f"data.sources.{name}: cannot open tfds dataset "
-                      f"{cfg.name!r} in {data_dir}: "
-                      f"{str(e).splitlines()[0]}") from None
+    raise DataError(f"data.sources.{name}: cannot open tfds dataset "
+                    f"{cfg.name!r} in {data_dir}: "
+                    f"{str(e).splitlines()[0]}") from None
+  if split not in splits:
+    raise ConfigError(f"data.sources.{name}: tfds dataset {cfg.name!r} has "
+                      f"no split {split!r}; splits: {', '.join(splits)}")
+  source = builder.as_data_source(split)
   features = builder.info.features
   if "tokens" in features:
     fingerprint = (builder.info.metadata or {}).get(FINGERPRINT_KEY)
@@ -161,9 +347,32 @@ def _from_tfds(name, cfg: SourceConfig, split: str, tokenizer) -> Documents:
                       f"{cfg.name!r} has neither a 'tokens' nor a "
                       f"{cfg.text_key!r} feature; features: "
                       f"{', '.join(features)}")
-  texts = [_text(source[i][cfg.text_key]) for i in range(len(source))]
+  texts = _tfds_texts(source, cfg.text_key, decode_policy(cfg),
+                      f"data.sources.{name} ({cfg.name}:{split})")
   return _from_texts(name, texts, tokenizer)
 
 
-def _text(value) -> str:
-  return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+def _tfds_texts(source, text_key: str, policy: DecodePolicy, where: str):
+  """Text features, decoded under `policy` like files (one report)."""
+  report = DecodeReport(where)
+  texts = []
+  for i in range(len(source)):
+    value = source[i][text_key]
+    if not isinstance(value, bytes):
+      texts.append(_clean(value))
+      continue
+    text, bad = _decode(value)
+    report.bytes += len(value)
+    report.undecodable_bytes += bad
+    report.documents += 1
+    if bad and report.first_offset is None:
+      report.first_offset = f"{_first_bad(value)} of document {i}"
+    if bad and policy.on_error == "skip_document":
+      report.skipped_documents += 1
+      continue
+    report.replaced_documents += int(bad > 0)
+    texts.append(_clean(text))
+  _refuse(report, policy, where)
+  if report.undecodable_bytes:
+    print(f"gemma-jax: warning: {report.line()}", file=sys.stderr)
+  return texts

@@ -7,6 +7,7 @@ at 0 for each packed document, so comparing positions is comparing indices
 within a document.
 """
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -18,6 +19,24 @@ from gemma_jax.model.layers import Einsum, apply_rope
 _MASKED = -2.3819763e38  # large finite negative: a fully masked row stays NaN-free
 
 
+@flax.struct.dataclass
+class AttentionInputs:
+  """What every layer's attention needs besides its input: the same for all
+  layers (broadcast through the layer scan).
+
+  positions, segment_ids: [B, T] of the queries (segment 0 = padding).
+  key_positions, key_segments: [B, S] of every key slot; equal to the
+    queries' own without a cache, the whole cache's slots with one.
+  cache_index: where this call's keys are written into the cache (decoding
+    only; None in training).
+  """
+  positions: jax.Array
+  segment_ids: jax.Array
+  key_positions: jax.Array
+  key_segments: jax.Array
+  cache_index: jax.Array | None = None
+
+
 def attention_mask(q_pos, q_seg, k_pos, k_seg, window):
   """[B, T, S] bool. window: int scalar (may be traced); 0 means global."""
   same_doc = q_seg[:, :, None] == k_seg[:, None, :]
@@ -26,17 +45,32 @@ def attention_mask(q_pos, q_seg, k_pos, k_seg, window):
   return same_doc & (distance >= 0) & in_window
 
 
+def dot_product_attention(query, key, value, mask, softcap: float | None):
+  """Scaled queries [B, T, N, H], keys/values [B, S, K, H], mask [B, T, S]
+  -> [B, T, N, H]. Scores and softmax in float32; query head n uses kv head
+  n // G (G = N / K)."""
+  b, t, n, h = query.shape
+  k = key.shape[2]
+  query = query.reshape(b, t, k, n // k, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", query, key,
+                      preferred_element_type=jnp.float32)
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
+  logits = jnp.where(mask[:, None, None], logits, _MASKED)
+  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  return jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
+
+
 class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, window, kv_cache=None,
-               key_positions=None, key_segments=None, cache_index=None):
+  def __call__(self, x, window, inputs: AttentionInputs, kv_cache=None):
     """x: [B, T, D] -> ([B, T, D], updated (k, v) cache or None).
 
-    Without a cache, keys are the queries' own tokens. With one, this step's
-    keys and values are written at `cache_index` into `kv_cache` ([B, S, K, H]
-    each), and `key_positions`/`key_segments` [B, S] describe every slot.
+    Without a cache, keys are the queries' own tokens. With one, this call's
+    keys and values are written at `inputs.cache_index` into `kv_cache`
+    ([B, S, K, H] each) and attention runs over every slot.
     """
     cfg = self.config
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
@@ -46,44 +80,30 @@ class Attention(nn.Module):
                         in_axis=2, config=cfg,
                         name="kv_einsum")("BSD,CKDH->CBSKH", x)
     query = checkpoint_name(query, "q_proj")
-    key, value = checkpoint_name(key, "kv_proj"), checkpoint_name(value,
-                                                                  "kv_proj")
-    query = apply_rope(query, positions, cfg.rope_max_wavelength)
+    key = checkpoint_name(key, "kv_proj")
+    value = checkpoint_name(value, "kv_proj")
+    query = apply_rope(query, inputs.positions, cfg.rope_max_wavelength)
     query = query * jnp.asarray(cfg.query_scale, query.dtype)
-    key = apply_rope(key, positions, cfg.rope_max_wavelength)
+    key = apply_rope(key, inputs.positions, cfg.rope_max_wavelength)
     query = nn.with_logical_constraint(
         query, ("act_batch", "act_length", "act_heads", None))
     key, value = (nn.with_logical_constraint(
         t, ("act_batch", "act_length", "act_kv_heads", None))
                   for t in (key, value))
 
-    new_cache = None
     if kv_cache is not None:
-      cached_k, cached_v = kv_cache
-      start = (0, cache_index, 0, 0)
-      key = jax.lax.dynamic_update_slice(cached_k, key.astype(cached_k.dtype),
-                                         start)
-      value = jax.lax.dynamic_update_slice(cached_v,
-                                           value.astype(cached_v.dtype), start)
-      new_cache = (key, value)
-      key, value = key.astype(cfg.dtype), value.astype(cfg.dtype)
-    else:
-      key_positions, key_segments = positions, segment_ids
+      start = (0, inputs.cache_index, 0, 0)
+      kv_cache = tuple(
+          jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start)
+          for c, new in zip(kv_cache, (key, value)))
+      key, value = (c.astype(cfg.dtype) for c in kv_cache)
 
-    b, t = x.shape[:2]
-    query = query.reshape(b, t, k, n // k, h)  # head n uses kv head n // G
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", query, key,
-                        preferred_element_type=jnp.float32)
-    if cfg.attn_logit_softcap:
-      cap = cfg.attn_logit_softcap
-      logits = cap * jnp.tanh(logits / cap)
-    mask = attention_mask(positions, segment_ids, key_positions, key_segments,
-                          window)
-    logits = jnp.where(mask[:, None, None], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
-    encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
+    mask = attention_mask(inputs.positions, inputs.segment_ids,
+                          inputs.key_positions, inputs.key_segments, window)
+    encoded = dot_product_attention(query, key, value, mask,
+                                    cfg.attn_logit_softcap)
     encoded = nn.with_logical_constraint(
         encoded, ("act_batch", "act_length", "act_heads", None))
     out = Einsum((n, h, d), ("heads", "head_dim", "embed"), in_axis=(0, 1),
                  config=cfg, name="attn_vec_einsum")("BTNH,NHD->BTD", encoded)
-    return out, new_cache
+    return out, kv_cache

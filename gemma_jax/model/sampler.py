@@ -46,8 +46,8 @@ def _generate(params, tokens, lengths, rng, *, config: ModelConfig,
   b, p = tokens.shape
   segments = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)
   cache = init_cache(config, b, p + max_new_tokens)
-  logits, cache = model.apply({"params": params}, tokens,
-                              segment_ids=segments, cache=cache)
+  logits, cache = model.apply({"params": params}, tokens, cache,
+                              segment_ids=segments, method=Transformer.decode)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
   def step(carry, i):
@@ -56,8 +56,9 @@ def _generate(params, tokens, lengths, rng, *, config: ModelConfig,
     token = choose_tokens(last_logits, key, temperature, top_k, top_p)
     token = jnp.where(done, eos_id, token)
     logits, cache = model.apply(
-        {"params": params}, token[:, None], positions=(lengths + i)[:, None],
-        segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache)
+        {"params": params}, token[:, None], cache,
+        positions=(lengths + i)[:, None],
+        segment_ids=jnp.ones((b, 1), jnp.int32), method=Transformer.decode)
     return (logits[:, 0], cache, rng, done | (token == eos_id)), token
 
   init = (last, cache, rng, jnp.zeros((b,), bool))

@@ -1,5 +1,9 @@
 """The Gemma transformer: one config-driven module for every Gemma 1 and 2 size.
 
+    logits = Transformer(cfg).apply({"params": p}, tokens)          # training
+    logits, cache = Transformer(cfg).apply(                          # decoding
+        {"params": p}, tokens, cache, method=Transformer.decode)
+
 Layers run under `nn.scan`, so compile time does not grow with depth. Local
 (sliding-window) and global layers are the same scanned layer: each layer's
 window is per-layer data (0 = global).
@@ -9,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gemma_jax.model.attention import Attention
+from gemma_jax.model.attention import Attention, AttentionInputs
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.model.layers import MLP, Embedder, RMSNorm
 
@@ -29,13 +33,12 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, window, kv_cache, positions, segment_ids,
-               key_positions, key_segments, cache_index):
+  def __call__(self, x, layer, inputs: AttentionInputs):
+    """x [B, T, D]; layer: this layer's (window, kv cache or None)."""
     cfg = self.config
+    window, kv_cache = layer
     h = RMSNorm(cfg, name="pre_attention_norm")(x)
-    h, kv_cache = Attention(cfg, name="attn")(
-        h, positions, segment_ids, window, kv_cache, key_positions,
-        key_segments, cache_index)
+    h, kv_cache = Attention(cfg, name="attn")(h, window, inputs, kv_cache)
     if cfg.sandwich_norms:
       h = RMSNorm(cfg, name="post_attention_norm")(h)
     x = nn.with_logical_constraint(x + h, _ACT)
@@ -63,54 +66,64 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None):
   }
 
 
+def _defaults(tokens, positions, segment_ids, start=0):
+  b, t = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, t), jnp.int32)
+  return positions, segment_ids
+
+
 class Transformer(nn.Module):
-  """tokens [B, T] -> float32 logits [B, T, V] (and a new cache if given)."""
+  """tokens [B, T] -> float32 logits [B, T, V]; `decode` also uses a cache."""
   config: ModelConfig
 
-  @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+  def setup(self):
     cfg = self.config
-    b, t = tokens.shape
-    start = 0 if cache is None else cache["index"]
-    if positions is None:
-      positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32),
-                                   (b, t))
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, t), jnp.int32)
-
-    embedder = Embedder(cfg, name="embedder")
-    x = nn.with_logical_constraint(embedder.encode(tokens), _ACT)
-
-    if cache is None:
-      kv_cache = key_positions = key_segments = None
-    else:
-      kv_cache = (cache["k"], cache["v"])
-      key_positions = jax.lax.dynamic_update_slice(cache["positions"],
-                                                   positions, (0, start))
-      key_segments = jax.lax.dynamic_update_slice(cache["segment_ids"],
-                                                  segment_ids, (0, start))
-
     block = Block
     if cfg.remat_policy != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=False)
-    layers = nn.scan(
+    self.embedder = Embedder(cfg)
+    self.layers = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(0, 0) + (nn.broadcast,) * 5, length=cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
-    windows = jnp.asarray(cfg.layer_windows, jnp.int32)
-    x, kv_cache = layers(x, windows, kv_cache, positions, segment_ids,
-                         key_positions, key_segments, start)
+        in_axes=(0, nn.broadcast), length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+    self.final_norm = RMSNorm(cfg)
 
-    x = RMSNorm(cfg, name="final_norm")(x)
-    logits = embedder.decode(x)
+  def __call__(self, tokens, positions=None, segment_ids=None):
+    """Logits of every position. positions/segment_ids [B, T] describe
+    packed documents (default: one document per row)."""
+    positions, segment_ids = _defaults(tokens, positions, segment_ids)
+    inputs = AttentionInputs(positions, segment_ids, positions, segment_ids)
+    logits, _ = self._forward(tokens, inputs, None)
+    return logits
+
+  def decode(self, tokens, cache, positions=None, segment_ids=None):
+    """Logits of `tokens` [B, T] written after the cache's `index` slots;
+    returns (logits, the cache with them)."""
+    start = cache["index"]
+    positions, segment_ids = _defaults(tokens, positions, segment_ids, start)
+    update = lambda slots, new: jax.lax.dynamic_update_slice(slots, new,
+                                                             (0, start))
+    inputs = AttentionInputs(
+        positions, segment_ids, update(cache["positions"], positions),
+        update(cache["segment_ids"], segment_ids), cache_index=start)
+    logits, (k, v) = self._forward(tokens, inputs, (cache["k"], cache["v"]))
+    return logits, {"k": k, "v": v, "positions": inputs.key_positions,
+                    "segment_ids": inputs.key_segments,
+                    "index": start + tokens.shape[1]}
+
+  def _forward(self, tokens, inputs: AttentionInputs, kv_cache):
+    cfg = self.config
+    x = nn.with_logical_constraint(self.embedder.encode(tokens), _ACT)
+    windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+    x, kv_cache = self.layers(x, (windows, kv_cache), inputs)
+    logits = self.embedder.decode(self.final_norm(x))
     if cfg.final_logit_softcap:
       cap = cfg.final_logit_softcap
       logits = cap * jnp.tanh(logits / cap)
     logits = nn.with_logical_constraint(
         logits, ("act_batch", "act_length", "act_vocab"))
-    if cache is None:
-      return logits
-    return logits, {"k": kv_cache[0], "v": kv_cache[1],
-                    "positions": key_positions, "segment_ids": key_segments,
-                    "index": start + t}
+    return logits, kv_cache

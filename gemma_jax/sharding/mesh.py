@@ -108,7 +108,3 @@ def _slice_mesh(shape, devices) -> np.ndarray:
                                          allow_split_physical_axes=True)
   except (ValueError, NotImplementedError, AssertionError):
     return np.asarray(devices, dtype=object).reshape(shape)
-
-
-def describe(mesh: jax.sharding.Mesh) -> str:
-  return " x ".join(f"{a}={s}" for a, s in mesh.shape.items())

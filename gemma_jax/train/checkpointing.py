@@ -5,26 +5,60 @@ Each checkpoint directory `DIR/checkpoints/<step>/` holds two items:
   state  the TrainState pytree (params, optimizer state, step, RNG, the
          non-finite counter), saved sharded by every process;
   meta   JSON: the resolved run config, the data pipeline's `describe()`
-         (its sources, stages and tokenizer fingerprint) and the step.
+         (its sources, stages and tokenizer fingerprint), the step, whether
+         the checkpoint is good and why (gemma_jax/train/health.py), and
+         every array's shape and checksum.
 
 The data position needs no state of its own: batches are a pure function of
 the step. Orbax writes each step into a temporary directory and renames it
 when every process has finished, so a process killed in the middle of a save
 leaves the previous checkpoint intact; older steps are deleted only after a
-newer one is complete.
+newer one is complete, and the newest good one is kept past `keep`.
+
+A checkpoint torn afterwards (a file deleted or truncated, metadata cut
+short) is found before or while restoring and reported as CheckpointDamaged
+naming the file or array; `restore_newest_intact` then sets it aside and
+falls back to the one before it. One of another model or optimizer is a
+CheckpointError naming the first array that differs.
 """
 
 import dataclasses
+import datetime
+import json
 import os
+import re
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import CheckpointError
+from gemma_jax.train import health
 from gemma_jax.train.config import CheckpointConfig
 
-FORMAT_VERSION = 1
+# 2: the learning rate is an injected hyperparameter; 3: meta holds the
+# arrays' shapes and checksums and whether the checkpoint is good.
+FORMAT_VERSION = 3
+DAMAGED_DIR = "checkpoints.damaged"
+DISCARDED_DIR = "checkpoints.discarded"
+# A tensorstore/orbax failure that means a file is missing or torn (not a
+# checkpoint of another model).
+_DAMAGE = re.compile(r"NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|"
+                     r"Error reading|error while reading|Error opening|"
+                     r"No such file|Unexpected end|corrupt|decod", re.I)
+
+
+class CheckpointDamaged(CheckpointError):
+  """A checkpoint's files are missing, torn or do not match their checksums.
+
+  Attributes: step, and `file` (the file or array that is damaged).
+  """
+
+  def __init__(self, directory: str, step: int, file: str, reason: str):
+    self.step, self.file = step, file
+    super().__init__(f"checkpoint {directory}/{step} is damaged: {file}: "
+                     f"{reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,75 +67,179 @@ class Restored:
   meta: dict
 
 
+def _path_key(path) -> str:
+  """('params', 'layers', ...) as orbax's _METADATA writes tree paths."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return str(tuple(parts))
+
+
+def _shapes(tree) -> dict[str, list[int]]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_key(p): list(x.shape) for p, x in flat}
+
+
+class _KeepNewestGood:
+  """Orbax preservation policy: keeps the newest good checkpoint even when
+  `keep` newer (not good) ones would push it out."""
+
+  def __init__(self, checkpointer: "Checkpointer"):
+    self._ckpt = checkpointer
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    good = self._ckpt.newest_good_step()
+    return [c.step == good for c in checkpoints]
+
+
 class Checkpointer:
   """Saves and restores training state under `directory`.
 
   Saves are asynchronous when `cfg.async_save`: `save` returns once the
   arrays are copied off the devices and training continues while orbax
-  writes them. Call `close()` (or `wait()`) before exiting.
+  writes them. Call `close()` (or `wait()`) before exiting. `read_only`
+  (eval and other readers) never creates or deletes anything.
   """
 
-  def __init__(self, directory: str, cfg: CheckpointConfig):
+  def __init__(self, directory: str, cfg: CheckpointConfig,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    # The save interval is `should_save` below (save_every 0 means only at
-    # the end or on SIGTERM, which orbax's interval cannot say); every save
-    # is forced past orbax's own interval check.
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep,
+    self.read_only = read_only
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f"no checkpoint directory {self.directory}")
+    self._metas: dict[int, dict] = {}
+    self._good: dict[int, bool] = {}
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=self._options(cfg),
+        item_names=("state", "meta"))
+
+  def _options(self, cfg) -> ocp.CheckpointManagerOptions:
+    if self.read_only:
+      return ocp.CheckpointManagerOptions(read_only=True, create=False)
+    # When to save is the trainer's (a hook every checkpoint.save_every
+    # steps, and at the end or on SIGTERM); every save is forced past
+    # orbax's own interval check.
+    cm = ocp.checkpoint_managers
+    return ocp.CheckpointManagerOptions(
         enable_async_checkpointing=cfg.async_save,
         create=True,
+        # The newest `keep`, and the newest good one (see health.py).
+        preservation_policy=cm.AnyPreservationPolicy(
+            [cm.LatestN(n=cfg.keep), _KeepNewestGood(self)]),
         # Leftover `*.orbax-checkpoint-tmp-*` directories of a killed save.
         cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "meta"))
-    self._save_every = cfg.save_every
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
-  def should_save(self, step: int) -> bool:
-    return self._save_every > 0 and step % self._save_every == 0
-
-  def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
-    """Starts saving `state` at `step`; returns whether a save started."""
+  def save(self, step: int, state, meta: dict) -> None:
+    """Starts saving `state` at `step`; a step saved before is an error
+    (never silently kept or overwritten). Meta gets the arrays' shapes and
+    checksums; `meta["good"]["good"]` marks a good checkpoint."""
     if step in self._manager.all_steps():
-      return False
-    if not force and not self.should_save(step):
-      return False
-    meta = {"format_version": FORMAT_VERSION, "step": step, **meta}
-    return self._manager.save(
+      raise CheckpointError(f"checkpoint {self.directory}/{step} already "
+                            "exists; not overwriting it")
+    meta = {"format_version": FORMAT_VERSION, "step": step, **meta,
+            "shapes": _shapes(state), "checksums": health.checksums(state)}
+    self._metas[step] = meta
+    self._good[step] = bool(meta.get("good", {}).get("good", False))
+    self._manager.save(
         step, force=True,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                 meta=ocp.args.JsonSave(meta)))
 
+  # Goodness (see gemma_jax/train/health.py).
+  def good(self, step: int) -> dict | None:
+    """The `good` record of a checkpoint; None for one saved before they
+    were recorded, or whose meta cannot be read."""
+    try:
+      return self.restore_meta(step).get("good")
+    except CheckpointError:
+      return None
+
+  def is_good(self, step: int) -> bool:
+    """Whether checkpoint `step` is good; one whose meta cannot be read is
+    not, one saved before goodness was recorded (format < 3, saved only
+    from finite states) is."""
+    if step not in self._good:
+      try:
+        meta = self.restore_meta(step)
+      except CheckpointError:
+        return False
+      record = meta.get("good")
+      self._good[step] = (bool(record.get("good")) if isinstance(record, dict)
+                          else meta.get("format_version", 0) < 3)
+    return self._good[step]
+
+  def newest_good_step(self) -> int | None:
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      if self.is_good(step):
+        return step
+    return None
+
+  # Restoring.
   def restore_meta(self, step: int | None = None) -> dict:
     step = self._step_or_latest(step)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return restored.meta
+    if step in self._metas:
+      return self._metas[step]
+    path = os.path.join(self._step_dir(step), "meta", "metadata")
+    meta = self._read_json(step, path)
+    self._metas[step] = meta
+    return meta
 
   def restore(self, abstract_state, step: int | None = None) -> Restored:
     """Restores onto the shardings of `abstract_state`.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with shardings
-    (for example from `jax.eval_shape` of the state initialiser plus the
-    state shardings of the current mesh), so a checkpoint saved on one mesh
-    restores onto another.
+    (`TrainProgram.abstract_state`), so a checkpoint saved on one mesh
+    restores onto another. Raises CheckpointDamaged (naming the file or
+    array) for missing, torn or corrupted files, and CheckpointError when
+    the checkpoint holds another model or optimizer state.
     """
     step = self._step_or_latest(step)
+    meta = self.restore_meta(step)
+    self._check_files(step)
+    self._check_structure(step, meta, abstract_state)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-      raise ConfigError(
-          f"checkpoint {self.directory}/{step} does not match the configured "
-          f"model/optimizer state ({type(e).__name__}: {str(e)[:300]}); use "
-          f"the config it was trained with, or a fresh --workdir") from None
-    return Restored(state=restored.state, meta=restored.meta)
+          state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many)
+      text = str(e)
+      if "shapes" in meta or _DAMAGE.search(text):
+        raise CheckpointDamaged(self.directory, step, _culprit(text),
+                                _first_line(text)) from None
+      raise self._mismatch(step, f"{type(e).__name__}: {text[:300]}"
+                           ) from None
+    if "checksums" in meta:
+      bad = health.mismatched(meta["checksums"],
+                              health.checksums(restored.state))
+      if bad:
+        raise CheckpointDamaged(
+            self.directory, step, f"array {bad[0]}",
+            f"its data does not match the checksum saved with it "
+            f"({len(bad)} arrays differ)")
+    return Restored(state=restored.state, meta=meta)
+
+  def set_aside(self, step: int, folder: str) -> str:
+    """Moves checkpoint `step` to `folder`/<step> (never deletes it);
+    returns where it went."""
+    dest = os.path.join(folder, str(step))
+    if os.path.exists(dest):
+      stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+      dest = f"{dest}.{stamp}"
+    os.makedirs(folder, exist_ok=True)
+    shutil.move(self._step_dir(step), dest)
+    self._metas.pop(step, None)
+    self._good.pop(step, None)
+    self._manager.reload()
+    return dest
 
   def wait(self):
     self._manager.wait_until_finished()
@@ -110,15 +248,127 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
 
+  # Checks.
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _read_json(self, step: int, path: str) -> dict:
+    try:
+      with open(path) as f:
+        data = json.load(f)
+    except FileNotFoundError:
+      raise CheckpointDamaged(self.directory, step,
+                              os.path.relpath(path, self.directory),
+                              "missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+      raise CheckpointDamaged(self.directory, step,
+                              os.path.relpath(path, self.directory),
+                              f"not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+      raise CheckpointDamaged(self.directory, step,
+                              os.path.relpath(path, self.directory),
+                              "not a JSON object")
+    return data
+
+  def _check_files(self, step: int) -> None:
+    """The files orbax needs before it reads any array."""
+    state = os.path.join(self._step_dir(step), "state")
+    tree = self._read_json(step, os.path.join(state, "_METADATA"))
+    if tree.get("use_ocdbt", True):
+      manifest = os.path.join(state, "manifest.ocdbt")
+      if not os.path.isfile(manifest) or not os.path.getsize(manifest):
+        raise CheckpointDamaged(self.directory, step,
+                                os.path.relpath(manifest, self.directory),
+                                "missing or empty")
+    if not isinstance(tree.get("tree_metadata"), dict):
+      raise CheckpointDamaged(self.directory, step, f"{step}/state/_METADATA",
+                              "holds no tree metadata")
+
+  def _check_structure(self, step: int, meta: dict, abstract_state) -> None:
+    """CheckpointError naming the first array whose path or shape differs
+    from `abstract_state` (another model or optimizer)."""
+    want = _shapes(abstract_state)
+    if "shapes" in meta:
+      saved = meta["shapes"]
+    else:   # earlier versions: paths only, from orbax's tree metadata
+      with open(os.path.join(self._step_dir(step), "state", "_METADATA")) as f:
+        tree = json.load(f)["tree_metadata"]
+      saved = {k: want.get(k) for k, v in tree.items()
+               if (v.get("value_metadata") or {}).get("value_type")}
+    for key in sorted(set(saved) | set(want)):
+      if key not in saved:
+        raise self._mismatch(step, f"array {key} is not in the checkpoint")
+      if key not in want:
+        raise self._mismatch(step, f"the checkpoint has an array {key} the "
+                             f"configured state has not")
+      if list(saved[key]) != list(want[key]):
+        raise self._mismatch(step, f"array {key} has shape {saved[key]} in "
+                             f"the checkpoint, {want[key]} in the config")
+
+  def _mismatch(self, step: int, detail: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {self.directory}/{step} does not match the configured "
+        f"model/optimizer state ({detail}); use the config it was trained "
+        f"with, or a fresh --workdir")
+
   def _step_or_latest(self, step):
-    step = self.latest_step() if step is None else step
     if step is None:
-      raise ConfigError(f"no checkpoint found in {self.directory}")
+      step = self.latest_step()
+      if step is None:
+        raise CheckpointError(f"no checkpoint found in {self.directory}")
+    elif step not in self._manager.all_steps():
+      steps = ", ".join(map(str, self.all_steps())) or "none"
+      raise CheckpointError(f"no checkpoint at step {step} in "
+                            f"{self.directory} (steps: {steps})")
     return step
 
 
-def abstract_like(tree, shardings):
-  """ShapeDtypeStructs of `tree` (arrays or structs) with `shardings`."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings)
+def restore_newest_intact(checkpointer: Checkpointer, abstract_state,
+                          check_meta=None, damaged_dir: str | None = None,
+                          warn=None):
+  """(step, Restored) of the newest intact checkpoint; (None, None) when
+  there is none at all.
+
+  `check_meta(meta, step)` may raise (another model, another data stream):
+  that propagates. A damaged checkpoint gets one `warn` line naming its
+  file; it is moved to `damaged_dir`/<step> when given (never deleted), and
+  the one before it is tried. If every checkpoint is damaged:
+  CheckpointError.
+  """
+  warn = warn or (lambda m: None)
+  damaged = []
+  for step in reversed(checkpointer.all_steps()):
+    try:
+      meta = checkpointer.restore_meta(step)
+      if check_meta is not None:
+        check_meta(meta, step)
+      return step, checkpointer.restore(abstract_state, step)
+    except CheckpointDamaged as e:
+      where = ""
+      if damaged_dir is not None:
+        where = f"; moved it to {checkpointer.set_aside(step, damaged_dir)}"
+      warn(f"{e}{where}; trying the checkpoint before it")
+      damaged.append(step)
+  if damaged:
+    kept = f" (moved to {damaged_dir})" if damaged_dir else ""
+    raise CheckpointError(
+        f"no intact checkpoint in {checkpointer.directory}: checkpoints "
+        f"{', '.join(map(str, damaged))} are damaged{kept}")
+  return None, None
+
+
+def _first_line(text: str) -> str:
+  line = text.strip().splitlines()[0] if text.strip() else "unreadable"
+  return line[:200]
+
+
+def _culprit(text: str) -> str:
+  """The array (or file) a tensorstore error names."""
+  arrays = [p for p in re.findall(r"'path': '([^']+)'", text)
+            if not p.startswith("/")]
+  if arrays:
+    return f"array {arrays[-1].rstrip('/')}"
+  key = re.search(r'Error reading "([^"/]+)/', text)
+  if key:
+    return f"array {key.group(1)}"
+  return "array data"

@@ -1,9 +1,29 @@
-"""Optimizer, training-loop and checkpointing configs."""
+"""The run config: small typed sub-configs composed into one, from YAML.
+
+    config = load_config("configs/tiny.yaml", ["train.steps=10"])
+
+Sections: `model` (gemma_jax.model.config), `mesh` (gemma_jax.sharding.config),
+`data` (gemma_jax.data.config), `runtime` (gemma_jax.distributed), `distill`
+(gemma_jax.train.distill), and the training sections defined here:
+`optimizer`, `train`, `checkpoint`, `continual` (EWC; docs/continual.md).
+The model section may name a preset and
+override any of its fields:
+
+    model: {preset: gemma2-2b, remat_policy: full}
+"""
 
 import dataclasses
 from typing import Literal
 
+import yaml
+
+from gemma_jax import configlib
+from gemma_jax.data.config import DataConfig
+from gemma_jax.distributed import RuntimeConfig
 from gemma_jax.errors import ConfigError
+from gemma_jax.model.config import PRESETS, ModelConfig
+from gemma_jax.sharding.config import MeshConfig
+from gemma_jax.train.distill import DistillConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +63,8 @@ class TrainConfig:
   prefetch: int = 2                # batches placed on the devices ahead
   sample_prompts: tuple[str, ...] = ()  # printed with a continuation at the end
   sample_tokens: int = 32
+  ema_decay: float = 0.0           # EMA of the weights (0: none)
+  ema_debias: bool = True          # false: anchored at the start (WARP)
 
   def __post_init__(self):
     if self.steps < 0:
@@ -62,6 +84,9 @@ class TrainConfig:
       raise ConfigError("train.log_every must be positive")
     if self.prefetch < 1:
       raise ConfigError(f"train.prefetch must be >= 1, got {self.prefetch}")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no EMA), "
+                        f"got {self.ema_decay}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +95,12 @@ class CheckpointConfig:
   keep: int = 3
   async_save: bool = True
   init_from: str | None = None     # params to start from (continual pretraining)
+  # Format of init_from: detected, or named (a gemma_jax run directory is
+  # `run`; see gemma_jax.train.continual).
+  init_format: Literal["auto", "native", "hf", "kaggle", "run"] = "auto"
+  # With init_from a run directory: continue its AdamW moments too (the
+  # learning-rate schedule still restarts at step 0).
+  init_optimizer: bool = False
   export_params: bool = True       # params-only export to WORKDIR/params at the end
 
   def __post_init__(self):
@@ -78,3 +109,118 @@ class CheckpointConfig:
                         f"end), got {self.save_every}")
     if self.keep < 1:
       raise ConfigError(f"checkpoint.keep must be >= 1, got {self.keep}")
+    if self.init_optimizer and not self.init_from:
+      raise ConfigError("checkpoint.init_optimizer needs checkpoint.init_from "
+                        "(a gemma_jax run directory)")
+    if self.init_optimizer and self.init_format not in ("auto", "run"):
+      raise ConfigError(f"checkpoint.init_optimizer restores the optimizer of "
+                        f"a gemma_jax run; checkpoint.init_format "
+                        f"{self.init_format!r} holds params only")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualConfig:
+  """Elastic Weight Consolidation: the loss gains
+  ewc_lambda / 2 * sum_i F_i (theta_i - anchor_i)^2 (docs/continual.md).
+
+  ewc_lambda > 0 without a `fisher` is L2-SP (F = 1).
+  """
+  ewc_lambda: float = 0.0
+  fisher: str | None = None        # a `gemma-jax fisher` output directory
+  anchor: str | None = None        # params to hold (default: init_from)
+  anchor_format: Literal["auto", "native", "hf", "kaggle", "run"] = "auto"
+  # F as used: divided by its mean over all entries ("mean", so that
+  # mean F = 1 and ewc_lambda is the average stiffness, whatever the data
+  # and estimator), by its largest entry ("max"), or raw ("none").
+  fisher_normalization: Literal["mean", "max", "none"] = "mean"
+  # Storage of F and the anchor on the devices (bfloat16 halves it).
+  dtype: Literal["float32", "bfloat16"] = "float32"
+
+  def __post_init__(self):
+    if self.ewc_lambda < 0:
+      raise ConfigError(f"continual.ewc_lambda must be >= 0, got "
+                        f"{self.ewc_lambda}")
+
+  @property
+  def enabled(self) -> bool:
+    return self.ewc_lambda > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  model: ModelConfig
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  train: TrainConfig = TrainConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  runtime: RuntimeConfig = RuntimeConfig()
+  distill: DistillConfig = DistillConfig()
+  continual: ContinualConfig = ContinualConfig()
+
+  def __post_init__(self):
+    c = self.continual
+    if c.enabled and not (c.anchor or self.checkpoint.init_from):
+      raise ConfigError("continual.ewc_lambda > 0 holds the params near an "
+                        "anchor: set continual.anchor or "
+                        "checkpoint.init_from")
+
+
+def model_config_from_dict(data: dict, path: str = "model") -> ModelConfig:
+  """A model section: all fields, or `preset:` plus fields to override."""
+  data = dict(data)
+  name = data.pop("preset", None)
+  if name is not None:
+    if name not in PRESETS:
+      raise ConfigError(f"{path}.preset: unknown preset {name!r}; valid "
+                        f"choices: {', '.join(PRESETS)}")
+    data = {**configlib.to_dict(PRESETS[name]), **data}
+  return configlib.from_dict(ModelConfig, data, path)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+  data = dict(data)
+  if "model" not in data:
+    raise ConfigError("missing required key 'model' (a preset name or fields)")
+  model = data.pop("model")
+  if isinstance(model, str):
+    model = {"preset": model}
+  if not isinstance(model, dict):
+    raise ConfigError(f"model: expected a preset name or a mapping, "
+                      f"got {model!r}")
+  distill = data.get("distill")
+  if isinstance(distill, dict) and distill.get("teacher_model") is not None:
+    teacher = distill["teacher_model"]
+    teacher = {"preset": teacher} if isinstance(teacher, str) else teacher
+    if not isinstance(teacher, dict):
+      raise ConfigError(f"distill.teacher_model: expected a preset name or a "
+                        f"mapping, got {teacher!r}")
+    data["distill"] = distill | {"teacher_model": model_config_from_dict(
+        teacher, "distill.teacher_model")}
+  return configlib.from_dict(RunConfig,
+                             data | {"model": model_config_from_dict(model)})
+
+
+def load_config(path=None, overrides=()) -> RunConfig:
+  """Loads a YAML run config and applies `key.path=value` overrides."""
+  data = configlib.load_yaml(path) if path else {}
+  for override in overrides:
+    # `model: gemma2-2b` is short for `model: {preset: gemma2-2b}`; expand it
+    # so that `model.num_layers=2` can override a field of the preset.
+    if isinstance(data.get("model"), str):
+      data["model"] = {"preset": data["model"]}
+    distill = data.get("distill")
+    if isinstance(distill, dict) and isinstance(distill.get("teacher_model"),
+                                                str):
+      distill["teacher_model"] = {"preset": distill["teacher_model"]}
+    data = configlib.apply_overrides(data, [override])
+  return config_from_dict(data)
+
+
+def to_dict(config: RunConfig) -> dict:
+  return configlib.to_dict(config)
+
+
+def to_yaml(config: RunConfig) -> str:
+  """YAML that `load_config` reads back into an equal config."""
+  return yaml.safe_dump(to_dict(config), sort_keys=False)

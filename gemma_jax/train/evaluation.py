@@ -1,23 +1,21 @@
 """Held-out evaluation per data source: loss (nats/token) and perplexity."""
 
 import math
-from collections.abc import Callable
 
 import jax
 import numpy as np
 
 
-def evaluate(eval_step: Callable, params, pipe, num_batches: int,
-             put: Callable) -> dict[str, dict]:
+def evaluate(program, params, pipe, num_batches: int) -> dict[str, dict]:
   """Mean held-out loss of each source over `num_batches` batches.
 
   Args:
-    eval_step: `(params, batch) -> {"loss_sum", "tokens", ...}` on devices.
-    params: the model parameters (sharded).
+    program: the run's TrainProgram (its compiled eval step and batch
+      placement).
+    params: the model parameters (sharded like `program.param_shardings`).
     pipe: the data pipeline; `pipe.eval_batches(source, n)` yields numpy
       batches of one source.
     num_batches: batches per source.
-    put: places a numpy batch on the devices (global arrays).
 
   Returns:
     {source: {"loss", "perplexity", "tokens"}}; sources without held-out
@@ -25,7 +23,7 @@ def evaluate(eval_step: Callable, params, pipe, num_batches: int,
   """
   results = {}
   for name in pipe.source_names:
-    outs = [eval_step(params, put(batch))
+    outs = [program.eval_step(params, program.put(batch))
             for batch in pipe.eval_batches(name, num_batches)]
     if not outs:
       continue

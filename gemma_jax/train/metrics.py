@@ -7,7 +7,8 @@ Only process 0 writes; other processes get a writer that does nothing.
 
 Keys of a training record (see README "Metrics"):
   step, loss, loss/<source>, share/<source>, grad_norm, learning_rate,
-  tokens, tokens_per_sec, step_time_s, mfu, skipped, and (added by the
+  tokens, tokens_per_sec, step_time_s, mfu, skipped, loss/<term> for each
+  extra objective term (e.g. loss/ewc, loss/distill), and (added by the
   trainer) skipped_total, elapsed_s
 """
 
@@ -17,42 +18,7 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
-
-# Peak dense bf16 FLOP/s per device (per chip; per TensorCore where JAX shows
-# one device per core: v2, v3). Matched as substrings of `device_kind`,
-# lower-cased, longest key first.
-PEAK_FLOPS = {
-    "tpu v2": 22.5e12,
-    "tpu v3": 61.5e12,
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,   # v5e
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    "tpu v6 lite": 918e12,   # v6e (Trillium)
-    "tpu v6e": 918e12,
-    "tpu7x": 2307e12,
-    "h100": 989e12,
-    "h200": 989e12,
-    "h800": 989e12,
-    "a100": 312e12,
-    "l4": 121e12,
-    "b200": 2250e12,
-}
-
-
-def peak_flops_per_device(device=None, configured: float | None = None):
-  """Configured value, else the table entry for the device, else None."""
-  if configured:
-    return float(configured)
-  kind = (device or jax.devices()[0]).device_kind.lower()
-  for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if key in kind:
-      return PEAK_FLOPS[key]
-  return None
-
 
 def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
         peak_per_device: float | None):
@@ -73,8 +39,11 @@ class MetricsWriter:
   """Appends records to `<workdir>/<name>.jsonl` and TensorBoard."""
 
   def __init__(self, workdir: str, enabled: bool = True,
-               tensorboard: bool = True):
+               tensorboard: bool = True, guard=None):
+    """`guard(what)` is called before every write and may raise to stop it
+    (the trainer's workdir lease: another run must not be clobbered)."""
     self.enabled = enabled
+    self._guard = guard or (lambda what: None)
     self._files = {}
     self._tb = None
     self._workdir = workdir
@@ -90,6 +59,7 @@ class MetricsWriter:
     for name in ("metrics", "eval"):
       path = os.path.join(self._workdir, f"{name}.jsonl")
       if os.path.exists(path):
+        self._guard(f"{name}.jsonl")
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
         with open(path + ".tmp", "w") as f:
           f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -99,6 +69,7 @@ class MetricsWriter:
     """Writes one record; must have an integer `step`."""
     if not self.enabled:
       return
+    self._guard(f"{name}.jsonl")
     if name not in self._files:
       self._files[name] = open(os.path.join(self._workdir, f"{name}.jsonl"),
                                "a")
@@ -112,10 +83,6 @@ class MetricsWriter:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)) and v is not None:
           self._tb.add_scalar(prefix + k, v, step)
-
-  def flush(self):
-    if self._tb is not None:
-      self._tb.flush()
 
   def close(self):
     for f in self._files.values():
@@ -217,6 +184,10 @@ def train_record(step: int, values: list[dict], seconds: float,
       "mfu": mfu(flops_per_token, tokens_per_sec, num_devices, peak),
       "skipped": int(np.sum([v["skipped"] for v in values])),
   }
+  # Extra objective terms (loss/distill, loss/ewc, ...), per target token.
+  for key in values[0]:
+    if key.startswith("loss/"):
+      record[key] = mean(key)
   for i, name in enumerate(source_names):
     t = float(src_tokens[i])
     record[f"loss/{name}"] = float(src_loss[i]) / t if t else None

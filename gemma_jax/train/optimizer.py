@@ -58,24 +58,25 @@ def decay_mask(params):
 def make_optimizer(cfg: OptimizerConfig,
                    total_steps: int) -> tuple[optax.GradientTransformation,
                                               optax.Schedule]:
-  """(AdamW with global-norm clipping, its schedule)."""
+  """(AdamW with global-norm clipping, its schedule).
+
+  The learning rate is an injected hyperparameter: the optimizer state holds
+  the rate of the last update (`learning_rate(opt_state)`), which lags the
+  step count by the skipped steps, since a skipped step keeps the state.
+  """
   schedule = make_schedule(cfg, total_steps)
   parts = []
   if cfg.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  adamw = optax.inject_hyperparams(
+      optax.adamw,
+      static_args=("b1", "b2", "eps", "eps_root", "weight_decay", "mask"))
+  parts.append(adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                     weight_decay=cfg.weight_decay, mask=decay_mask))
   return optax.chain(*parts), schedule
 
 
-def schedule_count(opt_state) -> jax.Array:
-  """Updates applied so far: the step the schedule is at.
-
-  Lags TrainState.step by the number of skipped (non-finite) steps, since a
-  skipped step keeps the whole optimizer state, this count included.
-  """
-  states = [x for x in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
-            if isinstance(x, optax.ScaleByScheduleState)]
-  assert len(states) == 1, "expected one learning-rate schedule"
-  return states[0].count
+def learning_rate(opt_state) -> jax.Array:
+  """The learning rate the last update of `opt_state` applied."""
+  return optax.tree.get(opt_state, "learning_rate",
+                        filtering=lambda _, v: isinstance(v, jax.Array))

@@ -32,7 +32,7 @@ def tiny_config_dict(tokenizer: str, steps: int = 6) -> dict:
                 "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1,
                 "head_dim": 16, "vocab_size": 512, "sliding_window": 8},
       "data": {
-          "seq_len": 32, "tokenizer": tokenizer, "block_size": 8,
+          "seq_len": 32, "tokenizer": tokenizer,
           "sources": {
               "prose": {"kind": "memory", "texts": texts(2, 60, "prose"),
                         "eval_texts": texts(3, 8, "prose")},

@@ -3,28 +3,34 @@
     trainer = Trainer(run_config, workdir)
     trainer.run()     # trains to train.steps, or stops cleanly on SIGTERM
 
-The loop only runs the compiled step; logging, evaluation and checkpointing
-are hooks called every N steps (`add_hook`). Batches are a pure function of
-the step (the data pipeline's contract), the RNG lives in the state, and the
-step is deterministic, so resuming from a checkpoint at step s replays steps
-s+1.. exactly as an uninterrupted run would.
+The loop only runs the compiled step; logging, evaluation, checkpointing,
+the params export and the samples are hooks called every N steps or at the
+end (`add_hook`). Batches are a pure function of the step (the data
+pipeline's contract), the RNG lives in the state, and the step is
+deterministic, so resuming from a checkpoint at step s replays steps s+1..
+exactly as an uninterrupted run would.
 """
 
 import collections
 import dataclasses
+import datetime
 import os
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 
 import jax
-import yaml
 
-from gemma_jax import config as config_lib
+from gemma_jax import fileio, hardware
+from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
-from gemma_jax.train import checkpointing, evaluation
+from gemma_jax.train import (checkpointing, continual, distillation,
+                             evaluation, flops, health, lease)
+from gemma_jax.train import config as config_lib
 from gemma_jax.train import metrics as metrics_lib
-from gemma_jax.train import build as build_lib
+from gemma_jax.train.program import TrainProgram
 
 
 @dataclasses.dataclass
@@ -35,35 +41,6 @@ class Hook:
   every: int
   at_end: bool = True
   last_step: int = -1
-
-
-def initialize_distributed() -> None:
-  """Starts jax.distributed when this is one of several processes.
-
-  Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (any
-  machine, CPU included: collectives over gloo). Otherwise a multi-host
-  cluster that JAX detects itself (Cloud TPU pod slices, SLURM, Open MPI);
-  GEMMA_JAX_DISTRIBUTED=1 asks for that detection where no variable shows it
-  (one process per Cloud TPU VM host, as launch/tpu_pod.sh starts them).
-  """
-  if jax.distributed.is_initialized():
-    return
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
-    num = int(env["JAX_NUM_PROCESSES"])
-    if num > 1:
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-      jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num,
-                                 int(env.get("JAX_PROCESS_ID", "0")))
-    return
-  multi_host = (
-      env.get("GEMMA_JAX_DISTRIBUTED") == "1"   # set by launch/tpu_pod.sh
-      or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-      or env.get("MEGASCALE_COORDINATOR_ADDRESS")
-      or int(env.get("SLURM_NTASKS", "1")) > 1
-      or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-  if multi_host:
-    jax.distributed.initialize()
 
 
 def check_workdir(workdir: str) -> None:
@@ -81,32 +58,58 @@ def check_workdir(workdir: str) -> None:
                       f"permissions")
 
 
-def check_resume_compatible(saved: dict, cfg, describe: dict, step: int,
-                            check_data: Callable) -> None:
-  """ConfigError, saying what to change, if a checkpoint cannot continue."""
-  saved_cfg = saved.get("config", {})
-  current = config_lib.to_dict(cfg)
-  if saved_cfg.get("model") != current["model"]:
-    diff = sorted(k for k in current["model"]
-                  if saved_cfg.get("model", {}).get(k) != current["model"][k])
+def check_same_model(saved: dict, cfg, step: int) -> None:
+  """ConfigError, saying what to change, if a checkpoint holds another
+  model. (The data stream's checks are the pipeline's `check_resume`.)"""
+  saved_model = saved.get("config", {}).get("model", {})
+  current = config_lib.to_dict(cfg)["model"]
+  if saved_model != current:
+    diff = sorted(k for k in current if saved_model.get(k) != current[k])
     raise ConfigError(
         f"the checkpoint at step {step} was trained with a different model "
         f"(fields that differ: {', '.join(diff) or 'all'}); restore the "
         f"model section it was saved with, or use a fresh --workdir")
-  for key in ("batch_size",):
-    old, new = saved_cfg.get("train", {}).get(key), current["train"][key]
-    if old is not None and old != new:
-      raise ConfigError(
-          f"train.{key} changed from {old} to {new} since the checkpoint at "
-          f"step {step}: the data position depends on it; set "
-          f"train.{key}={old} or use a fresh --workdir")
-  check_data(saved.get("data", {}), describe, step)
+
+
+def check_init_from(cfg) -> None:
+  """ConfigError unless a native checkpoint.init_from holds the configured
+  model's parameter shapes.
+
+  Compared on the stored config, before anything is read or compiled:
+  params of another size would fail much later, with an unrelated error.
+  (Other formats are checked tensor by tensor as they are read.)
+  """
+  from gemma_jax.checkpoint import formats, layout, native
+  path, fmt = cfg.checkpoint.init_from, cfg.checkpoint.init_format
+  if fmt == "run" or (fmt == "auto" and continual.is_run_dir(path)):
+    return
+  if (formats.detect(path) if fmt == "auto" else fmt) != "native":
+    return
+  stored = native.load_config(path)
+  if layout.param_shapes(cfg.model) == layout.param_shapes(stored):
+    return
+  diff = [f"{k} {getattr(stored, k)!r} there, {getattr(cfg.model, k)!r} here"
+          for k in layout.SHAPE_FIELDS
+          if getattr(stored, k) != getattr(cfg.model, k)]
+  if diff:
+    raise ConfigError(
+        f"checkpoint.init_from: {path} holds another model ({diff[0]}); set "
+        f"the model section to the one it was saved with")
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  path = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
 
 
 class Trainer:
   """Builds everything from a RunConfig and runs the loop with hooks."""
 
-  def __init__(self, cfg, workdir: str, log: Callable[[str], None] = print):
+  def __init__(self, cfg, workdir: str, log: Callable[[str], None] = print,
+               mesh: jax.sharding.Mesh | None = None,
+               from_step: int | None = None):
+    """`from_step`: resume from this checkpoint step (0: from scratch);
+    later checkpoints are moved to WORKDIR/checkpoints.discarded/."""
     self.cfg = cfg
     self.workdir = os.path.abspath(workdir)
     self.is_main = jax.process_index() == 0
@@ -115,66 +118,100 @@ class Trainer:
     self.stop_requested = False
     self.skipped_total = 0
     self._pending = []          # device metrics since the last log
+    self._recent_losses = []    # logged losses, for the divergence rule
+    self.from_step = from_step
 
-    # 1. Inputs that can be wrong are checked before anything heavy.
+    # 1. Inputs that can be wrong are checked before anything heavy, and
+    # before the workdir is touched; the workdir is ours (its lease) before
+    # anything is written into it.
+    self.program = TrainProgram(cfg, mesh)
+    self.pipe = build_pipeline(
+        cfg.data, global_batch=cfg.train.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(), vocab_size=cfg.model.vocab_size)
+    if cfg.checkpoint.init_from and not _has_checkpoints(self.workdir):
+      check_init_from(cfg)
     check_workdir(self.workdir)
-    self.parts = build_lib.build(cfg)           # mesh, data, step functions
-    self.pipe = self.parts.pipe
-    self.checkpointer = checkpointing.Checkpointer(
-        os.path.join(self.workdir, "checkpoints"), cfg.checkpoint)
-    self._install_sigterm_handler()
+    self.lease = self._take_lease()
+    self.checkpointer = None
+    self._old_handlers = {}
     try:
+      checkpoints = os.path.join(self.workdir, "checkpoints")
+      if self.is_main:
+        fileio.check_writable_directory(checkpoints, "checkpoint directory")
+      self.checkpointer = checkpointing.Checkpointer(checkpoints,
+                                                     cfg.checkpoint)
+      self._install_sigterm_handler()
       self._setup()
     except BaseException:
-      self.checkpointer.close()
-      self._restore_signal_handlers()
+      self.close()
       raise
 
   def _setup(self):
     cfg = self.cfg
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      saved = self.checkpointer.restore_meta(latest)
-      check_resume_compatible(saved, cfg, self.pipe.describe(), latest,
-                              self.parts.check_data_resume)
-
+    # distill: the teacher loaded, or its dump checked and read per batch.
+    distillation.attach(self.program, self.pipe, cfg.train.steps)
     # 2. State: restored onto this mesh, or created sharded on the devices.
-    if latest is not None:
-      restored = self.checkpointer.restore(self.parts.abstract_state(),
-                                           latest)
+    if self.from_step is not None:
+      self._discard_checkpoints_after(self.from_step)
+    self.restored_step, restored = self._restore_newest_intact()
+    if restored is not None:
+      self._check_resumable(self.restored_step)
+      # EWC: refuses a changed Fisher or anchor, then loads them.
+      self.continual = continual.resume(self.program, restored.meta,
+                                        self.restored_step)
       self.state = restored.state
       self.skipped_total = restored.meta.get("skipped_total", 0)
-      self._print(f"resumed from {self.checkpointer.directory}/{latest}")
+      self._print(f"resumed from {self.checkpointer.directory}/"
+                  f"{self.restored_step}")
     else:
-      self.state = self.parts.init_state()
+      # Random, or checkpoint.init_from straight into the sharded layout;
+      # the EWC Fisher and anchor (gemma_jax.train.continual).
+      self.state, self.continual = continual.initial_state(self.program)
+      if not health.params_finite(self.state.params):
+        raise ConfigError(f"checkpoint.init_from: "
+                          f"{cfg.checkpoint.init_from} holds non-finite "
+                          f"params (NaN or inf); start from another export")
     self.start_step = int(jax.device_get(self.state.step))
     self._streak = int(jax.device_get(self.state.nonfinite_in_row))
     if self.start_step > cfg.train.steps:
       raise ConfigError(
           f"the checkpoint is at step {self.start_step}, past train.steps="
           f"{cfg.train.steps}; raise --steps to continue training")
+    self._warn_if_nothing_to_train()
 
     # 3. One compile, ahead of time: the loop calls the compiled executable,
     # which cannot retrace or recompile.
     t0 = time.perf_counter()
-    example = self.parts.put(self.pipe.batch(self.start_step))
-    self.train_step = self.parts.compile_train_step(self.state, example)
+    self.train_step = self.program.compile_train_step()
     self.compile_seconds = time.perf_counter() - t0
     self._print(f"compiled the train step in {self.compile_seconds:.1f}s")
 
     # 4. Writers (process 0 only) and the default hooks.
-    self.writer = metrics_lib.MetricsWriter(self.workdir, self.is_main)
+    self.writer = metrics_lib.MetricsWriter(self.workdir, self.is_main,
+                                            guard=self._check_lease)
     self.writer.truncate_after(self.start_step)
+    self._recent_losses = [
+        r["loss"] for r in metrics_lib.read_jsonl(
+            os.path.join(self.workdir, "metrics.jsonl"))
+        if r.get("loss") is not None][-health.RECENT_LOGS:]
     self.progress = metrics_lib.ProgressLine(cfg.train.steps, self.is_main)
-    self.peak_flops = metrics_lib.peak_flops_per_device(
-        configured=cfg.train.peak_flops_per_device)
+    self.peak_flops = hardware.peak_flops_per_device(
+        jax.devices()[0], cfg.train.peak_flops_per_device)
+    self.flops_per_token = flops.model_flops_per_token(cfg.model,
+                                                       cfg.data.seq_len)
     if self.is_main:
       # The resolved config; `gemma-jax train DIR/config.yaml` reruns it.
-      with open(os.path.join(self.workdir, "config.yaml"), "w") as f:
-        yaml.safe_dump(config_lib.to_dict(cfg), f, sort_keys=False)
+      self._check_lease("config.yaml", force=True)
+      fileio.atomic_write(os.path.join(self.workdir, "config.yaml"),
+                          config_lib.to_yaml(cfg))
     self.add_hook(Trainer.log_metrics, cfg.train.log_every)
     self.add_hook(Trainer.run_eval, cfg.train.eval_every or cfg.train.steps)
     self.add_hook(Trainer.save_checkpoint, cfg.checkpoint.save_every)
+    if cfg.checkpoint.export_params:
+      self.add_hook(Trainer.export_params, 0)
+    if cfg.train.sample_prompts:
+      self.add_hook(Trainer.print_samples, 0)
 
   def add_hook(self, fn: Callable[["Trainer", int], None], every: int,
                at_end: bool = True) -> None:
@@ -185,7 +222,6 @@ class Trainer:
     """Trains from the restored step to train.steps (or until SIGTERM)."""
     total = self.cfg.train.steps
     self._watch = metrics_lib.Stopwatch()
-    self._last_log_step = self.start_step
     step = self.start_step
     batches = self._device_batches(self.start_step, total)
     try:
@@ -195,19 +231,19 @@ class Trainer:
         step = step_index + 1
         self._run_hooks(step, final=False)
         if self._preempted(step):
-          self._print(f"stopping at step {step} on SIGTERM (saved; rerun the "
-                      f"same command to resume)")
           self._run_hooks(step, final=True, only=(Trainer.log_metrics,
                                                   Trainer.save_checkpoint))
+          self._print(f"stopping at step {step} on SIGTERM ("
+                      + ("saved" if self._saved_step(step) else
+                         "not saved: its last step was skipped as non-finite")
+                      + "; rerun the same command to resume)")
           break
       else:
         if step > self.start_step or step == total:
           self._run_hooks(step, final=True)
     finally:
       batches.close()
-      self.checkpointer.close()
-      self.writer.close()
-      self._restore_signal_handlers()
+      self.close()
     return {"step": step, "preempted": self.stop_requested,
             "skipped_total": self.skipped_total}
 
@@ -226,7 +262,7 @@ class Trainer:
     if start >= end:
       return
     for step, batch in self.pipe.iterate(start):
-      queue.append((step, self.parts.put(batch)))
+      queue.append((step, self.program.put(batch)))
       if len(queue) > self.cfg.train.prefetch:
         yield queue.popleft()
       if step + 1 >= end:
@@ -273,12 +309,14 @@ class Trainer:
     dt = self._watch.lap()
     n = len(values)
     record = metrics_lib.train_record(
-        step, values, dt, self.parts.source_names,
-        tokens_per_step=self.parts.tokens_per_step,
-        flops_per_token=self.parts.flops_per_token,
+        step, values, dt, self.pipe.source_names,
+        tokens_per_step=self.cfg.train.batch_size * self.cfg.data.seq_len,
+        flops_per_token=self.flops_per_token,
         num_devices=jax.device_count(), peak=self.peak_flops)
     self.skipped_total += record["skipped"]
     record["skipped_total"] = self.skipped_total
+    self._recent_losses = [*self._recent_losses, record["loss"]][
+        -health.RECENT_LOGS:]
     record["elapsed_s"] = self._watch.elapsed()
     self.writer.write(record)
     self.progress.update(step, record["loss"], record["tokens_per_sec"],
@@ -291,31 +329,240 @@ class Trainer:
     limit = self.cfg.train.max_nonfinite_in_row
     if limit and longest >= limit:
       raise TrainingStopped(
-          f"{longest} steps in a row up to step {step} had a non-finite loss "
-          f"or gradient; their updates were skipped and the last checkpoint "
-          f"({self.checkpointer.latest_step()}) is the last good state. Lower "
-          f"optimizer.learning_rate, add warmup or clip gradients "
-          f"(optimizer.grad_clip_norm), then rerun to resume.")
+          f"{longest} steps in a row up to step {step} had a non-finite "
+          f"loss, gradient or update and were skipped; "
+          f"{self._newest_good_advice()}")
 
   def run_eval(self, step: int) -> None:
     if not self.cfg.train.eval_batches:
       return
-    results = evaluation.evaluate(self.parts.eval_step, self.state.params,
-                                  self.pipe, self.cfg.train.eval_batches,
-                                  self.parts.put)
-    self.writer.write(evaluation.eval_record(step, results), name="eval")
+    results = evaluation.evaluate(self.program, self.state.params, self.pipe,
+                                  self.cfg.train.eval_batches)
+    record = evaluation.eval_record(step, results)
     text = ", ".join(f"{k} {v['loss']:.3f} (ppl {v['perplexity']:.1f})"
                      for k, v in results.items())
+    if self.state.ema is not None:
+      ema = evaluation.evaluate(self.program,
+                                self.program.ema_params(self.state),
+                                self.pipe, self.cfg.train.eval_batches)
+      record |= {k.replace("eval/", "eval_ema/", 1): v for k, v in
+                 evaluation.eval_record(step, ema).items() if k != "step"}
+      text += "; EMA: " + ", ".join(f"{k} {v['loss']:.3f}"
+                                    for k, v in ema.items())
+    self.writer.write(record, name="eval")
     self._print(f"eval step {step}: {text}")
 
   def save_checkpoint(self, step: int) -> None:
-    """Saves (asynchronously); never a state from a non-finite streak."""
-    limit = self.cfg.train.max_nonfinite_in_row
-    if limit:
-      in_row = int(jax.device_get(self.state.nonfinite_in_row))
-      if in_row >= limit:
-        return
+    """Saves (asynchronously), with the evidence of whether the state is
+    good (gemma_jax/train/health.py). Never a state with non-finite params
+    or whose last step was skipped, and not again the step just restored
+    (its state is unchanged)."""
+    if step == self.restored_step:
+      return
+    in_row = int(jax.device_get(self.state.nonfinite_in_row))
+    finite = health.params_finite(self.state.params)
+    if in_row or not finite:
+      self._warn(f"not saving a checkpoint at step {step}: "
+                 + ("its params are not finite" if not finite else
+                    f"the last {in_row} steps were skipped as non-finite"))
+      return
+    good = health.judge(finite, in_row, self._probe_loss(step),
+                        self._recent_losses, self.cfg.model.vocab_size)
     meta = {"config": config_lib.to_dict(self.cfg),
             "data": self.pipe.describe(),
-            "skipped_total": self.skipped_total}
-    self.checkpointer.save(step, self.state, meta, force=True)
+            "continual": self.continual,
+            "skipped_total": self.skipped_total,
+            "good": good}
+    self._check_lease("checkpoint", force=True, everywhere=True)
+    self.checkpointer.save(step, self.state, meta)
+    self._last_saved = (step, good)
+    if not good["good"]:
+      self._warn(f"checkpoint {step} is not good: {health.why_not(good)}")
+
+  def export_params(self, step: int) -> None:
+    """The final params in gemma_jax's native format, WORKDIR/params, and
+    their EMA (in the params' dtype) to WORKDIR/params_ema; never
+    non-finite ones."""
+    from gemma_jax.checkpoint import native
+    path = os.path.join(self.workdir, "params")
+    if not health.params_finite(self.state.params):
+      self._warn(f"not exporting the params of step {step} to {path}: they "
+                 f"are not finite")
+      return
+    self._check_lease("params export", force=True, everywhere=True)
+    native.save(path, self.state.params, self.cfg.model, force=True)
+    self._print(f"params exported to {path} (step {step})")
+    saved, good = getattr(self, "_last_saved", (None, None))
+    if saved == step and not good["good"]:
+      self._warn(f"the exported params (step {step}) are not good: "
+                 f"{health.why_not(good)}")
+    if self.state.ema is not None:
+      ema = self.program.ema_params(self.state)
+      if not health.params_finite(ema):
+        self._warn(f"not exporting the EMA at step {step}: it is not finite")
+        return
+      path = os.path.join(self.workdir, "params_ema")
+      native.save(path, ema, self.cfg.model, force=True)
+      self._print(f"EMA of the params exported to {path}")
+
+  def print_samples(self, step: int) -> None:
+    """Greedy continuations of train.sample_prompts with the final params."""
+    from gemma_jax.model import sampler
+    cfg = self.cfg
+    tok = self.pipe.tokenizer
+    prompts = [tok.encode(p, add_bos=True).tolist()
+               for p in cfg.train.sample_prompts]
+    with self.program.mesh:
+      outs = sampler.generate(self.state.params, cfg.model, prompts,
+                              cfg.train.sample_tokens)
+    for text, out in zip(cfg.train.sample_prompts, outs):
+      self._print(f"sample: {text!r} -> {tok.decode(out)!r}")
+
+  # Reliability: the workdir lease, damaged checkpoints, --from-step,
+  # warnings (see gemma_jax/train/lease.py and health.py).
+  def _warn(self, message: str) -> None:
+    if self.is_main:
+      print(f"gemma-jax: warning: {message}", file=sys.stderr, flush=True)
+
+  def _take_lease(self):
+    """Process 0 takes the workdir's lease; every process learns whether
+    it did, so that all stop together when another trainer holds it."""
+    held, error = None, None
+    if self.is_main:
+      held = lease.WorkdirLease(self.workdir, warn=self._warn)
+      try:
+        held.acquire()
+      except lease.WorkdirBusy as e:
+        held, error = None, e
+    if jax.process_count() > 1:
+      import numpy as np
+      from jax.experimental import multihost_utils
+      ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+      if not ok and error is None:
+        raise lease.WorkdirBusy(f"--workdir {self.workdir} is in use by "
+                                f"another trainer (see process 0)")
+    if error is not None:
+      raise error
+    return held
+
+  def _check_lease(self, what: str, force: bool = False,
+                   everywhere: bool = False) -> None:
+    """LeaseLost before a write if another trainer took the workdir over;
+    `everywhere`: every process stops (a collective; call it on all)."""
+    lost = None
+    if self.lease is not None:
+      try:
+        self.lease.check(what, force=force)
+      except lease.LeaseLost as e:
+        lost = e
+    if everywhere and jax.process_count() > 1:
+      import numpy as np
+      from jax.experimental import multihost_utils
+      ok = multihost_utils.broadcast_one_to_all(np.int32(lost is None))
+      if not ok and lost is None:
+        raise lease.LeaseLost(f"not writing the {what}: process 0 lost the "
+                              f"lease on {self.workdir}")
+    if lost is not None:
+      raise lost
+
+  def close(self) -> None:
+    """Waits for saves, closes the writers, gives the workdir back (once;
+    later calls do nothing)."""
+    if getattr(self, "_closed", False):
+      return
+    self._closed = True
+    try:
+      if self.checkpointer is not None:
+        self.checkpointer.close()
+      if getattr(self, "writer", None) is not None:
+        self.writer.close()
+    finally:
+      self._restore_signal_handlers()
+      if self.lease is not None:
+        self.lease.release()
+        self.lease = None
+
+  def _restore_newest_intact(self):
+    """(step, Restored) of the newest intact checkpoint, or (None, None);
+    a damaged one is moved to WORKDIR/checkpoints.damaged/<step> with a
+    warning naming the file, and the one before it is used."""
+    def check_meta(saved, step):
+      check_same_model(saved, self.cfg, step)
+      self.pipe.check_resume(saved.get("data", {}), step)
+    damaged_dir = (os.path.join(self.workdir, checkpointing.DAMAGED_DIR)
+                   if self.is_main else None)
+    return checkpointing.restore_newest_intact(
+        self.checkpointer, self.program.abstract_state, check_meta,
+        damaged_dir, self._warn)
+
+  def _check_resumable(self, step: int) -> None:
+    """Refuses to continue from a checkpoint recorded as not good, unless
+    --from-step names it."""
+    if self.checkpointer.is_good(step) or self.from_step == step:
+      return
+    why = health.why_not(self.checkpointer.good(step) or {})
+    raise TrainingStopped(
+        f"the latest checkpoint ({step}) is not good ({why}); "
+        f"{self._newest_good_advice(resume_word='resume')} (or "
+        f"--from-step {step} to continue from it anyway)")
+
+  def _newest_good_advice(self, resume_word: str = "rerun") -> str:
+    self.checkpointer.wait()
+    good = self.checkpointer.newest_good_step()
+    fix = ("lower optimizer.learning_rate, add warmup or clip gradients "
+           "(optimizer.grad_clip_norm)")
+    if good is None:
+      return (f"no checkpoint is good: {fix}, then {resume_word} with "
+              f"--from-step 0 to start over (checkpoints are moved to "
+              f"WORKDIR/{checkpointing.DISCARDED_DIR}, not deleted)")
+    return (f"the newest good checkpoint is step {good}: {fix}, then "
+            f"{resume_word} with --from-step {good} (later checkpoints are "
+            f"moved to WORKDIR/{checkpointing.DISCARDED_DIR}, not deleted)")
+
+  def _discard_checkpoints_after(self, step: int) -> None:
+    """--from-step: moves checkpoints after `step` (all for 0) and copies
+    of the metrics to WORKDIR/checkpoints.discarded/<time>/."""
+    steps = self.checkpointer.all_steps()
+    if step < 0 or (step and step not in steps):
+      raise ConfigError(
+          f"--from-step {step}: no checkpoint at that step in "
+          f"{self.checkpointer.directory} (steps: "
+          f"{', '.join(map(str, steps)) or 'none'}; 0 starts over)")
+    later = [s for s in steps if s > step]
+    if not later or not self.is_main:
+      return
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = os.path.join(self.workdir, checkpointing.DISCARDED_DIR, stamp)
+    self._check_lease("discarded checkpoints", force=True)
+    for s in later:
+      self.checkpointer.set_aside(s, folder)
+    for name in ("metrics.jsonl", "eval.jsonl"):
+      path = os.path.join(self.workdir, name)
+      if os.path.exists(path):
+        shutil.copy2(path, os.path.join(folder, name))
+    self._print(f"--from-step {step}: moved checkpoints "
+                f"{', '.join(map(str, later))} to {folder}")
+
+  def _probe_loss(self, step: int) -> float | None:
+    """Loss of the current params on the next training batch: the
+    evidence that the state being saved is not diverging."""
+    sums = jax.device_get(self.program.eval_step(
+        self.state.params, self.program.put(self.pipe.batch(step))))
+    tokens = float(sums["tokens"])
+    return float(sums["loss_sum"]) / tokens if tokens else None
+
+  def _saved_step(self, step: int) -> bool:
+    """Whether a checkpoint of `step` exists or is being written."""
+    return (step == self.restored_step
+            or getattr(self, "_last_saved", (None,))[0] == step)
+
+  def _warn_if_nothing_to_train(self) -> None:
+    cfg = self.cfg
+    if cfg.train.steps == 0:
+      self._warn("train.steps is 0: nothing is trained; the initial params "
+                 "are saved and exported unchanged")
+    elif self.start_step == cfg.train.steps:
+      self._warn(f"the checkpoint is already at train.steps={cfg.train.steps}"
+                 f": nothing to train; raise --steps to continue")
+    if cfg.optimizer.learning_rate == 0:
+      self._warn("optimizer.learning_rate is 0: the params will not change")

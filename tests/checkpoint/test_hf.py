@@ -111,7 +111,7 @@ def test_unsupported_configs_are_named(edit, message):
   base = {"model_type": "gemma2", "vocab_size": 8, "hidden_size": 8,
           "intermediate_size": 8, "num_hidden_layers": 2,
           "num_attention_heads": 2}
-  with pytest.raises(ConfigError, match=message):
+  with pytest.raises(CheckpointError, match=message):
     hf_config.from_hf(base | edit)
 
 
@@ -164,3 +164,58 @@ def test_refuses_to_overwrite(hf_dir, tmp_path):
     hf.save(tmp_path / "out", params, cfg)
   hf.save(tmp_path / "out", params, cfg, force=True)
   assert (tmp_path / "out" / hf.WEIGHTS).exists()
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+  """An HF export of a small random model together with its tokenizer."""
+  from gemma_jax.checkpoint import layout
+  from gemma_jax.data import testing
+  from gemma_jax.tokenizer import Tokenizer
+  tmp = tmp_path_factory.mktemp("tok")
+  tok = Tokenizer.load(testing.tiny_tokenizer(tmp / "tok.model"))
+  cfg = preset("tiny-gemma", num_layers=1, vocab_size=tok.vocab_size)
+  params = layout.unflatten({p: np.zeros(s, np.float32) for p, s in
+                             layout.param_shapes(cfg).items()})
+  hf.save(tmp / "out", params, cfg, tokenizer=tok)
+  return tmp / "out", tok
+
+
+def test_export_with_a_tokenizer_writes_gemma_tokenizer_files(with_tokenizer):
+  out, tok = with_tokenizer
+  assert (out / "tokenizer.model").read_bytes() == tok.serialized()
+  config = json.loads((out / "tokenizer_config.json").read_text())
+  assert config["tokenizer_class"] == "GemmaTokenizer"
+  assert config["add_bos_token"] is True and config["add_eos_token"] is False
+  assert json.loads((out / "special_tokens_map.json").read_text()) == {
+      "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+      "unk_token": "<unk>"}
+  assert [tok.id_to_piece(i) for i in range(4)] == [
+      "<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def test_tokenizer_larger_than_the_model_is_refused(with_tokenizer, tmp_path):
+  _, tok = with_tokenizer
+  cfg = preset("tiny-gemma", num_layers=1, vocab_size=256)
+  with pytest.raises(ConfigError, match="has 512 pieces but model.vocab_size "
+                     "is 256"):
+    hf.save(tmp_path / "out", {}, cfg, tokenizer=tok)
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                    reason="needs the optional `hf` extra (transformers)")
+def test_auto_tokenizer_loads_the_export_offline_and_encodes_like_ours(
+    with_tokenizer, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  import transformers
+  out, tok = with_tokenizer
+  theirs = transformers.AutoTokenizer.from_pretrained(out)
+  assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id,
+          theirs.unk_token_id) == (2, 1, 0, 3)
+  for text in ["Question: What is 12 + 30?\nAnswer: 42", " A", "",
+               "def f(x):\n    return x  + 1\n\n", "  two spaces",
+               "é ✓ 😀"]:
+    ids = tok.encode(text, add_bos=True).tolist()
+    assert theirs.encode(text) == ids, text
+    assert theirs.decode(ids, skip_special_tokens=True) == text

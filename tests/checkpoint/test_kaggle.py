@@ -1,5 +1,5 @@
-"""Official Flax (Kaggle) checkpoints -> native, checked against REFERENCE's
-official -> HF mapping, which is written out independently here."""
+"""Official Flax (Kaggle) checkpoints -> native, checked against the
+official -> HF mapping of docs/checkpoints.md, written out independently here."""
 
 import dataclasses
 
@@ -24,7 +24,7 @@ GEMMA1_MHA = preset("tiny-gemma", num_layers=2, d_model=32, mlp_dim=48,
 
 
 def official_to_hf(flat, cfg, transposed_gating):
-  """REFERENCE.md's official -> HF mapping, written independently."""
+  """The official -> HF mapping of docs/checkpoints.md, written independently."""
   N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
   out = {"model.embed_tokens.weight":
          flat["transformer/embedder"]["input_embedding"][:cfg.vocab_size],

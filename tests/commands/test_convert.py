@@ -96,3 +96,51 @@ def test_existing_destination_needs_force(hf_dir, tmp_path, capsys):
   assert "already exists" in capsys.readouterr().err
   assert convert("--from", "hf", "--to", "native", "--force", src,
                  tmp_path / "n") == 0
+
+
+@pytest.fixture
+def run_export(tmp_path):
+  """A run directory: RUN/params (native) and RUN/config.yaml naming the
+  tokenizer in data.tokenizer."""
+  from gemma_jax.data import testing
+  tok = testing.tiny_tokenizer(tmp_path / "tok" / "tokenizer.model")
+  cfg = preset("tiny-gemma", num_layers=1, vocab_size=512)
+  params = layout.unflatten({p: np.zeros(s, np.float32) for p, s in
+                             layout.param_shapes(cfg).items()})
+  native.save(tmp_path / "run" / "params", params, cfg)
+  (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(
+      {"model": {"preset": "tiny-gemma"}, "data": {"tokenizer": tok}}))
+  return tmp_path / "run", tok
+
+
+def test_to_hf_writes_the_given_tokenizer(run_export, tmp_path, capsys):
+  run, tok = run_export
+  other = tmp_path / "copy.model"
+  other.write_bytes(open(tok, "rb").read())
+  assert convert("--from", "native", "--to", "hf", "--tokenizer", other,
+                 run / "params", tmp_path / "hf") == 0
+  assert json.loads(capsys.readouterr().out)["tokenizer"] == str(other)
+  assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == \
+      other.read_bytes()
+  assert (tmp_path / "hf" / "tokenizer_config.json").exists()
+
+
+def test_a_runs_params_export_brings_its_tokenizer(run_export, tmp_path,
+                                                    capsys):
+  run, tok = run_export
+  assert convert("--from", "native", "--to", "hf", run / "params",
+                 tmp_path / "hf") == 0
+  assert json.loads(capsys.readouterr().out)["tokenizer"] == tok
+  assert (tmp_path / "hf" / "special_tokens_map.json").exists()
+  # Without a run config beside it there is nothing to find.
+  native.save(tmp_path / "bare", *native.load(run / "params"))
+  assert convert("--from", "native", "--to", "hf", tmp_path / "bare",
+                 tmp_path / "hf2") == 0
+  assert not (tmp_path / "hf2" / "tokenizer.model").exists()
+
+
+def test_tokenizer_only_goes_with_to_hf(run_export, tmp_path, capsys):
+  run, tok = run_export
+  assert convert("--from", "native", "--to", "native", "--tokenizer", tok,
+                 run / "params", tmp_path / "n") == 2
+  assert "--tokenizer goes with --to hf" in capsys.readouterr().err

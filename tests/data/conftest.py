@@ -26,7 +26,7 @@ def make_config(tokenizer_path):
   """DataConfig of three memory sources a, b, c; keyword args override."""
   def make(**overrides):
     data = {
-        "seq_len": 32, "tokenizer": tokenizer_path, "block_size": 64,
+        "seq_len": 32, "tokenizer": tokenizer_path,
         "sources": {
             "a": {"kind": "memory", "texts": memory_texts("alpha", 120, 1),
                   "eval_texts": memory_texts("alpha", 15, 2)},

@@ -50,3 +50,10 @@ def test_bad_sources_are_refused_with_the_key():
     load([], {"f": {"kind": "files"}})
   with pytest.raises(ConfigError, match="data.seq_len must be > 1"):
     configlib.from_dict(DataConfig, {"seq_len": 1}, "data")
+
+
+def test_removed_block_size_is_refused_with_the_reason():
+  with pytest.raises(ConfigError, match=r"^data.block_size was removed: every "
+                     r"global batch is now mixed exactly"):
+    configlib.from_dict(DataConfig, {"sources": SOURCES, "block_size": 256},
+                        "data")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import DataError
 from gemma_jax.data.packing import PackedRows
 from gemma_jax.data.sources import Documents
 from gemma_jax.tokenizer import BOS_ID, EOS_ID
@@ -81,7 +81,7 @@ def test_each_epoch_is_reshuffled_and_rows_are_pure():
 
 
 def test_empty_source_is_refused():
-  with pytest.raises(ConfigError, match="'syn' is empty"):
+  with pytest.raises(DataError, match="'syn' is empty"):
     synthetic_docs([])
-  with pytest.raises(ConfigError, match="empty"):
+  with pytest.raises(DataError, match="empty"):
     synthetic_docs([0, 0])

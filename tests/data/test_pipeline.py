@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gemma_jax import configlib
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.data import DataConfig, StageConfig, build_pipeline, check_resume
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source")
@@ -103,6 +103,12 @@ def test_later_stages_may_change_on_resume_past_ones_may_not(make_config):
                  build_pipeline(make_config(seq_len=16), 8).describe(), 5)
   with pytest.raises(ConfigError, match="train.batch_size changed"):
     check_resume(pipe.describe(), build_pipeline(cfg, 16).describe(), 5)
+  # A checkpoint from the block-mixing version drew other rows.
+  old = {**pipe.describe(), "block_size": 256}
+  del old["mixing"]
+  with pytest.raises(ConfigError, match="mixed in blocks of data.block_size "
+                     "rows, this version mixes exactly per batch"):
+    check_resume(old, pipe.describe(), 5)
 
 
 def test_describe_is_json_and_names_tokenizer_and_stages(make_config):
@@ -115,20 +121,20 @@ def test_describe_is_json_and_names_tokenizer_and_stages(make_config):
 
 
 def test_bad_input_is_a_clear_error(make_config, tmp_path, tokenizer_path):
-  with pytest.raises(ConfigError, match="no file matches"):
+  with pytest.raises(DataError, match="no file matches"):
     build_pipeline(make_config(sources={"f": {"kind": "files", "paths": [
         str(tmp_path / "missing*.txt")]}}, stages=[]), 8)
   (tmp_path / "empty.txt").write_text("")
-  with pytest.raises(ConfigError, match="'f' is empty"):
+  with pytest.raises(DataError, match="'f' is empty"):
     build_pipeline(make_config(sources={"f": {"kind": "files", "paths": [
         str(tmp_path / "empty.txt")]}}, stages=[]), 8)
-  with pytest.raises(ConfigError, match="tfds dataset 'nope' not found"):
+  with pytest.raises(DataError, match="tfds dataset 'nope' not found"):
     build_pipeline(make_config(sources={"t": {
         "kind": "tfds", "name": "nope", "data_dir": str(tmp_path)}},
         stages=[]), 8)
   with pytest.raises(ConfigError, match="model.vocab_size is 256"):
     build_pipeline(make_config(), 8, vocab_size=256)
-  with pytest.raises(ConfigError, match="tokenizer file not found"):
+  with pytest.raises(DataError, match="tokenizer file not found"):
     build_pipeline(make_config(tokenizer=str(tmp_path / "x.model")), 8)
   with pytest.raises(ConfigError, match="multiple of the process count"):
     build_pipeline(make_config(), 6, process_index=0, process_count=4)
@@ -143,7 +149,7 @@ def test_files_sources_read_text_and_jsonl(make_config, tmp_path):
   pipe = build_pipeline(cfg, 2)
   assert pipe.describe()["sources"]["f"]["num_docs"] == 3
   (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
-  with pytest.raises(ConfigError, match=r"bad.jsonl:1: not a JSON object "
+  with pytest.raises(DataError, match=r"bad.jsonl:1: not a JSON object "
                      "with a 'text' field"):
     build_pipeline(make_config(sources={"f": {"kind": "files", "paths": [
         str(tmp_path / "bad.jsonl")]}}, stages=[]), 2)

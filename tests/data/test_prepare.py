@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gemma_jax import cli, configlib
-from gemma_jax.errors import ConfigError
+from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.data import DataConfig, build_pipeline, prepare, testing
 from gemma_jax.data.sources import open_documents
 from gemma_jax.tokenizer import Tokenizer, train_tokenizer
@@ -43,7 +43,7 @@ def test_source_prepared_with_another_tokenizer_is_refused(
                           tmp_path / "other.model")
   cfg = configlib.from_dict(DataConfig, {**corpus_config,
                                          "tokenizer": other.path}, "data")
-  with pytest.raises(ConfigError, match="prepare the source again"):
+  with pytest.raises(DataError, match="prepare the source again"):
     build_pipeline(cfg, 8)
 
 
@@ -85,7 +85,7 @@ def test_cli_prepare_then_train_from_it(tokenizer_path, tmp_path, capsys):
   assert build_pipeline(cfg, 4).batch(3)["loss_mask"].sum() > 0
   assert cli.main(["data", "prepare", "--input", str(tmp_path / "no*.txt"),
                    "--name", "x", "--data-dir", str(tmp_path),
-                   "--tokenizer", tokenizer_path]) == 2
+                   "--tokenizer", tokenizer_path]) == 1   # no such file
   assert cli.main(["data", "prepare", "--input", str(docs), "--name",
                    "Bad-Name", "--data-dir", str(tmp_path), "--tokenizer",
                    tokenizer_path]) == 2

@@ -2,11 +2,11 @@
 
 import pytest
 
-from gemma_jax.config import load_config
+from gemma_jax.train.config import load_config
 from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import PRESETS, preset
 
-# REFERENCE.md table 1 (embedding rows = 256128).
+# The published counts with the 256128-row embedding (docs/checkpoints.md).
 PUBLISHED = {
     "gemma-2b": (2_506_434_560, 524_550_144),
     "gemma-7b": (8_538_074_112, 786_825_216),

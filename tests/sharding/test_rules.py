@@ -1,23 +1,39 @@
 """Logical axis rules -> shardings of parameters and optimizer state."""
 
 import jax
-import numpy as np
-import pytest
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from gemma_jax.config import config_from_dict
+from gemma_jax import configlib
+from gemma_jax.model import Transformer, preset
 from gemma_jax.sharding import rules
+from gemma_jax.sharding.config import MeshConfig
 from gemma_jax.sharding.mesh import make_mesh
-from gemma_jax.train.step import param_specs, state_shardings
 
-MODEL = {"preset": "tiny-gemma2", "num_layers": 2, "d_model": 64,
-         "mlp_dim": 128, "num_heads": 8, "num_kv_heads": 2, "head_dim": 8,
-         "vocab_size": 256, "sliding_window": 4}
+MODEL = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128,
+               num_heads=8, num_kv_heads=2, head_dim=8, vocab_size=256,
+               sliding_window=4)
 
 
-def shardings(**mesh):
-  cfg = config_from_dict({"model": MODEL, "mesh": mesh})
-  return state_shardings(cfg, make_mesh(cfg.mesh))
+def boxed_params():
+  return jax.eval_shape(Transformer(MODEL).init, jax.random.key(0),
+                        jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def mesh_config(**mesh) -> MeshConfig:
+  return configlib.from_dict(MeshConfig, mesh, "mesh")
+
+
+def param_specs(**mesh):
+  """(mesh PartitionSpecs of the params, unsharded notes) on 8 devices."""
+  cfg = mesh_config(**mesh)
+  return rules.mesh_specs(boxed_params(), make_mesh(cfg), cfg)
+
+
+def param_shardings(**mesh):
+  cfg = mesh_config(**mesh)
+  mesh = make_mesh(cfg)
+  return rules.named(mesh, rules.mesh_specs(boxed_params(), mesh, cfg)[0])
 
 
 def spec(sharding):
@@ -25,7 +41,7 @@ def spec(sharding):
 
 
 def test_tensor_axis_shards_heads_mlp_and_vocab():
-  params = shardings(ici_data=1, ici_tensor=8).params
+  params = param_shardings(ici_data=1, ici_tensor=8)
   layers = params["layers"]
   assert spec(layers["attn"]["q_einsum"]["w"])[:4] == (None, "tensor", None,
                                                       None)
@@ -36,9 +52,7 @@ def test_tensor_axis_shards_heads_mlp_and_vocab():
 
 
 def test_too_few_kv_heads_for_the_tensor_axis_are_replicated_and_reported():
-  cfg = config_from_dict({"model": MODEL,
-                          "mesh": {"ici_data": 1, "ici_tensor": 8}})
-  specs, notes = param_specs(cfg, make_mesh(cfg.mesh))
+  specs, notes = param_specs(ici_data=1, ici_tensor=8)
   assert specs["layers"]["attn"]["kv_einsum"]["w"] == P(None, None, None,
                                                         None, None)
   assert notes == {"layers/attn/kv_einsum/w":
@@ -46,7 +60,7 @@ def test_too_few_kv_heads_for_the_tensor_axis_are_replicated_and_reported():
 
 
 def test_fsdp_shards_the_embed_dimension_of_every_parameter():
-  params = shardings(ici_data=1, ici_fsdp=8).params
+  params = param_shardings(ici_data=1, ici_fsdp=8)
   shapes_axes = {
       "embedder/embedding": 1, "final_norm/scale": 0,
       "layers/attn/q_einsum/w": 2, "layers/attn/kv_einsum/w": 3,
@@ -59,25 +73,8 @@ def test_fsdp_shards_the_embed_dimension_of_every_parameter():
     assert spec(node)[dim] == "fsdp", path
 
 
-def test_data_parallel_replicates_params_but_shards_optimizer_state():
-  state = shardings(ici_data=8)
-  for s in jax.tree.leaves(state.params):
-    assert s.is_fully_replicated
-  mu = state.opt_state[1][0].mu
-  assert spec(mu["embedder"]["embedding"])[:2] == ("data", None)  # [256, 64]
-  assert spec(mu["layers"]["mlp"]["linear"]["w"])[:3] == (None, "data", None)
-
-
-def test_optimizer_state_can_follow_the_parameters():
-  state = shardings(ici_data=8, shard_optimizer_over_data=False)
-  for s in jax.tree.leaves(state.opt_state):
-    assert s.is_fully_replicated
-
-
 def test_zero_spec_picks_the_largest_dimension_it_divides():
-  mesh = make_mesh(config_from_dict({"model": MODEL,
-                                     "mesh": {"ici_data": 4,
-                                              "ici_tensor": 2}}).mesh)
+  mesh = make_mesh(mesh_config(ici_data=4, ici_tensor=2))
   assert rules.zero_spec(P(None, "tensor"), (12, 64), mesh) == \
       P(None, ("tensor", "data"))
   assert rules.zero_spec(P(None, None), (8, 6), mesh) == P("data", None)
@@ -85,14 +82,11 @@ def test_zero_spec_picks_the_largest_dimension_it_divides():
 
 
 def test_batch_rows_split_over_data_and_fsdp():
-  cfg = config_from_dict({"model": MODEL})
-  assert rules.batch_spec(cfg.mesh) == P(("data", "fsdp"))
+  assert rules.batch_spec(mesh_config()) == P(("data", "fsdp"))
 
 
 def test_rules_are_config_data():
-  cfg = config_from_dict({"model": MODEL, "mesh": {
-      "ici_data": 1, "ici_tensor": 8,
-      "rules": [["mlp", []], ["heads", ["tensor"]]]}})
-  params = state_shardings(cfg, make_mesh(cfg.mesh)).params
+  params = param_shardings(ici_data=1, ici_tensor=8,
+                     rules=[["mlp", []], ["heads", ["tensor"]]])
   assert params["layers"]["mlp"]["linear"]["w"].is_fully_replicated
   assert spec(params["layers"]["attn"]["q_einsum"]["w"])[1] == "tensor"

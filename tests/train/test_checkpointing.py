@@ -10,8 +10,8 @@ import pytest
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gemma_jax.errors import ConfigError
-from gemma_jax.train.checkpointing import Checkpointer, abstract_like
+from gemma_jax.errors import CheckpointError
+from gemma_jax.train.checkpointing import Checkpointer
 from gemma_jax.train.config import CheckpointConfig
 
 
@@ -32,6 +32,13 @@ def _state(mesh, step=0):
                rng=jax.random.key(step))
 
 
+def _abstract(tree):
+  """ShapeDtypeStructs of `tree`'s arrays with their shardings."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      tree)
+
+
 def _mesh(n):
   return Mesh(np.array(jax.devices()[:n]), ("data",))
 
@@ -39,10 +46,10 @@ def _mesh(n):
 def test_save_restore_round_trip_with_meta(tmp_path):
   ckpt = Checkpointer(str(tmp_path), CheckpointConfig(save_every=2, keep=3))
   state = _state(_mesh(8), step=4)
-  assert ckpt.save(4, state, {"data": {"sources": ["a"]}})
+  ckpt.save(4, state, {"data": {"sources": ["a"]}})
   ckpt.wait()
   assert ckpt.latest_step() == 4
-  abstract = abstract_like(state, jax.tree.map(lambda x: x.sharding, state))
+  abstract = _abstract(state)
   restored = ckpt.restore(abstract)
   np.testing.assert_array_equal(restored.state.params["w"], state.params["w"])
   assert jax.random.key_data(restored.state.rng).tolist() == \
@@ -53,12 +60,13 @@ def test_save_restore_round_trip_with_meta(tmp_path):
   ckpt.close()
 
 
-def test_interval_and_keep(tmp_path):
-  ckpt = Checkpointer(str(tmp_path), CheckpointConfig(save_every=2, keep=2))
+def test_keep_and_an_existing_step_is_never_overwritten(tmp_path):
+  ckpt = Checkpointer(str(tmp_path), CheckpointConfig(keep=2))
   mesh = _mesh(8)
-  for step in range(1, 8):
+  for step in (2, 4, 6, 7):
     ckpt.save(step, _state(mesh, step), {})
-  ckpt.save(7, _state(mesh, 7), {}, force=True)   # the end of a run
+  with pytest.raises(CheckpointError, match="7 already exists"):
+    ckpt.save(7, _state(mesh, 8), {})
   ckpt.close()
   ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
   assert ckpt.all_steps() == [6, 7]
@@ -76,7 +84,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
   (partial / "garbage").write_bytes(b"\0" * 10)
   ckpt = Checkpointer(str(tmp_path), CheckpointConfig(save_every=1))
   assert ckpt.latest_step() == 1
-  abstract = abstract_like(state, jax.tree.map(lambda x: x.sharding, state))
+  abstract = _abstract(state)
   restored = ckpt.restore(abstract)
   np.testing.assert_array_equal(restored.state.params["w"], state.params["w"])
   ckpt.close()
@@ -89,9 +97,8 @@ def test_restore_onto_a_smaller_mesh(tmp_path):
   ckpt.close()
   mesh4 = _mesh(4)
   target = _state(mesh4, 0)
-  shardings = jax.tree.map(lambda x: x.sharding, target)
   ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
-  restored = ckpt.restore(abstract_like(target, shardings))
+  restored = ckpt.restore(_abstract(target))
   ckpt.close()
   w = restored.state.params["w"]
   assert w.sharding.mesh.devices.size == 4
@@ -108,13 +115,13 @@ def test_restore_into_a_different_shape_names_the_fix(tmp_path):
       if x.shape == (16, 4) else
       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
-  with pytest.raises(ConfigError, match="does not match"):
+  with pytest.raises(CheckpointError, match="does not match"):
     ckpt.restore(wrong)
   ckpt.close()
 
 
 def test_restore_without_checkpoint_is_a_clear_error(tmp_path):
   ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
-  with pytest.raises(ConfigError, match="no checkpoint"):
+  with pytest.raises(CheckpointError, match="no checkpoint"):
     ckpt.restore_meta()
   ckpt.close()

@@ -38,19 +38,6 @@ def test_mfu_is_none_without_a_known_peak():
   assert metrics.mfu(1e9, 1e3, 8, None) is None
 
 
-def test_peak_table_and_override():
-  class Dev:
-    device_kind = "TPU v5 lite"
-  assert metrics.peak_flops_per_device(Dev()) == 197e12
-  Dev.device_kind = "NVIDIA H100 80GB HBM3"
-  assert metrics.peak_flops_per_device(Dev()) == 989e12
-  Dev.device_kind = "TPU v5p"
-  assert metrics.peak_flops_per_device(Dev()) == 459e12
-  Dev.device_kind = "cpu"
-  assert metrics.peak_flops_per_device(Dev()) is None
-  assert metrics.peak_flops_per_device(Dev(), configured=5e9) == 5e9
-
-
 def test_writer_appends_jsonl_and_tensorboard_events(tmp_path):
   w = metrics.MetricsWriter(str(tmp_path))
   w.write({"step": 1, "loss": 2.5, "mfu": None})

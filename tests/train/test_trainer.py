@@ -10,7 +10,7 @@ import yaml
 
 from gemma_jax.train.testing import tiny_config_dict
 from gemma_jax import cli
-from gemma_jax.config import config_from_dict
+from gemma_jax.train.config import config_from_dict
 from gemma_jax.train import trainer as trainer_lib
 
 
@@ -127,13 +127,32 @@ def test_non_finite_steps_are_skipped_then_stop_without_saving(
   trainer.state = trainer.state.replace(params=jax.tree.map(
       lambda x: x * jnp.nan, trainer.state.params))
   with pytest.raises(trainer_lib.TrainingStopped,
-                     match="2 steps in a row.*learning_rate"):
+                     match="2 steps in a row up to step 2.*no checkpoint is "
+                     "good: lower optimizer.learning_rate.*--from-step 0"):
     trainer.run()
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["skipped"] for r in records] == [1, 1]
   assert records[-1]["skipped_total"] == 2
-  # The state after the streak reached the limit is never saved.
-  assert 2 not in trainer.checkpointer.all_steps()
+  # No state after a skipped step is ever saved.
+  assert trainer.checkpointer.all_steps() == []
+
+
+def test_the_stop_names_the_newest_good_checkpoint(tiny_tokenizer,
+                                                   compile_cache, tmp_path):
+  cfg = _cfg(tiny_tokenizer, checkpoint={"save_every": 1, "keep": 5},
+             max_nonfinite_in_row=2)
+  trainer = trainer_lib.Trainer(cfg, str(tmp_path))
+
+  def diverge(t, step):   # at step 2 the params become NaN
+    if step == 2:
+      t.state = t.state.replace(params=jax.tree.map(
+          lambda x: x * jnp.nan, t.state.params))
+  trainer.add_hook(diverge, 1)
+  with pytest.raises(trainer_lib.TrainingStopped, match=r"2 steps in a row "
+                     r"up to step 4 .*the newest good checkpoint is step 2: "
+                     r"lower optimizer.learning_rate.*--from-step 2"):
+    trainer.run()
+  assert trainer.checkpointer.all_steps() == [1, 2]
 
 
 def test_eval_command_reproduces_the_final_eval(trained, tmp_path, capsys):
@@ -149,18 +168,16 @@ def test_eval_command_reproduces_the_final_eval(trained, tmp_path, capsys):
 
 
 def test_resume_onto_a_mesh_with_fewer_devices(trained, tiny_tokenizer,
-                                               monkeypatch, tmp_path):
+                                               tmp_path):
   import shutil
   import numpy as np
   from gemma_jax.sharding import mesh as mesh_lib
-  from gemma_jax.train import build
   trainer8, workdir, _ = trained
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
-  monkeypatch.setattr(build, "make_mesh", lambda cfg: mesh_lib.make_mesh(
-      cfg, devices=jax.devices()[:4]))
+  cfg = config_from_dict(tiny_config_dict(tiny_tokenizer, steps=5))
   trainer4 = trainer_lib.Trainer(
-      config_from_dict(tiny_config_dict(tiny_tokenizer, steps=5)), str(copy))
+      cfg, str(copy), mesh=mesh_lib.make_mesh(cfg.mesh, jax.devices()[:4]))
   assert trainer4.start_step == 4
   for a, b in zip(jax.tree.leaves(trainer4.state.params),
                   jax.tree.leaves(trainer8.state.params)):

@@ -7,7 +7,7 @@ import yaml
 
 from gemma_jax import cli
 from gemma_jax.errors import ConfigError
-from gemma_jax.sharding import aot
+from gemma_jax.train import aot
 
 pytest.importorskip("libtpu", reason="AOT compiles need the tpu extra")
 
@@ -52,21 +52,6 @@ def test_a_step_that_does_not_fit_says_so_and_fails(tmp_path, capsys):
   assert code == 1 and r["fits"] is False
   assert "HBM" in r["error"] or "memory" in r["error"]
   assert r["peak_bytes_per_device"] > r["hbm_bytes_per_device"]
-
-
-@pytest.mark.parametrize("name", ["v5e:32x32", "v5e-256", "v4:4x4x6",
-                                  "v6e:4x4x4", "v6e:1x1", "v7:2x2", "v5p:16x24x32"])
-def test_topologies_that_are_not_real_products_are_rejected(name):
-  with pytest.raises(ConfigError, match="--topology"):
-    aot.parse_topology(name)
-
-
-@pytest.mark.parametrize("name,chips", [("v5e:16x16", 256), ("v6e:8x16", 128),
-                                        ("v4:2x2x1", 4), ("v4:8x16x32", 4096),
-                                        ("v5p:8x24x32", 6144)])
-def test_real_topologies_parse(name, chips):
-  _, sizes = aot.parse_topology(name)
-  assert sizes[0] * sizes[1] * (sizes[2] if len(sizes) > 2 else 1) == chips
 
 
 def test_collectives_are_counted_from_hlo():

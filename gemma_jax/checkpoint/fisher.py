@@ -1,0 +1,106 @@
+"""The Fisher checkpoint: a params-shaped float32 tree plus what made it.
+
+    DIR/fisher/        orbax PyTree checkpoint, float32, the params' tree
+    DIR/fisher.json    {"format", "model", "base", "data", "num_examples",
+                        "estimator", "stats", ...} (see gemma-jax fisher)
+
+`load` restores it straight into a sharding (one process reads its shards)
+after checking it belongs to the model: a Fisher of another model shape is
+refused with the first mismatched parameter path and both shapes. Writing
+is atomic like the native format's.
+"""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from gemma_jax import configlib, fileio
+from gemma_jax.checkpoint import layout
+from gemma_jax.errors import CheckpointError, ConfigError
+from gemma_jax.model.config import ModelConfig
+
+FORMAT = "gemma_jax.fisher/1"
+META_FILE = "fisher.json"
+TREE_DIR = "fisher"
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def save(directory, fisher, model_cfg: ModelConfig, meta: dict, *,
+         force: bool = False) -> None:
+  """Writes `fisher` (params-shaped, float32) and `meta` (JSON-able). Every
+  process calls it; process 0 writes the metadata and renames."""
+  directory = epath.Path(directory).absolute()
+  if directory.exists() and not force:
+    raise ConfigError(f"{directory} already exists; pass --force to replace "
+                      "it")
+  first = jax.process_index() == 0
+  tmp = (fileio.fresh_temporary_sibling(directory) if first
+         else fileio.temporary_sibling(directory))
+  _sync("fisher_save_start")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    ckptr.save(tmp / TREE_DIR, args=ocp.args.PyTreeSave(fisher))
+  if first:
+    meta = {"format": FORMAT, "model": configlib.to_dict(model_cfg), **meta}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    fileio.replace_directory(tmp, directory)
+  _sync("fisher_save_done")
+
+
+def load_meta(directory) -> dict:
+  path = epath.Path(directory) / META_FILE
+  if not path.exists():
+    raise CheckpointError(f"{directory} is not a Fisher checkpoint (no "
+                          f"{META_FILE}); make one with `gemma-jax fisher`")
+  meta = json.loads(path.read_text())
+  if meta.get("format") != FORMAT:
+    raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}; "
+                          f"expected {FORMAT!r}")
+  return meta
+
+
+def check_shapes(found: dict, model_cfg: ModelConfig, source: str) -> None:
+  """CheckpointError naming the first parameter whose shape differs."""
+  for path, shape in layout.param_shapes(model_cfg).items():
+    if path not in found:
+      raise CheckpointError(f"{source} has no entry for parameter {path} "
+                            f"{shape}: it is the Fisher of another model; "
+                            f"estimate it for this one (gemma-jax fisher)")
+    if tuple(found[path]) != tuple(shape):
+      raise CheckpointError(
+          f"{source} is the Fisher of another model shape: parameter {path} "
+          f"is {tuple(found[path])} there and {tuple(shape)} in this model; "
+          f"estimate it for this model (gemma-jax fisher)")
+  extra = sorted(set(found) - set(layout.param_shapes(model_cfg)))
+  if extra:
+    raise CheckpointError(f"{source} has entry {extra[0]}, which this model "
+                          f"does not have: it is the Fisher of another model")
+
+
+def load(directory, model_cfg: ModelConfig, shardings=None) -> dict:
+  """The float32 Fisher tree: numpy, or jax.Arrays placed by `shardings`
+  (a params-shaped tree). Values are not checked here (see
+  gemma_jax.train.continual)."""
+  load_meta(directory)
+  path = epath.Path(directory).absolute() / TREE_DIR
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree_meta = ckptr.metadata(path).item_metadata.tree
+    found = {p: tuple(m.shape) for p, m in layout.flatten(tree_meta)}
+    check_shapes(found, model_cfg, str(directory))
+    if shardings is None:
+      args = jax.tree.map(lambda m: ocp.RestoreArgs(
+          restore_type=np.ndarray, dtype=np.float32), tree_meta)
+    else:
+      args = jax.tree.map(
+          lambda m, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape,
+                                            dtype=np.float32),
+          tree_meta, shardings)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        restore_args=args))

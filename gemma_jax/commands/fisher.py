@@ -1,0 +1,202 @@
+"""`gemma-jax fisher`: the diagonal empirical Fisher of a checkpoint.
+
+    # on old-domain data: 2048 rows of a source of the run config
+    gemma-jax fisher configs/cpt/gemma2-2b-lt-v5e.yaml --source replay \\
+        --sequences 2048 --out gs://BUCKET/fisher/gemma2-2b-replay
+    # on a task's gold answers, as the published EWC recipe (MMLU, groups
+    # of 4: the batch_mean estimator)
+    gemma-jax fisher CONFIG --task mmlu.jsonl --estimator batch_mean \\
+        --batch-size 4 --out fisher/mmlu
+
+The checkpoint is --params (default: the config's checkpoint.init_from),
+in any format `train` starts from; the mesh is the config's. Writes an
+orbax checkpoint and fisher.json (model shape, base checkpoint and its
+fingerprint, data, N, estimator, statistics) to --out, prints progress with
+an ETA, then statistics: mean F per parameter kind and layer and the share
+of the total in the top 1% of entries. Run the same command on every host
+of a multi-host job: each process reads its own rows. With --topology it
+only compiles the step for a Cloud TPU topology and prints its peak memory
+per device (no data, no checkpoint needed). docs/continual.md.
+"""
+
+import json
+import os
+
+HELP = "estimate the diagonal Fisher of a checkpoint (for EWC)"
+
+
+def add_arguments(parser):
+  parser.add_argument("config", help="run config YAML (model, mesh, data)")
+  parser.add_argument("--out", help="output directory (required unless "
+                                     "--topology)")
+  parser.add_argument("--params", default=None,
+                      help="checkpoint to measure (default: "
+                           "checkpoint.init_from)")
+  parser.add_argument("--params-format", default="auto",
+                      choices=("auto", "native", "hf", "kaggle", "run"))
+  data = parser.add_mutually_exclusive_group()
+  data.add_argument("--source", help="a data source of the config")
+  data.add_argument("--task", help="JSON-lines task file {context, choices, "
+                                   "gold}: the gold answer's log-likelihood")
+  parser.add_argument("--sequences", type=int, default=None,
+                      help="rows of --source (required), or the first N "
+                           "examples of --task (default: all)")
+  parser.add_argument("--split", default="train", choices=("train", "eval"),
+                      help="split of --source")
+  parser.add_argument("--first-row", type=int, default=0,
+                      help="first row of --source's packed stream")
+  parser.add_argument("--estimator", default="per_example",
+                      choices=("per_example", "batch_mean"))
+  parser.add_argument("--batch-size", type=int, default=None,
+                      help="batch_mean: rows per squared mean gradient "
+                           "(default 4, as the published recipe)")
+  parser.add_argument("--rows-per-vmap", type=int, default=1,
+                      help="units per device per vmap; memory grows with "
+                           "it (that many float32 gradient trees)")
+  parser.add_argument("--grad-dtype", default="float32",
+                      choices=("float32", "bfloat16"),
+                      help="dtype of each unit's gradient (bfloat16 halves "
+                           "its memory; squares are summed in float32)")
+  parser.add_argument("--units-per-step", type=int, default=None,
+                      help="units per compiled step (default: batch "
+                           "shards x --rows-per-vmap)")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a config key")
+  parser.add_argument("--force", action="store_true",
+                      help="replace --out if it exists")
+  parser.add_argument("--json", action="store_true",
+                      help="print the metadata as one JSON object")
+  parser.add_argument("--topology", default=None,
+                      help="only compile the step for this Cloud TPU "
+                           "topology (e.g. v5e:16x16; needs libtpu) and "
+                           "print its peak memory per device")
+
+
+def _rows(args, cfg):
+  from gemma_jax.errors import ConfigError
+  from gemma_jax.tokenizer import Tokenizer
+  from gemma_jax.train import fisher_data
+  if args.source:
+    if args.sequences is None:
+      raise ConfigError("--source needs --sequences (how many rows)")
+    return fisher_data.SourceRows(cfg.data, args.source, args.sequences,
+                                  args.split, args.first_row)
+  return fisher_data.TaskRows(args.task, Tokenizer.load(cfg.data.tokenizer),
+                              cfg.data.seq_len, args.sequences)
+
+
+def _print_stats(meta):
+  s = meta["stats"]
+  print(f"Fisher of {meta['base']['path']} ({meta['estimator']['name']}, "
+        f"N = {meta['num_examples']} {meta['units']}): {s['entries']} "
+        f"entries, mean {s['mean']:.4g}, top 1% of entries hold "
+        f"{s['top1pct_share']:.1%} of the total")
+  for kind, k in s["per_kind"].items():
+    layers = k.get("per_layer")
+    text = (" ".join(f"{v:.3g}" for v in layers) if layers else "")
+    print(f"  {kind:<34} mean {k['mean']:.4g}"
+          + (f"  per layer: {text}" if text else ""))
+  print(f"{meta['seconds']:.1f} s; written to {meta['out']}")
+
+
+def _estimator(args):
+  from gemma_jax.errors import ConfigError
+  from gemma_jax.train import fisher
+  if args.batch_size is not None and args.estimator == "per_example":
+    raise ConfigError("--batch-size is for --estimator batch_mean")
+  return fisher.Estimator(args.estimator, args.batch_size or (
+      4 if args.estimator == "batch_mean" else 1))
+
+
+def compile_only(args, cfg) -> int:
+  """--topology: the step's compiled memory on a TPU topology."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import time
+  from gemma_jax import hardware
+  from gemma_jax.sharding.mesh import make_mesh
+  from gemma_jax.train import aot, fisher
+  from gemma_jax.train.program import TrainProgram
+  chip, _ = hardware.parse_topology(args.topology)
+  program = TrainProgram(cfg, make_mesh(cfg.mesh, aot.topology_devices(
+      args.topology)))
+  fprog = fisher.FisherProgram(program, _estimator(args), args.units_per_step,
+                               args.rows_per_vmap, args.grad_dtype)
+  start = time.perf_counter()
+  lowered = fprog.lower(program.abstract_state.params, cfg.data.seq_len)
+  report = {"topology": args.topology, "mesh": dict(program.mesh.shape),
+            "units_per_step": fprog.units_per_step,
+            "rows_per_vmap": args.rows_per_vmap,
+            "grad_dtype": args.grad_dtype,
+            "hbm_bytes_per_device": chip.hbm_bytes}
+  try:
+    mem = lowered.compile().memory_analysis()
+    report.update(fits=mem.peak_memory_in_bytes <= chip.hbm_bytes,
+                  peak_bytes_per_device=int(mem.peak_memory_in_bytes))
+  except Exception as e:  # XlaRuntimeError: out of HBM
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    report.update(fits=False, error=str(e).strip().splitlines()[0])
+  report["compile_s"] = time.perf_counter() - start
+  print(json.dumps(report))
+  return 0 if report["fits"] else 1
+
+
+def main(args) -> int:
+  from gemma_jax import distributed
+  from gemma_jax.errors import ConfigError
+  from gemma_jax.train.config import load_config
+  cfg = load_config(args.config, args.overrides)
+  if args.topology:
+    return compile_only(args, cfg)
+  if not args.out or not (args.source or args.task):
+    raise ConfigError("give --out and one of --source or --task")
+  distributed.initialize_runtime(cfg.runtime)
+  import jax
+  from gemma_jax.checkpoint import fisher as fisher_store
+  from gemma_jax.train import continual, fisher, fisher_data, metrics
+  from gemma_jax.train.program import TrainProgram
+
+  path = args.params or cfg.checkpoint.init_from
+  if not path:
+    raise ConfigError("give --params, or set checkpoint.init_from in the "
+                      "config: the checkpoint whose Fisher to estimate")
+  estimator = _estimator(args)
+  from etils import epath
+  if epath.Path(args.out).exists() and not args.force:
+    raise ConfigError(f"--out {args.out} already exists; pass --force to "
+                      f"replace it")
+  rows = _rows(args, cfg)
+  program = TrainProgram(cfg)
+  fprog = fisher.FisherProgram(program, estimator, args.units_per_step,
+                               args.rows_per_vmap, args.grad_dtype)
+  params = continual.load_params(path, args.params_format, program)
+  steps = fisher_data.num_steps(rows, estimator.rows_per_unit,
+                                fprog.units_per_step)
+  batches = fisher_data.unit_batches(
+      rows, estimator.rows_per_unit, fprog.units_per_step,
+      jax.process_index(), jax.process_count())
+  progress = metrics.ProgressLine(steps, jax.process_index() == 0)
+  values, info = fisher.estimate(fprog, params, batches, steps,
+                                 progress=progress)
+  stats = fisher.summary(values)
+  meta = {
+      "base": {"path": str(path), "format": args.params_format,
+               "fingerprint": continual.fingerprint_of(path)},
+      "data": rows.describe(),
+      "estimator": {"name": estimator.name,
+                    "batch_size": estimator.batch_size},
+      "num_examples": rows.num_rows,
+      "units": "rows" if estimator.name == "per_example" else "groups",
+      "num_units": info["units"],
+      "accumulation": "float32", "grad_dtype": args.grad_dtype,
+      "mean_loglik_per_unit": info["mean_loglik"],
+      "seconds": info["seconds"], "mesh": dict(program.mesh.shape),
+      "stats": stats}
+  fisher_store.save(args.out, values, cfg.model, meta, force=args.force)
+  meta["out"] = args.out
+  if jax.process_index() == 0:
+    if args.json:
+      print(json.dumps(meta))
+    else:
+      _print_stats(meta)
+  return 0

@@ -1,0 +1,74 @@
+"""`gemma-jax report`: what continued training gained and what it forgot.
+
+    gemma-jax report configs/cpt/tiny-math.yaml --out runs/report \\
+        --checkpoint base=runs/base/params --checkpoint naive=runs/naive \\
+        --checkpoint ewc=runs/ewc@300 --tasks tasks.yaml
+
+Checkpoints are native exports, Hugging Face directories or training runs
+(the latest checkpoint, or RUN@STEP), in order: the first is the base and
+the tables show each later one's change from it. Held-out loss and
+perplexity per source come from the run config's eval splits; benchmark
+scores (tasks.yaml: see gemma_jax/evals/forgetting.py) are computed as
+lm-evaluation-harness computes them. Writes report.md, report.json,
+items/<checkpoint>.jsonl and bar charts to --out.
+"""
+
+HELP = "compare checkpoints: held-out loss per source and benchmark scores"
+
+
+def add_arguments(parser):
+  parser.add_argument("config", help="run config (model, data, mesh)")
+  parser.add_argument("--checkpoint", action="append", required=True,
+                      metavar="NAME=PATH", help="repeatable; the first is the "
+                      "base")
+  parser.add_argument("--tasks", default=None,
+                      help="YAML list of benchmark tasks (local files)")
+  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--eval-batches", type=int, default=None,
+                      help="held-out batches per source (train.eval_batches)")
+  parser.add_argument("--batch-size", type=int, default=8,
+                      help="rows per scoring batch")
+  parser.add_argument("--max-length", type=int, default=2048,
+                      help="tokens per scored request, cut from the left "
+                           "(lm-evaluation-harness's max_length)")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a config key")
+
+
+def _checkpoints(specs) -> dict[str, str]:
+  from gemma_jax.errors import ConfigError
+  out = {}
+  for spec in specs:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+      raise ConfigError(f"--checkpoint {spec!r}: expected NAME=PATH")
+    if name in out:
+      raise ConfigError(f"--checkpoint: the name {name!r} is given twice")
+    out[name] = path
+  return out
+
+
+def main(args) -> int:
+  from gemma_jax import distributed
+  from gemma_jax.train.config import load_config
+  cfg = load_config(args.config, args.overrides)
+  checkpoints = _checkpoints(args.checkpoint)
+  from gemma_jax.evals import forgetting
+  tasks = forgetting.load_tasks(args.tasks) if args.tasks else []
+  distributed.initialize_runtime(cfg.runtime)
+  import jax
+  from gemma_jax.data import build_pipeline
+  from gemma_jax.train.program import TrainProgram
+  program = TrainProgram(cfg)
+  pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,
+                        process_index=jax.process_index(),
+                        process_count=jax.process_count(),
+                        vocab_size=cfg.model.vocab_size)
+  results = forgetting.report(
+      program, pipe, checkpoints, tasks, args.out,
+      eval_batches=args.eval_batches or cfg.train.eval_batches or 1,
+      batch_size=args.batch_size, max_length=args.max_length)
+  if jax.process_index() == 0:
+    print(forgetting.heldout_table(results), end="")
+    print(f"report written to {args.out}/report.md")
+  return 0

@@ -1,0 +1,255 @@
+"""Distillation losses from a teacher's next-token distribution.
+
+Pure functions, float32, per target position; B batch, T positions, V
+vocabulary, K stored top-k entries.
+
+    # online: the teacher's full logits
+    loss = distill_token_losses(student_logits, teacher_logits, temperature)
+    # offline: a dump of the teacher's top-k log-probs and ids
+    dump = encode_topk(teacher_logits, k=64, temperature=1.0)
+    loss = topk_distill_token_losses(student_logits, dump.logprobs,
+                                     dump.ids, temperature=1.0, tail="bucket",
+                                     teacher_tail_logmass=dump.tail)
+    record = pack_topk(dump)         # bytes_per_token(64) = 388 per position
+
+Every loss is the cross-entropy -sum_v p_T(v) log p_S(v) of the student's
+distribution against the teacher's, both at temperature tau (softmax of
+logits / tau), as in the Gemma 2 report, multiplied by tau^2 as Hinton et
+al. (2015) and MaxText do: the gradient wrt the student logits is then
+tau (p_S - p_T), so the distillation term keeps its weight against the hard
+cross-entropy when tau changes (at tau = 1 nothing is scaled). kl=True
+subtracts the teacher's entropy: tau^2 KL(p_T || p_S), 0 when the student
+matches, with the same gradient. The teacher is a constant (no gradient).
+The caller combines and averages like the hard loss, e.g.
+alpha * distill + (1 - alpha) * ce, summed with the loss mask and divided
+by the number of target tokens.
+
+Offline top-k, `tail`:
+  "renormalize"  teacher and student both renormalised over the teacher's
+                 top-k ids (MaxText's offline loss): matches the student's
+                 distribution *given* the top-k set; the student's mass
+                 outside the top-k gets no gradient from this term.
+  "bucket"       the teacher's tail mass r (stored with the dump, or
+                 1 - sum(top-k)) is one more class, matched against the
+                 student's mass outside those ids:
+                 -sum_k p_T log p_S - r log(1 - sum_k p_S). Its minimum is a
+                 student that agrees with the teacher on every top-k token
+                 *and* on the tail mass; only how the tail is shared is free.
+Rejected: the student's full-vocabulary log-probs at the top-k ids against
+the renormalised teacher. That is "bucket" with the tail mass set to 0: it
+trains the student to put all its mass on the teacher's top-k, more
+confident than the teacher by exactly the mass the dump dropped.
+With K = V all three equal the full loss.
+
+The dump stores the teacher's log-probs *at the distillation temperature*
+(`encode_topk(..., temperature)`): the tail mass at another temperature is
+not recoverable from the top-k alone. Per position it holds k bfloat16
+log-probs, k int32 ids and the float32 log tail mass: 6k + 4 bytes, 388 for
+k = 64 and 1540 for k = 256 (MaxText's float32 + int64 dump: 12k). The tail
+is stored because 1 - sum(bfloat16 top-k) is off by up to ~3e-3, as much
+as the whole tail of a confident teacher.
+"""
+
+import dataclasses
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from gemma_jax.errors import ConfigError, DataError
+from gemma_jax.model.config import DType, ModelConfig
+
+TAILS = ("renormalize", "bucket")
+Tail = Literal["renormalize", "bucket"]
+LOGPROB_DTYPE = ml_dtypes.bfloat16   # stored log-probs: 2 bytes
+ID_DTYPE = np.dtype("<i4")           # stored ids: 4 bytes, little-endian
+TAIL_DTYPE = np.dtype("<f4")         # stored tail log-mass: 4 bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """The run config's `distill:` section (README "Distillation").
+
+  Online (`teacher`): the teacher's forward runs inside the train step.
+  Offline (`dump`): the student reads the teacher's top-k from a dump that
+  `gemma-jax distill dump` wrote. Off when neither is set (nor
+  `teacher_model`, which alone lets `gemma-jax compile` size a run).
+
+  teacher: checkpoint directory of the teacher: native, Hugging Face, or
+    official Flax (that one needs `teacher_model`). Any size; its
+    vocabulary must be the student's.
+  teacher_model: the teacher's model section (a preset name or fields);
+    default: the checkpoint's own config. `gemma-jax compile` reads only it.
+  teacher_dtype: the teacher's parameter and compute dtype.
+  temperature: tau of both softmaxes (the loss is scaled by tau^2).
+  alpha: objective = alpha * distill + (1 - alpha) * cross-entropy.
+  topk, tail: what a dump stores per position and how its tail is used.
+  dump: a dump directory: train from it (offline).
+  """
+  teacher: str | None = None
+  teacher_model: ModelConfig | None = None
+  teacher_dtype: DType = "bfloat16"
+  temperature: float = 1.0
+  alpha: float = 0.5
+  topk: int = 64
+  tail: Tail = "bucket"
+  dump: str | None = None
+
+  def __post_init__(self):
+    if self.temperature <= 0:
+      raise ConfigError(f"distill.temperature must be > 0, got "
+                        f"{self.temperature}")
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+    if self.topk < 1:
+      raise ConfigError(f"distill.topk must be >= 1, got {self.topk}")
+
+  @property
+  def mode(self) -> str | None:
+    """The mode: "offline", "online" or None (off)."""
+    if self.dump:
+      return "offline"
+    if self.teacher or self.teacher_model is not None:
+      return "online"
+    return None
+
+
+def _xlogy(x, y):
+  """x log y with 0 log 0 = 0 (also where y = -inf as log of 0)."""
+  return jnp.where(x > 0, x * y, 0.0)
+
+
+def distill_token_losses(student_logits, teacher_logits,
+                         temperature: float = 1.0, *, kl: bool = False
+                         ) -> jax.Array:
+  """tau^2 * -sum_v p_T(v) log p_S(v) per position: [B, T, V] x2 -> [B, T].
+
+  kl: subtract the teacher's entropy (tau^2 KL(p_T || p_S)).
+  """
+  tau = jnp.float32(temperature)
+  log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau)
+  log_p = jax.nn.log_softmax(
+      jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / tau)
+  p = jnp.exp(log_p)
+  loss = -jnp.sum(_xlogy(p, log_q), axis=-1)
+  if kl:
+    loss += jnp.sum(_xlogy(p, log_p), axis=-1)
+  return tau * tau * loss
+
+
+def topk_distill_token_losses(student_logits, teacher_topk_logprobs,
+                              teacher_topk_ids, temperature: float = 1.0,
+                              tail: str = "renormalize", *,
+                              teacher_tail_logmass=None, kl: bool = False
+                              ) -> jax.Array:
+  """Distillation loss from the teacher's top-k only: [B, T] float32.
+
+  student_logits: [B, T, V]. teacher_topk_logprobs: [B, T, K], the teacher's
+    log-probs at `temperature` (any float dtype, finite). teacher_topk_ids:
+    [B, T, K] int, distinct per position. tail: see the module docstring.
+  teacher_tail_logmass: [B, T], log of the teacher's mass outside the top-k
+    (`encode_topk` stores it); "bucket" then uses it and scales the top-k
+    to the remaining mass. Without it the tail is 1 - sum(top-k), which
+    bfloat16 log-probs give only to about 3e-3.
+  """
+  if tail not in TAILS:
+    raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+  tau = jnp.float32(temperature)
+  z = student_logits.astype(jnp.float32) / tau
+  ids = teacher_topk_ids.astype(jnp.int32)
+  lp = jax.lax.stop_gradient(teacher_topk_logprobs).astype(jnp.float32)
+  z_k = jnp.take_along_axis(z, ids, axis=-1)                   # [B, T, K]
+  if tail == "renormalize":
+    log_p = jax.nn.log_softmax(lp)
+    log_q = jax.nn.log_softmax(z_k)
+    loss = -jnp.sum(_xlogy(jnp.exp(log_p), log_q), axis=-1)
+    if kl:
+      loss += jnp.sum(_xlogy(jnp.exp(log_p), log_p), axis=-1)
+    return tau * tau * loss
+  # Teacher: tail mass r and top-k log-probs scaled to sum to 1 - r.
+  log_mass = jax.nn.logsumexp(lp, axis=-1)
+  if teacher_tail_logmass is None:
+    # Rounding in the dump may push the sum past 1: then r = 0.
+    r = -jnp.expm1(jnp.minimum(log_mass, 0.0))
+  else:
+    r = jnp.exp(jax.lax.stop_gradient(teacher_tail_logmass).astype(
+        jnp.float32))
+  log_p = lp - log_mass[..., None] + jnp.log1p(-r)[..., None]
+  # Student: log-probs at the ids and log of the mass outside them.
+  lse = jax.nn.logsumexp(z, axis=-1)
+  log_q = z_k - lse[..., None]
+  log_tail = _log_mass_outside(z - lse[..., None], ids)
+  # No tail to match where the top-k covers the whole vocabulary.
+  use_tail = (r > 0) & (log_tail > -jnp.inf)
+  loss = (-jnp.sum(_xlogy(jnp.exp(log_p), log_q), axis=-1)
+          - _xlogy(r, jnp.where(use_tail, log_tail, 0.0)))
+  if kl:
+    loss += (jnp.sum(_xlogy(jnp.exp(log_p), log_p), axis=-1)
+             + _xlogy(r, jnp.log(jnp.where(use_tail, r, 1.0))))
+  return tau * tau * loss
+
+
+class TopK(NamedTuple):
+  """One dump of the teacher: its k most likely ids per position."""
+  logprobs: Any    # bfloat16 [..., K], log p_T at the temperature, descending
+  ids: Any         # int32 [..., K]
+  tail: Any        # float32 [...], log of the mass outside the top-k
+
+
+def encode_topk(teacher_logits, k: int, temperature: float = 1.0) -> TopK:
+  """The dump of one teacher forward [..., V] at `temperature`.
+
+  The tail mass is stored on its own (float32): recomputed as 1 minus the
+  sum of the bfloat16 top-k probabilities it is off by up to 3e-3, as much
+  as the whole tail of a confident teacher.
+  """
+  log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32)
+                             / jnp.float32(temperature))
+  values, ids = jax.lax.top_k(log_p, k)
+  return TopK(values.astype(LOGPROB_DTYPE), ids.astype(jnp.int32),
+              _log_mass_outside(log_p, ids))
+
+
+def _log_mass_outside(log_p, ids):
+  """log sum_{v not in ids} exp(log_p[v]) [...], -inf if ids cover all of
+  V; without the cancellation of log(1 - sum over ids)."""
+  outside = jnp.put_along_axis(log_p, ids, -jnp.inf, axis=-1, inplace=False)
+  empty = jnp.all(outside == -jnp.inf, axis=-1)
+  safe = jnp.where(empty[..., None], 0.0, outside)
+  return jnp.where(empty, -jnp.inf, jax.nn.logsumexp(safe, axis=-1))
+
+
+def bytes_per_token(k: int) -> int:
+  """Storage of one position: k bfloat16 log-probs, k int32 ids and the
+  float32 tail log-mass."""
+  return (k * (np.dtype(LOGPROB_DTYPE).itemsize + ID_DTYPE.itemsize)
+          + TAIL_DTYPE.itemsize)
+
+
+def pack_topk(topk: TopK) -> bytes:
+  """One record (e.g. an ArrayRecord entry) from a [T, K] dump, all
+  little-endian: log-probs (bfloat16), ids (int32), tails (float32)."""
+  logprobs = np.asarray(topk.logprobs).astype(LOGPROB_DTYPE)
+  ids, tail = np.asarray(topk.ids), np.asarray(topk.tail)
+  if logprobs.shape != ids.shape or tail.shape != ids.shape[:-1]:
+    raise ValueError(f"log-probs {logprobs.shape}, ids {ids.shape} and tail "
+                     f"{tail.shape} do not describe one [T, K] dump")
+  return (logprobs.view(np.uint16).astype("<u2").tobytes()
+          + ids.astype(ID_DTYPE).tobytes() + tail.astype(TAIL_DTYPE).tobytes())
+
+
+def unpack_topk(record: bytes, k: int) -> TopK:
+  """Inverse of `pack_topk`: bfloat16 [T, k], int32 [T, k], float32 [T]."""
+  per = bytes_per_token(k)
+  if len(record) % per:
+    raise DataError(f"a top-{k} record holds a multiple of {per} bytes; got "
+                    f"{len(record)}: written with another k?")
+  t = len(record) // per
+  ends = np.cumsum([t * k * 2, t * k * 4])
+  logprobs = np.frombuffer(record[:ends[0]], "<u2").astype(np.uint16).view(
+      LOGPROB_DTYPE).reshape(t, k)
+  ids = np.frombuffer(record[ends[0]:ends[1]], ID_DTYPE).astype(np.int32)
+  tail = np.frombuffer(record[ends[1]:], TAIL_DTYPE).astype(np.float32)
+  return TopK(logprobs, ids.reshape(t, k), tail)

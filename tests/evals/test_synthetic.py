@@ -1,0 +1,97 @@
+"""Small offline tasks generated from corpus-like text."""
+
+import json
+
+from gemma_jax.evals import readers, scoring, synthetic, tasks
+
+PROSE = [
+    "Return the sum of two numbers. The result is an int when both are. "
+    "Floats give a float.\n\nThis paragraph has one sentence only.",
+    "Open a file for reading. Raise OSError when it is missing. The mode "
+    "defaults to text.\nLines wrap here. Nothing else happens.",
+    "Parse the header line. Unknown fields are ignored silently. Empty input "
+    "gives an empty dict.\n\n    >>> parse('')\n    {}",
+]
+CODE = [
+    "def add(a, b):\n    total = a + b\n    if total > 10:\n"
+    "        total = total - 10\n    return total\n\n\n"
+    "def sub(a, b):\n    return a - b\n",
+    "class Box:\n    def __init__(self, value):\n        self.value = value\n"
+    "        self.items = []\n\n    def put(self, item):\n"
+    "        self.items.append(item)\n        return len(self.items)\n",
+]
+
+
+def check_mc(items, num_choices=4):
+  for it in items:
+    assert len(it["choices"]) == num_choices
+    assert len(set(it["choices"])) == num_choices
+    assert 0 <= it["gold"] < num_choices
+
+
+def test_prose_next_picks_the_true_following_sentence():
+  items = synthetic.prose_next(PROSE, 50, seed=0, num_choices=3)
+  assert 4 <= len(items) <= 50
+  check_mc(items, 3)
+  flat = [" ".join(d.split()) for d in PROSE]
+  for it in items:
+    answer = it["choices"][it["gold"]]
+    # Context, " ", the answer: a contiguous passage of one document.
+    assert any(it["context"] + " " + answer in text for text in flat)
+    assert it["context"][-1] in ".!?"
+    # Distractors come from the other documents.
+    source = next(d for d in flat if it["context"] + " " + answer in d)
+    for c in it["choices"]:
+      assert c == answer or c not in source
+  assert not any(">>>" in it["context"] for it in items)
+
+
+def test_code_next_scores_the_original_text(tmp_path):
+  items = synthetic.code_next(CODE, 20, seed=0, num_choices=3,
+                              context_lines=2)
+  check_mc(items, 3)
+  assert items
+  for it in items:
+    # _encode_pair moves the context's trailing newline and indentation onto
+    # " " + answer, which then reads exactly as the file does.
+    ctx = it["context"]
+    answer = it["choices"][it["gold"]]
+    moved = ctx[len(ctx.rstrip()):] + " " + answer
+    assert moved.startswith("\n") and moved.endswith("    " + answer)
+    assert any(ctx.rstrip() + moved + "\n" in doc for doc in CODE)
+
+
+def test_arithmetic_answers_are_right_and_gsm8k_shaped():
+  items = synthetic.arithmetic(40, seed=3)
+  for it in items:
+    expr = it["context"].removeprefix("Question: Compute ").removesuffix(
+        ".\nAnswer:")
+    value = eval(expr)  # noqa: S307  (digits and + - * only)
+    assert it["answer"].endswith(f"The answer is {value}.\n#### {value}")
+  assert {it["context"].count("(") for it in items} == {0, 1}
+
+
+def test_generation_is_deterministic_per_seed():
+  assert synthetic.code_next(CODE, 5, seed=1) == synthetic.code_next(
+      CODE, 5, seed=1)
+  assert synthetic.arithmetic(5, 1) == synthetic.arithmetic(5, 1)
+  assert synthetic.arithmetic(5, 1) != synthetic.arithmetic(5, 2)
+
+
+def test_written_files_load_as_tasks(tmp_path):
+  paths = synthetic.write_synthetic(tmp_path, {"prose": PROSE, "code": CODE},
+                                    num_items=6, num_shots=3)
+  assert sorted(paths) == ["arithmetic", "arithmetic_shots", "code_next",
+                           "code_next_shots", "prose_next",
+                           "prose_next_shots"]
+  code = tasks.multiple_choice(paths["code_next"], paths["code_next_shots"],
+                               num_fewshot=1)
+  assert code.name == "code_next" and len(code.docs) >= 2
+  requests = scoring.choice_requests(code, tasks.contexts(code))
+  assert len(requests) == 4 * len(code.docs)
+  math = tasks.generative(paths["arithmetic"], paths["arithmetic_shots"],
+                          num_fewshot=2)
+  assert tasks.contexts(math)[0].count("\n#### ") == 2
+  assert len(readers.read_generative(paths["arithmetic"])) == 6
+  first = json.loads(open(paths["prose_next"]).readline())
+  assert set(first) == {"context", "choices", "gold"}

@@ -1,0 +1,447 @@
+"""Bad inputs and faults, through the real CLI: each case asserts the exit
+code, exactly one line on stderr naming the problem, and that nothing was
+lost (the trained run, its checkpoints, metrics and export are unchanged; no
+output was created)."""
+
+import errno
+import hashlib
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from gemma_jax import cli
+from gemma_jax.train.testing import tiny_config_dict
+
+
+class Ctx:
+  """A tiny trained run and helpers shared by every case."""
+
+  def __init__(self, root, tok):
+    self.root, self.tok = root, tok
+    self.n = 0
+
+  def path(self, name):
+    self.n += 1
+    return str(self.root / f"{self.n}-{name}")
+
+  def config(self, edit=None, raw=None):
+    """Writes a run config (the trained run's, edited) and returns its path."""
+    path = self.path("cfg.yaml")
+    if raw is not None:
+      mode = "wb" if isinstance(raw, bytes) else "w"
+      with open(path, mode) as f:
+        f.write(raw)
+      return path
+    d = run_config(self.tok)
+    if edit:
+      edit(d)
+    with open(path, "w") as f:
+      yaml.safe_dump(d, f, sort_keys=False)
+    return path
+
+  def copy_run(self):
+    dst = self.path("run")
+    shutil.copytree(self.workdir, dst)
+    return dst
+
+  def copy_export(self):
+    dst = self.path("params")
+    shutil.copytree(os.path.join(self.workdir, "params"), dst)
+    return dst
+
+
+def run_config(tok):
+  # The train section of tests/train/test_trainer.py: compiled once.
+  d = tiny_config_dict(tok, steps=4)
+  d["train"].update(eval_every=2)
+  d["checkpoint"].update(save_every=2, keep=2, export_params=True)
+  return d
+
+
+def digest(path) -> dict | None:
+  """{relative path: sha256} of every file under `path` (None if absent)."""
+  if not os.path.exists(path):
+    return None
+  if os.path.isfile(path):
+    return {"": hashlib.sha256(open(path, "rb").read()).hexdigest()}
+  out = {}
+  for d, _, files in os.walk(path):
+    for f in files:
+      full = os.path.join(d, f)
+      out[os.path.relpath(full, path)] = hashlib.sha256(
+          open(full, "rb").read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_tokenizer, compile_cache, tmp_path_factory):
+  c = Ctx(tmp_path_factory.mktemp("bad"), tiny_tokenizer)
+  c.workdir = str(c.root / "trained")
+  assert cli.main(["train", c.config(), "--workdir", c.workdir]) == 0
+  return c
+
+
+def expect_one_line(capsys, argv, code, pattern, protect=()):
+  """Runs the CLI; checks the exit code, one stderr line matching
+  `pattern`, and that every path in `protect` is unchanged."""
+  before = {p: digest(p) for p in protect}
+  capsys.readouterr()
+  rc = cli.main([str(a) for a in argv])
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert rc == code, err
+  assert len(lines) == 1, err
+  assert lines[0].startswith(f"gemma-jax {argv[0]}: error: "), lines[0]
+  assert re.search(pattern, lines[0]), lines[0]
+  assert "Traceback" not in err
+  for p in protect:
+    assert digest(p) == before[p], f"{p} changed"
+  return lines[0]
+
+
+def set_lr(value):
+  return lambda d: d["optimizer"].update(learning_rate=value)
+
+
+# (id, build(ctx) -> (argv, protected paths), exit code, pattern). Cases
+# that train on ctx.workdir expect it unchanged.
+def train_on_trained(edit=None, *extra):
+  def build(c):
+    return (["train", c.config(edit), "--workdir", c.workdir, *extra],
+            [c.workdir])
+  return build
+
+
+def train_fresh(edit=None, raw=None, *extra):
+  def build(c):
+    work = c.path("fresh")
+    return (["train", c.config(edit, raw), "--workdir", work, *extra],
+            [work])
+  return build
+
+
+def latin1_source(c):
+  bad = c.path("latin1.txt")
+  with open(bad, "wb") as f:
+    f.write("Voilà une phrase en français, très jolie.".encode("latin-1"))
+  return bad
+
+
+def garbage_file(c, name, size=4096):
+  path = c.path(name)
+  with open(path, "wb") as f:
+    f.write(np.random.default_rng(0).bytes(size))
+  return path
+
+
+def files_source(path_fn):
+  def build(c):
+    path = path_fn(c)
+    def edit(d):
+      d["data"]["sources"]["prose"] = {"kind": "files", "paths": [path]}
+    work = c.path("fresh")
+    return ["train", c.config(edit), "--workdir", work], [work]
+  return build
+
+
+CASES = [
+    # Configs: every mistake fails at load, before any device work.
+    ("config_is_a_directory",
+     lambda c: (["train", str(c.root), "--workdir", c.path("w")], []),
+     2, r"config file .* is a directory"),
+    ("config_missing",
+     lambda c: (["train", c.path("none.yaml"), "--workdir", c.path("w")],
+                []), 2, r"config file not found"),
+    ("config_binary_garbage",
+     lambda c: (["train", garbage_file(c, "g.yaml"), "--workdir",
+                 c.path("w")], []), 2, r"not UTF-8 text|not valid YAML"),
+    ("config_invalid_yaml", train_fresh(raw="model: [unclosed\n"), 2,
+     r"not valid YAML"),
+    ("config_top_level_list", train_fresh(raw="- a\n- b\n"), 2,
+     r"top level must be a mapping"),
+    ("learning_rate_nan", train_on_trained(set_lr(float("nan"))), 2,
+     r"optimizer.learning_rate: must be a finite number"),
+    ("learning_rate_inf", train_on_trained(set_lr(float("inf"))), 2,
+     r"optimizer.learning_rate: must be a finite number"),
+    ("learning_rate_negative", train_on_trained(set_lr(-1e-3)), 2,
+     r"optimizer.learning_rate must be >= 0"),
+    ("z_loss_nan", train_on_trained(
+        lambda d: d["train"].update(z_loss=float("nan"))), 2,
+     r"train.z_loss: must be a finite number"),
+    ("learning_rate_not_a_number", train_on_trained(set_lr("fast")), 2,
+     r"optimizer.learning_rate: expected a number, got 'fast'"),
+    ("steps_float", train_on_trained(
+        lambda d: d["train"].update(steps=1.5)), 2,
+     r"train.steps: expected an integer"),
+    ("unknown_key", train_on_trained(
+        lambda d: d["train"].update(stepz=3)), 2,
+     r"unknown key 'train.stepz'"),
+    ("negative_steps_flag", lambda c: (
+        ["train", c.config(), "--workdir", c.workdir, "--steps", "-1"],
+        [c.workdir]), 2, r"train.steps must be >= 0"),
+    ("malformed_override", lambda c: (
+        ["train", c.config(), "--workdir", c.workdir, "--set", "train.steps"],
+        [c.workdir]), 2, r"not of the form key.path=value"),
+    ("batch_not_divisible_by_data_parallel", train_fresh(
+        lambda d: d["train"].update(batch_size=4)), 2,
+     r"train.batch_size: 4 rows .* divisible by 8"),
+    ("microbatches_do_not_divide", train_fresh(
+        lambda d: d["train"].update(microbatches=3)), 2,
+     r"train.batch_size \(8\) must be divisible by train.microbatches"),
+    ("stage_weight_for_unknown_source", train_fresh(
+        lambda d: d["data"]["stages"][0]["weights"].update(poetry=1)), 2,
+     r"unknown source 'poetry'"),
+    ("decode_policy_typo", train_fresh(
+        lambda d: d["data"]["sources"]["prose"].update(
+            on_decode_error="ignore")), 2, r"on_decode_error: 'ignore'"),
+    # Data and tokenizer files.
+    ("tokenizer_is_a_directory", train_fresh(
+        lambda d: d["data"].update(tokenizer="/tmp")), 1,
+     r"/tmp: Is a directory"),
+    ("tokenizer_garbage", lambda c: train_fresh(
+        lambda d: d["data"].update(tokenizer=garbage_file(c, "t.model")))(c),
+     1, r"is not a SentencePiece model"),
+    ("tokenizer_missing", train_fresh(
+        lambda d: d["data"].update(tokenizer="/nonexistent/tok.model")), 1,
+     r"tokenizer file not found"),
+    ("files_source_matches_nothing", files_source(
+        lambda c: c.path("none-*.txt")), 1, r"no file matches"),
+    ("files_source_latin1", files_source(latin1_source), 1,
+     r"latin1.txt: 3 of \d+ bytes are not UTF-8 .*on_decode_error"),
+    ("files_source_binary_garbage", files_source(
+        lambda c: garbage_file(c, "g.txt")), 1,
+     r"g.txt: \d+ of 4096 bytes are not UTF-8"),
+    ("files_source_only_directories", files_source(lambda c: str(c.root)),
+     1, r"matches only directories"),
+    # Multi-host environment.
+    ("jax_num_processes_not_a_number", "env:JAX_NUM_PROCESSES=two,"
+     "JAX_PROCESS_ID=0,JAX_COORDINATOR_ADDRESS=127.0.0.1:1234", 2,
+     r"JAX_NUM_PROCESSES='two': expected an integer"),
+    ("jax_process_id_without_coordinator", "env:JAX_PROCESS_ID=1", 2,
+     r"JAX_COORDINATOR_ADDRESS is not set"),
+    # Workdirs.
+    ("workdir_is_a_file", lambda c: (
+        ["train", c.config(), "--workdir", c.tok], [c.tok]), 2,
+     r"exists and is not a directory"),
+    ("checkpoints_is_a_file", "checkpoints_file", 2,
+     r"checkpoint directory .*checkpoints exists and is not a directory"),
+    ("checkpoints_read_only", "checkpoints_read_only", 2,
+     r"checkpoint directory .*checkpoints is not writable \(Read-only"),
+    ("workdir_held_by_another_process", "live_lease", 1,
+     r"in use by another trainer \(pid \d+ on " + re.escape(
+         socket.gethostname()) + r", heartbeat \d+ s ago; lease .*LOCK, "
+     r"stale once its heartbeat is 120 s old\); wait for it to end, stop "
+     r"it, or choose another --workdir"),
+    ("from_step_without_checkpoint", train_on_trained(None, "--from-step",
+                                                      "3"), 2,
+     r"--from-step 3: no checkpoint at that step .*steps: 2, 4"),
+    ("resume_with_another_model", train_on_trained(
+        lambda d: d["model"].update(d_model=48)), 2,
+     r"checkpoint at step 4 was trained with a different model"),
+    ("resume_past_train_steps", train_on_trained(
+        lambda d: d["train"].update(steps=2)), 2,
+     r"past train.steps=2"),
+    # Params to start from.
+    ("init_from_another_model_size", "init_from_other_size", 2,
+     r"checkpoint.init_from: .* holds another model \(d_model 32 there, "
+     r"48 here"),
+    ("init_from_missing", train_fresh(
+        lambda d: d["checkpoint"].update(init_from="/nonexistent/params")), 1,
+     r"/nonexistent/params: no such checkpoint directory"),
+    ("init_from_damaged_export", "init_from_damaged", 1,
+     r"is damaged: .*export or convert it again"),
+    # Read-only commands.
+    ("eval_step_missing", lambda c: (
+        ["eval", "--workdir", c.workdir, "--step", "3"], [c.workdir]), 1,
+     r"no checkpoint at step 3 in .*steps: 2, 4"),
+    ("eval_mistyped_workdir", lambda c: (
+        ["eval", "--workdir", c.workdir + "x"], [c.workdir + "x"]), 2,
+     r"--workdir .*trainedx is not a directory"),
+    ("eval_damaged_export", lambda c: (
+        ["eval", os.path.join(c.workdir, "config.yaml"), "--params",
+         damage(c.copy_export(), "data")], [c.workdir]), 1,
+     r"is damaged: array"),
+    ("eval_export_truncated_config", lambda c: (
+        ["eval", os.path.join(c.workdir, "config.yaml"), "--params",
+         damage(c.copy_export(), "model_config.json")], [c.workdir]), 1,
+     r"model_config.json is damaged: not valid JSON"),
+    ("plot_mistyped_workdir", lambda c: (
+        ["plot", c.workdir + "y"], [c.workdir + "y"]), 2,
+     r"no metrics.jsonl or eval.jsonl"),
+    ("sample_random_directory", lambda c: (
+        ["sample", "--checkpoint", str(c.root), "--tokenizer", c.tok,
+         "--prompt", "a"], []), 1, r"is not a native gemma_jax checkpoint"),
+    ("score_damaged_export", lambda c: (
+        ["score", "--checkpoint", damage(c.copy_export(), "_METADATA"),
+         "--text", "a", "--tokenizer", c.tok, "--out",
+         str(c.root / "never.npz")], [str(c.root / "never.npz")]), 1,
+     r"is damaged: params/_METADATA is not valid"),
+    ("data_show_config_is_a_directory", lambda c: (
+        ["data", "show", "--config", str(c.root)], []), 2,
+     r"is a directory"),
+    ("tokenizer_info_on_a_directory", lambda c: (
+        ["tokenizer", "info", str(c.root)], []), 1, r"Is a directory"),
+    # Conversions from bad sources.
+    ("convert_garbage_safetensors", "garbage_safetensors", 1,
+     r"is not a readable hf checkpoint"),
+    ("convert_truncated_safetensors", "truncated_safetensors", 1,
+     r"is not a readable hf checkpoint"),
+    ("convert_random_directory_as_official_flax", lambda c: (
+        ["convert", "--from", "kaggle", "--to", "native", "--model",
+         "tiny-gemma2", str(c.root), c.path("out")], []), 1,
+     r"is not a readable kaggle checkpoint \(No structure could be "
+     r"identified"),
+    ("convert_source_is_a_file", lambda c: (
+        ["convert", "--from", "native", "--to", "hf", c.tok,
+         c.path("out")], []), 1, r"is a file; --from native takes"),
+    ("merge_input_not_a_checkpoint", lambda c: (
+        ["merge", str(c.root), str(c.root), "--out", c.path("merged")], []),
+     1, r"not a native gemma_jax checkpoint"),
+    # Datasets.
+    ("prepare_latin1_input", "prepare_latin1", 1,
+     r"latin1.txt: 3 of \d+ bytes are not UTF-8"),
+    ("prepare_existing_name_other_input", "prepare_other_input", 1,
+     r"already exists .* with different input .*--overwrite"),
+    # Faults while writing.
+    ("disk_full_at_checkpoint_save", "disk_full_checkpoint", 1,
+     r"No space left on device \(free some space"),
+    ("disk_full_at_export", "disk_full_export", 1,
+     r"No space left on device"),
+]
+
+
+def damage(path, what):
+  """Damages an export (or a checkpoint's state dir): `data` truncates its
+  largest array data file; a file name truncates that file."""
+  if what == "data":
+    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+             if os.sep + "d" + os.sep in os.path.join(d, f)]
+    target = max(files, key=os.path.getsize)
+  else:
+    target = next(os.path.join(d, f) for d, _, fs in os.walk(path)
+                  for f in fs if f == what)
+  with open(target, "r+b") as f:
+    f.truncate(os.path.getsize(target) // 2)
+  return path
+
+
+def special(name, c, monkeypatch):
+  """Cases that need more than a config edit."""
+  if name.startswith("env:"):
+    for item in name[4:].split(","):
+      key, value = item.split("=")
+      monkeypatch.setenv(key, value)
+    return ["train", c.config(), "--workdir", c.workdir], [c.workdir]
+  if name == "checkpoints_file":
+    work = c.path("w")
+    os.makedirs(work)
+    open(os.path.join(work, "checkpoints"), "w").close()
+    return ["train", c.config(), "--workdir", work], [work]
+  if name == "checkpoints_read_only":
+    work = c.copy_run()
+    real = os.path.join(work, "checkpoints")
+    from etils import epath
+    original = epath.Path.write_text
+    def read_only(self, *a, **k):
+      if str(self.parent) == real:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+      return original(self, *a, **k)
+    monkeypatch.setattr(epath.Path, "write_text", read_only, raising=False)
+    monkeypatch.setattr(type(epath.Path(real)), "write_text", read_only)
+    return ["train", c.config(), "--workdir", work], [work]
+  if name == "live_lease":
+    # Another process holds the workdir (its lease, as a trainer takes it).
+    work = c.copy_run()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gemma_jax.train.lease "
+         "import WorkdirLease; WorkdirLease(sys.argv[1]).acquire(); "
+         "print('held', flush=True); time.sleep(120)", work],
+        cwd=pathlib.Path(__file__).parent.parent, stdout=subprocess.PIPE,
+        text=True)
+    assert holder.stdout.readline() == "held\n"
+    monkeypatch.setattr(c, "_holder", holder, raising=False)
+    monkeypatch.setattr(c, "_holder_pid", holder.pid, raising=False)
+    return ["train", c.config(), "--workdir", work], [work]
+  if name == "init_from_other_size":
+    export = os.path.join(c.workdir, "params")
+    def edit(d):
+      d["model"]["d_model"] = 48
+      d["checkpoint"]["init_from"] = export
+    return (["train", c.config(edit), "--workdir", c.path("w")],
+            [c.workdir])
+  if name == "init_from_damaged":
+    export = damage(c.copy_export(), "data")
+    return (["train", c.config(lambda d: d["checkpoint"].update(
+        init_from=export)), "--workdir", c.path("w")], [c.workdir])
+  if name in ("garbage_safetensors", "truncated_safetensors"):
+    from gemma_jax.checkpoint.testing import write_hf_dir
+    src = c.path("hf")
+    write_hf_dir(pathlib.Path(__file__).parent / "fixtures" / "parity" /
+                 "gemma2_gqa_window.npz", pathlib.Path(src))
+    weights = os.path.join(src, "model.safetensors")
+    if name == "garbage_safetensors":
+      with open(weights, "wb") as f:
+        f.write(np.random.default_rng(1).bytes(1000))
+    else:
+      with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    out = c.path("out")
+    return ["convert", "--from", "hf", "--to", "native", src, out], [out]
+  if name == "prepare_latin1":
+    data_dir = c.path("tfds")
+    return (["data", "prepare", "--input", latin1_source(c), "--name", "x",
+             "--data-dir", data_dir, "--tokenizer", c.tok], [data_dir])
+  if name == "prepare_other_input":
+    data_dir = c.path("tfds")
+    first, second = c.path("a.txt"), c.path("b.txt")
+    open(first, "w").write("the first input, one document.")
+    open(second, "w").write("another input altogether.")
+    base = ["data", "prepare", "--name", "x", "--data-dir", data_dir,
+            "--tokenizer", c.tok]
+    assert cli.main(base + ["--input", first]) == 0
+    assert cli.main(base + ["--input", first]) == 0   # same input: fine
+    return base + ["--input", second], [data_dir]
+  if name in ("disk_full_checkpoint", "disk_full_export"):
+    # The run resumes from checkpoint 2 (4 removed) and the write at step 4
+    # finds the disk full: checkpoint 2 and the earlier export stay whole.
+    import orbax.checkpoint as ocp
+    work = c.copy_run()
+    shutil.rmtree(os.path.join(work, "checkpoints", "4"))
+    def full(self, *a, **k):
+      raise OSError(errno.ENOSPC, "No space left on device", work)
+    if name == "disk_full_checkpoint":
+      monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    else:
+      monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", full)
+    return ["train", c.config(), "--workdir", work], [
+        os.path.join(work, "checkpoints", "2"), os.path.join(work, "params")]
+  raise KeyError(name)
+
+
+@pytest.mark.parametrize("name, build, code, pattern", CASES,
+                         ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_loses_nothing(ctx, capsys, monkeypatch,
+                                                 name, build, code, pattern):
+  argv, protect = (special(build, ctx, monkeypatch) if isinstance(build, str)
+                   else build(ctx))
+  try:
+    expect_one_line(capsys, argv, code, pattern, protect)
+  finally:
+    holder = getattr(ctx, "_holder", None)
+    if holder is not None:
+      holder.kill()
+      holder.wait()
+  # The shared run is never left locked.
+  assert not os.path.exists(os.path.join(ctx.workdir, "LOCK"))
+
+
+def test_at_least_forty_cases():
+  assert len(CASES) >= 40

@@ -1,0 +1,143 @@
+"""Starting the runtime: checked JAX_* variables, a bounded wait for the other
+processes that says whom it waits for, and the Pathways switch."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+from gemma_jax import distributed
+from gemma_jax.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def _env(**values):
+  return {k: str(v) for k, v in values.items()}
+
+
+@pytest.mark.parametrize("env, message", [
+    (_env(JAX_COORDINATOR_ADDRESS="h:1", JAX_NUM_PROCESSES="two",
+          JAX_PROCESS_ID=0),
+     "JAX_NUM_PROCESSES='two': expected an integer >= 1"),
+    (_env(JAX_COORDINATOR_ADDRESS="h:1", JAX_NUM_PROCESSES=2,
+          JAX_PROCESS_ID=-1),
+     "JAX_PROCESS_ID='-1': expected an integer >= 0"),
+    (_env(JAX_COORDINATOR_ADDRESS="h:1", JAX_NUM_PROCESSES=2,
+          JAX_PROCESS_ID=2),
+     "JAX_PROCESS_ID=2 must be below JAX_NUM_PROCESSES=2"),
+    (_env(JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=0),
+     "JAX_COORDINATOR_ADDRESS is not set"),
+    (_env(JAX_COORDINATOR_ADDRESS="h:1", JAX_NUM_PROCESSES=2),
+     "JAX_PROCESS_ID is not set"),
+    (_env(JAX_COORDINATOR_ADDRESS="10.0.0.2", JAX_NUM_PROCESSES=2,
+          JAX_PROCESS_ID=1),
+     "JAX_COORDINATOR_ADDRESS='10.0.0.2': expected HOST:PORT"),
+])
+def test_bad_process_variables_name_the_variable(env, message):
+  with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")
+                     .replace(")", r"\)")):
+    distributed.initialize_distributed(env=env)
+
+
+def test_process_variables_parse():
+  got = distributed.explicit_processes(_env(
+      JAX_COORDINATOR_ADDRESS="10.0.0.2:8476", JAX_NUM_PROCESSES=4,
+      JAX_PROCESS_ID=3))
+  assert (got.coordinator, got.num_processes, got.process_id) == (
+      "10.0.0.2:8476", 4, 3)
+  # No variables, or only a coordinator hint for a detected cluster.
+  assert distributed.explicit_processes({}) is None
+  assert distributed.explicit_processes(
+      _env(JAX_COORDINATOR_ADDRESS="h:1")) is None
+
+
+def test_cluster_detection_and_timeout_variables():
+  assert not distributed.detected_cluster({})
+  assert distributed.detected_cluster(_env(GEMMA_JAX_DISTRIBUTED=1))
+  assert distributed.detected_cluster(_env(TPU_WORKER_HOSTNAMES="a,b"))
+  assert not distributed.detected_cluster(_env(TPU_WORKER_HOSTNAMES="a"))
+  assert distributed.detected_cluster(_env(SLURM_NTASKS=4))
+  assert distributed.init_timeout_s({}) == 300
+  assert distributed.init_timeout_s(_env(GEMMA_JAX_INIT_TIMEOUT_S=45)) == 45
+  with pytest.raises(ConfigError, match="GEMMA_JAX_INIT_TIMEOUT_S='soon'"):
+    distributed.init_timeout_s(_env(GEMMA_JAX_INIT_TIMEOUT_S="soon"))
+
+
+def test_one_process_needs_no_distributed_runtime():
+  lines = []
+  distributed.initialize_distributed(lines.append, env=_env(
+      JAX_COORDINATOR_ADDRESS="h:1", JAX_NUM_PROCESSES=1, JAX_PROCESS_ID=0))
+  distributed.initialize_distributed(lines.append, env={})
+  assert lines == []
+
+
+_ONE_OF_TWO = """
+import sys
+from gemma_jax import distributed
+from gemma_jax.errors import GemmaJaxError
+try:
+  distributed.initialize_distributed()
+except GemmaJaxError as e:   # as the CLI prints it
+  print(f"gemma-jax train: error: {e}", file=sys.stderr)
+  sys.exit(e.exit_code)
+"""
+
+
+def test_a_missing_process_ends_the_wait_with_one_line(tmp_path):
+  """2 processes configured, only process 0 started: it says whom it waits
+  for, then stops after GEMMA_JAX_INIT_TIMEOUT_S with one line, exit 1, and
+  no C++ abort."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+             JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0",
+             GEMMA_JAX_INIT_TIMEOUT_S="3")
+  env.pop("XLA_FLAGS", None)
+  start = time.monotonic()
+  out = subprocess.run([sys.executable, "-c", _ONE_OF_TWO], env=env,
+                       capture_output=True, text=True, timeout=60)
+  elapsed = time.monotonic() - start
+  assert out.returncode == 1, out.stderr
+  assert elapsed < 3 + 10, elapsed          # 3 s wait + imports
+  who = f"process 0 of 2, coordinator 127.0.0.1:{port}"
+  lines = out.stderr.strip().splitlines()
+  assert lines[0] == (f"jax.distributed: {who}: waiting up to 3 s for every "
+                      f"process to connect (GEMMA_JAX_INIT_TIMEOUT_S)")
+  assert lines[-1] == (
+      f"gemma-jax train: error: jax.distributed: not every process connected "
+      f"within 3 s ({who}); start the same command on every host, check that "
+      f"they reach the coordinator's port, or raise GEMMA_JAX_INIT_TIMEOUT_S")
+  assert "another task died" not in out.stderr
+  assert "stack trace" not in out.stderr
+
+
+def test_pathways_needs_its_package_and_the_proxy_backend(monkeypatch):
+  monkeypatch.setitem(sys.modules, "pathwaysutils", None)   # not installed
+  with pytest.raises(ConfigError, match="'pathwaysutils' package is not "
+                     "installed: pip install pathwaysutils"):
+    distributed.initialize_runtime(distributed.RuntimeConfig(pathways=True))
+
+  calls = []
+  fake = types.ModuleType("pathwaysutils")
+  fake.initialize = lambda: calls.append("initialize")
+  monkeypatch.setitem(sys.modules, "pathwaysutils", fake)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  with pytest.raises(ConfigError, match="JAX_PLATFORMS='cpu' does not name "
+                     "the Pathways 'proxy' backend"):
+    distributed.initialize_runtime(distributed.RuntimeConfig(pathways=True))
+  assert calls == []
+  monkeypatch.setenv("JAX_PLATFORMS", "proxy")
+  monkeypatch.setenv("JAX_BACKEND_TARGET", "grpc://head:29000")
+  lines = []
+  distributed.initialize_runtime(distributed.RuntimeConfig(pathways=True),
+                                 lines.append)
+  assert calls == ["initialize"]
+  assert lines == ["pathways: single controller via grpc://head:29000"]
