@@ -14,6 +14,7 @@ from gemma_jax.errors import ConfigError
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "qkv_proj"]
 AttentionType = Literal["global", "local"]
+AttentionImpl = Literal["auto", "xla", "blockwise", "splash"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,21 @@ class ModelConfig:
   param_dtype: DType = "float32"
   dtype: DType = "float32"         # activation (compute) dtype
   remat_policy: RematPolicy = "none"
+  # How attention without a cache is computed (decoding always uses xla):
+  #   xla        scores [B, K, G, T, S] and softmax by plain einsums;
+  #   blockwise  per query block, only the key blocks it can see, with a
+  #              hand-written backward that saves no probabilities
+  #              (kernels.blockwise_attention; fastest on CPU);
+  #   splash     the Pallas TPU kernel (splash.py), shard_map over the mesh;
+  #   auto       splash on TPU where seq_len % 128 == 0, else blockwise.
+  attention_impl: AttentionImpl = "auto"
+  # GeGLU MLP with a hand-written backward (kernels.geglu_mlp): saves x and
+  # the gate/up pre-activations only. False: autodiff of the plain einsums.
+  fused_mlp: bool = True
+  # Train loss: the output projection, soft-cap and cross-entropy fused, this
+  # many tokens at a time (kernels.cross_entropy), so the [B, T, V] logits
+  # are never stored. 0: materialise the logits (as `forward` returns them).
+  loss_chunk: int = 1024
 
   def __post_init__(self):
     for key in ("num_layers", "d_model", "mlp_dim", "num_heads",
@@ -59,6 +75,9 @@ class ModelConfig:
     if "local" in self.attention_pattern and not self.sliding_window:
       raise ConfigError("attention_pattern has 'local' layers but "
                         "sliding_window is not set")
+    if self.loss_chunk < 0:
+      raise ConfigError(f"loss_chunk must be >= 0 (0 = off), got "
+                        f"{self.loss_chunk}")
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ConfigError(f"sliding_window must be positive, got "
                         f"{self.sliding_window}")

@@ -179,42 +179,47 @@ blockwise_attention.defvjp(
         q, k, v, pos, seg, window, cap, block), _attention_bwd)
 
 
-def attention_by_window(q, k, v, positions, segment_ids, window, windows,
-                        cap, block):
-  """blockwise_attention for a traced `window`, one of the static `windows`.
+def attention_by_window(q, k, v, positions, segment_ids, window_index,
+                        windows: tuple[int, ...], cap, block):
+  """blockwise_attention for the layer whose window is `windows[index]`.
 
-  Under nn.scan each layer's window is data; lax.switch picks the branch
-  compiled for it.
+  Under nn.scan each layer's window is data: the traced `window_index` picks
+  the branch compiled for that window with lax.switch.
   """
-  windows = tuple(sorted(set(windows)))
-  if len(windows) == 1:
-    return blockwise_attention(q, k, v, positions, segment_ids, windows[0],
-                               cap, block)
-  index = jnp.argmax(jnp.asarray(windows) == window)
   branches = [functools.partial(
       lambda w, *a: blockwise_attention(*a, w, cap, block), w)
               for w in windows]
-  return jax.lax.switch(index, branches, q, k, v, positions, segment_ids)
+  if len(branches) == 1:
+    return branches[0](q, k, v, positions, segment_ids)
+  return jax.lax.switch(window_index, branches, q, k, v, positions,
+                        segment_ids)
 
 
 # Cross-entropy fused with the output projection.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def cross_entropy(hidden, table, targets, cap: float | None, chunk: int):
+def _identity(x):
+  return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def cross_entropy(hidden, table, targets, cap: float | None, chunk: int,
+                  constrain_table=_identity):
   """(ce, lse), float32 [B, T], of logits = cap(hidden @ table^T).
 
   hidden: [B, T, D]; table: [V, D] (the tied embedding's real rows);
   targets: int32 [B, T]. ce = lse - logits[target]. Logits are computed for
-  about `chunk` tokens at a time (all rows, a slice of T, so a batch-sharded
-  hidden stays sharded) and never stored.
+  `chunk` positions of every row at a time (a slice of T, so a batch-sharded
+  hidden stays sharded; the largest divisor of T not above `chunk`) and
+  never stored. constrain_table(x) places the [V, D] table gradient (e.g. a
+  sharding constraint; the backward accumulates it over the chunks).
   """
-  return _ce_fwd(hidden, table, targets, cap, chunk)[0]
+  return _ce_fwd(hidden, table, targets, cap, chunk, constrain_table)[0]
 
 
 def _time_chunks(x, chunk):
-  """[B, T, ...] -> [T / c, B, c, ...], c dividing T with B * c ~ chunk."""
+  """[B, T, ...] -> [T / c, B, c, ...], c the largest divisor of T <= chunk."""
   b, t = x.shape[:2]
-  c = math.gcd(t, max(1, chunk // b))
+  c = max(d for d in range(1, min(chunk, t) + 1) if t % d == 0)
   return x.reshape((b, t // c, c) + x.shape[2:]).swapaxes(0, 1)
 
 
@@ -228,12 +233,16 @@ def _logits(h, table, cap):
   return softcap(z, cap) if cap else z
 
 
-def _ce_fwd(hidden, table, targets, cap, chunk):
+def _ce_fwd(hidden, table, targets, cap, chunk, constrain_table):
+  del constrain_table
+
   def one(_, xs):
     h, tgt = xs
     logits = _logits(h, table, cap)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    # A one-hot contraction keeps a vocab-sharded chunk sharded.
+    onehot = jax.nn.one_hot(tgt, logits.shape[-1], dtype=logits.dtype)
+    picked = jnp.einsum("BTV,BTV->BT", logits, onehot)
     return None, (lse - picked, lse)
 
   _, (ce, lse) = jax.lax.scan(one, None, (_time_chunks(hidden, chunk),
@@ -242,7 +251,7 @@ def _ce_fwd(hidden, table, targets, cap, chunk):
   return (_unchunk(ce), lse), (hidden, table, targets, lse)
 
 
-def _ce_bwd(cap, chunk, res, g):
+def _ce_bwd(cap, chunk, constrain_table, res, g):
   hidden, table, targets, lse = res
   g_ce, g_lse = g
 
@@ -259,10 +268,10 @@ def _ce_bwd(cap, chunk, res, g):
     # h^T d rather than d^T h: the transposed copy is of h, not of d.
     d_table = d_table + jnp.einsum("BTD,BTV->DV", h.astype(jnp.float32),
                                    d).T
-    return d_table, dh
+    return constrain_table(d_table), dh
 
   d_table, dh = jax.lax.scan(
-      one, jnp.zeros(table.shape, jnp.float32),
+      one, constrain_table(jnp.zeros(table.shape, jnp.float32)),
       tuple(_time_chunks(x, chunk)
             for x in (hidden, targets, lse, g_ce, g_lse)))
   dh = dh.swapaxes(0, 1).reshape(hidden.shape)

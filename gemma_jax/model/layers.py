@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from gemma_jax.model import kernels
 from gemma_jax.model.config import ModelConfig
 
 
@@ -73,6 +74,14 @@ def apply_rope(x, positions, max_wavelength: float):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def einsum_init(shape: tuple[int, ...], in_axis: int | tuple[int, ...]):
+  """Truncated normal with std 1/sqrt(fan_in) over the `in_axis` axes."""
+  in_axes = (in_axis,) if isinstance(in_axis, int) else in_axis
+  fan_in = math.prod(shape[a] for a in in_axes)
+  # The constant undoes the truncation's shrinking of the std.
+  return nn.initializers.truncated_normal(1 / (0.87962566 * math.sqrt(fan_in)))
+
+
 class Einsum(nn.Module):
   """A weight `w` of the given shape, contracted with `x` by an einsum."""
   shape: tuple[int, ...]
@@ -82,21 +91,44 @@ class Einsum(nn.Module):
 
   @nn.compact
   def __call__(self, equation: str, x):
-    in_axes = (self.in_axis,) if isinstance(self.in_axis, int) else self.in_axis
-    fan_in = math.prod(self.shape[a] for a in in_axes)
-    # Truncated normal with std 1/sqrt(fan_in); the constant undoes truncation.
-    init = nn.initializers.truncated_normal(1 / (0.87962566 * math.sqrt(fan_in)))
+    init = einsum_init(self.shape, self.in_axis)
     w = param(self, "w", self.shape, self.axes, init, self.config.param_dtype)
     return jnp.einsum(equation, x, w.astype(self.config.dtype))
 
 
+class EinsumWeight(nn.Module):
+  """Einsum's weight `w` alone (same path, init and axes) in the compute
+  dtype, for a kernel that contracts it itself."""
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  in_axis: int | tuple[int, ...]
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self):
+    init = einsum_init(self.shape, self.in_axis)
+    w = param(self, "w", self.shape, self.axes, init, self.config.param_dtype)
+    return w.astype(self.config.dtype)
+
+
 class MLP(nn.Module):
-  """GeGLU: `linear(gelu_tanh(x @ gate) * (x @ up))`."""
+  """GeGLU: `linear(gelu_tanh(x @ gate) * (x @ up))`.
+
+  With `config.fused_mlp`, one kernel with a hand-written backward
+  (kernels.geglu_mlp) over the same parameters.
+  """
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
+    if cfg.fused_mlp:
+      w_gate_up = EinsumWeight((2, cfg.d_model, cfg.mlp_dim),
+                               (None, "embed", "mlp"), 1, cfg,
+                               name="gating_einsum")()
+      w_down = EinsumWeight((cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), 0,
+                            cfg, name="linear")()
+      return kernels.geglu_mlp(x, w_gate_up, w_down)
     gate_up = Einsum((2, cfg.d_model, cfg.mlp_dim), (None, "embed", "mlp"),
                      in_axis=1, config=cfg, name="gating_einsum")
     gate, up = gate_up("BTD,CDF->CBTF", x)

@@ -20,7 +20,8 @@ by a traced index into the model's static tuple of distinct windows with
 lax.switch; each branch holds one compiled kernel and its block mask.
 
 With a mesh, the kernel runs per device under shard_map: rows split over the
-batch axes ('data', 'fsdp'), heads over 'tensor'. Kv heads are split too when
+batch axes (default 'data', 'fsdp'; the model passes those of its logical
+rules for 'act_batch'), heads over the head axes (default 'tensor'). Kv heads are split too when
 'tensor' divides them; otherwise (fewer kv heads than tensor shards, e.g.
 MQA) k and v stay replicated and each shard picks the kv head its query
 heads share.
@@ -43,17 +44,17 @@ from gemma_jax.errors import ConfigError
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
-_LANES = 128                  # the kernel's key-block granule (TPU lanes)
+LANES = 128                  # the kernel's key-block granule (TPU lanes)
 _MAX_BLOCK = 512
 
 
 def block_size(seq_len: int) -> int:
   """The largest of 512, 256, 128 that divides seq_len."""
-  for b in (_MAX_BLOCK, 256, _LANES):
+  for b in (_MAX_BLOCK, 256, LANES):
     if seq_len % b == 0:
       return b
   raise ConfigError(f"data.seq_len={seq_len}: splash attention needs a "
-                    f"multiple of {_LANES}; pad the sequence or set "
+                    f"multiple of {LANES}; pad the sequence or set "
                     "model.attention_impl=xla")
 
 
@@ -106,6 +107,13 @@ def _local_attention(query, key, value, segment_ids, window_index, *,
   return out.transpose(0, 2, 1, 3)                    # [B, T, N, H]
 
 
+def mesh_axes(entry) -> tuple[str, ...]:
+  """Mesh axes of one PartitionSpec entry (None, a name or a tuple)."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _axes(mesh, names):
   present = tuple(a for a in names if a in mesh.axis_names)
   return present, math.prod(mesh.shape[a] for a in present)
@@ -121,7 +129,9 @@ def _interpret(mesh) -> bool:
 
 def splash_attention(query, key, value, segment_ids, window_index,
                      windows: tuple[int, ...], softcap: float | None,
-                     mesh=None, interpret: bool | None = None):
+                     mesh=None, interpret: bool | None = None,
+                     batch_axes: tuple[str, ...] = BATCH_AXES,
+                     head_axes: tuple[str, ...] = (HEAD_AXIS,)):
   """Causal (optionally sliding-window) attention of packed rows.
 
   Args:
@@ -136,6 +146,7 @@ def splash_attention(query, key, value, segment_ids, window_index,
       under jax.set_mesh) to shard over its ('data', 'fsdp') and 'tensor'
       axes; None or an empty mesh: one device (or already in shard_map).
     interpret: run the Pallas interpreter; default: unless on TPU.
+    batch_axes, head_axes: the mesh axes rows and heads are split over.
   Returns:
     [B, T, N, H] in query's dtype.
   """
@@ -154,8 +165,8 @@ def splash_attention(query, key, value, segment_ids, window_index,
   if mesh is None:
     return run(query, key, value, segment_ids, window_index)
 
-  batch_axes, batch_shards = _axes(mesh, BATCH_AXES)
-  head_axes, head_shards = _axes(mesh, (HEAD_AXIS,))
+  batch_axes, batch_shards = _axes(mesh, batch_axes)
+  head_axes, head_shards = _axes(mesh, head_axes)
   if b % batch_shards or n % head_shards:
     raise ConfigError(
         f"splash attention: batch {b} / {n} heads do not split over mesh "

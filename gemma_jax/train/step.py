@@ -26,22 +26,29 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask",
               "source")
 
 
-def token_losses(logits, batch, z_loss: float):
-  """Cross-entropy and z-loss per token, float32 [B, T], 0 off the mask."""
+def ce_and_lse(logits, targets):
+  """Cross-entropy of `targets` and log-sum-exp, float32 [B, T]."""
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   # One-hot contraction keeps a vocab-sharded logits tensor sharded.
-  onehot = jax.nn.one_hot(batch["targets"], logits.shape[-1],
-                          dtype=logits.dtype)
-  ce = lse - jnp.einsum("btv,btv->bt", logits, onehot)
+  onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+  return lse - jnp.einsum("btv,btv->bt", logits, onehot), lse
+
+
+def masked_losses(ce, lse, batch, z_loss: float):
+  """Cross-entropy and z-loss per token, float32 [B, T], 0 off the mask."""
   mask = batch["loss_mask"].astype(jnp.float32)
   return ce * mask, z_loss * jnp.square(lse) * mask
 
 
-def cross_entropy_sums(logits, batch, num_sources: int,
-                       z_loss: float = 0.0) -> dict:
-  """Sums over the batch: ce, z, and per-source ce and target tokens."""
-  ce, z = token_losses(logits, batch, z_loss)
+def token_losses(logits, batch, z_loss: float):
+  """Cross-entropy and z-loss per token, float32 [B, T], 0 off the mask."""
+  return masked_losses(*ce_and_lse(logits, batch["targets"]), batch, z_loss)
+
+
+def loss_sums(ce, z, batch, num_sources: int) -> dict:
+  """Sums over the batch of masked per-token ce and z [B, T]: ce, z, and
+  per-source ce and target tokens."""
   row_ce = ce.sum(axis=1)
   row_tokens = batch["loss_mask"].astype(jnp.float32).sum(axis=1)
   per_source = lambda x: jnp.zeros(num_sources).at[batch["source"]].add(x)
@@ -50,13 +57,31 @@ def cross_entropy_sums(logits, batch, num_sources: int,
               source_tokens=per_source(row_tokens))
 
 
+def cross_entropy_sums(logits, batch, num_sources: int,
+                       z_loss: float = 0.0) -> dict:
+  """Sums over the batch: ce, z, and per-source ce and target tokens."""
+  return loss_sums(*token_losses(logits, batch, z_loss), batch, num_sources)
+
+
 def model_forward(model):
   """forward(params, frozen, batch) -> logits [B, T, V] of a plain model
-  (the frozen inputs are for objectives and adapters that need them)."""
+  (the frozen inputs are for objectives and adapters that need them).
+
+  forward.ce_and_lse(params, frozen, batch) -> (ce, lse) [B, T] is the
+  model's own loss path (Transformer.token_losses: with model.loss_chunk,
+  fused and chunked, never storing the logits); `lm_loss` uses it.
+  """
   def forward(params, frozen, batch):
     del frozen
     return model.apply({"params": params}, batch["inputs"],
                        batch["positions"], batch["segment_ids"])
+
+  def losses(params, frozen, batch):
+    del frozen
+    return model.apply({"params": params}, batch["inputs"], batch["targets"],
+                       batch["positions"], batch["segment_ids"],
+                       method=type(model).token_losses)
+  forward.ce_and_lse = losses
   return forward
 
 
@@ -66,11 +91,18 @@ def lm_loss(forward, num_sources: int, z_loss: float = 0.0):
   A loss function maps (params, batch, frozen) to (objective summed over the
   batch's target tokens, sums): sums holds ce, z, source_loss_sum,
   source_tokens and, for objectives with more terms, `terms` {name: sum}
-  (logged as loss/<name> per target token).
+  (logged as loss/<name> per target token). Uses `forward.ce_and_lse`
+  where the forward has one (see `model_forward`), else its logits.
   """
+  fused = getattr(forward, "ce_and_lse", None)
+
   def loss(params, batch, frozen):
-    sums = cross_entropy_sums(forward(params, frozen, batch), batch,
-                              num_sources, z_loss)
+    if fused is not None:
+      ce, lse = fused(params, frozen, batch)
+    else:
+      ce, lse = ce_and_lse(forward(params, frozen, batch), batch["targets"])
+    sums = loss_sums(*masked_losses(ce, lse, batch, z_loss), batch,
+                     num_sources)
     return sums["ce"] + sums["z"], sums
   return loss
 
