@@ -67,7 +67,6 @@ def layer_mask(seq_len: int, window: int) -> mask_lib.Mask:
   return mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=0)
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(num_heads: int, seq_len: int, window: int, mqa: bool,
             softcap: float | None, interpret: bool):
   """A splash kernel for one device: q [N, T, H], k/v [K, T, H] ([T, H] MQA)."""
@@ -78,11 +77,11 @@ def _kernel(num_heads: int, seq_len: int, window: int, mqa: bool,
       block_q_dq=b, block_kv_dq=b)
   mask = mask_lib.MultiHeadMask([layer_mask(seq_len, window)] * num_heads)
   make = kernel_lib.make_splash_mqa if mqa else kernel_lib.make_splash_mha
-  # The block-mask tables become concrete arrays even when first built under
-  # a trace, so the cached kernel holds constants, not leaked tracers.
-  with jax.ensure_compile_time_eval():
-    return make(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                attn_logits_soft_cap=softcap, interpret=interpret)
+  # Built afresh in each trace: its block-mask tables become arrays of the
+  # trace that builds it (a kernel cached across traces, e.g. those of
+  # nn.scan and its partial evaluation, would hold leaked tracers).
+  return make(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+              attn_logits_soft_cap=softcap, interpret=interpret)
 
 
 def _local_attention(query, key, value, segment_ids, window_index, *,

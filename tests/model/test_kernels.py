@@ -120,10 +120,10 @@ def test_attention_by_window_picks_the_traced_window():
   q = normal(rng, 2, 32, 1, 2, 8, scale=3)
   k, v = normal(rng, 2, 32, 1, 8), normal(rng, 2, 32, 1, 8)
   pos, seg = packed(2, 32)
-  run = jax.jit(lambda w: kernels.attention_by_window(
-      q, k, v, pos, seg, w, (7, 0), 50.0, 16))
-  for window in (7, 0):
-    close(run(window), plain_attention(q, k, v, pos, seg, window, 50.0),
+  run = jax.jit(lambda i: kernels.attention_by_window(
+      q, k, v, pos, seg, i, (0, 7), 50.0, 16))
+  for index, window in enumerate((0, 7)):
+    close(run(index), plain_attention(q, k, v, pos, seg, window, 50.0),
           f"window {window}")
 
 
