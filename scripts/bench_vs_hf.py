@@ -2,8 +2,9 @@
 
     pip install /opt/wheels/torch-2.13.0+cpu-*.whl transformers  # `hf` extra
     python scripts/bench_vs_hf.py                          # both shapes
-    python scripts/bench_vs_hf.py --shape 8x512 --repeats 3 \
-        --ours base: --ours dots:model.remat_policy=dots
+    python scripts/bench_vs_hf.py --paired --shape 8x512 --steps 6 \
+        --ours new: --ours old:model.attention_impl=xla,\
+model.fused_mlp=false,model.loss_chunk=0
 
 The model is a Gemma 2-shaped one small enough for a CPU: d_model 512,
 8 layers, 8 query / 4 kv heads of 64, MLP 2048, vocabulary 8192, local
@@ -23,9 +24,10 @@ Before timing, the first-step losses of HF and ours on one-document rows must
 agree within 1e-4: both do the same work.
 
 An `--ours LABEL:SPEC` variant is ours with SPEC, comma-separated items:
-  KEY=VALUE     a run-config override (e.g. model.remat_policy=dots);
-  env:NAME=VAL  an environment variable of the subprocess (XLA_FLAGS, ...);
-  +NAME         a prototype patch from scripts/bench_variants.py.
+  KEY=VALUE     a run-config override (e.g. model.remat_policy=dots,
+                model.attention_impl=xla, model.fused_mlp=false,
+                model.loss_chunk=0);
+  env:NAME=VAL  an environment variable of the subprocess (XLA_FLAGS, ...).
 
 Printed per run: tokens/s (from the median timed step), model FLOP/s
 (gemma_jax.train.flops), MFU against the machine's float32 matmul peak
@@ -99,7 +101,7 @@ def _packed_row(rng, seq_len: int):
 # Workers: one framework, one shape, one subprocess.
 
 def run_config(batch: int, seq_len: int, overrides=()):
-  from gemma_jax.config import load_config
+  from gemma_jax.train.config import load_config
   # YAML reads 1e-08 as a string: floats go as 1.0000000000e-08.
   text = lambda v: f"{v:.10e}" if isinstance(v, float) else v
   sets = [f"model.{k}={text(v)}" for k, v in MODEL.items()]
@@ -112,24 +114,15 @@ def run_config(batch: int, seq_len: int, overrides=()):
 
 
 def ours_program(cfg, params):
-  """(state, step, put): the only glue to our train-step API.
-
-  step(state, device_batch) -> (state, metrics with 'loss'); put(numpy
-  batch) -> device batch.
-  """
+  """(program, state): our TrainProgram and a step-0 state holding `params`
+  (the only glue to our train-step API)."""
   import jax
-  from gemma_jax.sharding.mesh import make_mesh
-  from gemma_jax.train import step as step_lib
-  mesh = make_mesh(cfg.mesh)
-  state = step_lib.init_train_state(cfg, mesh, cfg.train.seed)
-  shardings = step_lib.state_shardings(cfg, mesh).params
-  state = state.replace(params=jax.tree.map(
+  from gemma_jax.train.program import TrainProgram
+  program = TrainProgram(cfg)
+  params = jax.tree.map(
       lambda s, x: jax.device_put(np.asarray(x, s.dtype), s.sharding),
-      state.params, params))
-  sharding = step_lib.batch_sharding(cfg, mesh)
-  del shardings
-  return (state, step_lib.make_train_step(cfg, mesh, 1),
-          lambda b: step_lib.device_batch(b, sharding))
+      program.abstract_state.params, params)
+  return program, program.init_state(params=params)
 
 
 def export_weights(directory: str) -> None:
@@ -161,26 +154,19 @@ def build_ours(a):
   from gemma_jax.checkpoint import hf
   from gemma_jax.train import flops
   import bench_train
-  overrides, patches = [], []
-  for item in a.spec:
-    (patches if item.startswith("+") else overrides).append(item.lstrip("+"))
-  if patches:
-    import bench_variants
-    for name in patches:
-      bench_variants.apply(name)
-  cfg = run_config(a.batch, a.seq_len, overrides)
+  cfg = run_config(a.batch, a.seq_len, a.spec)
   params, _ = hf.load(a.weights, cfg.model)
-  state, step, put = ours_program(cfg, params)
-  data = [put(b) for b in batches(a.batch, a.seq_len, cfg.model.vocab_size,
-                                  a.packed)]
+  program, state = ours_program(cfg, params)
+  data = [program.put(b) for b in batches(a.batch, a.seq_len,
+                                          cfg.model.vocab_size, a.packed)]
   t = time.perf_counter()
-  compiled = step.lower(state, data[0]).compile()
+  compiled = program.lower_train_step().compile()
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
 
   def one(i):
     nonlocal state
-    state, m = compiled(state, data[i % 2])
+    state, m = compiled(state, data[i % 2], program.frozen)
     return float(m["loss"])          # a host sync: honest step times
   info = {"framework": "ours", "compile_s": compile_s,
           "flops_per_token": flops.model_flops_per_token(cfg.model,

@@ -1,7 +1,7 @@
 """Where the benchmark train step's time goes, op by op (XLA CPU).
 
     python scripts/profile_step.py --shape 8x512 [--spec model.remat_policy=dots
-        +flash] [--hlo /tmp/step.hlo]
+        model.attention_impl=xla] [--hlo /tmp/step.hlo]
 
 Builds the step of scripts/bench_vs_hf.py (same model, same batch, same
 variant syntax), prints compile time and the compiler's memory analysis,
@@ -119,21 +119,15 @@ def main(argv=None):
   a = p.parse_args(argv)
   batch, seq = map(int, a.shape.split("x"))
 
-  overrides = [s for s in a.spec if not s.startswith("+")]
-  patches = [s[1:] for s in a.spec if s.startswith("+")]
-  if patches:
-    import bench_variants
-    for name in patches:
-      bench_variants.apply(name)
-  cfg = bench_vs_hf.run_config(batch, seq, overrides)
+  cfg = bench_vs_hf.run_config(batch, seq, a.spec)
   with tempfile.TemporaryDirectory() as tmp:
     bench_vs_hf.export_weights(f"{tmp}/hf")
     params, _ = hf.load(f"{tmp}/hf", cfg.model)
-  state, step, put = bench_vs_hf.ours_program(cfg, params)
-  data = [put(b) for b in bench_vs_hf.batches(batch, seq,
-                                              cfg.model.vocab_size, False)]
+  program, state = bench_vs_hf.ours_program(cfg, params)
+  data = [program.put(b) for b in bench_vs_hf.batches(
+      batch, seq, cfg.model.vocab_size, False)]
   t = time.perf_counter()
-  lowered = step.lower(state, data[0])
+  lowered = program.lower_train_step()
   compiled = lowered.compile()
   print(f"compile {time.perf_counter() - t:.1f} s (lower + compile)")
   mem = compiled.memory_analysis()
@@ -147,13 +141,13 @@ def main(argv=None):
   instrs, comps = parse_hlo(text)
 
   for i in range(a.warmup):
-    state, m = compiled(state, data[i % 2])
+    state, m = compiled(state, data[i % 2], program.frozen)
   float(m["loss"])
   with tempfile.TemporaryDirectory() as trace:
     jax.profiler.start_trace(trace, create_perfetto_trace=True)
     t = time.perf_counter()
     for i in range(a.steps):
-      state, m = compiled(state, data[i % 2])
+      state, m = compiled(state, data[i % 2], program.frozen)
       float(m["loss"])
     wall = (time.perf_counter() - t) / a.steps
     jax.profiler.stop_trace()

@@ -111,3 +111,23 @@ def test_auto_is_splash_on_tpu_blockwise_elsewhere_xla_with_a_cache(
   assert attention_lib.resolve_impl(cfg, 200, cached=False) == "blockwise"
   splash = dataclasses.replace(cfg, attention_impl="splash")
   assert attention_lib.resolve_impl(splash, 8, cached=True) == "xla"
+
+
+def test_auto_compiles_the_splash_kernel_for_a_tpu_topology():
+  # Ahead of time for 4 v5e chips (libtpu, no TPU): auto picks splash from
+  # the mesh's devices, and the step holds the Mosaic kernel, not the
+  # interpreter, forward and backward.
+  from gemma_jax.train import aot
+  mesh = Mesh(np.asarray(aot.topology_devices("v5e:2x2")).reshape(1, 2, 2),
+              ("data", "fsdp", "tensor"))
+  cfg = dataclasses.replace(BASE, fused_mlp=False)
+  params, _ = reference(2)
+  tokens, pos, seg = batch()
+
+  def loss(p):
+    return jnp.sum(Transformer(cfg).apply({"params": p}, tokens, pos, seg))
+  with rules.sharding_context(mesh, MeshConfig()):
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    hlo = jax.jit(jax.grad(loss)).lower(abstract).compile().as_text()
+  assert hlo.count("tpu_custom_call") >= 2

@@ -136,3 +136,41 @@ def test_param_dtype_and_compute_dtype_are_separate():
   f32 = forward(dataclasses.replace(cfg, dtype="float32"), params,
                 np.arange(8)[None])
   assert 0 < np.abs(logits - f32).max() < 0.5
+
+
+def _losses_and_grads(cfg, params, tokens, targets, pos, seg):
+  def loss(p):
+    ce, lse = Transformer(cfg).apply({"params": p}, tokens, targets, pos, seg,
+                                     method=Transformer.token_losses)
+    # Both outputs get gradient: the z-loss differentiates the lse.
+    return jnp.sum(ce) + 1e-2 * jnp.sum(lse ** 2), (ce, lse)
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+def test_fused_mlp_and_chunked_loss_equal_the_plain_path():
+  # Plain: autodiff of the GeGLU einsums, the [B, T, V] logits stored and
+  # their cross-entropy. Fused: kernels.geglu_mlp and kernels.cross_entropy,
+  # loss_chunk 10 over 2 rows: 5 positions a chunk, so 4, the largest
+  # divisor of T = 12.
+  plain = dataclasses.replace(TINY2, fused_mlp=False, loss_chunk=0)
+  params = init(plain)
+  rng = np.random.default_rng(0)
+  tokens, targets = (jnp.asarray(rng.integers(0, 256, (2, 12)), jnp.int32)
+                     for _ in range(2))
+  pos = jnp.asarray([list(range(12)), list(range(5)) + list(range(7))])
+  seg = jnp.asarray([[1] * 12, [1] * 5 + [2] * 7])
+  (_, (ce, lse)), grads = _losses_and_grads(plain, params, tokens, targets,
+                                            pos, seg)
+  logits = forward(plain, params, tokens, pos, seg)
+  np.testing.assert_allclose(
+      lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0], ce,
+      atol=1e-5)
+  fused = dataclasses.replace(TINY2, fused_mlp=True, loss_chunk=10)
+  (_, (ce_f, lse_f)), grads_f = _losses_and_grads(fused, params, tokens,
+                                                  targets, pos, seg)
+  np.testing.assert_allclose(ce_f, ce, atol=1e-5)
+  np.testing.assert_allclose(lse_f, lse, atol=1e-5)
+  for path, a, b in zip(jax.tree_util.tree_leaves_with_path(grads),
+                        jax.tree.leaves(grads_f), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()),
+                               err_msg=jax.tree_util.keystr(path[0]))
