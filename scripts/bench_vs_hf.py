@@ -251,7 +251,7 @@ def worker(argv) -> None:
   step = lambda i: losses.append(one(i))
   _timed(step, a.warmup)
   if a.serve:
-    print("READY", flush=True)
+    print(f"READY {losses[0] if losses else 'nan'}", flush=True)
     times, cpu = [], []
     for line in sys.stdin:
       if line.strip() != "STEP":
@@ -315,9 +315,11 @@ class _Server:
       raise RuntimeError("worker died:\n" + self._err.read()[-4000:])
     return line
 
-  def ready(self):
-    while self._line().strip() != "READY":
+  def ready(self) -> float:
+    """Waits for the warm-up; returns the first (warm-up) step's loss."""
+    while not (line := self._line()).startswith("READY"):
       pass
+    return float(line.split()[1])
 
   def step(self) -> tuple[float, float]:
     self._proc.stdin.write("STEP\n")
@@ -336,15 +338,16 @@ class _Server:
     return json.loads(line[len("RESULT "):])
 
 
-def _paired(hf_args, runs, steps, cpus):
+def _paired(hf_args, runs, steps, cpus, done=None):
   """HF and each ours run alive together, stepping in turn (HF first on
   even steps, ours first on odd ones), so both see the same load.
 
   runs: [(worker args, env items, key)]. Returns (HF's result, [(key, ours
-  result with the partner's step times)]).
+  result with the partner's step times)]); done(key, result) is also
+  called as each ours run ends (a long run killed midway keeps those).
   """
   hf = _Server(hf_args, cpus=cpus)
-  hf.ready()
+  hf_first_loss = hf.ready()
   out = []
   for args, env, key in runs:
     try:
@@ -359,8 +362,11 @@ def _paired(hf_args, runs, steps, cpus):
       print(f"{key} FAILED: {e}", file=sys.stderr)
       continue
     r.update(partner_times=[w for w, _ in theirs],
-             partner_cpu_times=[c for _, c in theirs])
+             partner_cpu_times=[c for _, c in theirs],
+             partner_first_loss=hf_first_loss)
     out.append((key, r))
+    if done:
+      done(key, r)
   return hf.end(), out
 
 
@@ -462,13 +468,12 @@ def main(argv=None):
             ours.append((label + "/packed", True, spec, env))
         where = (rep, batch, seq)
         if a.paired:
-          hf_r, mine = _paired(
+          hf_r, _ = _paired(
               args_of("hf"),
               [(args_of("ours", p, s), e, (l, p)) for l, p, s, e in ours],
-              a.steps, a.cpus)
+              a.steps, a.cpus,
+              done=lambda key, r: record(r, *key, *where))
           record(hf_r, "hf", False, *where)
-          for (label, packed), r in mine:
-            record(r, label, packed, *where)
           continue
         if not a.no_hf:
           record(_spawn(args_of("hf"), (), a.cpus), "hf", False, *where)
@@ -507,8 +512,11 @@ def report(results: list[dict], shapes) -> None:
                      label != "hf" else "")
       check = ""
       if label != "hf" and not mine[0]["packed"]:
-        diffs = [abs(r["losses"][0] - hf[r["rep"]]["losses"][0])
-                 for r in mine if r["rep"] in hf]
+        diffs = [abs(r["losses"][0] - (hf[r["rep"]]["losses"][0]
+                                       if r["rep"] in hf
+                                       else r["partner_first_loss"]))
+                 for r in mine
+                 if r["rep"] in hf or "partner_first_loss" in r]
         if diffs:
           check = (f"|dloss| {max(diffs):.1e} "
                    + ("ok" if max(diffs) <= LOSS_TOLERANCE else "MISMATCH"))
