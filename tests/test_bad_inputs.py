@@ -445,3 +445,59 @@ def test_bad_input_is_one_line_and_loses_nothing(ctx, capsys, monkeypatch,
 
 def test_at_least_forty_cases():
   assert len(CASES) >= 40
+
+
+# gs:// paths that cannot work: one line within seconds, never a hang on
+# the clients' own retries (a minute and more).
+def _closed_port_env(monkeypatch, tmp_path):
+  del tmp_path
+  from gemma_jax import fileio
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  for key, value in fileio.emulator_env(f"http://127.0.0.1:{port}").items():
+    monkeypatch.setenv(key, value)
+
+
+def _no_credentials_env(monkeypatch, tmp_path):
+  from gemma_jax import fileio
+  for key in fileio.emulator_env("x"):
+    monkeypatch.delenv(key, raising=False)
+  monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS",
+                     str(tmp_path / "missing.json"))
+
+
+GCS_CASES = [
+    ("train_endpoint_unreachable", _closed_port_env,
+     lambda c: ["train", c.config(), "--workdir", "gs://b/run"], 1,
+     r"--workdir gs://b/run: cannot reach Cloud Storage at 127\.0\.0\.1:\d+ "
+     r"\(Connection refused\) within 10 s"),
+    ("train_no_credentials", _no_credentials_env,
+     lambda c: ["train", c.config(), "--workdir", "gs://b/run"], 2,
+     r"--workdir gs://b/run: no Google Cloud credentials on this machine"),
+    ("train_no_such_bucket", "emulator",
+     lambda c: ["train", c.config(), "--workdir", "gs://no-such-bucket/run"],
+     2, r"there is no bucket gs://no-such-bucket"),
+    ("eval_endpoint_unreachable", _closed_port_env,
+     lambda c: ["eval", "--workdir", "gs://b/run"], 1,
+     r"--workdir gs://b/run: cannot reach Cloud Storage"),
+    ("prepare_endpoint_unreachable", _closed_port_env,
+     lambda c: ["data", "prepare", "--input", c.config(), "--name", "x",
+                "--data-dir", "gs://b/tfds", "--tokenizer", c.tok], 1,
+     r"--data-dir gs://b/tfds: cannot reach Cloud Storage"),
+]
+
+
+@pytest.mark.parametrize("name, env, argv, code, pattern", GCS_CASES,
+                         ids=[c[0] for c in GCS_CASES])
+def test_a_gs_path_that_cannot_work_fails_in_seconds(
+    ctx, capsys, monkeypatch, tmp_path, request, name, env, argv, code,
+    pattern):
+  import time
+  if env == "emulator":
+    request.getfixturevalue("gcs_bucket")
+  else:
+    env(monkeypatch, tmp_path)
+  start = time.monotonic()
+  expect_one_line(capsys, argv(ctx), code, pattern)
+  assert time.monotonic() - start < 30

@@ -3,6 +3,7 @@ processes that says whom it waits for, and the Pathways switch."""
 
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -67,6 +68,11 @@ def test_cluster_detection_and_timeout_variables():
   assert distributed.init_timeout_s(_env(GEMMA_JAX_INIT_TIMEOUT_S=45)) == 45
   with pytest.raises(ConfigError, match="GEMMA_JAX_INIT_TIMEOUT_S='soon'"):
     distributed.init_timeout_s(_env(GEMMA_JAX_INIT_TIMEOUT_S="soon"))
+  assert distributed.heartbeat_timeout_s({}) == 60
+  assert distributed.heartbeat_timeout_s(
+      _env(GEMMA_JAX_HEARTBEAT_TIMEOUT_S=8)) == 8
+  with pytest.raises(ConfigError, match="GEMMA_JAX_HEARTBEAT_TIMEOUT_S='0'"):
+    distributed.heartbeat_timeout_s(_env(GEMMA_JAX_HEARTBEAT_TIMEOUT_S=0))
 
 
 def test_one_process_needs_no_distributed_runtime():
@@ -141,3 +147,65 @@ def test_pathways_needs_its_package_and_the_proxy_backend(monkeypatch):
                                  lines.append)
   assert calls == ["initialize"]
   assert lines == ["pathways: single controller via grpc://head:29000"]
+
+
+class _Store:
+  """The coordination service's key-value store, as the watchdog uses it;
+  `down` makes every call fail (the coordinator is gone)."""
+
+  def __init__(self):
+    self.values, self.down = {}, False
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    if self.down:
+      raise RuntimeError("UNAVAILABLE: Socket closed")
+    self.values[key] = value
+
+  def key_value_dir_get(self, prefix):
+    if self.down:
+      raise RuntimeError("UNAVAILABLE: Socket closed")
+    return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+def _watch(store, me, n, timeout_s=0.5):
+  lost = []
+  dog = distributed.PeerWatchdog(store, me, n, timeout_s, lost=lost.append)
+  dog.start()
+  return dog, lost
+
+
+def _wait(condition, seconds=10):
+  deadline = time.monotonic() + seconds
+  while not condition() and time.monotonic() < deadline:
+    time.sleep(0.02)
+
+
+def test_a_silent_process_is_named_lost_and_one_that_ended_is_not(
+    monkeypatch):
+  monkeypatch.setattr("jax.process_count", lambda: 3)
+  store = _Store()
+  dogs = [_watch(store, i, 3) for i in range(3)]
+  time.sleep(1.0)                        # two timeouts: nobody is lost
+  assert [lost for _, lost in dogs] == [[], [], []]
+  dogs[2][0].done()                      # ends normally
+  time.sleep(1.0)
+  assert [lost for _, lost in dogs] == [[], [], []]
+  dogs[1][0]._stop.set()                 # silent from now on (hung, killed)
+  _wait(lambda: dogs[0][1])
+  assert len(dogs[0][1]) == 1
+  assert re.match(r"jax\.distributed: process 1 was lost \(silent for "
+                  r"0\.5 s\); process \d of 3 stops too; rerun the same "
+                  r"command on every host", dogs[0][1][0])
+  dogs[0][0].done()
+
+
+def test_a_coordinator_that_stops_answering_is_named(monkeypatch):
+  monkeypatch.setattr("jax.process_count", lambda: 2)
+  store = _Store()
+  dog, lost = _watch(store, 1, 2)
+  store.down = True
+  _wait(lambda: lost)
+  assert lost and lost[0].startswith(
+      "jax.distributed: the coordinator (process 0) was lost (no answer "
+      "for 0.5 s)")
+  dog.done()

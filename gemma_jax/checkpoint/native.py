@@ -5,9 +5,12 @@
 
 Loading needs nothing else. Saving is atomic: everything is written into a
 hidden sibling directory that is renamed to DIR only once complete, so DIR is
-either absent, the old checkpoint, or the whole new one. In a multi-process
-run every process calls `save` (orbax writes each process's shards); process
-0 writes the config and does the rename.
+either absent, the old checkpoint, or the whole new one. On an object store
+(gs://), which cannot rename, the old DIR is removed (its config first), the
+params are written in place and model_config.json last: it marks a complete
+export, and `load` requires it. In a multi-process run every process calls
+`save` (orbax writes each process's shards); process 0 writes the config and
+does the rename.
 """
 
 import json
@@ -40,26 +43,36 @@ def save(directory, params, model_cfg: ModelConfig, *, force=False) -> None:
   Refuses to replace an existing `directory` unless `force`. The params must
   have exactly the shapes of `model_cfg` (checked before anything is written).
   """
-  directory = epath.Path(directory).absolute()
+  directory = epath.Path(fileio.absolute(directory))
+  fileio.check_remote(directory, "params export")
   if directory.exists() and not force:
     raise ConfigError(f"{directory} already exists; pass --force to replace "
                       "it")
   params = meta.unbox(params)
   found = {p: tuple(np.shape(x)) for p, x in layout.flatten(params)}
   layout.check_shapes(found, layout.param_shapes(model_cfg), "params")
-  tmp = fileio.fresh_temporary_sibling(directory) if jax.process_index() == 0 \
-      else fileio.temporary_sibling(directory)
+  main = jax.process_index() == 0
+  if fileio.is_local(directory):
+    tmp = (fileio.fresh_temporary_sibling(directory) if main
+           else fileio.temporary_sibling(directory))
+  else:
+    tmp = directory
+    if main and directory.exists():
+      (directory / CONFIG_FILE).unlink(missing_ok=True)  # not complete now
+      fileio.remove_tree(directory)
   _sync("native_save_start")
   with ocp.PyTreeCheckpointer() as ckptr:
     ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
-  if jax.process_index() == 0:
+  if main:
     config = {"format": FORMAT, "model": configlib.to_dict(model_cfg)}
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    fileio.replace_directory(tmp, directory)
+    if tmp != directory:
+      fileio.replace_directory(tmp, directory)
   _sync("native_save_done")
 
 
 def load_config(directory) -> ModelConfig:
+  fileio.check_remote(directory, "checkpoint")
   path = epath.Path(directory) / CONFIG_FILE
   if not epath.Path(directory).is_dir():
     raise CheckpointError(f"{directory} is not a native gemma_jax "
@@ -90,7 +103,7 @@ def load(directory, shardings=None, dtype=None) -> tuple[dict, ModelConfig]:
   """
   cfg = load_config(directory)
   # orbax finds no tree metadata under a relative path.
-  path = epath.Path(directory).absolute() / PARAMS_DIR
+  path = epath.Path(fileio.absolute(directory)) / PARAMS_DIR
   _check_files(directory, path)
   try:
     return _load(path, cfg, shardings, dtype), cfg

@@ -9,6 +9,9 @@
     # ... with the tokenizer, so AutoTokenizer (and lm-eval's `hf`) load it
     gemma-jax convert --from native --to hf --tokenizer tok.model ckpt/ hf/
 
+SRC and DST may be gs:// paths (a Hugging Face SRC there is read through a
+local copy; an HF DST is written locally, then uploaded).
+
 `--model` is a preset name or a YAML/JSON file with a model section (a
 preset plus overrides, or every field); with --from hf/native it must agree
 with the stored config and decides the output config (e.g. a preset's
@@ -27,7 +30,7 @@ import re
 
 import jax.numpy as jnp
 
-from gemma_jax import configlib
+from gemma_jax import configlib, fileio
 from gemma_jax.checkpoint import hf, hf_config, kaggle, native
 from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import PRESETS, ModelConfig
@@ -89,6 +92,11 @@ def model_config(spec: str) -> ModelConfig:
 def load(args, dtype):
   given = model_config(args.model) if args.model else None
   name = f"--model {args.model}"
+  if args.src_format == "hf" and not fileio.is_local(args.src):
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="gemma-jax-hf-") as tmp:
+      fileio.copy_tree(args.src, f"{tmp}/hf")
+      return hf.load(f"{tmp}/hf", given, dtype, model_name=name)
   if args.src_format == "hf":
     return hf.load(args.src, given, dtype, model_name=name)
   if args.src_format == "kaggle":
@@ -107,6 +115,8 @@ def load(args, dtype):
 
 def run_tokenizer(src) -> str | None:
   """data.tokenizer of the run whose params export is `src`, if it exists."""
+  if not fileio.is_local(src):
+    return None   # a remote run's tokenizer: name it with --tokenizer
   src = pathlib.Path(src)
   config = src.parent / "config.yaml"
   if src.name != "params" or not config.is_file():
@@ -136,8 +146,11 @@ def read_source(args, dtype):
   """`load`, with any library failure on a bad source (garbage or
   truncated safetensors, a directory that is not an orbax checkpoint)
   turned into one CheckpointError naming the source."""
+  from etils import epath
+
   from gemma_jax.errors import CheckpointError, GemmaJaxError
-  src = pathlib.Path(args.src)
+  fileio.check_remote(args.src, "source")
+  src = epath.Path(args.src)
   if not src.exists():
     raise CheckpointError(f"{args.src}: no such checkpoint directory")
   if not src.is_dir():
@@ -160,6 +173,23 @@ def read_source(args, dtype):
     ) from None
 
 
+def save_hf(dst, params, cfg, force=False, **kwargs) -> None:
+  """hf.save, to a gs:// `dst` through a local directory uploaded once
+  complete (config.json last)."""
+  if fileio.is_local(dst):
+    hf.save(dst, params, cfg, force=force, **kwargs)
+    return
+  import tempfile
+
+  from etils import epath
+  fileio.check_remote(dst, "destination")
+  if epath.Path(dst).exists() and not force:
+    raise ConfigError(f"{dst} already exists; pass --force to replace it")
+  with tempfile.TemporaryDirectory(prefix="gemma-jax-hf-") as tmp:
+    hf.save(f"{tmp}/hf", params, cfg, **kwargs)
+    fileio.publish_directory(f"{tmp}/hf", dst)
+
+
 def _first_line(error) -> str:
   return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
@@ -173,7 +203,7 @@ def main(args) -> int:
   if args.dst_format == "native":
     native.save(args.dst, params, cfg, force=args.force)
   else:
-    hf.save(args.dst, params, cfg, max_shard_bytes=parse_size(
+    save_hf(args.dst, params, cfg, max_shard_bytes=parse_size(
         args.max_shard_size), force=args.force, tokenizer=tokenizer)
   summary = {"from": args.src_format, "to": args.dst_format, "dst": args.dst,
              "model": cfg.name, "params": cfg.param_count(),

@@ -27,10 +27,16 @@ def add_arguments(parser):
 
 def _config(args):
   import os
-  from gemma_jax.train.config import load_config
+
+  from etils import epath
+
+  from gemma_jax import fileio
   from gemma_jax.errors import ConfigError
+  from gemma_jax.train.config import load_config
   path = args.config
-  if args.workdir and not os.path.isdir(args.workdir):
+  if args.workdir:
+    fileio.check_remote(args.workdir, "--workdir")
+  if args.workdir and not epath.Path(args.workdir).is_dir():
     # A read-only command: a mistyped --workdir is never created.
     raise ConfigError(f"--workdir {args.workdir} is not a directory (a "
                       f"training run's --workdir)")
@@ -38,16 +44,34 @@ def _config(args):
     if not args.workdir:
       raise ConfigError("give a CONFIG or a --workdir holding config.yaml")
     path = os.path.join(args.workdir, "config.yaml")
+    if not fileio.is_local(path):
+      return _load_remote_config(path, args.overrides)
   return load_config(path, args.overrides)
+
+
+def _load_remote_config(path, overrides):
+  """load_config of a gs:// config.yaml (read through a local copy)."""
+  import os
+  import tempfile
+
+  from etils import epath
+
+  from gemma_jax.train.config import load_config
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, "config.yaml")
+    epath.Path(path).copy(local)
+    return load_config(local, overrides)
 
 
 def _params(args, program):
   import os
   import sys
+
   from gemma_jax.errors import CheckpointError, ConfigError
   if args.params:
+    from gemma_jax import fileio
     from gemma_jax.checkpoint import native
-    path = os.path.abspath(args.params)
+    path = fileio.absolute(args.params)
     if native.load_config(path) != program.cfg.model:
       raise ConfigError(f"--params {args.params} holds a different model "
                         f"than the config's model section")
@@ -55,8 +79,7 @@ def _params(args, program):
     return params, "export"
   if not args.workdir:
     raise ConfigError("give --workdir (training checkpoints) or --params")
-  from gemma_jax.train.checkpointing import (Checkpointer,
-                                             restore_newest_intact)
+  from gemma_jax.train.checkpointing import Checkpointer, restore_newest_intact
   ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"),
                       program.cfg.checkpoint, read_only=True)
   try:
@@ -76,12 +99,13 @@ def _params(args, program):
 
 def main(args) -> int:
   import json
-  from gemma_jax.data import build_pipeline
+
   from gemma_jax import distributed
+  from gemma_jax.data import build_pipeline
   from gemma_jax.train import evaluation
   from gemma_jax.train.program import TrainProgram
   cfg = _config(args)
-  distributed.initialize_runtime(cfg.runtime)
+  distributed.initialize_runtime(cfg.runtime, command="eval")
   import jax
   program = TrainProgram(cfg)
   pipe = build_pipeline(cfg.data, global_batch=cfg.train.batch_size,

@@ -55,7 +55,7 @@ def main(args) -> int:
   checkpoints = _checkpoints(args.checkpoint)
   from gemma_jax.evals import forgetting
   tasks = forgetting.load_tasks(args.tasks) if args.tasks else []
-  distributed.initialize_runtime(cfg.runtime)
+  distributed.initialize_runtime(cfg.runtime, command="report")
   import jax
   from gemma_jax.data import build_pipeline
   from gemma_jax.train.program import TrainProgram

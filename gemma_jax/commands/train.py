@@ -42,7 +42,7 @@ def main(args) -> int:
   from gemma_jax import distributed
   cfg = load_run_config(args)        # bad config: fails before any device work
   # jax.distributed must start before anything touches the devices.
-  distributed.initialize_runtime(cfg.runtime)
+  distributed.initialize_runtime(cfg.runtime, command="train")
   from gemma_jax.train.trainer import Trainer
   Trainer(cfg, args.workdir, from_step=args.from_step).run()
   return 0

@@ -18,16 +18,22 @@ The metadata also records an `input_fingerprint` (sha256 of the texts, the
 tokenizer and the cleaning options): preparing a name that exists with other
 input is refused unless `overwrite`, and the same input is not tokenized
 again.
+
+A gs:// data_dir is written locally first and then uploaded, its
+dataset_info.json last (array_record's writer opens local files only; its
+reader, and so training, reads gs:// directly).
 """
 
 import hashlib
 import os
 import re
-import shutil
+import tempfile
 import unicodedata
 
 import numpy as np
+from etils import epath
 
+from gemma_jax import fileio
 from gemma_jax.data.sources import FINGERPRINT_KEY, LENGTHS_FILE
 from gemma_jax.errors import ConfigError, DataError
 
@@ -83,7 +89,6 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
   returned as it is; one made from other input is refused unless
   `overwrite` (DataError naming --overwrite).
   """
-  import tensorflow_datasets as tfds  # slow import; only when preparing
   if not _NAME.match(name):
     raise ConfigError(f"dataset name {name!r} must be lower_snake_case "
                       "(letters, digits, underscores)")
@@ -91,6 +96,7 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
     if not texts:
       raise DataError(f"dataset {name!r}: split {split!r} has no documents")
   data_dir = os.path.expanduser(data_dir)
+  fileio.check_remote(data_dir, "--data-dir")
   extra_metadata = dict(extra_metadata or {})
   fingerprint = input_fingerprint(splits, tokenizer,
                                   extra_metadata.get("options", {}))
@@ -110,10 +116,23 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
                        "num_tokens": int(sum(len(d) for d in docs))}
     if metadata[split]["num_tokens"] == 0:
       raise DataError(f"dataset {name!r}: split {split!r} has no tokens")
+  if fileio.is_local(data_dir):
+    _write(name, data_dir, tokens, metadata)
+  else:
+    with tempfile.TemporaryDirectory(prefix="gemma-jax-prepare-") as tmp:
+      local = _write(name, tmp, tokens, metadata)
+      fileio.publish_directory(local, os.path.join(
+          data_dir, os.path.relpath(local, tmp)))
+  return metadata
+
+
+def _write(name: str, data_dir: str, tokens: dict, metadata: dict) -> str:
+  """Writes the dataset into local `data_dir`; returns its directory."""
+  import tensorflow_datasets as tfds  # slow import; only when preparing
   builder = _builder_class(name, tokens, metadata)(
       data_dir=data_dir, file_format="array_record")
   if os.path.isdir(builder.data_dir):
-    shutil.rmtree(builder.data_dir)
+    fileio.remove_tree(builder.data_dir)
     builder = _builder_class(name, tokens, metadata)(
         data_dir=data_dir, file_format="array_record")
   tfds.disable_progress_bar()
@@ -122,13 +141,12 @@ def prepare_dataset(name: str, data_dir: str, splits: dict[str, list[str]],
   for split, docs in tokens.items():
     np.save(os.path.join(builder.data_dir, LENGTHS_FILE.format(split=split)),
             np.array([len(d) for d in docs], np.int64))
-  return metadata
+  return os.fspath(builder.data_dir)
 
 
 def _existing(name: str, data_dir: str) -> dict | None:
   """The metadata of dataset `name` in `data_dir`, if one is there."""
-  root = os.path.join(data_dir, name)
-  if not os.path.isdir(root):
+  if not epath.Path(data_dir, name).is_dir():
     return None
   import tensorflow_datasets as tfds
   try:

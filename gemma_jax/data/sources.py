@@ -20,7 +20,9 @@ import re
 import sys
 
 import numpy as np
+from etils import epath
 
+from gemma_jax import fileio
 from gemma_jax.errors import ConfigError, DataError
 
 LENGTHS_FILE = "{split}_doc_lengths.npy"
@@ -313,7 +315,8 @@ def tfds_dir(cfg) -> str:
 def _from_tfds(name, cfg, split: str, tokenizer) -> Documents:
   import tensorflow_datasets as tfds  # slow import; only when needed
   data_dir = tfds_dir(cfg)
-  if not os.path.isdir(os.path.join(data_dir, cfg.name.split(":")[0])):
+  fileio.check_remote(data_dir, f"data.sources.{name}.data_dir")
+  if not epath.Path(data_dir, cfg.name.split(":")[0]).is_dir():
     raise DataError(f"data.sources.{name}: tfds dataset {cfg.name!r} not "
                     f"found in data_dir {data_dir} (prepare it with "
                     "`gemma-jax data prepare` or `gemma-jax data "
@@ -333,10 +336,11 @@ def _from_tfds(name, cfg, split: str, tokenizer) -> Documents:
   features = builder.info.features
   if "tokens" in features:
     fingerprint = (builder.info.metadata or {}).get(FINGERPRINT_KEY)
-    lengths_path = os.path.join(builder.data_dir,
-                                LENGTHS_FILE.format(split=split))
-    if os.path.exists(lengths_path):
-      lengths = np.load(lengths_path)
+    lengths_path = epath.Path(builder.data_dir,
+                              LENGTHS_FILE.format(split=split))
+    if lengths_path.exists():
+      with lengths_path.open("rb") as f:
+        lengths = np.load(f)
     else:
       lengths = [len(source[i]["tokens"]) for i in range(len(source))]
     return Documents(name, lengths,

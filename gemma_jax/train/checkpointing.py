@@ -11,9 +11,12 @@ Each checkpoint directory `DIR/checkpoints/<step>/` holds two items:
 
 The data position needs no state of its own: batches are a pure function of
 the step. Orbax writes each step into a temporary directory and renames it
-when every process has finished, so a process killed in the middle of a save
-leaves the previous checkpoint intact; older steps are deleted only after a
-newer one is complete, and the newest good one is kept past `keep`.
+when every process has finished (on gs://, where nothing can be renamed, it
+writes in place and marks the step complete with a `commit_success.txt`
+written last; an unmarked step is not listed), so a process killed in the
+middle of a save leaves the previous checkpoint intact; older steps are
+deleted only after a newer one is complete, and the newest good one is kept
+past `keep`.
 
 A checkpoint torn afterwards (a file deleted or truncated, metadata cut
 short) is found before or while restoring and reported as CheckpointDamaged
@@ -27,12 +30,13 @@ import datetime
 import json
 import os
 import re
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from gemma_jax import fileio
 from gemma_jax.errors import CheckpointError
 from gemma_jax.train import health
 from gemma_jax.train.config import CheckpointConfig
@@ -107,9 +111,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, cfg: CheckpointConfig,
                read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = fileio.absolute(directory)
     self.read_only = read_only
-    if read_only and not os.path.isdir(self.directory):
+    if read_only and not epath.Path(self.directory).is_dir():
       raise CheckpointError(f"no checkpoint directory {self.directory}")
     self._metas: dict[int, dict] = {}
     self._good: dict[int, bool] = {}
@@ -231,11 +235,10 @@ class Checkpointer:
     """Moves checkpoint `step` to `folder`/<step> (never deletes it);
     returns where it went."""
     dest = os.path.join(folder, str(step))
-    if os.path.exists(dest):
+    if epath.Path(dest).exists():
       stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
       dest = f"{dest}.{stamp}"
-    os.makedirs(folder, exist_ok=True)
-    shutil.move(self._step_dir(step), dest)
+    fileio.move_directory(self._step_dir(step), dest)
     self._metas.pop(step, None)
     self._good.pop(step, None)
     self._manager.reload()
@@ -252,21 +255,24 @@ class Checkpointer:
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
+  def _rel(self, path: str) -> str:
+    """`path` inside the checkpoint directory, for messages."""
+    return path[len(self.directory):].lstrip("/")
+
   def _read_json(self, step: int, path: str) -> dict:
     try:
-      with open(path) as f:
-        data = json.load(f)
+      data = json.loads(epath.Path(path).read_text())
     except FileNotFoundError:
       raise CheckpointDamaged(self.directory, step,
-                              os.path.relpath(path, self.directory),
+                              self._rel(path),
                               "missing") from None
     except (ValueError, UnicodeDecodeError) as e:
       raise CheckpointDamaged(self.directory, step,
-                              os.path.relpath(path, self.directory),
+                              self._rel(path),
                               f"not valid JSON ({e})") from None
     if not isinstance(data, dict):
       raise CheckpointDamaged(self.directory, step,
-                              os.path.relpath(path, self.directory),
+                              self._rel(path),
                               "not a JSON object")
     return data
 
@@ -276,9 +282,9 @@ class Checkpointer:
     tree = self._read_json(step, os.path.join(state, "_METADATA"))
     if tree.get("use_ocdbt", True):
       manifest = os.path.join(state, "manifest.ocdbt")
-      if not os.path.isfile(manifest) or not os.path.getsize(manifest):
+      if not _nonempty_file(manifest):
         raise CheckpointDamaged(self.directory, step,
-                                os.path.relpath(manifest, self.directory),
+                                self._rel(manifest),
                                 "missing or empty")
     if not isinstance(tree.get("tree_metadata"), dict):
       raise CheckpointDamaged(self.directory, step, f"{step}/state/_METADATA",
@@ -291,8 +297,8 @@ class Checkpointer:
     if "shapes" in meta:
       saved = meta["shapes"]
     else:   # earlier versions: paths only, from orbax's tree metadata
-      with open(os.path.join(self._step_dir(step), "state", "_METADATA")) as f:
-        tree = json.load(f)["tree_metadata"]
+      tree = json.loads(epath.Path(self._step_dir(step), "state",
+                                   "_METADATA").read_text())["tree_metadata"]
       saved = {k: want.get(k) for k, v in tree.items()
                if (v.get("value_metadata") or {}).get("value_type")}
     for key in sorted(set(saved) | set(want)):
@@ -355,6 +361,14 @@ def restore_newest_intact(checkpointer: Checkpointer, abstract_state,
         f"no intact checkpoint in {checkpointer.directory}: checkpoints "
         f"{', '.join(map(str, damaged))} are damaged{kept}")
   return None, None
+
+
+def _nonempty_file(path: str) -> bool:
+  path = epath.Path(path)
+  try:
+    return path.is_file() and path.stat().length > 0
+  except FileNotFoundError:
+    return False
 
 
 def _first_line(text: str) -> str:

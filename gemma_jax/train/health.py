@@ -7,7 +7,7 @@ Every checkpoint records, in its meta, whether it is *good* and why:
 
 A checkpoint is good when its params are all finite, the step that made it
 was applied (not skipped as non-finite), and the loss of its params on the
-next training batch is finite and not diverging: a loss is diverging when it
+last training batch is finite and not diverging: a loss is diverging when it
 is above both DIVERGENCE_FACTOR x the lowest loss of the last RECENT_LOGS
 logged steps and ln(vocab size), the loss of a uniform guess (so that a
 model at its random start, or one whose mixture moved to a harder source, is
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 DIVERGENCE_FACTOR = 2.0
 RECENT_LOGS = 50
-RULE = (f"params finite, step applied, and the next batch's loss finite and "
+RULE = (f"params finite, step applied, and the last batch's loss finite and "
         f"not above both {DIVERGENCE_FACTOR:g} x the lowest of the last "
         f"{RECENT_LOGS} logged losses and ln(vocab_size)")
 

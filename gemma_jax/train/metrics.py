@@ -15,10 +15,20 @@ Keys of a training record (see README "Metrics"):
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
+from etils import epath
+
+from gemma_jax import fileio
+from gemma_jax.errors import ConfigError, TrainingStopped
+
+FLUSH_ENV = "GEMMA_JAX_REMOTE_FLUSH_S"
+DEFAULT_REMOTE_FLUSH_S = 30.0
+
 
 def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
         peak_per_device: float | None):
@@ -36,20 +46,43 @@ def _finite_or_none(v):
 
 
 class MetricsWriter:
-  """Appends records to `<workdir>/<name>.jsonl` and TensorBoard."""
+  """Appends records to `<workdir>/<name>.jsonl` and TensorBoard.
+
+  Locally each record is appended and flushed at once. An object store
+  (gs://) has no append: there the records of each file are kept in memory
+  and `flush()` rewrites the whole object; `write` flushes at most every
+  `flush_every_s` seconds (GEMMA_JAX_REMOTE_FLUSH_S, default 30), and the
+  trainer flushes before every checkpoint, so that every record up to a
+  checkpoint is stored once the checkpoint is. TensorBoard events go to a
+  local temporary directory there, and `flush()` uploads its files to
+  `<workdir>/tensorboard/`.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True,
-               tensorboard: bool = True, guard=None):
+               tensorboard: bool = True, guard=None,
+               flush_every_s: float | None = None):
     """`guard(what)` is called before every write and may raise to stop it
     (the trainer's workdir lease: another run must not be clobbered)."""
     self.enabled = enabled
+    self.remote = not fileio.is_local(workdir)
     self._guard = guard or (lambda what: None)
-    self._files = {}
+    self._workdir = str(workdir)
+    self._files = {}          # local: open files
+    self._lines = {}          # remote: the lines of each file
+    self._dirty = set()
+    self._flush_every = flush_every_s or _flush_every_s()
+    self._last_flush = time.monotonic()
     self._tb = None
-    self._workdir = workdir
+    self._tb_local = None     # remote: where TensorBoard writes first
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb_dir = os.path.join(self._workdir, "tensorboard")
+      if self.remote:
+        self._tb_local = tempfile.mkdtemp(prefix="gemma-jax-tensorboard-")
+      self._tb = SummaryWriter(self._tb_local or self._tb_dir)
+
+  def _path(self, name: str) -> str:
+    return os.path.join(self._workdir, f"{name}.jsonl")
 
   def truncate_after(self, step: int) -> None:
     """Drops records past `step`: a resumed run rewrites what a killed run
@@ -57,53 +90,117 @@ class MetricsWriter:
     if not self.enabled:
       return
     for name in ("metrics", "eval"):
-      path = os.path.join(self._workdir, f"{name}.jsonl")
-      if os.path.exists(path):
-        self._guard(f"{name}.jsonl")
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        with open(path + ".tmp", "w") as f:
-          f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(path + ".tmp", path)
+      path = self._path(name)
+      if not epath.Path(path).exists():
+        continue
+      self._guard(f"{name}.jsonl")
+      kept = [json.dumps(r) + "\n" for r in read_jsonl(path)
+              if r.get("step", 0) <= step]
+      if self.remote:
+        self._lines[name] = kept
+      fileio.atomic_write(path, "".join(kept))
 
   def write(self, record: dict, name: str = "metrics"):
     """Writes one record; must have an integer `step`."""
     if not self.enabled:
       return
     self._guard(f"{name}.jsonl")
-    if name not in self._files:
-      self._files[name] = open(os.path.join(self._workdir, f"{name}.jsonl"),
-                               "a")
-    f = self._files[name]
     clean = {k: _finite_or_none(v) for k, v in record.items()}
-    f.write(json.dumps(clean) + "\n")
-    f.flush()
+    line = json.dumps(clean) + "\n"
+    if self.remote:
+      self._remote_lines(name).append(line)
+      self._dirty.add(name)
+    else:
+      if name not in self._files:
+        self._files[name] = open(self._path(name), "a")
+      self._files[name].write(line)
+      self._files[name].flush()
     if self._tb is not None:
       step = record["step"]
       prefix = "" if name == "metrics" else f"{name}/"
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)) and v is not None:
           self._tb.add_scalar(prefix + k, v, step)
+    if self.remote and (time.monotonic() - self._last_flush
+                        >= self._flush_every):
+      self.flush()
+
+  def _remote_lines(self, name: str) -> list[str]:
+    """The lines of a remote file, read once (an earlier run's records)."""
+    if name not in self._lines:
+      try:
+        text = epath.Path(self._path(name)).read_text()
+      except FileNotFoundError:
+        text = ""
+      self._lines[name] = text.splitlines(keepends=True)
+    return self._lines[name]
+
+  def flush(self) -> None:
+    """Stores everything written so far (see class docstring)."""
+    if not self.enabled:
+      return
+    self._last_flush = time.monotonic()
+    for name in sorted(self._dirty):
+      self._guard(f"{name}.jsonl")
+      fileio.atomic_write(self._path(name), "".join(self._lines[name]))
+    self._dirty = set()
+    if self._tb is not None:
+      self._tb.flush()
+      self._upload_tensorboard()
+
+  def _upload_tensorboard(self) -> None:
+    if self._tb_local is None:
+      return
+    self._guard("tensorboard events")
+    for name in sorted(os.listdir(self._tb_local)):
+      with open(os.path.join(self._tb_local, name), "rb") as f:
+        fileio.atomic_write(os.path.join(self._tb_dir, name), f.read())
 
   def close(self):
-    for f in self._files.values():
-      f.close()
-    self._files = {}
-    if self._tb is not None:
-      self._tb.close()
+    """Flushes and closes; a guard that refuses (the lease is lost) drops
+    what is not yet stored instead of writing it."""
+    try:
+      if self._tb is not None:
+        self._tb.close()
+      self.flush()
+    except TrainingStopped:
+      pass
+    finally:
+      for f in self._files.values():
+        f.close()
+      self._files = {}
       self._tb = None
+      if self._tb_local is not None:
+        shutil.rmtree(self._tb_local, ignore_errors=True)
+        self._tb_local = None
+
+
+def _flush_every_s() -> float:
+  text = os.environ.get(FLUSH_ENV)
+  if not text:
+    return DEFAULT_REMOTE_FLUSH_S
+  try:
+    value = float(text)
+  except ValueError:
+    value = -1.0
+  if not value > 0:
+    raise ConfigError(f"{FLUSH_ENV}={text!r}: expected a number of seconds "
+                      f"> 0")
+  return value
 
 
 def read_jsonl(path: str) -> list[dict]:
   """Records of a metrics file; a torn last line (killed writer) is skipped."""
+  try:
+    text = epath.Path(path).read_text()
+  except FileNotFoundError:
+    return []
   records = []
-  if not os.path.exists(path):
-    return records
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
+  for line in text.splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
   return records
 
 

@@ -1,10 +1,14 @@
 """PNG curves of a run from its metrics files (matplotlib, no display).
 
     plot_run("runs/tiny")  ->  runs/tiny/plots/{loss,learning_rate,throughput}.png
+
+The workdir and the output folder may be gs:// paths.
 """
 
+import io
 import os
 
+from gemma_jax import fileio
 from gemma_jax.train.metrics import read_jsonl
 
 
@@ -26,19 +30,23 @@ def plot_run(workdir: str, out_dir: str | None = None) -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  fileio.check_remote(workdir, "workdir")
   train = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   evals = read_jsonl(os.path.join(workdir, "eval.jsonl"))
   if not train and not evals:
     raise FileNotFoundError(f"no metrics.jsonl or eval.jsonl in {workdir}")
   out_dir = out_dir or os.path.join(workdir, "plots")
-  os.makedirs(out_dir, exist_ok=True)
+  if fileio.is_local(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
   written = []
 
   def save(fig, name):
     path = os.path.join(out_dir, name)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    fileio.atomic_write(path, png.getvalue())
     written.append(path)
 
   # Loss: overall and per source (train), held-out per source (eval).

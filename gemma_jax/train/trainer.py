@@ -15,15 +15,15 @@ import collections
 import dataclasses
 import datetime
 import os
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 
 import jax
+from etils import epath
 
-from gemma_jax import fileio, hardware
+from gemma_jax import distributed, fileio, hardware
 from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
 from gemma_jax.train import (checkpointing, continual, distillation,
@@ -44,7 +44,11 @@ class Hook:
 
 
 def check_workdir(workdir: str) -> None:
-  """Fails early, with the path, if the workdir cannot hold a run."""
+  """Fails early, with the path, if the workdir cannot hold a run (on
+  gs://: within seconds if Cloud Storage cannot be reached)."""
+  if not fileio.is_local(workdir):
+    fileio.check_remote(workdir, "--workdir")
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} exists and is not a directory")
   try:
@@ -98,8 +102,9 @@ def check_init_from(cfg) -> None:
 
 
 def _has_checkpoints(workdir: str) -> bool:
-  path = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
+  fileio.check_remote(workdir, "--workdir")
+  path = epath.Path(workdir) / "checkpoints"
+  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
 class Trainer:
@@ -111,7 +116,7 @@ class Trainer:
     """`from_step`: resume from this checkpoint step (0: from scratch);
     later checkpoints are moved to WORKDIR/checkpoints.discarded/."""
     self.cfg = cfg
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = fileio.absolute(workdir)
     self.is_main = jax.process_index() == 0
     self._print = log if self.is_main else (lambda *_: None)
     self.hooks: list[Hook] = []
@@ -241,6 +246,14 @@ class Trainer:
       else:
         if step > self.start_step or step == total:
           self._run_hooks(step, final=True)
+    except Exception as e:
+      if distributed.is_peer_failure(e):
+        # No JAX teardown, no final save: its barriers wait for the lost
+        # process. The last complete checkpoint is where a rerun resumes.
+        distributed.stop_for_lost_peer(distributed.lost_message(
+            "another process", f"after step {step}: " + " ".join(
+                str(e).split())[:160]))
+      raise
     finally:
       batches.close()
       self.close()
@@ -374,6 +387,9 @@ class Trainer:
             "skipped_total": self.skipped_total,
             "good": good}
     self._check_lease("checkpoint", force=True, everywhere=True)
+    # Every record up to this step is stored before the checkpoint is (on
+    # gs:// metrics are flushed, not appended: see metrics.MetricsWriter).
+    self.writer.flush()
     self.checkpointer.save(step, self.state, meta)
     self._last_saved = (step, good)
     if not good["good"]:
@@ -443,6 +459,11 @@ class Trainer:
                                 f"another trainer (see process 0)")
     if error is not None:
       raise error
+    if held is not None:
+      # A lost peer ends this process (gemma_jax/distributed.py): give the
+      # workdir back first, so that the restarted run need not wait for
+      # the lease to go stale.
+      self._forget_lease_hook = distributed.on_peer_lost(held.release)
     return held
 
   def _check_lease(self, what: str, force: bool = False,
@@ -478,6 +499,8 @@ class Trainer:
         self.writer.close()
     finally:
       self._restore_signal_handlers()
+      if getattr(self, "_forget_lease_hook", None) is not None:
+        self._forget_lease_hook()
       if self.lease is not None:
         self.lease.release()
         self.lease = None
@@ -538,16 +561,19 @@ class Trainer:
       self.checkpointer.set_aside(s, folder)
     for name in ("metrics.jsonl", "eval.jsonl"):
       path = os.path.join(self.workdir, name)
-      if os.path.exists(path):
-        shutil.copy2(path, os.path.join(folder, name))
+      if epath.Path(path).exists():
+        fileio.copy_file(path, os.path.join(folder, name))
     self._print(f"--from-step {step}: moved checkpoints "
                 f"{', '.join(map(str, later))} to {folder}")
 
   def _probe_loss(self, step: int) -> float | None:
-    """Loss of the current params on the next training batch: the
-    evidence that the state being saved is not diverging."""
+    """Loss of the current params on the last batch they trained on: the
+    evidence that the state being saved is not diverging. (Not the next
+    batch: a run's data may end at its last step, e.g. a distillation dump
+    written for exactly `train.steps` batches.)"""
     sums = jax.device_get(self.program.eval_step(
-        self.state.params, self.program.put(self.pipe.batch(step))))
+        self.state.params,
+        self.program.put(self.pipe.batch(max(step - 1, 0)))))
     tokens = float(sums["tokens"])
     return float(sums["loss_sum"]) / tokens if tokens else None
 

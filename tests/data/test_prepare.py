@@ -128,3 +128,38 @@ def test_foreign_tfds_dataset_with_a_text_feature_is_tokenized_on_open(
     build_pipeline(configlib.from_dict(DataConfig, {
         "tokenizer": tokenizer_path, "sources": {"p": {
             **source, "text_key": "text"}}}, "data"), 2)
+
+
+def test_prepare_to_gs_and_train_from_it_like_from_disk(
+    tokenizer_path, tmp_path, gcs_bucket, capsys):
+  """`data prepare --data-dir gs://...` writes locally, then uploads; the
+  pipeline reads the ArrayRecord files on gs:// (array_record's own GCS
+  client) into the same batches as a local copy."""
+  from etils import epath
+  docs = tmp_path / "docs.jsonl"
+  docs.write_text("".join(json.dumps({"text": t}) + "\n"
+                          for t in testing.sample_texts(40, seed=7)))
+  args = ["data", "prepare", "--input", str(docs), "--name", "web",
+          "--tokenizer", tokenizer_path, "--eval-fraction", "0.1"]
+  for data_dir in (f"{gcs_bucket}/tfds", str(tmp_path / "tfds")):
+    assert cli.main([*args, "--data-dir", data_dir]) == 0
+  uploaded = sorted(p.name for p in epath.Path(
+      f"{gcs_bucket}/tfds/web/1.0.0").iterdir())
+  assert uploaded == sorted(os.listdir(tmp_path / "tfds" / "web" / "1.0.0"))
+  # The same input again: found on gs:// and not tokenized again.
+  assert cli.main([*args, "--data-dir", f"{gcs_bucket}/tfds"]) == 0
+  assert "web/train: 36 documents" in capsys.readouterr().out
+
+  def pipeline(data_dir):
+    return build_pipeline(configlib.from_dict(DataConfig, {
+        "seq_len": 32, "tokenizer": tokenizer_path,
+        "sources": {"web": {"name": "web", "data_dir": data_dir,
+                            "eval_split": "eval"}}}, "data"), 4)
+  remote, local = pipeline(f"{gcs_bucket}/tfds"), pipeline(
+      str(tmp_path / "tfds"))
+  for step in (0, 1, 5):
+    for key, value in local.batch(step).items():
+      np.testing.assert_array_equal(remote.batch(step)[key], value)
+  for key, value in next(local.eval_batches("web", 1)).items():
+    np.testing.assert_array_equal(next(remote.eval_batches("web", 1))[key],
+                                  value)

@@ -136,3 +136,40 @@ def test_a_live_process_on_this_host_blocks_until_it_is_gone(tmp_path):
   lease = WorkdirLease(tmp_path, heartbeat_s=60, warn=lambda m: None)
   lease.acquire()          # killed: its lease no longer blocks a restart
   lease.release()
+
+
+def test_on_gs_one_of_several_wins_and_a_dead_holder_is_taken_over(
+    gcs_bucket):
+  """An object store has no exclusive create: the lease is written, read
+  back after a pause, and kept only by the writer that finds its token."""
+  from etils import epath
+  workdir = epath.Path(f"{gcs_bucket}/run")
+  results = []
+
+  def start():
+    lease = WorkdirLease(workdir, heartbeat_s=60)
+    try:
+      lease.acquire()
+      results.append(lease)
+    except WorkdirBusy:
+      results.append(None)
+  threads = [threading.Thread(target=start) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  winners = [r for r in results if r is not None]
+  assert len(winners) == 1 and len(results) == 4
+  holder = json.loads((workdir / "LOCK").read_text())
+  assert holder["token"] == winners[0].token
+  winners[0].release()
+  assert not (workdir / "LOCK").exists()
+
+  (workdir / "LOCK").write_text(json.dumps(dict(
+      holder, pid=_dead_pid(), token="t0")))
+  warnings = []
+  lease = WorkdirLease(workdir, heartbeat_s=60, warn=warnings.append)
+  lease.acquire()
+  assert "took over the stale lease" in warnings[0]
+  lease.check(force=True)                 # still ours on read-back
+  lease.release()

@@ -71,3 +71,50 @@ def test_progress_line_shows_step_loss_throughput_and_eta():
       40, loss=2.3456, tokens_per_sec=12345, steps_per_sec=2.0)
   assert out.getvalue().strip() == (
       "step 40/100 | loss 2.3456 | 12.3k tok/s | ETA 0:30")
+
+
+def test_on_gs_records_are_stored_by_flush_and_truncated_exactly(gcs_bucket):
+  """An object store has no append: records are stored by flush() (before
+  every checkpoint, and at most every flush_every_s), whole-object."""
+  from etils import epath
+  workdir = f"{gcs_bucket}/run"
+  w = metrics.MetricsWriter(workdir, flush_every_s=3600)
+  for step in (1, 2, 3):
+    w.write({"step": step, "loss": float(step)})
+  assert not epath.Path(f"{workdir}/metrics.jsonl").exists()
+  w.flush()
+  assert [r["step"] for r in metrics.read_jsonl(
+      f"{workdir}/metrics.jsonl")] == [1, 2, 3]
+  w.write({"step": 4, "loss": 4.0})
+  w.write({"step": 3, "eval/web/loss": 3.0}, name="eval")
+  w.close()                                   # close flushes
+  events = list(epath.Path(f"{workdir}/tensorboard").iterdir())
+  assert [p.name[:19] for p in events] == ["events.out.tfevents"]
+  assert events[0].stat().length > 100        # the scalars, not a header
+
+  # A resumed run (checkpoint 2) drops later records and appends after them.
+  w = metrics.MetricsWriter(workdir, tensorboard=False)
+  w.truncate_after(2)
+  w.write({"step": 3, "loss": 30.0})
+  w.close()
+  assert metrics.read_jsonl(f"{workdir}/metrics.jsonl") == [
+      {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
+      {"step": 3, "loss": 30.0}]
+  assert metrics.read_jsonl(f"{workdir}/eval.jsonl") == []
+
+
+def test_on_gs_a_write_flushes_once_flush_every_s_has_passed(gcs_bucket,
+                                                            monkeypatch):
+  import time
+  workdir = f"{gcs_bucket}/run"
+  monkeypatch.setenv("GEMMA_JAX_REMOTE_FLUSH_S", "0.2")
+  w = metrics.MetricsWriter(workdir, tensorboard=False)
+  w.write({"step": 1, "loss": 1.0})
+  assert metrics.read_jsonl(f"{workdir}/metrics.jsonl") == []
+  time.sleep(0.3)
+  w.write({"step": 2, "loss": 2.0})
+  assert len(metrics.read_jsonl(f"{workdir}/metrics.jsonl")) == 2
+  w.close()
+  monkeypatch.setenv("GEMMA_JAX_REMOTE_FLUSH_S", "often")
+  with pytest.raises(ValueError, match="GEMMA_JAX_REMOTE_FLUSH_S='often'"):
+    metrics.MetricsWriter(workdir, tensorboard=False)

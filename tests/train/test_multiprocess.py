@@ -1,12 +1,21 @@
-"""Two local JAX processes (CPU collectives over gloo) train exactly like
-one process with the same devices, and resume from their checkpoint."""
+"""Several local JAX processes (CPU collectives over gloo) train exactly like
+one process with the same devices and resume from their checkpoint; when
+one process is lost, the others stop within seconds with one line, and a
+restart of all resumes exactly."""
 
+import re
+import signal
 import socket
+import time
 
 import numpy as np
+import pytest
 
 from gemma_jax.train.testing import (
     RESUME_STEPS, exported_params, losses, subprocess_env, train_process)
+
+# What the tests below give a lost process before the others stop.
+HEARTBEAT_S = 8
 
 
 def _free_port() -> int:
@@ -15,32 +24,58 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(config, workdir, cache, *extra):
+def _start(n, config, workdir, cache, *extra):
   port = _free_port()
   procs = []
-  for i in range(2):
+  for i in range(n):
     env = subprocess_env(cache, devices=1)
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+               JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i),
+               GEMMA_JAX_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
     procs.append(train_process(config, workdir, env, *extra))
+  return procs
+
+
+def _run(n, config, workdir, cache, *extra):
+  procs = _start(n, config, workdir, cache, *extra)
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
   return outs
 
 
+def _when_checkpointed(procs, workdir, step, logged):
+  """Waits until checkpoint `step` is complete and `logged` steps logged."""
+  deadline = time.time() + 240
+  while not ((workdir / "checkpoints" / str(step)).is_dir()
+             and max(losses(workdir), default=0) >= logged):
+    for p in procs:
+      assert p.poll() is None, p.communicate()[0]
+    assert time.time() < deadline, "no checkpoint in time"
+    time.sleep(0.05)
+
+
+def _stopped_within(procs, seconds) -> tuple[list[str], float]:
+  """Outputs of `procs`, which must all end within `seconds`."""
+  start = time.monotonic()
+  outs = [p.communicate(timeout=seconds)[0] for p in procs]
+  return outs, time.monotonic() - start
+
+
+# Same learning-rate schedule as the 40-step reference, stopped early.
+SCHEDULE = ("--set", f"optimizer.decay_steps={RESUME_STEPS}")
+
+
 def test_two_processes_match_one_and_resume(uninterrupted_run, compile_cache,
                                             tmp_path):
   config, reference = uninterrupted_run
   workdir = tmp_path / "run"
-  # Same learning-rate schedule as the 40-step reference, stopped halfway.
-  schedule = ("--set", f"optimizer.decay_steps={RESUME_STEPS}")
   half = RESUME_STEPS // 2
-  outs = _run_two_processes(config, workdir, compile_cache, "--steps",
-                            str(half), *schedule)
+  outs = _run(2, config, workdir, compile_cache, "--steps", str(half),
+              *SCHEDULE)
   assert f"step {half}/{half}" in outs[0]
   assert "step " not in outs[1]            # only process 0 logs
-  outs = _run_two_processes(config, workdir, compile_cache, *schedule)
+  outs = _run(2, config, workdir, compile_cache, *SCHEDULE)
   assert f"resumed from {workdir}/checkpoints/{half}" in outs[0]
 
   ref = reference()
@@ -48,3 +83,75 @@ def test_two_processes_match_one_and_resume(uninterrupted_run, compile_cache,
   for (path, a), (_, b) in zip(exported_params(workdir),
                                exported_params(ref)):
     np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_hung_process_stops_the_other_and_a_restart_resumes_exactly(
+    uninterrupted_run, compile_cache, tmp_path):
+  """SIGSTOP: the process neither answers nor closes its connections (a
+  hung host), so the collective waits; the watchdog ends it."""
+  config, reference = uninterrupted_run
+  workdir = tmp_path / "run"
+  steps = ("--steps", "12", *SCHEDULE)
+  procs = _start(2, config, workdir, compile_cache, *steps)
+  _when_checkpointed(procs, workdir, 4, 5)
+  procs[1].send_signal(signal.SIGSTOP)
+  outs, took = _stopped_within(procs[:1], HEARTBEAT_S + 30)
+  procs[1].kill()
+  procs[1].communicate()
+  assert procs[0].returncode == 1, outs[0]
+  errors = [l for l in outs[0].splitlines() if "error" in l.lower()]
+  assert len(errors) == 1, outs[0]
+  assert re.fullmatch(
+      rf"gemma-jax train: error: jax\.distributed: process 1 was lost "
+      rf"\(silent for {HEARTBEAT_S} s\); process 0 of 2 stops too; rerun "
+      rf"the same command on every host to resume from the last checkpoint",
+      errors[0]), errors[0]
+  assert took < HEARTBEAT_S + 20
+  assert not (workdir / "LOCK").exists()   # given back before stopping
+  print(f"process 0 stopped {took:.1f} s after process 1 hung")
+
+  outs = _run(2, config, workdir, compile_cache, *steps)
+  resumed = int(re.search(r"resumed from .*/(\d+)\n", outs[0]).group(1))
+  assert resumed >= 4
+  assert "took over" not in outs[0]
+  ref = losses(reference())
+  assert losses(workdir) == {s: ref[s] for s in range(1, 13)}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_four_processes_outlive_their_coordinator_and_resume_exactly(
+    compile_cache, tmp_path, tiny_tokenizer):
+  """SIGKILL of process 0, which also hosts the coordination service: the
+  other three stop within seconds, naming the loss; all four restarted
+  replay exactly the steps the killed run had logged."""
+  from gemma_jax.train.testing import write_config
+  config = write_config(tmp_path / "run.yaml", tiny_tokenizer)
+  workdir = tmp_path / "run"
+  steps = ("--steps", "12", *SCHEDULE)
+  procs = _start(4, config, workdir, compile_cache, *steps)
+  _when_checkpointed(procs, workdir, 4, 6)
+  procs[0].kill()
+  outs, took = _stopped_within(procs, HEARTBEAT_S + 30)
+  logged = losses(workdir)
+  for p, out in zip(procs[1:], outs[1:]):
+    assert p.returncode != 0, out
+    # Ours, or JAX's client's when it notices first that the coordinator
+    # (its service) is gone: either names the loss in one line.
+    assert re.search(r"jax\.distributed: .* was lost \(.*\); process \d of "
+                     r"4 stops too|Terminating process because the JAX "
+                     r"distributed service detected fatal errors\. This "
+                     r"most likely indicates that another task died",
+                     out), out
+  assert took < HEARTBEAT_S + 20
+  print(f"processes 1-3 stopped {took:.1f} s after process 0 was killed")
+
+  outs = _run(4, config, workdir, compile_cache, *steps)
+  resumed = int(re.search(r"resumed from .*/(\d+)\n", outs[0]).group(1))
+  replayed = {s: v for s, v in logged.items() if s > resumed}
+  assert replayed, "the killed run logged nothing past its checkpoint"
+  final = losses(workdir)
+  assert sorted(final) == list(range(1, 13))
+  assert {s: final[s] for s in logged} == logged     # bitwise

@@ -311,3 +311,42 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(
   trainer_lib.Trainer(_cfg(tiny_tokenizer), str(copy)).close()
   assert "already at train.steps=4: nothing to train; raise --steps" in \
       capsys.readouterr().err
+
+
+# The same on gs:// (the emulator of tests/conftest.py), where nothing can be
+# renamed: setting a checkpoint aside copies its objects and deletes them.
+def test_on_gs_damage_is_set_aside_and_from_step_resumes_bitwise(
+    run, program, tiny_tokenizer, tmp_path, gcs_bucket):
+  from etils import epath
+
+  from gemma_jax import fileio
+  copy = f"{gcs_bucket}/run"
+  fileio.copy_tree(run, copy)
+  manifest = epath.Path(f"{copy}/{S}/manifest.ocdbt")
+  manifest.unlink()
+  warnings = []
+  ckpt = checkpointing.Checkpointer(f"{copy}/checkpoints",
+                                    _cfg("x").checkpoint)
+  step, _ = checkpointing.restore_newest_intact(
+      ckpt, program.abstract_state, damaged_dir=f"{copy}/damaged",
+      warn=warnings.append)
+  ckpt.close()
+  assert step == 3
+  assert warnings == [f"checkpoint {copy}/checkpoints/4 is damaged: 4/state/"
+                      f"manifest.ocdbt: missing or empty; moved it to "
+                      f"{copy}/damaged/4; trying the checkpoint before it"]
+  assert [p.name for p in epath.Path(f"{copy}/damaged").iterdir()] == ["4"]
+
+  resumed = trainer_lib.Trainer(_cfg(tiny_tokenizer), copy, from_step=2)
+  assert resumed.start_step == 2
+  aside = list(epath.Path(f"{copy}/checkpoints.discarded").iterdir())
+  assert sorted(p.name for p in aside[0].iterdir()) == [
+      "3", "eval.jsonl", "metrics.jsonl"]
+  resumed.run()
+  assert _losses_at(copy) == _losses(run)          # 3 and 4 redone
+  assert not epath.Path(f"{copy}/LOCK").exists()
+
+
+def _losses_at(workdir):
+  from gemma_jax.train.metrics import read_jsonl
+  return {r["step"]: r["loss"] for r in read_jsonl(f"{workdir}/metrics.jsonl")}
