@@ -117,6 +117,7 @@ def ours_program(cfg, params):
   """(program, state): our TrainProgram and a step-0 state holding `params`
   (the only glue to our train-step API)."""
   import jax
+
   from gemma_jax.train.program import TrainProgram
   program = TrainProgram(cfg)
   params = jax.tree.map(
@@ -129,6 +130,7 @@ def export_weights(directory: str) -> None:
   """Initialises our model (seed SEED) and writes it as an HF directory."""
   import jax
   from flax import linen as nn
+
   from gemma_jax.checkpoint import hf
   from gemma_jax.model import Transformer
   cfg = run_config(1, 8).model
@@ -150,10 +152,11 @@ def _timed(step_fn, n: int) -> tuple[list[float], list[float]]:
 
 def build_ours(a):
   """(one step: i -> loss, info) for our train step."""
+  import bench_train
   import jax
+
   from gemma_jax.checkpoint import hf
   from gemma_jax.train import flops
-  import bench_train
   cfg = run_config(a.batch, a.seq_len, a.spec)
   params, _ = hf.load(a.weights, cfg.model)
   program, state = ours_program(cfg, params)
@@ -181,6 +184,7 @@ def build_hf(a):
   """(one step: i -> loss, info) for transformers' Gemma 2 in torch."""
   import torch
   import transformers
+
   from gemma_jax.train import flops
   cfg = run_config(a.batch, a.seq_len)
   model = transformers.Gemma2ForCausalLM.from_pretrained(
@@ -256,7 +260,8 @@ def worker(argv) -> None:
     for line in sys.stdin:
       if line.strip() != "STEP":
         break
-      t, c = _timed(lambda _: step(a.warmup + len(times)), 1)
+      n = a.warmup + len(times)
+      t, c = _timed(lambda _, n=n: step(n), 1)
       times += t
       cpu += c
       print(f"DONE {t[0]} {c[0]}", flush=True)
@@ -302,7 +307,7 @@ class _Server:
   """A worker in --serve mode: warmed up, then one step per request."""
 
   def __init__(self, args, env_items=(), cpus=None):
-    self._err = tempfile.TemporaryFile("w+")
+    self._err = tempfile.TemporaryFile("w+")  # noqa: SIM115 (held open)
     self._proc = subprocess.Popen(
         _command([*args, "--serve"], cpus), env=_env(env_items),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
@@ -455,7 +460,7 @@ def main(argv=None):
     _spawn(["--framework", "export", "--weights", weights])
     for rep in range(a.repeats):
       for batch, seq in shapes:
-        def args_of(fw, packed=False, spec=()):
+        def args_of(fw, packed=False, spec=(), batch=batch, seq=seq):
           return (["--framework", fw, "--weights", weights, "--batch",
                    str(batch), "--seq-len", str(seq), "--steps",
                    str(a.steps), "--warmup", str(a.warmup)]
@@ -472,7 +477,7 @@ def main(argv=None):
               args_of("hf"),
               [(args_of("ours", p, s), e, (l, p)) for l, p, s, e in ours],
               a.steps, a.cpus,
-              done=lambda key, r: record(r, *key, *where))
+              done=lambda key, r, where=where: record(r, *key, *where))
           record(hf_r, "hf", False, *where)
           continue
         if not a.no_hf:
@@ -503,7 +508,7 @@ def report(results: list[dict], shapes) -> None:
     for label in dict.fromkeys(r["label"] for r in rows):
       mine = [r for r in rows if r["label"] == label]
       s = [_summary(r, batch * seq, peak) for r in mine]
-      col = lambda k, f="{:.0f}": _range([x[k] for x in s], f)
+      col = lambda k, f="{:.0f}", s=s: _range([x[k] for x in s], f)
       cells = []
       for key in ("times", "cpu_times"):
         ratio = [q for r in mine for q in _ratios(r, hf.get(r["rep"]), key)]

@@ -94,7 +94,8 @@ def category(name, instrs, comps) -> str:
 def op_times(trace_dir: str):
   """{hlo_op: (summed microseconds, count)} from the perfetto trace."""
   path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
-  data = json.load(gzip.open(path))
+  with gzip.open(path) as f:
+    data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
   out = collections.defaultdict(lambda: [0.0, 0])
   for e in events:
@@ -106,8 +107,9 @@ def op_times(trace_dir: str):
 
 
 def main(argv=None):
-  import jax
   import bench_vs_hf
+  import jax
+
   from gemma_jax.checkpoint import hf
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shape", default="8x512")
@@ -176,11 +178,11 @@ def main(argv=None):
     print(f"{cat:<14}{us / total:8.1%}{us / 1e6 / a.steps:9.2f}"
           + "".join(f"{by_phase[(cat, p)] / 1e6 / a.steps:8.2f}"
                     for p in phases))
+  phase_total = lambda p: sum(v for (_, q), v in by_phase.items() if q == p)
   print(f"{'all':<14}{1:8.1%}{total / 1e6 / a.steps:9.2f}" + "".join(
-      f"{sum(v for (c, q), v in by_phase.items() if q == p) / 1e6 / a.steps:8.2f}"
-      for p in phases))
+      f"{phase_total(p) / 1e6 / a.steps:8.2f}" for p in phases))
   print(f"\ntop {a.top} instructions (s/step, share, category, shape, op)")
-  for us, op, cat, phase, n in sorted(rows, reverse=True)[:a.top]:
+  for us, op, cat, phase, _ in sorted(rows, reverse=True)[:a.top]:
     _, shape, _, op_name = instrs.get(op, ("", "?", "", ""))
     print(f"{us / 1e6 / a.steps:7.3f} {us / total:6.1%} {cat:<12}{phase} "
           f"{op:<28} {shape[:40]:<40} {op_name[-70:]}")

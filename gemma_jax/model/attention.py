@@ -24,7 +24,8 @@ from gemma_jax.model import kernels, splash
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.model.layers import Einsum, apply_rope
 
-_MASKED = -2.3819763e38  # large finite negative: a fully masked row stays NaN-free
+# Large finite negative: a fully masked row stays NaN-free.
+_MASKED = -2.3819763e38
 # Query block of the blockwise path: on a 2-core CPU 128 was faster than 64
 # or 256 at T = 512 (docs/performance.md).
 BLOCKWISE_BLOCK = 128

@@ -220,7 +220,7 @@ def _time_chunks(x, chunk):
   """[B, T, ...] -> [T / c, B, c, ...], c the largest divisor of T <= chunk."""
   b, t = x.shape[:2]
   c = max(d for d in range(1, min(chunk, t) + 1) if t % d == 0)
-  return x.reshape((b, t // c, c) + x.shape[2:]).swapaxes(0, 1)
+  return x.reshape((b, t // c, c, *x.shape[2:])).swapaxes(0, 1)
 
 
 def _unchunk(x):

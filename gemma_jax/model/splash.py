@@ -1,4 +1,4 @@
-"""Attention through the Pallas splash-attention kernel (TPU; interpreted on CPU).
+"""Attention by the Pallas splash-attention kernel (TPU; interpreted on CPU).
 
     out = splash_attention(q * query_scale, k, v, segment_ids,
                            window_index, windows=(4096, 0), softcap=50.0,
@@ -20,11 +20,11 @@ by a traced index into the model's static tuple of distinct windows with
 lax.switch; each branch holds one compiled kernel and its block mask.
 
 With a mesh, the kernel runs per device under shard_map: rows split over the
-batch axes (default 'data', 'fsdp'; the model passes those of its logical
-rules for 'act_batch'), heads over the head axes (default 'tensor'). Kv heads are split too when
-'tensor' divides them; otherwise (fewer kv heads than tensor shards, e.g.
-MQA) k and v stay replicated and each shard picks the kv head its query
-heads share.
+batch axes (default 'data', 'fsdp'; the model passes those of its logical rules
+for 'act_batch'), heads over the head axes (default 'tensor'). Kv heads are
+split too when 'tensor' divides them; otherwise (fewer kv heads than tensor
+shards, e.g. MQA) k and v stay replicated and each shard picks the kv head its
+query heads share.
 
 Shape letters as in gemma_jax/model/config.py.
 """
@@ -35,9 +35,11 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import (
-    splash_attention_kernel as kernel_lib)
+  splash_attention_kernel as kernel_lib,
+)
 from jax.experimental.pallas.ops.tpu.splash_attention import (
-    splash_attention_mask as mask_lib)
+  splash_attention_mask as mask_lib,
+)
 from jax.sharding import PartitionSpec as P
 
 from gemma_jax.errors import ConfigError
@@ -149,7 +151,7 @@ def splash_attention(query, key, value, segment_ids, window_index,
   Returns:
     [B, T, N, H] in query's dtype.
   """
-  b, t, n, h = query.shape
+  b, _, n, _ = query.shape
   k_heads = key.shape[2]
   if n % k_heads:
     raise ConfigError(f"splash attention: {n} query heads are not a multiple "

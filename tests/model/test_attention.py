@@ -10,6 +10,7 @@ window smaller than one 128-token block beside a global layer, packed rows
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ def batch(rows=2):
   pos = np.tile(np.arange(T, dtype=np.int32), (rows, 1))
   for row in range(1, rows):
     bounds = [0, 20 + 9 * row, 150, 200, T]
-    for doc, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for doc, (a, b) in enumerate(itertools.pairwise(bounds)):
       seg[row, a:b], pos[row, a:b] = doc + 1, np.arange(b - a)
   seg[-1, 230:] = 0
   return (jnp.asarray(tokens, jnp.int32), jnp.asarray(pos),
@@ -56,11 +57,11 @@ def logits_and_grads(cfg, params, tokens, pos, seg):
 
 
 def assert_close(got, want, what):
-  for path, g, w in zip(jax.tree_util.tree_leaves_with_path(want),
-                        jax.tree.leaves(got), jax.tree.leaves(want)):
+  flat = jax.tree_util.tree_leaves_with_path(want)
+  for (path, w), g in zip(flat, jax.tree.leaves(got), strict=True):
     scale = max(float(jnp.max(jnp.abs(w))), 1e-6)
     np.testing.assert_allclose(g, w, atol=TOL * scale, rtol=0,
-                               err_msg=f"{what} {jax.tree_util.keystr(path[0])}")
+                               err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
 @functools.cache
@@ -113,6 +114,7 @@ def test_auto_is_splash_on_tpu_blockwise_elsewhere_xla_with_a_cache(
   assert attention_lib.resolve_impl(splash, 8, cached=True) == "xla"
 
 
+@pytest.mark.tpu_compile
 def test_auto_compiles_the_splash_kernel_for_a_tpu_topology():
   # Ahead of time for 4 v5e chips (libtpu, no TPU): auto picks splash from
   # the mesh's devices, and the step holds the Mosaic kernel, not the

@@ -4,6 +4,8 @@ Each kernel is compared, forward and backward (jax.vjp with a random
 cotangent), with the formula it replaces written the obvious way, in float32.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,7 +83,7 @@ def packed(batch, t):
   seg = np.ones((batch, t), np.int32)
   pos = np.tile(np.arange(t, dtype=np.int32), (batch, 1))
   bounds = [0, 5, 19, 25, t - 3, t]
-  for doc, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+  for doc, (a, b) in enumerate(itertools.pairwise(bounds)):
     seg[1, a:b], pos[1, a:b] = doc + 1, np.arange(b - a)
   seg[1, t - 3:] = 0
   return jnp.asarray(pos), jnp.asarray(seg)

@@ -76,7 +76,7 @@ def check_against_reference(attend, q, k, v, seg):
   for idx, window in enumerate(WINDOWS):
     (_, out), grads = run(q, k, v, seg, idx)
     (_, want), want_grads = loss_and_grads(
-        lambda *a: reference(*a[:4], window, CAP))(q, k, v, seg, idx)
+        lambda *a, w=window: reference(*a[:4], w, CAP))(q, k, v, seg, idx)
     for name, got, exp in zip(("out", "dq", "dk", "dv"), (out, *grads),
                               (want, *want_grads)):
       scale = float(jnp.max(jnp.abs(exp)))

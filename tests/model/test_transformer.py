@@ -18,7 +18,8 @@ TINY2 = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128,
 
 def init(cfg, seq=8):
   tokens = jnp.zeros((1, seq), jnp.int32)
-  return nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), tokens)["params"])
+  return nn.meta.unbox(
+      Transformer(cfg).init(jax.random.key(0), tokens)["params"])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -73,8 +74,10 @@ def test_sliding_window_sees_exactly_window_keys():
   tokens = np.arange(1, 13)[None]
   base = forward(cfg, params, tokens)
   i, w = 10, cfg.sliding_window
-  exactly_w_back = tokens.copy(); exactly_w_back[0, i - w] = 200
-  inside = tokens.copy(); inside[0, i - w + 1] = 200
+  exactly_w_back = tokens.copy()
+  exactly_w_back[0, i - w] = 200
+  inside = tokens.copy()
+  inside[0, i - w + 1] = 200
   np.testing.assert_array_equal(forward(cfg, params, exactly_w_back)[0, i],
                                 base[0, i])
   assert np.abs(forward(cfg, params, inside)[0, i] - base[0, i]).max() > 1e-3
