@@ -41,12 +41,12 @@ from etils import epath
 from gemma_jax import configlib, fileio
 from gemma_jax.checkpoint import hf, layout, merge_math, native
 from gemma_jax.errors import CheckpointError, ConfigError
-from gemma_jax.model.config import ModelConfig
+from gemma_jax.model.config import EXECUTION_FIELDS, ModelConfig
 
 METHODS = ("linear", "slerp")
 SUM_TOLERANCE = 1e-6
 # ModelConfig fields that do not change what the weights mean.
-_NON_ARCH_FIELDS = ("name", "param_dtype", "dtype", "remat_policy")
+_NON_ARCH_FIELDS = ("name", "param_dtype", "dtype", *EXECUTION_FIELDS)
 # Leaves whose axis 1 stacks two HF tensors (k/v, gate/up).
 _PAIRED = ("layers/attn/kv_einsum/w", "layers/mlp/gating_einsum/w")
 

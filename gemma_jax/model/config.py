@@ -16,11 +16,18 @@ from gemma_jax.model import quant as quant_lib
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "qkv_proj"]
 AttentionType = Literal["global", "local"]
+AttentionImpl = Literal["auto", "xla", "blockwise", "splash"]
+
+
+# How a model is computed, not what it is: checkpoints do not depend on these,
+# so a run may resume (and checkpoints merge) with other values.
+EXECUTION_FIELDS = ("remat_policy", "attention_impl", "fused_mlp", "loss_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture and numerics of one Gemma model."""
+
   num_layers: int
   d_model: int
   mlp_dim: int
@@ -28,46 +35,77 @@ class ModelConfig:
   num_kv_heads: int
   head_dim: int
   name: str = "custom"
-  vocab_size: int = 256_000        # rows that may appear in logits
-  embed_rows: int | None = None    # padded table size (256128); None = vocab
+  vocab_size: int = 256_000  # rows that may appear in logits
+  embed_rows: int | None = None  # padded table size (256128); None = vocab
   query_pre_attn_scalar: float | None = None  # None: head_dim
   attention_pattern: tuple[AttentionType, ...] = ("global",)  # cycled
   sliding_window: int | None = None
   attn_logit_softcap: float | None = None
   final_logit_softcap: float | None = None
-  sandwich_norms: bool = False     # Gemma 2 post-attention / post-MLP norms
+  sandwich_norms: bool = False  # Gemma 2 post-attention / post-MLP norms
   rope_max_wavelength: float = 10_000.0
   norm_eps: float = 1e-6
   param_dtype: DType = "float32"
-  dtype: DType = "float32"         # activation (compute) dtype
+  dtype: DType = "float32"  # activation (compute) dtype
   remat_policy: RematPolicy = "none"
+  # How attention without a cache is computed (decoding always uses xla):
+  #   xla        scores [B, K, G, T, S] and softmax by plain einsums;
+  #   blockwise  per query block, only the key blocks it can see, with a
+  #              hand-written backward that saves no probabilities
+  #              (kernels.blockwise_attention; fastest on CPU);
+  #   splash     the Pallas TPU kernel (splash.py), shard_map over the mesh;
+  #   auto       splash on TPU where seq_len % 128 == 0, else blockwise.
+  attention_impl: AttentionImpl = "auto"
+  # GeGLU MLP with a hand-written backward (kernels.geglu_mlp): saves x and
+  # the gate/up pre-activations only. False: autodiff of the plain einsums.
+  fused_mlp: bool = True
+  # Train loss: the output projection, soft-cap and cross-entropy fused, this
+  # many tokens at a time (kernels.cross_entropy), so the [B, T, V] logits
+  # are never stored. 0: materialise the logits (as `forward` returns them).
+  loss_chunk: int = 1024
   # Quantized weights (QAT or an int export) and low-rank adapters; see
   # gemma_jax.model.quant and gemma_jax.model.lora.
   quant: quant_lib.QuantConfig | None = None
   lora: lora_lib.LoraConfig | None = None
 
   def __post_init__(self):
-    for key in ("num_layers", "d_model", "mlp_dim", "num_heads",
-                "num_kv_heads", "head_dim", "vocab_size"):
+    for key in (
+      "num_layers",
+      "d_model",
+      "mlp_dim",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "vocab_size",
+    ):
       if getattr(self, key) <= 0:
         raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
-          f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
-          f"({self.num_kv_heads})")
+        f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+        f"({self.num_kv_heads})"
+      )
     if self.head_dim % 2:
       raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
     if self.embed_rows is not None and self.embed_rows < self.vocab_size:
-      raise ConfigError(f"embed_rows ({self.embed_rows}) must be >= "
-                        f"vocab_size ({self.vocab_size})")
+      raise ConfigError(
+        f"embed_rows ({self.embed_rows}) must be >= "
+        f"vocab_size ({self.vocab_size})"
+      )
     if not self.attention_pattern:
       raise ConfigError("attention_pattern must name at least one layer type")
     if "local" in self.attention_pattern and not self.sliding_window:
-      raise ConfigError("attention_pattern has 'local' layers but "
-                        "sliding_window is not set")
+      raise ConfigError(
+        "attention_pattern has 'local' layers but sliding_window is not set"
+      )
+    if self.loss_chunk < 0:
+      raise ConfigError(
+        f"loss_chunk must be >= 0 (0 = off), got {self.loss_chunk}"
+      )
     if self.sliding_window is not None and self.sliding_window <= 0:
-      raise ConfigError(f"sliding_window must be positive, got "
-                        f"{self.sliding_window}")
+      raise ConfigError(
+        f"sliding_window must be positive, got {self.sliding_window}"
+      )
     if self.quant is not None:
       for name, (shape, in_axis, group) in self.einsum_weights().items():
         if group in self.quant.targets:
@@ -80,12 +118,14 @@ class ModelConfig:
     of every projection and the embedding (module 'embedder')."""
     d, f, h = self.d_model, self.mlp_dim, self.head_dim
     n, k = self.num_heads, self.num_kv_heads
-    return {"layers/attn/q_einsum": ((n, d, h), 1, "attn"),
-            "layers/attn/kv_einsum": ((2, k, d, h), 2, "attn"),
-            "layers/attn/attn_vec_einsum": ((n, h, d), (0, 1), "attn"),
-            "layers/mlp/gating_einsum": ((2, d, f), 1, "mlp"),
-            "layers/mlp/linear": ((f, d), 0, "mlp"),
-            "embedder": ((self.num_embed_rows, d), 1, "embed")}
+    return {
+      "layers/attn/q_einsum": ((n, d, h), 1, "attn"),
+      "layers/attn/kv_einsum": ((2, k, d, h), 2, "attn"),
+      "layers/attn/attn_vec_einsum": ((n, h, d), (0, 1), "attn"),
+      "layers/mlp/gating_einsum": ((2, d, f), 1, "mlp"),
+      "layers/mlp/linear": ((f, d), 0, "mlp"),
+      "embedder": ((self.num_embed_rows, d), 1, "embed"),
+    }
 
   # Derived values.
   @property
@@ -100,8 +140,10 @@ class ModelConfig:
   def layer_windows(self) -> tuple[int, ...]:
     """Per-layer sliding window; 0 means global attention."""
     pattern = self.attention_pattern
-    return tuple(self.sliding_window if pattern[i % len(pattern)] == "local"
-                 else 0 for i in range(self.num_layers))
+    return tuple(
+      (self.sliding_window or 0) if pattern[i % len(pattern)] == "local" else 0
+      for i in range(self.num_layers)
+    )
 
   @property
   def embed_scale(self) -> float:
@@ -122,42 +164,96 @@ def _gemma1(**kw) -> ModelConfig:
 
 def _gemma2(**kw) -> ModelConfig:
   kw.setdefault("query_pre_attn_scalar", None)
-  return ModelConfig(embed_rows=256_128, attention_pattern=("local", "global"),
-                     sliding_window=4096, attn_logit_softcap=50.0,
-                     final_logit_softcap=30.0, sandwich_norms=True, **kw)
+  return ModelConfig(
+    embed_rows=256_128,
+    attention_pattern=("local", "global"),
+    sliding_window=4096,
+    attn_logit_softcap=50.0,
+    final_logit_softcap=30.0,
+    sandwich_norms=True,
+    **kw,
+  )
 
 
 PRESETS: dict[str, ModelConfig] = {
-    "gemma-2b": _gemma1(name="gemma-2b", num_layers=18, d_model=2048,
-                        mlp_dim=16384, num_heads=8, num_kv_heads=1,
-                        head_dim=256),
-    "gemma-7b": _gemma1(name="gemma-7b", num_layers=28, d_model=3072,
-                        mlp_dim=24576, num_heads=16, num_kv_heads=16,
-                        head_dim=256),
-    "gemma2-2b": _gemma2(name="gemma2-2b", num_layers=26, d_model=2304,
-                         mlp_dim=9216, num_heads=8, num_kv_heads=4,
-                         head_dim=256),
-    "gemma2-9b": _gemma2(name="gemma2-9b", num_layers=42, d_model=3584,
-                         mlp_dim=14336, num_heads=16, num_kv_heads=8,
-                         head_dim=256),
-    "gemma2-27b": _gemma2(name="gemma2-27b", num_layers=46, d_model=4608,
-                          mlp_dim=36864, num_heads=32, num_kv_heads=16,
-                          head_dim=128, query_pre_attn_scalar=144.0),
-    # Tiny presets for CPU smoke runs and tests; same architecture rules.
-    "tiny-gemma": ModelConfig(name="tiny-gemma", num_layers=2, d_model=64,
-                              mlp_dim=256, num_heads=4, num_kv_heads=1,
-                              head_dim=16, vocab_size=512),
-    "tiny-gemma2": ModelConfig(name="tiny-gemma2", num_layers=4, d_model=128,
-                               mlp_dim=512, num_heads=4, num_kv_heads=2,
-                               head_dim=32, vocab_size=2048,
-                               attention_pattern=("local", "global"),
-                               sliding_window=64, attn_logit_softcap=50.0,
-                               final_logit_softcap=30.0, sandwich_norms=True),
+  "gemma-2b": _gemma1(
+    name="gemma-2b",
+    num_layers=18,
+    d_model=2048,
+    mlp_dim=16384,
+    num_heads=8,
+    num_kv_heads=1,
+    head_dim=256,
+  ),
+  "gemma-7b": _gemma1(
+    name="gemma-7b",
+    num_layers=28,
+    d_model=3072,
+    mlp_dim=24576,
+    num_heads=16,
+    num_kv_heads=16,
+    head_dim=256,
+  ),
+  "gemma2-2b": _gemma2(
+    name="gemma2-2b",
+    num_layers=26,
+    d_model=2304,
+    mlp_dim=9216,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=256,
+  ),
+  "gemma2-9b": _gemma2(
+    name="gemma2-9b",
+    num_layers=42,
+    d_model=3584,
+    mlp_dim=14336,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=256,
+  ),
+  "gemma2-27b": _gemma2(
+    name="gemma2-27b",
+    num_layers=46,
+    d_model=4608,
+    mlp_dim=36864,
+    num_heads=32,
+    num_kv_heads=16,
+    head_dim=128,
+    query_pre_attn_scalar=144.0,
+  ),
+  # Tiny presets for CPU smoke runs and tests; same architecture rules.
+  "tiny-gemma": ModelConfig(
+    name="tiny-gemma",
+    num_layers=2,
+    d_model=64,
+    mlp_dim=256,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=16,
+    vocab_size=512,
+  ),
+  "tiny-gemma2": ModelConfig(
+    name="tiny-gemma2",
+    num_layers=4,
+    d_model=128,
+    mlp_dim=512,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    vocab_size=2048,
+    attention_pattern=("local", "global"),
+    sliding_window=64,
+    attn_logit_softcap=50.0,
+    final_logit_softcap=30.0,
+    sandwich_norms=True,
+  ),
 }
 
 
 def preset(name: str, **overrides) -> ModelConfig:
   if name not in PRESETS:
-    raise ConfigError(f"unknown model preset {name!r}; valid choices: "
-                      f"{', '.join(PRESETS)}")
+    raise ConfigError(
+      f"unknown model preset {name!r}; valid choices: {', '.join(PRESETS)}"
+    )
   return dataclasses.replace(PRESETS[name], **overrides)

@@ -22,41 +22,89 @@ from gemma_jax.train import ema as ema_lib
 from gemma_jax.train.optimizer import learning_rate
 from gemma_jax.train.state import TrainState
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask",
-              "source")
+BATCH_KEYS = (
+  "inputs",
+  "targets",
+  "segment_ids",
+  "positions",
+  "loss_mask",
+  "source",
+)
 
 
-def token_losses(logits, batch, z_loss: float):
-  """Cross-entropy and z-loss per token, float32 [B, T], 0 off the mask."""
+def ce_and_lse(logits, targets):
+  """Cross-entropy of `targets` and log-sum-exp, float32 [B, T]."""
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   # One-hot contraction keeps a vocab-sharded logits tensor sharded.
-  onehot = jax.nn.one_hot(batch["targets"], logits.shape[-1],
-                          dtype=logits.dtype)
-  ce = lse - jnp.einsum("btv,btv->bt", logits, onehot)
+  onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+  return lse - jnp.einsum("btv,btv->bt", logits, onehot), lse
+
+
+def masked_losses(ce, lse, batch, z_loss: float):
+  """Cross-entropy and z-loss per token, float32 [B, T], 0 off the mask."""
   mask = batch["loss_mask"].astype(jnp.float32)
   return ce * mask, z_loss * jnp.square(lse) * mask
 
 
-def cross_entropy_sums(logits, batch, num_sources: int,
-                       z_loss: float = 0.0) -> dict:
-  """Sums over the batch: ce, z, and per-source ce and target tokens."""
-  ce, z = token_losses(logits, batch, z_loss)
+def token_losses(logits, batch, z_loss: float):
+  """Cross-entropy and z-loss per token, float32 [B, T], 0 off the mask."""
+  ce, lse = ce_and_lse(logits, batch["targets"])
+  return masked_losses(ce, lse, batch, z_loss)
+
+
+def loss_sums(ce, z, batch, num_sources: int) -> dict:
+  """Sums over the batch of masked per-token ce and z [B, T]: ce, z, and
+  per-source ce and target tokens."""
   row_ce = ce.sum(axis=1)
   row_tokens = batch["loss_mask"].astype(jnp.float32).sum(axis=1)
   per_source = lambda x: jnp.zeros(num_sources).at[batch["source"]].add(x)
-  return dict(ce=row_ce.sum(), z=z.sum(),
-              source_loss_sum=per_source(row_ce),
-              source_tokens=per_source(row_tokens))
+  return dict(
+    ce=row_ce.sum(),
+    z=z.sum(),
+    source_loss_sum=per_source(row_ce),
+    source_tokens=per_source(row_tokens),
+  )
+
+
+def cross_entropy_sums(
+  logits, batch, num_sources: int, z_loss: float = 0.0
+) -> dict:
+  """Sums over the batch: ce, z, and per-source ce and target tokens."""
+  ce, z = token_losses(logits, batch, z_loss)
+  return loss_sums(ce, z, batch, num_sources)
 
 
 def model_forward(model):
   """forward(params, frozen, batch) -> logits [B, T, V] of a plain model
-  (the frozen inputs are for objectives and adapters that need them)."""
+  (the frozen inputs are for objectives and adapters that need them).
+
+  forward.ce_and_lse(params, frozen, batch) -> (ce, lse) [B, T] is the
+  model's own loss path (Transformer.token_losses: with model.loss_chunk,
+  fused and chunked, never storing the logits); `lm_loss` uses it.
+  """
+
   def forward(params, frozen, batch):
     del frozen
-    return model.apply({"params": params}, batch["inputs"],
-                       batch["positions"], batch["segment_ids"])
+    return model.apply(
+      {"params": params},
+      batch["inputs"],
+      batch["positions"],
+      batch["segment_ids"],
+    )
+
+  def losses(params, frozen, batch):
+    del frozen
+    return model.apply(
+      {"params": params},
+      batch["inputs"],
+      batch["targets"],
+      batch["positions"],
+      batch["segment_ids"],
+      method=type(model).token_losses,
+    )
+
+  forward.ce_and_lse = losses
   return forward
 
 
@@ -66,22 +114,32 @@ def lm_loss(forward, num_sources: int, z_loss: float = 0.0):
   A loss function maps (params, batch, frozen) to (objective summed over the
   batch's target tokens, sums): sums holds ce, z, source_loss_sum,
   source_tokens and, for objectives with more terms, `terms` {name: sum}
-  (logged as loss/<name> per target token).
+  (logged as loss/<name> per target token). Uses `forward.ce_and_lse`
+  where the forward has one (see `model_forward`), else its logits.
   """
+  fused = getattr(forward, "ce_and_lse", None)
+
   def loss(params, batch, frozen):
-    sums = cross_entropy_sums(forward(params, frozen, batch), batch,
-                              num_sources, z_loss)
+    if fused is not None:
+      ce, lse = fused(params, frozen, batch)
+    else:
+      ce, lse = ce_and_lse(forward(params, frozen, batch), batch["targets"])
+    sums = loss_sums(*masked_losses(ce, lse, batch, z_loss), batch, num_sources)
     return sums["ce"] + sums["z"], sums
+
   return loss
 
 
 def split_microbatches(batch, m: int):
   """[B, ...] -> [m, B/m, ...]; microbatch j takes rows j, j+m, ... so that
   every device keeps its own rows (no data movement)."""
+
   def split(x):
     x = x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
     return nn.with_logical_constraint(
-        x, (None, "act_batch") + (None,) * (x.ndim - 2))
+      x, (None, "act_batch") + (None,) * (x.ndim - 2)
+    )
+
   return jax.tree.map(split, batch)
 
 
@@ -93,14 +151,18 @@ def accumulate(fn, batch, microbatches: int):
   first = jax.tree.map(lambda x: x[0], parts)
   zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, first))
   total, _ = jax.lax.scan(
-      lambda acc, mb: (jax.tree.map(jnp.add, acc, fn(mb)), None), zeros, parts)
+    lambda acc, mb: (jax.tree.map(jnp.add, acc, fn(mb)), None), zeros, parts
+  )
   return total
 
 
 def all_finite(tree) -> jax.Array:
   """True iff every float in `tree` is finite."""
-  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  flags = [
+    jnp.isfinite(x).all()
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.stack(flags).all() if flags else jnp.bool_(True)
 
 
@@ -114,15 +176,26 @@ def row_keys(state: TrainState, rows: int) -> jax.Array:
 def applied_updates(opt_state) -> jax.Array:
   """Updates the optimizer has applied: Adam's count (a skipped step keeps
   the optimizer state, so it is not counted, unlike state.step)."""
-  counts = [v for path, v in optax.tree.get_all_with_path(opt_state, "count")
-            if getattr(path[-1], "tuple_name", "") == "ScaleByAdamState"]
+  counts = [
+    v
+    for path, v in optax.tree.get_all_with_path(opt_state, "count")
+    if getattr(path[-1], "tuple_name", "") == "ScaleByAdamState"
+  ]
   return counts[0]
 
 
-def train_step(state: TrainState, batch, frozen, *, loss_fn,
-               optimizer: optax.GradientTransformation,
-               microbatches: int = 1, penalty_fn=None,
-               ema_decay: float = 0.0, ema_debias: bool = True):
+def train_step(
+  state: TrainState,
+  batch,
+  frozen,
+  *,
+  loss_fn,
+  optimizer: optax.GradientTransformation,
+  microbatches: int = 1,
+  penalty_fn=None,
+  ema_decay: float = 0.0,
+  ema_debias: bool = True,
+):
   """One optimizer update from a global batch: (new state, metrics).
 
   loss_fn(params, batch, frozen) -> (objective sum, sums) (see `lm_loss`);
@@ -150,7 +223,8 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn,
 
   def grads_and_sums(mb):
     (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params, mb)
+      state.params, mb
+    )
     return jax.tree.map(lambda g: g.astype(jnp.float32), grads), sums
 
   grads, sums = accumulate(grads_and_sums, batch, microbatches)
@@ -158,50 +232,68 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn,
   objective_value = sums["total"] / denom
   if penalty_fn is not None:
     (penalty, penalty_terms), penalty_grads = jax.value_and_grad(
-        penalty_fn, has_aux=True)(state.params, frozen)
-    grads = jax.tree.map(lambda g, p: g + p.astype(jnp.float32), grads,
-                         penalty_grads)
+      penalty_fn, has_aux=True
+    )(state.params, frozen)
+    grads = jax.tree.map(
+      lambda g, p: g + p.astype(jnp.float32), grads, penalty_grads
+    )
     terms |= penalty_terms
     objective_value = objective_value + penalty
   grad_norm = optax.tree.norm(grads)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = (jnp.isfinite(objective_value) & jnp.isfinite(grad_norm)
-            & all_finite(params) & all_finite(opt_state))
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                       new, old)
+  finite = (
+    jnp.isfinite(objective_value)
+    & jnp.isfinite(grad_norm)
+    & all_finite(params)
+    & all_finite(opt_state)
+  )
+  keep = lambda new, old: jax.tree.map(
+    lambda n, o: jnp.where(finite, n, o), new, old
+  )
   ema = state.ema
   if ema is not None:
-    decay = ema_lib.ema_decay(ema_decay, applied_updates(opt_state),
-                              ema_debias)
+    decay = ema_lib.ema_decay(ema_decay, applied_updates(opt_state), ema_debias)
     ema = keep(ema_lib.ema_update(ema, params, decay), ema)
   new_state = TrainState(
-      step=state.step + 1, params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state), rng=state.rng,
-      nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
-      ema=ema)
-  metrics = dict(loss=sums["ce"] / denom, z_loss=sums["z"] / denom,
-                 grad_norm=grad_norm, learning_rate=learning_rate(opt_state),
-                 tokens=tokens.astype(jnp.int32),
-                 skipped=(~finite).astype(jnp.int32),
-                 nonfinite_in_row=new_state.nonfinite_in_row,
-                 source_loss_sum=sums["source_loss_sum"],
-                 source_tokens=sums["source_tokens"],
-                 **{f"loss/{k}": v for k, v in terms.items()})
-  if terms:   # the cross-entropy beside the other terms of the objective
+    step=state.step + 1,
+    params=keep(params, state.params),
+    opt_state=keep(opt_state, state.opt_state),
+    rng=state.rng,
+    nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
+    ema=ema,
+  )
+  metrics = dict(
+    loss=sums["ce"] / denom,
+    z_loss=sums["z"] / denom,
+    grad_norm=grad_norm,
+    learning_rate=learning_rate(opt_state),
+    tokens=tokens.astype(jnp.int32),
+    skipped=(~finite).astype(jnp.int32),
+    nonfinite_in_row=new_state.nonfinite_in_row,
+    source_loss_sum=sums["source_loss_sum"],
+    source_tokens=sums["source_tokens"],
+    **{f"loss/{k}": v for k, v in terms.items()},
+  )
+  if terms:  # the cross-entropy beside the other terms of the objective
     metrics["loss/ce"] = metrics["loss"]
   return new_state, metrics
 
 
-def eval_step(params, batch, frozen, *, forward, num_sources: int,
-              microbatches: int = 1):
+def eval_step(
+  params, batch, frozen, *, forward, num_sources: int, microbatches: int = 1
+):
   """Held-out sums: loss_sum (cross-entropy over target tokens, no z-loss),
   tokens, source_loss_sum and source_tokens [num_sources]."""
   sums = accumulate(
-      lambda mb: cross_entropy_sums(forward(params, frozen, mb), mb,
-                                    num_sources), batch, microbatches)
-  return dict(loss_sum=sums["ce"],
-              tokens=jnp.sum(batch["loss_mask"].astype(jnp.float32)),
-              source_loss_sum=sums["source_loss_sum"],
-              source_tokens=sums["source_tokens"])
+    lambda mb: cross_entropy_sums(forward(params, frozen, mb), mb, num_sources),
+    batch,
+    microbatches,
+  )
+  return dict(
+    loss_sum=sums["ce"],
+    tokens=jnp.sum(batch["loss_mask"].astype(jnp.float32)),
+    source_loss_sum=sums["source_loss_sum"],
+    source_tokens=sums["source_tokens"],
+  )

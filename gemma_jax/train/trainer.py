@@ -27,6 +27,7 @@ from etils import epath
 from gemma_jax import distributed, fileio, hardware
 from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
+from gemma_jax.model.config import EXECUTION_FIELDS
 from gemma_jax.train import (
   checkpointing,
   continual,
@@ -81,8 +82,12 @@ def check_same_model(saved: dict, cfg, step: int) -> None:
   model. (The data stream's checks are the pipeline's `check_resume`.)"""
   saved_model = saved.get("config", {}).get("model", {})
   current = config_lib.to_dict(cfg)["model"]
-  if saved_model != current:
-    diff = sorted(k for k in current if saved_model.get(k) != current[k])
+  diff = sorted(
+    k
+    for k in current
+    if k not in EXECUTION_FIELDS and saved_model.get(k) != current[k]
+  )
+  if diff:
     raise ConfigError(
       f"the checkpoint at step {step} was trained with a different model "
       f"(fields that differ: {', '.join(diff) or 'all'}); restore the "

@@ -12,48 +12,65 @@ from flax import linen as nn
 from gemma_jax.model import PRESETS, Transformer, preset
 from gemma_jax.model.layers import Embedder
 
-TINY2 = preset("tiny-gemma2", num_layers=2, d_model=64, mlp_dim=128,
-               head_dim=16, vocab_size=256, sliding_window=4)
+TINY2 = preset(
+  "tiny-gemma2",
+  num_layers=2,
+  d_model=64,
+  mlp_dim=128,
+  head_dim=16,
+  vocab_size=256,
+  sliding_window=4,
+)
 
 
 def init(cfg, seq=8):
   tokens = jnp.zeros((1, seq), jnp.int32)
-  return nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), tokens)["params"])
+  return nn.meta.unbox(
+    Transformer(cfg).init(jax.random.key(0), tokens)["params"]
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(cfg, params, tokens, positions, segment_ids):
-  return Transformer(cfg).apply({"params": params}, tokens, positions,
-                                segment_ids)
+  return Transformer(cfg).apply(
+    {"params": params}, tokens, positions, segment_ids
+  )
 
 
 def forward(cfg, params, tokens, positions=None, segment_ids=None):
   return _forward(cfg, params, jnp.asarray(tokens), positions, segment_ids)
 
 
-@pytest.mark.parametrize("name", ["gemma-2b", "gemma-7b", "gemma2-2b",
-                                  "gemma2-9b", "gemma2-27b"])
+@pytest.mark.parametrize(
+  "name", ["gemma-2b", "gemma-7b", "gemma2-2b", "gemma2-9b", "gemma2-27b"]
+)
 def test_traced_param_count_equals_config_count(name):
   cfg = PRESETS[name]
-  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
-                          jnp.zeros((1, 1), jnp.int32))["params"]
-  assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == \
-      cfg.param_count()
+  shapes = jax.eval_shape(
+    Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
+  )["params"]
+  assert (
+    sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == cfg.param_count()
+  )
 
 
 @pytest.mark.slow
 def test_every_param_has_logical_axis_names():
-  boxed = Transformer(TINY2).init(jax.random.key(0),
-                                  jnp.zeros((1, 4), jnp.int32))["params"]
-  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(
-      x, nn.LogicallyPartitioned))
+  boxed = Transformer(TINY2).init(
+    jax.random.key(0), jnp.zeros((1, 4), jnp.int32)
+  )["params"]
+  leaves = jax.tree.leaves(
+    boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  )
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
   for leaf in leaves:
     assert len(leaf.names) == leaf.value.ndim
-  layer_leaves = jax.tree.leaves(boxed["layers"], is_leaf=lambda x: isinstance(
-      x, nn.LogicallyPartitioned))
-  assert all(x.names[0] == "layers" and x.value.shape[0] == 2
-             for x in layer_leaves)
+  layer_leaves = jax.tree.leaves(
+    boxed["layers"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  )
+  assert all(
+    x.names[0] == "layers" and x.value.shape[0] == 2 for x in layer_leaves
+  )
 
 
 @pytest.mark.slow
@@ -64,7 +81,7 @@ def test_padding_rows_of_the_embedding_never_reach_the_logits():
   logits = forward(cfg, params, tokens)
   assert logits.shape == (1, 8, cfg.vocab_size)
   table = params["embedder"]["embedding"]
-  params["embedder"]["embedding"] = table.at[cfg.vocab_size:].set(1e3)
+  params["embedder"]["embedding"] = table.at[cfg.vocab_size :].set(1e3)
   np.testing.assert_array_equal(forward(cfg, params, tokens), logits)
 
 
@@ -76,15 +93,23 @@ def test_sliding_window_sees_exactly_window_keys():
   tokens = np.arange(1, 13)[None]
   base = forward(cfg, params, tokens)
   i, w = 10, cfg.sliding_window
-  exactly_w_back = tokens.copy(); exactly_w_back[0, i - w] = 200
-  inside = tokens.copy(); inside[0, i - w + 1] = 200
-  np.testing.assert_array_equal(forward(cfg, params, exactly_w_back)[0, i],
-                                base[0, i])
+  exactly_w_back = tokens.copy()
+  exactly_w_back[0, i - w] = 200
+  inside = tokens.copy()
+  inside[0, i - w + 1] = 200
+  np.testing.assert_array_equal(
+    forward(cfg, params, exactly_w_back)[0, i], base[0, i]
+  )
   assert np.abs(forward(cfg, params, inside)[0, i] - base[0, i]).max() > 1e-3
   # A global layer sees everything before it.
   global_cfg = dataclasses.replace(cfg, attention_pattern=("global",))
-  assert np.abs(forward(global_cfg, params, exactly_w_back)[0, i]
-                - forward(global_cfg, params, tokens)[0, i]).max() > 1e-3
+  assert (
+    np.abs(
+      forward(global_cfg, params, exactly_w_back)[0, i]
+      - forward(global_cfg, params, tokens)[0, i]
+    ).max()
+    > 1e-3
+  )
 
 
 @pytest.mark.slow
@@ -121,14 +146,18 @@ def test_remat_policy_changes_neither_logits_nor_gradients(policy):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("d_model, factor", [(2048, 45.25), (3072, 55.5),
-                                             (2304, 48.0), (3584, 59.75),
-                                             (4608, 68.0)])
+@pytest.mark.parametrize(
+  "d_model, factor",
+  [(2048, 45.25), (3072, 55.5), (2304, 48.0), (3584, 59.75), (4608, 68.0)],
+)
 def test_embedding_scale_is_rounded_in_bf16(d_model, factor):
   cfg = preset("tiny-gemma", d_model=d_model, dtype="bfloat16", vocab_size=4)
   table = jnp.ones((4, d_model), jnp.float32)
-  x = Embedder(cfg).apply({"params": {"embedding": table}},
-                          jnp.zeros((1, 1), jnp.int32), method="encode")
+  x = Embedder(cfg).apply(
+    {"params": {"embedding": table}},
+    jnp.zeros((1, 1), jnp.int32),
+    method="encode",
+  )
   assert x.dtype == jnp.bfloat16 and float(x[0, 0, 0]) == factor
 
 
@@ -139,6 +168,59 @@ def test_param_dtype_and_compute_dtype_are_separate():
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
   logits = forward(cfg, params, np.arange(8)[None])
   assert logits.dtype == jnp.float32  # logits and loss stay float32
-  f32 = forward(dataclasses.replace(cfg, dtype="float32"), params,
-                np.arange(8)[None])
+  f32 = forward(
+    dataclasses.replace(cfg, dtype="float32"), params, np.arange(8)[None]
+  )
   assert 0 < np.abs(logits - f32).max() < 0.5
+
+
+def _losses_and_grads(cfg, params, tokens, targets, pos, seg):
+  def loss(p):
+    ce, lse = Transformer(cfg).apply(
+      {"params": p}, tokens, targets, pos, seg, method=Transformer.token_losses
+    )
+    # Both outputs get gradient: the z-loss differentiates the lse.
+    return jnp.sum(ce) + 1e-2 * jnp.sum(lse**2), (ce, lse)
+
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+def test_fused_mlp_and_chunked_loss_equal_the_plain_path():
+  # Plain: autodiff of the GeGLU einsums, the [B, T, V] logits stored and
+  # their cross-entropy. Fused: kernels.geglu_mlp and kernels.cross_entropy,
+  # loss_chunk 10 over 2 rows: 5 positions a chunk, so 4, the largest
+  # divisor of T = 12.
+  plain = dataclasses.replace(TINY2, fused_mlp=False, loss_chunk=0)
+  params = init(plain)
+  rng = np.random.default_rng(0)
+  tokens, targets = (
+    jnp.asarray(rng.integers(0, 256, (2, 12)), jnp.int32) for _ in range(2)
+  )
+  pos = jnp.asarray([list(range(12)), list(range(5)) + list(range(7))])
+  seg = jnp.asarray([[1] * 12, [1] * 5 + [2] * 7])
+  (_, (ce, lse)), grads = _losses_and_grads(
+    plain, params, tokens, targets, pos, seg
+  )
+  logits = forward(plain, params, tokens, pos, seg)
+  np.testing.assert_allclose(
+    lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0],
+    ce,
+    atol=1e-5,
+  )
+  fused = dataclasses.replace(TINY2, fused_mlp=True, loss_chunk=10)
+  (_, (ce_f, lse_f)), grads_f = _losses_and_grads(
+    fused, params, tokens, targets, pos, seg
+  )
+  np.testing.assert_allclose(ce_f, ce, atol=1e-5)
+  np.testing.assert_allclose(lse_f, lse, atol=1e-5)
+  for path, a, b in zip(
+    jax.tree_util.tree_leaves_with_path(grads),
+    jax.tree.leaves(grads_f),
+    jax.tree.leaves(grads),
+  ):
+    np.testing.assert_allclose(
+      a,
+      b,
+      atol=1e-5 * float(jnp.abs(b).max()),
+      err_msg=jax.tree_util.keystr(path[0]),
+    )

@@ -1,0 +1,215 @@
+"""Where the benchmark train step's time goes, op by op (XLA CPU).
+
+    python scripts/profile_step.py --shape 8x512 [--spec model.remat_policy=dots
+        model.attention_impl=xla] [--hlo /tmp/step.hlo]
+
+Builds the step of scripts/bench_vs_hf.py (same model, same batch, same
+variant syntax), prints compile time and the compiler's memory analysis,
+then traces `--steps` steps with jax.profiler and attributes every executed
+HLO instruction (the CPU runtime's thunk events) to a category read from the
+compiled HLO:
+
+  matmul        a dot, or a fusion around one (YNNPACK / oneDNN included);
+  stack/slice   dynamic-update-slice (the layer scan writing its stacked
+                per-layer residuals; reading them back is fused into the
+                consumers);
+  copy/layout   copy, transpose, and fusions whose root is one;
+  reduce        fusions with a reduce (softmax sums, norms, gradients of
+                broadcasts);
+  elementwise   other loop fusions (tanh, exp, masks, adds);
+  other         everything else (concatenate, gather, scatter, ...).
+
+Container instructions (while, conditional, call) are not counted: their
+bodies are. Times are summed over threads (thunks may overlap), so shares
+are of the summed op time; forward, backward and the optimizer update are told
+apart by the JAX op name (`transpose(` = backward, `jvp(` = forward, neither
+= the update and the rest of the step).
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+_INSTR = re.compile(
+  r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+(?:\{[^}]*\})?) "
+  r"([\w\-]+)\("
+)
+_CONTAINERS = {"while", "conditional", "call", "cond"}
+
+
+def parse_hlo(text: str):
+  """({instruction: (opcode, shape, called computation, op_name)},
+  {computation: [body lines]})."""
+  instrs, comps, current = {}, collections.defaultdict(list), None
+  for line in text.splitlines():
+    m = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+    if m:
+      current = m.group(1)
+      continue
+    if current:
+      comps[current].append(line)
+    m = _INSTR.match(line)
+    if m:
+      name, shape, opcode = m.groups()
+      calls = re.search(r"calls=%([\w.\-]+)", line)
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      instrs[name] = (
+        opcode,
+        shape,
+        calls and calls.group(1),
+        op_name.group(1) if op_name else "",
+      )
+  return instrs, comps
+
+
+def category(name, instrs, comps) -> str:
+  opcode, _, calls, _ = instrs.get(name, ("?", "", None, ""))
+  if opcode in _CONTAINERS or name.split(".")[0] in _CONTAINERS:
+    return "container"
+  if opcode in ("dot", "custom-call") or name.startswith(("ynn", "onednn")):
+    return "matmul"
+  if opcode in ("dynamic-update-slice", "dynamic-slice"):
+    return "stack/slice"
+  if opcode in ("copy", "transpose"):
+    return "copy/layout"
+  if opcode == "fusion" and calls:
+    body = "\n".join(comps.get(calls, []))
+    if re.search(r" dot\(", body):
+      return "matmul"
+    if "dynamic-update-slice(" in body:
+      return "stack/slice"
+    root = [l for l in comps.get(calls, []) if "ROOT" in l]
+    if root and re.search(r" (copy|transpose)\(", root[0]):
+      return "copy/layout"
+    if " reduce(" in body:
+      return "reduce"
+    return "elementwise"
+  return "other"
+
+
+def op_times(trace_dir: str):
+  """{hlo_op: (summed microseconds, count)} from the perfetto trace."""
+  path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
+  with gzip.open(path) as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  out = collections.defaultdict(lambda: [0.0, 0])
+  for e in events:
+    op = e.get("args", {}).get("hlo_op")
+    if e.get("ph") == "X" and op and not e["name"].startswith("end:"):
+      out[op][0] += e.get("dur", 0.0)
+      out[op][1] += 1
+  return out
+
+
+def main(argv=None):
+  import bench_vs_hf
+  import jax
+
+  from gemma_jax.checkpoint import hf
+
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--shape", default="8x512")
+  p.add_argument("--spec", nargs="*", default=[])
+  p.add_argument("--steps", type=int, default=2, help="traced steps")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--top", type=int, default=25)
+  p.add_argument("--hlo", help="write the compiled HLO text here")
+  a = p.parse_args(argv)
+  batch, seq = map(int, a.shape.split("x"))
+
+  cfg = bench_vs_hf.run_config(batch, seq, a.spec)
+  with tempfile.TemporaryDirectory() as tmp:
+    bench_vs_hf.export_weights(f"{tmp}/hf")
+    params, _ = hf.load(f"{tmp}/hf", cfg.model)
+  program, state = bench_vs_hf.ours_program(cfg, params)
+  data = [
+    program.put(b)
+    for b in bench_vs_hf.batches(batch, seq, cfg.model.vocab_size, False)
+  ]
+  t = time.perf_counter()
+  lowered = program.lower_train_step()
+  compiled = lowered.compile()
+  print(f"compile {time.perf_counter() - t:.1f} s (lower + compile)")
+  mem = compiled.memory_analysis()
+  for k in ("argument", "output", "temp", "generated_code"):
+    v = getattr(mem, f"{k}_size_in_bytes", None)
+    if v is not None:
+      print(f"  {k:<15} {v / 2**30:8.3f} GiB")
+  text = compiled.as_text()
+  if a.hlo:
+    pathlib.Path(a.hlo).write_text(text)
+  instrs, comps = parse_hlo(text)
+
+  for i in range(a.warmup):
+    state, m = compiled(state, data[i % 2], program.frozen)
+  float(m["loss"])
+  with tempfile.TemporaryDirectory() as trace:
+    jax.profiler.start_trace(trace, create_perfetto_trace=True)
+    t = time.perf_counter()
+    for i in range(a.steps):
+      state, m = compiled(state, data[i % 2], program.frozen)
+      float(m["loss"])
+    wall = (time.perf_counter() - t) / a.steps
+    jax.profiler.stop_trace()
+    times = op_times(trace)
+
+  by_cat = collections.Counter()
+  by_phase = collections.Counter()
+  rows = []
+  for op, (us, n) in times.items():
+    cat = category(op, instrs, comps)
+    if cat == "container":
+      continue
+    op_name = instrs.get(op, ("", "", "", ""))[3]
+    phase = (
+      "bwd"
+      if "transpose(" in op_name
+      else "fwd"
+      if "jvp(" in op_name
+      else "update"
+    )
+    by_cat[cat] += us
+    by_phase[(cat, phase)] += us
+    rows.append((us, op, cat, phase, n))
+  total = sum(by_cat.values())
+  print(
+    f"\nstep wall {wall:.2f} s; summed op time {total / 1e6 / a.steps:.2f}"
+    f" s per step ({a.steps} traced steps)"
+  )
+  phases = ("fwd", "bwd", "update")
+  print(
+    f"{'category':<14}{'share':>8}{'s/step':>9}"
+    + "".join(f"{p:>8}" for p in phases)
+  )
+  for cat, us in by_cat.most_common():
+    print(
+      f"{cat:<14}{us / total:8.1%}{us / 1e6 / a.steps:9.2f}"
+      + "".join(f"{by_phase[(cat, p)] / 1e6 / a.steps:8.2f}" for p in phases)
+    )
+  phase_total = lambda p: sum(v for (_, q), v in by_phase.items() if q == p)
+  print(
+    f"{'all':<14}{1:8.1%}{total / 1e6 / a.steps:9.2f}"
+    + "".join(f"{phase_total(p) / 1e6 / a.steps:8.2f}" for p in phases)
+  )
+  print(f"\ntop {a.top} instructions (s/step, share, category, shape, op)")
+  for us, op, cat, phase, _ in sorted(rows, reverse=True)[: a.top]:
+    _, shape, _, op_name = instrs.get(op, ("", "?", "", ""))
+    print(
+      f"{us / 1e6 / a.steps:7.3f} {us / total:6.1%} {cat:<12}{phase} "
+      f"{op:<28} {shape[:40]:<40} {op_name[-70:]}"
+    )
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,163 @@
+"""Every attention_impl computes the model's one attention rule.
+
+blockwise and splash (Pallas, interpreted on CPU) are compared with the
+plain XLA einsums through the whole model, logits and every parameter's
+gradient, in float32 to 1e-5 of the largest value: GQA and MQA, a local
+window smaller than one 128-token block beside a global layer, packed rows
+(several documents and trailing padding) and a query scale other than
+1/sqrt(head_dim) (Gemma 2 27B's).
+"""
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from gemma_jax.model import Transformer, preset
+from gemma_jax.model import attention as attention_lib
+from gemma_jax.sharding import rules
+from gemma_jax.sharding.config import MeshConfig
+
+T = 256  # two 128-token blocks
+TOL = 1e-5
+BASE = preset(
+  "tiny-gemma2",
+  num_layers=2,
+  d_model=32,
+  mlp_dim=64,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+  vocab_size=64,
+  sliding_window=40,
+  query_pre_attn_scalar=24.0,
+)
+
+
+def batch(rows=2):
+  """Row 0 one document; the others several, the last ending in padding
+  (segment 0); positions restart at 0 in each document."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, BASE.vocab_size, size=(rows, T))
+  seg = np.ones((rows, T), np.int32)
+  pos = np.tile(np.arange(T, dtype=np.int32), (rows, 1))
+  for row in range(1, rows):
+    bounds = [0, 20 + 9 * row, 150, 200, T]
+    for doc, (a, b) in enumerate(itertools.pairwise(bounds)):
+      seg[row, a:b], pos[row, a:b] = doc + 1, np.arange(b - a)
+  seg[-1, 230:] = 0
+  return (jnp.asarray(tokens, jnp.int32), jnp.asarray(pos), jnp.asarray(seg))
+
+
+def logits_and_grads(cfg, params, tokens, pos, seg):
+  def loss(params):
+    logits = Transformer(cfg).apply({"params": params}, tokens, pos, seg)
+    w = jnp.cos(jnp.arange(logits.size, dtype=jnp.float32))
+    return jnp.sum(logits * w.reshape(logits.shape)), logits
+
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return logits, grads
+
+
+def assert_close(got, want, what):
+  flat = jax.tree_util.tree_leaves_with_path(want)
+  for (path, w), g in zip(flat, jax.tree.leaves(got), strict=True):
+    scale = max(float(jnp.max(jnp.abs(w))), 1e-6)
+    np.testing.assert_allclose(
+      g,
+      w,
+      atol=TOL * scale,
+      rtol=0,
+      err_msg=f"{what} {jax.tree_util.keystr(path)}",
+    )
+
+
+@functools.cache
+def reference(num_kv_heads):
+  cfg = dataclasses.replace(
+    BASE, num_kv_heads=num_kv_heads, attention_impl="xla", fused_mlp=False
+  )
+  tokens, pos, seg = batch()
+  params = nn.meta.unbox(
+    jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens)
+  )["params"]
+  return params, logits_and_grads(cfg, params, tokens, pos, seg)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_impl_matches_xla_logits_and_gradients(impl, kv_heads):
+  params, want = reference(kv_heads)
+  cfg = dataclasses.replace(
+    BASE, num_kv_heads=kv_heads, attention_impl=impl, fused_mlp=False
+  )
+  got = logits_and_grads(cfg, params, *batch())
+  assert_close(got, want, impl)
+
+
+def test_splash_under_the_program_mesh_splits_batch_and_heads():
+  # How TrainProgram traces the model: jax.set_mesh plus the logical rules;
+  # rows over data x fsdp, heads over tensor.
+  mesh = Mesh(
+    np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor")
+  )
+  params, (want, _) = reference(2)
+  cfg = dataclasses.replace(BASE, attention_impl="splash", fused_mlp=False)
+  tokens, pos, seg = (jnp.tile(x, (2, 1)) for x in batch())
+  with rules.sharding_context(mesh, MeshConfig()):
+    got = jax.jit(
+      lambda p: Transformer(cfg).apply({"params": p}, tokens, pos, seg)
+    )(params)
+    lowered = (
+      jax.jit(lambda p: Transformer(cfg).apply({"params": p}, tokens, pos, seg))
+      .lower(params)
+      .as_text()
+    )
+  assert "shard_map" in lowered or "sdy.manual_computation" in lowered
+  assert_close(got, jnp.tile(want, (2, 1, 1)), "sharded splash")
+
+
+def test_auto_is_splash_on_tpu_blockwise_elsewhere_xla_with_a_cache(
+  monkeypatch,
+):
+  cfg = BASE  # attention_impl defaults to auto
+  assert attention_lib.resolve_impl(cfg, 256, cached=False) == "blockwise"
+  assert attention_lib.resolve_impl(cfg, 256, cached=True) == "xla"
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert attention_lib.resolve_impl(cfg, 256, cached=False) == "splash"
+  # The kernel's blocks are 128 tokens: other lengths take blockwise.
+  assert attention_lib.resolve_impl(cfg, 200, cached=False) == "blockwise"
+  splash = dataclasses.replace(cfg, attention_impl="splash")
+  assert attention_lib.resolve_impl(splash, 8, cached=True) == "xla"
+
+
+@pytest.mark.tpu_compile
+def test_auto_compiles_the_splash_kernel_for_a_tpu_topology():
+  # Ahead of time for 4 v5e chips (libtpu, no TPU): auto picks splash from
+  # the mesh's devices, and the step holds the Mosaic kernel, not the
+  # interpreter, forward and backward.
+  from gemma_jax.train import aot
+
+  mesh = Mesh(
+    np.asarray(aot.topology_devices("v5e:2x2")).reshape(1, 2, 2),
+    ("data", "fsdp", "tensor"),
+  )
+  cfg = dataclasses.replace(BASE, fused_mlp=False)
+  params, _ = reference(2)
+  tokens, pos, seg = batch()
+
+  def loss(p):
+    return jnp.sum(Transformer(cfg).apply({"params": p}, tokens, pos, seg))
+
+  with rules.sharding_context(mesh, MeshConfig()):
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params
+    )
+    hlo = jax.jit(jax.grad(loss)).lower(abstract).compile().as_text()
+  assert hlo.count("tpu_custom_call") >= 2
