@@ -24,6 +24,9 @@ TINY = preset(
   head_dim=16,
   vocab_size=256,
   sliding_window=4,
+  # An MLP with adapters computes by the plain einsums (the fused kernel
+  # has no adapter term): the base is compared on the same path, bitwise.
+  fused_mlp=False,
 )
 ADAPTED = dataclasses.replace(TINY, lora=LoraConfig(rank=4, alpha=8.0))
 
