@@ -24,6 +24,8 @@ from gemma_jax.model import attention as attention_lib
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.config import MeshConfig
 
+pytestmark = pytest.mark.slow
+
 T = 256  # two 128-token blocks
 TOL = 1e-5
 BASE = preset(

@@ -119,6 +119,7 @@ def test_adapter_shapes_and_axes_keep_the_rank_replicated():
   )
 
 
+@pytest.mark.slow
 def test_an_adapter_on_one_slot_of_a_fused_weight_leaves_the_other():
   only_k = dataclasses.replace(TINY, lora=LoraConfig(rank=2, targets=("k",)))
   _, base = lora.split(_init(ADAPTED, jax.random.key(0)))

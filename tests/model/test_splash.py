@@ -18,6 +18,8 @@ from jax.sharding import Mesh
 from gemma_jax.errors import ConfigError
 from gemma_jax.model import splash
 
+pytestmark = pytest.mark.slow
+
 T = 256  # two 128-token blocks
 WINDOWS = (40, 0)  # a window smaller than one block, and global
 CAP = 50.0

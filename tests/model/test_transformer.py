@@ -185,6 +185,7 @@ def _losses_and_grads(cfg, params, tokens, targets, pos, seg):
   return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
 
+@pytest.mark.slow
 def test_fused_mlp_and_chunked_loss_equal_the_plain_path():
   # Plain: autodiff of the GeGLU einsums, the [B, T, V] logits stored and
   # their cross-entropy. Fused: kernels.geglu_mlp and kernels.cross_entropy,
