@@ -5,13 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_jax.checkpoint import layout
-from gemma_jax.data import testing
 from gemma_jax.errors import ConfigError
 from gemma_jax.evals import fisher_rows, scoring, tasks
 from gemma_jax.evals.readers import Doc
-from gemma_jax.model import Transformer, preset
-from gemma_jax.tokenizer import BOS_ID, Tokenizer
+from gemma_jax.model import Transformer
+from gemma_jax.tokenizer import BOS_ID
 from gemma_jax.train import fisher
 from gemma_jax.train import step as step_lib
 
@@ -20,36 +18,6 @@ MC_DOCS = (
   Doc("Question: which word is a colour?\nAnswer:", ("table", "green"), 1),
   Doc("Question: pick the number\nAnswer:", ("x", "12", "y"), 1),
 )
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-  return Tokenizer.load(
-    testing.tiny_tokenizer(tmp_path_factory.mktemp("tok") / "t.model")
-  )
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-  cfg = preset(
-    "tiny-gemma2",
-    num_layers=2,
-    d_model=32,
-    mlp_dim=64,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    sliding_window=8,
-    vocab_size=tok.vocab_size,
-  )
-  rng = np.random.default_rng(0)
-  params = layout.unflatten(
-    {
-      p: 0.2 * rng.standard_normal(s).astype(np.float32)
-      for p, s in layout.param_shapes(cfg).items()
-    }
-  )
-  return params, cfg
 
 
 def two_shot():
@@ -76,8 +44,10 @@ def test_gold_requests_are_the_harness_requests_of_the_gold_choices():
 
 
 @pytest.mark.slow
-def test_a_rows_loglikelihood_is_what_scoring_gives_the_gold_choice(tok, model):
-  params, cfg = model
+def test_a_rows_loglikelihood_is_what_scoring_gives_the_gold_choice(
+  tok, random_model
+):
+  params, cfg = random_model
   task = two_shot()
   for seq_len in (256, 24):  # whole prompts; cut from the left
     rows = fisher_rows.GoldRows([task], tok, seq_len)

@@ -4,46 +4,17 @@ import numpy as np
 import pytest
 
 from gemma_jax import cli
-from gemma_jax.checkpoint import layout, native
-from gemma_jax.data import testing
+from gemma_jax.checkpoint import native
 from gemma_jax.errors import ConfigError
 from gemma_jax.evals import scoring, tasks
 from gemma_jax.evals.readers import Doc
-from gemma_jax.model import preset
 from gemma_jax.tokenizer import BOS_ID, Tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-  return testing.tiny_tokenizer(tmp_path_factory.mktemp("tok") / "t.model")
-
-
-@pytest.fixture(scope="module")
-def tok(tok_path):
-  return Tokenizer.load(tok_path)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, tok):
-  """A two-layer Gemma 2 with random weights, saved as a native checkpoint."""
-  cfg = preset(
-    "tiny-gemma2",
-    num_layers=2,
-    d_model=32,
-    mlp_dim=64,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    sliding_window=8,
-    vocab_size=tok.vocab_size,
-  )
-  rng = np.random.default_rng(0)
-  params = layout.unflatten(
-    {
-      p: 0.2 * rng.standard_normal(s).astype(np.float32)
-      for p, s in layout.param_shapes(cfg).items()
-    }
-  )
+def model(tmp_path_factory, random_model):
+  """The random two-layer Gemma 2, saved as a native checkpoint."""
+  params, cfg = random_model
   path = tmp_path_factory.mktemp("ckpt") / "ckpt"
   native.save(path, params, cfg)
   return path, params, cfg

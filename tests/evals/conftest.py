@@ -1,0 +1,44 @@
+"""Shared by the evals tests: the tiny tokenizer and a small random model."""
+
+import numpy as np
+import pytest
+
+from gemma_jax.checkpoint import layout
+from gemma_jax.data import testing
+from gemma_jax.model import preset
+from gemma_jax.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+  return testing.tiny_tokenizer(tmp_path_factory.mktemp("tok") / "t.model")
+
+
+@pytest.fixture(scope="module")
+def tok(tok_path):
+  return Tokenizer.load(tok_path)
+
+
+@pytest.fixture(scope="module")
+def random_model(tok):
+  """(params, cfg): a two-layer Gemma 2 over the tiny tokenizer's vocabulary
+  with random weights."""
+  cfg = preset(
+    "tiny-gemma2",
+    num_layers=2,
+    d_model=32,
+    mlp_dim=64,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+    sliding_window=8,
+    vocab_size=tok.vocab_size,
+  )
+  rng = np.random.default_rng(0)
+  params = layout.unflatten(
+    {
+      p: 0.2 * rng.standard_normal(s).astype(np.float32)
+      for p, s in layout.param_shapes(cfg).items()
+    }
+  )
+  return params, cfg
