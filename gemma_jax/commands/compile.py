@@ -14,6 +14,8 @@ the step does not fit in HBM.
 import json
 import os
 
+from gemma_jax.commands import add_overrides
+
 HELP = "ahead-of-time compile the train step for a Cloud TPU topology"
 
 
@@ -30,13 +32,7 @@ def add_arguments(parser):
     default=1,
     help="number of slices (multi-slice over DCN)",
   )
-  parser.add_argument(
-    "--set",
-    action="append",
-    default=[],
-    metavar="KEY=VALUE",
-    help="override a config key, e.g. train.batch_size=512",
-  )
+  add_overrides(parser)
   parser.add_argument(
     "--mfu",
     type=float,
@@ -117,7 +113,7 @@ def main(args) -> int:
   from gemma_jax.train import aot
   from gemma_jax.train.config import load_config
 
-  cfg = load_config(args.config, args.set)
+  cfg = load_config(args.config, args.overrides)
   report = aot.compile_report(
     cfg,
     args.topology,

@@ -14,6 +14,8 @@ own rows into the same (shared) directory. README section "Distillation".
 import argparse
 import json
 
+from gemma_jax.commands import add_overrides
+
 HELP = "offline distillation: dump the teacher's top-k log-probs"
 
 
@@ -40,14 +42,7 @@ def add_arguments(parser):
     default=100,
     help="training steps per ArrayRecord file",
   )
-  dump.add_argument(
-    "--set",
-    dest="overrides",
-    action="append",
-    default=[],
-    metavar="KEY=VALUE",
-    help="override a config key",
-  )
+  add_overrides(dump)
 
 
 def main(args) -> int:

@@ -5,6 +5,8 @@ gemma-jax eval --workdir runs/tiny --step 200
 gemma-jax eval configs/tiny.yaml --params runs/tiny/params
 """
 
+from gemma_jax.commands import add_overrides
+
 HELP = "evaluate a checkpoint or exported params per data source"
 
 
@@ -37,14 +39,7 @@ def add_arguments(parser):
     help="held-out batches per source (train.eval_batches)",
   )
   parser.add_argument("--out", default=None, help="write the results as JSON")
-  parser.add_argument(
-    "--set",
-    dest="overrides",
-    action="append",
-    default=[],
-    metavar="KEY=VALUE",
-    help="override a config key",
-  )
+  add_overrides(parser)
 
 
 def _config(args):

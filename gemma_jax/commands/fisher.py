@@ -29,6 +29,8 @@ per device (no data, no checkpoint needed). docs/continual.md.
 import json
 import os
 
+from gemma_jax.commands import add_overrides
+
 HELP = "estimate the diagonal Fisher of a checkpoint (for EWC)"
 
 
@@ -108,14 +110,7 @@ def add_arguments(parser):
     default=None,
     help="units per compiled step (default: batch shards x --rows-per-vmap)",
   )
-  parser.add_argument(
-    "--set",
-    dest="overrides",
-    action="append",
-    default=[],
-    metavar="KEY=VALUE",
-    help="override a config key",
-  )
+  add_overrides(parser)
   parser.add_argument(
     "--force", action="store_true", help="replace --out if it exists"
   )

@@ -24,6 +24,8 @@ gcloud call. --dry-run prints the commands instead. Details: docs/launch.md.
 import os
 import sys
 
+from gemma_jax.commands import add_overrides
+
 HELP = "create Cloud TPU capacity and train on it (queued resources, GKE)"
 
 _CAPACITY_COMMANDS = ("create", "run", "watch")
@@ -32,14 +34,7 @@ _CAPACITY_COMMANDS = ("create", "run", "watch")
 def _common(p, config: bool, tpu_required: bool):
   if config:
     p.add_argument("config", help="run config YAML")
-    p.add_argument(
-      "--set",
-      dest="overrides",
-      action="append",
-      default=[],
-      metavar="KEY=VALUE",
-      help="override a config key",
-    )
+    add_overrides(p)
   p.add_argument(
     "--name",
     required=True,

@@ -15,6 +15,8 @@ from the base); writes report.md, report.json, items/<checkpoint>.jsonl
 and bar charts to --out.
 """
 
+from gemma_jax.commands import add_overrides
+
 HELP = "compare checkpoints: held-out loss per source and benchmark scores"
 
 
@@ -49,14 +51,7 @@ def add_arguments(parser):
     "max_length for a Gemma HF export (its "
     "max_position_embeddings)",
   )
-  parser.add_argument(
-    "--set",
-    dest="overrides",
-    action="append",
-    default=[],
-    metavar="KEY=VALUE",
-    help="override a config key",
-  )
+  add_overrides(parser)
 
 
 def _checkpoints(specs) -> dict[str, str]:

@@ -12,6 +12,8 @@ good one after a divergence; later checkpoints are moved to
 WORKDIR/checkpoints.discarded/, never deleted (0 starts over).
 """
 
+from gemma_jax.commands import add_overrides
+
 HELP = "train (or resume) a model from a YAML run config"
 
 
@@ -36,14 +38,7 @@ def add_arguments(parser):
     help="resume from checkpoint N (0: start over); "
     "later checkpoints are moved aside, not deleted",
   )
-  parser.add_argument(
-    "--set",
-    dest="overrides",
-    action="append",
-    default=[],
-    metavar="KEY=VALUE",
-    help="override a config key, e.g. --set train.log_every=1",
-  )
+  add_overrides(parser)
 
 
 def load_run_config(args):
