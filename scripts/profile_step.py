@@ -20,10 +20,12 @@ compiled HLO:
   other         everything else (concatenate, gather, scatter, ...).
 
 Container instructions (while, conditional, call) are not counted: their
-bodies are. Times are summed over threads (thunks may overlap), so shares
-are of the summed op time; forward, backward and the optimizer update are told
-apart by the JAX op name (`transpose(` = backward, `jvp(` = forward, neither
-= the update and the rest of the step).
+bodies are. Ops overlap (the CPU runtime runs independent thunks at once, each
+on fewer threads), so summed op time overstates what an op costs; shares are
+of wall time instead: every moment of the trace is split evenly between the
+ops running then, and moments with none are `idle`. Forward, backward and the
+optimizer update are told apart by the JAX op name (`transpose(` = backward,
+`jvp(` = forward, neither = the update and the rest of the step).
 """
 
 import argparse
@@ -97,19 +99,60 @@ def category(name, instrs, comps) -> str:
   return "other"
 
 
-def op_times(trace_dir: str):
-  """{hlo_op: (summed microseconds, count)} from the perfetto trace."""
+def op_events(trace_dir: str):
+  """[(start us, duration us, hlo_op)] of the executed ops in the trace.
+
+  An op the runtime completes asynchronously (a dot handed to Eigen's thread
+  pool, say) has a short launch event `X` and a later `end: X`: its duration
+  runs from the launch to the end of that marker.
+  """
   path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
   with gzip.open(path) as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
-  out = collections.defaultdict(lambda: [0.0, 0])
+  events = sorted(
+    (e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"]
+  )
+  launched = collections.defaultdict(list)  # op -> [index in out]
+  out = []
   for e in events:
-    op = e.get("args", {}).get("hlo_op")
-    if e.get("ph") == "X" and op and not e["name"].startswith("end:"):
-      out[op][0] += e.get("dur", 0.0)
-      out[op][1] += 1
+    name, end = e["name"], e["ts"] + e.get("dur", 0.0)
+    if name.startswith("end: "):
+      pending = launched.get(name[5:])
+      if pending:
+        i = pending.pop(0)
+        start, _, op = out[i]
+        out[i] = (start, end - start, op)
+    elif e.get("args", {}).get("hlo_op"):
+      launched[e["args"]["hlo_op"]].append(len(out))
+      out.append((e["ts"], e.get("dur", 0.0), e["args"]["hlo_op"]))
   return out
+
+
+def wall_shares(events):
+  """({hlo_op: wall us}, idle us): each moment of the trace is split evenly
+  between the ops running then, so overlapping ops share it and the shares
+  add up to the traced wall time; `idle` is the time no op ran (dispatch,
+  host work, waiting)."""
+  edges = sorted(
+    [(t, 1, op) for t, d, op in events]
+    + [(t + d, -1, op) for t, d, op in events]
+  )
+  running: collections.Counter = collections.Counter()
+  share: collections.Counter = collections.Counter()
+  idle, last = 0.0, edges[0][0] if edges else 0.0
+  for t, delta, op in edges:
+    n = sum(running.values())
+    if n:
+      for name, k in running.items():
+        share[name] += (t - last) * k / n
+    else:
+      idle += t - last
+    running[op] += delta
+    if not running[op]:
+      del running[op]
+    last = t
+  return share, idle
 
 
 def main(argv=None):
@@ -125,6 +168,7 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--hlo", help="write the compiled HLO text here")
+  p.add_argument("--trace", help="keep the trace in this folder (TensorBoard)")
   a = p.parse_args(argv)
   batch, seq = map(int, a.shape.split("x"))
 
@@ -154,7 +198,8 @@ def main(argv=None):
   for i in range(a.warmup):
     state, m = compiled(state, data[i % 2], program.frozen)
   float(m["loss"])
-  with tempfile.TemporaryDirectory() as trace:
+  with tempfile.TemporaryDirectory() as tmp:
+    trace = a.trace or tmp
     jax.profiler.start_trace(trace, create_perfetto_trace=True)
     t = time.perf_counter()
     for i in range(a.steps):
@@ -162,51 +207,59 @@ def main(argv=None):
       float(m["loss"])
     wall = (time.perf_counter() - t) / a.steps
     jax.profiler.stop_trace()
-    times = op_times(trace)
+    events = [
+      e
+      for e in op_events(trace)
+      if category(e[2], instrs, comps) != "container"
+    ]
+  summed: collections.Counter = collections.Counter()
+  for _, d, op in events:
+    summed[op] += d
+  wall_us, idle = wall_shares(events)
 
-  by_cat = collections.Counter()
-  by_phase = collections.Counter()
-  rows = []
-  for op, (us, n) in times.items():
-    cat = category(op, instrs, comps)
-    if cat == "container":
-      continue
+  def phase(op):
     op_name = instrs.get(op, ("", "", "", ""))[3]
-    phase = (
-      "bwd"
-      if "transpose(" in op_name
-      else "fwd"
-      if "jvp(" in op_name
-      else "update"
-    )
-    by_cat[cat] += us
-    by_phase[(cat, phase)] += us
-    rows.append((us, op, cat, phase, n))
-  total = sum(by_cat.values())
-  print(
-    f"\nstep wall {wall:.2f} s; summed op time {total / 1e6 / a.steps:.2f}"
-    f" s per step ({a.steps} traced steps)"
-  )
+    if "transpose(" in op_name:
+      return "bwd"
+    return "fwd" if "jvp(" in op_name else "update"
+
   phases = ("fwd", "bwd", "update")
+  by_cat: collections.Counter = collections.Counter()
+  by_phase: collections.Counter = collections.Counter()
+  summed_cat: collections.Counter = collections.Counter()
+  for op, us in wall_us.items():
+    cat = category(op, instrs, comps)
+    by_cat[cat] += us
+    by_phase[(cat, phase(op))] += us
+    summed_cat[cat] += summed[op]
+  by_cat["idle"] = idle
+  total = sum(by_cat.values())
+  per_step = lambda us: us / 1e6 / a.steps
+  print(
+    f"\nstep wall {wall:.2f} s; traced {per_step(total):.2f} s per step, "
+    f"summed op time {per_step(sum(summed.values())):.2f} s ({a.steps} "
+    "traced steps)\nwall shares: each moment split between the ops running "
+    "then; idle = no op running"
+  )
   print(
     f"{'category':<14}{'share':>8}{'s/step':>9}"
     + "".join(f"{p:>8}" for p in phases)
+    + f"{'summed':>9}"
   )
   for cat, us in by_cat.most_common():
     print(
-      f"{cat:<14}{us / total:8.1%}{us / 1e6 / a.steps:9.2f}"
-      + "".join(f"{by_phase[(cat, p)] / 1e6 / a.steps:8.2f}" for p in phases)
+      f"{cat:<14}{us / total:8.1%}{per_step(us):9.2f}"
+      + "".join(f"{per_step(by_phase[(cat, p)]):8.2f}" for p in phases)
+      + f"{per_step(summed_cat[cat]):9.2f}"
     )
-  phase_total = lambda p: sum(v for (_, q), v in by_phase.items() if q == p)
   print(
-    f"{'all':<14}{1:8.1%}{total / 1e6 / a.steps:9.2f}"
-    + "".join(f"{phase_total(p) / 1e6 / a.steps:8.2f}" for p in phases)
+    f"\ntop {a.top} instructions (wall s/step, share, summed s/step, shape, op)"
   )
-  print(f"\ntop {a.top} instructions (s/step, share, category, shape, op)")
-  for us, op, cat, phase, _ in sorted(rows, reverse=True)[: a.top]:
+  for op, us in wall_us.most_common(a.top):
     _, shape, _, op_name = instrs.get(op, ("", "?", "", ""))
     print(
-      f"{us / 1e6 / a.steps:7.3f} {us / total:6.1%} {cat:<12}{phase} "
+      f"{per_step(us):7.3f} {us / total:6.1%} {per_step(summed[op]):7.3f} "
+      f"{category(op, instrs, comps):<12}{phase(op):<7}"
       f"{op:<28} {shape[:40]:<40} {op_name[-70:]}"
     )
 

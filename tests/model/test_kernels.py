@@ -109,22 +109,27 @@ def packed(batch, t):
 
 def plain_attention(q, k, v, pos, seg, window, cap):
   s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k)
-  s = cap * jnp.tanh(s / cap)
+  if cap:
+    s = cap * jnp.tanh(s / cap)
   mask = attention_mask(pos, seg, pos, seg, window)
   s = jnp.where(mask[:, None, None], s, -2.3819763e38)
   return jnp.einsum("BKGTS,BSKH->BTKGH", jax.nn.softmax(s, axis=-1), v)
 
 
 @pytest.mark.parametrize(
-  "kv_heads, groups, window",
+  "kv_heads, groups, window, cap",
   [
-    (2, 2, 7),  # GQA, a window inside one block
-    (2, 2, 20),  # a window reaching into the block before
-    (1, 4, 0),  # MQA, global
+    (2, 2, 7, 50.0),  # GQA, a window inside one block
+    (2, 2, 20, 50.0),  # a window reaching into the block before
+    (1, 4, 0, 50.0),  # MQA, global
+    # No cap (Gemma 1) and a cap too large to skip the softmax's row
+    # maximum: scores up to 128 here, which exp() alone would overflow.
+    (1, 4, 0, None),
+    (2, 2, 20, 1000.0),
   ],
-  ids=["gqa-window7", "gqa-window20", "mqa-global"],
+  ids=["gqa-window7", "gqa-window20", "mqa-global", "no-cap", "cap-1000"],
 )
-def test_blockwise_attention(kv_heads, groups, window):
+def test_blockwise_attention(kv_heads, groups, window, cap):
   # 40 tokens in blocks of 16: the last block is partial.
   rng = np.random.default_rng(3)
   b, t, h = 2, 40, 8
@@ -133,9 +138,9 @@ def test_blockwise_attention(kv_heads, groups, window):
   pos, seg = packed(b, t)
   check_vjp(
     lambda q, k, v: kernels.blockwise_attention(
-      q, k, v, pos, seg, window, 50.0, 16
+      q, k, v, pos, seg, window, cap, 16
     ),
-    lambda q, k, v: plain_attention(q, k, v, pos, seg, window, 50.0),
+    lambda q, k, v: plain_attention(q, k, v, pos, seg, window, cap),
     (q, k, v),
     (0, 1, 2),
   )
