@@ -5,6 +5,9 @@ Only the chosen command's module is imported, so that `gemma-jax convert`
 does not pay for importing the trainer; `--help` alone imports them all to
 list them.
 
+Run as a program, it first re-executes itself once with glibc's huge-page
+tunable set (gemma_jax.hugepages: XLA's CPU steps fault far less).
+
 Every failure ends in one line on stderr, `gemma-jax COMMAND: error: ...`,
 and exit status 2 for a config or usage error, 1 for anything else. `--debug`
 (or GEMMA_JAX_DEBUG=1) shows the traceback instead.
@@ -90,6 +93,10 @@ def one_line(error: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+  if argv is None:  # the console script, not a call from Python
+    from gemma_jax.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages(sys.argv[1:])
   argv = sys.argv[1:] if argv is None else list(argv)
   # --debug may stand anywhere on the line.
   debug = "--debug" in argv or os.environ.get("GEMMA_JAX_DEBUG") == "1"

@@ -29,6 +29,12 @@ An `--ours LABEL:SPEC` variant is ours with SPEC, comma-separated items:
                 model.loss_chunk=0);
   env:NAME=VAL  an environment variable of the subprocess (XLA_FLAGS, ...).
 
+Ours runs as `gemma-jax` does, with glibc's huge-page tunable
+(gemma_jax.hugepages; `env:GEMMA_JAX_HUGEPAGES=0` runs it without). HF
+runs as transformers does, without; `--hf-env NAME=VAL` gives it an
+environment variable too (e.g. the same tunable, for the comparison of
+the two with the same allocator setting).
+
 Printed per run: tokens/s (from the median timed step), model FLOP/s
 (gemma_jax.train.flops), MFU against the machine's float32 matmul peak
 (the best of a timed jnp.dot and torch.matmul chain), peak RSS, our step's
@@ -358,6 +364,22 @@ def _env(env_items=()) -> dict:
   return env
 
 
+def _ours_env(env_items) -> list[str]:
+  """Ours as `gemma-jax` runs it: with the huge-page tunable, unless the
+  variant sets GLIBC_TUNABLES or GEMMA_JAX_HUGEPAGES itself."""
+  from gemma_jax import hugepages
+
+  names = {item.partition("=")[0] for item in env_items}
+  if names & {"GLIBC_TUNABLES", "GEMMA_JAX_HUGEPAGES"}:
+    return list(env_items)
+  env = hugepages.env_with_hugepages({})
+  return (
+    [f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']}", *env_items]
+    if env
+    else list(env_items)
+  )
+
+
 def _command(args, cpus):
   # taskset: both XLA's and torch's thread pools size themselves to the
   # CPUs a process may run on.
@@ -422,7 +444,7 @@ class _Server:
     return json.loads(line[len("RESULT ") :])
 
 
-def _paired(hf_args, runs, steps, cpus, done=None):
+def _paired(hf_args, runs, steps, cpus, done=None, hf_env=()):
   """HF and each ours run alive together, stepping in turn (HF first on
   even steps, ours first on odd ones), so both see the same load.
 
@@ -430,7 +452,7 @@ def _paired(hf_args, runs, steps, cpus, done=None):
   result with the partner's step times)]); done(key, result) is also
   called as each ours run ends (a long run killed midway keeps those).
   """
-  hf = _Server(hf_args, cpus=cpus)
+  hf = _Server(hf_args, hf_env, cpus=cpus)
   hf_first_loss = hf.ready()
   out = []
   for args, env, key in runs:
@@ -522,6 +544,13 @@ def main(argv=None):
   )
   p.add_argument("--no-hf", action="store_true", help="skip transformers")
   p.add_argument(
+    "--hf-env",
+    action="append",
+    default=[],
+    metavar="NAME=VAL",
+    help="an environment variable of the HF worker",
+  )
+  p.add_argument(
     "--cpus",
     help="run every worker on these CPUs only "
     "(taskset list, e.g. 0: one thread each, no spin-waiting, "
@@ -545,7 +574,10 @@ def main(argv=None):
   shapes = [
     tuple(map(int, s.split("x"))) for s in a.shape or ("8x512", "32x128")
   ]
-  variants = [_variant(v) for v in a.ours or ["base:"]]
+  variants = [
+    (label, spec, _ours_env(env))
+    for label, spec, env in map(_variant, a.ours or ["base:"])
+  ]
 
   results = []
 
@@ -606,11 +638,12 @@ def main(argv=None):
             a.steps,
             a.cpus,
             done=lambda key, r, where=where: record(r, *key, *where),
+            hf_env=a.hf_env,
           )
           record(hf_r, "hf", False, *where)
           continue
         if not a.no_hf:
-          record(_spawn(args_of("hf"), (), a.cpus), "hf", False, *where)
+          record(_spawn(args_of("hf"), a.hf_env, a.cpus), "hf", False, *where)
         for label, packed, spec, env in ours:
           record(
             _spawn(args_of("ours", packed, spec), env, a.cpus),

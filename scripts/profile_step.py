@@ -99,12 +99,14 @@ def category(name, instrs, comps) -> str:
   return "other"
 
 
-def op_events(trace_dir: str):
+def op_events(trace_dir: str, async_ops=frozenset()):
   """[(start us, duration us, hlo_op)] of the executed ops in the trace.
 
-  An op the runtime completes asynchronously (a dot handed to Eigen's thread
-  pool, say) has a short launch event `X` and a later `end: X`: its duration
-  runs from the launch to the end of that marker.
+  A plain `dot` runs asynchronously on Eigen's thread pool: its event `X`
+  covers only the launch, and the executor records `end: X` when it sees
+  the dot done, so for the ops in `async_ops` the duration runs from the
+  launch to that marker. (Other ops' `end:` markers can come much later
+  than the op, e.g. at the end of a loop body: they are not used.)
   """
   path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
   with gzip.open(path) as f:
@@ -118,7 +120,7 @@ def op_events(trace_dir: str):
   for e in events:
     name, end = e["name"], e["ts"] + e.get("dur", 0.0)
     if name.startswith("end: "):
-      pending = launched.get(name[5:])
+      pending = launched.get(name[5:]) if name[5:] in async_ops else None
       if pending:
         i = pending.pop(0)
         start, _, op = out[i]
@@ -207,9 +209,10 @@ def main(argv=None):
       float(m["loss"])
     wall = (time.perf_counter() - t) / a.steps
     jax.profiler.stop_trace()
+    dots = frozenset(op for op, v in instrs.items() if v[0] == "dot")
     events = [
       e
-      for e in op_events(trace)
+      for e in op_events(trace, dots)
       if category(e[2], instrs, comps) != "container"
     ]
   summed: collections.Counter = collections.Counter()
