@@ -96,7 +96,7 @@ def main(argv=None) -> int:
   if argv is None:  # the console script, not a call from Python
     from gemma_jax.hugepages import reexec_with_hugepages
 
-    reexec_with_hugepages(sys.argv[1:])
+    reexec_with_hugepages()
   argv = sys.argv[1:] if argv is None else list(argv)
   # --debug may stand anywhere on the line.
   debug = "--debug" in argv or os.environ.get("GEMMA_JAX_DEBUG") == "1"

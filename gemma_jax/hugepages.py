@@ -54,13 +54,14 @@ def env_with_hugepages(environ=None) -> dict[str, str] | None:
   return environ
 
 
-def reexec_with_hugepages(argv: list[str]) -> None:
-  """Replaces this process by `python -m gemma_jax.cli ARGV` with the
-  tunable set (same PID, stdin/stdout, signals); returns if it is not
-  needed. The child finds the tunable set and does not re-execute."""
+def reexec_with_hugepages() -> None:
+  """Replaces this process by the same command line (sys.orig_argv:
+  interpreter options included) with the tunable set: same PID, open
+  files and signal handling by the parent. Returns if it is not needed; the
+  new process finds the tunable set and does not re-execute."""
   env = env_with_hugepages()
   if env is None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, "-m", "gemma_jax.cli", *argv], env)
+  os.execve(sys.executable, sys.orig_argv, env)
