@@ -8,7 +8,15 @@ PACKAGE = pathlib.Path(__file__).parent.parent / "gemma_jax"
 
 # Lower layers first; a module may import its own layer and those below.
 LAYERS = (
-  {"errors", "fileio", "configlib", "hardware", "tokenizer", "distributed"},
+  {
+    "errors",
+    "fileio",
+    "configlib",
+    "hardware",
+    "hugepages",
+    "tokenizer",
+    "distributed",
+  },
   {"model", "sharding"},
   {"data", "checkpoint"},
   {"train"},
