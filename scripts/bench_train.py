@@ -169,4 +169,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from gemma_jax.hugepages import reexec_with_hugepages
+
+  reexec_with_hugepages()  # as `gemma-jax` runs (gemma_jax/hugepages.py)
   main()
