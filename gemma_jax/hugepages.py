@@ -60,8 +60,11 @@ def reexec_with_hugepages() -> None:
   files and signal handling by the parent. Returns if it is not needed; the
   new process finds the tunable set and does not re-execute."""
   env = env_with_hugepages()
-  if env is None:
+  if env is None or not sys.executable:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, env)
+  try:
+    os.execve(sys.executable, sys.orig_argv, env)
+  except OSError:  # e.g. an embedded interpreter: run on without the tunable
+    return

@@ -64,6 +64,20 @@ def test_console_script_reexecutes_itself_once(monkeypatch):
   assert e.value.code == 0 and not calls
 
 
+@needs_support
+def test_a_failed_reexecution_runs_on_without_it(monkeypatch):
+  def refuse(*args):
+    raise PermissionError("no exec here")
+
+  monkeypatch.setattr(os, "execve", refuse)
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.delenv("GEMMA_JAX_HUGEPAGES", raising=False)
+  monkeypatch.setattr(sys, "argv", ["gemma-jax", "train", "--help"])
+  with pytest.raises(SystemExit) as e:
+    cli.main()
+  assert e.value.code == 0
+
+
 def test_called_from_python_it_does_not_reexecute(monkeypatch):
   monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
   with pytest.raises(SystemExit) as e:
