@@ -1,5 +1,6 @@
-"""Checkpoints for tests, built without downloads: official-layout random
-weights, and HF directories from the committed parity fixtures."""
+"""Checkpoints for tests, built without downloads: random weights in our
+layout or the official one, and HF directories from the committed parity
+fixtures."""
 
 import json
 import pathlib
@@ -8,7 +9,27 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
+from gemma_jax.checkpoint import layout
 from gemma_jax.model.config import ModelConfig
+
+
+def random_flat(cfg: ModelConfig, seed=0, scale=1.0, dtype=np.float32):
+  """{param path: scale * N(0, 1)} for every parameter of `cfg`."""
+  return random_arrays(layout.param_shapes(cfg), seed, scale, dtype)
+
+
+def random_arrays(shapes: dict, seed=0, scale=1.0, dtype=np.float32):
+  """{path: scale * N(0, 1) of that shape}, drawn from default_rng(seed) in
+  the order of `shapes`."""
+  rng = np.random.default_rng(seed)
+  return {
+    p: (scale * rng.standard_normal(s)).astype(dtype) for p, s in shapes.items()
+  }
+
+
+def random_params(cfg: ModelConfig, seed=0, scale=1.0):
+  """random_flat as the nested params tree."""
+  return layout.unflatten(random_flat(cfg, seed, scale))
 
 
 def official_checkpoint(

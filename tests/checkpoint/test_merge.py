@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gemma_jax.checkpoint import hf, layout, merge, merge_math, native
+from gemma_jax.checkpoint.testing import random_flat
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model import preset
 
@@ -23,14 +24,6 @@ CFG = preset(
   head_dim=16,
   vocab_size=96,
 )
-
-
-def random_params(cfg, seed, dtype=np.float32):
-  rng = np.random.default_rng(seed)
-  return {
-    p: rng.standard_normal(s).astype(dtype)
-    for p, s in layout.param_shapes(cfg).items()
-  }
 
 
 def save(path, flat, cfg=CFG):
@@ -58,7 +51,7 @@ def slerp_reference(a, b, t):
 def ckpts(tmp_path_factory):
   """Three random float32 checkpoints of CFG: a, b and a base."""
   root = tmp_path_factory.mktemp("merge_inputs")
-  flats = {n: random_params(CFG, i) for i, n in enumerate(("a", "b", "base"))}
+  flats = {n: random_flat(CFG, i) for i, n in enumerate(("a", "b", "base"))}
   return {n: (save(root / n, f), f) for n, f in flats.items()}
 
 
@@ -281,7 +274,7 @@ def test_eta_zero_gives_the_base_and_one_the_merge(ckpts, tmp_path):
 
 @pytest.mark.slow
 def test_identical_bf16_checkpoints_merge_to_themselves(tmp_path):
-  flat = random_params(CFG, 7, BF16)
+  flat = random_flat(CFG, 7, dtype=BF16)
   src = save(tmp_path / "x", flat)
   merge.merge(
     [src, src, src], tmp_path / "lin", merge.Recipe(weights=(0.2, 0.3, 0.5))
@@ -290,7 +283,7 @@ def test_identical_bf16_checkpoints_merge_to_themselves(tmp_path):
     [src, src],
     tmp_path / "sl",
     merge.Recipe("slerp", t=0.4),
-    base=save(tmp_path / "base", random_params(CFG, 8, BF16)),
+    base=save(tmp_path / "base", random_flat(CFG, 8, dtype=BF16)),
   )
   for name in ("lin", "sl"):
     out, cfg = load_flat(tmp_path / name)
@@ -328,7 +321,7 @@ def test_different_models_name_the_fields_and_first_shape(ckpts, tmp_path):
     head_dim=16,
     vocab_size=96,
   )
-  src = save(tmp_path / "other", random_params(other, 0), other)
+  src = save(tmp_path / "other", random_flat(other, 0), other)
   with pytest.raises(
     CheckpointError,
     match=(
@@ -342,7 +335,7 @@ def test_different_models_name_the_fields_and_first_shape(ckpts, tmp_path):
 
 
 def test_mixed_dtypes_need_an_explicit_dtype(ckpts, tmp_path):
-  src = save(tmp_path / "bf", random_params(CFG, 9, BF16))
+  src = save(tmp_path / "bf", random_flat(CFG, 9, dtype=BF16))
   with pytest.raises(ConfigError, match="float32 and bfloat16 .* --dtype"):
     merge.merge([ckpts["a"][0], src], tmp_path / "m", merge.Recipe())
   with pytest.raises(ConfigError, match="already exists"):

@@ -8,18 +8,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma_jax.checkpoint import layout, native
+from gemma_jax.checkpoint.testing import random_params
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model import Transformer, preset
-
-
-def random_params(cfg, seed=0):
-  rng = np.random.default_rng(seed)
-  return layout.unflatten(
-    {
-      p: rng.standard_normal(s).astype(np.float32)
-      for p, s in layout.param_shapes(cfg).items()
-    }
-  )
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma", "tiny-gemma2"])

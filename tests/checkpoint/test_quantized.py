@@ -12,6 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from gemma_jax.checkpoint import layout, quantized
+from gemma_jax.checkpoint.testing import random_params
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model import preset, quant
 from gemma_jax.model.quant import QuantConfig
@@ -36,16 +37,6 @@ def test_int4_packing_puts_even_entries_in_the_low_nibble():
   back = quantized.unpack_int4(packed)
   assert back.dtype == ml_dtypes.int4
   np.testing.assert_array_equal(back.astype(np.int8), values)
-
-
-def random_params(cfg):
-  rng = np.random.default_rng(0)
-  return layout.unflatten(
-    {
-      p: rng.normal(size=s).astype(np.float32)
-      for p, s in layout.param_shapes(cfg).items()
-    }
-  )
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import pytest
 
 from gemma_jax import cli
 from gemma_jax.checkpoint import layout, native
+from gemma_jax.checkpoint.testing import random_flat
 from gemma_jax.model import preset
 
 CFG = preset(
@@ -30,11 +31,7 @@ def ckpts(tmp_path_factory):
   root = tmp_path_factory.mktemp("cli_merge")
   out = {}
   for seed, name in enumerate(("a", "b", "base")):
-    rng = np.random.default_rng(seed)
-    flat = {
-      p: rng.standard_normal(s).astype(np.float32)
-      for p, s in layout.param_shapes(CFG).items()
-    }
+    flat = random_flat(CFG, seed)
     native.save(root / name, layout.unflatten(flat), CFG)
     out[name] = (root / name, flat)
   return out

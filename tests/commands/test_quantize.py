@@ -8,6 +8,7 @@ import pytest
 
 from gemma_jax import cli
 from gemma_jax.checkpoint import adapter, layout, native
+from gemma_jax.checkpoint.testing import random_arrays, random_params
 from gemma_jax.model import lora, preset
 from gemma_jax.model.quant import QuantConfig
 
@@ -24,20 +25,10 @@ CFG = preset(
 )
 
 
-def random_tree(shapes, seed=0, scale=0.2):
-  rng = np.random.default_rng(seed)
-  return layout.unflatten(
-    {
-      p: (scale * rng.normal(size=s)).astype(np.float32)
-      for p, s in shapes.items()
-    }
-  )
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("quantize")
-  params = random_tree(layout.param_shapes(CFG))
+  params = random_params(CFG, scale=0.2)
   native.save(tmp / "float", params, CFG)
   np.save(tmp / "tokens.npy", np.arange(24, dtype=np.int32).reshape(2, 12))
   return tmp, params
@@ -124,7 +115,9 @@ def test_an_adapter_scores_on_its_base_and_merges_by_convert(ckpt):
   tmp, _ = ckpt
   adapted = dataclasses.replace(CFG, lora=lora.LoraConfig(rank=2, alpha=4.0))
   adapter.save(
-    tmp / "adapter", random_tree(lora.adapter_paths(adapted), 1), adapted
+    tmp / "adapter",
+    layout.unflatten(random_arrays(lora.adapter_paths(adapted), 1, 0.2)),
+    adapted,
   )
   with_adapter = score(tmp, tmp / "float", "--adapter", tmp / "adapter")
   assert (

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gemma_jax import cli
-from gemma_jax.checkpoint import layout, native
-from gemma_jax.checkpoint.testing import write_hf_dir
+from gemma_jax.checkpoint import native
+from gemma_jax.checkpoint.testing import random_params, write_hf_dir
 from gemma_jax.model import preset
 from gemma_jax.tokenizer import Tokenizer, train_tokenizer
 
@@ -84,13 +84,7 @@ def test_scores_match_hugging_face(hf_ckpt):
 
 def test_scores_text_with_a_tokenizer(tmp_path):
   cfg = preset("tiny-gemma", num_layers=1)
-  rng = np.random.default_rng(0)
-  params = layout.unflatten(
-    {
-      p: 0.05 * rng.standard_normal(s).astype(np.float32)
-      for p, s in layout.param_shapes(cfg).items()
-    }
-  )
+  params = random_params(cfg, scale=0.05)
   native.save(tmp_path / "ckpt", params, cfg)
   words = "the model reads text and code while numbers add up def return"
   docs = [

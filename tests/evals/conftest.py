@@ -1,9 +1,8 @@
 """Shared by the evals tests: the tiny tokenizer and a small random model."""
 
-import numpy as np
 import pytest
 
-from gemma_jax.checkpoint import layout
+from gemma_jax.checkpoint.testing import random_params
 from gemma_jax.data import testing
 from gemma_jax.model import preset
 from gemma_jax.tokenizer import Tokenizer
@@ -34,11 +33,5 @@ def random_model(tok):
     sliding_window=8,
     vocab_size=tok.vocab_size,
   )
-  rng = np.random.default_rng(0)
-  params = layout.unflatten(
-    {
-      p: 0.2 * rng.standard_normal(s).astype(np.float32)
-      for p, s in layout.param_shapes(cfg).items()
-    }
-  )
+  params = random_params(cfg, scale=0.2)
   return params, cfg

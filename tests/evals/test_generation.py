@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from gemma_jax.checkpoint import layout
+from gemma_jax.checkpoint.testing import random_params
 from gemma_jax.data import testing
 from gemma_jax.evals import generation, tasks
 from gemma_jax.evals.readers import Doc
@@ -105,13 +105,7 @@ def test_model_generation_keeps_prompt_order_and_truncates_left(tmp_path):
     head_dim=16,
     vocab_size=tok.vocab_size,
   )
-  rng = np.random.default_rng(0)
-  params = layout.unflatten(
-    {
-      p: 0.3 * rng.standard_normal(s).astype(np.float32)
-      for p, s in layout.param_shapes(cfg).items()
-    }
-  )
+  params = random_params(cfg, scale=0.3)
   # The short prompt first: rows are generated longest first, then put back.
   prompts = ["def f(x):", "the model reads text and code while numbers add"]
   ids = [tok.encode(p, add_bos=True)[-8:].tolist() for p in prompts]

@@ -12,7 +12,8 @@ import yaml
 
 from gemma_jax import cli
 from gemma_jax.checkpoint import fisher as fisher_store
-from gemma_jax.checkpoint import hf, layout
+from gemma_jax.checkpoint import hf
+from gemma_jax.checkpoint.testing import random_params
 from gemma_jax.errors import ConfigError
 from gemma_jax.train import continual
 from gemma_jax.train import trainer as trainer_lib
@@ -33,13 +34,7 @@ def base(tiny_tokenizer, tmp_path_factory):
   d["optimizer"]["warmup_steps"] = 0  # step 2 starts away from the anchor
   d["checkpoint"].update(save_every=2, init_from=str(root / "hf"))
   cfg = config_from_dict(d).model
-  rng = np.random.default_rng(0)
-  params = layout.unflatten(
-    {
-      p: (0.1 * rng.standard_normal(s)).astype(np.float32)
-      for p, s in layout.param_shapes(cfg).items()
-    }
-  )
+  params = random_params(cfg, scale=0.1)
   hf.save(root / "hf", params, cfg)
   return root, d, params
 
