@@ -316,21 +316,19 @@ def _fake_gcloud(monkeypatch, tmp_path, account: str):
   return calls
 
 
+# One `launch create` of a real pod config, for the gcloud preflight tests.
+CREATE_7B = (
+  "create",
+  f"{PODS}/gemma-7b-v5e.yaml",
+  *("--name", "x", "--zone", "z", "--tpu", "v5e:16x16"),
+)
+
+
 def test_no_gcloud_on_path_is_one_error_before_anything(
   capsys, monkeypatch, tmp_path
 ):
   monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
-  code, out, err = launch(
-    capsys,
-    "create",
-    f"{PODS}/gemma-7b-v5e.yaml",
-    "--name",
-    "x",
-    "--zone",
-    "z",
-    "--tpu",
-    "v5e:16x16",
-  )
+  code, out, err = launch(capsys, *CREATE_7B)
   assert code == 1 and out == []
   assert err == (
     "gemma-jax launch: error: gcloud is not on PATH: install the "
@@ -343,17 +341,7 @@ def test_not_logged_in_is_one_error_before_anything(
   capsys, monkeypatch, tmp_path
 ):
   calls = _fake_gcloud(monkeypatch, tmp_path, account="")
-  code, out, err = launch(
-    capsys,
-    "create",
-    f"{PODS}/gemma-7b-v5e.yaml",
-    "--name",
-    "x",
-    "--zone",
-    "z",
-    "--tpu",
-    "v5e:16x16",
-  )
+  code, out, err = launch(capsys, *CREATE_7B)
   assert code == 1 and out == []
   assert "gcloud has no active account: run `gcloud auth login`" in err
   assert calls.read_text().splitlines() == [
@@ -363,17 +351,7 @@ def test_not_logged_in_is_one_error_before_anything(
 
 def test_logged_in_create_runs_gcloud(capsys, monkeypatch, tmp_path):
   calls = _fake_gcloud(monkeypatch, tmp_path, account="me@example.com")
-  code, _, err = launch(
-    capsys,
-    "create",
-    f"{PODS}/gemma-7b-v5e.yaml",
-    "--name",
-    "x",
-    "--zone",
-    "z",
-    "--tpu",
-    "v5e:16x16",
-  )
+  code, _, err = launch(capsys, *CREATE_7B)
   assert code == 0, err
   assert calls.read_text().splitlines() == [
     "auth list --filter=status:ACTIVE --format=value(account)",
