@@ -14,41 +14,11 @@ added later cuts the one before it short, which changes no earlier row, and
 (1) holds for a stage of any length, in any process count (processes take
 slices of the global batch).
 
-Why (1) holds -- a proof, not a test:
-  * Some schedule satisfies (1): by Tijdeman's chairman assignment theorem
-    (R. Tijdeman, "The chairman assignment problem", Discrete Math. 32,
-    1980) a sequence of sources exists whose counts stay within
-    1 - 1/(2S - 2) < 1 of s_i * n after every n rows; its counts after
-    n = k * B rows satisfy (1).
-  * Call source i's j-th row a job. (1) at every k says exactly that each
-    job runs no earlier than its release (the first k with
-    ceil(q_i(k)) >= j) and no later than its deadline (the first k with
-    floor(q_i(k)) >= j), B jobs a batch. Earliest deadline first (EDF; ties
-    by source id, then j) meets every deadline whenever some schedule does.
-    Take a feasible schedule and the first batch where it differs from EDF:
-    there EDF runs a job J that the schedule runs later (by deadline(J)),
-    and the schedule runs a job J' that EDF does not, with deadline(J) <=
-    deadline(J') since EDF preferred J; swapping J and J' keeps the
-    schedule feasible and agreeing with EDF one job longer. (EDF always has
-    B released jobs to run: sum_i ceil(q_i(k)) >= k * B.) So EDF satisfies
-    (1); it is monotone with k * B rows after k batches by construction.
-    (Hamilton's largest-remainder rounding of k * B rows satisfies (1) too
-    but is not monotone: the Alabama paradox.)
-  * Random access: EDF serves the jobs with key <= K before all others, so
-    by batch k it has run N_K(k) = min_{0<=t<=k} (A_K(t) + B * (k - t)) of
-    them (a queue with A_K(t) of them released by batch t and B served a
-    batch). Job J has run iff N_K(k) > N_{K-}(k), K- the key just before
-    J's. C_i(k) is floor(q_i(k)) plus whether job floor(q_i(k)) + 1 has run,
-    and only the last few batches of the min need evaluating (`_job`): a
-    handful, unless two sources get far below one row per batch (then up
-    to about 1 / (share * B) batches, vectorised).
-
-tests/data/test_mixture.py also checks (1) on random stages and the random
-access form against replaying EDF batch by batch. Every batch served is
-checked in integers -- sum_i C_i(k) = k * B and
-C_i(k + 1) >= C_i(k) -- so a violation cannot pass silently; (1) itself
-holds by construction. Rows are a pure function of the step: training
-resumes at any step, also across a stage boundary, with no data state saved.
+Why (1) holds (Tijdeman's theorem, then earliest-deadline-first scheduling
+and its random-access form) is proved in docs/data.md, "Why the mixture is
+exact"; tests/data/test_mixture.py checks (1) on random stages. Rows are a
+pure function of the step: training resumes at any step, also across a
+stage boundary, with no data state saved.
 """
 
 import functools

@@ -12,42 +12,11 @@ vocabulary, K stored top-k entries.
                                      teacher_tail_logmass=dump.tail)
     record = pack_topk(dump)         # bytes_per_token(64) = 388 per position
 
-Every loss is the cross-entropy -sum_v p_T(v) log p_S(v) of the student's
-distribution against the teacher's, both at temperature tau (softmax of
-logits / tau), as in the Gemma 2 report, multiplied by tau^2 as Hinton et
-al. (2015) and MaxText do: the gradient wrt the student logits is then
-tau (p_S - p_T), so the distillation term keeps its weight against the hard
-cross-entropy when tau changes (at tau = 1 nothing is scaled). kl=True
-subtracts the teacher's entropy: tau^2 KL(p_T || p_S), 0 when the student
-matches, with the same gradient. The teacher is a constant (no gradient).
-The caller combines and averages like the hard loss, e.g.
-alpha * distill + (1 - alpha) * ce, summed with the loss mask and divided
-by the number of target tokens.
-
-Offline top-k, `tail`:
-  "renormalize"  teacher and student both renormalised over the teacher's
-                 top-k ids (MaxText's offline loss): matches the student's
-                 distribution *given* the top-k set; the student's mass
-                 outside the top-k gets no gradient from this term.
-  "bucket"       the teacher's tail mass r (stored with the dump, or
-                 1 - sum(top-k)) is one more class, matched against the
-                 student's mass outside those ids:
-                 -sum_k p_T log p_S - r log(1 - sum_k p_S). Its minimum is a
-                 student that agrees with the teacher on every top-k token
-                 *and* on the tail mass; only how the tail is shared is free.
-Rejected: the student's full-vocabulary log-probs at the top-k ids against
-the renormalised teacher. That is "bucket" with the tail mass set to 0: it
-trains the student to put all its mass on the teacher's top-k, more
-confident than the teacher by exactly the mass the dump dropped.
-With K = V all three equal the full loss.
-
-The dump stores the teacher's log-probs *at the distillation temperature*
-(`encode_topk(..., temperature)`): the tail mass at another temperature is
-not recoverable from the top-k alone. Per position it holds k bfloat16
-log-probs, k int32 ids and the float32 log tail mass: 6k + 4 bytes, 388 for
-k = 64 and 1540 for k = 256 (MaxText's float32 + int64 dump: 12k). The tail
-is stored because 1 - sum(bfloat16 top-k) is off by up to ~3e-3, as much
-as the whole tail of a confident teacher.
+Every loss is the cross-entropy of the student's distribution against the
+teacher's, both at temperature tau, times tau^2 (kl=True subtracts the
+teacher's entropy). Why, the two offline tails ("renormalize", "bucket")
+and the one rejected, and the dump's 6k + 4 bytes per position: see
+docs/distillation.md, "The loss functions".
 """
 
 import dataclasses
