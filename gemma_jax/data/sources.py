@@ -268,9 +268,7 @@ def read_text_files(
   each file holding some gets one `warn` line (default: stderr) and a
   DecodeReport appended to `reports`.
   """
-  warn = warn or (
-    lambda m: print(f"gemma-jax: warning: {m}", file=sys.stderr, flush=True)
-  )
+  warn = warn or _warn
   paths: list[str] = []
   for pattern in globs:
     found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
@@ -301,6 +299,10 @@ def read_text_files(
       if reports is not None:
         reports.append(report)
   return texts
+
+
+def _warn(message: str) -> None:
+  print(f"gemma-jax: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _no_files(name, pattern):
@@ -434,5 +436,5 @@ def _tfds_texts(source, text_key: str, policy: DecodePolicy, where: str):
       texts.append(_clean(text))
   _refuse(report, policy, where)
   if report.undecodable_bytes:
-    print(f"gemma-jax: warning: {report.line()}", file=sys.stderr)
+    _warn(report.line())
   return texts
