@@ -19,15 +19,9 @@ import sys
 import threading
 import time
 
-FIELDS = dict(
-  num_layers=12,
-  d_model=1024,
-  mlp_dim=4096,
-  num_heads=8,
-  num_kv_heads=4,
-  head_dim=128,
-  vocab_size=32000,
-)
+# The model of bench_init_from.py (run as a script, scripts/ is on sys.path).
+from bench_init_from import FIELDS
+
 LOAD = (
   "import sys; from gemma_jax.checkpoint import native\n"
   "trees = [native.load(p)[0] for p in sys.argv[1:]]\n"

@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gemma_jax.checkpoint import native
-from gemma_jax.data import build_pipeline
+from gemma_jax.data import pipeline_for
 from gemma_jax.model.quant import QuantConfig
 from gemma_jax.train import evaluation
 from gemma_jax.train.config import load_config
@@ -34,15 +34,10 @@ def evaluate(cfg, path, quant, batches):
   model = native.load_config(path)
   if quant is not None:
     model = dataclasses.replace(model, quant=quant)
-  program = TrainProgram(dataclasses.replace(cfg, model=model))
+  cfg = dataclasses.replace(cfg, model=model)
+  program = TrainProgram(cfg)
   params, _ = native.load(path, shardings=program.param_shardings)
-  pipe = build_pipeline(
-    cfg.data,
-    global_batch=cfg.train.batch_size,
-    process_index=0,
-    process_count=1,
-    vocab_size=model.vocab_size,
-  )
+  pipe = pipeline_for(cfg)
   return evaluation.evaluate(program, params, pipe, batches)
 
 

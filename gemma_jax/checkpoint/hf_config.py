@@ -7,7 +7,7 @@ implicit even-layers-local. Exported configs carry both spellings.
 """
 
 from gemma_jax.errors import CheckpointError, ConfigError
-from gemma_jax.model.config import ModelConfig
+from gemma_jax.model.config import SIZE_FIELDS, ModelConfig
 
 # Every spelling of the tanh-approximated GELU that Gemma uses. Gemma 1
 # releases say "gelu" but mean the tanh approximation (transformers rewrites
@@ -200,13 +200,7 @@ def to_hf(cfg: ModelConfig, dtype: str) -> dict:
 
 # Fields that decide the weights' meaning: a user-given config must agree.
 _ARCH_FIELDS = (
-  "num_layers",
-  "d_model",
-  "mlp_dim",
-  "num_heads",
-  "num_kv_heads",
-  "head_dim",
-  "vocab_size",
+  *SIZE_FIELDS,
   "query_scale",
   "layer_windows",
   "attn_logit_softcap",

@@ -22,20 +22,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from gemma_jax.errors import CheckpointError
+from gemma_jax.model.config import SHAPE_FIELDS as SHAPE_FIELDS  # re-export
 from gemma_jax.model.config import ModelConfig
-
-# The ModelConfig fields that decide the parameters' shapes.
-SHAPE_FIELDS = (
-  "num_layers",
-  "d_model",
-  "mlp_dim",
-  "num_heads",
-  "num_kv_heads",
-  "head_dim",
-  "vocab_size",
-  "embed_rows",
-  "sandwich_norms",
-)
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -27,14 +27,16 @@ with its weights quantized and dequantized, i.e. as it runs.
 
 With --to hf, `--tokenizer PATH` writes that SentencePiece model and its
 transformers configs into DST. Without it, converting a run's params export
-(RUN/params) takes the tokenizer that RUN/config.yaml names in
-`data.tokenizer`, when that file exists.
+(RUN/params, local or gs://) takes the tokenizer that RUN/config.yaml names
+in `data.tokenizer`; where that file is not on this machine, a warning says
+that the export has no tokenizer.
 """
 
 import dataclasses
 import json
 import pathlib
 import re
+import sys
 
 import jax.numpy as jnp
 
@@ -169,22 +171,35 @@ def load(args, dtype):
 
 
 def run_tokenizer(src) -> str | None:
-  """data.tokenizer of the run whose params export is `src`, if it exists."""
-  if not fileio.is_local(src):
-    return None  # a remote run's tokenizer: name it with --tokenizer
-  src = pathlib.Path(src)
+  """data.tokenizer of the run whose params export is `src` (RUN/params,
+  local or gs://), if RUN/config.yaml names one; a warning where that file
+  is not here."""
+  import yaml
+  from etils import epath
+
+  fileio.check_remote(src, "source")
+  src = epath.Path(src)
   config = src.parent / "config.yaml"
   if src.name != "params" or not config.is_file():
     return None
   try:
-    data = configlib.load_yaml(str(config)).get("data")
-  except ConfigError:
-    return None
+    data = yaml.safe_load(config.read_text())
+  except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    return None  # not a run's config: it names no tokenizer
+  data = data.get("data") if isinstance(data, dict) else None
   path = data.get("tokenizer") if isinstance(data, dict) else None
-  if not isinstance(path, str):
+  if not isinstance(path, str) or not path:
     return None
-  path = pathlib.Path(path).expanduser()
-  return str(path) if path.is_file() else None
+  found = pathlib.Path(path).expanduser()
+  if found.is_file():
+    return str(found)
+  print(
+    f"gemma-jax convert: warning: {config} names data.tokenizer {path}, "
+    "which is not a file on this machine, so the export has no tokenizer; "
+    "pass --tokenizer PATH to add one",
+    file=sys.stderr,
+  )
+  return None
 
 
 def tokenizer_for(args):

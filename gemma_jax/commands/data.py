@@ -157,13 +157,12 @@ def _build_default(args) -> int:
 
 
 def _show(args) -> int:
-  from gemma_jax.data import build_pipeline
+  from gemma_jax.data import pipeline_for
   from gemma_jax.train.config import load_config
 
   cfg = load_config(args.config, args.overrides)
-  pipe = build_pipeline(
-    cfg.data, global_batch=cfg.train.batch_size, vocab_size=cfg.model.vocab_size
-  )
+  # The whole global batch, as one process would read it.
+  pipe = pipeline_for(cfg, process_index=0, process_count=1)
   batch = pipe.batch(args.step)
   for i in range(min(args.rows, len(batch["source"]))):
     name = pipe.source_names[batch["source"][i]]

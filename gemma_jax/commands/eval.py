@@ -130,7 +130,7 @@ def main(args) -> int:
   import json
 
   from gemma_jax import distributed
-  from gemma_jax.data import build_pipeline
+  from gemma_jax.data import pipeline_for
   from gemma_jax.train import evaluation
   from gemma_jax.train.program import TrainProgram
 
@@ -139,13 +139,7 @@ def main(args) -> int:
   import jax
 
   program = TrainProgram(cfg)
-  pipe = build_pipeline(
-    cfg.data,
-    global_batch=cfg.train.batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    vocab_size=cfg.model.vocab_size,
-  )
+  pipe = pipeline_for(cfg)
   params, step = _params(args, program)
   results = evaluation.evaluate(
     program, params, pipe, args.batches or cfg.train.eval_batches or 1

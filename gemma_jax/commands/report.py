@@ -80,17 +80,11 @@ def main(args) -> int:
   distributed.initialize_runtime(cfg.runtime, command="report")
   import jax
 
-  from gemma_jax.data import build_pipeline
+  from gemma_jax.data import pipeline_for
   from gemma_jax.train.program import TrainProgram
 
   program = TrainProgram(cfg)
-  pipe = build_pipeline(
-    cfg.data,
-    global_batch=cfg.train.batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    vocab_size=cfg.model.vocab_size,
-  )
+  pipe = pipeline_for(cfg)
   results = forgetting.report(
     program,
     pipe,

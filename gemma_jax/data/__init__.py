@@ -1,7 +1,12 @@
 """Data: sources, packed rows, staged mixtures, exactly resumable pipelines."""
 
 from gemma_jax.data.config import DataConfig, SourceConfig, StageConfig
-from gemma_jax.data.pipeline import Pipeline, build_pipeline, check_resume
+from gemma_jax.data.pipeline import (
+  Pipeline,
+  build_pipeline,
+  check_resume,
+  pipeline_for,
+)
 
 __all__ = [
   "DataConfig",
@@ -10,4 +15,5 @@ __all__ = [
   "StageConfig",
   "build_pipeline",
   "check_resume",
+  "pipeline_for",
 ]

@@ -2,6 +2,7 @@
 
     pipe = build_pipeline(cfg.data, global_batch=256, process_index=p,
                           process_count=P, vocab_size=cfg.model.vocab_size)
+    pipe = pipeline_for(cfg)  # the same for this JAX process, B from cfg.train
     for step, batch in pipe.iterate(start_step): ...
 
 Composition (grain): one `PackedRows` MapDataset per source ->
@@ -245,6 +246,25 @@ def build_pipeline(
 ) -> Pipeline:
   """The pipeline of `cfg`; `vocab_size` (the model's) checks the tokenizer."""
   return Pipeline(cfg, global_batch, process_index, process_count, vocab_size)
+
+
+def pipeline_for(
+  cfg, process_index: int | None = None, process_count: int | None = None
+) -> Pipeline:
+  """The training pipeline of a run config (a RunConfig: its data section,
+  train.batch_size and model.vocab_size), for this JAX process unless
+  `process_index` and `process_count` are given."""
+  if process_index is None or process_count is None:
+    import jax
+
+    process_index, process_count = jax.process_index(), jax.process_count()
+  return build_pipeline(
+    cfg.data,
+    global_batch=cfg.train.batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    vocab_size=cfg.model.vocab_size,
+  )
 
 
 def _numbered(iterator, start_step: int):

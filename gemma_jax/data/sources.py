@@ -208,6 +208,16 @@ class DecodeReport:
   replaced_documents: int = 0
   first_offset: int | str | None = None  # of the first undecodable byte
 
+  def keep(self, bad: int, policy: DecodePolicy) -> bool:
+    """Counts one document holding `bad` undecodable bytes; whether
+    `policy` keeps it (with U+FFFD in their place)."""
+    self.documents += 1
+    if bad and policy.on_error == "skip_document":
+      self.skipped_documents += 1
+      return False
+    self.replaced_documents += int(bad > 0)
+    return True
+
   def line(self) -> str:
     what = (
       f"{self.skipped_documents} documents skipped"
@@ -258,9 +268,7 @@ def read_text_files(
   each file holding some gets one `warn` line (default: stderr) and a
   DecodeReport appended to `reports`.
   """
-  warn = warn or (
-    lambda m: print(f"gemma-jax: warning: {m}", file=sys.stderr, flush=True)
-  )
+  warn = warn or _warn
   paths: list[str] = []
   for pattern in globs:
     found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
@@ -284,17 +292,17 @@ def read_text_files(
       report.undecodable_bytes = bad
       report.first_offset = _first_bad(raw) if bad else None
       _refuse(report, policy, path)
-      report.documents = 1
-      if bad and policy.on_error == "skip_document":
-        report.skipped_documents = 1
-      else:
-        report.replaced_documents = int(bad > 0)
+      if report.keep(bad, policy):
         texts.append(_clean(text))
     if report.undecodable_bytes:
       warn(report.line())
       if reports is not None:
         reports.append(report)
   return texts
+
+
+def _warn(message: str) -> None:
+  print(f"gemma-jax: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _no_files(name, pattern):
@@ -336,12 +344,8 @@ def _jsonl_documents(
       raise DataError(
         f"{path}:{lineno}: not a JSON object with a {text_key!r} field"
       ) from None
-    report.documents += 1
-    if bad and policy.on_error == "skip_document":
-      report.skipped_documents += 1
-      continue
-    report.replaced_documents += int(bad > 0)
-    texts.append(_clean(value))
+    if report.keep(bad, policy):
+      texts.append(_clean(value))
   _refuse(report, policy, path)
   return texts
 
@@ -426,15 +430,11 @@ def _tfds_texts(source, text_key: str, policy: DecodePolicy, where: str):
     text, bad = _decode(value)
     report.bytes += len(value)
     report.undecodable_bytes += bad
-    report.documents += 1
     if bad and report.first_offset is None:
       report.first_offset = f"{_first_bad(value)} of document {i}"
-    if bad and policy.on_error == "skip_document":
-      report.skipped_documents += 1
-      continue
-    report.replaced_documents += int(bad > 0)
-    texts.append(_clean(text))
+    if report.keep(bad, policy):
+      texts.append(_clean(text))
   _refuse(report, policy, where)
   if report.undecodable_bytes:
-    print(f"gemma-jax: warning: {report.line()}", file=sys.stderr)
+    _warn(report.line())
   return texts

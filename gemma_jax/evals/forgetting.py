@@ -2,6 +2,7 @@
 benchmarks, with the change from the first (the base) to each later one.
 
     program = TrainProgram(run_config)
+    pipe = gemma_jax.data.pipeline_for(run_config)
     results = forgetting.report(program, pipe, {"base": "runs/base/params",
                                                 "ewc": "runs/ewc"},
                                 forgetting.load_tasks("tasks.yaml"), "out/")

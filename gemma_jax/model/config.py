@@ -19,6 +19,19 @@ AttentionType = Literal["global", "local"]
 AttentionImpl = Literal["auto", "xla", "blockwise", "splash"]
 
 
+# A model's sizes: each a positive integer.
+SIZE_FIELDS = (
+  "num_layers",
+  "d_model",
+  "mlp_dim",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "vocab_size",
+)
+# The fields that decide the parameters' shapes (checkpoint.layout).
+SHAPE_FIELDS = (*SIZE_FIELDS, "embed_rows", "sandwich_norms")
+
 # How a model is computed, not what it is: checkpoints do not depend on these,
 # so a run may resume (and checkpoints merge) with other values.
 EXECUTION_FIELDS = ("remat_policy", "attention_impl", "fused_mlp", "loss_chunk")
@@ -69,15 +82,7 @@ class ModelConfig:
   lora: lora_lib.LoraConfig | None = None
 
   def __post_init__(self):
-    for key in (
-      "num_layers",
-      "d_model",
-      "mlp_dim",
-      "num_heads",
-      "num_kv_heads",
-      "head_dim",
-      "vocab_size",
-    ):
+    for key in SIZE_FIELDS:
       if getattr(self, key) <= 0:
         raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
     if self.num_heads % self.num_kv_heads:

@@ -11,6 +11,8 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.extend
@@ -75,19 +77,43 @@ def _leaf_bytes(tree) -> int:
   return total
 
 
-class OutOfMemory(Exception):
-  pass
+# How XLA says a program does not fit: the status, or (some releases, some
+# paths) only "Ran out of memory in memory space hbm".
+_OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Ran out of memory")
 
 
-def _compile(program: TrainProgram):
-  """The compiled train step, raising OutOfMemory."""
-  lowered = program.lower_train_step()
+def fit_report(
+  lower: Callable[[], jax.stages.Lowered], chip: hardware.Chip
+) -> tuple[Any, dict]:
+  """Lowers (`lower()`) and compiles a step: (the executable, or None where
+  the compiler ran out of memory; a report).
+
+  Report keys: fits (peak <= the `chip`'s HBM), peak_bytes_per_device (where
+  the compiler ran out: what it said it required, or None), error (only
+  then: its first line), compile_s (lowering included).
+  """
+  assert chip.hbm_bytes is not None  # every TPU in hardware.CHIPS has it
+  start = time.perf_counter()
   try:
-    return lowered.compile()
+    compiled = lower().compile()
   except Exception as e:  # XlaRuntimeError
-    if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
-      raise OutOfMemory(str(e).strip().splitlines()[0]) from None
-    raise
+    message = str(e).strip()
+    if not any(s in message for s in _OUT_OF_MEMORY):
+      raise
+    return None, dict(
+      fits=False,
+      error=message.splitlines()[0],
+      peak_bytes_per_device=_required_bytes(message),
+      compile_s=time.perf_counter() - start,
+    )
+  mem = compiled.memory_analysis()
+  assert mem is not None  # TPU executables report their memory
+  peak = int(mem.peak_memory_in_bytes)
+  return compiled, dict(
+    fits=peak <= chip.hbm_bytes,
+    peak_bytes_per_device=peak,
+    compile_s=time.perf_counter() - start,
+  )
 
 
 def _required_bytes(message: str) -> int | None:
@@ -178,7 +204,6 @@ def compile_report(
   compile_s; `error` when the compiler ran out of memory.
   """
   chip, _ = hardware.parse_topology(topology)
-  assert chip.hbm_bytes is not None  # every TPU in hardware.CHIPS has it
   devices = topology_devices(topology, num_slices)
   program = TrainProgram(cfg, make_mesh(cfg.mesh, devices))
   n = len(devices)
@@ -200,27 +225,16 @@ def compile_report(
     analytic_flops_per_device=analytic,
     unsharded=rules.unsharded_report(program.unsharded),
   )
-  start = time.perf_counter()
-  try:
-    compiled = _compile(program)
-  except OutOfMemory as e:
-    return report | dict(
-      fits=False,
-      error=str(e),
-      peak_bytes_per_device=_required_bytes(str(e)),
-      flops_per_device=None,
-      compile_s=time.perf_counter() - start,
-    )
-  report["compile_s"] = time.perf_counter() - start
+  compiled, fit = fit_report(program.lower_train_step, chip)
+  if compiled is None:
+    return report | fit | dict(flops_per_device=None)
+  report |= fit
   mem = compiled.memory_analysis()
-  peak = int(mem.peak_memory_in_bytes)
   raw = _flops(compiled)
   scaled, traced = (
     loop_scaled_flops(program, raw) if scale_flops else (raw, None)
   )
   report |= dict(
-    fits=peak <= chip.hbm_bytes,
-    peak_bytes_per_device=peak,
     argument_bytes_per_device=int(mem.argument_size_in_bytes),
     temp_bytes_per_device=int(mem.temp_size_in_bytes),
     param_bytes_per_device=_leaf_bytes(program.abstract_state.params),

@@ -566,7 +566,7 @@ def write_dump(
   the manifest is rewritten after each chunk, so an interrupted dump
   continues from its last complete chunk.
   """
-  from gemma_jax.data import build_pipeline
+  from gemma_jax.data import pipeline_for
   from gemma_jax.train.program import TrainProgram
 
   if not cfg.distill.teacher:
@@ -579,13 +579,7 @@ def write_dump(
     cfg, distill=dataclasses.replace(cfg.distill, dump=None)
   )
   program = TrainProgram(cfg)
-  pipe = build_pipeline(
-    cfg.data,
-    global_batch=cfg.train.batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    vocab_size=cfg.model.vocab_size,
-  )
+  pipe = pipeline_for(cfg)
   expected = run_fingerprint(cfg, pipe)
   root = epath.Path(directory)
   teacher = installed_teacher_config(program)

@@ -25,7 +25,7 @@ import jax
 from etils import epath
 
 from gemma_jax import distributed, fileio, hardware
-from gemma_jax.data import build_pipeline
+from gemma_jax.data import pipeline_for
 from gemma_jax.errors import ConfigError, TrainingStopped
 from gemma_jax.model.config import EXECUTION_FIELDS
 from gemma_jax.train import (
@@ -163,13 +163,7 @@ class Trainer:
     # before the workdir is touched; the workdir is ours (its lease) before
     # anything is written into it.
     self.program = TrainProgram(cfg, mesh)
-    self.pipe = build_pipeline(
-      cfg.data,
-      global_batch=cfg.train.batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      vocab_size=cfg.model.vocab_size,
-    )
+    self.pipe = pipeline_for(cfg)
     if cfg.checkpoint.init_from and not _has_checkpoints(self.workdir):
       check_init_from(cfg)
     check_workdir(self.workdir)

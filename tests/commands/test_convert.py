@@ -252,3 +252,36 @@ def test_tokenizer_only_goes_with_to_hf(run_export, tmp_path, capsys):
     == 2
   )
   assert "--tokenizer goes with --to hf" in capsys.readouterr().err
+
+
+def test_a_gs_runs_params_export_brings_its_tokenizer(
+  run_export, gcs_bucket, tmp_path, capsys
+):
+  from gemma_jax import fileio
+
+  run, tok = run_export
+  fileio.copy_tree(run, f"{gcs_bucket}/run")
+  src = f"{gcs_bucket}/run/params"
+  assert convert("--from", "native", "--to", "hf", src, tmp_path / "hf") == 0
+  assert json.loads(capsys.readouterr().out)["tokenizer"] == tok
+  assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (
+    open(tok, "rb").read()
+  )
+
+
+def test_a_run_whose_tokenizer_is_gone_says_the_export_has_none(
+  run_export, tmp_path, capsys
+):
+  run, _ = run_export
+  (run / "config.yaml").write_text(
+    yaml.safe_dump({"data": {"tokenizer": str(tmp_path / "gone.model")}})
+  )
+  assert (
+    convert("--from", "native", "--to", "hf", run / "params", tmp_path / "hf")
+    == 0
+  )
+  out, err = capsys.readouterr()
+  assert json.loads(out)["tokenizer"] is None
+  assert err.count("\n") == 1 and "gone.model" in err
+  assert "pass --tokenizer PATH" in err
+  assert not (tmp_path / "hf" / "tokenizer.model").exists()

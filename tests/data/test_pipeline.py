@@ -257,3 +257,28 @@ def test_missing_held_out_split_fails_at_build(corpus_config):
   )
   with pytest.raises(ConfigError, match="has no split 'validation'"):
     build_pipeline(cfg, 8)
+
+
+def test_pipeline_for_a_run_config_is_its_data_batch_and_vocab(make_config):
+  from gemma_jax.data import pipeline_for
+  from gemma_jax.model import preset
+  from gemma_jax.train.config import RunConfig, TrainConfig
+
+  data = make_config()
+  run = RunConfig(
+    model=preset("tiny-gemma", vocab_size=512),
+    data=data,
+    train=TrainConfig(batch_size=8),
+  )
+  # One process (this test's JAX): the whole batch.
+  assert_batches_equal(
+    pipeline_for(run).batch(3), build_pipeline(data, 8).batch(3)
+  )
+  shard = pipeline_for(run, process_index=1, process_count=2)
+  assert_batches_equal(
+    shard.batch(3),
+    build_pipeline(data, 8, process_index=1, process_count=2).batch(3),
+  )
+  small = dataclasses.replace(run, model=preset("tiny-gemma", vocab_size=256))
+  with pytest.raises(ConfigError, match="model.vocab_size is 256"):
+    pipeline_for(small)

@@ -9,7 +9,7 @@ import yaml
 
 from gemma_jax import cli
 from gemma_jax.checkpoint import native
-from gemma_jax.data import build_pipeline
+from gemma_jax.data import pipeline_for
 from gemma_jax.errors import ConfigError
 from gemma_jax.evals import forgetting, scoring
 from gemma_jax.evals import tasks as tasks_lib
@@ -101,11 +101,7 @@ def test_report_command_writes_both_tables_and_every_item(setup, capsys):
 
   # The same numbers as the trainer's evaluation and the unsharded scorer.
   params, _ = native.load(str(root / "base"), shardings=program.param_shardings)
-  pipe = build_pipeline(
-    program.cfg.data,
-    program.cfg.train.batch_size,
-    vocab_size=program.cfg.model.vocab_size,
-  )
+  pipe = pipeline_for(program.cfg)
   direct = evaluation.evaluate(program, params, pipe, 1)
   for src, r in direct.items():
     assert results["base"]["heldout"][src]["loss"] == pytest.approx(

@@ -1,9 +1,12 @@
 """ModelConfig: presets match the published sizes; bad values fail at load."""
 
+import dataclasses
+
 import pytest
 
+from gemma_jax.checkpoint import hf_config, layout
 from gemma_jax.errors import ConfigError
-from gemma_jax.model.config import PRESETS, preset
+from gemma_jax.model.config import PRESETS, SHAPE_FIELDS, SIZE_FIELDS, preset
 from gemma_jax.train.config import load_config
 
 # The published counts with the 256128-row embedding (docs/checkpoints.md).
@@ -87,3 +90,34 @@ def test_overrides_apply_to_a_preset():
     None, ["model=gemma2-2b", "model.num_layers=2", "model.dtype=bfloat16"]
   ).model
   assert (cfg.num_layers, cfg.dtype, cfg.d_model) == (2, "bfloat16", 2304)
+
+
+def _changed(cfg, field):
+  """`cfg` with only `field` changed, still a valid config."""
+  value = getattr(cfg, field)
+  if field == "embed_rows":
+    return dataclasses.replace(cfg, embed_rows=cfg.vocab_size + 64)
+  if field == "sandwich_norms":
+    return dataclasses.replace(cfg, sandwich_norms=not value)
+  return dataclasses.replace(cfg, **{field: 2 * value})
+
+
+@pytest.mark.parametrize("field", SHAPE_FIELDS)
+def test_every_shape_field_decides_a_parameter_shape(field):
+  """checkpoint.layout reads every field of the one SHAPE_FIELDS tuple."""
+  cfg = preset("tiny-gemma2")
+  assert layout.SHAPE_FIELDS is SHAPE_FIELDS
+  assert layout.param_shapes(_changed(cfg, field)) != layout.param_shapes(cfg)
+
+
+@pytest.mark.parametrize("field", SIZE_FIELDS)
+def test_every_size_is_mapped_to_and_from_hf_and_checked(field):
+  cfg = preset("tiny-gemma2")
+  other = _changed(cfg, field)
+  assert hf_config.to_hf(other, "float32") != hf_config.to_hf(cfg, "float32")
+  back = hf_config.from_hf(hf_config.to_hf(other, "float32"), "config.json")
+  assert getattr(back, field) == getattr(other, field)
+  with pytest.raises(ConfigError, match=f"{field}: given has"):
+    hf_config.check_same_architecture(other, cfg, "given", "found")
+  with pytest.raises(ConfigError, match=f"{field} must be positive"):
+    dataclasses.replace(cfg, **{field: 0})

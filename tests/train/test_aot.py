@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from gemma_jax import cli
+from gemma_jax import cli, hardware
 from gemma_jax.train import aot
 
 pytest.importorskip("libtpu", reason="AOT compiles need the tpu extra")
@@ -83,3 +83,58 @@ def test_collectives_are_counted_from_hlo():
     "%c = bf16[4,8] all-gather(%y), dimensions={0}\n"
   )
   assert aot.count_collectives(hlo) == {"all-reduce": 1, "all-gather": 1}
+
+
+@pytest.mark.tpu_compile
+def test_fisher_compile_only_reports_the_same_fit_keys(tmp_path, capsys):
+  path = tmp_path / "run.yaml"
+  path.write_text(yaml.safe_dump(TINY))
+  code = cli.main(["fisher", str(path), "--topology", "v5e:2x2"])
+  r = json.loads(capsys.readouterr().out)
+  assert code == 0 and r["fits"]
+  assert 0 < r["peak_bytes_per_device"] < r["hbm_bytes_per_device"]
+  assert r["compile_s"] > 0
+
+
+def _raises(message):
+  def lower():
+    raise RuntimeError(message)
+
+  return lower
+
+
+V5E = hardware.parse_topology("v5e:2x2")[0]
+
+
+@pytest.mark.parametrize(
+  "message",
+  [
+    "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory "
+    "in memory space hbm. Used 139.39G of 15.75G hbm.\n"
+    "Total hbm usage >= 139.39G: required for HLO temporaries (139.39G) ...",
+    "INTERNAL: Ran out of memory in memory space hbm; program requires "
+    "more than is available; required for HLO temporaries (139.39G)",
+  ],
+)
+def test_running_out_of_memory_is_a_report_in_either_words(message):
+  compiled, r = aot.fit_report(_raises(message), V5E)
+  assert compiled is None and r["fits"] is False
+  assert r["error"] == message.splitlines()[0]
+  assert r["peak_bytes_per_device"] == int(139.39 * 2**30)
+  assert set(r) == {"fits", "error", "peak_bytes_per_device", "compile_s"}
+
+
+def test_other_compile_errors_are_raised():
+  with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+    aot.fit_report(_raises("INVALID_ARGUMENT: bad sharding"), V5E)
+
+
+def test_a_program_that_fits_reports_its_peak():
+  import jax
+  import jax.numpy as jnp
+
+  lowered = jax.jit(lambda x: x @ x).lower(jnp.ones((64, 64)))
+  compiled, r = aot.fit_report(lambda: lowered, V5E)
+  peak = compiled.memory_analysis().peak_memory_in_bytes
+  assert r["fits"] and r["peak_bytes_per_device"] == peak > 0
+  assert set(r) == {"fits", "peak_bytes_per_device", "compile_s"}

@@ -97,13 +97,11 @@ def offline_config(tokenizer, dump_dir, teacher=None, **train):
 
 def attached(cfg):
   """(program, pipeline) as the trainer sets them up, checks included."""
-  from gemma_jax.data import build_pipeline
+  from gemma_jax.data import pipeline_for
   from gemma_jax.train.program import TrainProgram
 
   program = TrainProgram(cfg)
-  pipe = build_pipeline(
-    cfg.data, cfg.train.batch_size, vocab_size=cfg.model.vocab_size
-  )
+  pipe = pipeline_for(cfg)
   distillation.attach(program, pipe, cfg.train.steps)
   return program, pipe
 

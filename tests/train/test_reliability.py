@@ -338,7 +338,7 @@ def test_a_trainer_whose_lease_is_taken_over_stops_writing(
 def test_an_update_that_overflows_is_skipped(
   program, tiny_tokenizer, compile_cache
 ):
-  from gemma_jax.data import build_pipeline
+  from gemma_jax.data import pipeline_for
 
   cfg = program.cfg
   state = program.init_state()
@@ -352,9 +352,7 @@ def test_an_update_that_overflows_is_skipped(
   )
   state = state.replace(opt_state=opt_state)
   before = jax.device_get(state)
-  pipe = build_pipeline(
-    cfg.data, global_batch=cfg.train.batch_size, vocab_size=cfg.model.vocab_size
-  )
+  pipe = pipeline_for(cfg)
   after, m = program.compile_train_step()(state, program.put(pipe.batch(0)))
   assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
   assert int(m["skipped"]) == 1 and int(after.nonfinite_in_row) == 1
