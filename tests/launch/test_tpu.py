@@ -375,3 +375,28 @@ def test_logged_in_create_runs_gcloud(capsys, monkeypatch, tmp_path):
     "--accelerator-type=v5litepod-256 --runtime-version=v2-alpha-tpuv5-lite "
     "--zone=z",
   ]
+
+
+@pytest.mark.parametrize("action", ["create", "watch", "run"])
+def test_a_dry_run_checks_the_zone_of_the_generation(capsys, tmp_path, action):
+  # v5p is offered in us-east5-a, not us-west4-a (cloud.google.com/tpu/docs/
+  # regions-zones); without --dry-run gcloud is the judge.
+  extra = [] if action == "create" else ["--workdir", "gs://b/r"]
+  code, out, err = launch(
+    capsys,
+    action,
+    f"{PODS}/gemma2-27b-v5p.yaml",
+    *("--name", "p", "--zone", "us-west4-a", "--tpu", "v5p:8x24x32"),
+    *extra,
+    *("--log-dir", str(tmp_path / "logs")) * (action != "create"),
+    "--dry-run",
+  )
+  assert code == 2 and out == []
+  assert err == (
+    "gemma-jax launch: error: --zone 'us-west4-a': Cloud TPU offers v5p in "
+    "us-central1-a, us-east5-a, us-east5-b, us-east5-c, us-south1-a, "
+    "us-east1-d, europe-west4-b (cloud.google.com/tpu/docs/regions-zones); "
+    "pick one of those, or run without --dry-run (gcloud knows zones added "
+    "since)\n"
+  )
+  assert not (tmp_path / "logs").exists()
