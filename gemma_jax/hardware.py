@@ -288,16 +288,15 @@ def _all_shapes(chip: Chip) -> list[tuple[int, ...]]:
 
 
 def nearest_shapes(chip: Chip, sizes: tuple[int, ...], n: int = 3) -> list:
-  """Up to n valid shapes closest to `sizes`: the same axes reordered
-  first, then by chip count (log scale), then axis by axis."""
+  """Up to n valid shapes closest to `sizes`: axis by axis (sorted, so the
+  same axes reordered come first), then by chip count (log scale)."""
   want = sorted(sizes) if len(sizes) == chip.dims else []
   chips = max(math.prod(sizes), 1) if sizes else 1
 
   def distance(shape):
     return (
-      sorted(shape) != want,
+      sum(abs(a - b) for a, b in zip(shape, want)),  # 0 without `want`
       abs(math.log(math.prod(shape) / chips)),
-      sum(abs(a - b) for a, b in zip(shape, want)) if want else 0,
       math.prod(shape),
     )
 
@@ -367,10 +366,10 @@ def parse_topology(
   if not is_slice(chip, sizes):
     why = ""
     if sizes == (1, 1) and chip.dims == 2:
-      why = " (a single chip cannot be compiled for: the topologies start "
+      why = "; a single chip cannot be compiled for (the topologies start "
       why += "at one 2x2 host)"
     elif len(sizes) == chip.dims and math.prod(sizes) > chip.max_chips:
-      why = f" ({math.prod(sizes)} chips is more than one slice: --slices N)"
+      why = f"; {math.prod(sizes)} chips is more than one slice (--slices N)"
     nearest = ", ".join(f"{gen}:{s}" for s in nearest_shapes(chip, sizes))
     raise ConfigError(
       f"{flag} {name!r}: {_rule(chip)}{why}; nearest: {nearest}"

@@ -95,7 +95,9 @@ def test_the_largest_slices_are_the_documented_ones():
   hardware.parse_topology("v4:16x16x16")
   with pytest.raises(ConfigError, match=r"at most 6144 chips \(96 cubes\)"):
     hardware.parse_topology("v5p:16x16x28")
-  with pytest.raises(ConfigError, match="is more than one slice: --slices"):
+  with pytest.raises(
+    ConfigError, match=r"is more than one slice \(--slices N\)"
+  ):
     hardware.parse_topology("v5p:16x16x32")
 
 
