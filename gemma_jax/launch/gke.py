@@ -323,7 +323,9 @@ def _pathways_jobset(w: Workload) -> dict:
       "spec": {
         "parallelism": nodes,
         "completions": nodes,
-        "backoffLimit": 4,
+        # As xpk: each worker pod may fail and restart in place about four
+        # times (restartPolicy OnFailure) before its slice's Job fails.
+        "backoffLimit": 4 * nodes,
         "completionMode": "Indexed",
         "template": {
           "spec": {

@@ -328,3 +328,17 @@ def test_flags_a_format_cannot_carry_are_refused_not_dropped(capsys):
     "(cloud.google.com/tpu/docs/regions-zones); give the zone of a cluster "
     "with v5e node pools"
   )
+
+
+def test_pathways_workers_restart_in_place_as_xpk_lets_them(capsys):
+  # xpk (src/xpk/commands/workload.py): worker backoffLimit = 4 x VMs.
+  _, workers = yaml.safe_load(
+    gke(
+      capsys,
+      "configs/pods/gemma2-2b-v5e-2slices.yaml",
+      *("--tpu", "v5e:16x16", "--slices", "2", "--pathways"),
+    )
+  )["spec"]["replicatedJobs"]
+  job = workers["template"]["spec"]
+  assert job["backoffLimit"] == 4 * 64
+  assert job["template"]["spec"]["restartPolicy"] == "OnFailure"
