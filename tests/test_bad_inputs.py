@@ -856,3 +856,160 @@ def test_a_gs_path_that_cannot_work_fails_in_seconds(
   start = time.monotonic()
   expect_one_line(capsys, argv(ctx), code, pattern)
   assert time.monotonic() - start < 30
+
+
+# --- launch ---
+# `gemma-jax launch` refuses what the real tools (gcloud, Cloud TPU, xpk,
+# the JobSet API) would reject, before any gcloud call: exit 2, one line
+# naming the flag and the fix, no command printed, nothing written (no log
+# folder, no runs/launch/NAME), and gcloud never run (it is not on PATH).
+
+LAUNCH_PODS = pathlib.Path(__file__).parent.parent / "configs" / "pods"
+
+
+def launch_argv(action, config, tpu, *extra, zone="us-east5-a"):
+  where = () if action == "gke" else ("--zone", zone)
+  gke = ("--image", "img:1", "--workdir", "gs://b/r") if action == "gke" else ()
+  work = ("--workdir", "gs://b/r", "--log-dir", "logs")
+  return [
+    "launch",
+    action,
+    str(LAUNCH_PODS / config),
+    *("--name", "x", "--tpu", tpu, *where, *gke),
+    *(work if action in ("run", "watch") else ()),
+    *extra,
+  ]
+
+
+V5P, V4, V5E = "gemma2-27b-v5p.yaml", "gemma2-9b-v4.yaml", "gemma-7b-v5e.yaml"
+# (id, argv, pattern): Cloud TPU shapes (cloud.google.com/tpu/docs/v4, /v5p,
+# /v5e, /v6e), zones (/regions-zones), xpk's and JobSet's flags.
+LAUNCH_CASES = [
+  (
+    "launch_v5p_beyond_96_cubes",
+    launch_argv("create", V5P, "v5p:16x24x32"),
+    r"^--tpu 'v5p:16x24x32': v5p slices are .* at most 6144 chips "
+    r"\(96 cubes\); 12288 chips is more than one slice \(--slices N\); "
+    r"nearest: v5p:8x24x32",
+  ),
+  (
+    "launch_v5p_axes_out_of_order",
+    launch_argv("create", V5P, "v5p:32x24x8", "--dry-run"),
+    r"^--tpu 'v5p:32x24x8': .*A <= B <= C.*; nearest: v5p:8x24x32",
+  ),
+  (
+    "launch_v4_not_whole_cubes",
+    launch_argv("create", V4, "v4:8x16x30", zone="us-central2-b"),
+    r"^--tpu 'v4:8x16x30': .*each a multiple of 4.*; nearest: v4:8x16x32",
+  ),
+  (
+    "launch_v5e_bigger_than_a_pod",
+    launch_argv("create", V5E, "v5e:32x32", zone="us-west4-a"),
+    r"^--tpu 'v5e:32x32': v5e slices are one of 2x2, .* 16x16; 1024 chips "
+    r"is more than one slice \(--slices N\); nearest: v5e:16x16",
+  ),
+  (
+    "launch_v5e_axes_swapped",
+    launch_argv("gke", V5E, "v5e:16x8"),
+    r"^--tpu 'v5e:16x8': v5e slices are one of .*; nearest: v5e:8x16",
+  ),
+  (
+    "launch_v6e_single_chip",
+    launch_argv("create", V5E, "v6e:1x1", zone="us-east5-a"),
+    r"^--tpu 'v6e:1x1': .*a single chip cannot be compiled for.*; "
+    r"nearest: v6e:2x2",
+  ),
+  (
+    "launch_accelerator_type_as_tpu",
+    launch_argv("create", V5P, "v5p-12288"),
+    r"^--tpu 'v5p-12288': expected GENERATION:SHAPE such as v5e:16x16 \(the "
+    r"accelerator type v5p-12288 is v5p:16x16x24\)",
+  ),
+  (
+    "launch_zone_without_the_generation",
+    launch_argv("create", V5P, "v5p:8x24x32", "--dry-run", zone="us-west4-a"),
+    r"^--zone 'us-west4-a': Cloud TPU offers v5p in .*us-east5-a.* pick one "
+    r"of those, or run without --dry-run",
+  ),
+  (
+    "launch_region_for_zone",
+    launch_argv("create", V4, "v4:8x16x32", "--dry-run", zone="us-central2"),
+    r"^--zone 'us-central2': Cloud TPU offers v4 in us-central2-b ",
+  ),
+  (
+    "launch_watch_zone_of_another_generation",
+    launch_argv("watch", V5E, "v5e:16x16", "--dry-run", zone="us-central2-b"),
+    r"^--zone 'us-central2-b': Cloud TPU offers v5e in .*us-west4-a",
+  ),
+  (
+    "launch_run_zone_of_another_generation",
+    launch_argv("run", V4, "v4:8x16x32", "--dry-run", zone="us-east5-a"),
+    r"^--zone 'us-east5-a': Cloud TPU offers v4 in us-central2-b ",
+  ),
+  (
+    "launch_zero_slices",
+    launch_argv("create", V5E, "v5e:16x16", "--slices", "0", zone="us-west4-a"),
+    r"^--slices must be >= 1, got 0",
+  ),
+  (
+    "launch_bad_queued_resource_name",
+    ["launch", "create", str(LAUNCH_PODS / V5E), "--name", "9x"]
+    + ["--zone", "us-west4-a", "--tpu", "v5e:16x16"],
+    r"^--name '9x': use letters, digits and '-', starting with a letter",
+  ),
+  (
+    "launch_xpk_queue",
+    launch_argv("gke", V5E, "v5e:16x16", "--format", "xpk", "--queue", "q"),
+    r"^--queue q: xpk submits to its own Kueue queue \(multislice-queue\) "
+    r"and has no flag for another; drop --queue",
+  ),
+  (
+    "launch_jobset_cluster",
+    launch_argv("gke", V5E, "v5e:16x16", "--cluster", "c"),
+    r"^--cluster: a JobSet manifest carries no cluster .*; drop --cluster, "
+    r"or render the xpk command \(--format xpk\)",
+  ),
+  (
+    "launch_negative_max_restarts",
+    launch_argv("gke", V5E, "v5e:16x16", "--spot", "--max-restarts", "-1"),
+    r"^--max-restarts -1: must be >= 0",
+  ),
+  (
+    "launch_xpk_zone_without_the_generation",
+    launch_argv("gke", V5P, "v5p:8x24x32", "--format", "xpk", "--zone", "a-b"),
+    r"^--zone 'a-b': Cloud TPU offers v5p in .*; give the zone of a cluster "
+    r"with v5p node pools",
+  ),
+  (
+    "launch_gke_v4_axes_out_of_order",
+    launch_argv("gke", V4, "v4:32x16x8", "--pathways"),
+    r"^--tpu 'v4:32x16x8': .*; nearest: v4:8x16x32",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "name, argv, pattern", LAUNCH_CASES, ids=[c[0] for c in LAUNCH_CASES]
+)
+def test_a_launch_the_real_tools_would_reject_is_refused_first(
+  capsys, monkeypatch, tmp_path, name, argv, pattern
+):
+  work = tmp_path / "cwd"
+  work.mkdir()
+  monkeypatch.chdir(work)  # runs/launch/NAME and --log-dir logs land here
+  monkeypatch.setenv("PATH", str(tmp_path / "no-gcloud"))
+  capsys.readouterr()
+  rc = cli.main(argv)
+  out, err = capsys.readouterr()
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert rc == 2, err
+  assert out == ""  # no command rendered
+  assert len(lines) == 1, err
+  prefix = "gemma-jax launch: error: "
+  assert lines[0].startswith(prefix), lines[0]
+  assert re.search(pattern, lines[0][len(prefix) :]), lines[0]
+  assert list(work.iterdir()) == []  # nothing written
+
+
+def test_at_least_twelve_launch_cases():
+  assert len(LAUNCH_CASES) >= 12

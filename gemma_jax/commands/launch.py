@@ -150,12 +150,16 @@ def add_arguments(parser):
     required=True,
     help="container image with this checkout and gemma-jax[tpu]",
   )
-  p.add_argument("--cluster", default="CLUSTER", help="for the xpk command")
+  p.add_argument(
+    "--cluster", default=None, help="xpk: the cluster (default CLUSTER)"
+  )
   p.add_argument(
     "--pathways", action="store_true", help="single controller through Pathways"
   )
   p.add_argument(
-    "--spot", action="store_true", help="JobSet: schedule on spot node pools"
+    "--spot",
+    action="store_true",
+    help="spot node pools (JobSet selector, xpk --spot)",
   )
   p.add_argument(
     "--priority",
@@ -166,13 +170,14 @@ def add_arguments(parser):
   p.add_argument(
     "--max-restarts",
     type=int,
-    default=0,
-    help="JobSet restarts on failure (each resumes)",
+    default=None,
+    help="restarts on failure or preemption, each resuming from the last "
+    "checkpoint (default 0; with --spot 10)",
   )
-  p.add_argument("--queue", default=None, help="Kueue LocalQueue name")
+  p.add_argument("--queue", default=None, help="JobSet: Kueue LocalQueue name")
   p.add_argument("--format", choices=["xpk", "jobset"], default="jobset")
-  p.add_argument("--zone", default=None)
-  p.add_argument("--project", default=None)
+  p.add_argument("--zone", default=None, help="xpk: the cluster's zone")
+  p.add_argument("--project", default=None, help="xpk: the project")
 
 
 def _train_args(args) -> list[str]:
@@ -217,7 +222,7 @@ def main(args) -> int:
   if args.action == "gke":
     return _gke(args)
   from gemma_jax.errors import ConfigError
-  from gemma_jax.launch import gcloud
+  from gemma_jax.launch import gcloud, slices
   from gemma_jax.launch import tpu as tpu_lib
   from gemma_jax.launch import watch as watch_lib
 
@@ -230,6 +235,13 @@ def main(args) -> int:
         f"the same checkpoints; use a gs:// path"
       )
   t = _target(args, tpu)
+  if args.dry_run and t.tpu is not None:  # a real run lets gcloud judge
+    slices.check_zone(
+      t.tpu,
+      t.zone,
+      "pick one of those, or run without --dry-run (gcloud knows zones "
+      "added since)",
+    )
   run = gcloud.Shell(dry_run=args.dry_run)
   if not args.dry_run:
     gcloud.preflight(run)
@@ -296,12 +308,42 @@ def main(args) -> int:
   return 0
 
 
+def _gke_flags(args, tpu) -> None:
+  """ConfigError for a flag the chosen format cannot carry (never dropped
+  without a word), a negative --max-restarts, or an undocumented zone."""
+  from gemma_jax.errors import ConfigError
+  from gemma_jax.launch import slices
+
+  if args.max_restarts is not None and args.max_restarts < 0:
+    raise ConfigError(
+      f"--max-restarts {args.max_restarts}: must be >= 0 (0: no restart)"
+    )
+  if args.format == "jobset":
+    given = [
+      f"--{k}" for k in ("cluster", "zone", "project") if getattr(args, k)
+    ]
+    if given:
+      raise ConfigError(
+        f"{', '.join(given)}: a JobSet manifest carries no "
+        f"{'/'.join(g[2:] for g in given)} (kubectl applies it to its "
+        f"current cluster); drop {' '.join(given)}, or render the xpk "
+        f"command (--format xpk)"
+      )
+  elif args.zone:
+    slices.check_zone(
+      tpu,
+      args.zone,
+      f"give the zone of a cluster with {tpu.generation} node pools",
+    )
+
+
 def _gke(args) -> int:
   import yaml
 
   from gemma_jax.launch import gcloud, gke
 
   tpu, cfg = _checked_tpu(args)
+  _gke_flags(args, tpu)
   runtime = getattr(cfg, "runtime", None)
   pathways = args.pathways or bool(runtime and runtime.pathways)
   w = gke.Workload(
@@ -319,9 +361,8 @@ def _gke(args) -> int:
     args.queue,
   )
   if args.format == "xpk":
-    print(
-      gcloud.show(gke.xpk_command(w, args.cluster, args.zone, args.project))
-    )
+    cluster = args.cluster or "CLUSTER"
+    print(gcloud.show(gke.xpk_command(w, cluster, args.zone, args.project)))
   else:
     sys.stdout.write(yaml.safe_dump(gke.jobset(w), sort_keys=False))
   return 0

@@ -20,7 +20,15 @@ Pathways (single controller, `pathways=True`): xpk `workload create-pathways`,
 or a JobSet with a `pathways-head` job (proxy and resource manager as
 sidecars, the gemma-jax process as its main container, JAX_PLATFORMS=proxy)
 and a `worker` job running the Pathways server on every TPU node, as xpk
-renders it (recipes/Workload_create_pathways.md).
+renders it (recipes/Workload_create_pathways.md and its template
+src/xpk/templates/pathways_workload_create.yaml.j2): the JobSet succeeds
+when the head job does (`successPolicy`), so the workers, which never exit
+on their own, stop with it; the head starts before the workers
+(`startupPolicy` InOrder).
+
+Restarts: a JobSet restarts all its jobs on any failure, a spot preemption
+included, up to `max_restarts` times; each restart resumes from the
+workdir's last checkpoint. Spot workloads default to SPOT_MAX_RESTARTS.
 
 The image must hold this checkout with gemma-jax installed (`pip install
 '.[tpu]'`; for Pathways also `pathwaysutils`), the config at the path given.
@@ -29,6 +37,7 @@ The image must hold this checkout with gemma-jax installed (`pip install
 import dataclasses
 import shlex
 
+from gemma_jax.errors import ConfigError
 from gemma_jax.launch.slices import TpuSlice
 
 PATHWAYS_SERVER = "us-docker.pkg.dev/cloud-tpu-v2-images/pathways/server:latest"
@@ -39,6 +48,12 @@ _EXCLUSIVE = {
   "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"
 }
 _TPU_TOLERATION = [{"key": "google.com/tpu", "operator": "Exists"}]
+# Restarts a spot workload gets unless told: every preemption of any of its
+# nodes costs one, so 0 (the JobSet and xpk default) ends a spot run at its
+# first preemption. Ten ride out the preemptions of a multi-day spot run,
+# and a run that keeps failing for another reason still stops after ten
+# tries rather than holding its slices forever.
+SPOT_MAX_RESTARTS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +68,14 @@ class Workload:
   pathways: bool = False
   spot: bool = False
   priority: str | None = None  # a PriorityClass (xpk clusters have them)
-  max_restarts: int = 0
+  max_restarts: int | None = None  # None: SPOT_MAX_RESTARTS on spot, else 0
   queue: str | None = None  # Kueue LocalQueue
+
+  @property
+  def restarts(self) -> int:
+    if self.max_restarts is not None:
+      return self.max_restarts
+    return SPOT_MAX_RESTARTS if self.spot else 0
 
   @property
   def env(self) -> dict[str, str]:
@@ -92,7 +113,16 @@ def xpk_command(
 ) -> list[str]:
   """`xpk workload create[-pathways]` for this workload (flags as in xpk's
   src/xpk/parser/workload.py: --tpu-type takes PREFIX-TOPOLOGY, e.g.
-  v5litepod-16x16, so the slice shape is exact)."""
+  v5litepod-16x16, so the slice shape is exact; --spot selects spot
+  capacity). xpk submits to its own Kueue LocalQueue (multislice-queue, in
+  src/xpk/core/kueue_manager.py) and has no flag for another: a `queue` is
+  refused here rather than dropped."""
+  if w.queue:
+    raise ConfigError(
+      f"--queue {w.queue}: xpk submits to its own Kueue queue "
+      f"(multislice-queue) and has no flag for another; drop --queue, or "
+      f"render a JobSet (--format jobset), which carries it"
+    )
   argv = [
     "xpk",
     "workload",
@@ -103,8 +133,10 @@ def xpk_command(
     f"--num-slices={w.slices}",
     f"--docker-image={w.image}",
     f"--command={w.command}",
-    f"--max-restarts={w.max_restarts}",
+    f"--max-restarts={w.restarts}",
   ]
+  if w.spot:
+    argv.append("--spot")
   if w.priority:
     argv.append(f"--priority={w.priority}")
   if w.pathways:
@@ -176,7 +208,7 @@ def jobset(w: Workload) -> dict:
     "spec": {
       # A restart re-runs every pod; the trainer resumes from the
       # workdir's last checkpoint.
-      "failurePolicy": {"maxRestarts": w.max_restarts},
+      "failurePolicy": {"maxRestarts": w.restarts},
       "replicatedJobs": [
         {
           "name": "slice",
@@ -291,7 +323,9 @@ def _pathways_jobset(w: Workload) -> dict:
       "spec": {
         "parallelism": nodes,
         "completions": nodes,
-        "backoffLimit": 4,
+        # As xpk: each worker pod may fail and restart in place about four
+        # times (restartPolicy OnFailure) before its slice's Job fails.
+        "backoffLimit": 4 * nodes,
         "completionMode": "Indexed",
         "template": {
           "spec": {
@@ -317,8 +351,17 @@ def _pathways_jobset(w: Workload) -> dict:
       "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
       "failurePolicy": {
         "restartStrategy": "Recreate",
-        "maxRestarts": w.max_restarts,
+        "maxRestarts": w.restarts,
       },
+      # The head job (the gemma-jax process) decides: the JobSet succeeds
+      # when it does, and the Pathways workers, which serve until stopped,
+      # end with it. The head starts first: the workers dial its resource
+      # manager.
+      "successPolicy": {
+        "operator": "All",
+        "targetReplicatedJobs": ["pathways-head"],
+      },
+      "startupPolicy": {"startupPolicyOrder": "InOrder"},
       "replicatedJobs": [head, workers],
     },
   }

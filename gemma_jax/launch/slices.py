@@ -1,25 +1,30 @@
 """A Cloud TPU slice as each tool names it, and the check that a config's mesh
 fits it.
 
-    tpu = parse_tpu("v5e:16x16")          # or "v5e" with a mesh that says 256
-    tpu.accelerator_type                  # 'v5litepod-256'  (gcloud)
-    tpu.runtime_version                   # 'v2-alpha-tpuv5-lite'
-    tpu.gke_accelerator, tpu.topology     # 'tpu-v5-lite-podslice', '16x16'
-    check_mesh(cfg.mesh, tpu, slices=2)   # ConfigError before any capacity
+    tpu = parse_tpu("v5e:16x16")        # or "v5e" with a mesh that says 256
+    tpu.gcloud_shape                    # {'accelerator_type': 'v5litepod-256'}
+    tpu.runtime_version                 # 'v2-alpha-tpuv5-lite'
+    tpu.gke_accelerator, tpu.topology   # 'tpu-v5-lite-podslice', '16x16'
+    check_mesh(cfg.mesh, tpu, slices=2) # ConfigError before any capacity
+    parse_tpu("v5p:8x24x32").gcloud_shape  # {'type': 'v5p', 'topology': ...}
 
 Topologies count chips, as `gemma-jax compile --topology` does (one JAX
-device per chip; v4 and v5p in megacore mode). The names below come from
-the Cloud TPU and GKE documentation:
-
-The names per generation (accelerator type, runtime version, GKE and
-Pathways names) are in gemma_jax.hardware.CHIPS, with their sources.
+device per chip; v4 and v5p in megacore mode). The names per generation
+(accelerator type, runtime version, GKE and Pathways names), the shapes and
+the zones are in gemma_jax.hardware.CHIPS, with their sources.
 """
 
 import dataclasses
 import math
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.hardware import CHIPS, CloudNames, parse_topology
+from gemma_jax.hardware import (
+  CHIPS,
+  CloudNames,
+  accelerator_hint,
+  named_shape,
+  parse_topology,
+)
 
 # The generations Cloud TPU rents out.
 GENERATIONS = tuple(name for name, c in CHIPS.items() if c.cloud)
@@ -54,9 +59,38 @@ class TpuSlice:
 
   @property
   def accelerator_type(self) -> str:
+    """The accelerator type of this many chips. It stands for one shape
+    (`named`); v5p-12288 is 16x16x24, not 8x24x32."""
     return (
       f"{self.gen.accelerator_prefix}-{self.chips * self.gen.cores_per_chip}"
     )
+
+  @property
+  def named(self) -> bool:
+    """Whether `accelerator_type` means exactly this shape."""
+    return named_shape(CHIPS[self.generation], self.chips) == self.topology
+
+  @property
+  def gcloud_shape(self) -> dict[str, str]:
+    """gcloud's flags for this slice: --accelerator-type where the name means
+    the shape, else --type and --topology (queued-resources create and
+    tpu-vm create take either: cloud.google.com/sdk/gcloud/reference/
+    compute/tpus/queued-resources/create)."""
+    if self.named:
+      return {"accelerator_type": self.accelerator_type}
+    return {"type": self.gen.accelerator_prefix, "topology": self.topology}
+
+  @property
+  def short_name(self) -> str:
+    """The accelerator type where it means the shape, else 'v5p:8x24x32'."""
+    return self.accelerator_type if self.named else str(self)
+
+  @property
+  def label(self) -> str:
+    """'v5litepod-256 (v5e:16x16, 256 chips per slice)' or, where no
+    accelerator type means the shape, 'v5p:8x24x32 (6144 chips per slice)'."""
+    name = f"{self.accelerator_type} ({self}, " if self.named else f"{self} ("
+    return f"{name}{self.chips} chips per slice)"
 
   @property
   def runtime_version(self) -> str:
@@ -91,10 +125,9 @@ class TpuSlice:
 def _default_shape(generation: str, chips: int) -> tuple[int, ...] | None:
   """The usual shape of a `chips`-chip slice, None if there is none."""
   product = CHIPS[generation]
-  for shape in product.shapes:
-    sizes = tuple(int(s) for s in shape.split("x"))
-    if math.prod(sizes) == chips:
-      return sizes
+  shape = named_shape(product, chips)
+  if shape:
+    return tuple(int(s) for s in shape.split("x"))
   if product.dims == 3:
     # Cubes: 4x4x4, 4x4x8, 4x8x8, 8x8x8, 8x8x16, ... (the documented v4
     # and v5p shapes of each power-of-two size).
@@ -111,12 +144,13 @@ def parse_tpu(spec: str, mesh=None) -> TpuSlice:
   """'v5e:16x16' (a real slice, checked), or 'v5e' with the chip count taken
   from a mesh whose ici_* sizes are all given."""
   if ":" in spec:
-    product, sizes = parse_topology(spec)
+    product, sizes = parse_topology(spec, flag="--tpu")
     return TpuSlice(product.name, tuple(sizes))
   if spec not in GENERATIONS:
     raise ConfigError(
       f"--tpu {spec!r}: expected GENERATION:SHAPE such as "
-      f"v5e:16x16, or a generation: {', '.join(GENERATIONS)}"
+      f"v5e:16x16{accelerator_hint(spec)}, or a generation: "
+      f"{', '.join(GENERATIONS)}"
     )
   ici = (
     [getattr(mesh, f"ici_{a}") for a in ("data", "fsdp", "tensor")]
@@ -150,6 +184,20 @@ def check_mesh(mesh, tpu: TpuSlice, slices: int, what: str = "config"):
     return mesh_lib.mesh_shape(mesh, tpu.chips * slices, slices)
   except ConfigError as e:
     raise ConfigError(
-      f"{what} does not fit {slices} x {tpu.accelerator_type}"
-      f" ({tpu}, {tpu.chips} chips per slice): {e}"
+      f"{what} does not fit {slices} x {tpu.label}: {e}"
     ) from None
+
+
+def check_zone(tpu: TpuSlice, zone: str, fix: str) -> None:
+  """ConfigError unless Cloud TPU documents `zone` for the slice's
+  generation (hardware.CHIPS, from the regions-and-zones page); the message
+  ends with `fix`."""
+  zones = tpu.gen.zones
+  if zone not in zones:
+    region = zone.rpartition("-")[0]
+    near = [z for z in zones if z.startswith(region + "-")] or list(zones)
+    raise ConfigError(
+      f"--zone {zone!r}: Cloud TPU offers {tpu.generation} in "
+      f"{', '.join(near)} (cloud.google.com/tpu/docs/regions-zones); "
+      f"{fix}"
+    )

@@ -10,7 +10,8 @@ into every VM's `tpu-env` metadata, where JAX and libtpu read them.
 gcloud syntax, from the reference pages under
 https://cloud.google.com/sdk/gcloud/reference/compute/tpus/:
   queued-resources/create
-  (QUEUED_RESOURCE --zone --runtime-version --accelerator-type
+  (QUEUED_RESOURCE --zone --runtime-version
+   (--accelerator-type | --type --topology)
    (--node-id | --node-count --node-prefix) [--spot] [--reserved]),
   .../queued-resources/describe, .../queued-resources/delete (--force
   deletes the nodes first), .../tpu-vm/scp and .../tpu-vm/ssh (--worker=all
@@ -121,7 +122,7 @@ def create_command(t: Target) -> list[str]:
     "compute tpus queued-resources create",
     t.name,
     **nodes,
-    accelerator_type=t.tpu_slice.accelerator_type,
+    **t.tpu_slice.gcloud_shape,
     runtime_version=t.tpu_slice.runtime_version,
     **t.where,
     spot=t.capacity == "spot",
@@ -256,7 +257,7 @@ def ship_and_start(
     )
     check(run(argv), argv)
   log(
-    f"started on {t.slices} slice(s) of {t.tpu_slice.accelerator_type}: "
+    f"started on {t.slices} slice(s) of {t.tpu_slice.short_name}: "
     f"{', '.join(t.nodes)}; logs: gemma-jax launch logs --name {t.name} "
     f"--zone {t.zone} --tpu {t.tpu} --slices {t.slices}"
   )

@@ -75,7 +75,7 @@ def watch(
     return wait
 
   log(
-    f"watching {t.slices} x {t.tpu_slice.accelerator_type} in {t.zone} "
+    f"watching {t.slices} x {t.tpu_slice.short_name} in {t.zone} "
     f"(poll every {policy.poll_s:.0f} s)"
   )
   while True:

@@ -244,3 +244,101 @@ def test_gke_checks_the_mesh_too(capsys):
   )
   assert code == 2
   assert "does not fit 1 x v5litepod-64" in capsys.readouterr().err
+
+
+def test_pathways_jobset_ends_with_its_head_and_starts_it_first(capsys):
+  # As xpk's src/xpk/templates/pathways_workload_create.yaml.j2: without the
+  # successPolicy the Pathways workers would serve forever after training.
+  spec = yaml.safe_load(
+    gke(
+      capsys,
+      "configs/pods/gemma2-2b-v5e-2slices.yaml",
+      *("--tpu", "v5e:16x16", "--slices", "2", "--pathways"),
+    )
+  )["spec"]
+  assert spec["successPolicy"] == {
+    "operator": "All",
+    "targetReplicatedJobs": ["pathways-head"],
+  }
+  assert spec["startupPolicy"] == {"startupPolicyOrder": "InOrder"}
+  assert [j["name"] for j in spec["replicatedJobs"]] == [
+    "pathways-head",
+    "worker",
+  ]
+
+
+@pytest.mark.parametrize(
+  "args, restarts",
+  [
+    ([], 0),
+    (["--spot"], 10),  # one preemption no longer ends the run
+    (["--spot", "--max-restarts", "3"], 3),
+    (["--spot", "--max-restarts", "0"], 0),
+    (["--max-restarts", "5"], 5),
+  ],
+)
+def test_spot_workloads_restart_after_preemption(capsys, args, restarts):
+  config = "configs/pods/gemma-7b-v5e.yaml"
+  tpu = ("--tpu", "v5e:16x16")
+  manifest = yaml.safe_load(gke(capsys, config, *tpu, *args))
+  assert manifest["spec"]["failurePolicy"] == {"maxRestarts": restarts}
+  pathways = yaml.safe_load(gke(capsys, config, *tpu, "--pathways", *args))
+  assert pathways["spec"]["failurePolicy"]["maxRestarts"] == restarts
+  argv = shlex.split(gke(capsys, config, *tpu, "--format", "xpk", *args))
+  assert f"--max-restarts={restarts}" in argv
+  assert ("--spot" in argv) == ("--spot" in args)
+
+
+def _refused(capsys, *args):
+  code = cli.main(
+    [
+      *("launch", "gke", "configs/pods/gemma-7b-v5e.yaml", "--name", "g"),
+      *("--image", IMAGE, "--workdir", "gs://b/r", "--tpu", "v5e:16x16"),
+      *args,
+    ]
+  )
+  out, err = capsys.readouterr()
+  assert code == 2 and out == ""
+  [line] = err.splitlines()
+  return line
+
+
+def test_flags_a_format_cannot_carry_are_refused_not_dropped(capsys):
+  assert _refused(capsys, "--format", "xpk", "--queue", "q") == (
+    "gemma-jax launch: error: --queue q: xpk submits to its own Kueue "
+    "queue (multislice-queue) and has no flag for another; drop --queue, "
+    "or render a JobSet (--format jobset), which carries it"
+  )
+  assert _refused(capsys, "--cluster", "c", "--project", "p") == (
+    "gemma-jax launch: error: --cluster, --project: a JobSet manifest "
+    "carries no cluster/project (kubectl applies it to its current "
+    "cluster); drop --cluster --project, or render the xpk command "
+    "(--format xpk)"
+  )
+  assert "--zone: a JobSet manifest carries no zone" in _refused(
+    capsys, "--zone", "us-west4-a"
+  )
+  assert "--max-restarts -1: must be >= 0" in _refused(
+    capsys, "--max-restarts", "-1"
+  )
+  assert _refused(capsys, "--format", "xpk", "--zone", "us-central2-b") == (
+    "gemma-jax launch: error: --zone 'us-central2-b': Cloud TPU offers v5e "
+    "in us-central1-a, us-south1-a, us-west1-c, us-west4-a, us-west4-b, "
+    "us-east5-a, us-east5-b, us-east5-c, europe-west4-b, asia-southeast1-b "
+    "(cloud.google.com/tpu/docs/regions-zones); give the zone of a cluster "
+    "with v5e node pools"
+  )
+
+
+def test_pathways_workers_restart_in_place_as_xpk_lets_them(capsys):
+  # xpk (src/xpk/commands/workload.py): worker backoffLimit = 4 x VMs.
+  _, workers = yaml.safe_load(
+    gke(
+      capsys,
+      "configs/pods/gemma2-2b-v5e-2slices.yaml",
+      *("--tpu", "v5e:16x16", "--slices", "2", "--pathways"),
+    )
+  )["spec"]["replicatedJobs"]
+  job = workers["template"]["spec"]
+  assert job["backoffLimit"] == 4 * 64
+  assert job["template"]["spec"]["restartPolicy"] == "OnFailure"

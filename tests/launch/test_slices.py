@@ -7,7 +7,7 @@ GKE labels as xpk names them (src/xpk/core/system_characteristics.py)."""
 import pytest
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.launch.slices import check_mesh, parse_tpu
+from gemma_jax.launch.slices import check_mesh, check_zone, parse_tpu
 from gemma_jax.sharding.config import MeshConfig
 
 
@@ -104,3 +104,70 @@ def test_the_mesh_must_fill_the_slices():
     r"must equal the 2 slices",
   ):
     check_mesh(MeshConfig(1, -1, 1), tpu, 2)
+
+
+@pytest.mark.parametrize(
+  "spec, flags, label",
+  [
+    # The accelerator type names the shape: gcloud gets it.
+    (
+      "v5e:16x16",
+      {"accelerator_type": "v5litepod-256"},
+      "v5litepod-256 (v5e:16x16, 256 chips per slice)",
+    ),
+    (
+      "v4:2x2x1",
+      {"accelerator_type": "v4-8"},
+      "v4-8 (v4:2x2x1, 4 chips per slice)",
+    ),
+    (
+      "v5p:16x16x24",
+      {"accelerator_type": "v5p-12288"},
+      "v5p-12288 (v5p:16x16x24, 6144 chips per slice)",
+    ),
+    # Another shape of as many chips: v5p-12288 would be 16x16x24.
+    (
+      "v5p:8x24x32",
+      {"type": "v5p", "topology": "8x24x32"},
+      "v5p:8x24x32 (6144 chips per slice)",
+    ),
+    (
+      "v4:8x16x32",
+      {"type": "v4", "topology": "8x16x32"},
+      "v4:8x16x32 (4096 chips per slice)",
+    ),
+    (
+      "v5p:4x4x12",
+      {"type": "v5p", "topology": "4x4x12"},
+      "v5p:4x4x12 (192 chips per slice)",
+    ),
+  ],
+)
+def test_gcloud_gets_the_accelerator_type_only_where_it_means_the_shape(
+  spec, flags, label
+):
+  tpu = parse_tpu(spec)
+  assert tpu.gcloud_shape == flags
+  assert tpu.named == ("accelerator_type" in flags)
+  assert tpu.label == label
+
+
+def test_the_paper_slice_that_does_not_fit_names_no_accelerator_type():
+  with pytest.raises(
+    ConfigError, match=r"^c.yaml does not fit 1 x v5p:8x24x32 \(6144 chips"
+  ):
+    check_mesh(MeshConfig(1, 16, 8), parse_tpu("v5p:8x24x32"), 1, what="c.yaml")
+
+
+def test_zones_are_checked_against_the_generation():
+  check_zone(parse_tpu("v4:4x4x8"), "us-central2-b", "fix")
+  check_zone(parse_tpu("v5p:8x24x32"), "us-east5-a", "fix")
+  with pytest.raises(
+    ConfigError,
+    match=r"^--zone 'us-central2-a': Cloud TPU offers v4 in us-central2-b "
+    r"\(cloud.google.com/tpu/docs/regions-zones\); fix$",
+  ):
+    check_zone(parse_tpu("v4:4x4x8"), "us-central2-a", "fix")
+  # Zones in the same region first; all of them when the region has none.
+  with pytest.raises(ConfigError, match=r"offers v5e in europe-west4-b \("):
+    check_zone(parse_tpu("v5e:16x16"), "europe-west4-a", "fix")

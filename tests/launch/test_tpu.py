@@ -39,36 +39,52 @@ def _at_root(monkeypatch):
 
 
 @pytest.mark.parametrize(
-  "config, tpu, extra, expected",
+  "config, tpu, zone, extra, expected",
   [
     # v5e: chips; Gemma 1 7B on one v5e pod, spot.
     (
       f"{PODS}/gemma-7b-v5e.yaml",
       "v5e:16x16",
+      "us-west4-a",
       ["--spot"],
       f"{QR} create g7b --node-id=g7b --accelerator-type=v5litepod-256 "
       f"--runtime-version=v2-alpha-tpuv5-lite --zone=us-west4-a --spot",
     ),
-    # v4: TensorCores (4096 chips = v4-8192).
+    # v4: 4096 chips as 8x16x32. No accelerator type names that shape
+    # (v4-8192 counts TensorCores, not the shape): --type and --topology.
     (
       f"{PODS}/gemma2-9b-v4.yaml",
       "v4:8x16x32",
+      "us-central2-b",
       ["--reserved"],
-      f"{QR} create g7b --node-id=g7b --accelerator-type=v4-8192 "
-      f"--runtime-version=tpu-ubuntu2204-base --zone=us-west4-a --reserved",
+      f"{QR} create g7b --node-id=g7b --type=v4 --topology=8x16x32 "
+      f"--runtime-version=tpu-ubuntu2204-base --zone=us-central2-b "
+      f"--reserved",
     ),
-    # v5p: TensorCores (6144 chips = v5p-12288).
+    # v5p: 6144 chips as 8x24x32, the Gemma 2 paper's slice; v5p-12288 is
+    # 16x16x24 (cloud.google.com/tpu/docs/v5p).
     (
       f"{PODS}/gemma2-27b-v5p.yaml",
       "v5p:8x24x32",
+      "us-east5-a",
+      [],
+      f"{QR} create g7b --node-id=g7b --type=v5p --topology=8x24x32 "
+      f"--runtime-version=v2-alpha-tpuv5 --zone=us-east5-a",
+    ),
+    # ... while 16x16x24 is what v5p-12288 names.
+    (
+      f"{PODS}/gemma2-27b-v5p.yaml",
+      "v5p:16x16x24",
+      "us-east5-a",
       [],
       f"{QR} create g7b --node-id=g7b --accelerator-type=v5p-12288 "
-      f"--runtime-version=v2-alpha-tpuv5 --zone=us-west4-a",
+      f"--runtime-version=v2-alpha-tpuv5 --zone=us-east5-a",
     ),
     # Multislice: 2 x v5e-256, nodes g7b-0 and g7b-1.
     (
       f"{PODS}/gemma2-2b-v5e-2slices.yaml",
       "v5e:16x16",
+      "us-west4-a",
       ["--slices", "2", "--project", "proj"],
       f"{QR} create g7b --node-count=2 --node-prefix=g7b "
       f"--accelerator-type=v5litepod-256 "
@@ -78,7 +94,7 @@ def _at_root(monkeypatch):
   ],
 )
 def test_create_renders_the_documented_command(
-  capsys, config, tpu, extra, expected
+  capsys, config, tpu, zone, extra, expected
 ):
   code, out, err = launch(
     capsys,
@@ -87,7 +103,7 @@ def test_create_renders_the_documented_command(
     "--name",
     "g7b",
     "--zone",
-    "us-west4-a",
+    zone,
     "--tpu",
     tpu,
     *extra,
@@ -266,7 +282,7 @@ def test_status_stop_delete_logs(capsys):
     (
       f"{PODS}/gemma-7b-v5e.yaml",
       ["--tpu", "v5e:32x32"],
-      "--topology 'v5e:32x32': v5e slices are one of",
+      "--tpu 'v5e:32x32': v5e slices are one of",
     ),
     ("nope.yaml", ["--tpu", "v5e:16x16"], "nope.yaml"),
   ],
@@ -359,3 +375,28 @@ def test_logged_in_create_runs_gcloud(capsys, monkeypatch, tmp_path):
     "--accelerator-type=v5litepod-256 --runtime-version=v2-alpha-tpuv5-lite "
     "--zone=z",
   ]
+
+
+@pytest.mark.parametrize("action", ["create", "watch", "run"])
+def test_a_dry_run_checks_the_zone_of_the_generation(capsys, tmp_path, action):
+  # v5p is offered in us-east5-a, not us-west4-a (cloud.google.com/tpu/docs/
+  # regions-zones); without --dry-run gcloud is the judge.
+  extra = [] if action == "create" else ["--workdir", "gs://b/r"]
+  code, out, err = launch(
+    capsys,
+    action,
+    f"{PODS}/gemma2-27b-v5p.yaml",
+    *("--name", "p", "--zone", "us-west4-a", "--tpu", "v5p:8x24x32"),
+    *extra,
+    *("--log-dir", str(tmp_path / "logs")) * (action != "create"),
+    "--dry-run",
+  )
+  assert code == 2 and out == []
+  assert err == (
+    "gemma-jax launch: error: --zone 'us-west4-a': Cloud TPU offers v5p in "
+    "us-central1-a, us-east5-a, us-east5-b, us-east5-c, us-south1-a, "
+    "us-east1-d, europe-west4-b (cloud.google.com/tpu/docs/regions-zones); "
+    "pick one of those, or run without --dry-run (gcloud knows zones added "
+    "since)\n"
+  )
+  assert not (tmp_path / "logs").exists()
