@@ -49,6 +49,15 @@ def add_arguments(parser):
     "count removed is reported",
   )
   prep.add_argument(
+    "--beam",
+    metavar="OPTIONS",
+    default=None,
+    help="run as an Apache Beam pipeline with these pipeline options, "
+    "e.g. --beam='--runner=DataflowRunner --project=P --region=R "
+    "--temp_location=gs://B/tmp' ('' runs Beam's DirectRunner here); "
+    "needs the beam extra; the output is the same as without",
+  )
+  prep.add_argument(
     "--work-dir",
     default=None,
     help="where finished input files are kept until the dataset is "
@@ -126,16 +135,30 @@ def _prepare(args) -> int:
     eval_fraction=args.eval_fraction,
     dedup=args.dedup,
   )
-  meta = prepare_files.prepare_files(
-    args.name,
-    args.data_dir,
-    args.input,
-    tokenizer,
-    options,
-    workers=args.workers,
-    work_dir=args.work_dir,
-    overwrite=args.overwrite,
-  )
+  if args.beam is not None:
+    from gemma_jax.data import beam
+
+    meta = beam.prepare_with_beam(
+      args.name,
+      args.data_dir,
+      args.input,
+      args.tokenizer,
+      options,
+      beam_options=args.beam,
+      work_dir=args.work_dir,
+      overwrite=args.overwrite,
+    )
+  else:
+    meta = prepare_files.prepare_files(
+      args.name,
+      args.data_dir,
+      args.input,
+      tokenizer,
+      options,
+      workers=args.workers,
+      work_dir=args.work_dir,
+      overwrite=args.overwrite,
+    )
   for split in ("train", "eval"):
     if split in meta:
       m = meta[split]

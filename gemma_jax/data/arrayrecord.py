@@ -11,6 +11,7 @@ the result like a dataset a `GeneratorBasedBuilder` wrote.
 """
 
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -50,7 +51,11 @@ def write_shard(path, docs, serialize) -> int:
     return os.path.getsize(path)
   with tempfile.TemporaryDirectory(prefix="gemma-jax-shard-") as local:
     size = write_shard(os.path.join(local, path.name), docs, serialize)
-    epath.Path(local, path.name).copy(path, overwrite=True)
+    with (
+      open(os.path.join(local, path.name), "rb") as src,
+      path.open("wb") as dst,
+    ):
+      shutil.copyfileobj(src, dst, 16 << 20)
   return size
 
 

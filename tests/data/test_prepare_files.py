@@ -19,11 +19,15 @@ TEXTS = testing.sample_texts(60, seed=11)
 
 
 def write_inputs(d) -> list[str]:
-  """Five files of three formats; the last repeats two documents."""
+  """Five files of three formats; the last repeats two documents. Written
+  once: a rewritten file (a new mtime) is new input."""
   import pyarrow as pa
   import pyarrow.parquet as pq
 
-  d.mkdir(parents=True, exist_ok=True)
+  globs = [str(d / "*.jsonl"), str(d / "*.jsonl.gz"), str(d / "*.parquet")]
+  if d.exists():
+    return globs
+  d.mkdir(parents=True)
   parts = np.array_split(np.arange(len(TEXTS)), 4)
   lines = lambda idx: "".join(
     json.dumps({"text": TEXTS[i]}) + "\n" for i in idx
@@ -37,7 +41,7 @@ def write_inputs(d) -> list[str]:
   )
   (d / "d.jsonl").write_text(lines(parts[3]))
   (d / "e.jsonl").write_text(lines([0, 5]))  # repeats
-  return [str(d / "*.jsonl"), str(d / "*.jsonl.gz"), str(d / "*.parquet")]
+  return globs
 
 
 def digest(path) -> dict:
@@ -180,3 +184,26 @@ def test_two_workers_write_what_one_process_writes(
   assert "dedup: 2 repeated documents removed" in out[1]
   assert out[1] == out[2]
   assert digest(tmp_path / "w1") == digest(tmp_path / "w2")
+
+
+@pytest.mark.slow
+def test_beam_direct_runner_writes_what_one_process_writes(
+  tokenizer_path, tmp_path, capsys
+):
+  pytest.importorskip("apache_beam")
+  inputs = write_inputs(tmp_path / "in")
+  out = {}
+  for how in ("one", "beam"):
+    argv = ["data", "prepare", "--name", "web", "--tokenizer", tokenizer_path]
+    argv += ["--data-dir", str(tmp_path / how), "--dedup"]
+    argv += ["--eval-fraction", "0.1", "--work-dir", str(tmp_path / f"{how}-w")]
+    if how == "beam":
+      argv += ["--beam=--runner=DirectRunner"]
+    for pattern in inputs:
+      argv += ["--input", pattern]
+    assert cli.main(argv) == 0
+    out[how] = capsys.readouterr().out
+  assert "dedup: 2 repeated documents removed" in out["one"]
+  assert out["one"] == out["beam"]
+  assert digest(tmp_path / "one") == digest(tmp_path / "beam")
+  assert not (tmp_path / "beam-w").exists()
