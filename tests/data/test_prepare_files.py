@@ -207,3 +207,52 @@ def test_beam_direct_runner_writes_what_one_process_writes(
   assert out["one"] == out["beam"]
   assert digest(tmp_path / "one") == digest(tmp_path / "beam")
   assert not (tmp_path / "beam-w").exists()
+
+
+@pytest.mark.slow
+def test_sigkilled_prepare_restarts_without_losing_or_repeating(
+  tokenizer_path, tmp_path
+):
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  tok = Tokenizer.load(tokenizer_path)
+  prepare(tmp_path, tok, "clean")
+  # A prepare slowed down after each file, killed once two are finished.
+  script = (
+    "import sys, time\n"
+    "from gemma_jax import cli\n"
+    "from gemma_jax.data import prepare_files as pf\n"
+    "real = pf.tokenize_unit\n"
+    "def slow(*a):\n"
+    "  r = real(*a)\n"
+    "  time.sleep(1)\n"
+    "  return r\n"
+    "pf.tokenize_unit = slow\n"
+    "sys.exit(cli.main(sys.argv[1:]))\n"
+  )
+  work = tmp_path / "killed-work"
+  argv = ["data", "prepare", "--name", "web", "--tokenizer", tokenizer_path]
+  argv += ["--data-dir", str(tmp_path / "killed"), "--work-dir", str(work)]
+  argv += ["--eval-fraction", "0.1"]
+  for pattern in write_inputs(tmp_path / "in"):
+    argv += ["--input", pattern]
+  proc = subprocess.Popen(
+    [sys.executable, "-c", script, *argv],
+    cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+  )
+  deadline = time.time() + 120
+  while len(list(work.glob("unit-*.json"))) < 2:
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (tmp_path / "killed" / "web" / "1.0.0").exists()
+  finished = len(list(work.glob("unit-*.json")))
+  assert 2 <= finished < 5
+  # Started again: the finished files are reused, and the dataset is the
+  # one an uninterrupted prepare wrote.
+  assert cli.main(argv) == 0
+  assert digest(tmp_path / "killed") == digest(tmp_path / "clean")
