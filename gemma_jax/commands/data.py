@@ -125,7 +125,6 @@ def _prepare(args) -> int:
   from gemma_jax.data import prepare_files
   from gemma_jax.tokenizer import Tokenizer
 
-  tokenizer = Tokenizer.load(args.tokenizer)
   options = prepare_files.Options(
     text_key=args.text_key,
     on_decode_error=args.on_decode_error,
@@ -153,7 +152,7 @@ def _prepare(args) -> int:
       args.name,
       args.data_dir,
       args.input,
-      tokenizer,
+      Tokenizer.load(args.tokenizer),
       options,
       workers=args.workers,
       work_dir=args.work_dir,

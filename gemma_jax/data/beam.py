@@ -41,9 +41,14 @@ def _tokenizer(path: str):
 
 
 def _tokenize(unit, options, tokenizer_path, work_dir):
-  return prepare_files.tokenize_unit(
+  """Pass 1 of one unit; its summary (the arrays stay in the work dir,
+  hashes travel only for dedup), so that the one worker that gathers every
+  unit holds ~16 bytes a document with --dedup, and nothing per document
+  without."""
+  result = prepare_files.tokenize_unit(
     unit, options, _tokenizer(tokenizer_path), work_dir
   )
+  return result.summary(with_hashes=options.dedup)
 
 
 def _plan_writes(results, options, fingerprint, key, warn):

@@ -129,19 +129,29 @@ def plan(inputs, name: str) -> list[Unit]:
 
 @dataclasses.dataclass
 class Tokenized:
-  """A unit's pass-1 result (what its `.json` and `.npz` hold)."""
+  """A unit's pass-1 result (what its `.json` and `.npz` hold). A summary
+  (`summary()`, what Beam gathers on one worker) drops the arrays."""
 
   unit: Unit
-  lengths: np.ndarray  # int64 [docs]
-  hashes: np.ndarray  # uint8 [docs, 16]
+  num_docs: int
+  digest: str  # sha256 of the documents' hashes, in order
   report: dict  # formats.DecodeReport as a dict
   cleaning: dict
+  lengths: np.ndarray | None = None  # int64 [docs]
+  hashes: np.ndarray | None = None  # uint8 [docs, 16]
   reused: bool = False
 
-  @property
-  def digest(self) -> str:
-    """sha256 of the unit's documents (their hashes, in order)."""
-    return hashlib.sha256(self.hashes.tobytes()).hexdigest()
+  @classmethod
+  def of(cls, unit, lengths, hashes, report, cleaning, reused=False):
+    digest = hashlib.sha256(hashes.tobytes()).hexdigest()
+    return cls(
+      unit, len(lengths), digest, report, cleaning, lengths, hashes, reused
+    )
+
+  def summary(self, with_hashes: bool) -> "Tokenized":
+    return dataclasses.replace(
+      self, lengths=None, hashes=self.hashes if with_hashes else None
+    )
 
 
 def _unit_files(work_dir, unit: Unit) -> tuple[epath.Path, ...]:
@@ -154,20 +164,26 @@ def _unit_files(work_dir, unit: Unit) -> tuple[epath.Path, ...]:
 def load_tokenized(work_dir, unit, options, fingerprint) -> Tokenized | None:
   """The unit's result from an earlier run, if that run finished it with
   the same file, options and tokenizer."""
-  meta_path, arrays_path, _ = _unit_files(work_dir, unit)
+  meta_path, _, _ = _unit_files(work_dir, unit)
   if not meta_path.exists():
     return None
   try:
     meta = json.loads(meta_path.read_text())
     if meta["key"] != json.loads(json.dumps(unit.key(options, fingerprint))):
       return None
-    with np.load(io.BytesIO(arrays_path.read_bytes())) as arrays:
-      lengths, hashes = arrays["lengths"], arrays["hashes"]
+    lengths, hashes = load_arrays(work_dir, unit)
   except (OSError, ValueError, KeyError):
     return None  # torn by a kill: tokenize again
-  return Tokenized(
+  return Tokenized.of(
     unit, lengths, hashes, meta["report"], meta["cleaning"], reused=True
   )
+
+
+def load_arrays(work_dir, unit: Unit) -> tuple[np.ndarray, np.ndarray]:
+  """(lengths, hashes) of a tokenized unit."""
+  _, arrays_path, _ = _unit_files(work_dir, unit)
+  with np.load(io.BytesIO(arrays_path.read_bytes())) as arrays:
+    return arrays["lengths"], arrays["hashes"]
 
 
 def tokenize_unit(unit: Unit, options: Options, tokenizer, work_dir):
@@ -195,7 +211,7 @@ def tokenize_unit(unit: Unit, options: Options, tokenizer, work_dir):
         out.write(ids.astype("<i4").tobytes())
         lengths.append(len(ids))
         hashes.append(_hash(text))
-  result = Tokenized(
+  result = Tokenized.of(
     unit,
     np.asarray(lengths, np.int64),
     np.frombuffer(b"".join(hashes), np.uint8).reshape(-1, 16),
@@ -291,10 +307,12 @@ def first_occurrences(hashes: np.ndarray) -> np.ndarray:
 def layout(results: list[Tokenized], options: Options) -> list[UnitLayout]:
   """Pass 2's plan, from every unit's pass-1 result, in unit order."""
   k = options.eval_every
-  sizes = [len(r.lengths) for r in results]
+  sizes = [r.num_docs for r in results]
   keep_all = np.ones(sum(sizes), bool)
   if options.dedup and len(keep_all):
-    keep_all = first_occurrences(np.concatenate([r.hashes for r in results]))
+    hashes = [r.hashes for r in results if r.hashes is not None]
+    assert len(hashes) == len(results), "summaries without hashes"
+    keep_all = first_occurrences(np.concatenate(hashes))
   number = np.cumsum(keep_all) - 1  # of each document among kept ones
   held_all = keep_all & (number % k == 0) if k else np.zeros_like(keep_all)
   bounds = np.cumsum(sizes)[:-1]
@@ -330,15 +348,16 @@ def write_unit(
   """Writes the unit's shards into `dataset_dir`; returns {split: (records,
   bytes, lengths)}."""
   serialize = arrayrecord.features().serialize_example
+  lengths = result.lengths
+  if lengths is None:  # a summary
+    lengths, _ = load_arrays(work_dir, result.unit)
   out = {}
   for split, (i, n) in unit_layout.shards.items():
     held = unit_layout.held_out if split == "eval" else ~unit_layout.held_out
     want = unit_layout.keep & held
     docs = (
       doc
-      for doc, w in zip(
-        read_tokens(work_dir, result.unit, result.lengths), want
-      )
+      for doc, w in zip(read_tokens(work_dir, result.unit, lengths), want)
       if w
     )
     nbytes = 0
@@ -354,7 +373,7 @@ def write_unit(
       docs,
       counted,
     )
-    out[split] = (int(want.sum()), nbytes, result.lengths[want])
+    out[split] = (int(want.sum()), nbytes, lengths[want])
   return out
 
 
@@ -373,7 +392,7 @@ def input_fingerprint(results, options: Options, fingerprint: str) -> str:
   h.update(f"files v{WORK_VERSION}\0{fingerprint}\0".encode())
   h.update(repr(sorted(dataclasses.asdict(options).items())).encode())
   for r in results:
-    h.update(f"\0{len(r.lengths)}\0{r.digest}".encode())
+    h.update(f"\0{r.num_docs}\0{r.digest}".encode())
   return h.hexdigest()
 
 
@@ -395,7 +414,8 @@ def _worker_tokenize(args):
   tok = _WORKER_TOKENIZER.get(tokenizer_path)
   if tok is None:
     tok = _WORKER_TOKENIZER[tokenizer_path] = Tokenizer.load(tokenizer_path)
-  return tokenize_unit(unit, options, tok, work_dir)
+  # Only what the parent needs travels back: hashes only for dedup.
+  return tokenize_unit(unit, options, tok, work_dir).summary(options.dedup)
 
 
 def _worker_write(args):
@@ -451,36 +471,32 @@ def prepare_files(
     return existing
   work_dir = work_dir or default_work_dir(name, data_dir)
   epath.Path(work_dir).mkdir(parents=True, exist_ok=True)
-  try:
-    results = _tokenize_all(units, options, tokenizer, work_dir, workers, warn)
-  except BaseException:
-    _remove_if_empty(work_dir)
-    raise
-  meta = assemble_metadata(results, options, fp, key)
-  plan_out = layout(results, options)
-  if existing is not None and not overwrite:
-    if existing.get("input_fingerprint") == meta["input_fingerprint"]:
+  with _mapper(workers) as run:  # one pool for both passes
+    try:
+      results = _tokenize_all(units, options, tokenizer, work_dir, run, warn)
+    except BaseException:
+      _remove_if_empty(work_dir)
+      raise
+    meta = assemble_metadata(results, options, fp, key)
+    plan_out = layout(results, options)
+    if existing is not None and not overwrite:
       fileio.remove_tree(work_dir)
-      return existing
-    fileio.remove_tree(work_dir)
-    raise DataError(
-      f"dataset {name!r} already exists in {data_dir} with different input "
-      f"({prepare.counts_line(existing)} there, "
-      f"{_split_counts(plan_out)} now); pass --overwrite to replace it, "
-      f"or choose another --name"
-    )
-  with _staging(name, data_dir) as dataset_dir:
-    with _mapper(workers) as run:
-      written = list(
-        run(
-          _worker_write,
-          [
-            (name, os.fspath(dataset_dir), work_dir, r, lay)
-            for r, lay in zip(results, plan_out)
-          ],
-        )
+      if existing.get("input_fingerprint") == meta["input_fingerprint"]:
+        return existing
+      raise DataError(
+        f"dataset {name!r} already exists in {data_dir} with different "
+        f"input ({prepare.counts_line(existing)} there, "
+        f"{_split_counts(plan_out)} now); pass --overwrite to replace it, "
+        f"or choose another --name"
       )
-    finish(dataset_dir, name, meta, written)
+    with _staging(name, data_dir) as dataset_dir:
+      # Summaries: a worker reads the unit's lengths from the work dir.
+      items = [
+        (name, os.fspath(dataset_dir), work_dir, r.summary(False), lay)
+        for r, lay in zip(results, plan_out)
+      ]
+      written = list(run(_worker_write, items))
+      finish(dataset_dir, name, meta, written)
   fileio.remove_tree(work_dir)
   return meta
 
@@ -493,21 +509,19 @@ def _split_counts(plan_out: list[UnitLayout]) -> str:
   return ", ".join(f"{k}: {v} documents" for k, v in sorted(counts.items()))
 
 
-def _tokenize_all(units, options, tokenizer, work_dir, workers, warn):
+def _tokenize_all(units, options, tokenizer, work_dir, run, warn):
   results = []
-  with _mapper(workers) as run:
-    if workers <= 1:
-      items = (tokenize_unit(u, options, tokenizer, work_dir) for u in units)
-    else:
-      items = run(
-        _worker_tokenize,
-        [(u, options, tokenizer.path, work_dir) for u in units],
-      )
-    for r in items:
-      report = formats.DecodeReport(**r.report)
-      if report.undecodable_bytes:
-        warn(report.line())
-      results.append(r)
+  if run is map:  # in this process (tests replace tokenize_unit)
+    items = (tokenize_unit(u, options, tokenizer, work_dir) for u in units)
+  else:
+    items = run(
+      _worker_tokenize, [(u, options, tokenizer.path, work_dir) for u in units]
+    )
+  for r in items:
+    report = formats.DecodeReport(**r.report)
+    if report.undecodable_bytes:
+      warn(report.line())
+    results.append(r)
   return results
 
 
@@ -539,7 +553,7 @@ def assemble_metadata(results, options, fingerprint, key) -> dict:
     },
     "cleaning": cleaning,
     "input_files": len(results),
-    "input_documents": int(sum(len(r.lengths) for r in results)),
+    "input_documents": int(sum(r.num_docs for r in results)),
   }
 
 
