@@ -133,6 +133,29 @@ def bench_prepare(args) -> None:
         f"{text_bytes / dt / 1e6:.2f} MB/s of text "
         f"({tokens / dt / workers:.0f} tokens/s per worker)"
       )
+    try:
+      import apache_beam  # noqa: F401
+
+      from gemma_jax.data import beam
+    except ImportError:
+      beam = None  # the `beam` extra is not installed
+    if beam is not None:
+      start = time.perf_counter()
+      meta = beam.prepare_with_beam(
+        "bench",
+        os.path.join(tmp, "tfds-beam"),
+        inputs,
+        data["tokenizer"],
+        prepare_files.Options(),
+        beam_options="--runner=DirectRunner",
+        work_dir=os.path.join(tmp, "work-beam"),
+      )
+      dt = time.perf_counter() - start
+      tokens = meta["train"]["num_tokens"]
+      print(
+        f"  prepare, Beam DirectRunner: {tokens} tokens in {dt:.1f} s: "
+        f"{tokens / dt:10.0f} tokens/s, {text_bytes / dt / 1e6:.2f} MB/s"
+      )
     cfg = {
       "seq_len": args.pod_seq_len,
       "tokenizer": data["tokenizer"],

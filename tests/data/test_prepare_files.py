@@ -256,3 +256,40 @@ def test_sigkilled_prepare_restarts_without_losing_or_repeating(
   # one an uninterrupted prepare wrote.
   assert cli.main(argv) == 0
   assert digest(tmp_path / "killed") == digest(tmp_path / "clean")
+
+
+@pytest.mark.slow
+def test_beam_reads_and_writes_gs_like_dataflow_workers(
+  tokenizer_path, tmp_path, gcs_bucket
+):
+  """Inputs, work dir and dataset on gs:// (the emulator), as on Dataflow:
+  the dataset holds what one local process writes."""
+  pytest.importorskip("apache_beam")
+  from etils import epath
+
+  from gemma_jax.data import beam
+
+  tok = Tokenizer.load(tokenizer_path)
+  local = write_inputs(tmp_path / "in")
+  for path in (tmp_path / "in").iterdir():
+    epath.Path(f"{gcs_bucket}/in/{path.name}").write_bytes(path.read_bytes())
+  remote = [p.replace(str(tmp_path / "in"), f"{gcs_bucket}/in") for p in local]
+  options = prepare_files.Options(eval_fraction=0.1, dedup=True)
+  meta = beam.prepare_with_beam(
+    "web", f"{gcs_bucket}/tfds", remote, tokenizer_path, options, ""
+  )
+  ref = prepare_files.prepare_files(
+    "web",
+    str(tmp_path / "ref"),
+    local,
+    tok,
+    options,
+    work_dir=str(tmp_path / "w"),
+  )
+  for split in ("train", "eval"):
+    assert meta[split] == ref[split]
+    got, _ = documents(f"{gcs_bucket}/tfds", tok, split)
+    want, _ = documents(tmp_path / "ref", tok, split)
+    assert got == want
+  assert meta["dedup"] == {"enabled": True, "removed_documents": 2}
+  assert not epath.Path(f"{gcs_bucket}/tfds/.web.work").exists()
