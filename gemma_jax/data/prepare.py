@@ -1,5 +1,9 @@
 """Tokenize text once into a tensorflow-datasets ArrayRecord dataset.
 
+This module prepares texts held in memory (the default corpus, tests);
+`gemma-jax data prepare` reads files with data/prepare_files.py, which
+writes the same layout file by file, in parallel and restartably.
+
 The dataset holds one `tokens` feature (int32 [n], no bos/eos) per document,
 records the tokenizer's fingerprint and per-split document and token counts
 in its metadata, and keeps each split's document lengths in
