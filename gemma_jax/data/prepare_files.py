@@ -469,6 +469,13 @@ def prepare_files(
     existing is not None and not overwrite and existing.get("inputs_key") == key
   ):
     return existing
+  if existing is not None and not overwrite and "inputs_key" not in existing:
+    raise DataError(
+      f"dataset {name!r} already exists in {data_dir}, prepared from texts "
+      f"in memory or by an earlier gemma-jax, so its input cannot be "
+      f"compared with these files; pass --overwrite to replace it, or "
+      f"choose another --name"
+    )
   work_dir = work_dir or default_work_dir(name, data_dir)
   epath.Path(work_dir).mkdir(parents=True, exist_ok=True)
   with _mapper(workers) as run:  # one pool for both passes

@@ -293,3 +293,18 @@ def test_beam_reads_and_writes_gs_like_dataflow_workers(
     assert got == want
   assert meta["dedup"] == {"enabled": True, "removed_documents": 2}
   assert not epath.Path(f"{gcs_bucket}/tfds/.web.work").exists()
+
+
+def test_a_dataset_prepared_from_memory_is_not_compared_but_refused(
+  tokenizer_path, tmp_path
+):
+  from gemma_jax.data import prepare as memory
+
+  tok = Tokenizer.load(tokenizer_path)
+  memory.prepare_dataset("web", str(tmp_path / "x"), {"train": TEXTS}, tok)
+  before = digest(tmp_path / "x")
+  with pytest.raises(DataError, match="prepared from texts in memory or by"):
+    prepare(tmp_path, tok, "x")
+  assert digest(tmp_path / "x") == before
+  assert not (tmp_path / "x-work").exists()  # refused before any work
+  prepare(tmp_path, tok, "x", overwrite=True)
