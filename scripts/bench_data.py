@@ -7,11 +7,34 @@ Prints rows/s and tokens/s of: random-access `batch(step)`, `iterate` with
 prefetch threads, and `iterate` with grain worker processes; then the tokens/s
 that one tiny-gemma2 training step (forward, backward, AdamW) consumes on this
 CPU, and the ratio.
+
+    python scripts/bench_data.py --prepare [--copies 2] [--pod-seq-len 8192]
+
+instead measures `gemma-jax data prepare` (tokens/s and MB/s of text at 1
+and 2 worker processes, on the standard library's sources written as
+.jsonl.gz files, with the default corpus's tokenizer), then the read
+throughput of the pipeline on that prepared dataset at the pods' sequence
+length (`iterate` with prefetch, tokens/s per host), against what one host
+of each pod config consumes at its step time (docs/pods.md).
 """
 
 import argparse
+import gzip
+import json
 import os
+import tempfile
 import time
+
+# (config, hosts, global batch x sequence, step time at 50% MFU in s):
+# docs/pods.md's table; hosts = chips / 4 (v4, v5p and v5e hosts of these
+# multi-host slices carry 4 chips each, Cloud TPU docs).
+PODS = (
+  ("gemma-7b-v5e", 256 // 4, 256 * 8192, 4.73),
+  ("gemma-2b-v5e", 256 // 4, 256 * 8192, 1.40),
+  ("gemma2-2b-v5e-2slices", 512 // 4, 512 * 8192, 1.49),
+  ("gemma2-9b-v4", 8 * 16 * 32 // 4, 1024 * 8192, 0.94),
+  ("gemma2-27b-v5p", 8 * 24 * 32 // 4, 768 * 8192, 0.77),
+)
 
 
 def measure(fn, steps: int, rows: int, seq_len: int) -> tuple[float, float]:
@@ -60,6 +83,110 @@ def train_tokens_per_sec(batch: dict, steps: int = 10) -> float:
   return steps * batch["inputs"].size / (time.perf_counter() - start)
 
 
+def write_inputs(out_dir: str, copies: int, files: int = 8) -> int:
+  """The standard library's sources, `copies` times, as `files` .jsonl.gz
+  files of one document per source file; returns the bytes of text."""
+  from gemma_jax.data import corpus
+
+  paths = corpus.stdlib_files(6_000_000)
+  texts = [corpus._read(p) for p in paths] * copies
+  os.makedirs(out_dir, exist_ok=True)
+  for i in range(files):
+    with gzip.open(os.path.join(out_dir, f"part-{i:03d}.jsonl.gz"), "wt") as f:
+      for t in texts[i::files]:
+        f.write(json.dumps({"text": t}) + "\n")
+  return sum(len(t.encode()) for t in texts)
+
+
+def bench_prepare(args) -> None:
+  from gemma_jax import configlib
+  from gemma_jax.data import DataConfig, build_pipeline, corpus, prepare_files
+  from gemma_jax.tokenizer import Tokenizer
+
+  data = corpus.build_default_corpus(args.corpus or corpus.DEFAULT_DIR)
+  tok = Tokenizer.load(data["tokenizer"])
+  load = os.getloadavg()
+  print(
+    f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on "
+    f"{os.cpu_count()} cores (others' work counts against these numbers)"
+  )
+  with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+    text_bytes = write_inputs(os.path.join(tmp, "in"), args.copies)
+    inputs = [os.path.join(tmp, "in", "*.jsonl.gz")]
+    for workers in (1, 2):
+      out = os.path.join(tmp, f"tfds{workers}")
+      start = time.perf_counter()
+      meta = prepare_files.prepare_files(
+        "bench",
+        out,
+        inputs,
+        tok,
+        prepare_files.Options(),
+        workers=workers,
+        work_dir=os.path.join(tmp, f"work{workers}"),
+      )
+      dt = time.perf_counter() - start
+      tokens = meta["train"]["num_tokens"]
+      print(
+        f"  prepare, {workers} worker(s): {meta['train']['num_docs']} docs, "
+        f"{tokens} tokens in {dt:.1f} s: {tokens / dt:10.0f} tokens/s, "
+        f"{text_bytes / dt / 1e6:.2f} MB/s of text "
+        f"({tokens / dt / workers:.0f} tokens/s per worker)"
+      )
+    try:
+      import apache_beam  # noqa: F401
+
+      from gemma_jax.data import beam
+    except ImportError:
+      beam = None  # the `beam` extra is not installed
+    if beam is not None:
+      start = time.perf_counter()
+      meta = beam.prepare_with_beam(
+        "bench",
+        os.path.join(tmp, "tfds-beam"),
+        inputs,
+        data["tokenizer"],
+        prepare_files.Options(),
+        beam_options="--runner=DirectRunner",
+        work_dir=os.path.join(tmp, "work-beam"),
+      )
+      dt = time.perf_counter() - start
+      tokens = meta["train"]["num_tokens"]
+      print(
+        f"  prepare, Beam DirectRunner: {tokens} tokens in {dt:.1f} s: "
+        f"{tokens / dt:10.0f} tokens/s, {text_bytes / dt / 1e6:.2f} MB/s"
+      )
+    cfg = {
+      "seq_len": args.pod_seq_len,
+      "tokenizer": data["tokenizer"],
+      "sources": {
+        "bench": {
+          "kind": "tfds",
+          "name": "bench",
+          "data_dir": os.path.join(tmp, "tfds1"),
+        }
+      },
+    }
+    pipe = build_pipeline(
+      configlib.from_dict(DataConfig, cfg, "data"), args.batch
+    )
+    stream = pipe.iterate(0)
+    rows, read = measure(
+      lambda _: next(stream), args.steps, args.batch, args.pod_seq_len
+    )
+    stream.close()
+    print(
+      f"  read, iterate with prefetch, seq_len {args.pod_seq_len}, "
+      f"batch {args.batch}: {rows:.1f} rows/s, {read:.0f} tokens/s"
+    )
+    for name, hosts, tokens_per_step, step_s in PODS:
+      need = tokens_per_step / step_s / hosts
+      print(
+        f"  {name:24s} consumes {need:8.0f} tokens/s per host "
+        f"({hosts} hosts): margin {read / need:.1f}x"
+      )
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--corpus", default=None)
@@ -68,9 +195,15 @@ def main():
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--no-train", action="store_true")
+  parser.add_argument("--prepare", action="store_true")
+  parser.add_argument("--copies", type=int, default=2)
+  parser.add_argument("--pod-seq-len", type=int, default=8192)
   args = parser.parse_args()
 
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if args.prepare:
+    bench_prepare(args)
+    return
   from gemma_jax import configlib
   from gemma_jax.data import DataConfig, build_pipeline, corpus
 

@@ -1013,3 +1013,62 @@ def test_a_launch_the_real_tools_would_reject_is_refused_first(
 
 def test_at_least_twelve_launch_cases():
   assert len(LAUNCH_CASES) >= 12
+
+
+# --- data formats ---
+# `data prepare` on corpora as they ship (parquet, compressed JSON lines,
+# Hugging Face datasets): each bad file is one line naming it, and no
+# dataset is created.
+
+
+def _prepare_formats_case(name, c):
+  import gzip
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  d = pathlib.Path(c.path("formats"))
+  d.mkdir()
+  text_key = "text"
+  if name == "parquet_missing_column":
+    pq.write_table(pa.table({"body": ["a document"]}), d / "a.parquet")
+    inputs = [d / "a.parquet"]
+  elif name == "not_parquet":
+    (d / "a.parquet").write_text("a text file named like a parquet file")
+    inputs = [d / "a.parquet"]
+  elif name == "truncated_gzip":
+    data = gzip.compress(b'{"text": "a document"}\n' * 200)
+    (d / "a.jsonl.gz").write_bytes(data[: len(data) // 2])
+    inputs = [d / "a.jsonl.gz"]
+  else:  # mixed schemas: the second file has no text column
+    pq.write_table(pa.table({"text": ["one", "two"]}), d / "a.parquet")
+    pq.write_table(pa.table({"content": ["three"]}), d / "b.parquet")
+    inputs = [d / "*.parquet"]
+  data_dir = c.path("tfds")
+  argv = ["data", "prepare", "--name", "x", "--data-dir", data_dir]
+  argv += ["--tokenizer", c.tok, "--text-key", text_key]
+  argv += ["--work-dir", c.path("work")]
+  for path in inputs:
+    argv += ["--input", str(path)]
+  return argv, [data_dir]
+
+
+FORMAT_CASES = [
+  (
+    "parquet_missing_column",
+    r"a.parquet: no column 'text' \(columns: body\); set --text-key",
+  ),
+  ("not_parquet", r"a.parquet: not a parquet file \("),
+  ("truncated_gzip", r"a.jsonl.gz: the gzip stream is truncated or corrupt"),
+  ("mixed_schemas", r"b.parquet: no column 'text' \(columns: content\)"),
+]
+
+
+@pytest.mark.parametrize(
+  "name, pattern", FORMAT_CASES, ids=[c[0] for c in FORMAT_CASES]
+)
+def test_bad_corpus_file_is_one_line_and_creates_nothing(
+  ctx, capsys, name, pattern
+):
+  argv, protect = _prepare_formats_case(name, ctx)
+  expect_one_line(capsys, argv, 1, pattern, protect)

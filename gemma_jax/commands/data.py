@@ -14,8 +14,10 @@ def add_arguments(parser):
     "--input",
     action="append",
     required=True,
-    help="text files or globs (.jsonl: one document per "
-    "line, else one per file); repeatable",
+    help="files or globs, local or gs://: .jsonl (also .gz, .zst) one "
+    "document per line, .parquet and Hugging Face datasets directories "
+    "(save_to_disk) one per row, else one per file (.txt, .txt.gz); "
+    "repeatable",
   )
   prep.add_argument(
     "--name", required=True, help="dataset name (lower_snake_case)"
@@ -28,7 +30,40 @@ def add_arguments(parser):
     default=0.0,
     help="hold out this share of documents as split 'eval'",
   )
-  prep.add_argument("--text-key", default="text")
+  prep.add_argument(
+    "--text-key",
+    default="text",
+    help="JSON field or parquet/Arrow column holding the text",
+  )
+  prep.add_argument(
+    "--workers",
+    type=int,
+    default=1,
+    help="processes tokenizing input files in parallel (the output is the "
+    "same for any number)",
+  )
+  prep.add_argument(
+    "--dedup",
+    action="store_true",
+    help="drop exact repeats of a document (by a hash of its text); the "
+    "count removed is reported",
+  )
+  prep.add_argument(
+    "--beam",
+    metavar="OPTIONS",
+    default=None,
+    help="run as an Apache Beam pipeline with these pipeline options, "
+    "e.g. --beam='--runner=DataflowRunner --project=P --region=R "
+    "--temp_location=gs://B/tmp' ('' runs Beam's DirectRunner here); "
+    "needs the beam extra; the output is the same as without",
+  )
+  prep.add_argument(
+    "--work-dir",
+    default=None,
+    help="where finished input files are kept until the dataset is "
+    "complete, so that a killed prepare resumes (default: "
+    "~/.cache/gemma_jax/prepare/NAME-HASH)",
+  )
   prep.add_argument(
     "--overwrite",
     action="store_true",
@@ -87,59 +122,58 @@ def main(args) -> int:
 
 
 def _prepare(args) -> int:
-  import dataclasses
-
-  from gemma_jax.data import prepare
-  from gemma_jax.data.sources import DecodePolicy, DecodeReport, read_text_files
+  from gemma_jax.data import prepare_files
   from gemma_jax.tokenizer import Tokenizer
 
-  tokenizer = Tokenizer.load(args.tokenizer)
-  policy = DecodePolicy(args.on_decode_error, args.max_undecodable_fraction)
-  reports: list[DecodeReport] = []
-  texts = read_text_files(
-    args.input, args.text_key, args.name, policy, reports=reports
+  options = prepare_files.Options(
+    text_key=args.text_key,
+    on_decode_error=args.on_decode_error,
+    max_undecodable_fraction=args.max_undecodable_fraction,
+    fix_mojibake=args.fix_mojibake,
+    normalize=args.normalize,
+    eval_fraction=args.eval_fraction,
+    dedup=args.dedup,
   )
-  texts, cleaning = prepare.clean_texts(
-    texts, args.fix_mojibake, args.normalize
-  )
-  splits = prepare.split_held_out(texts, args.eval_fraction)
-  options = {
-    "fix_mojibake": args.fix_mojibake,
-    "normalize": args.normalize,
-    "on_decode_error": args.on_decode_error,
-    "max_undecodable_fraction": args.max_undecodable_fraction,
-    "text_key": args.text_key,
-    "eval_fraction": args.eval_fraction,
-  }
-  decoding = {
-    "undecodable_bytes": sum(r.undecodable_bytes for r in reports),
-    "skipped_documents": sum(r.skipped_documents for r in reports),
-    "replaced_documents": sum(r.replaced_documents for r in reports),
-    "files": [dataclasses.asdict(r) for r in reports[:100]],
-  }
-  meta = prepare.prepare_dataset(
-    args.name,
-    args.data_dir,
-    splits,
-    tokenizer,
-    overwrite=args.overwrite,
-    extra_metadata={
-      "options": options,
-      "decoding": decoding,
-      "cleaning": cleaning,
-    },
-  )
-  for split in splits:
-    m = meta[split]
-    print(
-      f"{args.name}/{split}: {m['num_docs']} documents, "
-      f"{m['num_tokens']} tokens"
+  if args.beam is not None:
+    from gemma_jax.data import beam
+
+    meta = beam.prepare_with_beam(
+      args.name,
+      args.data_dir,
+      args.input,
+      args.tokenizer,
+      options,
+      beam_options=args.beam,
+      work_dir=args.work_dir,
+      overwrite=args.overwrite,
     )
+  else:
+    meta = prepare_files.prepare_files(
+      args.name,
+      args.data_dir,
+      args.input,
+      Tokenizer.load(args.tokenizer),
+      options,
+      workers=args.workers,
+      work_dir=args.work_dir,
+      overwrite=args.overwrite,
+    )
+  for split in ("train", "eval"):
+    if split in meta:
+      m = meta[split]
+      print(
+        f"{args.name}/{split}: {m['num_docs']} documents, "
+        f"{m['num_tokens']} tokens"
+      )
   changed = {
     k: v for k, v in meta.get("cleaning", {}).items() if k != "documents" and v
   }
   if changed:
     print("cleaning: " + ", ".join(f"{k} {v}" for k, v in changed.items()))
+  if meta.get("dedup", {}).get("enabled"):
+    print(
+      f"dedup: {meta['dedup']['removed_documents']} repeated documents removed"
+    )
   print(f"tokenizer fingerprint {meta['tokenizer_fingerprint']}")
   return 0
 

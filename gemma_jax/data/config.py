@@ -27,8 +27,11 @@ class SourceConfig:
   kind=tfds: an ArrayRecord tensorflow-datasets dataset (`name`, `data_dir`),
     holding a `tokens` feature (written by `gemma-jax data prepare`) or a text
     feature `text_key`, read with random access.
-  kind=files: globs; a `.jsonl` file holds one document per line (field
-    `text_key`), any other file is one document.
+  kind=files: globs, local or gs://, in the formats of data/formats.py:
+    JSON lines (.jsonl, .jsonl.gz, .jsonl.zst, .json.gz) one document per
+    line (field `text_key`), parquet files and Hugging Face `datasets`
+    directories one per row (column `text_key`), any other file (.txt,
+    .txt.gz) one document.
   kind=memory: the documents are `texts` (tests, tiny experiments).
   """
 
@@ -37,9 +40,9 @@ class SourceConfig:
   data_dir: str | None = None  # tfds data_dir
   split: str = "train"
   eval_split: str | None = None  # held-out split for evaluation
-  paths: tuple[str, ...] = ()  # globs (kind=files): .txt or .jsonl
+  paths: tuple[str, ...] = ()  # globs (kind=files): see data/formats.py
   eval_paths: tuple[str, ...] = ()  # held-out globs (kind=files)
-  text_key: str = "text"  # field of a JSON line / tfds feature
+  text_key: str = "text"  # JSON field / parquet, Arrow column / tfds feature
   texts: tuple[str, ...] = ()  # documents (kind=memory)
   eval_texts: tuple[str, ...] = ()  # held-out documents (kind=memory)
   # Bytes that are not UTF-8 (files, tfds text): see data/sources.py.

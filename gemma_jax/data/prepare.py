@@ -1,5 +1,9 @@
 """Tokenize text once into a tensorflow-datasets ArrayRecord dataset.
 
+This module prepares texts held in memory (the default corpus, tests);
+`gemma-jax data prepare` reads files with data/prepare_files.py, which
+writes the same layout file by file, in parallel and restartably.
+
 The dataset holds one `tokens` feature (int32 [n], no bos/eos) per document,
 records the tokenizer's fingerprint and per-split document and token counts
 in its metadata, and keeps each split's document lengths in
@@ -73,6 +77,14 @@ def clean_texts(
   return texts, counts
 
 
+def check_name(name: str) -> None:
+  if not _NAME.match(name):
+    raise ConfigError(
+      f"dataset name {name!r} must be lower_snake_case "
+      "(letters, digits, underscores)"
+    )
+
+
 def input_fingerprint(
   splits: dict[str, list[str]], tokenizer, options: dict
 ) -> str:
@@ -104,11 +116,7 @@ def prepare_dataset(
   returned as it is; one made from other input is refused unless
   `overwrite` (DataError naming --overwrite).
   """
-  if not _NAME.match(name):
-    raise ConfigError(
-      f"dataset name {name!r} must be lower_snake_case "
-      "(letters, digits, underscores)"
-    )
+  check_name(name)
   for split, texts in splits.items():
     if not texts:
       raise DataError(f"dataset {name!r}: split {split!r} has no documents")
@@ -118,13 +126,13 @@ def prepare_dataset(
   fingerprint = input_fingerprint(
     splits, tokenizer, extra_metadata.get("options", {})
   )
-  existing = _existing(name, data_dir)
+  existing = existing_metadata(name, data_dir)
   if existing is not None and not overwrite:
     if existing.get("input_fingerprint") == fingerprint:
       return existing
     raise DataError(
       f"dataset {name!r} already exists in {data_dir} with different input "
-      f"({_counts(existing)} there, {_counts_of(splits)} now); pass "
+      f"({counts_line(existing)} there, {_counts_of(splits)} now); pass "
       f"--overwrite to replace it, or choose another --name"
     )
   tokens = {s: tokenizer.encode_batch(t) for s, t in splits.items()}
@@ -175,7 +183,7 @@ def _write(name: str, data_dir: str, tokens: dict, metadata: dict) -> str:
   return os.fspath(builder.data_dir)
 
 
-def _existing(name: str, data_dir: str) -> dict | None:
+def existing_metadata(name: str, data_dir: str) -> dict | None:
   """The metadata of dataset `name` in `data_dir`, if one is there."""
   if not epath.Path(data_dir, name).is_dir():
     return None
@@ -188,7 +196,7 @@ def _existing(name: str, data_dir: str) -> dict | None:
     return {"input_fingerprint": None}
 
 
-def _counts(metadata: dict) -> str:
+def counts_line(metadata: dict) -> str:
   splits = {
     k: v for k, v in metadata.items() if isinstance(v, dict) and "num_docs" in v
   }

@@ -11,18 +11,20 @@ opening them reads nothing else; other tfds datasets are tokenized on open from
 their text feature. Files and in-memory texts are tokenized on open.
 """
 
-import dataclasses
 import functools
-import glob
-import json
 import os
-import re
-import sys
 
 import numpy as np
 from etils import epath
 
 from gemma_jax import fileio
+from gemma_jax.data import formats
+
+# The decoding API, re-exported from where it lived before formats.py.
+from gemma_jax.data.formats import DECODE_POLICIES as DECODE_POLICIES
+from gemma_jax.data.formats import DecodePolicy as DecodePolicy
+from gemma_jax.data.formats import DecodeReport as DecodeReport
+from gemma_jax.data.formats import decode_policy as decode_policy
 from gemma_jax.errors import ConfigError, DataError
 
 LENGTHS_FILE = "{split}_doc_lengths.npy"
@@ -156,198 +158,22 @@ def _from_texts(name, texts, tokenizer) -> Documents:
   return Documents(name, lengths, docs.__getitem__, tokenizer.fingerprint)
 
 
-# Text decoding: every byte that is not UTF-8 is counted, never silently
-# replaced. `on_decode_error` (a source's key; `--on-decode-error` of the
-# commands that read files) says what happens to a document holding some:
-#   error          refuse the file when more than `max_undecodable_fraction`
-#                  of its bytes are undecodable (default 0: any); below it,
-#                  replace them with U+FFFD and report the count
-#   skip_document  drop such documents (a .jsonl line, or a whole file)
-#   replace        replace them with U+FFFD
-DECODE_POLICIES = ("error", "skip_document", "replace")
-# Undecodable bytes come out of "surrogateescape" as lone surrogates.
-_ESCAPED = re.compile("[\udc80-\udcff]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodePolicy:
-  on_error: str = "error"
-  max_fraction: float = 0.0
-
-  def __post_init__(self):
-    if self.on_error not in DECODE_POLICIES:
-      raise ConfigError(
-        f"on_decode_error: {self.on_error!r} is not a valid "
-        f"choice; valid choices: "
-        f"{', '.join(map(repr, DECODE_POLICIES))}"
-      )
-    if not 0 <= self.max_fraction <= 1:
-      raise ConfigError(
-        f"max_undecodable_fraction must be in [0, 1], got {self.max_fraction}"
-      )
-
-
-def decode_policy(cfg) -> DecodePolicy:
-  """The DecodePolicy of a SourceConfig."""
-  return DecodePolicy(
-    getattr(cfg, "on_decode_error", "error"),
-    getattr(cfg, "max_undecodable_fraction", 0.0),
-  )
-
-
-@dataclasses.dataclass
-class DecodeReport:
-  """What decoding one file found."""
-
-  path: str
-  bytes: int = 0
-  undecodable_bytes: int = 0
-  documents: int = 0
-  skipped_documents: int = 0
-  replaced_documents: int = 0
-  first_offset: int | str | None = None  # of the first undecodable byte
-
-  def keep(self, bad: int, policy: DecodePolicy) -> bool:
-    """Counts one document holding `bad` undecodable bytes; whether
-    `policy` keeps it (with U+FFFD in their place)."""
-    self.documents += 1
-    if bad and policy.on_error == "skip_document":
-      self.skipped_documents += 1
-      return False
-    self.replaced_documents += int(bad > 0)
-    return True
-
-  def line(self) -> str:
-    what = (
-      f"{self.skipped_documents} documents skipped"
-      if self.skipped_documents
-      else f"{self.replaced_documents} documents with U+FFFD in their place"
-    )
-    return (
-      f"{self.path}: {self.undecodable_bytes} of {self.bytes} bytes are "
-      f"not UTF-8; {what}"
-    )
-
-
-def _decode(raw: bytes) -> tuple[str, int]:
-  """(text with undecodable bytes as lone surrogates, their count)."""
-  text = raw.decode("utf-8", "surrogateescape")
-  return text, len(_ESCAPED.findall(text))
-
-
-def _clean(text: str) -> str:
-  """Lone surrogates (undecodable bytes, or JSON escapes of them) ->
-  U+FFFD, which the tokenizer can encode."""
-  return _SURROGATE.sub("\ufffd", text)
-
-
-def _refuse(report: DecodeReport, policy: DecodePolicy, where: str):
-  if policy.on_error != "error" or not report.undecodable_bytes:
-    return
-  if report.undecodable_bytes > policy.max_fraction * report.bytes:
-    raise DataError(
-      f"{where}: {report.undecodable_bytes} of {report.bytes} bytes are not "
-      f"UTF-8 (first at byte {report.first_offset}); convert the file to "
-      f"UTF-8, or set on_decode_error: skip_document or replace (or raise "
-      f"max_undecodable_fraction)"
-    )
-
-
 def read_text_files(
   globs,
   text_key: str,
   name: str = "",
-  policy: DecodePolicy = DecodePolicy(),
+  policy: DecodePolicy = formats.DEFAULT_POLICY,
   warn=None,
   reports: list[DecodeReport] | None = None,
 ) -> list[str]:
-  """Documents of text files: one per `.jsonl` line, else one per file.
+  """Documents of the files of `globs`, in any format of data/formats.py
+  (.txt, .jsonl, compressed, parquet, Hugging Face datasets).
 
-  Bytes that are not UTF-8 are handled by `policy` (see DECODE_POLICIES);
-  each file holding some gets one `warn` line (default: stderr) and a
+  Bytes that are not UTF-8 are handled by `policy` (see formats.py); each
+  file holding some gets one `warn` line (default: stderr) and a
   DecodeReport appended to `reports`.
   """
-  warn = warn or _warn
-  paths: list[str] = []
-  for pattern in globs:
-    found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-    if not found:
-      raise DataError(f"data source {name!r}: no file matches {pattern!r}")
-    paths += [p for p in found if not os.path.isdir(p)] or _no_files(
-      name, pattern
-    )
-  texts = []
-  for path in paths:
-    try:
-      with open(path, "rb") as f:
-        raw = f.read()
-    except OSError as e:
-      raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
-    report = DecodeReport(path, bytes=len(raw))
-    if path.endswith(".jsonl"):
-      texts += _jsonl_documents(raw, path, text_key, policy, report)
-    else:
-      text, bad = _decode(raw)
-      report.undecodable_bytes = bad
-      report.first_offset = _first_bad(raw) if bad else None
-      _refuse(report, policy, path)
-      if report.keep(bad, policy):
-        texts.append(_clean(text))
-    if report.undecodable_bytes:
-      warn(report.line())
-      if reports is not None:
-        reports.append(report)
-  return texts
-
-
-def _warn(message: str) -> None:
-  print(f"gemma-jax: warning: {message}", file=sys.stderr, flush=True)
-
-
-def _no_files(name, pattern):
-  raise DataError(
-    f"data source {name!r}: {pattern!r} matches only "
-    f"directories; give files or a glob of files"
-  )
-
-
-def _first_bad(raw: bytes) -> int:
-  try:
-    raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    return e.start
-  return -1
-
-
-def _jsonl_documents(
-  raw: bytes,
-  path: str,
-  text_key: str,
-  policy: DecodePolicy,
-  report: DecodeReport,
-):
-  texts, offset = [], 0
-  for lineno, line in enumerate(raw.split(b"\n"), 1):
-    start, offset = offset, offset + len(line) + 1
-    if not line.strip():
-      continue
-    text, bad = _decode(line)
-    report.undecodable_bytes += bad
-    if bad and report.first_offset is None:
-      report.first_offset = start + _first_bad(line)
-    try:
-      value = json.loads(text)[text_key]
-      if not isinstance(value, str):
-        raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-      raise DataError(
-        f"{path}:{lineno}: not a JSON object with a {text_key!r} field"
-      ) from None
-    if report.keep(bad, policy):
-      texts.append(_clean(value))
-  _refuse(report, policy, path)
-  return texts
+  return formats.read_documents(globs, text_key, name, policy, warn, reports)
 
 
 def tfds_dir(cfg) -> str:
@@ -425,16 +251,16 @@ def _tfds_texts(source, text_key: str, policy: DecodePolicy, where: str):
   for i in range(len(source)):
     value = source[i][text_key]
     if not isinstance(value, bytes):
-      texts.append(_clean(value))
+      texts.append(formats.clean(value))
       continue
-    text, bad = _decode(value)
+    text, bad = formats.decode(value)
     report.bytes += len(value)
     report.undecodable_bytes += bad
     if bad and report.first_offset is None:
-      report.first_offset = f"{_first_bad(value)} of document {i}"
+      report.first_offset = f"{formats.first_bad(value)} of document {i}"
     if report.keep(bad, policy):
-      texts.append(_clean(text))
-  _refuse(report, policy, where)
+      texts.append(formats.clean(text))
+  formats.refuse(report, policy, where)
   if report.undecodable_bytes:
-    _warn(report.line())
+    formats.warn(report.line())
   return texts
