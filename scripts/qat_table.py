@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gemma_jax.checkpoint import native
 from gemma_jax.data import build_pipeline
 from gemma_jax.model.quant import QuantConfig
-from gemma_jax.train import evaluation
+from gemma_jax.train import metrics
 from gemma_jax.train.config import load_config
 from gemma_jax.train.program import TrainProgram
 
@@ -43,7 +43,7 @@ def evaluate(cfg, path, quant, batches):
     process_count=1,
     vocab_size=model.vocab_size,
   )
-  return evaluation.evaluate(program, params, pipe, batches)
+  return metrics.evaluate(program, params, pipe, batches)
 
 
 def main():

@@ -129,9 +129,10 @@ def _params(args, program):
 def main(args) -> int:
   import json
 
+  import gemma_jax.features  # noqa: F401  (registers them with the core)
   from gemma_jax import distributed
   from gemma_jax.data import build_pipeline
-  from gemma_jax.train import evaluation
+  from gemma_jax.train import metrics
   from gemma_jax.train.program import TrainProgram
 
   cfg = _config(args)
@@ -147,7 +148,7 @@ def main(args) -> int:
     vocab_size=cfg.model.vocab_size,
   )
   params, step = _params(args, program)
-  results = evaluation.evaluate(
+  results = metrics.evaluate(
     program, params, pipe, args.batches or cfg.train.eval_batches or 1
   )
   if jax.process_index() == 0:
