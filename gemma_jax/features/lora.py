@@ -250,7 +250,7 @@ def fingerprint(base) -> dict[str, list[float]]:
   }
 
 
-def check_base(saved: dict, current: dict, step: int) -> None:
+def check_base(saved: dict | None, current: dict, step: int) -> None:
   """ConfigError if a checkpoint's adapters were trained on another base
   than the one installed now (by fingerprint; a moved copy is the same)."""
   if not saved:
@@ -329,6 +329,7 @@ class LoRA(Feature):
 
   def check_checkpoint(self, meta: dict, step: int) -> None:
     # Adapters trained on another base cannot continue on this one.
+    assert self.base_info is not None, "prepare installs the base first"
     check_base(meta.get("lora_base"), self.base_info, step)
 
   def metadata(self) -> dict:

@@ -73,10 +73,10 @@ class Variant:
 MAIN = "params"  # Variant.what of the state's own params
 
 
-_REGISTERED: list[type] = []
+_REGISTERED: list[Any] = []  # Feature classes
 
 
-def register(*features: type) -> None:
+def register(*features: Any) -> None:
   """Adds feature classes (gemma_jax.features.base.Feature), in order."""
   for feature in features:
     if feature not in _REGISTERED:
