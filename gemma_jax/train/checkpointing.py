@@ -432,3 +432,25 @@ def _culprit(text: str) -> str:
   if key:
     return f"array {key.group(1)}"
   return "array data"
+
+
+def newest_good_advice(checkpointer, resume_word: str = "rerun") -> str:
+  """What to do after a divergence or a bad checkpoint: a fix, then which
+  checkpoint to rerun from (--from-step)."""
+  checkpointer.wait()
+  good = checkpointer.newest_good_step()
+  fix = (
+    "lower optimizer.learning_rate, add warmup or clip gradients "
+    "(optimizer.grad_clip_norm)"
+  )
+  if good is None:
+    return (
+      f"no checkpoint is good: {fix}, then {resume_word} with "
+      f"--from-step 0 to start over (checkpoints are moved to "
+      f"WORKDIR/{DISCARDED_DIR}, not deleted)"
+    )
+  return (
+    f"the newest good checkpoint is step {good}: {fix}, then "
+    f"{resume_word} with --from-step {good} (later checkpoints are "
+    f"moved to WORKDIR/{DISCARDED_DIR}, not deleted)"
+  )

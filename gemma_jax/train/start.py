@@ -1,11 +1,15 @@
 """The start of a run: where its state comes from, in one straight path.
 
-    state, restored_step, meta = start.begin(program, pipe, restore)
+    state, restored_step, meta = start.begin(program, pipe, checkpointer)
 
+0. Before it (the Trainer, before the workdir is touched): `check_workdir`,
+   and `check_init_from` when the run has no checkpoint yet.
 1. Each feature's `prepare`: the checks and frozen inputs that need no state
    (gemma_jax.features: LoRA's base, a teacher or a dump, the EWC sources).
-2. Resume: `restore()` gives the newest intact, resumable checkpoint; each
-   feature's `resume` checks its metadata and loads what it needs.
+2. Resume (`restore`): the newest intact checkpoint, refused if it holds
+   another model or data stream, if a feature refuses it, or if it is not
+   good (unless --from-step names it); each feature's `resume` checks its
+   metadata and loads what it needs.
 3. Else a fresh state: `checkpoint.init_from` in any format (native, Hugging
    Face, official Flax, or a gemma_jax run directory: its latest checkpoint;
    with `checkpoint.init_optimizer` also its AdamW moments) restored straight
@@ -19,6 +23,8 @@ and re-decays from step 0; `checkpoint.init_optimizer` keeps a run's
 moments (and Adam's own step count) while the schedule still restarts.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -27,20 +33,28 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gemma_jax import fileio
 from gemma_jax.checkpoint import formats, layout
-from gemma_jax.errors import CheckpointError, ConfigError
+from gemma_jax.errors import CheckpointError, ConfigError, TrainingStopped
+from gemma_jax.model.config import EXECUTION_FIELDS
+from gemma_jax.train import checkpointing
+from gemma_jax.train import config as config_lib
 from gemma_jax.train import state as state_lib
 
 
-def begin(program, pipe, restore):
+def begin(
+  program, pipe, checkpointer, from_step=None, damaged_dir=None, warn=None
+):
   """(state, restored step or None, restored metadata or None).
 
-  restore() -> (step, Restored) of the checkpoint to continue from, or
-  (None, None) (see Trainer._restore_resumable).
+  Resumes from `checkpointer`'s newest intact checkpoint (`restore`), else
+  starts fresh (`initial_state`); every feature's hooks on the way.
   """
   for f in program.features:
     f.prepare(program, pipe)
-  step, restored = restore()
+  step, restored = restore(
+    program, pipe, checkpointer, from_step, damaged_dir, warn
+  )
   if restored is not None:
     for f in program.features:
       f.resume(program, restored.meta, step)
@@ -54,6 +68,32 @@ def begin(program, pipe, restore):
       f"non-finite params (NaN or inf); start from another export"
     )
   return state, None, None
+
+
+def restore(program, pipe, checkpointer, from_step, damaged_dir, warn):
+  """(step, Restored) of the newest intact checkpoint, or (None, None); a
+  damaged one is moved to `damaged_dir`/<step> with a warning naming the
+  file, and the one before it is used. Refuses one of another model or
+  data stream, one a feature refuses, and one recorded as not good unless
+  --from-step (`from_step`) names it."""
+
+  def check_meta(saved, step):
+    check_same_model(saved, program.cfg, step)
+    for f in program.features:
+      f.check_checkpoint(saved, step)
+    pipe.check_resume(saved.get("data", {}), step)
+
+  step, restored = checkpointing.restore_newest_intact(
+    checkpointer, program.abstract_state, check_meta, damaged_dir, warn
+  )
+  if restored is None or checkpointer.is_good(step) or from_step == step:
+    return step, restored
+  why = state_lib.why_not(checkpointer.good(step) or {})
+  advice = checkpointing.newest_good_advice(checkpointer, resume_word="resume")
+  raise TrainingStopped(
+    f"the latest checkpoint ({step}) is not good ({why}); {advice} (or "
+    f"--from-step {step} to continue from it anyway)"
+  )
 
 
 def initial_state(program):
@@ -104,6 +144,53 @@ def check_init_from(cfg) -> None:
       f"checkpoint.init_from: {path} holds another model ({diff[0]}); set "
       f"the model section to the one it was saved with"
     )
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails early, with the path, if the workdir cannot hold a run (on
+  gs://: within seconds if Cloud Storage cannot be reached)."""
+  if not fileio.is_local(workdir):
+    fileio.check_remote(workdir, "--workdir")
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} exists and is not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(
+      f"--workdir {workdir}: cannot create it ({e.strerror});"
+      f" choose a writable directory"
+    ) from None
+  if not os.access(workdir, os.R_OK | os.W_OK | os.X_OK):
+    raise ConfigError(
+      f"--workdir {workdir} is not readable and writable by "
+      f"this user; choose another directory or fix its "
+      f"permissions"
+    )
+
+
+def check_same_model(saved: dict, cfg, step: int) -> None:
+  """ConfigError, saying what to change, if a checkpoint holds another
+  model. (The data stream's checks are the pipeline's `check_resume`.)"""
+  saved_model = saved.get("config", {}).get("model", {})
+  current = config_lib.to_dict(cfg)["model"]
+  diff = sorted(
+    k
+    for k in current
+    if k not in EXECUTION_FIELDS and saved_model.get(k) != current[k]
+  )
+  if diff:
+    raise ConfigError(
+      f"the checkpoint at step {step} was trained with a different model "
+      f"(fields that differ: {', '.join(diff) or 'all'}); restore the "
+      f"model section it was saved with, or use a fresh --workdir"
+    )
+
+
+def has_checkpoints(workdir: str) -> bool:
+  fileio.check_remote(workdir, "--workdir")
+  path = epath.Path(workdir) / "checkpoints"
+  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
 # Loading params from any source.

@@ -28,7 +28,6 @@ from gemma_jax import distributed, fileio, hardware
 from gemma_jax.checkpoint import lease
 from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
-from gemma_jax.model.config import EXECUTION_FIELDS
 from gemma_jax.train import checkpointing, start
 from gemma_jax.train import config as config_lib
 from gemma_jax.train import metrics as metrics_lib
@@ -45,53 +44,6 @@ class Hook:
   every: int
   at_end: bool = True
   last_step: int = -1
-
-
-def check_workdir(workdir: str) -> None:
-  """Fails early, with the path, if the workdir cannot hold a run (on
-  gs://: within seconds if Cloud Storage cannot be reached)."""
-  if not fileio.is_local(workdir):
-    fileio.check_remote(workdir, "--workdir")
-    return
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir} exists and is not a directory")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(
-      f"--workdir {workdir}: cannot create it ({e.strerror});"
-      f" choose a writable directory"
-    ) from None
-  if not os.access(workdir, os.R_OK | os.W_OK | os.X_OK):
-    raise ConfigError(
-      f"--workdir {workdir} is not readable and writable by "
-      f"this user; choose another directory or fix its "
-      f"permissions"
-    )
-
-
-def check_same_model(saved: dict, cfg, step: int) -> None:
-  """ConfigError, saying what to change, if a checkpoint holds another
-  model. (The data stream's checks are the pipeline's `check_resume`.)"""
-  saved_model = saved.get("config", {}).get("model", {})
-  current = config_lib.to_dict(cfg)["model"]
-  diff = sorted(
-    k
-    for k in current
-    if k not in EXECUTION_FIELDS and saved_model.get(k) != current[k]
-  )
-  if diff:
-    raise ConfigError(
-      f"the checkpoint at step {step} was trained with a different model "
-      f"(fields that differ: {', '.join(diff) or 'all'}); restore the "
-      f"model section it was saved with, or use a fresh --workdir"
-    )
-
-
-def _has_checkpoints(workdir: str) -> bool:
-  fileio.check_remote(workdir, "--workdir")
-  path = epath.Path(workdir) / "checkpoints"
-  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
 class Trainer:
@@ -131,9 +83,9 @@ class Trainer:
       process_count=jax.process_count(),
       vocab_size=cfg.model.vocab_size,
     )
-    if cfg.checkpoint.init_from and not _has_checkpoints(self.workdir):
+    if cfg.checkpoint.init_from and not start.has_checkpoints(self.workdir):
       start.check_init_from(cfg)
-    check_workdir(self.workdir)
+    start.check_workdir(self.workdir)
     self.lease = self._take_lease()
     self._old_handlers: dict[int, Any] = {}
     try:
@@ -156,7 +108,16 @@ class Trainer:
     if self.from_step is not None:
       self._discard_checkpoints_after(self.from_step)
     self.state, self.restored_step, meta = start.begin(
-      self.program, self.pipe, self._restore_resumable
+      self.program,
+      self.pipe,
+      self.checkpointer,
+      from_step=self.from_step,
+      damaged_dir=(
+        os.path.join(self.workdir, checkpointing.DAMAGED_DIR)
+        if self.is_main
+        else None
+      ),
+      warn=self._warn,
     )
     if meta is not None:
       self.skipped_total = meta.get("skipped_total", 0)
@@ -361,7 +322,7 @@ class Trainer:
       raise TrainingStopped(
         f"{longest} steps in a row up to step {step} had a non-finite "
         f"loss, gradient or update and were skipped; "
-        f"{self._newest_good_advice()}"
+        f"{checkpointing.newest_good_advice(self.checkpointer)}"
       )
 
   def run_eval(self, step: int) -> None:
@@ -572,69 +533,6 @@ class Trainer:
       if self.lease is not None:
         self.lease.release()
         self.lease = None
-
-  def _restore_newest_intact(self):
-    """(step, Restored) of the newest intact checkpoint, or (None, None);
-    a damaged one is moved to WORKDIR/checkpoints.damaged/<step> with a
-    warning naming the file, and the one before it is used."""
-
-    def check_meta(saved, step):
-      check_same_model(saved, self.cfg, step)
-      for f in self.program.features:
-        f.check_checkpoint(saved, step)
-      self.pipe.check_resume(saved.get("data", {}), step)
-
-    damaged_dir = (
-      os.path.join(self.workdir, checkpointing.DAMAGED_DIR)
-      if self.is_main
-      else None
-    )
-    return checkpointing.restore_newest_intact(
-      self.checkpointer,
-      self.program.abstract_state,
-      check_meta,
-      damaged_dir,
-      self._warn,
-    )
-
-  def _restore_resumable(self):
-    """(step, Restored) of the checkpoint to continue from, or (None,
-    None)."""
-    step, restored = self._restore_newest_intact()
-    if restored is not None:
-      self._check_resumable(step)
-    return step, restored
-
-  def _check_resumable(self, step: int) -> None:
-    """Refuses to continue from a checkpoint recorded as not good, unless
-    --from-step names it."""
-    if self.checkpointer.is_good(step) or self.from_step == step:
-      return
-    why = state_lib.why_not(self.checkpointer.good(step) or {})
-    raise TrainingStopped(
-      f"the latest checkpoint ({step}) is not good ({why}); "
-      f"{self._newest_good_advice(resume_word='resume')} (or "
-      f"--from-step {step} to continue from it anyway)"
-    )
-
-  def _newest_good_advice(self, resume_word: str = "rerun") -> str:
-    self.checkpointer.wait()
-    good = self.checkpointer.newest_good_step()
-    fix = (
-      "lower optimizer.learning_rate, add warmup or clip gradients "
-      "(optimizer.grad_clip_norm)"
-    )
-    if good is None:
-      return (
-        f"no checkpoint is good: {fix}, then {resume_word} with "
-        f"--from-step 0 to start over (checkpoints are moved to "
-        f"WORKDIR/{checkpointing.DISCARDED_DIR}, not deleted)"
-      )
-    return (
-      f"the newest good checkpoint is step {good}: {fix}, then "
-      f"{resume_word} with --from-step {good} (later checkpoints are "
-      f"moved to WORKDIR/{checkpointing.DISCARDED_DIR}, not deleted)"
-    )
 
   def _discard_checkpoints_after(self, step: int) -> None:
     """--from-step: moves checkpoints after `step` (all for 0) and copies
