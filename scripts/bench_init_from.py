@@ -10,7 +10,7 @@ CPU devices (fsdp 8), each way in its own process:
   before  random init of the whole state, the checkpoint read into host
           numpy, `jax.device_put` into the shardings, the params replaced
           (what starting from a checkpoint cost before)
-  after   `continual.load_params` (each tensor into its shards as it is
+  after   `start.load_params` (each tensor into its shards as it is
           read) and `init_state(params=...)`: no random init
 
 and prints each one's peak resident memory (VmHWM; on CPU the "devices" are
@@ -40,7 +40,7 @@ import json, os, sys, time
 import jax, numpy as np
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
-from gemma_jax.train import continual
+from gemma_jax.train import start
 from gemma_jax.checkpoint import hf, kaggle
 mode, fmt, path = sys.argv[1:4]
 fields = json.loads(sys.argv[4])
@@ -62,7 +62,7 @@ if mode == "before":
   state = state.replace(params=params)
   del params
 else:
-  params = continual.load_params(path, fmt, program)
+  params = start.load_params(path, fmt, program)
   state = program.init_state(params=params)
 jax.block_until_ready(state)
 seconds = time.perf_counter() - t

@@ -15,7 +15,7 @@ scripts/bench_data.py). It prints
     large matmul timed here: float32 on CPU, bfloat16 elsewhere), and
     against the device table's peak where the device is known.
 
-Model FLOPs per token come from gemma_jax.train.flops (attention counted
+Model FLOPs per token come from gemma_jax.train.metrics (attention counted
 with each layer's sliding window). The same script runs unchanged on CPU,
 GPU and TPU.
 """
@@ -68,7 +68,7 @@ def synthetic_batch(rng, batch: int, seq_len: int, vocab: int) -> dict:
 
 def main(argv=None):
   from gemma_jax import hardware
-  from gemma_jax.train import flops, metrics
+  from gemma_jax.train import metrics
   from gemma_jax.train.config import load_config
   from gemma_jax.train.program import TrainProgram
 
@@ -134,7 +134,7 @@ def main(argv=None):
 
   n_dev = jax.device_count()
   tokens_per_sec = args.batch * args.seq_len * args.steps / elapsed
-  fpt = flops.model_flops_per_token(cfg.model, args.seq_len)
+  fpt = metrics.model_flops_per_token(cfg.model, args.seq_len)
   peak, peak_dtype = measured_matmul_peak(jax.local_devices()[0])
   table = hardware.peak_flops_per_device(jax.devices()[0])
   result = {

@@ -36,7 +36,7 @@ environment variable too (e.g. the same tunable, for the comparison of
 the two with the same allocator setting).
 
 Printed per run: tokens/s (from the median timed step), model FLOP/s
-(gemma_jax.train.flops), MFU against the machine's float32 matmul peak
+(gemma_jax.train.metrics), MFU against the machine's float32 matmul peak
 (the best of a timed jnp.dot and torch.matmul chain), peak RSS, our step's
 compile time, and ours/HF ratios.
 """
@@ -204,7 +204,7 @@ def build_ours(a):
   import jax
 
   from gemma_jax.checkpoint import hf
-  from gemma_jax.train import flops
+  from gemma_jax.train import metrics
 
   cfg = run_config(a.batch, a.seq_len, a.spec)
   params, _ = hf.load(a.weights, cfg.model)
@@ -226,7 +226,7 @@ def build_ours(a):
   info = {
     "framework": "ours",
     "compile_s": compile_s,
-    "flops_per_token": flops.model_flops_per_token(cfg.model, a.seq_len),
+    "flops_per_token": metrics.model_flops_per_token(cfg.model, a.seq_len),
     "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
   }
   peak = lambda: bench_train.measured_matmul_peak(
@@ -240,7 +240,7 @@ def build_hf(a):
   import torch
   import transformers
 
-  from gemma_jax.train import flops
+  from gemma_jax.train import metrics
 
   cfg = run_config(a.batch, a.seq_len)
   model = transformers.Gemma2ForCausalLM.from_pretrained(
@@ -282,7 +282,7 @@ def build_hf(a):
   info = {
     "framework": "hf",
     "compile_s": 0.0,
-    "flops_per_token": flops.model_flops_per_token(cfg.model, a.seq_len),
+    "flops_per_token": metrics.model_flops_per_token(cfg.model, a.seq_len),
     "threads": torch.get_num_threads(),
   }
   return one, info, _torch_matmul_peak

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gemma_jax.checkpoint import native
 from gemma_jax.data import pipeline_for
 from gemma_jax.model.quant import QuantConfig
-from gemma_jax.train import evaluation
+from gemma_jax.train import metrics
 from gemma_jax.train.config import load_config
 from gemma_jax.train.program import TrainProgram
 
@@ -38,7 +38,7 @@ def evaluate(cfg, path, quant, batches):
   program = TrainProgram(cfg)
   params, _ = native.load(path, shardings=program.param_shardings)
   pipe = pipeline_for(cfg)
-  return evaluation.evaluate(program, params, pipe, batches)
+  return metrics.evaluate(program, params, pipe, batches)
 
 
 def main():

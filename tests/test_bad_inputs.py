@@ -634,7 +634,7 @@ def special(name, c, monkeypatch):
       [
         sys.executable,
         "-c",
-        "import sys, time; from gemma_jax.train.lease "
+        "import sys, time; from gemma_jax.checkpoint.lease "
         "import WorkdirLease; WorkdirLease(sys.argv[1]).acquire(); "
         "print('held', flush=True); time.sleep(120)",
         work,

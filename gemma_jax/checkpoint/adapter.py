@@ -40,7 +40,7 @@ def save(
 ) -> None:
   """Writes the adapters of a model with `model_cfg` (which has `lora`).
 
-  base: JSON-able facts about the base (see gemma_jax.train.lora).
+  base: JSON-able facts about the base (see gemma_jax.features.lora).
   """
   directory = epath.Path(directory).absolute()
   if directory.exists() and not force:

@@ -99,7 +99,7 @@ def check_shapes(found: dict, model_cfg: ModelConfig, source: str) -> None:
 def load(directory, model_cfg: ModelConfig, shardings=None) -> dict:
   """The float32 Fisher tree: numpy, or jax.Arrays placed by `shardings`
   (a params-shaped tree). Values are not checked here (see
-  gemma_jax.train.continual)."""
+  gemma_jax.features.ewc)."""
   load_meta(directory)
   path = epath.Path(directory).absolute() / TREE_DIR
   with ocp.PyTreeCheckpointer() as ckptr:

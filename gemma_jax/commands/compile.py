@@ -110,6 +110,7 @@ def _print_table(r):
 def main(args) -> int:
   # AOT compiles for TPU; the host backend only needs to be CPU.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import gemma_jax.features  # noqa: F401  (registers them with the core)
   from gemma_jax.train import aot
   from gemma_jax.train.config import load_config
 

@@ -58,11 +58,11 @@ def main(args) -> int:
   if steps < 1:
     raise ConfigError(f"--steps must be >= 1, got {steps}")
   distributed.initialize_runtime(cfg.runtime)
-  from gemma_jax.train import distillation
+  from gemma_jax.drivers import distill_dump
 
-  manifest = distillation.write_dump(cfg, out, steps, args.steps_per_file)
+  manifest = distill_dump.write_dump(cfg, out, steps, args.steps_per_file)
   positions = manifest["steps"] * manifest["global_batch"] * manifest["seq_len"]
-  stored = distillation.dump_files_bytes(out)
+  stored = distill_dump.dump_files_bytes(out)
   print(
     json.dumps(
       {

@@ -129,9 +129,10 @@ def _params(args, program):
 def main(args) -> int:
   import json
 
+  import gemma_jax.features  # noqa: F401  (registers them with the core)
   from gemma_jax import distributed
   from gemma_jax.data import pipeline_for
-  from gemma_jax.train import evaluation
+  from gemma_jax.train import metrics
   from gemma_jax.train.program import TrainProgram
 
   cfg = _config(args)
@@ -141,7 +142,7 @@ def main(args) -> int:
   program = TrainProgram(cfg)
   pipe = pipeline_for(cfg)
   params, step = _params(args, program)
-  results = evaluation.evaluate(
+  results = metrics.evaluate(
     program, params, pipe, args.batches or cfg.train.eval_batches or 1
   )
   if jax.process_index() == 0:

@@ -13,7 +13,7 @@
 YAML list of {kind: arc | mmlu | gsm8k | hellaswag | multiple_choice |
 generative, path, ...}; gemma_jax/evals/forgetting.py) or one generic
 JSON-lines file {context, choices, gold}; each document's row is its gold
-answer given the harness's prompt (gemma_jax/evals/fisher_rows.py).
+answer given the harness's prompt (gemma_jax/drivers/fisher_data.py).
 
 The checkpoint is --params (default: the config's checkpoint.init_from),
 in any format `train` starts from; the mesh is the config's. Writes an
@@ -127,8 +127,8 @@ def add_arguments(parser):
 
 
 def _rows(args, cfg):
+  from gemma_jax.drivers import fisher_data
   from gemma_jax.errors import ConfigError
-  from gemma_jax.train import fisher_data
 
   if args.source:
     if args.sequences is None:
@@ -147,7 +147,8 @@ def _rows(args, cfg):
 
 def _task_rows(path, cfg, count):
   """GoldRows of a task list YAML or a generic multiple-choice jsonl."""
-  from gemma_jax.evals import fisher_rows, forgetting, tasks
+  from gemma_jax.drivers import fisher_data
+  from gemma_jax.evals import forgetting, tasks
   from gemma_jax.tokenizer import Tokenizer
 
   if path.endswith((".yaml", ".yml")):
@@ -156,7 +157,7 @@ def _task_rows(path, cfg, count):
     found = [tasks.multiple_choice(path)]
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   tokenizer.check_vocab(cfg.model.vocab_size)
-  return fisher_rows.GoldRows(found, tokenizer, cfg.data.seq_len, count)
+  return fisher_data.GoldRows(found, tokenizer, cfg.data.seq_len, count)
 
 
 def _task_file(path) -> dict:
@@ -191,8 +192,8 @@ def _print_stats(meta):
 
 
 def _estimator(args):
+  from gemma_jax.drivers import fisher
   from gemma_jax.errors import ConfigError
-  from gemma_jax.train import fisher
 
   if args.batch_size is not None and args.estimator == "per_example":
     raise ConfigError("--batch-size is for --estimator batch_mean")
@@ -205,9 +206,12 @@ def _estimator(args):
 def compile_only(args, cfg) -> int:
   """--topology: the step's compiled memory on a TPU topology."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+  import gemma_jax.features  # noqa: F401  (registers them with the core)
   from gemma_jax import hardware
+  from gemma_jax.drivers import fisher
   from gemma_jax.sharding.mesh import make_mesh
-  from gemma_jax.train import aot, fisher
+  from gemma_jax.train import aot
   from gemma_jax.train.program import TrainProgram
 
   chip, _ = hardware.parse_topology(args.topology)
@@ -251,8 +255,11 @@ def main(args) -> int:
   distributed.initialize_runtime(cfg.runtime)
   import jax
 
+  import gemma_jax.features  # noqa: F401  (registers them with the core)
   from gemma_jax.checkpoint import fisher as fisher_store
-  from gemma_jax.train import continual, fisher, fisher_data, metrics
+  from gemma_jax.drivers import fisher, fisher_data
+  from gemma_jax.features import ewc
+  from gemma_jax.train import metrics, start
   from gemma_jax.train.program import TrainProgram
 
   path = args.params or cfg.checkpoint.init_from
@@ -274,7 +281,7 @@ def main(args) -> int:
   fprog = fisher.FisherProgram(
     program, estimator, args.units_per_step, args.rows_per_vmap, args.grad_dtype
   )
-  params = continual.load_params(path, args.params_format, program)
+  params = start.load_params(path, args.params_format, program)
   steps = fisher_data.num_steps(
     rows, estimator.rows_per_unit, fprog.units_per_step
   )
@@ -294,7 +301,7 @@ def main(args) -> int:
     "base": {
       "path": str(path),
       "format": args.params_format,
-      "fingerprint": continual.fingerprint_of(path),
+      "fingerprint": ewc.fingerprint_of(path),
     },
     "data": data,
     "estimator": {"name": estimator.name, "batch_size": estimator.batch_size},

@@ -80,6 +80,7 @@ def main(args) -> int:
   distributed.initialize_runtime(cfg.runtime, command="report")
   import jax
 
+  import gemma_jax.features  # noqa: F401  (registers them with the core)
   from gemma_jax.data import pipeline_for
   from gemma_jax.train.program import TrainProgram
 

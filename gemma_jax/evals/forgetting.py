@@ -47,7 +47,7 @@ from gemma_jax.evals import evaluate, generation, scoring
 from gemma_jax.evals import report as report_lib
 from gemma_jax.evals import tasks as tasks_lib
 from gemma_jax.sharding import rules
-from gemma_jax.train import evaluation
+from gemma_jax.train import metrics
 
 TASK_KINDS: dict[str, Callable[..., Any]] = {  # -> Task (mmlu: list)
   "arc": tasks_lib.arc,
@@ -201,7 +201,7 @@ def evaluate_checkpoint(
 ):
   """({"heldout": {source: {loss, perplexity, tokens}}, "tasks": {task:
   metrics}}, per-document items) of one set of params."""
-  heldout = evaluation.evaluate(program, params, pipe, eval_batches)
+  heldout = metrics.evaluate(program, params, pipe, eval_batches)
   results: dict[str, dict] = {}
   items: list[dict] = []
   if tasks:

@@ -7,7 +7,7 @@ A [in..., r] and B [r, out...], and computes
 
 with B initialised to zero, so a fresh adapter leaves the model unchanged.
 The base weights are not touched: the trainer keeps them frozen (see
-gemma_jax.train.lora) and only A and B are trained. `merge` folds the
+gemma_jax.features.lora) and only A and B are trained. `merge` folds the
 adapters into the base weights: W' = W + (alpha / r) A B.
 
 Targets and where they live (k/v and gate/up share one fused weight; each

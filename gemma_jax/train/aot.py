@@ -21,7 +21,7 @@ from gemma_jax import hardware
 from gemma_jax.errors import ConfigError
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.mesh import make_mesh
-from gemma_jax.train import flops as flops_lib
+from gemma_jax.train import metrics
 from gemma_jax.train.config import RunConfig
 from gemma_jax.train.program import TrainProgram
 
@@ -209,7 +209,7 @@ def compile_report(
   n = len(devices)
   tokens = cfg.train.batch_size * cfg.data.seq_len
   analytic = (
-    flops_lib.model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens / n
+    metrics.model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens / n
   )
   report = dict(
     topology=topology,

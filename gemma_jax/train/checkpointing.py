@@ -6,7 +6,7 @@ Each checkpoint directory `DIR/checkpoints/<step>/` holds two items:
          non-finite counter), saved sharded by every process;
   meta   JSON: the resolved run config, the data pipeline's `describe()`
          (its sources, stages and tokenizer fingerprint), the step, whether
-         the checkpoint is good and why (gemma_jax/train/health.py), and
+         the checkpoint is good and why (gemma_jax.train.state), and
          every array's shape and checksum.
 
 The data position needs no state of its own: batches are a pure function of
@@ -38,7 +38,7 @@ from etils import epath
 
 from gemma_jax import fileio
 from gemma_jax.errors import CheckpointError
-from gemma_jax.train import health
+from gemma_jax.train import state as state_lib
 from gemma_jax.train.config import CheckpointConfig
 
 # 2: the learning rate is an injected hyperparameter; 3: meta holds the
@@ -136,7 +136,7 @@ class Checkpointer:
     return ocp.CheckpointManagerOptions(
       enable_async_checkpointing=cfg.async_save,
       create=True,
-      # The newest `keep`, and the newest good one (see health.py).
+      # The newest `keep`, and the newest good one (see gemma_jax.train.state).
       preservation_policy=cm.AnyPreservationPolicy(
         [cm.LatestN(n=cfg.keep), _KeepNewestGood(self)]
       ),
@@ -163,7 +163,7 @@ class Checkpointer:
       "step": step,
       **meta,
       "shapes": _shapes(state),
-      "checksums": health.checksums(state),
+      "checksums": state_lib.checksums(state),
     }
     self._metas[step] = meta
     self._good[step] = bool(meta.get("good", {}).get("good", False))
@@ -175,7 +175,7 @@ class Checkpointer:
       ),
     )
 
-  # Goodness (see gemma_jax/train/health.py).
+  # Goodness (see gemma_jax.train.state).
   def good(self, step: int) -> dict | None:
     """The `good` record of a checkpoint; None for one saved before they
     were recorded, or whose meta cannot be read."""
@@ -243,8 +243,8 @@ class Checkpointer:
         ) from None
       raise self._mismatch(step, f"{type(e).__name__}: {text[:300]}") from None
     if "checksums" in meta:
-      bad = health.mismatched(
-        meta["checksums"], health.checksums(restored.state)
+      bad = state_lib.mismatched(
+        meta["checksums"], state_lib.checksums(restored.state)
       )
       if bad:
         raise CheckpointDamaged(
@@ -432,3 +432,25 @@ def _culprit(text: str) -> str:
   if key:
     return f"array {key.group(1)}"
   return "array data"
+
+
+def newest_good_advice(checkpointer, resume_word: str = "rerun") -> str:
+  """What to do after a divergence or a bad checkpoint: a fix, then which
+  checkpoint to rerun from (--from-step)."""
+  checkpointer.wait()
+  good = checkpointer.newest_good_step()
+  fix = (
+    "lower optimizer.learning_rate, add warmup or clip gradients "
+    "(optimizer.grad_clip_norm)"
+  )
+  if good is None:
+    return (
+      f"no checkpoint is good: {fix}, then {resume_word} with "
+      f"--from-step 0 to start over (checkpoints are moved to "
+      f"WORKDIR/{DISCARDED_DIR}, not deleted)"
+    )
+  return (
+    f"the newest good checkpoint is step {good}: {fix}, then "
+    f"{resume_word} with --from-step {good} (later checkpoints are "
+    f"moved to WORKDIR/{DISCARDED_DIR}, not deleted)"
+  )

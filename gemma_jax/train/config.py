@@ -4,8 +4,10 @@
 
 Sections: `model` (gemma_jax.model.config), `mesh` (gemma_jax.sharding.config),
 `data` (gemma_jax.data.config), `runtime` (gemma_jax.distributed), `distill`
-(gemma_jax.train.distill), and the training sections defined here:
-`optimizer`, `train`, `checkpoint`, `continual` (EWC; docs/continual.md).
+and the training sections defined here: `optimizer`, `train`,
+`checkpoint`, `distill` and `continual` (EWC; docs/continual.md).
+`RunConfig.features()` names the features a config turns on
+(gemma_jax.features).
 The model section may name a preset and
 override any of its fields:
 
@@ -21,9 +23,11 @@ from gemma_jax import configlib
 from gemma_jax.data.config import DataConfig
 from gemma_jax.distributed import RuntimeConfig
 from gemma_jax.errors import ConfigError
-from gemma_jax.model.config import PRESETS, ModelConfig
+from gemma_jax.model.config import PRESETS, DType, ModelConfig
 from gemma_jax.sharding.config import MeshConfig
-from gemma_jax.train.distill import DistillConfig
+
+TAILS = ("renormalize", "bucket")  # see gemma_jax.features.distill_loss
+Tail = Literal["renormalize", "bucket"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +107,7 @@ class CheckpointConfig:
   async_save: bool = True
   init_from: str | None = None  # params to start from (continual pretraining)
   # Format of init_from: detected, or named (a gemma_jax run directory is
-  # `run`; see gemma_jax.train.continual).
+  # `run`; see gemma_jax.train.start).
   init_format: Literal["auto", "native", "hf", "kaggle", "run"] = "auto"
   # With init_from a run directory: continue its AdamW moments too (the
   # learning-rate schedule still restarts at step 0).
@@ -162,6 +166,56 @@ class ContinualConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """The run config's `distill:` section (README "Distillation").
+
+  Online (`teacher`): the teacher's forward runs inside the train step.
+  Offline (`dump`): the student reads the teacher's top-k from a dump that
+  `gemma-jax distill dump` wrote. Off when neither is set (nor
+  `teacher_model`, which alone lets `gemma-jax compile` size a run).
+
+  teacher: checkpoint directory of the teacher: native, Hugging Face, or
+    official Flax (that one needs `teacher_model`). Any size; its
+    vocabulary must be the student's.
+  teacher_model: the teacher's model section (a preset name or fields);
+    default: the checkpoint's own config. `gemma-jax compile` reads only it.
+  teacher_dtype: the teacher's parameter and compute dtype.
+  temperature: tau of both softmaxes (the loss is scaled by tau^2).
+  alpha: objective = alpha * distill + (1 - alpha) * cross-entropy.
+  topk, tail: what a dump stores per position and how its tail is used.
+  dump: a dump directory: train from it (offline).
+  """
+
+  teacher: str | None = None
+  teacher_model: ModelConfig | None = None
+  teacher_dtype: DType = "bfloat16"
+  temperature: float = 1.0
+  alpha: float = 0.5
+  topk: int = 64
+  tail: Tail = "bucket"
+  dump: str | None = None
+
+  def __post_init__(self):
+    if self.temperature <= 0:
+      raise ConfigError(
+        f"distill.temperature must be > 0, got {self.temperature}"
+      )
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+    if self.topk < 1:
+      raise ConfigError(f"distill.topk must be >= 1, got {self.topk}")
+
+  @property
+  def mode(self) -> str | None:
+    """The mode: "offline", "online" or None (off)."""
+    if self.dump:
+      return "offline"
+    if self.teacher or self.teacher_model is not None:
+      return "online"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   model: ModelConfig
   mesh: MeshConfig = MeshConfig()
@@ -183,6 +237,16 @@ class RunConfig:
         "anchor: set continual.anchor or "
         "checkpoint.init_from"
       )
+
+  def features(self) -> tuple[str, ...]:
+    """The features (gemma_jax.features) this config turns on."""
+    on = {
+      "lora": self.model.lora is not None,
+      "distill": self.distill.mode is not None,
+      "ewc": self.continual.enabled,
+      "ema": self.train.ema_decay > 0,
+    }
+    return tuple(name for name, is_on in on.items() if is_on)
 
   def _check_lora(self):
     c, ck = self.continual, self.checkpoint

@@ -10,6 +10,9 @@ Keys of a training record (see README "Metrics"):
   tokens, tokens_per_sec, step_time_s, mfu, skipped, loss/<term> for each
   extra objective term (e.g. loss/ewc, loss/distill), and (added by the
   trainer) skipped_total, elapsed_s
+
+Also here: the analytic FLOPs behind `mfu` (`model_flops_per_token`) and the
+held-out evaluation behind eval.jsonl (`evaluate`, `eval_record`).
 """
 
 import json
@@ -21,11 +24,13 @@ import tempfile
 import time
 from typing import IO
 
+import jax
 import numpy as np
 from etils import epath
 
 from gemma_jax import fileio
 from gemma_jax.errors import ConfigError, TrainingStopped
+from gemma_jax.model.config import ModelConfig
 
 FLUSH_ENV = "GEMMA_JAX_REMOTE_FLUSH_S"
 DEFAULT_REMOTE_FLUSH_S = 30.0
@@ -320,4 +325,86 @@ def train_record(
     t = float(src_tokens[i])
     record[f"loss/{name}"] = float(src_loss[i]) / t if t else None
     record[f"share/{name}"] = t / total_src if total_src else 0.0
+  return record
+
+
+# Analytic FLOPs.
+#
+# Analytic training FLOPs of a Gemma model, for MFU and to check the compiler.
+#
+# Counts matmuls only (2 FLOPs per multiply-add), forward + backward = 3x the
+# forward, no rematerialisation (the MFU convention: recomputation is not
+# useful work). Attention is counted causally: query i of a layer with window
+# W sees min(i + 1, W) keys, so sliding-window layers cost less than global.
+
+
+def mean_keys_per_query(seq_len: int, window: int = 0) -> float:
+  """Average number of keys a causal query attends to (window 0: global)."""
+  w = window or seq_len
+  if w >= seq_len:
+    return (seq_len + 1) / 2
+  # Positions 0..w-1 see 1..w keys, the remaining seq_len - w see w each.
+  return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Weights used in a matmul per token: all layers + the output projection."""
+  d, h, f = cfg.d_model, cfg.head_dim, cfg.mlp_dim
+  attn = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * d * h
+  return cfg.num_layers * (attn + 3 * d * f) + cfg.vocab_size * d
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 * matmul params + causal attention."""
+  attn = sum(
+    12 * cfg.num_heads * cfg.head_dim * mean_keys_per_query(seq_len, w)
+    for w in cfg.layer_windows
+  )
+  return 6 * matmul_params(cfg) + attn
+
+
+# Held-out evaluation per data source: loss (nats/token) and perplexity.
+def evaluate(program, params, pipe, num_batches: int) -> dict[str, dict]:
+  """Mean held-out loss of each source over `num_batches` batches.
+
+  Args:
+    program: the run's TrainProgram (its compiled eval step and batch
+      placement).
+    params: the model parameters (sharded like `program.param_shardings`).
+    pipe: the data pipeline; `pipe.eval_batches(source, n)` yields numpy
+      batches of one source.
+    num_batches: batches per source.
+
+  Returns:
+    {source: {"loss", "perplexity", "tokens"}}; sources without held-out
+    tokens are left out. One host sync per source.
+  """
+  results = {}
+  for name in pipe.source_names:
+    outs = [
+      program.eval_step(params, program.put(batch))
+      for batch in pipe.eval_batches(name, num_batches)
+    ]
+    if not outs:
+      continue
+    outs = jax.device_get(outs)
+    loss_sum = float(np.sum([o["loss_sum"] for o in outs]))
+    tokens = float(np.sum([o["tokens"] for o in outs]))
+    if tokens == 0:
+      continue
+    loss = loss_sum / tokens
+    results[name] = {
+      "loss": loss,
+      "perplexity": math.exp(min(loss, 700.0)),
+      "tokens": int(tokens),
+    }
+  return results
+
+
+def eval_record(step: int, results: dict[str, dict]) -> dict:
+  """Flat record for eval.jsonl: eval/<source>/{loss,perplexity,tokens}."""
+  record = {"step": step}
+  for name, r in results.items():
+    for key, value in r.items():
+      record[f"eval/{name}/{key}"] = value
   return record

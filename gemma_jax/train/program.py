@@ -9,10 +9,16 @@
 mesh, shardings, abstract shapes and compiled steps from here; nothing else
 computes a sharding. The model's logical axis names become mesh axes through
 the config's rules table (gemma_jax.sharding.rules).
+
+Features (gemma_jax.features) register with `register`; a program calls the
+hooks (gemma_jax.features.base.Feature) of those its config turns on, in the
+order they were registered.
 """
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,14 +28,72 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.model import ModelConfig, Transformer
+from gemma_jax.model import Transformer
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.mesh import make_mesh
-from gemma_jax.train import continual, distillation, lora
 from gemma_jax.train import state as state_lib
 from gemma_jax.train import step as step_lib
 from gemma_jax.train.config import RunConfig
 from gemma_jax.train.optimizer import make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Extra:
+  """Per-step state a feature keeps in TrainState.extras[name].
+
+  init(params) -> tree: at step 0. update(tree, params, opt_state) -> tree:
+  after each optimizer update (kept only when the step is). specs: its
+  PartitionSpecs.
+  """
+
+  init: Callable[[Any], Any]
+  update: Callable[[Any, Any, Any], Any]
+  specs: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """Params other than the state's to evaluate and export (e.g. an average
+  of the weights).
+
+  name: the metrics prefix (eval_<name>/...) and export suffix
+  (params_<name>); label: how logs call it; what: how export lines call it.
+  """
+
+  name: str
+  label: str
+  what: str
+  params: Any
+
+  @property
+  def suffix(self) -> str:
+    return f"_{self.name}" if self.name else ""
+
+
+MAIN = "params"  # Variant.what of the state's own params
+
+
+_REGISTERED: list[Any] = []  # Feature classes
+
+
+def register(*features: Any) -> None:
+  """Adds feature classes (gemma_jax.features.base.Feature), in order."""
+  for feature in features:
+    if feature not in _REGISTERED:
+      _REGISTERED.append(feature)
+
+
+def enabled_features(cfg: RunConfig) -> list:
+  """One instance of every registered feature `cfg` turns on, in order;
+  ConfigError naming any it turns on that is not registered."""
+  missing = set(cfg.features()) - {f.name for f in _REGISTERED}
+  if missing:
+    raise ConfigError(
+      f"the config turns on {', '.join(sorted(missing))}, which no "
+      f"registered feature provides; import gemma_jax.features before "
+      f"building a TrainProgram (it registers them all)"
+    )
+  return [f(cfg) for f in _REGISTERED if f.enabled(cfg)]
 
 
 class TrainProgram:
@@ -46,15 +110,15 @@ class TrainProgram:
     state_shardings: NamedShardings of every TrainState leaf.
     batch_sharding: the NamedSharding of every batch array (rows split).
     abstract_state, abstract_batch: ShapeDtypeStructs with those shardings.
-    forward: (params, frozen, batch) -> logits; loss_fn, penalty_fn: the
-      objective (see gemma_jax.train.step.train_step).
-    frozen: arrays every step reads but never trains (a teacher, a Fisher
-      and its anchor, the base of LoRA: gemma_jax.train.lora), on the
-      devices; {} when the objective needs none.
+    features: the enabled features (gemma_jax.features.base.Feature).
+    forward: a step.Forward; loss_fn, penalty_fn: the objective (see
+      gemma_jax.train.step.train_step).
+    frozen: {name: arrays} every step reads but never trains, from the
+      features, on the devices; {} when the objective needs none.
       An entry may be abstract (ShapeDtypeStructs with shardings) until
       loaded: enough to lower and compile for another topology.
-    train_only_frozen: names of frozen entries only the objective reads
-      (the eval step does without them, e.g. a teacher).
+    eval_frozen_names: the frozen entries the eval step reads too.
+    extras: {name: Extra} of features that keep per-step state.
   """
 
   def __init__(self, cfg: RunConfig, mesh: jax.sharding.Mesh | None = None):
@@ -62,51 +126,48 @@ class TrainProgram:
     self.mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     self.model = Transformer(cfg.model)
     self.num_sources = max(len(cfg.data.sources), 1)
-    self.forward = step_lib.model_forward(self.model)
-    # Device arrays the step reads but never trains (a teacher, a Fisher and
-    # its anchor), by name; those named in train_only_frozen are not passed
-    # to the eval step.
+    self.features = enabled_features(cfg)
     self.frozen: dict[str, Any] = {}
-    self.train_only_frozen: set[str] = set()
-    # Set by distillation.install for an online teacher.
-    self.teacher_config: ModelConfig | None = None
-    boxed = state_lib.abstract_params(cfg.model)
-    if cfg.model.lora is not None:
-      # LoRA: the state trains the adapters only; the base is frozen.
-      boxed = lora.setup(self, boxed)
-    self.loss_fn = step_lib.lm_loss(
-      self.forward, self.num_sources, cfg.train.z_loss
-    )
-    self.penalty_fn = None
+    self.eval_frozen_names: set[str] = set()
     self.optimizer, self.schedule = make_optimizer(
       cfg.optimizer, cfg.optimizer.decay_steps or cfg.train.steps
     )
     self.batch_sharding = NamedSharding(self.mesh, rules.batch_spec(cfg.mesh))
     self._check_batch_size()
 
+    # 1. The params the state trains, their layout, and per-step extras.
+    boxed = state_lib.abstract_params(cfg.model)
+    for f in self.features:
+      boxed = f.trainable(self, boxed)
     self.param_specs, self.unsharded = rules.mesh_specs(
       boxed, self.mesh, cfg.mesh
     )
     params = rules.values(boxed)
-    if cfg.model.lora is not None:
-      self.param_specs = lora.adapter_specs(self.param_specs, params, self.mesh)
+    for f in self.features:
+      self.param_specs = f.param_specs(self, self.param_specs, params)
     opt_state = jax.eval_shape(self.optimizer.init, params)
-    moment_specs = self._moment_specs(params)
-    self.ema = cfg.train.ema_decay > 0
+    self.moment_specs = self._moment_specs(params)
+    self.extras = {
+      f.name: extra
+      for f in self.features
+      if (extra := f.extras(self)) is not None
+    }
     self.state_shardings = rules.named(
       self.mesh,
       state_lib.TrainState(
         step=P(),
         params=self.param_specs,
-        opt_state=self._opt_state_specs(moment_specs, opt_state),
+        opt_state=self._opt_state_specs(self.moment_specs, opt_state),
         rng=P(),
         nonfinite_in_row=P(),
-        ema=moment_specs if self.ema else None,
+        extras={k: e.specs for k, e in self.extras.items()} or None,
       ),
     )
     shapes = jax.eval_shape(
       functools.partial(
-        state_lib.init_state, optimizer=self.optimizer, ema=self.ema
+        state_lib.init_state,
+        optimizer=self.optimizer,
+        extras_init=self._extras_init,
       ),
       params,
       jax.ShapeDtypeStruct((2,), jnp.uint32),
@@ -125,11 +186,24 @@ class TrainProgram:
       )
       for k in step_lib.BATCH_KEYS
     }
-    # distill: the teacher (frozen), its loss, and a dump's batch keys.
-    distillation.install(self)
-    # EWC (continual.ewc_lambda > 0): the penalty, and the Fisher and anchor
-    # as abstract frozen inputs until the trainer loads them.
-    continual.install(self)
+
+    # 2. The objective: the forward pass, the frozen inputs and extra batch
+    # arrays it reads, the loss and the penalties.
+    self.forward = step_lib.model_forward(self.model)
+    for f in self.features:
+      self.forward = f.forward(self, self.forward)
+      frozen = f.frozen(self)
+      self.frozen |= frozen
+      if f.frozen_in_eval:
+        self.eval_frozen_names |= set(frozen)
+      self.abstract_batch |= f.batch_keys(self)
+    self.loss_fn = step_lib.lm_loss(
+      self.forward, self.num_sources, cfg.train.z_loss
+    )
+    for f in self.features:
+      self.loss_fn = f.loss(self, self.loss_fn)
+    penalties = [p for f in self.features if (p := f.penalty(self))]
+    self.penalty_fn = _sum_of(penalties) if penalties else None
 
   # Shapes and layouts.
   def _check_batch_size(self):
@@ -144,7 +218,7 @@ class TrainProgram:
       )
 
   def _moment_specs(self, params):
-    """Per-parameter state (moments, the EMA): like the params, plus ZeRO
+    """Per-parameter state (moments, extras): like the params, plus ZeRO
     over the data axis."""
     specs = self.param_specs
     if self.cfg.mesh.shard_optimizer_over_data:
@@ -184,8 +258,16 @@ class TrainProgram:
 
   @property
   def eval_frozen(self) -> dict:
+    return {k: v for k, v in self.frozen.items() if k in self.eval_frozen_names}
+
+  def _extras_init(self, params):
+    if not self.extras:
+      return None
+    return {k: e.init(params) for k, e in self.extras.items()}
+
+  def _extras_update(self, extras, params, opt_state):
     return {
-      k: v for k, v in self.frozen.items() if k not in self.train_only_frozen
+      k: e.update(extras[k], params, opt_state) for k, e in self.extras.items()
     }
 
   @property
@@ -217,16 +299,21 @@ class TrainProgram:
 
   @functools.cached_property
   def _init_params(self):
-    init = functools.partial(state_lib.init_params, self.cfg.model)
-    if self.cfg.model.lora is not None:
-      init = lora.init_adapters(init)
-    return jax.jit(init, out_shardings=self.param_shardings)
+    init = state_lib.init_params
+    for f in self.features:
+      init = f.init_params(init)
+    return jax.jit(
+      functools.partial(init, self.cfg.model),
+      out_shardings=self.param_shardings,
+    )
 
   @functools.cached_property
   def _init_state(self):
     return jax.jit(
       functools.partial(
-        state_lib.init_state, optimizer=self.optimizer, ema=self.ema
+        state_lib.init_state,
+        optimizer=self.optimizer,
+        extras_init=self._extras_init,
       ),
       in_shardings=(self.param_shardings, None),
       out_shardings=self.state_shardings,
@@ -242,8 +329,7 @@ class TrainProgram:
       optimizer=self.optimizer,
       microbatches=self.cfg.train.microbatches,
       penalty_fn=self.penalty_fn,
-      ema_decay=self.cfg.train.ema_decay,
-      ema_debias=self.cfg.train.ema_debias,
+      extras_fn=self._extras_update if self.extras else None,
     )
     replicated = NamedSharding(self.mesh, P())
     return jax.jit(
@@ -323,15 +409,28 @@ class TrainProgram:
     batch = {k: batch[k] for k in step_lib.BATCH_KEYS}
     return self._compiled_eval_step(params, batch, self.eval_frozen)
 
-  @functools.cached_property
-  def _ema_params(self):
-    dtypes = jax.tree.map(lambda x: x.dtype, self.abstract_state.params)
-    return jax.jit(
-      lambda ema: jax.tree.map(lambda e, d: e.astype(d), ema, dtypes),
-      out_shardings=self.param_shardings,
-    )
+  def variants(self, state) -> list:
+    """Params besides the state's to evaluate and export (the features'
+    gemma_jax.features.base.Variant)."""
+    return [v for f in self.features for v in f.variants(self, state)]
 
-  def ema_params(self, state):
-    """The state's EMA as params: their dtype and sharding (to evaluate or
-    export it)."""
-    return self._ema_params(state.ema)
+  def full_params(self, params):
+    """The model's whole param tree from the state's params."""
+    for f in self.features:
+      params = f.full_params(self, params)
+    return params
+
+
+def _sum_of(penalties):
+  """One penalty_fn from several: values added, terms merged."""
+  if len(penalties) == 1:
+    return penalties[0]
+
+  def fn(params, frozen):
+    total, terms = 0.0, {}
+    for p in penalties:
+      value, more = p(params, frozen)
+      total, terms = total + value, terms | more
+    return total, terms
+
+  return fn

@@ -13,12 +13,15 @@ optimizer. A step whose loss, gradients, new parameters or new optimizer
 state are not finite is skipped: the state is kept and a counter raised.
 """
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from gemma_jax.train import ema as ema_lib
 from gemma_jax.train.optimizer import learning_rate
 from gemma_jax.train.state import TrainState
 
@@ -75,55 +78,77 @@ def cross_entropy_sums(
   return loss_sums(ce, z, batch, num_sources)
 
 
-def model_forward(model):
-  """forward(params, frozen, batch) -> logits [B, T, V] of a plain model
-  (the frozen inputs are for objectives and adapters that need them).
+# A view: (params, frozen, batch) -> (the model's params, flax rngs).
+View = Callable[[Any, Any, dict], tuple[Any, dict]]
 
-  forward.ce_and_lse(params, frozen, batch) -> (ce, lse) [B, T] is the
-  model's own loss path (Transformer.token_losses: with model.loss_chunk,
-  fused and chunked, never storing the logits); `lm_loss` uses it.
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+  """The model's forward pass over (params, frozen, batch), two ways:
+
+      logits = forward(params, frozen, batch)          # [B, T, V] float32
+      ce, lse = forward.losses(params, frozen, batch)  # [B, T] float32
+
+  `losses` is the model's own loss path (Transformer.token_losses: with
+  model.loss_chunk, fused and chunked, never storing the logits); `lm_loss`
+  uses it. `views` turn the trained params and the frozen inputs into what
+  the model applies (e.g. a frozen base with adapters), in order; a feature
+  adds one with `with_view` and both ways keep it.
   """
 
-  def forward(params, frozen, batch):
-    del frozen
-    return model.apply(
-      {"params": params},
+  model: Any
+  views: tuple[View, ...] = ()
+
+  def with_view(self, view: View) -> "Forward":
+    return dataclasses.replace(self, views=self.views + (view,))
+
+  def _variables(self, params, frozen, batch):
+    rngs: dict = {}
+    for view in self.views:
+      params, more = view(params, frozen, batch)
+      rngs |= more
+    return {"params": params}, rngs
+
+  def __call__(self, params, frozen, batch):
+    variables, rngs = self._variables(params, frozen, batch)
+    return self.model.apply(
+      variables,
       batch["inputs"],
       batch["positions"],
       batch["segment_ids"],
+      rngs=rngs,
     )
 
-  def losses(params, frozen, batch):
-    del frozen
-    return model.apply(
-      {"params": params},
+  def losses(self, params, frozen, batch):
+    variables, rngs = self._variables(params, frozen, batch)
+    return self.model.apply(
+      variables,
       batch["inputs"],
       batch["targets"],
       batch["positions"],
       batch["segment_ids"],
-      method=type(model).token_losses,
+      rngs=rngs,
+      method=type(self.model).token_losses,
     )
 
-  forward.ce_and_lse = losses
-  return forward
+
+def model_forward(model) -> Forward:
+  """The Forward of a plain model (the frozen inputs unused)."""
+  return Forward(model)
 
 
-def lm_loss(forward, num_sources: int, z_loss: float = 0.0):
+def lm_loss(forward: Forward, num_sources: int, z_loss: float = 0.0):
   """The default objective: next-token cross-entropy plus z-loss.
 
   A loss function maps (params, batch, frozen) to (objective summed over the
   batch's target tokens, sums): sums holds ce, z, source_loss_sum,
   source_tokens and, for objectives with more terms, `terms` {name: sum}
-  (logged as loss/<name> per target token). Uses `forward.ce_and_lse`
-  where the forward has one (see `model_forward`), else its logits.
+  (logged as loss/<name> per target token). Uses `forward.losses`, the
+  model's fused loss path.
   """
-  fused = getattr(forward, "ce_and_lse", None)
 
   def loss(params, batch, frozen):
-    if fused is not None:
-      ce, lse = fused(params, frozen, batch)
-    else:
-      ce, lse = ce_and_lse(forward(params, frozen, batch), batch["targets"])
+    ce, lse = forward.losses(params, frozen, batch)
     sums = loss_sums(*masked_losses(ce, lse, batch, z_loss), batch, num_sources)
     return sums["ce"] + sums["z"], sums
 
@@ -168,7 +193,7 @@ def all_finite(tree) -> jax.Array:
 
 def row_keys(state: TrainState, rows: int) -> jax.Array:
   """uint32 [rows, 2]: PRNG keys of this step, one per batch row, for
-  objectives that draw random numbers (LoRA dropout); a pure function of
+  objectives that draw random numbers (dropout); a pure function of
   the state, so a resumed run draws the same."""
   return jax.random.split(jax.random.fold_in(state.rng, state.step), rows)
 
@@ -193,19 +218,18 @@ def train_step(
   optimizer: optax.GradientTransformation,
   microbatches: int = 1,
   penalty_fn=None,
-  ema_decay: float = 0.0,
-  ema_debias: bool = True,
+  extras_fn=None,
 ):
   """One optimizer update from a global batch: (new state, metrics).
 
   loss_fn(params, batch, frozen) -> (objective sum, sums) (see `lm_loss`);
   the objective is divided by the global batch's target tokens. penalty_fn
-  (params, frozen) -> (penalty, {name: value}) is added once per step (e.g.
-  EWC). `frozen` holds arrays the objective reads but never trains (a
-  teacher, a Fisher and its anchor, a LoRA base); it is not donated. The
-  loss sees the batch with `rng` added: per-row keys (`row_keys`). A state
-  with an `ema` moves it toward the new params at `ema_decay` (debiased by
-  the applied-update count, see gemma_jax.train.ema) when the step is kept.
+  (params, frozen) -> (penalty, {name: value}) is added once per step.
+  `frozen` holds arrays the objective reads but never trains; it is not
+  donated. The loss sees the batch with `rng` added: per-row keys
+  (`row_keys`). extras_fn(extras, new params, new opt_state) -> extras
+  updates the state's extras (per-step state of features) when the step
+  is kept.
 
   metrics (device scalars unless noted): loss (cross-entropy per target
   token), z_loss, loss/<term> of extra terms and penalties (and then
@@ -252,17 +276,16 @@ def train_step(
   keep = lambda new, old: jax.tree.map(
     lambda n, o: jnp.where(finite, n, o), new, old
   )
-  ema = state.ema
-  if ema is not None:
-    decay = ema_lib.ema_decay(ema_decay, applied_updates(opt_state), ema_debias)
-    ema = keep(ema_lib.ema_update(ema, params, decay), ema)
+  extras = state.extras
+  if extras_fn is not None:
+    extras = keep(extras_fn(extras, params, opt_state), extras)
   new_state = TrainState(
     step=state.step + 1,
     params=keep(params, state.params),
     opt_state=keep(opt_state, state.opt_state),
     rng=state.rng,
     nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
-    ema=ema,
+    extras=extras,
   )
   metrics = dict(
     loss=sums["ce"] / denom,

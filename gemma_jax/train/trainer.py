@@ -25,22 +25,14 @@ import jax
 from etils import epath
 
 from gemma_jax import distributed, fileio, hardware
+from gemma_jax.checkpoint import lease
 from gemma_jax.data import pipeline_for
 from gemma_jax.errors import ConfigError, TrainingStopped
-from gemma_jax.model.config import EXECUTION_FIELDS
-from gemma_jax.train import (
-  checkpointing,
-  continual,
-  distillation,
-  evaluation,
-  flops,
-  health,
-  lease,
-  lora,
-)
+from gemma_jax.train import checkpointing, start
 from gemma_jax.train import config as config_lib
 from gemma_jax.train import metrics as metrics_lib
-from gemma_jax.train.program import TrainProgram
+from gemma_jax.train import state as state_lib
+from gemma_jax.train.program import MAIN, TrainProgram, Variant
 
 
 @dataclasses.dataclass
@@ -52,85 +44,6 @@ class Hook:
   every: int
   at_end: bool = True
   last_step: int = -1
-
-
-def check_workdir(workdir: str) -> None:
-  """Fails early, with the path, if the workdir cannot hold a run (on
-  gs://: within seconds if Cloud Storage cannot be reached)."""
-  if not fileio.is_local(workdir):
-    fileio.check_remote(workdir, "--workdir")
-    return
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir} exists and is not a directory")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(
-      f"--workdir {workdir}: cannot create it ({e.strerror});"
-      f" choose a writable directory"
-    ) from None
-  if not os.access(workdir, os.R_OK | os.W_OK | os.X_OK):
-    raise ConfigError(
-      f"--workdir {workdir} is not readable and writable by "
-      f"this user; choose another directory or fix its "
-      f"permissions"
-    )
-
-
-def check_same_model(saved: dict, cfg, step: int) -> None:
-  """ConfigError, saying what to change, if a checkpoint holds another
-  model. (The data stream's checks are the pipeline's `check_resume`.)"""
-  saved_model = saved.get("config", {}).get("model", {})
-  current = config_lib.to_dict(cfg)["model"]
-  diff = sorted(
-    k
-    for k in current
-    if k not in EXECUTION_FIELDS and saved_model.get(k) != current[k]
-  )
-  if diff:
-    raise ConfigError(
-      f"the checkpoint at step {step} was trained with a different model "
-      f"(fields that differ: {', '.join(diff) or 'all'}); restore the "
-      f"model section it was saved with, or use a fresh --workdir"
-    )
-
-
-def check_init_from(cfg) -> None:
-  """ConfigError unless a native checkpoint.init_from holds the configured
-  model's parameter shapes.
-
-  Compared on the stored config, before anything is read or compiled:
-  params of another size would fail much later, with an unrelated error.
-  (Other formats are checked tensor by tensor as they are read.)
-  """
-  from gemma_jax.checkpoint import formats, layout, native, quantized
-
-  path, fmt = cfg.checkpoint.init_from, cfg.checkpoint.init_format
-  if quantized.is_quantized(path):  # a QLoRA base: checked as it loads
-    return
-  if fmt == "run" or (fmt == "auto" and continual.is_run_dir(path)):
-    return
-  if (formats.detect(path) if fmt == "auto" else fmt) != "native":
-    return
-  stored = native.load_config(path)
-  if layout.param_shapes(cfg.model) == layout.param_shapes(stored):
-    return
-  diff = [
-    f"{k} {getattr(stored, k)!r} there, {getattr(cfg.model, k)!r} here"
-    for k in layout.SHAPE_FIELDS
-    if getattr(stored, k) != getattr(cfg.model, k)
-  ]
-  if diff:
-    raise ConfigError(
-      f"checkpoint.init_from: {path} holds another model ({diff[0]}); set "
-      f"the model section to the one it was saved with"
-    )
-
-
-def _has_checkpoints(workdir: str) -> bool:
-  fileio.check_remote(workdir, "--workdir")
-  path = epath.Path(workdir) / "checkpoints"
-  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
 class Trainer:
@@ -164,9 +77,9 @@ class Trainer:
     # anything is written into it.
     self.program = TrainProgram(cfg, mesh)
     self.pipe = pipeline_for(cfg)
-    if cfg.checkpoint.init_from and not _has_checkpoints(self.workdir):
-      check_init_from(cfg)
-    check_workdir(self.workdir)
+    if cfg.checkpoint.init_from and not start.has_checkpoints(self.workdir):
+      start.check_init_from(cfg)
+    start.check_workdir(self.workdir)
     self.lease = self._take_lease()
     self._old_handlers: dict[int, Any] = {}
     try:
@@ -184,41 +97,27 @@ class Trainer:
 
   def _setup(self):
     cfg = self.cfg
-    # distill: the teacher loaded, or its dump checked and read per batch.
-    distillation.attach(self.program, self.pipe, cfg.train.steps)
-    # 2. State: restored onto this mesh, or created sharded on the devices.
-    # LoRA: the frozen base first (the state holds only the adapters).
-    self.lora_base = (
-      lora.install_base(
-        self.program, cfg.checkpoint.init_from, cfg.checkpoint.init_format
-      )
-      if cfg.model.lora is not None
-      else None
-    )
+    # 2. State: restored onto this mesh, or created sharded on the devices
+    # (gemma_jax.train.start: also every feature's inputs and checks).
     if self.from_step is not None:
       self._discard_checkpoints_after(self.from_step)
-    self.restored_step, restored = self._restore_newest_intact()
-    if restored is not None:
-      self._check_resumable(self.restored_step)
-      # EWC: refuses a changed Fisher or anchor, then loads them.
-      self.continual = continual.resume(
-        self.program, restored.meta, self.restored_step
-      )
-      self.state = restored.state
-      self.skipped_total = restored.meta.get("skipped_total", 0)
+    self.state, self.restored_step, meta = start.begin(
+      self.program,
+      self.pipe,
+      self.checkpointer,
+      from_step=self.from_step,
+      damaged_dir=(
+        os.path.join(self.workdir, checkpointing.DAMAGED_DIR)
+        if self.is_main
+        else None
+      ),
+      warn=self._warn,
+    )
+    if meta is not None:
+      self.skipped_total = meta.get("skipped_total", 0)
       self._print(
         f"resumed from {self.checkpointer.directory}/{self.restored_step}"
       )
-    else:
-      # Random, or checkpoint.init_from straight into the sharded layout;
-      # the EWC Fisher and anchor (gemma_jax.train.continual).
-      self.state, self.continual = continual.initial_state(self.program)
-      if not health.params_finite(self.state.params):
-        raise ConfigError(
-          f"checkpoint.init_from: "
-          f"{cfg.checkpoint.init_from} holds non-finite "
-          f"params (NaN or inf); start from another export"
-        )
     self.start_step = int(jax.device_get(self.state.step))
     self._streak = int(jax.device_get(self.state.nonfinite_in_row))
     if self.start_step > cfg.train.steps:
@@ -246,12 +145,12 @@ class Trainer:
         os.path.join(self.workdir, "metrics.jsonl")
       )
       if r.get("loss") is not None
-    ][-health.RECENT_LOGS :]
+    ][-state_lib.RECENT_LOGS :]
     self.progress = metrics_lib.ProgressLine(cfg.train.steps, self.is_main)
     self.peak_flops = hardware.peak_flops_per_device(
       jax.devices()[0], cfg.train.peak_flops_per_device
     )
-    self.flops_per_token = flops.model_flops_per_token(
+    self.flops_per_token = metrics_lib.model_flops_per_token(
       cfg.model, cfg.data.seq_len
     )
     if self.is_main:
@@ -400,7 +299,7 @@ class Trainer:
     self.skipped_total += record["skipped"]
     record["skipped_total"] = self.skipped_total
     self._recent_losses = [*self._recent_losses, record["loss"]][
-      -health.RECENT_LOGS :
+      -state_lib.RECENT_LOGS :
     ]
     record["elapsed_s"] = self._watch.elapsed()
     self.writer.write(record)
@@ -417,47 +316,44 @@ class Trainer:
       raise TrainingStopped(
         f"{longest} steps in a row up to step {step} had a non-finite "
         f"loss, gradient or update and were skipped; "
-        f"{self._newest_good_advice()}"
+        f"{checkpointing.newest_good_advice(self.checkpointer)}"
       )
 
   def run_eval(self, step: int) -> None:
     if not self.cfg.train.eval_batches:
       return
-    results = evaluation.evaluate(
+    results = metrics_lib.evaluate(
       self.program, self.state.params, self.pipe, self.cfg.train.eval_batches
     )
-    record = evaluation.eval_record(step, results)
+    record = metrics_lib.eval_record(step, results)
     text = ", ".join(
       f"{k} {v['loss']:.3f} (ppl {v['perplexity']:.1f})"
       for k, v in results.items()
     )
-    if self.state.ema is not None:
-      ema = evaluation.evaluate(
-        self.program,
-        self.program.ema_params(self.state),
-        self.pipe,
-        self.cfg.train.eval_batches,
+    for variant in self.program.variants(self.state):
+      more = metrics_lib.evaluate(
+        self.program, variant.params, self.pipe, self.cfg.train.eval_batches
       )
       record |= {
-        k.replace("eval/", "eval_ema/", 1): v
-        for k, v in evaluation.eval_record(step, ema).items()
+        k.replace("eval/", f"eval_{variant.name}/", 1): v
+        for k, v in metrics_lib.eval_record(step, more).items()
         if k != "step"
       }
-      text += "; EMA: " + ", ".join(
-        f"{k} {v['loss']:.3f}" for k, v in ema.items()
+      text += f"; {variant.label}: " + ", ".join(
+        f"{k} {v['loss']:.3f}" for k, v in more.items()
       )
     self.writer.write(record, name="eval")
     self._print(f"eval step {step}: {text}")
 
   def save_checkpoint(self, step: int) -> None:
     """Saves (asynchronously), with the evidence of whether the state is
-    good (gemma_jax/train/health.py). Never a state with non-finite params
+    good (gemma_jax.train.state). Never a state with non-finite params
     or whose last step was skipped, and not again the step just restored
     (its state is unchanged)."""
     if step == self.restored_step:
       return
     in_row = int(jax.device_get(self.state.nonfinite_in_row))
-    finite = health.params_finite(self.state.params)
+    finite = state_lib.params_finite(self.state.params)
     if in_row or not finite:
       self._warn(
         f"not saving a checkpoint at step {step}: "
@@ -468,7 +364,7 @@ class Trainer:
         )
       )
       return
-    good = health.judge(
+    good = state_lib.judge(
       finite,
       in_row,
       self._probe_loss(step),
@@ -478,12 +374,11 @@ class Trainer:
     meta = {
       "config": config_lib.to_dict(self.cfg),
       "data": self.pipe.describe(),
-      "continual": self.continual,
       "skipped_total": self.skipped_total,
       "good": good,
     }
-    if self.lora_base is not None:
-      meta["lora_base"] = self.lora_base
+    for f in self.program.features:
+      meta |= f.metadata()
     self._check_lease("checkpoint", force=True, everywhere=True)
     # Every record up to this step is stored before the checkpoint is (on
     # gs:// metrics are flushed, not appended: see metrics.MetricsWriter).
@@ -491,54 +386,49 @@ class Trainer:
     self.checkpointer.save(step, self.state, meta)
     self._last_saved = (step, good)
     if not good["good"]:
-      self._warn(f"checkpoint {step} is not good: {health.why_not(good)}")
+      self._warn(f"checkpoint {step} is not good: {state_lib.why_not(good)}")
 
   def export_params(self, step: int) -> None:
     """The final params in gemma_jax's native format, WORKDIR/params, and
-    their EMA (in the params' dtype) to WORKDIR/params_ema; never
-    non-finite ones."""
+    the features' variants (gemma_jax.train.program.Variant) to
+    WORKDIR/params_<name>; never non-finite ones."""
     path = os.path.join(self.workdir, "params")
-    if not health.params_finite(self.state.params):
+    if not state_lib.params_finite(self.state.params):
       self._warn(
         f"not exporting the params of step {step} to {path}: they "
         f"are not finite"
       )
       return
     self._check_lease("params export", force=True, everywhere=True)
-    self._export(self.state.params, "", step)
+    self._export(Variant("", "", MAIN, self.state.params), step)
     saved = self._last_saved
     if saved is not None and saved[0] == step and not saved[1]["good"]:
       self._warn(
         f"the exported params (step {step}) are not good: "
-        f"{health.why_not(saved[1])}"
+        f"{state_lib.why_not(saved[1])}"
       )
-    if self.state.ema is not None:
-      ema = self.program.ema_params(self.state)
-      if not health.params_finite(ema):
-        self._warn(f"not exporting the EMA at step {step}: it is not finite")
-        return
-      self._export(ema, "_ema", step)
+    for variant in self.program.variants(self.state):
+      if not state_lib.params_finite(variant.params):
+        self._warn(
+          f"not exporting the {variant.label} at step {step}: it is not finite"
+        )
+        continue
+      self._export(variant, step)
 
-  def _export(self, params, suffix: str, step: int) -> None:
-    """WORKDIR/params<suffix>; with LoRA also WORKDIR/adapter<suffix>
-    (`params` are the adapters then, merged into the base)."""
+  def _export(self, variant: Variant, step: int) -> None:
+    """WORKDIR/params<suffix>, or what a feature writes instead."""
     from gemma_jax.checkpoint import native
 
-    what = "EMA of the params" if suffix else "params"
-    if self.lora_base is not None:
-      adapter, path = lora.export(
-        self.program, params, self.workdir, self.lora_base, suffix
-      )
-      self._print(
-        f"adapter{' EMA' if suffix else ''} saved to {adapter}, "
-        f"merged {what} exported to {path} (step {step})"
-      )
-      return
-    path = os.path.join(self.workdir, "params" + suffix)
-    native.save(path, params, self.cfg.model, force=True)
+    for f in self.program.features:
+      line = f.export(self.program, variant.params, self.workdir, variant, step)
+      if line is not None:
+        self._print(line)
+        return
+    path = os.path.join(self.workdir, "params" + variant.suffix)
+    native.save(path, variant.params, self.cfg.model, force=True)
     self._print(
-      f"{what} exported to {path}"
-      if suffix
+      f"{variant.what} exported to {path}"
+      if variant.suffix
       else f"params exported to {path} (step {step})"
     )
 
@@ -551,9 +441,7 @@ class Trainer:
     prompts = [
       tok.encode(p, add_bos=True).tolist() for p in cfg.train.sample_prompts
     ]
-    params = self.state.params
-    if self.lora_base is not None:
-      params = lora.full_params(self.program, params)
+    params = self.program.full_params(self.state.params)
     with self.program.mesh:
       outs = sampler.generate(
         params, cfg.model, prompts, cfg.train.sample_tokens
@@ -562,7 +450,7 @@ class Trainer:
       self._print(f"sample: {text!r} -> {tok.decode(out)!r}")
 
   # Reliability: the workdir lease, damaged checkpoints, --from-step,
-  # warnings (see gemma_jax/train/lease.py and health.py).
+  # warnings (see gemma_jax/train/lease.py and state_lib.py).
   def _warn(self, message: str) -> None:
     if self.is_main:
       print(f"gemma-jax: warning: {message}", file=sys.stderr, flush=True)
@@ -640,61 +528,6 @@ class Trainer:
         self.lease.release()
         self.lease = None
 
-  def _restore_newest_intact(self):
-    """(step, Restored) of the newest intact checkpoint, or (None, None);
-    a damaged one is moved to WORKDIR/checkpoints.damaged/<step> with a
-    warning naming the file, and the one before it is used."""
-
-    def check_meta(saved, step):
-      check_same_model(saved, self.cfg, step)
-      if self.lora_base is not None:  # adapters trained on another base
-        lora.check_base(saved.get("lora_base"), self.lora_base, step)
-      self.pipe.check_resume(saved.get("data", {}), step)
-
-    damaged_dir = (
-      os.path.join(self.workdir, checkpointing.DAMAGED_DIR)
-      if self.is_main
-      else None
-    )
-    return checkpointing.restore_newest_intact(
-      self.checkpointer,
-      self.program.abstract_state,
-      check_meta,
-      damaged_dir,
-      self._warn,
-    )
-
-  def _check_resumable(self, step: int) -> None:
-    """Refuses to continue from a checkpoint recorded as not good, unless
-    --from-step names it."""
-    if self.checkpointer.is_good(step) or self.from_step == step:
-      return
-    why = health.why_not(self.checkpointer.good(step) or {})
-    raise TrainingStopped(
-      f"the latest checkpoint ({step}) is not good ({why}); "
-      f"{self._newest_good_advice(resume_word='resume')} (or "
-      f"--from-step {step} to continue from it anyway)"
-    )
-
-  def _newest_good_advice(self, resume_word: str = "rerun") -> str:
-    self.checkpointer.wait()
-    good = self.checkpointer.newest_good_step()
-    fix = (
-      "lower optimizer.learning_rate, add warmup or clip gradients "
-      "(optimizer.grad_clip_norm)"
-    )
-    if good is None:
-      return (
-        f"no checkpoint is good: {fix}, then {resume_word} with "
-        f"--from-step 0 to start over (checkpoints are moved to "
-        f"WORKDIR/{checkpointing.DISCARDED_DIR}, not deleted)"
-      )
-    return (
-      f"the newest good checkpoint is step {good}: {fix}, then "
-      f"{resume_word} with --from-step {good} (later checkpoints are "
-      f"moved to WORKDIR/{checkpointing.DISCARDED_DIR}, not deleted)"
-    )
-
   def _discard_checkpoints_after(self, step: int) -> None:
     """--from-step: moves checkpoints after `step` (all for 0) and copies
     of the metrics to WORKDIR/checkpoints.discarded/<time>/."""
@@ -725,7 +558,7 @@ class Trainer:
   def _probe_loss(self, step: int) -> float | None:
     """Loss of the current params on the last batch they trained on: the
     evidence that the state being saved is not diverging. (Not the next
-    batch: a run's data may end at its last step, e.g. a distillation dump
+    batch: a run's data may end at its last step, e.g. extra batch arrays
     written for exactly `train.steps` batches.)"""
     sums = jax.device_get(
       self.program.eval_step(

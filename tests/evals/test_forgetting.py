@@ -14,7 +14,7 @@ from gemma_jax.errors import ConfigError
 from gemma_jax.evals import forgetting, scoring
 from gemma_jax.evals import tasks as tasks_lib
 from gemma_jax.tokenizer import Tokenizer
-from gemma_jax.train import evaluation
+from gemma_jax.train import metrics as evaluation
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 from gemma_jax.train.testing import texts, tiny_config_dict

@@ -4,6 +4,7 @@
 import pytest
 import yaml
 
+import gemma_jax.features  # noqa: F401  (registers them with the core)
 from gemma_jax.train.testing import (
   subprocess_env,
   tiny_config_dict,

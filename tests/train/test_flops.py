@@ -3,7 +3,7 @@
 import pytest
 
 from gemma_jax.model import preset
-from gemma_jax.train.flops import (
+from gemma_jax.train.metrics import (
   matmul_params,
   mean_keys_per_query,
   model_flops_per_token,

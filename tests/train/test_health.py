@@ -8,7 +8,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gemma_jax.train import health
+from gemma_jax.train import state as health
 
 
 def test_the_divergence_rule_needs_both_bounds():

@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from gemma_jax import cli
+from gemma_jax.checkpoint.lease import LeaseLost
 from gemma_jax.errors import CheckpointError, TrainingStopped
 from gemma_jax.train import checkpointing
 from gemma_jax.train import trainer as trainer_lib
 from gemma_jax.train.config import config_from_dict
-from gemma_jax.train.lease import LeaseLost
 from gemma_jax.train.program import TrainProgram
 from gemma_jax.train.testing import tiny_config_dict
 

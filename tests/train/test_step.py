@@ -1,5 +1,8 @@
 """The sharded train step: same numbers on any mesh, loss over real targets."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +211,42 @@ def test_metrics_and_a_skipped_non_finite_step(one_device):
 def test_batch_rows_must_split_over_shards_and_microbatches():
   with pytest.raises(ConfigError, match=r"8 rows .* divisible by 16"):
     TrainProgram(run_config({"ici_data": 8}, microbatches=2))
+
+
+def logits_sized_buffers(compiled_text: str, rows: int, t: int, v: int):
+  """Float buffers of the compiled HLO with a vocabulary axis and at least
+  rows * t * v elements: the [B, T, V] logits, however laid out."""
+  found = []
+  for dtype, dims in re.findall(r"\b(f32|bf16|f16)\[([\d,]+)\]", compiled_text):
+    shape = [int(d) for d in dims.split(",")]
+    if v in shape and math.prod(shape) >= rows * t * v:
+      found.append(f"{dtype}{shape}")
+  return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [None, {"rank": 2}], ids=["plain", "lora"])
+def test_the_fused_loss_keeps_the_logits_out_of_the_step(lora):
+  # model.loss_chunk: the loss is computed in chunks of positions, so the
+  # compiled step holds no [B, T, V] buffer; a LoRA step keeps that (its
+  # forward is a view of the same Forward, fused loss included). Without
+  # loss_chunk the logits are there: the check can see them. (A vocabulary
+  # of 509 tokens: no other buffer has that axis.)
+  import gemma_jax.features  # noqa: F401  (registers LoRA)
+
+  v = 509
+
+  def compiled_text(loss_chunk):
+    model = {"loss_chunk": loss_chunk, "lora": lora, "vocab_size": v}
+    cfg = config_from_dict(
+      {
+        "model": MODEL | model,
+        "data": {"seq_len": T, "sources": SOURCES},
+        "train": {"batch_size": ROWS, "steps": 1},
+      }
+    )
+    program = TrainProgram(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    return program.lower_train_step().compile().as_text()
+
+  assert not logits_sized_buffers(compiled_text(32), ROWS, T, v)
+  assert logits_sized_buffers(compiled_text(0), ROWS, T, v)

@@ -19,72 +19,19 @@ and the one rejected, and the dump's 6k + 4 bytes per position: see
 docs/distillation.md, "The loss functions".
 """
 
-import dataclasses
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from gemma_jax.errors import ConfigError, DataError
-from gemma_jax.model.config import DType, ModelConfig
+from gemma_jax.errors import DataError
+from gemma_jax.train.config import TAILS
 
-TAILS = ("renormalize", "bucket")
-Tail = Literal["renormalize", "bucket"]
 LOGPROB_DTYPE = ml_dtypes.bfloat16  # stored log-probs: 2 bytes
 ID_DTYPE = np.dtype("<i4")  # stored ids: 4 bytes, little-endian
 TAIL_DTYPE = np.dtype("<f4")  # stored tail log-mass: 4 bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillConfig:
-  """The run config's `distill:` section (README "Distillation").
-
-  Online (`teacher`): the teacher's forward runs inside the train step.
-  Offline (`dump`): the student reads the teacher's top-k from a dump that
-  `gemma-jax distill dump` wrote. Off when neither is set (nor
-  `teacher_model`, which alone lets `gemma-jax compile` size a run).
-
-  teacher: checkpoint directory of the teacher: native, Hugging Face, or
-    official Flax (that one needs `teacher_model`). Any size; its
-    vocabulary must be the student's.
-  teacher_model: the teacher's model section (a preset name or fields);
-    default: the checkpoint's own config. `gemma-jax compile` reads only it.
-  teacher_dtype: the teacher's parameter and compute dtype.
-  temperature: tau of both softmaxes (the loss is scaled by tau^2).
-  alpha: objective = alpha * distill + (1 - alpha) * cross-entropy.
-  topk, tail: what a dump stores per position and how its tail is used.
-  dump: a dump directory: train from it (offline).
-  """
-
-  teacher: str | None = None
-  teacher_model: ModelConfig | None = None
-  teacher_dtype: DType = "bfloat16"
-  temperature: float = 1.0
-  alpha: float = 0.5
-  topk: int = 64
-  tail: Tail = "bucket"
-  dump: str | None = None
-
-  def __post_init__(self):
-    if self.temperature <= 0:
-      raise ConfigError(
-        f"distill.temperature must be > 0, got {self.temperature}"
-      )
-    if not 0.0 <= self.alpha <= 1.0:
-      raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
-    if self.topk < 1:
-      raise ConfigError(f"distill.topk must be >= 1, got {self.topk}")
-
-  @property
-  def mode(self) -> str | None:
-    """The mode: "offline", "online" or None (off)."""
-    if self.dump:
-      return "offline"
-    if self.teacher or self.teacher_model is not None:
-      return "online"
-    return None
 
 
 def _xlogy(x, y):

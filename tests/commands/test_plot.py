@@ -3,7 +3,7 @@
 import json
 
 from gemma_jax import cli
-from gemma_jax.train.plot import plot_run
+from gemma_jax.commands.plot import plot_run
 
 
 def _write(path, records):

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from gemma_jax.errors import ConfigError
+from gemma_jax.features import distill as distillation
+from gemma_jax.features import ema
 from gemma_jax.model import Transformer
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.mesh import make_mesh
-from gemma_jax.train import distillation
 from gemma_jax.train import state as state_lib
 from gemma_jax.train import step as step_lib
 from gemma_jax.train.config import config_from_dict
@@ -145,7 +146,10 @@ def test_objective_matches_numpy(one_device):
     )
     return (
       apply(program.model, params),
-      apply(Transformer(program.teacher_config), frozen["teacher"]),
+      apply(
+        Transformer(distillation.installed_teacher_config(program)),
+        frozen["teacher"],
+      ),
       program.loss_fn(params, batch, frozen)[0],
     )
 
@@ -226,8 +230,8 @@ def test_sharded_online_distillation_matches_one_device(one_device, teacher):
       assert a[k] == pytest.approx(b[k], rel=2e-5), k
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
-    (sharded.params, sharded.ema),
-    (one.params, one.ema),
+    (sharded.params, sharded.extras["ema"]),
+    (one.params, one.extras["ema"]),
   )
 
 
@@ -246,7 +250,9 @@ def test_teacher_with_another_vocabulary_is_refused():
 def test_ema_follows_the_applied_updates_and_skips_bad_steps(one_device):
   program, step = one_device
   state = program.init_state(seed=0)
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.ema))
+  assert all(
+    x.dtype == jnp.float32 for x in jax.tree.leaves(state.extras["ema"])
+  )
   seen = [jax.device_get(state.params)]
   for i in range(2):
     state, _ = step(state, program.put(packed_batch(i)))
@@ -258,18 +264,20 @@ def test_ema_follows_the_applied_updates_and_skips_bad_steps(one_device):
     want = jax.tree.map(lambda e, x, r=rate: e + r * (x - e), want, p)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-    jax.device_get(state.ema),
+    jax.device_get(state.extras["ema"]),
     want,
   )
   # A non-finite step leaves the EMA as it was.
-  before = jax.device_get(state.ema)
+  before = jax.device_get(state.extras["ema"])
   poisoned = state.replace(
     params=jax.tree.map(lambda x: x * jnp.nan, state.params)
   )
   after, m = step(poisoned, program.put(packed_batch()))
   assert int(m["skipped"]) == 1
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.ema), before)
-  ema_params = program.ema_params(after)
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(after.extras["ema"]), before
+  )
+  ema_params = ema.params_of(program, after)
   assert jax.tree.map(
     lambda x: (x.dtype, x.sharding), ema_params
   ) == jax.tree.map(lambda x: (x.dtype, x.sharding), after.params)
@@ -279,7 +287,7 @@ def test_a_state_without_ema_keeps_its_layout():
   cfg = run_config()
   program = TrainProgram(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
   state = program.abstract_state
-  assert state.ema is None
+  assert state.extras is None
   plain = (
     state.step,
     state.params,
@@ -308,8 +316,9 @@ def test_a_hugging_face_teacher_is_loaded_into_its_shards(hf_dir):
     }
   )
   program = TrainProgram(cfg, make_mesh(cfg.mesh, jax.devices()[:4]))
-  assert program.teacher_config.num_layers == 3
-  assert program.teacher_config.remat_policy == "none"
+  teacher = distillation.installed_teacher_config(program)
+  assert teacher.num_layers == 3
+  assert teacher.remat_policy == "none"
   distillation.attach(program, None, cfg.train.steps)
   teacher = program.frozen["teacher"]
   table = teacher["embedder"]["embedding"]

@@ -11,9 +11,9 @@ import pytest
 from gemma_jax.checkpoint import fisher as fisher_store
 from gemma_jax.checkpoint import layout
 from gemma_jax.errors import CheckpointError, ConfigError
+from gemma_jax.features import ewc as ewc_lib
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.sharding.mesh import make_mesh
-from gemma_jax.train import continual
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 
@@ -96,13 +96,13 @@ def test_penalty_and_its_gradient_are_the_formula():
   flat = lambda t: np.concatenate([x.ravel() for x in jax.tree.leaves(t)])
   th, an, f = flat(theta), flat(anchor), flat(fisher)
   ewc = {"fisher": fisher, "anchor": anchor}
-  value, grad = jax.value_and_grad(continual.penalty)(theta, ewc, lam)
+  value, grad = jax.value_and_grad(ewc_lib.penalty)(theta, ewc, lam)
   assert float(value) == pytest.approx(
     lam / 2 * np.sum(f * (th - an) ** 2), rel=1e-6
   )
   np.testing.assert_allclose(flat(grad), lam * f * (th - an), rtol=1e-6)
   # Without a Fisher: L2-SP, F = 1.
-  value, grad = jax.value_and_grad(continual.penalty)(
+  value, grad = jax.value_and_grad(ewc_lib.penalty)(
     theta, {"anchor": anchor}, lam
   )
   assert float(value) == pytest.approx(
@@ -115,7 +115,7 @@ def test_penalty_and_its_gradient_are_the_formula():
     flat(jax.tree.map(lambda x: np.asarray(x, np.float32), bf16[k]))
     for k in ("fisher", "anchor")
   )
-  assert float(continual.penalty(theta, bf16, lam)) == pytest.approx(
+  assert float(ewc_lib.penalty(theta, bf16, lam)) == pytest.approx(
     lam / 2 * np.sum(f16 * (th - an16) ** 2), rel=1e-6
   )
 
@@ -165,7 +165,7 @@ def test_ewc_step_logs_both_terms_and_matches_on_eight_devices(start):
   want, metrics = train(ewc_program(1, ewc=ewc), params)
   # Step 1 starts from `params`: its penalty is the formula there.
   assert float(metrics[0]["loss/ewc"]) == pytest.approx(
-    float(continual.penalty(params, ewc, 50.0)), rel=1e-5
+    float(ewc_lib.penalty(params, ewc, 50.0)), rel=1e-5
   )
   assert metrics[0]["loss/ce"] == metrics[0]["loss"]
   got, got_m = train(
@@ -232,7 +232,7 @@ def test_nan_inf_or_negative_fisher_entries_are_refused(bad):
   values["layers"]["mlp"]["linear"]["w"][1, 3, 2] = bad
   placed = jax.device_put(values, program.param_shardings)
   with pytest.raises(CheckpointError, match="layers/mlp/linear/w has"):
-    continual.prepare_fisher(program, placed, "test")
+    ewc_lib.prepare_fisher(program, placed, "test")
 
 
 def test_fisher_is_normalised_by_its_mean_and_stored_as_asked():
@@ -242,7 +242,7 @@ def test_fisher_is_normalised_by_its_mean_and_stored_as_asked():
   )
   values = random_tree(shapes_of(program), np.random.default_rng(0), True)
   values = jax.tree.map(lambda x: 1e-9 * x, values)  # raw F is tiny
-  out = continual.prepare_fisher(
+  out = ewc_lib.prepare_fisher(
     program, jax.device_put(values, program.param_shardings), "test"
   )
   flat = np.concatenate(
@@ -259,7 +259,7 @@ def test_resume_refuses_a_changed_fisher_or_anchor_and_says_what():
     "dtype": "float32",
   }
   moved = {**saved, "fisher": {**saved["fisher"], "path": "elsewhere/f"}}
-  continual.check_resume(saved, moved, 10)  # same content elsewhere: fine
+  ewc_lib.check_resume(saved, moved, 10)  # same content elsewhere: fine
   changed = {**saved, "fisher": {**saved["fisher"], "fingerprint": "sha256:3"}}
   with pytest.raises(
     ConfigError,
@@ -267,13 +267,13 @@ def test_resume_refuses_a_changed_fisher_or_anchor_and_says_what():
     r"changed since the checkpoint at step 10 \(f: sha256:2"
     r" -> f: sha256:3\)",
   ):
-    continual.check_resume(saved, changed, 10)
+    ewc_lib.check_resume(saved, changed, 10)
   with pytest.raises(ConfigError, match="continual.anchor"):
-    continual.check_resume(
+    ewc_lib.check_resume(
       saved, {**saved, "anchor": {"path": "a", "fingerprint": "sha256:9"}}, 10
     )
   with pytest.raises(ConfigError, match="normalization"):
-    continual.check_resume(
+    ewc_lib.check_resume(
       saved,
       {**saved, "fisher": {**saved["fisher"], "normalization": "none"}},
       10,
@@ -281,4 +281,4 @@ def test_resume_refuses_a_changed_fisher_or_anchor_and_says_what():
   with pytest.raises(
     ConfigError, match="with a fisher and is now configured without one"
   ):
-    continual.check_resume(saved, {**saved, "fisher": None}, 10)
+    ewc_lib.check_resume(saved, {**saved, "fisher": None}, 10)

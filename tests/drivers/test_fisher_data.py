@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from gemma_jax.drivers import fisher_data
 from gemma_jax.errors import ConfigError, DataError
-from gemma_jax.train import fisher_data
 
 
 def test_answer_row_counts_only_the_answer_targets():

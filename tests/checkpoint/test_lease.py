@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from gemma_jax.train.lease import LeaseLost, WorkdirBusy, WorkdirLease
+from gemma_jax.checkpoint.lease import LeaseLost, WorkdirBusy, WorkdirLease
 from gemma_jax.train.metrics import MetricsWriter
 
 

@@ -1,15 +1,17 @@
 """Training low-rank adapters: the state holds the adapters, the base is frozen.
 
-With `model.lora` set, TrainProgram calls `setup` once: the TrainState's
-params are only the adapters (so the optimizer state and every training
-checkpoint hold only them), and the base weights live in
-`program.frozen["base"]`, sharded like the parameters they are, read by the
-forward pass and never donated or differentiated. With `model.quant.weights:
-int` the frozen base is held as integers plus scales (QLoRA).
+With `model.lora` set, the `LoRA` feature makes the TrainState's params only
+the adapters (so the optimizer state and every training checkpoint hold
+only them), and the base weights live in `program.frozen["base"]`, sharded
+like the parameters they are, read by the forward pass (a view of
+step.Forward, so the fused chunked loss stays) and never donated or
+differentiated. With `model.quant.weights: int` the frozen base is held as
+integers plus scales (QLoRA). The adapters' term itself is computed inside
+the model's Einsum (gemma_jax.model.lora.adapter_delta): x A B costs far
+less than forming W + A B per step.
 
-    boxed = lora.setup(program, boxed)            # in TrainProgram.__init__
-    info = lora.install_base(program, init_from)  # before compiling a step
-    lora.export(program, adapters, workdir)       # adapter + merged params
+    info = install_base(program, init_from)  # LoRA.prepare, before compiling
+    export(program, adapters, workdir)       # adapter + merged params
 
 The base comes from `checkpoint.init_from` (a native checkpoint, or a
 quantized one for QLoRA; a float base is quantized on the devices when the
@@ -29,28 +31,28 @@ import numpy as np
 from gemma_jax.checkpoint import adapter as adapter_ckpt
 from gemma_jax.checkpoint import formats, layout, native, quantized
 from gemma_jax.errors import ConfigError
+from gemma_jax.features.base import Feature
 from gemma_jax.model import lora as lora_lib
 from gemma_jax.model import quant as quant_lib
 from gemma_jax.sharding import rules
 from gemma_jax.train import state as state_lib
+from gemma_jax.train import step as step_lib
 
 BASE = "base"
 ADAPTER_DIR = "adapter"
 
 
-def setup(program, boxed):
-  """Makes `program` train the adapters of `boxed` (the model's boxed
-  abstract params): sets its forward pass and an abstract frozen base;
-  returns the boxed adapters (the trainable params)."""
+def split_base(program, boxed):
+  """(boxed adapters, abstract base with shardings) of the model's boxed
+  abstract params."""
   adapters, base = lora_lib.split(boxed)
   specs, _ = rules.mesh_specs(base, program.mesh, program.cfg.mesh)
-  program.frozen[BASE] = jax.tree.map(
+  abstract = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
     rules.values(base),
     rules.named(program.mesh, specs),
   )
-  program.forward = forward(program.model)
-  return adapters
+  return adapters, abstract
 
 
 def adapter_specs(specs, adapters, mesh):
@@ -70,8 +72,9 @@ def adapter_specs(specs, adapters, mesh):
   )
 
 
-def forward(model):
-  """forward(adapters, frozen, batch) -> logits of base + adapters.
+def view(model):
+  """A step.Forward view: (adapters, frozen, batch) -> (base + adapters,
+  rngs).
 
   Dropout (lora.dropout > 0) draws from `batch["rng"]` (per-row keys of the
   step, gemma_jax.train.step) when present; evaluation has none and runs
@@ -79,20 +82,19 @@ def forward(model):
   """
   dropout = model.config.lora.dropout > 0
 
-  def fwd(params, frozen, batch):
+  def fn(params, frozen, batch):
     rngs = {}
     if dropout and "rng" in batch:
       rngs["dropout"] = batch["rng"][0]
     base = jax.tree.map(_from_container, frozen[BASE])
-    return model.apply(
-      {"params": lora_lib.combine(base, params)},
-      batch["inputs"],
-      batch["positions"],
-      batch["segment_ids"],
-      rngs=rngs,
-    )
+    return lora_lib.combine(base, params), rngs
 
-  return fwd
+  return fn
+
+
+def forward(model):
+  """forward(adapters, frozen, batch) -> logits of base + adapters."""
+  return step_lib.Forward(model).with_view(view(model))
 
 
 def full_params(program, adapters):
@@ -248,7 +250,7 @@ def fingerprint(base) -> dict[str, list[float]]:
   }
 
 
-def check_base(saved: dict, current: dict, step: int) -> None:
+def check_base(saved: dict | None, current: dict, step: int) -> None:
   """ConfigError if a checkpoint's adapters were trained on another base
   than the one installed now (by fingerprint; a moved copy is the same)."""
   if not saved:
@@ -289,3 +291,59 @@ def export(
   params_path = os.path.join(workdir, "params" + suffix)
   native.save(params_path, merged, lora_lib.merged_config(cfg), force=True)
   return adapter_path, params_path
+
+
+class LoRA(Feature):
+  """model.lora: trains the adapters over a frozen base (see above)."""
+
+  name = "lora"
+  frozen_in_eval = True  # the eval step's forward reads the base too
+
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    self.base_info: dict | None = None  # path and fingerprint, once loaded
+    self._abstract_base = None
+
+  def trainable(self, program, boxed):
+    adapters, self._abstract_base = split_base(program, boxed)
+    return adapters
+
+  def param_specs(self, program, specs, params):
+    return adapter_specs(specs, params, program.mesh)
+
+  def init_params(self, init):
+    return init_adapters(init)
+
+  def forward(self, program, forward):
+    return forward.with_view(view(program.model))
+
+  def frozen(self, program) -> dict:
+    return {BASE: self._abstract_base}
+
+  def prepare(self, program, pipe) -> None:
+    ck = self.cfg.checkpoint
+    self.base_info = install_base(program, ck.init_from, ck.init_format)
+
+  def uses_init_from(self) -> bool:
+    return True  # the frozen base; the adapters start fresh
+
+  def check_checkpoint(self, meta: dict, step: int) -> None:
+    # Adapters trained on another base cannot continue on this one.
+    assert self.base_info is not None, "prepare installs the base first"
+    check_base(meta.get("lora_base"), self.base_info, step)
+
+  def metadata(self) -> dict:
+    return {"lora_base": self.base_info}
+
+  def export(self, program, params, workdir, variant, step):
+    adapter, path = export(
+      program, params, workdir, self.base_info, variant.suffix
+    )
+    label = f" {variant.label}" if variant.label else ""
+    return (
+      f"adapter{label} saved to {adapter}, merged {variant.what} exported "
+      f"to {path} (step {step})"
+    )
+
+  def full_params(self, program, params):
+    return full_params(program, params)

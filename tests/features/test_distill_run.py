@@ -15,9 +15,10 @@ import yaml
 from gemma_jax import cli
 from gemma_jax.checkpoint import native
 from gemma_jax.errors import ConfigError, DataError
+from gemma_jax.features import distill as distillation
+from gemma_jax.features import distill_loss as distill
 from gemma_jax.model import Transformer
 from gemma_jax.sharding import rules
-from gemma_jax.train import distill, distillation
 from gemma_jax.train import state as state_lib
 from gemma_jax.train import trainer as trainer_lib
 from gemma_jax.train.config import config_from_dict

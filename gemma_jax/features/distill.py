@@ -1,8 +1,10 @@
-"""Knowledge distillation wired into training: the teacher, the loss, dumps.
+"""Knowledge distillation, online and offline: the teacher, the loss, dumps.
 
-    distillation.install(program)         # TrainProgram.__init__, one call
-    distillation.attach(program, pipe, steps)  # the Trainer, before compiling
-    write_dump(cfg, "dumps/run", steps)    # `gemma-jax distill dump`
+The `Distill` feature (the `distill:` section) adds the teacher or a dump's
+batch arrays and the objective to a TrainProgram, and before training loads
+the teacher or checks the dump (`attach`). The dump is written by
+gemma_jax.drivers.distill_dump (`gemma-jax distill dump`); its losses and
+record format are gemma_jax.features.distill_loss.
 
 Online (`distill.teacher`): the teacher's params are a frozen input of the
 train step (program.frozen["teacher"]), sharded by the mesh rules from the
@@ -13,7 +15,8 @@ its activations for the backward pass, only the softmax of its logits that
 the loss's gradient needs (`gemma-jax compile` shows the memory).
 
 Offline (`distill.dump`): the student reads the teacher's top-k log-probs,
-ids and log tail mass (gemma_jax.train.distill: encode_topk, pack_topk)
+ids and log tail mass (gemma_jax.features.distill_loss: encode_topk,
+pack_topk)
 from an ArrayRecord dump as extra batch keys. The dump is keyed by global
 row (step * global_batch + row): batch(step) of the pipeline is a pure
 function of the step, so a resumed run reads exactly the entries of its
@@ -43,11 +46,11 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gemma_jax import configlib, fileio
 from gemma_jax.errors import ConfigError, DataError
+from gemma_jax.features import distill_loss as distill
+from gemma_jax.features.base import Feature
 from gemma_jax.model import ModelConfig, Transformer
 from gemma_jax.sharding import rules
-from gemma_jax.train import distill
 from gemma_jax.train import state as state_lib
 from gemma_jax.train import step as step_lib
 
@@ -183,7 +186,7 @@ def distill_loss(
   summed over the batch's target tokens; terms `distill` and `ce`.
 
   token_losses(logits, batch, frozen) -> distillation loss per position
-  [B, T] (see gemma_jax.train.distill).
+  [B, T] (see gemma_jax.features.distill_loss).
   """
 
   def loss(params, batch, frozen):
@@ -218,10 +221,13 @@ def online_token_losses(teacher: Transformer, temperature: float):
 
 
 def installed_teacher_config(program) -> ModelConfig:
-  """The teacher's config that `install` set on an online-distillation
-  `program`."""
-  assert program.teacher_config is not None, "no online teacher installed"
-  return program.teacher_config
+  """The teacher's config of an online-distillation `program`."""
+  teacher = next(
+    (f.teacher_config for f in program.features if isinstance(f, Distill)),
+    None,
+  )
+  assert teacher is not None, "no online teacher installed"
+  return teacher
 
 
 def offline_token_losses(temperature: float, tail: str):
@@ -237,44 +243,6 @@ def offline_token_losses(temperature: float, tail: str):
     )
 
   return token_losses
-
-
-def install(program) -> None:
-  """Sets up `program` (a TrainProgram) for its config's `distill` section:
-  online, the abstract teacher in program.frozen (load it with `attach`)
-  and the loss; offline, the dump's batch keys and the loss."""
-  cfg = program.cfg
-  d = cfg.distill
-  if d.mode is None:
-    return
-  if d.mode == "online":
-    program.teacher_config = teacher_config(cfg)
-    boxed = state_lib.abstract_params(program.teacher_config)
-    specs, _ = rules.mesh_specs(boxed, program.mesh, cfg.mesh)
-    program.frozen[TEACHER] = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=NamedSharding(program.mesh, s)
-      ),
-      rules.values(boxed),
-      specs,
-      is_leaf=lambda x: isinstance(x, P),
-    )
-    program.train_only_frozen.add(TEACHER)
-    token_losses = online_token_losses(
-      Transformer(program.teacher_config), d.temperature
-    )
-  else:
-    program.abstract_batch |= dump_batch(
-      cfg.train.batch_size, cfg.data.seq_len, d.topk, program.batch_sharding
-    )
-    token_losses = offline_token_losses(d.temperature, d.tail)
-  program.loss_fn = distill_loss(
-    program.forward,
-    token_losses,
-    program.num_sources,
-    d.alpha,
-    cfg.train.z_loss,
-  )
 
 
 def dump_batch(rows: int, t: int, k: int, sharding) -> dict:
@@ -510,153 +478,59 @@ class DumpReader:
     )
 
 
-def _unsplit(x, m: int):
-  """Inverse of step.split_microbatches: [m, B/m, ...] -> [B, ...]."""
-  return x.swapaxes(0, 1).reshape((-1, *x.shape[2:]))
+class Distill(Feature):
+  """The `distill:` section: online, the teacher (a frozen input, loaded by
+  `attach`; the eval step does without it) and the loss; offline, the
+  dump's batch keys and the loss."""
 
+  name = "distill"
 
-def make_encoder(program):
-  """jit (frozen, batch) -> TopK of the teacher at distill.temperature, its
-  forward run one microbatch at a time (train.microbatches)."""
-  d = program.cfg.distill
-  teacher = Transformer(installed_teacher_config(program))
-  m = program.cfg.train.microbatches
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    d = cfg.distill
+    self.teacher_config = teacher_config(cfg) if d.mode == "online" else None
 
-  def one(frozen, batch):
-    return distill.encode_topk(
-      teacher_logits(teacher, frozen, batch), d.topk, d.temperature
+  def frozen(self, program) -> dict:
+    if self.teacher_config is None:
+      return {}
+    boxed = state_lib.abstract_params(self.teacher_config)
+    specs, _ = rules.mesh_specs(boxed, program.mesh, self.cfg.mesh)
+    abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(program.mesh, s)
+      ),
+      rules.values(boxed),
+      specs,
+      is_leaf=lambda x: isinstance(x, P),
+    )
+    return {TEACHER: abstract}
+
+  def batch_keys(self, program) -> dict:
+    if self.cfg.distill.mode != "offline":
+      return {}
+    cfg = self.cfg
+    return dump_batch(
+      cfg.train.batch_size,
+      cfg.data.seq_len,
+      cfg.distill.topk,
+      program.batch_sharding,
     )
 
-  def encode(frozen, batch):
-    batch = {k: batch[k] for k in step_lib.BATCH_KEYS}
-    if m == 1:
-      return one(frozen, batch)
-    parts = step_lib.split_microbatches(batch, m)
-    out = jax.lax.map(lambda mb: one(frozen, mb), parts)
-    return jax.tree.map(lambda x: _unsplit(x, m), out)
-
-  return jax.jit(
-    encode,
-    in_shardings=(program.frozen_shardings, program.batch_sharding),
-    out_shardings=program.batch_sharding,
-  )
-
-
-def _local_rows(program, x) -> np.ndarray:
-  """This process's rows of a batch-sharded global array."""
-  from jax.experimental import multihost_utils
-
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(
-    multihost_utils.global_array_to_host_local_array(
-      x, program.mesh, program.batch_sharding.spec
-    )
-  )
-
-
-def write_dump(
-  cfg, directory, steps: int, steps_per_file: int = 100, log=print
-) -> dict:
-  """Writes (or extends to `steps`) the teacher's top-k for the training
-  batches of steps [0, steps) into `directory`; returns the manifest.
-
-  Every process writes its own rows; a chunk of `steps_per_file` steps is
-  one ArrayRecord file per process, renamed into place when complete, and
-  the manifest is rewritten after each chunk, so an interrupted dump
-  continues from its last complete chunk.
-  """
-  from gemma_jax.data import pipeline_for
-  from gemma_jax.train.program import TrainProgram
-
-  if not cfg.distill.teacher:
-    raise ConfigError(
-      "distill.teacher: a dump needs the teacher's checkpoint directory"
-    )
-  if steps_per_file < 1:
-    raise ConfigError(f"--steps-per-file must be >= 1, got {steps_per_file}")
-  cfg = dataclasses.replace(
-    cfg, distill=dataclasses.replace(cfg.distill, dump=None)
-  )
-  program = TrainProgram(cfg)
-  pipe = pipeline_for(cfg)
-  expected = run_fingerprint(cfg, pipe)
-  root = epath.Path(directory)
-  teacher = installed_teacher_config(program)
-  manifest = {
-    "format": DUMP_FORMAT,
-    "fingerprint": expected,
-    "vocab_size": teacher.vocab_size,
-    "teacher_model": configlib.to_dict(teacher),
-    "tail_stored": True,
-    "process_count": jax.process_count(),
-    "global_batch": pipe.global_batch,
-    "seq_len": cfg.data.seq_len,
-    "steps": 0,
-    "chunks": [],
-    "bytes_per_position": distill.bytes_per_token(cfg.distill.topk),
-  }
-  if (root / MANIFEST).exists():
-    manifest = read_manifest(directory)
-    check_dump(directory, manifest, expected, cfg.model.vocab_size)
-    if manifest["process_count"] != jax.process_count():
-      raise ConfigError(
-        f"distill.dump {directory} was written by "
-        f"{manifest['process_count']} processes; extend it with as many"
+  def loss(self, program, loss_fn):
+    d = self.cfg.distill
+    if self.teacher_config is not None:
+      token_losses = online_token_losses(
+        Transformer(self.teacher_config), d.temperature
       )
-  root.mkdir(parents=True, exist_ok=True)
-  if manifest["steps"] >= steps:
-    log(f"{directory} already holds {manifest['steps']} steps")
-    return manifest
-  attach(program, pipe, steps)
-  encode = make_encoder(program)
-  with program.context():
-    for first in range(manifest["steps"], steps, steps_per_file):
-      end = min(first + steps_per_file, steps)
-      _write_chunk(program, pipe, encode, root, first, end)
-      manifest["chunks"].append([first, end])
-      manifest["steps"] = end
-      _sync("distill_dump_chunk")
-      if jax.process_index() == 0:
-        fileio.atomic_write(root / MANIFEST, json.dumps(manifest, indent=1))
-      log(f"dumped steps [{first}, {end}) into {directory}")
-  return manifest
+    else:
+      token_losses = offline_token_losses(d.temperature, d.tail)
+    return distill_loss(
+      program.forward,
+      token_losses,
+      program.num_sources,
+      d.alpha,
+      self.cfg.train.z_loss,
+    )
 
-
-def _write_chunk(program, pipe, encode, root, first: int, end: int):
-  from array_record.python.array_record_module import ArrayRecordWriter
-
-  name = chunk_file(first, end, jax.process_index(), jax.process_count())
-  tmp = os.fspath(root / f".{name}.tmp")
-  writer = ArrayRecordWriter(tmp, "group_size:1")
-  try:
-    for step in range(first, end):
-      batch = pipe.batch(step)
-      topk = encode(
-        program.frozen, program.put({k: batch[k] for k in step_lib.BATCH_KEYS})
-      )
-      topk = distill.TopK(*(_local_rows(program, x) for x in topk))
-      for r in range(pipe.local_batch):
-        writer.write(
-          encode_record(
-            distill.TopK(topk.logprobs[r], topk.ids[r], topk.tail[r]),
-            row_checksum(batch, r),
-          )
-        )
-  finally:
-    writer.close()
-  os.replace(tmp, os.fspath(root / name))
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-def dump_files_bytes(directory) -> int:
-  """Bytes of a dump's ArrayRecord files."""
-  return sum(
-    f.stat().length for f in epath.Path(directory).glob("*.array_record")
-  )
+  def prepare(self, program, pipe) -> None:
+    attach(program, pipe, self.cfg.train.steps)

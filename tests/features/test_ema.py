@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_jax.train import ema
+from gemma_jax.features import ema
 
 update = jax.jit(ema.ema_update)
 decay_at = jax.jit(ema.ema_decay, static_argnames="debias")

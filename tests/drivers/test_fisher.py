@@ -5,9 +5,9 @@ import jax
 import numpy as np
 import pytest
 
+from gemma_jax.drivers import fisher, fisher_data
 from gemma_jax.errors import ConfigError
 from gemma_jax.sharding.mesh import make_mesh
-from gemma_jax.train import fisher, fisher_data
 from gemma_jax.train import step as step_lib
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram

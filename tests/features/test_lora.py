@@ -9,8 +9,8 @@ import pytest
 
 from gemma_jax.checkpoint import adapter, native
 from gemma_jax.errors import ConfigError
+from gemma_jax.features import lora
 from gemma_jax.model import lora as lora_model
-from gemma_jax.train import lora
 from gemma_jax.train import state as state_lib
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram

@@ -13,8 +13,9 @@ import pytest
 from gemma_jax.checkpoint import fisher as fisher_store
 from gemma_jax.checkpoint import layout, native
 from gemma_jax.errors import ConfigError
+from gemma_jax.features import ema as ema_lib
+from gemma_jax.features import ewc
 from gemma_jax.model import lora as lora_model
-from gemma_jax.train import continual
 from gemma_jax.train import state as state_lib
 from gemma_jax.train import trainer as trainer_lib
 from gemma_jax.train.config import config_from_dict
@@ -124,7 +125,7 @@ def test_the_ema_export_is_the_base_with_the_adapters_ema_merged(runs):
   jax.tree.map(
     np.testing.assert_array_equal,
     ema,
-    jax.device_get(trainer.program.ema_params(trainer.state)),
+    jax.device_get(ema_lib.params_of(trainer.program, trainer.state)),
   )
   expected = lora_model.merge_params(
     jax.device_get(trainer.program.frozen["base"]),
@@ -187,7 +188,7 @@ def test_the_penalty_is_the_fisher_weighted_change_of_the_merged_weights(runs):
   np.testing.assert_allclose(float(value), LAMBDA / 2 * expected, rtol=1e-4)
   assert float(terms["ewc"]) == float(value)
   # Without a Fisher (F = 1) the Gram-matrix form gives the plain sum.
-  gram = continual.lora_penalty(adapters, {}, LAMBDA, program.cfg.model)
+  gram = ewc.lora_penalty(adapters, {}, LAMBDA, program.cfg.model)
   np.testing.assert_allclose(float(gram), LAMBDA / 2 * plain, rtol=1e-4)
 
 

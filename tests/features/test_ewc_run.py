@@ -15,7 +15,7 @@ from gemma_jax.checkpoint import fisher as fisher_store
 from gemma_jax.checkpoint import hf
 from gemma_jax.checkpoint.testing import random_params
 from gemma_jax.errors import ConfigError
-from gemma_jax.train import continual
+from gemma_jax.train import start
 from gemma_jax.train import trainer as trainer_lib
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
@@ -207,7 +207,8 @@ def test_continuing_a_run_keeps_its_moments_and_restarts_the_schedule(
   d = json.loads(json.dumps(d))
   d["checkpoint"].update(init_from=str(workdir), init_optimizer=True)
   program = TrainProgram(config_from_dict(d))
-  state, ewc = continual.initial_state(program)
+  state = start.initial_state(program)
+  ewc = {k: v for f in program.features for k, v in f.metadata().items()}
   assert ewc == {} and int(state.step) == 0
   from gemma_jax.train.checkpointing import Checkpointer
 
@@ -225,7 +226,7 @@ def test_continuing_a_run_keeps_its_moments_and_restarts_the_schedule(
   )
   # Without init_optimizer the moments are fresh.
   d["checkpoint"]["init_optimizer"] = False
-  state, _ = continual.initial_state(TrainProgram(config_from_dict(d)))
+  state = start.initial_state(TrainProgram(config_from_dict(d)))
   assert not any(
     np.asarray(x).any()
     for x in jax.tree.leaves(state.opt_state[1].inner_state[0].mu)

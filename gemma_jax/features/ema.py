@@ -27,6 +27,9 @@ initialisation.
 import jax
 import jax.numpy as jnp
 
+from gemma_jax.features.base import Extra, Feature, Variant
+from gemma_jax.train import step as step_lib
+
 
 def init_ema(params):
   """A float32 copy of `params` (any pytree of arrays)."""
@@ -59,3 +62,48 @@ def ema_update(ema_params, params, decay):
     return jnp.where(rate < 0.5, e + rate * gap, p - (1.0 - rate) * gap)
 
   return jax.tree.map(one, ema_params, params)
+
+
+def params_of(program, state):
+  """The state's EMA as params: their dtype and sharding (to evaluate or
+  export it)."""
+  feature = next(f for f in program.features if isinstance(f, EMA))
+  return feature.as_params(program, state.extras[EMA.name])
+
+
+class EMA(Feature):
+  """train.ema_decay > 0: a float32 EMA of the trained params in
+  TrainState.extras["ema"], sharded like the optimizer moments, moved
+  after every kept step (debiased by the applied-update count unless
+  train.ema_debias is false); evaluated beside the params (eval_ema/...)
+  and exported to WORKDIR/params_ema."""
+
+  name = "ema"
+
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    self._cast = None  # compiled once: EMA -> params' dtypes and shardings
+
+  def as_params(self, program, ema):
+    if self._cast is None:
+      dtypes = jax.tree.map(lambda x: x.dtype, program.abstract_state.params)
+      self._cast = jax.jit(
+        lambda ema: jax.tree.map(lambda e, d: e.astype(d), ema, dtypes),
+        out_shardings=program.param_shardings,
+      )
+    return self._cast(ema)
+
+  def extras(self, program) -> Extra:
+    t = self.cfg.train
+
+    def update(ema, params, opt_state):
+      count = step_lib.applied_updates(opt_state)
+      return ema_update(
+        ema, params, ema_decay(t.ema_decay, count, t.ema_debias)
+      )
+
+    return Extra(init=init_ema, update=update, specs=program.moment_specs)
+
+  def variants(self, program, state) -> list[Variant]:
+    ema = self.as_params(program, state.extras[self.name])
+    return [Variant("ema", "EMA", "EMA of the params", ema)]

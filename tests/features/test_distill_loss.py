@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gemma_jax.errors import DataError
-from gemma_jax.train import distill
+from gemma_jax.features import distill_loss as distill
 
 B, T, V = 2, 3, 11
 

@@ -1,11 +1,7 @@
-"""Continual pretraining: where a run starts, and EWC to keep what it knew.
+"""EWC for continual pretraining: a penalty that keeps what the model knew.
 
-Start (`checkpoint.init_from`): a native, Hugging Face or official Flax
-checkpoint, or a gemma_jax run directory (its latest checkpoint), restored
-straight into the params' shardings: no random init, no second copy. The
-optimizer state is fresh, so the learning rate re-warms and re-decays from
-step 0; `checkpoint.init_optimizer` keeps a run's AdamW moments (and Adam's
-own step count) while the schedule still restarts.
+(Where a continual run starts, `checkpoint.init_from`, is the core's:
+gemma_jax.train.start.)
 
 EWC (`continual:`): the step's loss gains
 
@@ -31,20 +27,19 @@ two [r, r] Gram matrices per layer, never forming dW.
 
 import jax
 import jax.numpy as jnp
-import optax
-import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gemma_jax.checkpoint import fisher as fisher_store
-from gemma_jax.checkpoint import formats, layout
+from gemma_jax.checkpoint import layout
 from gemma_jax.checkpoint.fingerprint import fingerprint
 from gemma_jax.errors import CheckpointError, ConfigError
+from gemma_jax.features import lora as lora_feature
+from gemma_jax.features.base import Feature
 from gemma_jax.model import lora as lora_lib
 from gemma_jax.model import quant as quant_lib
-from gemma_jax.train import lora as lora_train
-from gemma_jax.train import state as state_lib
+from gemma_jax.train.start import is_run_dir, load_params
 
 KEY = "ewc"
 
@@ -104,26 +99,21 @@ def lora_penalty(adapters, ewc: dict, ewc_lambda: float, model_cfg):
   return 0.5 * ewc_lambda * total
 
 
-def _install_lora(program, c) -> None:
+def _lora_frozen(program, c) -> dict:
+  """The abstract F of the adapted weights (no anchor: it is the base)."""
   # (gemma_jax.train.config refuses an anchor other than the base.)
-  model_cfg = program.cfg.model
-
-  def fn(params, frozen):
-    value = lora_penalty(params, frozen[KEY], c.ewc_lambda, model_cfg)
-    return value, {KEY: value}
-
-  program.penalty_fn = fn
-  program.train_only_frozen.add(KEY)
-  program.frozen[KEY] = {}
-  if c.fisher:
-    flat = dict(layout.flatten(program.frozen[lora_train.BASE]))
-    dtype = jnp.dtype(c.dtype)
-    program.frozen[KEY]["fisher"] = layout.unflatten(
+  if not c.fisher:
+    return {}
+  flat = dict(layout.flatten(program.frozen[lora_feature.BASE]))
+  dtype = jnp.dtype(c.dtype)
+  return {
+    "fisher": layout.unflatten(
       {
         p: jax.ShapeDtypeStruct(flat[p].shape, dtype, sharding=flat[p].sharding)
-        for p in _adapted_weights(model_cfg)
+        for p in _adapted_weights(program.cfg.model)
       }
     )
+  }
 
 
 def _load_lora_ewc(program) -> None:
@@ -137,7 +127,7 @@ def _load_lora_ewc(program) -> None:
   base_cfg = lora_lib.merged_config(cfg.model)
   shardings = jax.tree.map(
     lambda x: x.sharding,
-    lora_train.float_base(program.frozen[lora_train.BASE], cfg.model),
+    lora_feature.float_base(program.frozen[lora_feature.BASE], cfg.model),
   )
   raw = fisher_store.load(c.fisher, base_cfg, shardings)
   fisher = dict(
@@ -150,150 +140,6 @@ def _load_lora_ewc(program) -> None:
       {p: fisher[p] for p in _adapted_weights(cfg.model)}
     )
   }
-
-
-def install(program) -> None:
-  """Sets the EWC penalty and the abstract F and anchor (program.frozen
-  ["ewc"], ShapeDtypeStructs) when continual.ewc_lambda > 0, so that the
-  step lowers and compiles (also ahead of time) before they are loaded by
-  `initial_state` or `resume`. With LoRA: F of the adapted weights only."""
-  c = program.cfg.continual
-  if not c.enabled:
-    return
-  if program.cfg.model.lora is not None:
-    _install_lora(program, c)
-    return
-  program.penalty_fn = penalty_fn(c.ewc_lambda)
-  program.train_only_frozen.add(KEY)  # evaluation never needs F or anchor
-  dtype = jnp.dtype(c.dtype)
-  like = lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
-  params = program.abstract_state.params
-  program.frozen[KEY] = {"anchor": jax.tree.map(like, params)}
-  if c.fisher:
-    program.frozen[KEY]["fisher"] = jax.tree.map(like, params)
-
-
-# Loading params from any source.
-def is_run_dir(path) -> bool:
-  return (epath.Path(path) / "checkpoints").is_dir()
-
-
-def load_params(path: str, fmt: str, program, dtype=None):
-  """Params of the program's model from `path` (format `fmt` or "auto"),
-  placed in program.param_shardings, in `dtype` (default: the model's
-  param_dtype)."""
-  dtype = dtype or jnp.dtype(program.cfg.model.param_dtype)
-  if fmt == "run" or (fmt == "auto" and is_run_dir(path)):
-    return _run_params(path, program, dtype)
-  return formats.load(
-    path,
-    program.cfg.model,
-    fmt=fmt,
-    dtype=dtype,
-    shardings=program.param_shardings,
-  )
-
-
-def _latest_run_step(path):
-  from gemma_jax.train.checkpointing import Checkpointer
-  from gemma_jax.train.config import CheckpointConfig
-
-  ckpt = Checkpointer(
-    str(epath.Path(path) / "checkpoints"), CheckpointConfig(async_save=False)
-  )
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise CheckpointError(f"{path}: the run has no checkpoint yet")
-    return ckpt, step, ckpt.restore_meta(step)
-  except BaseException:
-    ckpt.close()
-    raise
-
-
-def _check_run_model(path, saved: dict, program) -> None:
-  from gemma_jax.train.config import model_config_from_dict
-
-  stored = model_config_from_dict(saved.get("config", {}).get("model", {}))
-  want, found = (
-    layout.param_shapes(program.cfg.model),
-    layout.param_shapes(stored),
-  )
-  for p, shape in want.items():
-    if found.get(p) != shape:
-      raise CheckpointError(
-        f"{path} trained another model: parameter {p} "
-        f"is {found.get(p)} there and {shape} here"
-      )
-
-
-def _run_params(path, program, dtype):
-  """Params only, from a run's latest checkpoint (orbax partial restore)."""
-  ckpt, step, saved = _latest_run_step(path)
-  ckpt.close()
-  _check_run_model(path, saved, program)
-  state_dir = epath.Path(path).absolute() / "checkpoints" / str(step) / "state"
-  item = {"params": program.abstract_state.params}
-  args = jax.tree.map(
-    lambda s: ocp.ArrayRestoreArgs(
-      sharding=s.sharding, global_shape=s.shape, dtype=dtype
-    ),
-    item,
-  )
-  with ocp.PyTreeCheckpointer() as c:
-    return c.restore(
-      state_dir,
-      args=ocp.args.PyTreeRestore(
-        item=item, restore_args=args, partial_restore=True
-      ),
-    )["params"]
-
-
-def restart_schedule(opt_state):
-  """The optimizer state with its learning-rate schedule back at step 0;
-  the moments and Adam's bias-correction count are kept."""
-
-  def reset(s):
-    if isinstance(s, optax.InjectStatefulHyperparamsState):
-      return s._replace(
-        count=jnp.zeros_like(s.count),
-        hyperparams_states=jax.tree.map(jnp.zeros_like, s.hyperparams_states),
-      )
-    return s
-
-  return jax.tree.map(
-    reset,
-    opt_state,
-    is_leaf=lambda s: isinstance(s, optax.InjectStatefulHyperparamsState),
-  )
-
-
-def _continued_state(program, path):
-  """Step 0 from a run's latest checkpoint with its optimizer moments."""
-  ckpt, step, saved = _latest_run_step(path)
-  try:
-    _check_run_model(path, saved, program)
-    restored = ckpt.restore(program.abstract_state, step).state
-  finally:
-    ckpt.close()
-  key = jax.random.split(jax.random.PRNGKey(program.cfg.train.seed))[1]
-
-  def restart(state, key):
-    return state_lib.TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=state.params,
-      opt_state=restart_schedule(state.opt_state),
-      rng=key,
-      nonfinite_in_row=jnp.zeros((), jnp.int32),
-    )
-
-  replicated = NamedSharding(program.mesh, P())
-  return jax.jit(
-    restart,
-    in_shardings=(program.state_shardings, replicated),
-    out_shardings=program.state_shardings,
-    donate_argnums=0,
-  )(restored, key)
 
 
 # Fisher and anchor on the devices.
@@ -467,37 +313,53 @@ def load_ewc(program, initial_params=None) -> None:
   program.frozen[KEY] = ewc
 
 
-# Entry points for the trainer.
-def initial_state(program):
-  """(step-0 TrainState, EWC description) of a fresh run: random params, or
-  checkpoint.init_from restored into the param shardings; F and the anchor
-  loaded."""
-  cfg = program.cfg
-  ewc = describe(cfg)  # fails on a missing Fisher or anchor, before loading
-  ck = cfg.checkpoint
-  if not ck.init_from or cfg.model.lora is not None:
-    # Random; or fresh adapters, init_from being their frozen base, which
-    # the trainer has installed (gemma_jax.train.lora.install_base).
+class EWC(Feature):
+  """The EWC penalty (continual.ewc_lambda > 0): F and the anchor are
+  frozen inputs, abstract until loaded, so that the step lowers and
+  compiles (also ahead of time) before they are; evaluation never reads
+  them. With LoRA: F of the adapted weights only, on the adapters' change.
+  Checkpoints record them (`describe`) and a resume refuses changed ones.
+  """
+
+  name = "ewc"
+
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    self.description: dict = {}
+
+  def frozen(self, program) -> dict:
+    c = self.cfg.continual
+    if self.cfg.model.lora is not None:
+      return {KEY: _lora_frozen(program, c)}
+    dtype = jnp.dtype(c.dtype)
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    params = program.abstract_state.params
+    ewc = {"anchor": jax.tree.map(like, params)}
+    if c.fisher:
+      ewc["fisher"] = jax.tree.map(like, params)
+    return {KEY: ewc}
+
+  def penalty(self, program):
+    c, model_cfg = self.cfg.continual, self.cfg.model
+    if model_cfg.lora is None:
+      return penalty_fn(c.ewc_lambda)
+
+    def fn(params, frozen):
+      value = lora_penalty(params, frozen[KEY], c.ewc_lambda, model_cfg)
+      return value, {KEY: value}
+
+    return fn
+
+  def prepare(self, program, pipe) -> None:
+    # Fails on a missing Fisher or anchor, before anything is loaded.
+    self.description = describe(self.cfg)
+
+  def load(self, program, params) -> None:
+    load_ewc(program, params)
+
+  def resume(self, program, meta: dict, step: int) -> None:
+    check_resume(meta.get("continual"), self.description, step)
     load_ewc(program)
-    return program.init_state(), ewc
-  if ck.init_optimizer:
-    if not is_run_dir(ck.init_from):
-      raise ConfigError(
-        f"checkpoint.init_optimizer: {ck.init_from} is not a "
-        f"gemma_jax run directory (no checkpoints/)"
-      )
-    state = _continued_state(program, ck.init_from)
-    load_ewc(program, state.params)
-    return state, ewc
-  params = load_params(ck.init_from, ck.init_format, program)
-  load_ewc(program, params)
-  return program.init_state(params=params), ewc
 
-
-def resume(program, saved_meta: dict, step: int) -> dict:
-  """The EWC description of a resumed run, after refusing a changed Fisher
-  or anchor; F and the anchor loaded."""
-  ewc = describe(program.cfg)
-  check_resume(saved_meta.get("continual"), ewc, step)
-  load_ewc(program)
-  return ewc
+  def metadata(self) -> dict:
+    return {"continual": self.description}

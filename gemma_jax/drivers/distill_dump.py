@@ -1,0 +1,187 @@
+"""Writes a distillation dump: the teacher's top-k for a run's batches.
+
+    write_dump(cfg, "dumps/run", steps)    # `gemma-jax distill dump`
+
+The format, and how a run reads it back, are gemma_jax.features.distill's
+(offline distillation); this driver builds a TrainProgram with the online
+teacher and runs its forward over the batches of steps [0, steps).
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+from etils import epath
+
+from gemma_jax import configlib, fileio
+from gemma_jax.errors import ConfigError
+from gemma_jax.features import distill_loss as distill
+from gemma_jax.features.distill import (
+  DUMP_FORMAT,
+  MANIFEST,
+  attach,
+  check_dump,
+  chunk_file,
+  encode_record,
+  installed_teacher_config,
+  read_manifest,
+  row_checksum,
+  run_fingerprint,
+  teacher_logits,
+)
+from gemma_jax.model import Transformer
+from gemma_jax.train import step as step_lib
+from gemma_jax.train.program import TrainProgram
+
+
+def _unsplit(x, m: int):
+  """Inverse of step.split_microbatches: [m, B/m, ...] -> [B, ...]."""
+  return x.swapaxes(0, 1).reshape((-1, *x.shape[2:]))
+
+
+def make_encoder(program):
+  """jit (frozen, batch) -> TopK of the teacher at distill.temperature, its
+  forward run one microbatch at a time (train.microbatches)."""
+  d = program.cfg.distill
+  teacher = Transformer(installed_teacher_config(program))
+  m = program.cfg.train.microbatches
+
+  def one(frozen, batch):
+    return distill.encode_topk(
+      teacher_logits(teacher, frozen, batch), d.topk, d.temperature
+    )
+
+  def encode(frozen, batch):
+    batch = {k: batch[k] for k in step_lib.BATCH_KEYS}
+    if m == 1:
+      return one(frozen, batch)
+    parts = step_lib.split_microbatches(batch, m)
+    out = jax.lax.map(lambda mb: one(frozen, mb), parts)
+    return jax.tree.map(lambda x: _unsplit(x, m), out)
+
+  return jax.jit(
+    encode,
+    in_shardings=(program.frozen_shardings, program.batch_sharding),
+    out_shardings=program.batch_sharding,
+  )
+
+
+def _local_rows(program, x) -> np.ndarray:
+  """This process's rows of a batch-sharded global array."""
+  from jax.experimental import multihost_utils
+
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(
+    multihost_utils.global_array_to_host_local_array(
+      x, program.mesh, program.batch_sharding.spec
+    )
+  )
+
+
+def write_dump(
+  cfg, directory, steps: int, steps_per_file: int = 100, log=print
+) -> dict:
+  """Writes (or extends to `steps`) the teacher's top-k for the training
+  batches of steps [0, steps) into `directory`; returns the manifest.
+
+  Every process writes its own rows; a chunk of `steps_per_file` steps is
+  one ArrayRecord file per process, renamed into place when complete, and
+  the manifest is rewritten after each chunk, so an interrupted dump
+  continues from its last complete chunk.
+  """
+  from gemma_jax.data import pipeline_for
+
+  if not cfg.distill.teacher:
+    raise ConfigError(
+      "distill.teacher: a dump needs the teacher's checkpoint directory"
+    )
+  if steps_per_file < 1:
+    raise ConfigError(f"--steps-per-file must be >= 1, got {steps_per_file}")
+  cfg = dataclasses.replace(
+    cfg, distill=dataclasses.replace(cfg.distill, dump=None)
+  )
+  program = TrainProgram(cfg)
+  pipe = pipeline_for(cfg)
+  expected = run_fingerprint(cfg, pipe)
+  root = epath.Path(directory)
+  teacher = installed_teacher_config(program)
+  manifest = {
+    "format": DUMP_FORMAT,
+    "fingerprint": expected,
+    "vocab_size": teacher.vocab_size,
+    "teacher_model": configlib.to_dict(teacher),
+    "tail_stored": True,
+    "process_count": jax.process_count(),
+    "global_batch": pipe.global_batch,
+    "seq_len": cfg.data.seq_len,
+    "steps": 0,
+    "chunks": [],
+    "bytes_per_position": distill.bytes_per_token(cfg.distill.topk),
+  }
+  if (root / MANIFEST).exists():
+    manifest = read_manifest(directory)
+    check_dump(directory, manifest, expected, cfg.model.vocab_size)
+    if manifest["process_count"] != jax.process_count():
+      raise ConfigError(
+        f"distill.dump {directory} was written by "
+        f"{manifest['process_count']} processes; extend it with as many"
+      )
+  root.mkdir(parents=True, exist_ok=True)
+  if manifest["steps"] >= steps:
+    log(f"{directory} already holds {manifest['steps']} steps")
+    return manifest
+  attach(program, pipe, steps)
+  encode = make_encoder(program)
+  with program.context():
+    for first in range(manifest["steps"], steps, steps_per_file):
+      end = min(first + steps_per_file, steps)
+      _write_chunk(program, pipe, encode, root, first, end)
+      manifest["chunks"].append([first, end])
+      manifest["steps"] = end
+      _sync("distill_dump_chunk")
+      if jax.process_index() == 0:
+        fileio.atomic_write(root / MANIFEST, json.dumps(manifest, indent=1))
+      log(f"dumped steps [{first}, {end}) into {directory}")
+  return manifest
+
+
+def _write_chunk(program, pipe, encode, root, first: int, end: int):
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  name = chunk_file(first, end, jax.process_index(), jax.process_count())
+  tmp = os.fspath(root / f".{name}.tmp")
+  writer = ArrayRecordWriter(tmp, "group_size:1")
+  try:
+    for step in range(first, end):
+      batch = pipe.batch(step)
+      topk = encode(
+        program.frozen, program.put({k: batch[k] for k in step_lib.BATCH_KEYS})
+      )
+      topk = distill.TopK(*(_local_rows(program, x) for x in topk))
+      for r in range(pipe.local_batch):
+        writer.write(
+          encode_record(
+            distill.TopK(topk.logprobs[r], topk.ids[r], topk.tail[r]),
+            row_checksum(batch, r),
+          )
+        )
+  finally:
+    writer.close()
+  os.replace(tmp, os.fspath(root / name))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def dump_files_bytes(directory) -> int:
+  """Bytes of a dump's ArrayRecord files."""
+  return sum(
+    f.stat().length for f in epath.Path(directory).glob("*.array_record")
+  )
