@@ -24,10 +24,8 @@ from gemma_jax.features.distill import (
   attach,
   check_dump,
   chunk_file,
-  encode_record,
   installed_teacher_config,
   read_manifest,
-  row_checksum,
   run_fingerprint,
   teacher_logits,
 )
@@ -163,9 +161,9 @@ def _write_chunk(program, pipe, encode, root, first: int, end: int):
       topk = distill.TopK(*(_local_rows(program, x) for x in topk))
       for r in range(pipe.local_batch):
         writer.write(
-          encode_record(
+          distill.encode_record(
             distill.TopK(topk.logprobs[r], topk.ids[r], topk.tail[r]),
-            row_checksum(batch, r),
+            distill.row_checksum(batch, r),
           )
         )
   finally:

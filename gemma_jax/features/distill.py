@@ -35,8 +35,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import struct
-import zlib
 from typing import Any
 
 import jax
@@ -59,7 +57,6 @@ DUMP_KEYS = ("teacher_logprobs", "teacher_ids", "teacher_tail")
 DUMP_FORMAT = "gemma_jax.distill_dump/1"
 MANIFEST = "dump.json"
 TOKENIZER_FILE = "tokenizer.model"  # shipped with HF and Kaggle releases
-_CRC = struct.Struct("<I")  # per-record CRC-32 of the row's tokens
 
 
 # The teacher checkpoint.
@@ -245,19 +242,6 @@ def offline_token_losses(temperature: float, tail: str):
   return token_losses
 
 
-def dump_batch(rows: int, t: int, k: int, sharding) -> dict:
-  """The batch keys a dump adds: log-probs bfloat16 [B, T, K], ids int32
-  [B, T, K] and the log tail mass float32 [B, T]."""
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(
-    shape, dtype, sharding=sharding
-  )
-  return dict(
-    teacher_logprobs=spec((rows, t, k), distill.LOGPROB_DTYPE),
-    teacher_ids=spec((rows, t, k), jnp.int32),
-    teacher_tail=spec((rows, t), jnp.float32),
-  )
-
-
 def attach(program, pipe, steps: int) -> None:
   """Before training: online, checks the teacher's tokenizer and loads its
   params into program.frozen; offline, checks the dump against this run
@@ -383,27 +367,6 @@ def chunk_file(first: int, end: int, part: int, parts: int) -> str:
   )
 
 
-def row_checksum(batch: dict, row: int) -> int:
-  """CRC-32 of one row's tokens and layout: ties a record to its row."""
-  crc = 0
-  for key in ("inputs", "targets", "segment_ids", "loss_mask"):
-    crc = zlib.crc32(
-      np.ascontiguousarray(batch[key][row], np.int32).tobytes(), crc
-    )
-  return crc
-
-
-def encode_record(topk: distill.TopK, crc: int) -> bytes:
-  """One row's record: CRC-32 of its tokens, then the packed top-k."""
-  return _CRC.pack(crc) + distill.pack_topk(topk)
-
-
-def decode_record(record: bytes, k: int) -> tuple[int, distill.TopK]:
-  return _CRC.unpack_from(record)[0], distill.unpack_topk(
-    record[_CRC.size :], k
-  )
-
-
 class DumpReader:
   """fn(step, batch) -> the dump's entries of this process's rows of
   `batch` (see Pipeline.add_batch_keys); DataError when a record's CRC does
@@ -463,8 +426,8 @@ class DumpReader:
     out = []
     for r, rec in enumerate(records):
       assert rec is not None  # `wanted` located every row
-      crc, topk = decode_record(rec, self.k)
-      if crc != row_checksum(batch, r):
+      crc, topk = distill.decode_record(rec, self.k)
+      if crc != distill.row_checksum(batch, r):
         raise DataError(
           f"distill.dump {self.directory}: the entry of step {step}, row "
           f"{self.first_row + r} was written for other tokens; the dump "
@@ -509,7 +472,7 @@ class Distill(Feature):
     if self.cfg.distill.mode != "offline":
       return {}
     cfg = self.cfg
-    return dump_batch(
+    return distill.dump_batch(
       cfg.train.batch_size,
       cfg.data.seq_len,
       cfg.distill.topk,

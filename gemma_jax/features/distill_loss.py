@@ -1,4 +1,5 @@
-"""Distillation losses from a teacher's next-token distribution.
+"""Distillation losses from a teacher's next-token distribution, and the
+format of a dump of its top-k.
 
 Pure functions, float32, per target position; B batch, T positions, V
 vocabulary, K stored top-k entries.
@@ -11,6 +12,8 @@ vocabulary, K stored top-k entries.
                                      dump.ids, temperature=1.0, tail="bucket",
                                      teacher_tail_logmass=dump.tail)
     record = pack_topk(dump)         # bytes_per_token(64) = 388 per position
+    # a dump file's record of one row: CRC-32 of the row's tokens + top-k
+    encode_record(dump, row_checksum(batch, row))
 
 Every loss is the cross-entropy of the student's distribution against the
 teacher's, both at temperature tau, times tau^2 (kl=True subtracts the
@@ -19,6 +22,8 @@ and the one rejected, and the dump's 6k + 4 bytes per position: see
 docs/distillation.md, "The loss functions".
 """
 
+import struct
+import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -32,6 +37,7 @@ from gemma_jax.train.config import TAILS
 LOGPROB_DTYPE = ml_dtypes.bfloat16  # stored log-probs: 2 bytes
 ID_DTYPE = np.dtype("<i4")  # stored ids: 4 bytes, little-endian
 TAIL_DTYPE = np.dtype("<f4")  # stored tail log-mass: 4 bytes
+_CRC = struct.Struct("<I")  # per-record CRC-32 of the row's tokens
 
 
 def _xlogy(x, y):
@@ -196,3 +202,36 @@ def unpack_topk(record: bytes, k: int) -> TopK:
   ids = np.frombuffer(record[ends[0] : ends[1]], ID_DTYPE).astype(np.int32)
   tail = np.frombuffer(record[ends[1] :], TAIL_DTYPE).astype(np.float32)
   return TopK(logprobs, ids.reshape(t, k), tail)
+
+
+# A dump's records (one per row) and batch arrays.
+def row_checksum(batch: dict, row: int) -> int:
+  """CRC-32 of one row's tokens and layout: ties a record to its row."""
+  crc = 0
+  for key in ("inputs", "targets", "segment_ids", "loss_mask"):
+    crc = zlib.crc32(
+      np.ascontiguousarray(batch[key][row], np.int32).tobytes(), crc
+    )
+  return crc
+
+
+def encode_record(topk: TopK, crc: int) -> bytes:
+  """One row's record: CRC-32 of its tokens, then the packed top-k."""
+  return _CRC.pack(crc) + pack_topk(topk)
+
+
+def decode_record(record: bytes, k: int) -> tuple[int, TopK]:
+  return _CRC.unpack_from(record)[0], unpack_topk(record[_CRC.size :], k)
+
+
+def dump_batch(rows: int, t: int, k: int, sharding) -> dict:
+  """The batch keys a dump adds: log-probs bfloat16 [B, T, K], ids int32
+  [B, T, K] and the log tail mass float32 [B, T]."""
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(
+    shape, dtype, sharding=sharding
+  )
+  return dict(
+    teacher_logprobs=spec((rows, t, k), LOGPROB_DTYPE),
+    teacher_ids=spec((rows, t, k), jnp.int32),
+    teacher_tail=spec((rows, t), jnp.float32),
+  )

@@ -61,3 +61,33 @@ def test_a_batch_that_does_not_split_over_the_batch_shards_is_a_config_error():
     r"divisible by 8",
   ):
     TrainProgram(cfg)
+
+
+def test_a_feature_the_config_turns_on_must_be_registered(monkeypatch):
+  from gemma_jax.train import program as program_lib
+
+  monkeypatch.setattr(program_lib, "_REGISTERED", [])
+  cfg = config_from_dict({"model": MODEL | {"lora": {"rank": 2}}})
+  with pytest.raises(ConfigError, match="turns on lora.*import gemma_jax"):
+    TrainProgram(cfg)
+
+
+def test_features_are_built_in_their_registered_order():
+  from gemma_jax.train import program as program_lib
+
+  cfg = config_from_dict(
+    {
+      "model": MODEL | {"lora": {"rank": 2}},
+      "train": {"ema_decay": 0.9},
+      "distill": {"teacher_model": MODEL},
+    }
+  )
+  assert cfg.features() == ("lora", "distill", "ema")
+  names = [f.name for f in program_lib.enabled_features(cfg)]
+  assert names == ["lora", "distill", "ema"]
+  assert [f.name for f in program_lib._REGISTERED] == [
+    "lora",
+    "distill",
+    "ewc",
+    "ema",
+  ]
