@@ -43,7 +43,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gemma_jax import configlib, fileio
+from gemma_jax import configlib, distributed, fileio
 from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.model import ModelConfig, Transformer
 from gemma_jax.sharding import rules
@@ -622,7 +622,7 @@ def write_dump(
       _write_chunk(program, pipe, encode, root, first, end)
       manifest["chunks"].append([first, end])
       manifest["steps"] = end
-      _sync("distill_dump_chunk")
+      distributed.barrier("distill_dump_chunk")
       if jax.process_index() == 0:
         fileio.atomic_write(root / MANIFEST, json.dumps(manifest, indent=1))
       log(f"dumped steps [{first}, {end}) into {directory}")
@@ -652,13 +652,6 @@ def _write_chunk(program, pipe, encode, root, first: int, end: int):
   finally:
     writer.close()
   os.replace(tmp, os.fspath(root / name))
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
 
 
 def dump_files_bytes(directory) -> int:
