@@ -42,8 +42,16 @@ def _module(name):
   return importlib.import_module(f"gemma_jax.commands.{name}")
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage errors in one line too (argparse prints the usage before it;
+  `gemma-jax COMMAND --help` shows it)."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser(argv) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
     prog="gemma-jax",
     description="Pretraining and continual pretraining of Gemma 1 and "
     "Gemma 2 in JAX/Flax.",
@@ -101,7 +109,12 @@ def main(argv=None) -> int:
   # --debug may stand anywhere on the line.
   debug = "--debug" in argv or os.environ.get("GEMMA_JAX_DEBUG") == "1"
   argv = [a for a in argv if a != "--debug"]
-  args = _parser(argv).parse_args(argv)
+  try:
+    args = _parser(argv).parse_args(argv)
+  except SystemExit as e:  # a usage error (printed), or --help
+    if e.code == 0:
+      raise
+    return int(e.code or 2)
   if not debug:
     # Libraries' own warnings (orbax's absl logging) would bury the one
     # line a failure prints; --debug shows them.

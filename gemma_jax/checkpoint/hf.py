@@ -29,7 +29,13 @@ import numpy as np
 from flax.linen import meta
 
 from gemma_jax import fileio
-from gemma_jax.checkpoint import hf_config, layout, placement, safetensors_io
+from gemma_jax.checkpoint import (
+  hf_config,
+  layout,
+  placement,
+  publish,
+  safetensors_io,
+)
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
@@ -302,8 +308,9 @@ def save(
   dtype = np.dtype(dtype or flat["embedder/embedding"].dtype)
   hf = hf_config.to_hf(cfg, dtype.name)  # fails before anything is written
 
-  def make(e: Entry):
-    return e.to_hf(np.asarray(flat[e.path][e.index]))
+  def make(e: Entry):  # refuses NaN or inf before it reaches the file
+    x = np.asarray(flat[e.path][e.index])
+    return e.to_hf(publish.check_finite_leaf(x, e.path, directory))
 
   tensors = [
     safetensors_io.Tensor(

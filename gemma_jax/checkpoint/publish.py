@@ -48,12 +48,17 @@ def _inexact(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.inexact)
 
 
-def _host_finite(x: np.ndarray) -> bool:
+def _host_finite(x: np.ndarray, log_probs: bool = False) -> bool:
   flat = np.ravel(x)
+  ok = _log_prob_ok if log_probs else np.isfinite
   return all(
-    bool(np.isfinite(flat[i : i + _CHUNK]).all())
-    for i in range(0, flat.size, _CHUNK)
+    bool(ok(flat[i : i + _CHUNK]).all()) for i in range(0, flat.size, _CHUNK)
   )
+
+
+def _log_prob_ok(x):
+  """A log-probability may be -inf (probability 0), never NaN or +inf."""
+  return ~np.isnan(x) & (x != np.inf)
 
 
 @jax.jit
@@ -61,9 +66,11 @@ def _device_finite(leaves):
   return jnp.stack([jnp.isfinite(x).all() for x in leaves])
 
 
-def first_nonfinite(tree) -> str | None:
+def first_nonfinite(tree, log_probs: bool = False) -> str | None:
   """The '/'-path of the first float leaf of `tree` (a nested dict of numpy
-  or jax arrays) holding NaN or inf, in the tree's order; None if none."""
+  or jax arrays) holding NaN or inf, in the tree's order; None if none.
+  `log_probs`: the leaves are log-probabilities, where -inf is allowed
+  (host arrays only)."""
   flat = [
     (p, x)
     for p, x in layout.flatten(meta.unbox(tree))
@@ -76,7 +83,7 @@ def first_nonfinite(tree) -> str | None:
     finite.update((p, bool(f)) for (p, _), f in zip(on_device, flags))
   for path, x in flat:
     if path not in finite:
-      finite[path] = _host_finite(np.asarray(x))
+      finite[path] = _host_finite(np.asarray(x), log_probs)
     if not finite[path]:
       return path
   return None
@@ -96,9 +103,9 @@ def nonfinite_error(directory, path: str, source=None) -> NonFinite:
   )
 
 
-def check_finite(tree, directory, source=None) -> None:
+def check_finite(tree, directory, source=None, log_probs=False) -> None:
   """NonFinite naming `directory` and the first non-finite tensor."""
-  path = first_nonfinite(tree)
+  path = first_nonfinite(tree, log_probs)
   if path is not None:
     raise nonfinite_error(directory, path, source)
 

@@ -31,7 +31,7 @@ import numpy as np
 from etils import epath
 
 from gemma_jax import configlib, fileio
-from gemma_jax.checkpoint import layout, safetensors_io
+from gemma_jax.checkpoint import layout, publish, safetensors_io
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model import quant as quant_lib
 from gemma_jax.model.config import ModelConfig
@@ -97,15 +97,16 @@ def save(directory, params, cfg: ModelConfig, *, force: bool = False) -> int:
     elif path in quantized:
       make = lambda x=leaf: np.asarray(jax.device_get(x)).astype(np.int8)
       dtype = np.dtype(np.int8)
-    else:
+    else:  # float: scales, norms, what is not quantized
       dtype = np.dtype(leaf.dtype)
-      make = lambda x=leaf: np.asarray(jax.device_get(x))
+      make = lambda x=leaf, p=path: publish.check_finite_leaf(
+        np.asarray(jax.device_get(x)), p, directory
+      )
     tensors.append(safetensors_io.Tensor(path, shape, dtype, make))
-  tmp = fileio.fresh_temporary_sibling(directory)
-  safetensors_io.write(tmp / WEIGHTS, tensors, {"format": FORMAT})
-  config = {"format": FORMAT, "model": configlib.to_dict(cfg)}
-  (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-  fileio.replace_directory(tmp, directory)
+  with fileio.atomic_directory(directory, overwrite=force) as tmp:
+    safetensors_io.write(tmp / WEIGHTS, tensors, {"format": FORMAT})
+    config = {"format": FORMAT, "model": configlib.to_dict(cfg)}
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
   return os.path.getsize(directory / WEIGHTS)
 
 

@@ -174,7 +174,12 @@ class RunConfig:
   continual: ContinualConfig = ContinualConfig()
 
   def __post_init__(self):
-    c = self.continual
+    c, d = self.continual, self.distill
+    if d.mode is not None and d.topk > self.model.vocab_size:
+      raise ConfigError(
+        f"distill.topk ({d.topk}) must be <= model.vocab_size "
+        f"({self.model.vocab_size}): there are no more tokens to keep"
+      )
     if self.model.lora is not None:
       self._check_lora()
     if c.enabled and not (c.anchor or self.checkpoint.init_from):

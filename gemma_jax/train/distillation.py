@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gemma_jax import configlib, distributed, fileio
+from gemma_jax.checkpoint import publish
 from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.model import ModelConfig, Transformer
 from gemma_jax.sharding import rules
@@ -642,6 +643,8 @@ def _write_chunk(program, pipe, encode, root, first: int, end: int):
         program.frozen, program.put({k: batch[k] for k in step_lib.BATCH_KEYS})
       )
       topk = distill.TopK(*(_local_rows(program, x) for x in topk))
+      teacher = f"the teacher's output at step {step}"
+      publish.check_finite(topk._asdict(), root / name, teacher, True)
       for r in range(pipe.local_batch):
         writer.write(
           encode_record(
