@@ -191,7 +191,7 @@ def load_config(
   return model_cfg
 
 
-def _tensor_files(directory: Path) -> dict[str, Path]:
+def tensor_files(directory: Path) -> dict[str, Path]:
   """{tensor name: file holding it}."""
   if (directory / INDEX).exists():
     weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
@@ -221,7 +221,7 @@ def load(
   """
   directory = Path(directory)
   cfg = load_config(directory, model_cfg, model_name)
-  files = _tensor_files(directory)
+  files = tensor_files(directory)
   found = {}
   for file in sorted(set(files.values())):
     found.update(safetensors_io.shapes(file))

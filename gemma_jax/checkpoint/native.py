@@ -89,7 +89,7 @@ def load(directory, shardings=None, dtype=None) -> tuple[dict, ModelConfig]:
   cfg = load_config(directory)
   # orbax finds no tree metadata under a relative path.
   path = epath.Path(fileio.absolute(directory)) / PARAMS_DIR
-  _check_files(directory, path)
+  check_files(directory, path)
   try:
     return _load(path, cfg, shardings, dtype), cfg
   except (CheckpointError, ConfigError):
@@ -118,7 +118,7 @@ def _culprit(path, error) -> str:
   )
 
 
-def _check_files(directory, path) -> None:
+def check_files(directory, path) -> None:
   """The files orbax reads before any array: present and parseable."""
   meta = path / "_METADATA"
   try:

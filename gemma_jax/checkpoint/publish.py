@@ -77,7 +77,7 @@ def first_nonfinite(tree, log_probs: bool = False) -> str | None:
     if _inexact(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)
   ]
   on_device = [(p, x) for p, x in flat if isinstance(x, jax.Array)]
-  finite = {}
+  finite: dict[str, bool] = {}
   if on_device:
     flags = jax.device_get(_device_finite([x for _, x in on_device]))
     finite.update((p, bool(f)) for (p, _), f in zip(on_device, flags))

@@ -22,6 +22,7 @@ safetensors reader; `load` returns the tree a `weights: int` model applies
 (jnp int4/int8 arrays), which `gemma-jax score` runs directly.
 """
 
+import functools
 import json
 import os
 
@@ -99,15 +100,19 @@ def save(directory, params, cfg: ModelConfig, *, force: bool = False) -> int:
       dtype = np.dtype(np.int8)
     else:  # float: scales, norms, what is not quantized
       dtype = np.dtype(leaf.dtype)
-      make = lambda x=leaf, p=path: publish.check_finite_leaf(
-        np.asarray(jax.device_get(x)), p, directory
-      )
+      make = functools.partial(_finite_host, leaf, path, directory)
     tensors.append(safetensors_io.Tensor(path, shape, dtype, make))
   with fileio.atomic_directory(directory, overwrite=force) as tmp:
     safetensors_io.write(tmp / WEIGHTS, tensors, {"format": FORMAT})
     config = {"format": FORMAT, "model": configlib.to_dict(cfg)}
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
   return os.path.getsize(directory / WEIGHTS)
+
+
+def _finite_host(x, path: str, directory) -> np.ndarray:
+  return publish.check_finite_leaf(
+    np.asarray(jax.device_get(x)), path, directory
+  )
 
 
 def is_quantized(directory) -> bool:

@@ -263,7 +263,7 @@ def main(args) -> int:
   import jax
 
   from gemma_jax.checkpoint import fisher as fisher_store
-  from gemma_jax.checkpoint import publish
+  from gemma_jax.checkpoint import preflight, publish
   from gemma_jax.train import continual, fisher, fisher_data, metrics
   from gemma_jax.train.program import TrainProgram
 
@@ -275,6 +275,11 @@ def main(args) -> int:
     )
   estimator = _estimator(args)
   from etils import epath
+
+  if args.params_format != "run":
+    preflight.check_params_source(
+      path, cfg.model, args.params_format, "--params"
+    )
 
   if epath.Path(args.out).exists() and not args.force:
     raise ConfigError(

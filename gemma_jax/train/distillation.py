@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gemma_jax import configlib, distributed, fileio
-from gemma_jax.checkpoint import publish
+from gemma_jax.checkpoint import preflight, publish
 from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.model import ModelConfig, Transformer
 from gemma_jax.sharding import rules
@@ -311,6 +311,10 @@ def attach(program, pipe, steps: int) -> None:
       run_fingerprint(cfg, pipe, with_teacher=bool(d.teacher)),
       cfg.model.vocab_size,
     )
+    record = _CRC.size + cfg.data.seq_len * distill.bytes_per_token(d.topk)
+    preflight.check_record_files(
+      d.dump, dump_files(manifest, pipe.global_batch), record, "distill.dump"
+    )
     if manifest["steps"] < steps:
       raise DataError(
         f"distill.dump {d.dump} holds {manifest['steps']} steps but "
@@ -400,7 +404,7 @@ def read_manifest(directory) -> dict:
       f"distill.dump {directory}: no {MANIFEST}; write it with "
       "`gemma-jax distill dump`"
     )
-  manifest = json.loads(path.read_text())
+  manifest = preflight.check_json_file(path, f"distill.dump {directory}")
   if manifest.get("format") != DUMP_FORMAT:
     raise DataError(
       f"{path}: unknown format {manifest.get('format')!r}; "
@@ -414,6 +418,16 @@ def chunk_file(first: int, end: int, part: int, parts: int) -> str:
   return (
     f"steps-{first:08d}-{end:08d}.part-{part:05d}-of-{parts:05d}.array_record"
   )
+
+
+def dump_files(manifest: dict, global_batch: int) -> dict[str, int]:
+  """{file name: records} of every file a dump's manifest lists."""
+  parts = manifest["process_count"]
+  return {
+    chunk_file(first, end, part, parts): (end - first) * (global_batch // parts)
+    for first, end in manifest["chunks"]
+    for part in range(parts)
+  }
 
 
 def row_checksum(batch: dict, row: int) -> int:

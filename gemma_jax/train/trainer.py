@@ -25,6 +25,7 @@ import jax
 from etils import epath
 
 from gemma_jax import distributed, fileio, hardware
+from gemma_jax.checkpoint import preflight
 from gemma_jax.data import build_pipeline
 from gemma_jax.errors import ConfigError, TrainingStopped
 from gemma_jax.model.config import EXECUTION_FIELDS
@@ -172,6 +173,7 @@ class Trainer:
     )
     if cfg.checkpoint.init_from and not _has_checkpoints(self.workdir):
       check_init_from(cfg)
+    preflight.check_run_inputs(cfg, not _has_checkpoints(self.workdir))
     check_workdir(self.workdir)
     self.lease = self._take_lease()
     self._old_handlers: dict[int, Any] = {}
