@@ -164,8 +164,11 @@ def publish(
         (tmp / name).write_text(text)
       if tmp != directory:
         fileio.replace_directory(tmp, directory)
-  except BaseException:
+  except BaseException as e:
     if main and tmp != directory:
       fileio.remove_tree(tmp)
+    full = fileio.disk_full(e, tmp)
+    if full is not None:  # tensorstore's RESOURCE_EXHAUSTED, told as one
+      raise full from None
     raise
   distributed.barrier(f"publish_done:{directory.name}")

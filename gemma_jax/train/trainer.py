@@ -293,6 +293,7 @@ class Trainer:
         self.state, step_metrics = self.train_step(self.state, batch)
         self._pending.append(step_metrics)
         step = step_index + 1
+        self.checkpointer.check()  # a failed background save, at once
         self._run_hooks(step, final=False)
         if self._preempted(step):
           self._run_hooks(
