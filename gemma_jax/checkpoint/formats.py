@@ -28,6 +28,12 @@ def detect(path) -> str:
   fileio.check_remote(path, "checkpoint")
   p = epath.Path(path)
   if not p.is_dir():
+    left = fileio.temporary_sibling(p) if fileio.is_local(p) else None
+    if left is not None and left.exists():
+      raise CheckpointError(
+        f"{path}: no such checkpoint directory; a write of it was "
+        f"interrupted ({left.name} is left): export or convert it again"
+      )
     raise CheckpointError(f"{path}: no such checkpoint directory")
   if (p / native.CONFIG_FILE).exists():
     return "native"
@@ -37,10 +43,28 @@ def detect(path) -> str:
     return "hf"
   if any((p / f).exists() for f in _ORBAX_FILES):
     return "kaggle"
+  _refuse_incomplete(path, p)
   raise CheckpointError(
     f"{path}: cannot tell its format (no {native.CONFIG_FILE}, no "
     f"{hf.CONFIG} with safetensors, no orbax metadata); name it "
     f"(one of {', '.join(FORMATS)})"
+  )
+
+
+def _refuse_incomplete(path, p: epath.Path) -> None:
+  """CheckpointError for a directory that holds part of a known format: a
+  write cut short (a directory's JSON marker is written last)."""
+  if (p / native.PARAMS_DIR).is_dir():
+    missing = native.CONFIG_FILE
+  elif (p / hf.CONFIG).exists():
+    missing = f"{hf.WEIGHTS} or {hf.INDEX}"
+  elif (p / hf.WEIGHTS).exists() or (p / hf.INDEX).exists():
+    missing = hf.CONFIG
+  else:
+    return
+  raise CheckpointError(
+    f"{path} is incomplete: {missing} is missing (the write of it was cut "
+    f"short); export or convert it again"
   )
 
 

@@ -59,6 +59,11 @@ def load_config(directory) -> ModelConfig:
       f"{directory} is not a native gemma_jax checkpoint (not a directory)"
     )
   if not path.exists():
+    if (epath.Path(directory) / PARAMS_DIR).is_dir():  # the config is last
+      raise CheckpointError(
+        f"{directory} is incomplete: {CONFIG_FILE} is missing (the write "
+        f"of it was cut short); export or convert it again"
+      )
     raise CheckpointError(
       f"{directory} is not a native gemma_jax checkpoint (no {CONFIG_FILE})"
     )
