@@ -80,7 +80,8 @@ def save(directory, params, cfg: ModelConfig, *, force: bool = False) -> int:
       "a quantized checkpoint needs model.quant with "
       "weights: int (see gemma_jax.model.quant)"
     )
-  directory = epath.Path(directory).absolute()
+  fileio.check_remote(directory, "output")
+  directory = epath.Path(fileio.absolute(directory))
   if directory.exists() and not force:
     raise ConfigError(f"{directory} already exists; pass --force to replace it")
   leaves = dict(layout.flatten(params))
@@ -116,6 +117,7 @@ def _finite_host(x, path: str, directory) -> np.ndarray:
 
 
 def is_quantized(directory) -> bool:
+  fileio.check_remote(directory, "checkpoint")
   path = epath.Path(directory) / CONFIG_FILE
   if not path.exists():
     return False

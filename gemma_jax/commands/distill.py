@@ -57,6 +57,9 @@ def main(args) -> int:
   steps = cfg.train.steps if args.steps is None else args.steps
   if steps < 1:
     raise ConfigError(f"--steps must be >= 1, got {steps}")
+  from gemma_jax import fileio
+
+  fileio.check_remote(out, "--out")  # seconds, not minutes of retries
   distributed.initialize_runtime(cfg.runtime)
   from gemma_jax.train import distillation
 

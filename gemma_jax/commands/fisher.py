@@ -250,7 +250,7 @@ def compile_only(args, cfg) -> int:
 
 
 def main(args) -> int:
-  from gemma_jax import distributed
+  from gemma_jax import distributed, fileio
   from gemma_jax.errors import ConfigError
   from gemma_jax.train.config import load_config
 
@@ -281,6 +281,7 @@ def main(args) -> int:
       path, cfg.model, args.params_format, "--params"
     )
 
+  fileio.check_remote(args.out, "--out")
   if epath.Path(args.out).exists() and not args.force:
     raise ConfigError(
       f"--out {args.out} already exists; pass --force to replace it"

@@ -493,7 +493,8 @@ def _nonempty_file(path: str) -> bool:
 
 def _first_line(text: str) -> str:
   line = text.strip().splitlines()[0] if text.strip() else "unreadable"
-  return line[:200]
+  # orbax appends the repr of a bound method: noise, not detail
+  return line.split(" See full TensorStore details")[0][:200]
 
 
 def _culprit(text: str) -> str:

@@ -163,6 +163,7 @@ class Trainer:
     # 1. Inputs that can be wrong are checked before anything heavy, and
     # before the workdir is touched; the workdir is ours (its lease) before
     # anything is written into it.
+    preflight.check_run_inputs(cfg, not _has_checkpoints(self.workdir))
     self.program = TrainProgram(cfg, mesh)
     self.pipe = build_pipeline(
       cfg.data,
@@ -173,7 +174,6 @@ class Trainer:
     )
     if cfg.checkpoint.init_from and not _has_checkpoints(self.workdir):
       check_init_from(cfg)
-    preflight.check_run_inputs(cfg, not _has_checkpoints(self.workdir))
     check_workdir(self.workdir)
     self.lease = self._take_lease()
     self._old_handlers: dict[int, Any] = {}
