@@ -213,7 +213,9 @@ def disk_full(error: BaseException, path=None) -> OSError | None:
   """OSError(ENOSPC) naming the file, if `error` (an OSError, or a storage
   library's error) says the disk is full; else None."""
   if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-    return error
+    if error.filename or path is None:
+      return error
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
   text = str(error)
   if not (_FULL.search(text) or "No space left on device" in text):
     return None

@@ -1397,6 +1397,206 @@ def test_round3_has_at_least_forty_cases():
   assert len(ROUND3_CASES) >= 40
 
 
+# gs:// paths other than --workdir: checked in seconds too (the env
+# helpers are defined with the --workdir cases below).
+ROUND3_GCS_CASES = [
+  (
+    "init_from",
+    lambda c: [
+      "train",
+      c.config(lambda d: d["checkpoint"].update(init_from="gs://b/params")),
+      "--workdir",
+      c.path("w"),
+    ],
+    r"checkpoint.init_from gs://b/params: cannot reach Cloud Storage",
+  ),
+  (
+    "teacher",
+    lambda c: [
+      "train",
+      c.config(lambda d: d.update(distill={"teacher": "gs://b/t", "topk": 4})),
+      "--workdir",
+      c.path("w"),
+    ],
+    r"distill.teacher gs://b/t: cannot reach Cloud Storage",
+  ),
+  (
+    "fisher_out",
+    lambda c: [
+      "fisher",
+      c.config(),
+      "--params",
+      export(c),
+      "--source",
+      "prose",
+      "--sequences",
+      "2",
+      "--out",
+      "gs://b/fisher",
+    ],
+    r"--out gs://b/fisher: cannot reach Cloud Storage",
+  ),
+  (
+    "distill_dump_out",
+    lambda c: [
+      "distill",
+      "dump",
+      c.config(lambda d: d.update(distill={"teacher": export(c), "topk": 4})),
+      "--out",
+      "gs://b/dump",
+    ],
+    r"--out gs://b/dump: cannot reach Cloud Storage",
+  ),
+  (
+    "quantize_out",
+    lambda c: ["quantize", export(c), "gs://b/q", "--block-size", "channel"],
+    r"output gs://b/q: cannot reach Cloud Storage",
+  ),
+  (
+    "merge_input",
+    lambda c: ["merge", export(c), "gs://b/a", "--out", c.path("m")],
+    r"checkpoint gs://b/a: cannot reach Cloud Storage",
+  ),
+  (
+    "score_checkpoint",
+    lambda c: [
+      "score",
+      "--checkpoint",
+      "gs://b/ckpt",
+      "--text",
+      "a",
+      "--tokenizer",
+      c.tok,
+      "--out",
+      c.path("s.npz"),
+    ],
+    r"checkpoint gs://b/ckpt: cannot reach Cloud Storage",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "name, argv, pattern",
+  ROUND3_GCS_CASES,
+  ids=[c[0] for c in ROUND3_GCS_CASES],
+)
+def test_round3_a_gs_path_that_cannot_work_fails_in_seconds(
+  ctx, capsys, monkeypatch, tmp_path, name, argv, pattern
+):
+  import time
+
+  _closed_port_env(monkeypatch, tmp_path)
+  start = time.monotonic()
+  expect_one_line(capsys, argv(ctx), 1, pattern)
+  assert time.monotonic() - start < 30
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 2 MB tmpfs (mounting needs root; skipped without)."""
+  path = tmp_path / "small-disk"
+  path.mkdir()
+  mounted = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(path)],
+    capture_output=True,
+  )
+  if mounted.returncode != 0:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  yield path
+  subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(disk, leave_kb: int) -> None:
+  """Fills `disk` so that about `leave_kb` KiB stay free."""
+  free_kb = shutil.disk_usage(disk).free // 1024
+  with open(disk / "filler", "wb") as f:
+    f.write(b"\0" * max(free_kb - leave_kb, 0) * 1024)
+
+
+def test_disk_full_at_a_real_checkpoint_save_is_one_line(
+  ctx, capsys, small_disk
+):
+  # A real full disk, not a patched error: tensorstore reports it as
+  # RESOURCE_EXHAUSTED from orbax's background threads.
+  work = small_disk / "run"
+  shutil.copytree(
+    ctx.workdir, work, ignore=lambda d, names: ["4"] * d.endswith("checkpoints")
+  )
+  fill(small_disk, leave_kb=300)  # a checkpoint takes about 530 KiB
+  line = expect_one_line(
+    capsys,
+    ["train", ctx.config(), "--workdir", work],
+    1,
+    r"checkpoint .*/checkpoints/4 was not saved: .*: No space left on "
+    r"device \(free some space and rerun; completed checkpoints and exports "
+    r"are kept whole\)",
+    [work / "checkpoints" / "2"],
+  )
+  assert "RESOURCE_EXHAUSTED" not in line
+
+
+def test_a_failed_background_save_is_reported_with_its_step(
+  ctx, capsys, small_disk
+):
+  # Saves every 4 steps until the disk is full (a checkpoint takes about
+  # 530 KiB): the failure names the step whose save failed, and the run
+  # stops there, long before its end.
+  def edit(d):
+    d["train"].update(steps=40, eval_every=0)
+    d["checkpoint"].update(save_every=4, keep=10, export_params=False)
+
+  work = small_disk / "run"
+  fill(small_disk, leave_kb=1100)
+  line = expect_one_line(
+    capsys,
+    ["train", ctx.config(edit), "--workdir", work],
+    1,
+    r"checkpoint .*/checkpoints/\d+ was not saved: .*No space left on device",
+  )
+  failed = int(re.search(r"checkpoints/(\d+) was not saved", line)[1])
+  saved = [int(n) for n in os.listdir(work / "checkpoints") if n.isdigit()]
+  assert all(s < failed for s in saved), (saved, failed)
+  steps = [r["step"] for r in read_records(work / "metrics.jsonl")]
+  assert max(steps) < 40
+
+
+def read_records(path):
+  from gemma_jax.train.metrics import read_jsonl
+
+  return read_jsonl(str(path))
+
+
+def test_a_damaged_lock_is_taken_over_as_torn(ctx, capsys):
+  work = ctx.copy_run()
+  with open(os.path.join(work, "LOCK"), "wb") as f:
+    f.write(np.random.default_rng(3).bytes(64))
+  capsys.readouterr()
+  assert cli.main(["train", ctx.config(), "--workdir", work]) == 0
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and "UnicodeDecodeError" not in err
+  assert "torn, unreadable lease" in err
+  assert not os.path.exists(os.path.join(work, "LOCK"))
+
+
+def test_a_garbage_metrics_line_is_kept_aside_not_dropped(ctx, capsys):
+  work = ctx.copy_run()
+  metrics = os.path.join(work, "metrics.jsonl")
+  lines = open(metrics, "rb").read().splitlines(keepends=True)
+  garbage = b"\xff\xfe not a record\n"
+  with open(metrics, "wb") as f:
+    f.writelines([lines[0], garbage, *lines[1:]])
+  capsys.readouterr()
+  assert cli.main(["train", ctx.config(), "--workdir", work]) == 0
+  err = capsys.readouterr().err
+  assert re.search(
+    r"metrics.jsonl: 1 line\(s\) are not JSON records \(first: line 2\); "
+    r"kept aside in .*metrics.jsonl.corrupt",
+    err,
+  ), err
+  assert open(metrics + ".corrupt", "rb").read() == garbage
+  assert open(metrics, "rb").read().splitlines(keepends=True) == lines
+
+
 # gs:// paths that cannot work: one line within seconds, never a hang on
 # the clients' own retries (a minute and more).
 def _closed_port_env(monkeypatch, tmp_path):

@@ -474,7 +474,7 @@ class _LoggedErrors(logging.Handler):
 def save_failed(directory: str, step, error: BaseException) -> CheckpointError:
   """The one line for a save of checkpoint `step` that failed."""
   where = f"checkpoint {directory}/{step} was not saved"
-  full = fileio.disk_full(error, directory)
+  full = fileio.disk_full(error, f"{directory}/{step}")
   if full is not None:
     return CheckpointError(f"{where}: {os_error_line(full)}")
   return CheckpointError(
