@@ -1119,6 +1119,24 @@ ROUND3_CASES = [
     r"distill.topk \(1000\) must be <= model.vocab_size \(512\)",
   ),
   (
+    "optimizer_b2_one",
+    train_on_trained(lambda d: d["optimizer"].update(b2=1.0)),
+    2,
+    r"optimizer.b2 must be in \[0, 1\), got 1.0",
+  ),
+  (
+    "optimizer_min_lr_ratio_above_one",
+    train_on_trained(lambda d: d["optimizer"].update(min_lr_ratio=1.5)),
+    2,
+    r"optimizer.min_lr_ratio must be in \[0, 1\], got 1.5",
+  ),
+  (
+    "train_z_loss_negative",
+    train_on_trained(lambda d: d["train"].update(z_loss=-1e-4)),
+    2,
+    r"train.z_loss must be >= 0, got -0.0001",
+  ),
+  (
     "score_empty_text",
     score_argv("--text", ""),
     2,

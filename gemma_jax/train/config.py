@@ -47,6 +47,19 @@ class OptimizerConfig:
       )
     if self.warmup_steps < 0:
       raise ConfigError("optimizer.warmup_steps must be >= 0")
+    # Out of these, Adam divides by zero or the schedule runs backwards.
+    configlib.check_ranges(
+      self,
+      "optimizer",
+      min_lr_ratio=(0, 1),
+      wsd_decay_fraction=(0, 1),
+      b1=(0, [1]),
+      b2=(0, [1]),
+      eps=(0, None),
+      weight_decay=(0, None),
+      grad_clip_norm=(0, None),
+      decay_steps=(1, None),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +103,9 @@ class TrainConfig:
       raise ConfigError("train.log_every must be positive")
     if self.prefetch < 1:
       raise ConfigError(f"train.prefetch must be >= 1, got {self.prefetch}")
+    configlib.check_ranges(
+      self, "train", z_loss=(0, None), peak_flops_per_device=(1, None)
+    )
     if not 0.0 <= self.ema_decay < 1.0:
       raise ConfigError(
         f"train.ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}"
