@@ -14,7 +14,6 @@ and exit status 2 for a config or usage error, 1 for anything else. `--debug`
 """
 
 import argparse
-import errno
 import importlib
 import os
 import sys
@@ -42,8 +41,16 @@ def _module(name):
   return importlib.import_module(f"gemma_jax.commands.{name}")
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage errors in one line too (argparse prints the usage before it;
+  `gemma-jax COMMAND --help` shows it)."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser(argv) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
     prog="gemma-jax",
     description="Pretraining and continual pretraining of Gemma 1 and "
     "Gemma 2 in JAX/Flax.",
@@ -71,23 +78,19 @@ def _parser(argv) -> argparse.ArgumentParser:
   return parser
 
 
-_OS_HINTS: dict[int | None, str] = {
-  errno.EISDIR: " (a directory where a file was expected)",
-  errno.ENOTDIR: " (a file where a directory was expected)",
-  errno.ENOSPC: " (free some space and rerun; completed checkpoints and "
-  "exports are kept whole)",
-  errno.EACCES: " (check the permissions, or choose another path)",
-  errno.EROFS: " (choose a writable path)",
-}
-
-
 def one_line(error: BaseException) -> str:
   """The error as one line: the first line of its message, with the file
-  an OSError is about."""
+  an OSError is about (and a storage library's "disk full" told as one)."""
+  from gemma_jax.errors import GemmaJaxError, os_error_line
+
   if isinstance(error, OSError) and error.strerror:
-    where = f"{error.filename}: " if error.filename else ""
-    hint = _OS_HINTS.get(error.errno, "")
-    return f"{where}{error.strerror}{hint}"
+    return os_error_line(error)
+  if not isinstance(error, GemmaJaxError):
+    from gemma_jax.fileio import disk_full
+
+    full = disk_full(error)
+    if full is not None:
+      return os_error_line(full)
   text = str(error).strip().splitlines()
   return text[0] if text else type(error).__name__
 
@@ -101,13 +104,29 @@ def main(argv=None) -> int:
   # --debug may stand anywhere on the line.
   debug = "--debug" in argv or os.environ.get("GEMMA_JAX_DEBUG") == "1"
   argv = [a for a in argv if a != "--debug"]
-  args = _parser(argv).parse_args(argv)
+  try:
+    args = _parser(argv).parse_args(argv)
+  except SystemExit as e:  # a usage error (printed), or --help
+    if e.code == 0:
+      raise
+    return int(e.code or 2)
   if not debug:
     # Libraries' own warnings (orbax's absl logging) would bury the one
     # line a failure prints; --debug shows them.
     import logging
 
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    # Orbax logs a failed background save as ERRORs with tracebacks (one
+    # per thread); the failure is reported in one line (the checkpointer
+    # reads those records: they are kept from the console, not dropped).
+    absl = logging.getLogger("absl")
+    absl.setLevel(logging.ERROR)
+    absl.propagate = False
+    absl.addHandler(logging.NullHandler())  # not Python's last resort
+    # asyncio's "Task exception was never retrieved" of the same failure.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    # asyncio's "Exception ignored in coroutine" after a failed read: the
+    # error it ignores is the one reported.
+    sys.unraisablehook = lambda unraisable: None
   from gemma_jax.errors import GemmaJaxError
 
   try:

@@ -147,6 +147,27 @@ def from_dict(cls, data: dict, path: str = ""):
     ) from None
 
 
+def check_ranges(config, section: str, **ranges) -> None:
+  """ConfigError naming `section.key` for the first field of `config` out
+  of its range. Each range is (low, high): inclusive bounds, None for none;
+  a high bound given as a one-item list is exclusive ([1.0]: below 1).
+  None values (a field's "unset") are not checked. For __post_init__."""
+  for key, (low, high) in ranges.items():
+    value = getattr(config, key)
+    if value is None:
+      continue
+    below = isinstance(high, list)
+    top = high[0] if below else high
+    if (low is None or value >= low) and (
+      top is None or (value < top if below else value <= top)
+    ):
+      continue
+    if top is None:
+      raise ConfigError(f"{section}.{key} must be >= {low}, got {value}")
+    bounds = f"[{low}, {top}{')' if below else ']'}"
+    raise ConfigError(f"{section}.{key} must be in {bounds}, got {value}")
+
+
 def to_dict(config) -> dict:
   """Inverse of `from_dict`: plain, YAML/JSON-serialisable nested data."""
 

@@ -503,3 +503,15 @@ def initialize_runtime(
 
 def _stderr(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier called `name`; does
+  nothing in a single-process run. Every process must call it, in the same
+  order as the other barriers (the name only labels it in JAX's errors)."""
+  import jax
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)

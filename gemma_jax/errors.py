@@ -12,6 +12,24 @@ Every message names what is wrong and where (the key, the file, the shape),
 so that it reads on its own after `gemma-jax COMMAND: error: `.
 """
 
+import errno
+
+_OS_HINTS: dict[int | None, str] = {
+  errno.EISDIR: " (a directory where a file was expected)",
+  errno.ENOTDIR: " (a file where a directory was expected)",
+  errno.ENOSPC: " (free some space and rerun; completed checkpoints and "
+  "exports are kept whole)",
+  errno.EACCES: " (check the permissions, or choose another path)",
+  errno.EROFS: " (choose a writable path)",
+}
+
+
+def os_error_line(error: OSError) -> str:
+  """'FILE: what went wrong (the fix)' of an OSError."""
+  where = f"{error.filename}: " if error.filename else ""
+  hint = _OS_HINTS.get(error.errno, "")
+  return f"{where}{error.strerror or error}{hint}"
+
 
 class GemmaJaxError(Exception):
   """Base of the errors above; `exit_code` is what the CLI exits with."""

@@ -22,7 +22,9 @@ client alone retries an unreachable endpoint for a minute or more.
 """
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -198,6 +200,28 @@ def publish_directory(local, remote) -> None:
     dest = remote / rel.replace(os.sep, "/")
     with open(os.path.join(local, rel), "rb") as f, dest.open("wb") as out:
       shutil.copyfileobj(f, out, 1 << 20)
+
+
+# tensorstore (orbax's arrays) reports a full disk as RESOURCE_EXHAUSTED
+# while writing, with the file it was writing; XLA's out-of-memory is also
+# RESOURCE_EXHAUSTED, but never while writing a file.
+_FULL = re.compile(r"RESOURCE_EXHAUSTED: .*(?:[Ee]rror writing|Failed writing)")
+_FILE = re.compile(r'(?:local file|Failed writing:?) "([^"]+)"')
+
+
+def disk_full(error: BaseException, path=None) -> OSError | None:
+  """OSError(ENOSPC) naming the file, if `error` (an OSError, or a storage
+  library's error) says the disk is full; else None."""
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    if error.filename or path is None:
+      return error
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+  text = str(error)
+  if not (_FULL.search(text) or "No space left on device" in text):
+    return None
+  found = _FILE.findall(text)
+  name = found[-1] if found else (os.fspath(path) if path else None)
+  return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
 
 def check_writable_directory(path, what: str) -> None:

@@ -5,6 +5,7 @@ output was created)."""
 
 import errno
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -765,6 +766,853 @@ def test_bad_input_is_one_line_and_loses_nothing(
 
 def test_at_least_forty_cases():
   assert len(CASES) >= 40
+
+
+# Round 3 (issue 20): no command writes a non-finite tensor or accepts a
+# non-finite number; what can be checked before the compile is; every
+# failure is one line. Each case: (id, build(ctx) -> (argv, protected
+# paths), exit code, pattern); outputs are protected while absent, so a
+# case that wrote one fails.
+def export(c):
+  return os.path.join(c.workdir, "params")
+
+
+def nan_export(c):
+  """A copy of the export whose embedding holds a NaN, written with orbax
+  directly (every writer of this package refuses one)."""
+  if getattr(c, "_nan_export", None) is None:
+    import orbax.checkpoint as ocp
+
+    from gemma_jax.checkpoint import native
+
+    params, _ = native.load(export(c))
+    params["embedder"]["embedding"][3, 1] = np.nan
+    path = c.path("nan-params")
+    os.makedirs(path)
+    shutil.copy(os.path.join(export(c), native.CONFIG_FILE), path)
+    with ocp.PyTreeCheckpointer() as ckptr:
+      ckptr.save(os.path.join(path, native.PARAMS_DIR), params)
+    c._nan_export = path
+  return c._nan_export
+
+
+def hf_export(c):
+  """The export converted to a Hugging Face directory (once)."""
+  if getattr(c, "_hf_export", None) is None:
+    c._hf_export = c.path("hf")
+    argv = ["convert", "--from", "native", "--to", "hf", export(c)]
+    assert cli.main([*argv, c._hf_export]) == 0
+  return c._hf_export
+
+
+def hf_copy(c, damage_weights=None):
+  """A copy of hf_export; `damage_weights(path)` edits its safetensors."""
+  path = c.path("hf-copy")
+  shutil.copytree(hf_export(c), path)
+  if damage_weights is not None:
+    damage_weights(os.path.join(path, "model.safetensors"))
+  return path
+
+
+def garbage_weights(path):
+  with open(path, "wb") as f:
+    f.write(np.random.default_rng(2).bytes(1000))
+
+
+def truncated_weights(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def sharded_without_a_shard(path):
+  """The single file named as the second of two shards by an index."""
+  directory = os.path.dirname(path)
+  name = "model-00001-of-00002.safetensors"
+  os.rename(path, os.path.join(directory, name))
+  from gemma_jax.checkpoint import safetensors_io
+
+  names = safetensors_io.shapes(os.path.join(directory, name))
+  weight_map = dict.fromkeys(names, name)
+  weight_map[next(iter(names))] = "model-00002-of-00002.safetensors"
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def half_written_export(c):
+  """An export whose model_config.json (written last) is missing."""
+  path = c.copy_export()
+  os.remove(os.path.join(path, "model_config.json"))
+  return path
+
+
+def init_from(path_fn, *extra_edits):
+  def build(c):
+    path = path_fn(c)
+
+    def edit(d):
+      d["checkpoint"]["init_from"] = path
+      for e in extra_edits:
+        e(d)
+
+    work = c.path("w")
+    return ["train", c.config(edit), "--workdir", work], [work, c.workdir]
+
+  return build
+
+
+def with_base(c):
+  return [export(c), export(c), "--base", export(c)]
+
+
+def merge_argv(*flags, inputs=None, out_name="merged"):
+  def build(c):
+    out = c.path(out_name)
+    srcs = inputs(c) if inputs else [export(c), export(c)]
+    return ["merge", *srcs, *flags, "--out", out], [out, export(c)]
+
+  return build
+
+
+def sample_argv(*flags):
+  def build(c):
+    return (
+      [
+        "sample",
+        "--checkpoint",
+        export(c),
+        "--tokenizer",
+        c.tok,
+        "--prompt",
+        "the",
+        *flags,
+      ],
+      [export(c)],
+    )
+
+  return build
+
+
+def fisher_argv(*flags, params=None):
+  def build(c):
+    out = c.path("fisher")
+    argv = ["fisher", c.config(), "--params", (params or export)(c)]
+    return [*argv, *flags, "--out", out], [out]
+
+  return build
+
+
+def score_argv(*flags, checkpoint=export):
+  def build(c):
+    out = c.path("scores.npz")
+    argv = ["score", "--checkpoint", checkpoint(c), "--tokenizer", c.tok]
+    return [*argv, *flags, "--out", out], [out]
+
+  return build
+
+
+def latin1_task(c):
+  path = c.path("task.jsonl")
+  line = '{"context": "Où est-il ?", "choices": ["là", "ici"], "gold": 0}\n'
+  with open(path, "wb") as f:
+    f.write(line.encode("latin-1"))
+  return path
+
+
+def with_distill_dump(path_fn):
+  """Trains with distill.dump = path_fn(c) (offline distillation)."""
+
+  def build(c):
+    dump = path_fn(c)
+
+    def edit(d):
+      d["distill"] = {"dump": dump, "topk": 4}
+
+    # The dump is read once the workdir is taken (its lease): the workdir
+    # may be created, but nothing is written into it.
+    work = c.path("w")
+    return ["train", c.config(edit), "--workdir", work], [dump], [work]
+
+  return build
+
+
+ROUND3_CASES = [
+  # Numbers on the command line: finite and in range, at parse time.
+  (
+    "merge_weights_nan",
+    merge_argv("--weights", "nan", "1"),
+    2,
+    r"argument --weights: must be a finite number, got 'nan'",
+  ),
+  (
+    "merge_weights_nan_with_base",
+    lambda c: merge_argv(
+      "--weights", "nan", inputs=lambda c: [export(c), "--base", export(c)]
+    )(c),
+    2,
+    r"argument --weights: must be a finite number, got 'nan'",
+  ),
+  (
+    "merge_weights_inf",
+    merge_argv("--weights", "inf", "-inf", "--normalize"),
+    2,
+    r"argument --weights: must be a finite number, got 'inf'",
+  ),
+  (
+    "merge_weights_not_a_number",
+    merge_argv("--weights", "half", "0.5"),
+    2,
+    r"argument --weights: expected a number, got 'half'",
+  ),
+  (
+    "merge_slerp_t_nan",
+    lambda c: merge_argv(
+      "--method",
+      "slerp",
+      "--t",
+      "nan",
+      inputs=with_base,
+    )(c),
+    2,
+    r"argument --t: must be a finite number, got 'nan'",
+  ),
+  (
+    "merge_slerp_t_above_one",
+    lambda c: merge_argv(
+      "--method",
+      "slerp",
+      "--t",
+      "1.5",
+      inputs=with_base,
+    )(c),
+    2,
+    r"--t must be in \[0, 1\], got 1.5",
+  ),
+  (
+    "merge_eta_nan",
+    lambda c: merge_argv(
+      "--eta",
+      "nan",
+      inputs=with_base,
+    )(c),
+    2,
+    r"argument --eta: must be a finite number, got 'nan'",
+  ),
+  (
+    "fisher_batch_size_zero",
+    fisher_argv("--estimator", "batch_mean", "--batch-size", "0"),
+    2,
+    r"argument --batch-size: must be >= 1, got 0",
+  ),
+  (
+    "fisher_sequences_negative",
+    fisher_argv("--source", "prose", "--sequences", "-4"),
+    2,
+    r"argument --sequences: must be >= 1, got -4",
+  ),
+  (
+    "fisher_rows_per_vmap_float",
+    fisher_argv("--source", "prose", "--rows-per-vmap", "1.5"),
+    2,
+    r"argument --rows-per-vmap: expected an integer, got '1.5'",
+  ),
+  (
+    "report_batch_size_zero",
+    lambda c: (
+      [
+        "report",
+        c.config(),
+        "--checkpoint",
+        f"base={export(c)}",
+        "--out",
+        c.path("report"),
+        "--batch-size",
+        "0",
+      ],
+      [],
+    ),
+    2,
+    r"argument --batch-size: must be >= 1, got 0",
+  ),
+  (
+    "report_max_length_zero",
+    lambda c: (
+      [
+        "report",
+        c.config(),
+        "--checkpoint",
+        f"base={export(c)}",
+        "--out",
+        c.path("report"),
+        "--max-length",
+        "0",
+      ],
+      [],
+    ),
+    2,
+    r"argument --max-length: must be >= 1, got 0",
+  ),
+  (
+    "score_batch_size_zero",
+    score_argv("--text", "a b", "--batch-size", "0"),
+    2,
+    r"argument --batch-size: must be >= 1, got 0",
+  ),
+  (
+    "eval_batches_zero",
+    lambda c: (["eval", "--workdir", c.workdir, "--batches", "0"], []),
+    2,
+    r"argument --batches: must be >= 1, got 0",
+  ),
+  (
+    "sample_top_k_zero",
+    sample_argv("--top-k", "0"),
+    2,
+    r"argument --top-k: must be >= 1, got 0",
+  ),
+  (
+    "sample_top_k_above_vocab",
+    sample_argv("--top-k", "100000"),
+    2,
+    r"--top-k 100000 is more than the vocabulary of .*params \(512 tokens\)",
+  ),
+  (
+    "sample_top_p_zero",
+    sample_argv("--temperature", "1", "--top-p", "0"),
+    2,
+    r"argument --top-p: must be > 0.0, got 0",
+  ),
+  (
+    "sample_temperature_nan",
+    sample_argv("--temperature", "nan"),
+    2,
+    r"argument --temperature: must be a finite number, got 'nan'",
+  ),
+  (
+    "sample_max_new_tokens_zero",
+    sample_argv("--max-new-tokens", "0"),
+    2,
+    r"argument --max-new-tokens: must be >= 1, got 0",
+  ),
+  (
+    "quantize_block_size_zero",
+    lambda c: (
+      ["quantize", export(c), c.path("q"), "--block-size", "0"],
+      [export(c)],
+    ),
+    2,
+    r"--block-size must be positive",
+  ),
+  (
+    "distill_topk_above_vocab",
+    lambda c: (
+      [
+        "train",
+        c.config(
+          lambda d: d.update(distill={"dump": c.path("dump"), "topk": 1000})
+        ),
+        "--workdir",
+        c.path("w"),
+      ],
+      [],
+    ),
+    2,
+    r"distill.topk \(1000\) must be <= model.vocab_size \(512\)",
+  ),
+  (
+    "optimizer_b2_one",
+    train_on_trained(lambda d: d["optimizer"].update(b2=1.0)),
+    2,
+    r"optimizer.b2 must be in \[0, 1\), got 1.0",
+  ),
+  (
+    "optimizer_min_lr_ratio_above_one",
+    train_on_trained(lambda d: d["optimizer"].update(min_lr_ratio=1.5)),
+    2,
+    r"optimizer.min_lr_ratio must be in \[0, 1\], got 1.5",
+  ),
+  (
+    "train_z_loss_negative",
+    train_on_trained(lambda d: d["train"].update(z_loss=-1e-4)),
+    2,
+    r"train.z_loss must be >= 0, got -0.0001",
+  ),
+  (
+    "score_empty_text",
+    score_argv("--text", ""),
+    2,
+    r"--text '' \(text 1\) has no token to score",
+  ),
+  # Tensors: never written when they hold NaN or inf; one line naming the
+  # tensor and the input it came from.
+  (
+    "merge_input_holds_nan",
+    merge_argv(inputs=lambda c: [export(c), nan_export(c)]),
+    1,
+    r"not writing .*merged: tensor embedder/embedding of .*nan-params "
+    r"holds NaN or inf; nothing was written",
+  ),
+  (
+    "merge_base_holds_nan",
+    merge_argv(
+      "--weights",
+      "0.5",
+      inputs=lambda c: [export(c), "--base", nan_export(c)],
+    ),
+    1,
+    r"tensor embedder/embedding of .*nan-params holds NaN or inf",
+  ),
+  (
+    "merge_to_hf_input_holds_nan",
+    merge_argv("--to", "hf", inputs=lambda c: [nan_export(c), export(c)]),
+    1,
+    r"tensor embedder/embedding of .*nan-params holds NaN or inf",
+  ),
+  (
+    "quantize_source_holds_nan",
+    lambda c: (["quantize", nan_export(c), c.path("q")], [c.path("q") + "x"]),
+    1,
+    r"not writing .*q: tensor embedder/embedding of .*nan-params holds "
+    r"NaN or inf",
+  ),
+  (
+    "convert_to_hf_source_holds_nan",
+    lambda c: (
+      ["convert", "--from", "native", "--to", "hf", nan_export(c), c.path("o")],
+      [],
+    ),
+    1,
+    r"not writing .*o: tensor embedder/embedding holds NaN or inf",
+  ),
+  (
+    "score_checkpoint_holds_nan",
+    score_argv("--text", "the cat sat", checkpoint=nan_export),
+    1,
+    r"not writing .*scores.npz: tensor \w+ of .*nan-params holds NaN or inf",
+  ),
+  (
+    "fisher_params_hold_nan",
+    fisher_argv("--source", "prose", "--sequences", "2", params=nan_export),
+    1,
+    r"not writing .*fisher: tensor embedder/embedding of .*nan-params holds "
+    r"NaN or inf",
+  ),
+  # Inputs checked before the compile, in the words `convert` uses.
+  (
+    "init_from_garbage_safetensors",
+    init_from(lambda c: hf_copy(c, garbage_weights)),
+    1,
+    r"checkpoint.init_from: .*hf-copy is not a readable hf checkpoint "
+    r"\(SafetensorError: .*\); check the path, or export or convert it again",
+  ),
+  (
+    "init_from_truncated_safetensors",
+    init_from(lambda c: hf_copy(c, truncated_weights)),
+    1,
+    r"checkpoint.init_from: .*hf-copy is not a readable hf checkpoint",
+  ),
+  (
+    "init_from_hf_shard_missing",
+    init_from(lambda c: hf_copy(c, sharded_without_a_shard)),
+    1,
+    r"hf-copy is incomplete: model-00002-of-00002.safetensors, named in "
+    r"model.safetensors.index.json, is missing",
+  ),
+  (
+    "init_from_half_written_export",
+    init_from(half_written_export),
+    1,
+    r"params is incomplete: model_config.json is missing \(the write of it "
+    r"was cut short\); export or convert it again",
+  ),
+  (
+    "init_from_interrupted_export",
+    init_from(
+      lambda c: (
+        os.makedirs(os.path.join(c.root, ".gone.tmp"), exist_ok=True),
+        str(c.root / "gone"),
+      )[1]
+    ),
+    1,
+    r"gone: no such checkpoint directory; a write of it was interrupted "
+    r"\(.gone.tmp is left\)",
+  ),
+  (
+    "teacher_garbage_safetensors",
+    lambda c: (
+      [
+        "train",
+        c.config(
+          lambda d: d.update(
+            distill={"teacher": hf_copy(c, garbage_weights), "topk": 4}
+          )
+        ),
+        "--workdir",
+        c.path("w"),
+      ],
+      [],
+    ),
+    1,
+    r"distill.teacher: .*hf-copy is not a readable hf checkpoint",
+  ),
+  (
+    "fisher_of_another_model",
+    "fisher_other_model",
+    1,
+    r"continual.fisher .* is the Fisher of another model shape: parameter "
+    r"embedder/embedding",
+  ),
+  (
+    "fisher_metadata_garbage",
+    "fisher_garbage_meta",
+    1,
+    r"continual.fisher: .* is not a readable Fisher checkpoint "
+    r"\(JSONDecodeError",
+  ),
+  (
+    "distill_dump_record_file_truncated",
+    with_distill_dump(lambda c: damaged_dump(c, "truncate")),
+    1,
+    r"distill.dump: .*array_record is damaged \(.*\); remove it and run "
+    r"`gemma-jax distill dump` again",
+  ),
+  (
+    "distill_dump_record_file_missing",
+    with_distill_dump(lambda c: damaged_dump(c, "remove")),
+    1,
+    r"distill.dump .* is incomplete: steps-.*array_record is missing",
+  ),
+  (
+    "distill_dump_manifest_garbage",
+    with_distill_dump(lambda c: damaged_dump(c, "manifest")),
+    1,
+    r"distill.dump .*: .*dump.json is damaged: not valid JSON",
+  ),
+  (
+    "task_file_latin1",
+    lambda c: fisher_argv("--task", latin1_task(c))(c),
+    1,
+    r"task.jsonl: 2 of \d+ bytes are not UTF-8 \(first at byte \d+\); "
+    r"convert the file to UTF-8",
+  ),
+  # Damaged files: one line naming the file, no traceback or asyncio noise.
+  (
+    "eval_half_written_export",
+    lambda c: (
+      [
+        "eval",
+        os.path.join(c.workdir, "config.yaml"),
+        "--params",
+        half_written_export(c),
+      ],
+      [c.workdir],
+    ),
+    1,
+    r"params is incomplete: model_config.json is missing",
+  ),
+  (
+    "convert_half_written_export",
+    lambda c: (
+      [
+        "convert",
+        "--from",
+        "native",
+        "--to",
+        "hf",
+        half_written_export(c),
+        c.path("o"),
+      ],
+      [],
+    ),
+    1,
+    r"is incomplete: model_config.json is missing",
+  ),
+  (
+    "eval_checkpoint_truncated",
+    "checkpoint_truncated",
+    1,
+    r"checkpoint .*/4 is damaged: array [\w.]+: Encountered error while "
+    r"reading array index",
+  ),
+]
+
+
+def damaged_dump(c, how):
+  """A copy of the run's distillation dump (written once, the trained
+  export as its teacher), damaged: `truncate` a record file, `remove` one,
+  or garble the `manifest`."""
+  if getattr(c, "_dump", None) is None:
+    c._dump = c.path("dump")
+    cfg = c.config(
+      lambda d: d.update(distill={"teacher": export(c), "topk": 4})
+    )
+    argv = ["distill", "dump", cfg, "--out", c._dump, "--steps-per-file", "2"]
+    assert cli.main(argv) == 0
+  path = c.path("dump-copy")
+  shutil.copytree(c._dump, path)
+  files = sorted(f for f in os.listdir(path) if f.endswith(".array_record"))
+  target = os.path.join(path, files[-1])
+  if how == "truncate":
+    with open(target, "r+b") as f:
+      f.truncate(os.path.getsize(target) // 2)
+  elif how == "remove":
+    os.remove(target)
+  else:
+    with open(os.path.join(path, "dump.json"), "w") as f:
+      f.write("{not json")
+  return path
+
+
+def round3_special(name, c):
+  if name in ("fisher_other_model", "fisher_garbage_meta"):
+    from gemma_jax.checkpoint import fisher as fisher_store
+    from gemma_jax.checkpoint import layout
+    from gemma_jax.train.config import load_config
+
+    other = load_config(c.config(lambda d: d["model"].update(d_model=48)))
+    tree = layout.unflatten(
+      {
+        p: np.ones(s, np.float32)
+        for p, s in layout.param_shapes(other.model).items()
+      }
+    )
+    path = c.path("fisher")
+    fisher_store.save(path, tree, other.model, {})
+    if name == "fisher_garbage_meta":
+      with open(os.path.join(path, fisher_store.META_FILE), "w") as f:
+        f.write("{garbage")
+
+    def edit(d):
+      d["checkpoint"]["init_from"] = export(c)
+      d["continual"] = {"ewc_lambda": 1.0, "fisher": path}
+
+    work = c.path("w")
+    return ["train", c.config(edit), "--workdir", work], [work, path]
+  if name == "checkpoint_truncated":
+    work = c.copy_run()
+    damage(os.path.join(work, "checkpoints", "4"), "data")
+    return ["eval", "--workdir", work, "--step", "4"], [work]
+  raise KeyError(name)
+
+
+@pytest.mark.parametrize(
+  "name, build, code, pattern",
+  ROUND3_CASES,
+  ids=[c[0] for c in ROUND3_CASES],
+)
+def test_round3_bad_input_is_one_line_and_writes_nothing(
+  ctx, capsys, name, build, code, pattern
+):
+  argv, protect, *empty = (
+    round3_special(build, ctx) if isinstance(build, str) else build(ctx)
+  )
+  expect_one_line(capsys, argv, code, pattern, protect)
+  for path in empty[0] if empty else ():
+    assert not digest(path), f"{path} was written"
+  assert not os.path.exists(os.path.join(ctx.workdir, "LOCK"))
+
+
+def test_round3_has_at_least_forty_cases():
+  assert len(ROUND3_CASES) >= 40
+
+
+# gs:// paths other than --workdir: checked in seconds too (the env
+# helpers are defined with the --workdir cases below).
+ROUND3_GCS_CASES = [
+  (
+    "init_from",
+    lambda c: [
+      "train",
+      c.config(lambda d: d["checkpoint"].update(init_from="gs://b/params")),
+      "--workdir",
+      c.path("w"),
+    ],
+    r"checkpoint.init_from gs://b/params: cannot reach Cloud Storage",
+  ),
+  (
+    "teacher",
+    lambda c: [
+      "train",
+      c.config(lambda d: d.update(distill={"teacher": "gs://b/t", "topk": 4})),
+      "--workdir",
+      c.path("w"),
+    ],
+    r"distill.teacher gs://b/t: cannot reach Cloud Storage",
+  ),
+  (
+    "fisher_out",
+    lambda c: [
+      "fisher",
+      c.config(),
+      "--params",
+      export(c),
+      "--source",
+      "prose",
+      "--sequences",
+      "2",
+      "--out",
+      "gs://b/fisher",
+    ],
+    r"--out gs://b/fisher: cannot reach Cloud Storage",
+  ),
+  (
+    "distill_dump_out",
+    lambda c: [
+      "distill",
+      "dump",
+      c.config(lambda d: d.update(distill={"teacher": export(c), "topk": 4})),
+      "--out",
+      "gs://b/dump",
+    ],
+    r"--out gs://b/dump: cannot reach Cloud Storage",
+  ),
+  (
+    "quantize_out",
+    lambda c: ["quantize", export(c), "gs://b/q", "--block-size", "channel"],
+    r"output gs://b/q: cannot reach Cloud Storage",
+  ),
+  (
+    "merge_input",
+    lambda c: ["merge", export(c), "gs://b/a", "--out", c.path("m")],
+    r"checkpoint gs://b/a: cannot reach Cloud Storage",
+  ),
+  (
+    "score_checkpoint",
+    lambda c: [
+      "score",
+      "--checkpoint",
+      "gs://b/ckpt",
+      "--text",
+      "a",
+      "--tokenizer",
+      c.tok,
+      "--out",
+      c.path("s.npz"),
+    ],
+    r"checkpoint gs://b/ckpt: cannot reach Cloud Storage",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "name, argv, pattern",
+  ROUND3_GCS_CASES,
+  ids=[c[0] for c in ROUND3_GCS_CASES],
+)
+def test_round3_a_gs_path_that_cannot_work_fails_in_seconds(
+  ctx, capsys, monkeypatch, tmp_path, name, argv, pattern
+):
+  import time
+
+  _closed_port_env(monkeypatch, tmp_path)
+  start = time.monotonic()
+  expect_one_line(capsys, argv(ctx), 1, pattern)
+  assert time.monotonic() - start < 30
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 2 MB tmpfs (mounting needs root; skipped without)."""
+  path = tmp_path / "small-disk"
+  path.mkdir()
+  mounted = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(path)],
+    capture_output=True,
+  )
+  if mounted.returncode != 0:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  yield path
+  subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(disk, leave_kb: int) -> None:
+  """Fills `disk` so that about `leave_kb` KiB stay free."""
+  free_kb = shutil.disk_usage(disk).free // 1024
+  with open(disk / "filler", "wb") as f:
+    f.write(b"\0" * max(free_kb - leave_kb, 0) * 1024)
+
+
+def test_disk_full_at_a_real_checkpoint_save_is_one_line(
+  ctx, capsys, small_disk
+):
+  # A real full disk, not a patched error: tensorstore reports it as
+  # RESOURCE_EXHAUSTED from orbax's background threads.
+  work = small_disk / "run"
+  shutil.copytree(
+    ctx.workdir, work, ignore=lambda d, names: ["4"] * d.endswith("checkpoints")
+  )
+  fill(small_disk, leave_kb=300)  # a checkpoint takes about 530 KiB
+  line = expect_one_line(
+    capsys,
+    ["train", ctx.config(), "--workdir", work],
+    1,
+    r"checkpoint .*/checkpoints/4 was not saved: .*: No space left on "
+    r"device \(free some space and rerun; completed checkpoints and exports "
+    r"are kept whole\)",
+    [work / "checkpoints" / "2"],
+  )
+  assert "RESOURCE_EXHAUSTED" not in line
+
+
+def test_a_failed_background_save_is_reported_with_its_step(
+  ctx, capsys, small_disk
+):
+  # Saves every 4 steps until the disk is full (a checkpoint takes about
+  # 530 KiB): the failure names the step whose save failed, and the run
+  # stops there, long before its end.
+  def edit(d):
+    d["train"].update(steps=40, eval_every=0)
+    d["checkpoint"].update(save_every=4, keep=10, export_params=False)
+
+  work = small_disk / "run"
+  fill(small_disk, leave_kb=1100)
+  line = expect_one_line(
+    capsys,
+    ["train", ctx.config(edit), "--workdir", work],
+    1,
+    r"checkpoint .*/checkpoints/\d+ was not saved: .*No space left on device",
+  )
+  failed = int(re.search(r"checkpoints/(\d+) was not saved", line)[1])
+  saved = [int(n) for n in os.listdir(work / "checkpoints") if n.isdigit()]
+  assert all(s < failed for s in saved), (saved, failed)
+  steps = [r["step"] for r in read_records(work / "metrics.jsonl")]
+  assert max(steps) < 40
+
+
+def read_records(path):
+  from gemma_jax.train.metrics import read_jsonl
+
+  return read_jsonl(str(path))
+
+
+def test_a_damaged_lock_is_taken_over_as_torn(ctx, capsys):
+  work = ctx.copy_run()
+  with open(os.path.join(work, "LOCK"), "wb") as f:
+    f.write(np.random.default_rng(3).bytes(64))
+  capsys.readouterr()
+  assert cli.main(["train", ctx.config(), "--workdir", work]) == 0
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and "UnicodeDecodeError" not in err
+  assert "torn, unreadable lease" in err
+  assert not os.path.exists(os.path.join(work, "LOCK"))
+
+
+def test_a_garbage_metrics_line_is_kept_aside_not_dropped(ctx, capsys):
+  work = ctx.copy_run()
+  metrics = os.path.join(work, "metrics.jsonl")
+  lines = open(metrics, "rb").read().splitlines(keepends=True)
+  garbage = b"\xff\xfe not a record\n"
+  with open(metrics, "wb") as f:
+    f.writelines([lines[0], garbage, *lines[1:]])
+  capsys.readouterr()
+  assert cli.main(["train", ctx.config(), "--workdir", work]) == 0
+  err = capsys.readouterr().err
+  assert re.search(
+    r"metrics.jsonl: 1 line\(s\) are not JSON records \(first: line 2\); "
+    r"kept aside in .*metrics.jsonl.corrupt",
+    err,
+  ), err
+  assert open(metrics + ".corrupt", "rb").read() == garbage
+  assert open(metrics, "rb").read().splitlines(keepends=True) == lines
 
 
 # gs:// paths that cannot work: one line within seconds, never a hang on

@@ -64,3 +64,27 @@ def test_unreadable_config_files_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError) as info:
     configlib.load_yaml(tmp_path / "bad.yaml")
   assert "\n" not in str(info.value)
+
+
+def test_check_ranges_names_the_key_and_the_bounds():
+  import dataclasses
+
+  import pytest
+
+  from gemma_jax import configlib
+  from gemma_jax.errors import ConfigError
+
+  @dataclasses.dataclass(frozen=True)
+  class Section:
+    a: float = 0.5
+    b: float | None = None
+
+  def check(**values):
+    configlib.check_ranges(Section(**values), "s", a=(0, [1]), b=(0, None))
+
+  check(a=0.0, b=None)
+  check(a=0.99, b=3.0)
+  with pytest.raises(ConfigError, match=r"^s.a must be in \[0, 1\), got 1$"):
+    check(a=1)
+  with pytest.raises(ConfigError, match=r"^s.b must be >= 0, got -2$"):
+    check(b=-2)

@@ -266,3 +266,14 @@ def test_a_coordinator_that_stops_answering_is_named(monkeypatch):
     "for 0.5 s)"
   )
   dog.done()
+
+
+def test_a_barrier_of_one_process_returns_at_once(monkeypatch):
+  from jax.experimental import multihost_utils
+
+  monkeypatch.setattr(
+    multihost_utils,
+    "sync_global_devices",
+    lambda name: pytest.fail("a single process has no one to wait for"),
+  )
+  distributed.barrier("alone")

@@ -161,3 +161,34 @@ def test_the_storage_timeout_comes_from_the_environment():
   assert fileio.storage_timeout_s({"GEMMA_JAX_STORAGE_TIMEOUT_S": "2.5"}) == 2.5
   with pytest.raises(ConfigError, match="GEMMA_JAX_STORAGE_TIMEOUT_S='-1'"):
     fileio.storage_timeout_s({"GEMMA_JAX_STORAGE_TIMEOUT_S": "-1"})
+
+
+def test_a_full_disk_is_told_as_one_whatever_reports_it():
+  # tensorstore (orbax's arrays) says RESOURCE_EXHAUSTED while writing
+  ts = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database at local '
+    'file "/run/ckpt/4.tmp/ocdbt.process_0/": Failed writing: '
+    '"/run/ckpt/4.tmp/ocdbt.process_0/d/ab12"'
+  )
+  full = fileio.disk_full(ts)
+  assert full.errno == errno.ENOSPC
+  assert full.filename == "/run/ckpt/4.tmp/ocdbt.process_0/d/ab12"
+  # an OSError without a file gets the path it was writing
+  bare = fileio.disk_full(OSError(errno.ENOSPC, "No space"), "/run/x")
+  assert bare.filename == "/run/x"
+  # XLA's out-of-memory is RESOURCE_EXHAUSTED too, but no full disk
+  oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 3GiB")
+  assert fileio.disk_full(oom) is None
+  assert fileio.disk_full(OSError(errno.EACCES, "denied")) is None
+
+
+def test_cli_tells_a_full_disk_in_one_line_with_the_fix():
+  from gemma_jax import cli
+
+  line = cli.one_line(
+    ValueError('RESOURCE_EXHAUSTED: Error writing local file "/d/f": x')
+  )
+  assert line == (
+    "/d/f: No space left on device (free some space and rerun; completed "
+    "checkpoints and exports are kept whole)"
+  )

@@ -19,8 +19,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax.linen import meta
 
-from gemma_jax import configlib, fileio
-from gemma_jax.checkpoint import layout
+from gemma_jax import configlib
+from gemma_jax.checkpoint import layout, publish
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model import lora as lora_lib
 from gemma_jax.model.config import ModelConfig
@@ -42,37 +42,21 @@ def save(
 
   base: JSON-able facts about the base (see gemma_jax.features.lora).
   """
-  directory = epath.Path(directory).absolute()
-  if directory.exists() and not force:
-    raise ConfigError(f"{directory} already exists; pass --force to replace it")
   adapters = meta.unbox(adapters)
   found = {p: tuple(np.shape(x)) for p, x in layout.flatten(adapters)}
   layout.check_shapes(found, lora_lib.adapter_paths(model_cfg), "adapters")
-  first = jax.process_index() == 0
-  tmp = (
-    fileio.fresh_temporary_sibling(directory)
-    if first
-    else fileio.temporary_sibling(directory)
+  config = {
+    "format": FORMAT,
+    "model": configlib.to_dict(model_cfg),
+    "base": base or {},
+  }
+  publish.publish(
+    directory,
+    {PARAMS_DIR: adapters},
+    {CONFIG_FILE: json.dumps(config, indent=2) + "\n"},
+    force=force,
+    what="LoRA adapter",
   )
-  _sync("adapter_save_start")
-  with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(adapters))
-  if first:
-    config = {
-      "format": FORMAT,
-      "model": configlib.to_dict(model_cfg),
-      "base": base or {},
-    }
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    fileio.replace_directory(tmp, directory)
-  _sync("adapter_save_done")
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
 
 
 def read_config(directory) -> tuple[ModelConfig, dict]:

@@ -17,9 +17,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gemma_jax import configlib, fileio
-from gemma_jax.checkpoint import layout
-from gemma_jax.errors import CheckpointError, ConfigError
+from gemma_jax import configlib
+from gemma_jax.checkpoint import layout, publish
+from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 
 FORMAT = "gemma_jax.fisher/1"
@@ -27,35 +27,20 @@ META_FILE = "fisher.json"
 TREE_DIR = "fisher"
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
 def save(
   directory, fisher, model_cfg: ModelConfig, meta: dict, *, force: bool = False
 ) -> None:
   """Writes `fisher` (params-shaped, float32) and `meta` (JSON-able). Every
-  process calls it; process 0 writes the metadata and renames."""
-  directory = epath.Path(directory).absolute()
-  if directory.exists() and not force:
-    raise ConfigError(f"{directory} already exists; pass --force to replace it")
-  first = jax.process_index() == 0
-  tmp = (
-    fileio.fresh_temporary_sibling(directory)
-    if first
-    else fileio.temporary_sibling(directory)
+  process calls it; process 0 writes the metadata and renames (publish.py:
+  never over an existing directory unless `force`, never a NaN or inf)."""
+  meta = {"format": FORMAT, "model": configlib.to_dict(model_cfg), **meta}
+  publish.publish(
+    directory,
+    {TREE_DIR: fisher},
+    {META_FILE: json.dumps(meta, indent=2) + "\n"},
+    force=force,
+    what="Fisher",
   )
-  _sync("fisher_save_start")
-  with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(tmp / TREE_DIR, args=ocp.args.PyTreeSave(fisher))
-  if first:
-    meta = {"format": FORMAT, "model": configlib.to_dict(model_cfg), **meta}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    fileio.replace_directory(tmp, directory)
-  _sync("fisher_save_done")
 
 
 def load_meta(directory) -> dict:

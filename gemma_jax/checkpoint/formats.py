@@ -9,10 +9,13 @@ straight into its device shards as it is read, so no random init and no
 second copy of the params is ever made (see placement.py).
 """
 
+import contextlib
+
 from etils import epath
 
+from gemma_jax import fileio
 from gemma_jax.checkpoint import hf, kaggle, layout, native
-from gemma_jax.errors import CheckpointError
+from gemma_jax.errors import CheckpointError, GemmaJaxError
 from gemma_jax.model.config import ModelConfig
 
 FORMATS = ("native", "hf", "kaggle")
@@ -22,8 +25,15 @@ _ORBAX_FILES = ("_METADATA", "manifest.ocdbt", "checkpoint", "_sharding")
 
 def detect(path) -> str:
   """The format of the checkpoint directory `path` (see FORMATS)."""
+  fileio.check_remote(path, "checkpoint")
   p = epath.Path(path)
   if not p.is_dir():
+    left = fileio.temporary_sibling(p) if fileio.is_local(p) else None
+    if left is not None and left.exists():
+      raise CheckpointError(
+        f"{path}: no such checkpoint directory; a write of it was "
+        f"interrupted ({left.name} is left): export or convert it again"
+      )
     raise CheckpointError(f"{path}: no such checkpoint directory")
   if (p / native.CONFIG_FILE).exists():
     return "native"
@@ -33,6 +43,7 @@ def detect(path) -> str:
     return "hf"
   if any((p / f).exists() for f in _ORBAX_FILES):
     return "kaggle"
+  _refuse_incomplete(path, p)
   raise CheckpointError(
     f"{path}: cannot tell its format (no {native.CONFIG_FILE}, no "
     f"{hf.CONFIG} with safetensors, no orbax metadata); name it "
@@ -40,7 +51,52 @@ def detect(path) -> str:
   )
 
 
-def _check_native_model(path, stored: ModelConfig, model_cfg: ModelConfig):
+def _refuse_incomplete(path, p: epath.Path) -> None:
+  """CheckpointError for a directory that holds part of a known format: a
+  write cut short (a directory's JSON marker is written last)."""
+  if (p / native.PARAMS_DIR).is_dir():
+    missing = native.CONFIG_FILE
+  elif (p / hf.CONFIG).exists():
+    missing = f"{hf.WEIGHTS} or {hf.INDEX}"
+  elif (p / hf.WEIGHTS).exists() or (p / hf.INDEX).exists():
+    missing = hf.CONFIG
+  else:
+    return
+  raise CheckpointError(
+    f"{path} is incomplete: {missing} is missing (the write of it was cut "
+    f"short); export or convert it again"
+  )
+
+
+def first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+@contextlib.contextmanager
+def readable(path, fmt: str, what: str = "checkpoint"):
+  """Turns a library's failure to read checkpoint `path` (safetensors,
+  orbax, tensorstore, JSON) into one CheckpointError naming it and the
+  fix, as `gemma-jax convert` reports a bad source."""
+  try:
+    yield
+  except GemmaJaxError:
+    raise
+  except OSError as e:
+    if e.errno is not None:  # a real OS error (disk, permissions)
+      raise
+    raise CheckpointError(
+      f"{what}: {path} is not a readable {fmt} checkpoint ({first_line(e)});"
+      f" check the path, or export or convert it again"
+    ) from None
+  except Exception as e:  # safetensors/orbax/json raise many
+    raise CheckpointError(
+      f"{what}: {path} is not a readable {fmt} checkpoint "
+      f"({type(e).__name__}: {first_line(e)}); check the path, or export "
+      f"or convert it again"
+    ) from None
+
+
+def check_native_model(path, stored: ModelConfig, model_cfg: ModelConfig):
   want, found = layout.param_shapes(model_cfg), layout.param_shapes(stored)
   for p, shape in want.items():
     if found.get(p) != shape:
@@ -64,16 +120,22 @@ def load(
   fmt = detect(path) if fmt == "auto" else fmt
   if fmt == "native":
     stored = native.load_config(path)
-    _check_native_model(path, stored, model_cfg)
+    check_native_model(path, stored, model_cfg)
     params, _ = native.load(path, shardings=shardings, dtype=dtype)
     return params
   if fmt == "hf":
-    params, _ = hf.load(
-      path, model_cfg, dtype, model_name="the model config", shardings=shardings
-    )
+    with readable(path, fmt):
+      params, _ = hf.load(
+        path,
+        model_cfg,
+        dtype,
+        model_name="the model config",
+        shardings=shardings,
+      )
     return params
   if fmt == "kaggle":
-    return kaggle.load(path, model_cfg, dtype=dtype, shardings=shardings)
+    with readable(path, fmt):
+      return kaggle.load(path, model_cfg, dtype=dtype, shardings=shardings)
   raise CheckpointError(
     f"unknown checkpoint format {fmt!r}; valid choices: {', '.join(FORMATS)}"
   )

@@ -29,7 +29,13 @@ import numpy as np
 from flax.linen import meta
 
 from gemma_jax import fileio
-from gemma_jax.checkpoint import hf_config, layout, placement, safetensors_io
+from gemma_jax.checkpoint import (
+  hf_config,
+  layout,
+  placement,
+  publish,
+  safetensors_io,
+)
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
@@ -185,7 +191,7 @@ def load_config(
   return model_cfg
 
 
-def _tensor_files(directory: Path) -> dict[str, Path]:
+def tensor_files(directory: Path) -> dict[str, Path]:
   """{tensor name: file holding it}."""
   if (directory / INDEX).exists():
     weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
@@ -215,7 +221,7 @@ def load(
   """
   directory = Path(directory)
   cfg = load_config(directory, model_cfg, model_name)
-  files = _tensor_files(directory)
+  files = tensor_files(directory)
   found = {}
   for file in sorted(set(files.values())):
     found.update(safetensors_io.shapes(file))
@@ -302,8 +308,9 @@ def save(
   dtype = np.dtype(dtype or flat["embedder/embedding"].dtype)
   hf = hf_config.to_hf(cfg, dtype.name)  # fails before anything is written
 
-  def make(e: Entry):
-    return e.to_hf(np.asarray(flat[e.path][e.index]))
+  def make(e: Entry):  # refuses NaN or inf before it reaches the file
+    x = np.asarray(flat[e.path][e.index])
+    return e.to_hf(publish.check_finite_leaf(x, e.path, directory))
 
   tensors = [
     safetensors_io.Tensor(

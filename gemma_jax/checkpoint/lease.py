@@ -130,6 +130,8 @@ class WorkdirLease:
       text = self.path.read_text()
     except FileNotFoundError:
       return None
+    except UnicodeDecodeError:  # garbage bytes: torn, like cut JSON
+      text = ""
     try:
       data = json.loads(text)
       if not isinstance(data, dict):

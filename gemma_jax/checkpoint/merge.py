@@ -39,7 +39,7 @@ import orbax.checkpoint.experimental.v1 as ocp_v1
 from etils import epath
 
 from gemma_jax import configlib, fileio
-from gemma_jax.checkpoint import hf, layout, merge_math, native
+from gemma_jax.checkpoint import hf, layout, merge_math, native, publish
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model.config import EXECUTION_FIELDS, ModelConfig
 
@@ -71,6 +71,7 @@ def resolve(recipe: Recipe, num_inputs: int, has_base: bool) -> Recipe:
     )
   if not 0.0 <= recipe.eta <= 1.0:
     raise ConfigError(f"--eta must be in [0, 1], got {recipe.eta}")
+  _check_finite_numbers(recipe)
   if recipe.eta != 1.0 and not has_base:
     raise ConfigError(
       "--eta interpolates toward a base checkpoint: pass --base"
@@ -111,6 +112,16 @@ def resolve(recipe: Recipe, num_inputs: int, has_base: bool) -> Recipe:
       "sum)"
     )
   return dataclasses.replace(recipe, weights=tuple(map(float, weights)))
+
+
+def _check_finite_numbers(recipe: Recipe) -> None:
+  """NaN passes every range and sum check (each comparison is False): refuse
+  it first, with or without a base."""
+  named = [("--t", recipe.t), ("--eta", recipe.eta)]
+  named += [("--weights", w) for w in recipe.weights or ()]
+  for flag, value in named:
+    if not math.isfinite(value):
+      raise ConfigError(f"{flag}: must be a finite number, got {value}")
 
 
 def tensor_units(path: str, shape: tuple[int, ...]) -> Iterator[tuple]:
@@ -256,11 +267,13 @@ def _merged_leaves(
   readers: Sequence[_Reader],
   base: _Reader | None,
   dtypes: dict[str, np.dtype],
+  out,
 ) -> Iterator[tuple[str, np.ndarray]]:
-  """(path, merged leaf) in layout order, one leaf in memory at a time."""
+  """(path, merged leaf) in layout order, one leaf in memory at a time;
+  publish.NonFinite if an input's or the merged leaf holds NaN or inf."""
   for path, shape in layout.param_shapes(readers[0].cfg).items():
-    tensors = [r.read(path) for r in readers]
-    base_leaf = base.read(path) if base else None
+    tensors = [_read_finite(r, path, out) for r in readers]
+    base_leaf = _read_finite(base, path, out) if base else None
     merged = np.empty(shape, dtypes[path])
     for i in tensor_units(path, shape):
       merge_into(
@@ -270,8 +283,12 @@ def _merged_leaves(
         None if base_leaf is None else base_leaf[i],
       )
     del tensors, base_leaf
-    yield path, merged
+    yield path, publish.check_finite_leaf(merged, path, out)
     del merged  # before the next leaf's inputs are read
+
+
+def _read_finite(reader: _Reader, path: str, out) -> np.ndarray:
+  return publish.check_finite_leaf(reader.read(path), path, out, reader.name)
 
 
 def _save_native(
@@ -366,7 +383,7 @@ def merge(
     names = {d.name for d in dtypes.values()}
     if len(names) == 1:
       cfg = dataclasses.replace(cfg, param_dtype=names.pop())
-    leaves = _merged_leaves(recipe, readers, base_reader, dtypes)
+    leaves = _merged_leaves(recipe, readers, base_reader, dtypes, out)
     if to == "native":
       _save_native(
         out, leaves, cfg, readers[0].path / "_CHECKPOINT_METADATA", force

@@ -22,7 +22,7 @@ from etils import epath
 from flax.linen import meta
 
 from gemma_jax import configlib, fileio
-from gemma_jax.checkpoint import layout
+from gemma_jax.checkpoint import layout, publish
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model.config import ModelConfig
 
@@ -31,47 +31,24 @@ CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
 def save(directory, params, model_cfg: ModelConfig, *, force=False) -> None:
   """Writes `params` (nested dict, arrays or jax.Arrays) and `model_cfg`.
 
-  Refuses to replace an existing `directory` unless `force`. The params must
-  have exactly the shapes of `model_cfg` (checked before anything is written).
+  Refuses to replace an existing `directory` unless `force`, and params of
+  other shapes than `model_cfg`'s or holding NaN or inf (checked before
+  anything is written; see publish.py).
   """
-  directory = epath.Path(fileio.absolute(directory))
-  fileio.check_remote(directory, "params export")
-  if directory.exists() and not force:
-    raise ConfigError(f"{directory} already exists; pass --force to replace it")
   params = meta.unbox(params)
   found = {p: tuple(np.shape(x)) for p, x in layout.flatten(params)}
   layout.check_shapes(found, layout.param_shapes(model_cfg), "params")
-  main = jax.process_index() == 0
-  if fileio.is_local(directory):
-    tmp = (
-      fileio.fresh_temporary_sibling(directory)
-      if main
-      else fileio.temporary_sibling(directory)
-    )
-  else:
-    tmp = directory
-    if main and directory.exists():
-      (directory / CONFIG_FILE).unlink(missing_ok=True)  # not complete now
-      fileio.remove_tree(directory)
-  _sync("native_save_start")
-  with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
-  if main:
-    config = {"format": FORMAT, "model": configlib.to_dict(model_cfg)}
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    if tmp != directory:
-      fileio.replace_directory(tmp, directory)
-  _sync("native_save_done")
+  config = {"format": FORMAT, "model": configlib.to_dict(model_cfg)}
+  publish.publish(
+    directory,
+    {PARAMS_DIR: params},
+    {CONFIG_FILE: json.dumps(config, indent=2) + "\n"},
+    force=force,
+    what="params export",
+  )
 
 
 def load_config(directory) -> ModelConfig:
@@ -82,6 +59,11 @@ def load_config(directory) -> ModelConfig:
       f"{directory} is not a native gemma_jax checkpoint (not a directory)"
     )
   if not path.exists():
+    if (epath.Path(directory) / PARAMS_DIR).is_dir():  # the config is last
+      raise CheckpointError(
+        f"{directory} is incomplete: {CONFIG_FILE} is missing (the write "
+        f"of it was cut short); export or convert it again"
+      )
     raise CheckpointError(
       f"{directory} is not a native gemma_jax checkpoint (no {CONFIG_FILE})"
     )
@@ -112,7 +94,7 @@ def load(directory, shardings=None, dtype=None) -> tuple[dict, ModelConfig]:
   cfg = load_config(directory)
   # orbax finds no tree metadata under a relative path.
   path = epath.Path(fileio.absolute(directory)) / PARAMS_DIR
-  _check_files(directory, path)
+  check_files(directory, path)
   try:
     return _load(path, cfg, shardings, dtype), cfg
   except (CheckpointError, ConfigError):
@@ -141,7 +123,7 @@ def _culprit(path, error) -> str:
   )
 
 
-def _check_files(directory, path) -> None:
+def check_files(directory, path) -> None:
   """The files orbax reads before any array: present and parseable."""
   meta = path / "_METADATA"
   try:

@@ -22,6 +22,7 @@ safetensors reader; `load` returns the tree a `weights: int` model applies
 (jnp int4/int8 arrays), which `gemma-jax score` runs directly.
 """
 
+import functools
 import json
 import os
 
@@ -31,7 +32,7 @@ import numpy as np
 from etils import epath
 
 from gemma_jax import configlib, fileio
-from gemma_jax.checkpoint import layout, safetensors_io
+from gemma_jax.checkpoint import layout, publish, safetensors_io
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model import quant as quant_lib
 from gemma_jax.model.config import ModelConfig
@@ -79,7 +80,8 @@ def save(directory, params, cfg: ModelConfig, *, force: bool = False) -> int:
       "a quantized checkpoint needs model.quant with "
       "weights: int (see gemma_jax.model.quant)"
     )
-  directory = epath.Path(directory).absolute()
+  fileio.check_remote(directory, "output")
+  directory = epath.Path(fileio.absolute(directory))
   if directory.exists() and not force:
     raise ConfigError(f"{directory} already exists; pass --force to replace it")
   leaves = dict(layout.flatten(params))
@@ -97,19 +99,25 @@ def save(directory, params, cfg: ModelConfig, *, force: bool = False) -> int:
     elif path in quantized:
       make = lambda x=leaf: np.asarray(jax.device_get(x)).astype(np.int8)
       dtype = np.dtype(np.int8)
-    else:
+    else:  # float: scales, norms, what is not quantized
       dtype = np.dtype(leaf.dtype)
-      make = lambda x=leaf: np.asarray(jax.device_get(x))
+      make = functools.partial(_finite_host, leaf, path, directory)
     tensors.append(safetensors_io.Tensor(path, shape, dtype, make))
-  tmp = fileio.fresh_temporary_sibling(directory)
-  safetensors_io.write(tmp / WEIGHTS, tensors, {"format": FORMAT})
-  config = {"format": FORMAT, "model": configlib.to_dict(cfg)}
-  (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-  fileio.replace_directory(tmp, directory)
+  with fileio.atomic_directory(directory, overwrite=force) as tmp:
+    safetensors_io.write(tmp / WEIGHTS, tensors, {"format": FORMAT})
+    config = {"format": FORMAT, "model": configlib.to_dict(cfg)}
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
   return os.path.getsize(directory / WEIGHTS)
 
 
+def _finite_host(x, path: str, directory) -> np.ndarray:
+  return publish.check_finite_leaf(
+    np.asarray(jax.device_get(x)), path, directory
+  )
+
+
 def is_quantized(directory) -> bool:
+  fileio.check_remote(directory, "checkpoint")
   path = epath.Path(directory) / CONFIG_FILE
   if not path.exists():
     return False

@@ -14,7 +14,7 @@ own rows into the same (shared) directory. README section "Distillation".
 import argparse
 import json
 
-from gemma_jax.commands import add_overrides
+from gemma_jax.commands import add_overrides, positive_int
 
 HELP = "offline distillation: dump the teacher's top-k log-probs"
 
@@ -32,13 +32,13 @@ def add_arguments(parser):
   dump.add_argument("--out", help="dump directory (default distill.dump)")
   dump.add_argument(
     "--steps",
-    type=int,
+    type=positive_int,
     default=None,
     help="dump steps [0, N) (default train.steps)",
   )
   dump.add_argument(
     "--steps-per-file",
-    type=int,
+    type=positive_int,
     default=100,
     help="training steps per ArrayRecord file",
   )
@@ -57,6 +57,9 @@ def main(args) -> int:
   steps = cfg.train.steps if args.steps is None else args.steps
   if steps < 1:
     raise ConfigError(f"--steps must be >= 1, got {steps}")
+  from gemma_jax import fileio
+
+  fileio.check_remote(out, "--out")  # seconds, not minutes of retries
   distributed.initialize_runtime(cfg.runtime)
   from gemma_jax.drivers import distill_dump
 

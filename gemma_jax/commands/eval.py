@@ -5,7 +5,7 @@ gemma-jax eval --workdir runs/tiny --step 200
 gemma-jax eval configs/tiny.yaml --params runs/tiny/params
 """
 
-from gemma_jax.commands import add_overrides
+from gemma_jax.commands import add_overrides, nonnegative_int, positive_int
 
 HELP = "evaluate a checkpoint or exported params per data source"
 
@@ -22,7 +22,7 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--step",
-    type=int,
+    type=nonnegative_int,
     default=None,
     help="checkpoint step (default: the latest)",
   )
@@ -34,7 +34,7 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--batches",
-    type=int,
+    type=positive_int,
     default=None,
     help="held-out batches per source (train.eval_batches)",
   )

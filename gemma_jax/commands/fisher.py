@@ -29,7 +29,7 @@ per device (no data, no checkpoint needed). docs/continual.md.
 import json
 import os
 
-from gemma_jax.commands import add_overrides
+from gemma_jax.commands import add_overrides, nonnegative_int, positive_int
 
 HELP = "estimate the diagonal Fisher of a checkpoint (for EWC)"
 
@@ -63,7 +63,7 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--sequences",
-    type=int,
+    type=positive_int,
     default=None,
     help="rows of each --source (required), or the first "
     "N documents of --task (default: all)",
@@ -76,7 +76,7 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--first-row",
-    type=int,
+    type=nonnegative_int,
     default=0,
     help="first row of --source's packed stream",
   )
@@ -85,14 +85,14 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--batch-size",
-    type=int,
+    type=positive_int,
     default=None,
     help="batch_mean: rows per squared mean gradient "
     "(default 4, as the published recipe)",
   )
   parser.add_argument(
     "--rows-per-vmap",
-    type=int,
+    type=positive_int,
     default=1,
     help="units per device per vmap; memory grows with "
     "it (that many float32 gradient trees)",
@@ -106,7 +106,7 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--units-per-step",
-    type=int,
+    type=positive_int,
     default=None,
     help="units per compiled step (default: batch shards x --rows-per-vmap)",
   )
@@ -243,7 +243,7 @@ def compile_only(args, cfg) -> int:
 
 
 def main(args) -> int:
-  from gemma_jax import distributed
+  from gemma_jax import distributed, fileio
   from gemma_jax.errors import ConfigError
   from gemma_jax.train.config import load_config
 
@@ -257,6 +257,7 @@ def main(args) -> int:
 
   import gemma_jax.features  # noqa: F401  (registers them with the core)
   from gemma_jax.checkpoint import fisher as fisher_store
+  from gemma_jax.checkpoint import preflight, publish
   from gemma_jax.drivers import fisher, fisher_data
   from gemma_jax.features import ewc
   from gemma_jax.train import metrics, start
@@ -271,6 +272,12 @@ def main(args) -> int:
   estimator = _estimator(args)
   from etils import epath
 
+  if args.params_format != "run":
+    preflight.check_params_source(
+      path, cfg.model, args.params_format, "--params"
+    )
+
+  fileio.check_remote(args.out, "--out")
   if epath.Path(args.out).exists() and not args.force:
     raise ConfigError(
       f"--out {args.out} already exists; pass --force to replace it"
@@ -282,6 +289,7 @@ def main(args) -> int:
     program, estimator, args.units_per_step, args.rows_per_vmap, args.grad_dtype
   )
   params = start.load_params(path, args.params_format, program)
+  publish.check_finite(params, args.out, source=path)
   steps = fisher_data.num_steps(
     rows, estimator.rows_per_unit, fprog.units_per_step
   )

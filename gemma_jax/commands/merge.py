@@ -20,6 +20,7 @@ import json
 import time
 
 from gemma_jax.checkpoint import merge
+from gemma_jax.commands import finite_float
 from gemma_jax.commands.convert import parse_size
 
 HELP = "merge native checkpoints: weighted average, SLERP, LITI"
@@ -37,7 +38,7 @@ def add_arguments(parser):
   parser.add_argument("--method", choices=merge.METHODS, default="linear")
   parser.add_argument(
     "--weights",
-    type=float,
+    type=finite_float,
     nargs="+",
     help="linear: one weight per input (default equal); "
     "they must sum to 1 unless --base is given",
@@ -54,13 +55,13 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--t",
-    type=float,
+    type=finite_float,
     default=0.5,
     help="slerp: 0 gives the first input, 1 the second",
   )
   parser.add_argument(
     "--eta",
-    type=float,
+    type=finite_float,
     default=1.0,
     help="interpolate toward --base: base + eta (merged - "
     "base), eta in [0, 1] (WARP's LITI)",

@@ -83,10 +83,12 @@ def quant_config(args, stored):
 def main(args) -> int:
   import jax
 
-  from gemma_jax.checkpoint import native, quantized
+  from gemma_jax.checkpoint import native, publish, quantized
   from gemma_jax.model import quant as quant_lib
 
   params, cfg = native.load(args.src)
+  # Rounding maps NaN to a finite integer: check before, not after.
+  publish.check_finite(params, args.dst, source=args.src)
   quant = quant_config(args, cfg.quant)
   try:
     cfg = dataclasses.replace(cfg, quant=quant)

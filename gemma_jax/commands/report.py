@@ -15,7 +15,7 @@ from the base); writes report.md, report.json, items/<checkpoint>.jsonl
 and bar charts to --out.
 """
 
-from gemma_jax.commands import add_overrides
+from gemma_jax.commands import add_overrides, positive_int
 
 HELP = "compare checkpoints: held-out loss per source and benchmark scores"
 
@@ -35,16 +35,16 @@ def add_arguments(parser):
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument(
     "--eval-batches",
-    type=int,
+    type=positive_int,
     default=None,
     help="held-out batches per source (train.eval_batches)",
   )
   parser.add_argument(
-    "--batch-size", type=int, default=8, help="rows per scoring batch"
+    "--batch-size", type=positive_int, default=8, help="rows per scoring batch"
   )
   parser.add_argument(
     "--max-length",
-    type=int,
+    type=positive_int,
     default=8192,
     help="tokens per scored request, cut from the left; "
     "the default is lm-evaluation-harness's "

@@ -7,7 +7,16 @@
 Temperature 0 (the default) is greedy decoding.
 """
 
+from gemma_jax.commands import (
+  nonnegative_float,
+  number_type,
+  positive_int,
+)
 from gemma_jax.errors import ConfigError
+
+# Nucleus sampling keeps the smallest set of tokens whose probability
+# reaches top_p: 0 would keep none.
+top_p = number_type(float, above=0.0, maximum=1.0)
 
 HELP = "generate text from a checkpoint (greedy, temperature, top-k, top-p)"
 
@@ -25,10 +34,10 @@ def add_arguments(parser):
     required=True,
     help="prompt text (repeatable: one row each)",
   )
-  parser.add_argument("--max-new-tokens", type=int, default=64)
-  parser.add_argument("--temperature", type=float, default=0.0)
-  parser.add_argument("--top-k", type=int, default=None)
-  parser.add_argument("--top-p", type=float, default=None)
+  parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+  parser.add_argument("--temperature", type=nonnegative_float, default=0.0)
+  parser.add_argument("--top-k", type=positive_int, default=None)
+  parser.add_argument("--top-p", type=top_p, default=None)
   parser.add_argument("--seed", type=int, default=0)
 
 
@@ -55,6 +64,11 @@ def main(args) -> int:
   tokenizer = Tokenizer.load(args.tokenizer)
   params, cfg = native.load(args.checkpoint)
   tokenizer.check_vocab(cfg.vocab_size)
+  if args.top_k is not None and args.top_k > cfg.vocab_size:
+    raise ConfigError(
+      f"--top-k {args.top_k} is more than the vocabulary of "
+      f"{args.checkpoint} ({cfg.vocab_size} tokens); give at most that"
+    )
   try:
     texts = sample_texts(
       params,

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_jax.checkpoint import native
+from gemma_jax.checkpoint import native, publish
+from gemma_jax.commands import positive_int
 from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.model import ModelConfig, Transformer
 
@@ -48,7 +49,7 @@ def add_arguments(parser):
   parser.add_argument("--tokenizer", help="SentencePiece model (with --text)")
   parser.add_argument("--out", required=True, help="output .npz")
   parser.add_argument(
-    "--batch-size", type=int, default=8, help="rows per forward pass"
+    "--batch-size", type=positive_int, default=8, help="rows per forward pass"
   )
   parser.add_argument(
     "--logprobs-only",
@@ -130,6 +131,12 @@ def _text_inputs(args, cfg):
   tok = Tokenizer.load(args.tokenizer)
   tok.check_vocab(cfg.vocab_size)
   ids = [tok.encode(t, add_bos=True) for t in args.text]
+  for i, (text, x) in enumerate(zip(args.text, ids)):
+    if len(x) < 2:  # bos alone: no next token, a mean over nothing
+      raise ConfigError(
+        f"--text {text!r} (text {i + 1}) has no token to score; give a "
+        f"non-empty text"
+      )
   t = max(2, max(len(x) for x in ids))
   tokens = np.full((len(ids), t), PAD_ID, np.int32)
   mask = np.zeros((len(ids), t), np.int32)
@@ -176,10 +183,13 @@ def main(args) -> int:
     mask = _load_npy(args.mask, "--mask") if args.mask else None
     name = args.tokens
   tokens, mask = check_inputs(tokens, mask, cfg.vocab_size, name)
+  if not mask[:, 1:].any():
+    raise DataError(f"{name}: no row has a next token to score (see --mask)")
   logits, logprobs = score(params, cfg, tokens, mask, args.batch_size)
   out = {"logprobs": logprobs, "tokens": tokens, "mask": mask}
   if not args.logprobs_only:
     out["logits"] = logits
+  publish.check_finite(out, args.out, source=args.checkpoint)
   tmp = args.out + ".tmp"
   with open(tmp, "wb") as f:
     np.savez(f, **out)

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from gemma_jax import configlib, fileio
+from gemma_jax import configlib, distributed, fileio
+from gemma_jax.checkpoint import publish
 from gemma_jax.errors import ConfigError
 from gemma_jax.features import distill_loss as distill
 from gemma_jax.features.distill import (
@@ -139,7 +140,7 @@ def write_dump(
       _write_chunk(program, pipe, encode, root, first, end)
       manifest["chunks"].append([first, end])
       manifest["steps"] = end
-      _sync("distill_dump_chunk")
+      distributed.barrier("distill_dump_chunk")
       if jax.process_index() == 0:
         fileio.atomic_write(root / MANIFEST, json.dumps(manifest, indent=1))
       log(f"dumped steps [{first}, {end}) into {directory}")
@@ -159,6 +160,8 @@ def _write_chunk(program, pipe, encode, root, first: int, end: int):
         program.frozen, program.put({k: batch[k] for k in step_lib.BATCH_KEYS})
       )
       topk = distill.TopK(*(_local_rows(program, x) for x in topk))
+      teacher = f"the teacher's output at step {step}"
+      publish.check_finite(topk._asdict(), root / name, teacher, True)
       for r in range(pipe.local_batch):
         writer.write(
           distill.encode_record(
@@ -169,13 +172,6 @@ def _write_chunk(program, pipe, encode, root, first: int, end: int):
   finally:
     writer.close()
   os.replace(tmp, os.fspath(root / name))
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
 
 
 def dump_files_bytes(directory) -> int:

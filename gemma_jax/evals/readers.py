@@ -19,6 +19,7 @@ DataError naming the file and the line.
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import re
@@ -54,27 +55,40 @@ class Doc:
     return self.choices[self.gold] if self.choices else self.target
 
 
-def _jsonl(path):
-  """Yields (line number, dict) for every non-blank line of a jsonl file."""
+def read_utf8(path) -> str:
+  """The text of a task file. A byte that is not UTF-8 is refused in the
+  words a data file's are (gemma_jax/data/sources.py): a benchmark's
+  questions are not to be guessed at."""
   try:
-    # Opened apart from the `with` below, so that only a failure to open
-    # is reported as unreadable.
-    f = open(os.path.expanduser(os.fspath(path)), encoding="utf-8")  # noqa: SIM115
+    with open(os.path.expanduser(os.fspath(path)), "rb") as f:
+      raw = f.read()
   except OSError as e:
     raise DataError(f"{path}: cannot read ({e.strerror})") from None
-  with f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{number}: not a JSON line ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise DataError(
-          f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
-        )
-      yield number, row
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    escaped = raw.decode("utf-8", "surrogateescape")
+    bad = len(re.findall("[\udc80-\udcff]", escaped))
+    raise DataError(
+      f"{path}: {bad} of {len(raw)} bytes are not UTF-8 (first at byte "
+      f"{e.start}); convert the file to UTF-8"
+    ) from None
+
+
+def _jsonl(path):
+  """Yields (line number, dict) for every non-blank line of a jsonl file."""
+  for number, line in enumerate(read_utf8(path).split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise DataError(
+        f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
+      )
+    yield number, row
 
 
 def _field(row, key, kind, where):
@@ -172,14 +186,8 @@ def read_mmlu_csv(path) -> list[Doc]:
   Choices are the letters " A" .. " D" (with the target delimiter), as in
   the harness's default MMLU task.
   """
-  try:
-    f = open(  # noqa: SIM115  (closed by the `with` below, as in _jsonl)
-      os.path.expanduser(os.fspath(path)), encoding="utf-8", newline=""
-    )
-  except OSError as e:
-    raise DataError(f"{path}: cannot read ({e.strerror})") from None
   docs = []
-  with f:
+  with io.StringIO(read_utf8(path), newline="") as f:
     reader = csv.reader(f)
     try:
       for row in reader:

@@ -33,7 +33,6 @@ loss/distill and loss/ce.
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any
 
@@ -44,6 +43,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gemma_jax.checkpoint import preflight
 from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.features import distill_loss as distill
 from gemma_jax.features.base import Feature
@@ -262,6 +262,10 @@ def attach(program, pipe, steps: int) -> None:
       run_fingerprint(cfg, pipe, with_teacher=bool(d.teacher)),
       cfg.model.vocab_size,
     )
+    record = distill.record_bytes(cfg.data.seq_len, d.topk)
+    preflight.check_record_files(
+      d.dump, dump_files(manifest, pipe.global_batch), record, "distill.dump"
+    )
     if manifest["steps"] < steps:
       raise DataError(
         f"distill.dump {d.dump} holds {manifest['steps']} steps but "
@@ -351,7 +355,7 @@ def read_manifest(directory) -> dict:
       f"distill.dump {directory}: no {MANIFEST}; write it with "
       "`gemma-jax distill dump`"
     )
-  manifest = json.loads(path.read_text())
+  manifest = preflight.check_json_file(path, f"distill.dump {directory}")
   if manifest.get("format") != DUMP_FORMAT:
     raise DataError(
       f"{path}: unknown format {manifest.get('format')!r}; "
@@ -365,6 +369,16 @@ def chunk_file(first: int, end: int, part: int, parts: int) -> str:
   return (
     f"steps-{first:08d}-{end:08d}.part-{part:05d}-of-{parts:05d}.array_record"
   )
+
+
+def dump_files(manifest: dict, global_batch: int) -> dict[str, int]:
+  """{file name: records} of every file a dump's manifest lists."""
+  parts = manifest["process_count"]
+  return {
+    chunk_file(first, end, part, parts): (end - first) * (global_batch // parts)
+    for first, end in manifest["chunks"]
+    for part in range(parts)
+  }
 
 
 class DumpReader:

@@ -215,6 +215,11 @@ def row_checksum(batch: dict, row: int) -> int:
   return crc
 
 
+def record_bytes(seq_len: int, k: int) -> int:
+  """Bytes of one row's record: its CRC-32, then seq_len packed top-k."""
+  return _CRC.size + seq_len * bytes_per_token(k)
+
+
 def encode_record(topk: TopK, crc: int) -> bytes:
   """One row's record: CRC-32 of its tokens, then the packed top-k."""
   return _CRC.pack(crc) + pack_topk(topk)

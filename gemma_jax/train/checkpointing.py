@@ -28,6 +28,7 @@ CheckpointError naming the first array that differs.
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import re
 from typing import Any
@@ -37,7 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from gemma_jax import fileio
-from gemma_jax.errors import CheckpointError
+from gemma_jax.errors import CheckpointError, os_error_line
 from gemma_jax.train import state as state_lib
 from gemma_jax.train.config import CheckpointConfig
 
@@ -122,6 +123,13 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint directory {self.directory}")
     self._metas: dict[int, dict] = {}
     self._good: dict[int, bool] = {}
+    self._pending: int | None = None  # the step a background save writes
+    self._failed = False  # a save failed and was reported
+    # Orbax may only log a background save's failure (and skip the step):
+    # its log's errors are the pending save's.
+    self._errors = _LoggedErrors()
+    if not read_only:
+      logging.getLogger("absl").addHandler(self._errors)
     self._manager = ocp.CheckpointManager(
       self.directory, options=self._options(cfg), item_names=("state", "meta")
     )
@@ -165,15 +173,43 @@ class Checkpointer:
       "shapes": _shapes(state),
       "checksums": state_lib.checksums(state),
     }
+    self._finish()  # the previous save's failure is the previous step's
+    self._errors.clear()
     self._metas[step] = meta
     self._good[step] = bool(meta.get("good", {}).get("good", False))
-    self._manager.save(
-      step,
-      force=True,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-      ),
+    self._pending = step
+    self._finish_on_error(
+      lambda: self._manager.save(
+        step,
+        force=True,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+        ),
+      )
     )
+
+  def check(self) -> None:
+    """Reports a background save that failed as soon as it has ended (the
+    trainer calls it every step; it never waits for a save in progress)."""
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self._finish()
+
+  def _finish(self) -> None:
+    """Waits for the pending save; CheckpointError naming its step if it
+    failed."""
+    if self._pending is not None:
+      self._finish_on_error(self._manager.wait_until_finished)
+      self._finish_on_error(self._errors.raise_first)
+      self._pending = None
+
+  def _finish_on_error(self, fn) -> None:
+    """Runs `fn` (a save, or the wait for one); a failure is the pending
+    step's, reported once in one line."""
+    try:
+      fn()
+    except Exception as e:
+      step, self._pending, self._failed = self._pending, None, True
+      raise save_failed(self.directory, step, e) from None
 
   # Goodness (see gemma_jax.train.state).
   def good(self, step: int) -> dict | None:
@@ -270,11 +306,19 @@ class Checkpointer:
     return dest
 
   def wait(self):
+    self._finish()
     self._manager.wait_until_finished()
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    reported = self._failed
+    try:
+      self._finish()
+      self._manager.close()
+    except Exception:
+      if not reported:  # else: reported once already, where it failed
+        raise
+    finally:
+      logging.getLogger("absl").removeHandler(self._errors)
 
   # Checks.
   def _step_dir(self, step: int) -> str:
@@ -408,6 +452,37 @@ def restore_newest_intact(
   return None, None
 
 
+class _LoggedErrors(logging.Handler):
+  """The exceptions orbax logs (with their tracebacks) from its threads."""
+
+  def __init__(self) -> None:
+    super().__init__(logging.ERROR)
+    self.errors: list[BaseException] = []
+
+  def emit(self, record):
+    if record.exc_info and record.exc_info[1] is not None:
+      self.errors.append(record.exc_info[1])
+
+  def clear(self):
+    self.errors = []
+
+  def raise_first(self):
+    if self.errors:
+      raise self.errors[0]
+
+
+def save_failed(directory: str, step, error: BaseException) -> CheckpointError:
+  """The one line for a save of checkpoint `step` that failed."""
+  where = f"checkpoint {directory}/{step} was not saved"
+  full = fileio.disk_full(error, f"{directory}/{step}")
+  if full is not None:
+    return CheckpointError(f"{where}: {os_error_line(full)}")
+  return CheckpointError(
+    f"{where}: {_first_line(str(error))}; the checkpoints before it are "
+    f"whole (rerun to resume from the newest)"
+  )
+
+
 def _nonempty_file(path: str) -> bool:
   p = epath.Path(path)
   try:
@@ -418,7 +493,8 @@ def _nonempty_file(path: str) -> bool:
 
 def _first_line(text: str) -> str:
   line = text.strip().splitlines()[0] if text.strip() else "unreadable"
-  return line[:200]
+  # orbax appends the repr of a bound method: noise, not detail
+  return line.split(" See full TensorStore details")[0][:200]
 
 
 def _culprit(text: str) -> str:

@@ -51,6 +51,19 @@ class OptimizerConfig:
       )
     if self.warmup_steps < 0:
       raise ConfigError("optimizer.warmup_steps must be >= 0")
+    # Out of these, Adam divides by zero or the schedule runs backwards.
+    configlib.check_ranges(
+      self,
+      "optimizer",
+      min_lr_ratio=(0, 1),
+      wsd_decay_fraction=(0, 1),
+      b1=(0, [1]),
+      b2=(0, [1]),
+      eps=(0, None),
+      weight_decay=(0, None),
+      grad_clip_norm=(0, None),
+      decay_steps=(1, None),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +107,9 @@ class TrainConfig:
       raise ConfigError("train.log_every must be positive")
     if self.prefetch < 1:
       raise ConfigError(f"train.prefetch must be >= 1, got {self.prefetch}")
+    configlib.check_ranges(
+      self, "train", z_loss=(0, None), peak_flops_per_device=(1, None)
+    )
     if not 0.0 <= self.ema_decay < 1.0:
       raise ConfigError(
         f"train.ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}"
@@ -228,7 +244,12 @@ class RunConfig:
   continual: ContinualConfig = ContinualConfig()
 
   def __post_init__(self):
-    c = self.continual
+    c, d = self.continual, self.distill
+    if d.mode is not None and d.topk > self.model.vocab_size:
+      raise ConfigError(
+        f"distill.topk ({d.topk}) must be <= model.vocab_size "
+        f"({self.model.vocab_size}): there are no more tokens to keep"
+      )
     if self.model.lora is not None:
       self._check_lora()
     if c.enabled and not (c.anchor or self.checkpoint.init_from):

@@ -110,11 +110,13 @@ class MetricsWriter:
       if not epath.Path(path).exists():
         continue
       self._guard(f"{name}.jsonl")
+      bad: list[tuple[int, str]] = []
       kept = [
         json.dumps(r) + "\n"
-        for r in read_jsonl(path)
+        for r in read_jsonl(path, bad)
         if r.get("step", 0) <= step
       ]
+      keep_aside(path, bad)
       if self.remote:
         self._lines[name] = kept
       fileio.atomic_write(path, "".join(kept))
@@ -209,19 +211,44 @@ def _flush_every_s() -> float:
   return value
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """Records of a metrics file; a torn last line (killed writer) is skipped."""
+def read_jsonl(path: str, bad: list | None = None) -> list[dict]:
+  """Records of a metrics file. A line that is not a JSON object (a torn
+  last line of a killed writer, or damage) is skipped, and appended to
+  `bad` as (line number, text) when given."""
   try:
-    text = epath.Path(path).read_text()
+    raw = epath.Path(path).read_bytes()
   except FileNotFoundError:
     return []
   records = []
-  for line in text.splitlines():
+  # surrogateescape: damaged bytes survive into `bad`, and back to a file.
+  text = raw.decode("utf-8", "surrogateescape")
+  for number, line in enumerate(text.splitlines(), 1):
     try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      continue
+      record = json.loads(line)
+      if not isinstance(record, dict):
+        raise ValueError("not an object")
+      records.append(record)
+    except ValueError:
+      if bad is not None and line.strip():
+        bad.append((number, line))
   return records
+
+
+def keep_aside(path: str, bad: list[tuple[int, str]]) -> None:
+  """Appends the `bad` lines of metrics file `path` to `path`.corrupt, and
+  says so in one line: a damaged record is kept, not dropped."""
+  if not bad:
+    return
+  aside = epath.Path(path + ".corrupt")
+  old = aside.read_bytes() if aside.exists() else b""
+  lines = "".join(line + "\n" for _, line in bad)
+  fileio.atomic_write(aside, old + lines.encode("utf-8", "surrogateescape"))
+  print(
+    f"gemma-jax: warning: {path}: {len(bad)} line(s) are not JSON records "
+    f"(first: line {bad[0][0]}); kept aside in {aside}",
+    file=sys.stderr,
+    flush=True,
+  )
 
 
 def format_duration(seconds: float) -> str:

@@ -25,7 +25,7 @@ import jax
 from etils import epath
 
 from gemma_jax import distributed, fileio, hardware
-from gemma_jax.checkpoint import lease
+from gemma_jax.checkpoint import lease, preflight
 from gemma_jax.data import pipeline_for
 from gemma_jax.errors import ConfigError, TrainingStopped
 from gemma_jax.train import checkpointing, start
@@ -75,9 +75,11 @@ class Trainer:
     # 1. Inputs that can be wrong are checked before anything heavy, and
     # before the workdir is touched; the workdir is ours (its lease) before
     # anything is written into it.
+    fresh = not start.has_checkpoints(self.workdir)
+    preflight.check_run_inputs(cfg, fresh)
     self.program = TrainProgram(cfg, mesh)
     self.pipe = pipeline_for(cfg)
-    if cfg.checkpoint.init_from and not start.has_checkpoints(self.workdir):
+    if cfg.checkpoint.init_from and fresh:
       start.check_init_from(cfg)
     start.check_workdir(self.workdir)
     self.lease = self._take_lease()
@@ -184,6 +186,7 @@ class Trainer:
         self.state, step_metrics = self.train_step(self.state, batch)
         self._pending.append(step_metrics)
         step = step_index + 1
+        self.checkpointer.check()  # a failed background save, at once
         self._run_hooks(step, final=False)
         if self._preempted(step):
           self._run_hooks(
@@ -450,7 +453,7 @@ class Trainer:
       self._print(f"sample: {text!r} -> {tok.decode(out)!r}")
 
   # Reliability: the workdir lease, damaged checkpoints, --from-step,
-  # warnings (see gemma_jax/train/lease.py and state_lib.py).
+  # warnings (see gemma_jax/checkpoint/lease.py and gemma_jax/train/state.py).
   def _warn(self, message: str) -> None:
     if self.is_main:
       print(f"gemma-jax: warning: {message}", file=sys.stderr, flush=True)

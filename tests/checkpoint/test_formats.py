@@ -114,3 +114,21 @@ def test_fingerprint_follows_content_not_location(tmp_path, hf_dir):
   state = {k: v + 1 for k, v in state.items()}
   save_file(state, str(tmp_path / "copy" / "model.safetensors"))
   assert fingerprint(tmp_path / "copy") != first
+
+
+def test_a_half_written_directory_is_incomplete_not_unknown(tmp_path):
+  from gemma_jax.checkpoint import formats
+  from gemma_jax.errors import CheckpointError
+
+  native_dir = tmp_path / "native"
+  (native_dir / "params").mkdir(parents=True)
+  with pytest.raises(CheckpointError, match="model_config.json is missing"):
+    formats.detect(native_dir)
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  (hf_dir / "model.safetensors").write_bytes(b"")
+  with pytest.raises(CheckpointError, match="incomplete: config.json is"):
+    formats.detect(hf_dir)
+  (tmp_path / ".gone.tmp").mkdir()
+  with pytest.raises(CheckpointError, match=r"interrupted \(.gone.tmp"):
+    formats.detect(tmp_path / "gone")
