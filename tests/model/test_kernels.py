@@ -126,8 +126,16 @@ def plain_attention(q, k, v, pos, seg, window, cap):
     # maximum: scores up to 128 here, which exp() alone would overflow.
     (1, 4, 0, None),
     (2, 2, 20, 1000.0),
+    (2, 2, 20, None),  # Gemma 3: a window and no cap
   ],
-  ids=["gqa-window7", "gqa-window20", "mqa-global", "no-cap", "cap-1000"],
+  ids=[
+    "gqa-window7",
+    "gqa-window20",
+    "mqa-global",
+    "no-cap",
+    "cap-1000",
+    "gemma3-window-no-cap",
+  ],
 )
 def test_blockwise_attention(kv_heads, groups, window, cap):
   # 40 tokens in blocks of 16: the last block is partial.
