@@ -1,4 +1,4 @@
-"""Official Gemma Flax checkpoints (Kaggle "flax" variants) -> native params.
+"""Official Gemma Flax checkpoints (Kaggle "flax" variants) <-> native params.
 
 They are orbax PyTree checkpoints of a flat dict whose keys contain '/':
 
@@ -22,6 +22,10 @@ and its projection into the embedder ('transformer/embedder/mm_*'), which
 are not read. A model with more embedding rows (the HF text config's
 262,208) gets zeros in the rows past the stored ones.
 
+`save` writes native params in this layout (the releases' flat keys), which
+the official library's `gm.ckpts.load_params` reads for its own
+`TransformerConfig` of the same sizes.
+
 The file holds no config: the caller names it (a preset or a config file).
 Which gating layout a checkpoint has is read from its shape when D != F
 (always so for real models); `transposed_gating` states it explicitly, and
@@ -34,7 +38,9 @@ output plus one layer.
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax.linen import meta
 
+from gemma_jax import fileio
 from gemma_jax.checkpoint import layout, placement
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
@@ -261,3 +267,91 @@ def _fill_layer(out, i, layer, fused, transposed):
       )
   for key, value in layer.items():  # norms, attn_vec_einsum, linear
     out.set(f"layers/{key}", (i,), value)
+
+
+def official_flat(
+  params,
+  cfg: ModelConfig,
+  *,
+  transposed_gating: bool | None = None,
+  embed_rows: int | None = None,
+  dtype=None,
+) -> dict:
+  """Native params -> the official flat dict {module: {leaf: array}}.
+
+  transposed_gating: [2, F, D] gating; default as the official checkpoints
+    of that model (Gemma 2 9B/27B presets and every Gemma 3 model).
+  embed_rows: embedding rows to write; default the model's, or the official
+    262,144 for a Gemma 3 model with the HF text config's 262,208.
+  """
+  flat = {
+    k: np.asarray(v, dtype) for k, v in layout.flatten(meta.unbox(params))
+  }
+  layout.check_shapes(
+    {k: v.shape for k, v in flat.items()}, layout.param_shapes(cfg), "params"
+  )
+  if transposed_gating is None:
+    transposed_gating = cfg.qk_norm or cfg.name in TRANSPOSED_GATING_PRESETS
+  if embed_rows is None:
+    embed_rows = cfg.num_embed_rows
+    if cfg.qk_norm and embed_rows > OFFICIAL_GEMMA3_ROWS:
+      embed_rows = OFFICIAL_GEMMA3_ROWS
+  out = {
+    "transformer/embedder": {
+      "input_embedding": flat["embedder/embedding"][:embed_rows]
+    },
+    "transformer/final_norm": {"scale": flat["final_norm/scale"]},
+  }
+  norms = _NORMS if cfg.sandwich_norms else _NORMS[:2]
+  for i in range(cfg.num_layers):
+    p = f"transformer/layer_{i}/"
+    q = flat["layers/attn/q_einsum/w"][i]
+    kv = flat["layers/attn/kv_einsum/w"][i]
+    if cfg.num_heads == cfg.num_kv_heads:  # the library's qkv_einsum
+      out[p + "attn/qkv_einsum"] = {"w": np.concatenate([q[None], kv])}
+    else:
+      out[p + "attn/q_einsum"] = {"w": q}
+      out[p + "attn/kv_einsum"] = {"w": kv}
+    out[p + "attn/attn_vec_einsum"] = {
+      "w": flat["layers/attn/attn_vec_einsum/w"][i]
+    }
+    gating = flat["layers/mlp/gating_einsum/w"][i]
+    out[p + "mlp/gating_einsum"] = {
+      "w": gating.transpose(0, 2, 1) if transposed_gating else gating
+    }
+    out[p + "mlp/linear"] = {"w": flat["layers/mlp/linear/w"][i]}
+    for n in norms:
+      out[p + n] = {"scale": flat[f"layers/{n}/scale"][i]}
+    if cfg.qk_norm:
+      for name, ours in (
+        ("_query_norm", "query_norm"),
+        ("_key_norm", "key_norm"),
+      ):
+        out[f"{p}attn/{name}"] = {"scale": flat[f"layers/attn/{ours}/scale"][i]}
+  return out
+
+
+def save(
+  directory,
+  params,
+  cfg: ModelConfig,
+  *,
+  transposed_gating: bool | None = None,
+  embed_rows: int | None = None,
+  dtype=None,
+  force: bool = False,
+) -> None:
+  """Writes `params` as an official Flax checkpoint (official_flat's
+  layout); atomic: `directory` appears only once complete."""
+  flat = official_flat(
+    params,
+    cfg,
+    transposed_gating=transposed_gating,
+    embed_rows=embed_rows,
+    dtype=dtype,
+  )
+  with (
+    fileio.atomic_directory(directory, overwrite=force) as tmp,
+    ocp.PyTreeCheckpointer() as ckptr,
+  ):
+    ckptr.save(tmp, args=ocp.args.PyTreeSave(flat), force=True)
