@@ -170,7 +170,8 @@ def test_auto_is_splash_on_tpu_blockwise_elsewhere_xla_with_a_cache(
 
 
 @pytest.mark.tpu_compile
-def test_auto_compiles_the_splash_kernel_for_a_tpu_topology():
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_auto_compiles_the_splash_kernel_for_a_tpu_topology(family):
   # Ahead of time for 4 v5e chips (libtpu, no TPU): auto picks splash from
   # the mesh's devices, and the step holds the Mosaic kernel, not the
   # interpreter, forward and backward.
@@ -180,8 +181,8 @@ def test_auto_compiles_the_splash_kernel_for_a_tpu_topology():
     np.asarray(aot.topology_devices("v5e:2x2")).reshape(1, 2, 2),
     ("data", "fsdp", "tensor"),
   )
-  cfg = dataclasses.replace(BASE, fused_mlp=False)
-  params, _ = reference(2)
+  cfg = dataclasses.replace(CONFIGS[family], fused_mlp=False)
+  params, _ = reference(2, family)
   tokens, pos, seg = batch()
 
   def loss(p):
