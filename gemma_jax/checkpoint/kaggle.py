@@ -2,7 +2,8 @@
 
 They are orbax PyTree checkpoints of a flat dict whose keys contain '/':
 
-    transformer/embedder                  input_embedding [R, D]  (R = 256128)
+    transformer/embedder                  input_embedding [R, D]  (R = 256128;
+                                                  Gemma 3: 262144)
     transformer/final_norm                scale [D]
     transformer/layer_{i}/attn/q_einsum   w [N, D, H]      } kv heads != heads
     transformer/layer_{i}/attn/kv_einsum  w [2, K, D, H]   }

@@ -121,6 +121,47 @@ def test_released_multimodal_configs_give_the_presets():
   hf_config.check_same_architecture(
     preset("gemma3-4b"), cfg, "gemma3-4b", "config.json"
   )
+  # gemma-3-27b's text_config, and gemma-3-1b's config.json (transformers
+  # 4.50 fields: rope_theta, rope_local_base_freq, sliding_window_pattern).
+  released["text_config"] = {
+    "head_dim": 128,
+    "hidden_size": 5376,
+    "intermediate_size": 21504,
+    "model_type": "gemma3_text",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 62,
+    "num_key_value_heads": 16,
+    "query_pre_attn_scalar": 168,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+    "sliding_window": 1024,
+  }
+  hf_config.check_same_architecture(
+    preset("gemma3-27b"), hf_config.from_hf(released), "27b", "config.json"
+  )
+  legacy_1b = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "vocab_size": 262144,
+    "hidden_size": 1152,
+    "intermediate_size": 6912,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "query_pre_attn_scalar": 256,
+    "rope_theta": 1000000,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": None,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+    "max_position_embeddings": 32768,
+  }
+  hf_config.check_same_architecture(
+    preset("gemma3-1b"), hf_config.from_hf(legacy_1b), "1b", "config.json"
+  )
   # The 1B (Gemma3ForCausalLM), as transformers >= 5 writes it.
   one_b = hf_config.to_hf(preset("gemma3-1b"), "bfloat16")
   assert one_b["architectures"] == ["Gemma3ForCausalLM"]
