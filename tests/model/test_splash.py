@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+  splash_attention_mask as mask_lib,
+)
 from jax.sharding import Mesh
 
 from gemma_jax.errors import ConfigError
@@ -182,3 +185,21 @@ def test_block_size_is_the_largest_that_divides():
   assert splash.block_size(2048) == 512
   assert splash.block_size(768) == 256
   assert splash.block_size(384) == 128
+
+
+def test_a_local_layer_visits_blocks_in_proportion_to_the_sequence():
+  # The kernel's block mask: key blocks a query block cannot see are never
+  # visited, so a local layer (window 1024) at 32768 tokens visits ~4x the
+  # blocks it does at 8192, a global (causal) one ~15x.
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask_info as info_lib,
+  )
+
+  def visited(t, window):
+    b = splash.block_size(t)
+    mask = mask_lib.MultiHeadMask([splash.layer_mask(t, window)])
+    info, _ = info_lib.process_mask(mask, (b, b))
+    return int((np.asarray(info.block_mask) > 0).sum())
+
+  assert (visited(8192, 1024), visited(32768, 1024)) == (45, 189)
+  assert (visited(8192, 0), visited(32768, 0)) == (136, 2080)
