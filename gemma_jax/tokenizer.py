@@ -1,12 +1,15 @@
 """Gemma's SentencePiece tokenizer: load, check against a model, train one.
 
-Gemma 1 and 2 share one SentencePiece BPE model with fixed special ids
-(pad 0, eos 1, bos 2, unk 3). `Tokenizer` loads any such `tokenizer.model`
-and refuses one whose special ids differ or whose vocabulary does not fit the
-model's embedding; `train_tokenizer` trains a small one with Gemma's settings
-(byte fallback, split digits, identity normalisation, whitespace kept).
+Gemma 1 and 2 share one SentencePiece BPE model, Gemma 3 has its own (262,144
+pieces, more special pieces: images, turns); all have the special ids pad 0,
+eos 1, bos 2, unk 3. `Tokenizer` loads any such `tokenizer.model` and refuses
+one whose special ids differ or whose vocabulary does not fit the model's
+embedding, and a released tokenizer given to the other release's model;
+`train_tokenizer` trains a small one with Gemma's settings (byte fallback,
+split digits, identity normalisation, whitespace kept).
 """
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -38,6 +41,42 @@ GEMMA_TRAINER_OPTIONS: dict[str, Any] = dict(
   eos_piece="<eos>",
   bos_piece="<bos>",
   unk_piece="<unk>",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+  """A released Gemma tokenizer: its size, the model vocabularies that go
+  with it, and the ids of its special pieces."""
+
+  name: str
+  pieces: int
+  vocab_sizes: tuple[int, ...]
+  special: dict[str, int]
+
+
+# The official `gemma` package 3.3.0 (gm/text/_tokenizer.py:
+# _Gemma2SpecialTokens, _Gemma3SpecialTokens) and the model configs: Gemma 3
+# models have 262,144 embedding rows (official) or 262,208 (the Hugging Face
+# text config of the 4B/12B/27B).
+RELEASES = (
+  Release(
+    "Gemma 1/2",
+    256_000,
+    (256_000,),
+    {"<start_of_turn>": 106, "<end_of_turn>": 107},
+  ),
+  Release(
+    "Gemma 3",
+    262_144,
+    (262_144, 262_208),
+    {
+      "<start_of_turn>": 105,
+      "<end_of_turn>": 106,
+      "<start_of_image>": 255_999,
+      "<end_of_image>": 256_000,
+    },
+  ),
 )
 
 
@@ -87,13 +126,35 @@ class Tokenizer:
       ) from None
 
   def check_vocab(self, vocab_size: int) -> None:
-    """Raises ConfigError if some token id would fall outside the model."""
+    """Raises ConfigError if some token id would fall outside the model, if
+    the model's vocabulary is one release's and this tokenizer (by its size)
+    the other's, or if a released-size tokenizer has a special piece of its
+    release at another id."""
+    name = self.path or "<bytes>"
     if self.vocab_size > vocab_size:
       raise ConfigError(
-        f"tokenizer {self.path or '<bytes>'} has {self.vocab_size} pieces "
+        f"tokenizer {name} has {self.vocab_size} pieces "
         f"but model.vocab_size is {vocab_size}: ids >= {vocab_size} would "
         "index past the embedding"
       )
+    model = next((r for r in RELEASES if vocab_size in r.vocab_sizes), None)
+    mine = next((r for r in RELEASES if r.pieces == self.vocab_size), None)
+    if mine is None:
+      return  # a tokenizer of one's own: the size check is all
+    if model is not None and model != mine:
+      raise ConfigError(
+        f"tokenizer {name} has {self.vocab_size} pieces, {mine.name}'s, but "
+        f"model.vocab_size {vocab_size} is {model.name}'s: use "
+        f"{model.name}'s tokenizer.model ({model.pieces} pieces)"
+      )
+    for piece, want in mine.special.items():
+      got = self._sp.piece_to_id(piece)
+      # A piece it lacks maps to unk: a custom tokenizer of that size.
+      if got not in (want, UNK_ID):
+        raise ConfigError(
+          f"tokenizer {name}: {piece} has id {got}, {mine.name}'s has "
+          f"{want}; not {mine.name}'s tokenizer.model"
+        )
 
   def encode(
     self, text: str, add_bos: bool = False, add_eos: bool = False

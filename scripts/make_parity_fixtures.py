@@ -1,7 +1,8 @@
 """Generates tests/fixtures/parity/*.npz from Hugging Face transformers.
 
-The reference is independent of our code: transformers' Gemma / Gemma 2 in
-torch on CPU, float32, eager attention, with tiny random weights. Each file
+The reference is independent of our code: transformers' Gemma / Gemma 2 /
+Gemma 3 (Gemma3ForCausalLM) in torch on CPU, float32, eager attention, with
+tiny random weights. Each file
 holds the HF config (JSON), the HF state dict, a right-padded batch of tokens
 with its attention mask, and HF's logits; tests/model/test_parity.py loads the
 weights through gemma_jax.checkpoint.hf and compares, needing neither torch
@@ -13,6 +14,7 @@ share of values; the script measures that share on real (non-pad, causal)
 entries, refuses to write a fixture where a cap does no work, and stores it.
 
     pip install /opt/wheels/torch-*+cpu-*.whl transformers   # the `hf` extra
+    # Gemma 3 needs transformers >= 4.50; fixtures written with 5.25.
     python scripts/make_parity_fixtures.py [--out tests/fixtures/parity]
 """
 
@@ -90,7 +92,56 @@ CASES = {
       final_logit_softcapping=30.0,
     ),
   ),
+  # Gemma 3: QK-norm, no soft-caps, 5 local : 1 global over 8 layers
+  # (local x5, global, local x2), window 8 < sequence 24, GQA; RoPE 10k on
+  # local layers, 1M with linear scaling 8 on the global one (the 4B rule).
+  "gemma3_gqa_window_rope_scaling": (
+    "gemma3_text",
+    dict(
+      vocab_size=128,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=8,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=8,
+      query_pre_attn_scalar=8,
+      sliding_window=8,
+      rope_parameters={
+        "full_attention": {
+          "rope_type": "linear",
+          "factor": 8.0,
+          "rope_theta": 1_000_000.0,
+        },
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+      },
+    ),
+  ),
+  # Gemma 3 as the 1B: MQA, no RoPE scaling; heads * head_dim (64) !=
+  # d_model (32), query scale 12^-0.5 (not head_dim's), 7 layers, window 6.
+  "gemma3_mqa_wide_heads": (
+    "gemma3_text",
+    dict(
+      vocab_size=128,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=7,
+      num_attention_heads=4,
+      num_key_value_heads=1,
+      head_dim=16,
+      query_pre_attn_scalar=12,
+      sliding_window=6,
+      rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+      },
+    ),
+  ),
 }
+# Packed rows (Gemma 3 fixtures): HF's logits of two documents, each alone
+# (row 0's first 13 tokens, row 1's first 9); the test packs them into one
+# row of ours.
+PACKED = (13, 9)
 
 
 def build(model_type: str, fields: dict, seed: int):
@@ -98,6 +149,7 @@ def build(model_type: str, fields: dict, seed: int):
   config_cls = {
     "gemma": transformers.GemmaConfig,
     "gemma2": transformers.Gemma2Config,
+    "gemma3_text": transformers.Gemma3TextConfig,
   }[model_type]
   config = config_cls(
     hidden_act="gelu_pytorch_tanh",
@@ -109,6 +161,7 @@ def build(model_type: str, fields: dict, seed: int):
   model_cls = {
     "gemma": transformers.GemmaForCausalLM,
     "gemma2": transformers.Gemma2ForCausalLM,
+    "gemma3_text": transformers.Gemma3ForCausalLM,
   }[model_type]
   model = model_cls(config).eval()
   with torch.no_grad():
@@ -164,10 +217,15 @@ def capped_fractions(seen, mask):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="tests/fixtures/parity")
+  parser.add_argument(
+    "--cases", nargs="*", choices=sorted(CASES), help="default: all"
+  )
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   for seed, (name, (model_type, fields)) in enumerate(CASES.items()):
+    if args.cases and name not in args.cases:
+      continue  # seeds stay those of the full run
     config, model = build(model_type, fields, seed)
     tokens, mask = inputs(seed, config.vocab_size)
     logits, seen = run(model, tokens, mask)
@@ -184,6 +242,13 @@ def main():
       for k, v in model.state_dict().items()
       if k != "lm_head.weight"
     }  # tied to the embedding
+    extra = {}
+    if model_type == "gemma3_text":
+      docs = [tokens[row, :n] for row, n in enumerate(PACKED)]
+      extra["packed_lengths"] = np.asarray(PACKED, np.int32)
+      extra["packed_logits"] = np.concatenate(
+        [run(model, d[None], np.ones_like(d)[None])[0][0] for d in docs]
+      )
     real = mask.astype(bool)
     print(
       f"{name}: params {sum(v.size for v in state.values())}, "
@@ -200,10 +265,13 @@ def main():
       final_capped_frac=np.float32(final_frac),
       transformers_version=np.array(transformers.__version__),
       torch_version=np.array(torch.__version__),
+      **extra,
       **state,
     )
   sizes = sum(p.stat().st_size for p in out.glob("*.npz"))
-  print(f"wrote {len(CASES)} fixtures to {out} ({sizes / 1e6:.2f} MB)")
+  print(
+    f"wrote {len(args.cases or CASES)} fixtures to {out} ({sizes / 1e6:.2f} MB)"
+  )
 
 
 if __name__ == "__main__":

@@ -126,3 +126,65 @@ def test_cli_train_writes_a_gemma_style_model(tmp_path, capsys):
     )
     == 1
   )
+
+
+def released_size(tok, size, special):
+  """`tok`'s model grown to `size` pieces with control pieces, `special`
+  {piece: id} placed at those ids: a stand-in for a released tokenizer."""
+  from sentencepiece import sentencepiece_model_pb2
+
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(tok.serialized())
+  control = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
+  # Pieces where a special one goes move to the end (byte pieces included).
+  moved = [
+    proto.pieces[i].SerializeToString()
+    for i in special.values()
+    if i < len(proto.pieces)
+  ]
+  for i in range(len(proto.pieces), size - len(moved)):
+    proto.pieces.add(piece=f"<unused{i}>", score=0.0, type=control)
+  for data in moved:
+    proto.pieces.add().ParseFromString(data)
+  for piece, i in special.items():
+    proto.pieces[i].Clear()
+    proto.pieces[i].piece, proto.pieces[i].type = piece, control
+  return Tokenizer(proto.SerializeToString(), f"{size}.model")
+
+
+GEMMA3_SPECIAL = {
+  "<start_of_turn>": 105,
+  "<end_of_turn>": 106,
+  "<start_of_image>": 255_999,
+  "<end_of_image>": 256_000,
+}
+
+
+def test_released_tokenizers_must_match_their_models(tok):
+  gemma3 = released_size(tok, 262_144, GEMMA3_SPECIAL)
+  gemma2 = released_size(
+    tok, 256_000, {"<start_of_turn>": 106, "<end_of_turn>": 107}
+  )
+  gemma3.check_vocab(262_144)  # the 1B
+  gemma3.check_vocab(262_208)  # the 4B/12B/27B text config
+  gemma2.check_vocab(256_000)
+  gemma2.check_vocab(300_000)  # a model of one's own that fits it
+  with pytest.raises(
+    ConfigError,
+    match="256000 pieces, Gemma 1/2's, but model.vocab_size 262208 is "
+    "Gemma 3's: use Gemma 3's tokenizer.model",
+  ):
+    gemma2.check_vocab(262_208)
+  with pytest.raises(ConfigError, match="262144 pieces but model.vocab_size"):
+    gemma3.check_vocab(256_000)
+  # Gemma 2's turn ids in a tokenizer of Gemma 3's size.
+  wrong = released_size(
+    tok, 262_144, {"<start_of_turn>": 106, "<end_of_turn>": 107}
+  )
+  with pytest.raises(
+    ConfigError,
+    match="<start_of_turn> has id 106, Gemma 3's has 105",
+  ):
+    wrong.check_vocab(262_144)
+  # A tokenizer of one's own with that size and no such pieces passes.
+  released_size(tok, 262_144, {}).check_vocab(262_144)

@@ -1,4 +1,9 @@
-"""Hugging Face Gemma / Gemma 2 directories <-> native params, tensor by tensor.
+"""Hugging Face Gemma / Gemma 2 / Gemma 3 directories <-> native params,
+tensor by tensor.
+
+Gemma 3: Gemma3ForCausalLM both ways; from a Gemma3ForConditionalGeneration
+(the released 4B/12B/27B) the language model alone is read, and its vision
+tower is ignored. Exports are Gemma3ForCausalLM.
 
 A directory holds `config.json` and either `model.safetensors` or shards
 listed in `model.safetensors.index.json`. HF Linear weights are [out, in]
@@ -78,8 +83,17 @@ def _t(x):
   return x.T
 
 
-def tensor_map(cfg: ModelConfig) -> list[Entry]:
-  """Every HF tensor of a model with config `cfg`, in layer order."""
+# Where the language model's tensors live: '{prefix}layers.0...'. A
+# Gemma3ForConditionalGeneration holds them under one of the other two (the
+# released checkpoints / transformers >= 4.52's saving); its vision tower and
+# projector are not imported.
+TEXT_PREFIX = "model."
+MULTIMODAL_PREFIXES = ("language_model.model.", "model.language_model.")
+
+
+def tensor_map(cfg: ModelConfig, prefix: str = TEXT_PREFIX) -> list[Entry]:
+  """Every HF tensor of a model with config `cfg`, in layer order; names
+  start with `prefix`."""
   N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   D, F, V = cfg.d_model, cfg.mlp_dim, cfg.vocab_size
 
@@ -95,14 +109,14 @@ def tensor_map(cfg: ModelConfig) -> list[Entry]:
   entries = [
     # The padded rows of a 256128-row table are not part of the HF model.
     Entry(
-      "model.embed_tokens.weight",
+      prefix + "embed_tokens.weight",
       "embedder/embedding",
       (slice(0, V),),
       (V, D),
       _same,
       _same,
     ),
-    Entry("model.norm.weight", "final_norm/scale", (), (D,), _same, _same),
+    Entry(prefix + "norm.weight", "final_norm/scale", (), (D,), _same, _same),
   ]
   # Naming trap: Gemma 1's post_attention_layernorm is the pre-MLP norm.
   norms = {"input_layernorm": "pre_attention_norm"}
@@ -116,11 +130,23 @@ def tensor_map(cfg: ModelConfig) -> list[Entry]:
     norms["post_attention_layernorm"] = "pre_ffw_norm"
   attn, mlp = "layers/attn/", "layers/mlp/"
   for i in range(cfg.num_layers):
-    p = f"model.layers.{i}."
+    p = f"{prefix}layers.{i}."
     entries += [
       Entry(f"{p}{hf}.weight", f"layers/{ours}/scale", (i,), (D,), _same, _same)
       for hf, ours in norms.items()
     ]
+    if cfg.qk_norm:  # Gemma 3: RMSNorm of each head's queries and keys
+      entries += [
+        Entry(
+          f"{p}self_attn.{hf}.weight",
+          f"{attn}{ours}/scale",
+          (i,),
+          (H,),
+          _same,
+          _same,
+        )
+        for hf, ours in (("q_norm", "query_norm"), ("k_norm", "key_norm"))
+      ]
     entries += [
       Entry(
         p + "self_attn.q_proj.weight",
@@ -169,6 +195,14 @@ def tensor_map(cfg: ModelConfig) -> list[Entry]:
       Entry(p + "mlp.down_proj.weight", mlp + "linear/w", (i,), (D, F), _t, _t),
     ]
   return entries
+
+
+def text_prefix(names) -> str:
+  """TEXT_PREFIX, or the multimodal prefix that `names` use."""
+  for prefix in MULTIMODAL_PREFIXES:
+    if any(n.startswith(prefix) for n in names):
+      return prefix
+  return TEXT_PREFIX
 
 
 def load_config(
@@ -226,7 +260,10 @@ def load(
   for file in sorted(set(files.values())):
     found.update(safetensors_io.shapes(file))
   found.pop(TIED_HEAD, None)  # tied to the embedding (checked by from_hf)
-  entries = {e.hf_name: e for e in tensor_map(cfg)}
+  prefix = text_prefix(found)
+  if prefix != TEXT_PREFIX:  # multimodal: the language model's tensors only
+    found = {n: s for n, s in found.items() if n.startswith(prefix)}
+  entries = {e.hf_name: e for e in tensor_map(cfg, prefix)}
   layout.check_shapes(
     found, {n: e.hf_shape for n, e in entries.items()}, str(directory)
   )

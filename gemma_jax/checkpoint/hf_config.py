@@ -1,4 +1,6 @@
-"""Hugging Face `config.json` <-> ModelConfig for model types gemma and gemma2.
+"""Hugging Face `config.json` <-> ModelConfig for model types gemma, gemma2,
+gemma3_text (Gemma3ForCausalLM) and gemma3 (Gemma3ForConditionalGeneration:
+its `text_config` only; the vision tower is not imported).
 
 Field spellings differ across transformers versions; both are accepted:
 `hidden_act` (Gemma) / `hidden_activation` (Gemma 2); `rope_theta` at the top
@@ -70,13 +72,78 @@ def _pattern(layer_types: list[str], source: str) -> tuple[str, ...]:
   raise AssertionError("unreachable")
 
 
+# Gemma3TextConfig's defaults (transformers 5.25, models/gemma3/
+# configuration_gemma3.py): the released multimodal configs leave most
+# `text_config` fields out (gemma-3-4b's names only its sizes, RoPE scaling
+# and window), so a missing field means this value.
+GEMMA3_TEXT_DEFAULTS = {
+  "vocab_size": 262_208,
+  "hidden_size": 2304,
+  "intermediate_size": 9216,
+  "num_hidden_layers": 26,
+  "num_attention_heads": 8,
+  "num_key_value_heads": 4,
+  "head_dim": 256,
+  "rms_norm_eps": 1e-6,
+  "query_pre_attn_scalar": 256,
+  "sliding_window": 4096,
+  "sliding_window_pattern": 6,  # layer i global iff (i + 1) % 6 == 0
+  "rope_theta": 1_000_000.0,  # global layers
+  "rope_local_base_freq": 10_000.0,  # local layers
+}
+
+
+def _rope_type(params: dict, source: str) -> float:
+  """The linear scaling factor of one HF RoPE dict (1 for plain RoPE)."""
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type == "default":
+    return 1.0
+  if rope_type == "linear":
+    return float(params["factor"])
+  raise CheckpointError(
+    f"{source}: rope type {rope_type!r} is not supported (Gemma 3 uses "
+    "'default' and 'linear')"
+  )
+
+
+def _gemma3_rope(hf: dict, source: str) -> dict:
+  """ModelConfig RoPE fields of a Gemma 3 text config: per layer type in
+  `rope_parameters` (transformers >= 5), or `rope_theta` + `rope_scaling`
+  (global layers) and `rope_local_base_freq` (local ones) before."""
+  params = hf.get("rope_parameters") or {}
+  full = dict(params.get("full_attention") or {})
+  sliding = dict(params.get("sliding_attention") or {})
+  if not full and hf.get("rope_scaling"):
+    full = dict(hf["rope_scaling"])
+  d = GEMMA3_TEXT_DEFAULTS
+  return dict(
+    rope_max_wavelength=float(
+      full.get("rope_theta") or hf.get("rope_theta") or d["rope_theta"]
+    ),
+    rope_scale_factor=_rope_type(full, source),
+    local_rope_max_wavelength=float(
+      sliding.get("rope_theta")
+      or hf.get("rope_local_base_freq")
+      or d["rope_local_base_freq"]
+    ),
+    local_rope_scale_factor=_rope_type(sliding, source),
+  )
+
+
 def from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
-  """ModelConfig for an HF Gemma / Gemma 2 config dict."""
+  """ModelConfig for an HF Gemma / Gemma 2 / Gemma 3 config dict."""
   model_type = hf.get("model_type")
-  if model_type not in ("gemma", "gemma2"):
+  if model_type == "gemma3":  # multimodal: the language model's config
+    source = f"{source} text_config"
+    hf = dict(hf.get("text_config") or {})
+    hf.setdefault("model_type", "gemma3_text")
+    model_type = hf["model_type"]
+  if model_type == "gemma3_text":
+    hf = GEMMA3_TEXT_DEFAULTS | {k: v for k, v in hf.items() if v is not None}
+  if model_type not in ("gemma", "gemma2", "gemma3_text"):
     raise CheckpointError(
       f"{source}: model_type {model_type!r} is not "
-      "supported; expected 'gemma' or 'gemma2'"
+      "supported; expected 'gemma', 'gemma2', 'gemma3_text' or 'gemma3'"
     )
   if hf.get("tie_word_embeddings", True) is False:
     raise CheckpointError(
@@ -103,12 +170,17 @@ def from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
     num_kv_heads=hf.get("num_key_value_heads") or heads,
     head_dim=hf.get("head_dim") or d_model // heads,
     vocab_size=_get(hf, "vocab_size", source),
-    rope_max_wavelength=_rope_theta(hf, source),
     norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
   )
-  if model_type == "gemma2":
+  if model_type == "gemma3_text":
+    kw.update(_gemma3_rope(hf, source), qk_norm=True)
+  else:
+    kw["rope_max_wavelength"] = _rope_theta(hf, source)
+  if model_type in ("gemma2", "gemma3_text"):
+    period = hf.get("sliding_window_pattern") or 2
     layer_types = hf.get("layer_types") or [
-      "sliding_attention" if i % 2 == 0 else "full_attention"
+      # Gemma 2: even layers local; Gemma 3: (i + 1) % 6 == 0 global.
+      "sliding_attention" if (i + 1) % period else "full_attention"
       for i in range(num_layers)
     ]
     if len(layer_types) != num_layers:
@@ -130,7 +202,17 @@ def from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
 
 
 def to_hf(cfg: ModelConfig, dtype: str) -> dict:
-  """An HF config.json dict (current transformers format, legacy fields too)."""
+  """An HF config.json dict (current transformers format, legacy fields too):
+  Gemma3ForCausalLM with QK-norm, Gemma2ForCausalLM with sandwich norms,
+  else GemmaForCausalLM."""
+  if cfg.qk_norm:
+    return _to_hf_gemma3(cfg, dtype)
+  if len(set(cfg.layer_ropes)) > 1:
+    raise ConfigError(
+      f"model RoPE per layer {sorted(set(cfg.layer_ropes))} cannot be "
+      "expressed in an HF 'gemma' or 'gemma2' config (one RoPE for all "
+      "layers); only Gemma 3 (model.qk_norm=true) has two"
+    )
   gemma2 = cfg.sandwich_norms
   if not gemma2:
     unsupported = {
@@ -198,6 +280,78 @@ def to_hf(cfg: ModelConfig, dtype: str) -> dict:
   return hf
 
 
+def _scaling(factor: float) -> dict:
+  if factor == 1.0:
+    return {"rope_type": "default"}
+  return {"rope_type": "linear", "factor": factor}
+
+
+def _to_hf_gemma3(cfg: ModelConfig, dtype: str) -> dict:
+  if not cfg.sandwich_norms:
+    raise ConfigError(
+      "model.qk_norm=true without sandwich_norms cannot be expressed in an "
+      "HF 'gemma3_text' config (Gemma 3 norms each branch's output)"
+    )
+  local_theta = cfg.local_rope_max_wavelength or cfg.rope_max_wavelength
+  local_factor = cfg.local_rope_scale_factor or cfg.rope_scale_factor
+  global_theta, global_factor = cfg.rope_max_wavelength, cfg.rope_scale_factor
+  if local_factor != 1.0:
+    raise ConfigError(
+      f"model.local_rope_scale_factor={local_factor} cannot be expressed in "
+      "an HF 'gemma3_text' config read by transformers 4.x (scaling on "
+      "global layers only); set it to 1"
+    )
+  scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+  pattern = cfg.attention_pattern
+  hf: dict[str, object] = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.d_model,
+    "intermediate_size": cfg.mlp_dim,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.num_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072 if global_factor > 1 else 32_768,
+    "rms_norm_eps": cfg.norm_eps,
+    # transformers >= 5: per layer type; before: the legacy fields below.
+    "rope_parameters": {
+      "full_attention": {
+        **_scaling(global_factor),
+        "rope_theta": global_theta,
+      },
+      "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+    },
+    "rope_theta": global_theta,
+    "rope_local_base_freq": local_theta,
+    "rope_scaling": (None if global_factor == 1.0 else _scaling(global_factor)),
+    "query_pre_attn_scalar": int(scalar) if scalar == int(scalar) else scalar,
+    "sliding_window": cfg.sliding_window or 4096,
+    "layer_types": [
+      "sliding_attention" if w else "full_attention" for w in cfg.layer_windows
+    ],
+    "attn_logit_softcapping": cfg.attn_logit_softcap,
+    "final_logit_softcapping": cfg.final_logit_softcap,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "dtype": dtype,
+    "torch_dtype": dtype,
+  }
+  # Transformers before layer_types (4.50-4.52) read a period: k local
+  # layers then one global.
+  if pattern[-1] == "global" and set(pattern[:-1]) <= {"local"}:
+    hf["sliding_window_pattern"] = len(pattern)
+  return hf
+
+
 # Fields that decide the weights' meaning: a user-given config must agree.
 _ARCH_FIELDS = (
   *SIZE_FIELDS,
@@ -206,7 +360,9 @@ _ARCH_FIELDS = (
   "attn_logit_softcap",
   "final_logit_softcap",
   "sandwich_norms",
+  "qk_norm",
   "rope_max_wavelength",
+  "layer_ropes",
   "norm_eps",
 )
 

@@ -9,6 +9,8 @@ The tree is the one `gemma_jax.model.Transformer` creates with scanned layers
     layers/attn/q_einsum/w             [L, N, D, H]
     layers/attn/kv_einsum/w            [L, 2, K, D, H]
     layers/attn/attn_vec_einsum/w      [L, N, H, D]
+    layers/attn/query_norm/scale       [L, H]      (QK-norm only)
+    layers/attn/key_norm/scale         [L, H]      (QK-norm only)
     layers/post_attention_norm/scale   [L, D]      (sandwich norms only)
     layers/pre_ffw_norm/scale          [L, D]
     layers/post_ffw_norm/scale         [L, D]      (sandwich norms only)
@@ -44,6 +46,9 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   if cfg.sandwich_norms:
     shapes["layers/post_attention_norm/scale"] = (L, D)
     shapes["layers/post_ffw_norm/scale"] = (L, D)
+  if cfg.qk_norm:
+    shapes["layers/attn/query_norm/scale"] = (L, H)
+    shapes["layers/attn/key_norm/scale"] = (L, H)
   return shapes
 
 

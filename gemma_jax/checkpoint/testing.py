@@ -74,6 +74,9 @@ def official_checkpoint(
     }
     flat[p + "mlp/linear"] = {"w": r(F, D)}
     flat.update({p + n: {"scale": r(D)} for n in norms})
+    if cfg.qk_norm:  # Gemma 3
+      flat[p + "attn/_query_norm"] = {"scale": r(H)}
+      flat[p + "attn/_key_norm"] = {"scale": r(H)}
   with ocp.PyTreeCheckpointer() as ckptr:
     ckptr.save(path, args=ocp.args.PyTreeSave(flat))
   return flat

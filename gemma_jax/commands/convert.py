@@ -1,4 +1,4 @@
-"""gemma-jax convert --from {hf,kaggle,native} --to {native,hf} SRC DST.
+"""gemma-jax convert --from {hf,kaggle,native} --to {native,hf,kaggle} SRC DST.
 
     # Hugging Face directory -> native (config read from config.json)
     gemma-jax convert --from hf --to native gemma-2-2b/ ckpt/gemma2-2b
@@ -13,6 +13,8 @@
         ckpt/9b hf-9b-tuned/
     # int4/int8 weights (gemma-jax quantize) dequantized to float
     gemma-jax convert --from quantized --to hf ckpt/9b-int4 hf-9b-int4/
+    # native -> official Flax layout (the `gemma` library, gemma.cpp, Kaggle)
+    gemma-jax convert --from native --to kaggle ckpt/9b official-9b/
 
 SRC and DST may be gs:// paths (a Hugging Face SRC there is read through a
 local copy; an HF DST is written locally, then uploaded).
@@ -58,7 +60,10 @@ def add_arguments(parser):
     choices=("hf", "kaggle", "native", "quantized"),
   )
   parser.add_argument(
-    "--to", dest="dst_format", required=True, choices=("native", "hf")
+    "--to",
+    dest="dst_format",
+    required=True,
+    choices=("native", "hf", "kaggle"),
   )
   parser.add_argument("src", help="source checkpoint directory")
   parser.add_argument(
@@ -72,8 +77,9 @@ def add_arguments(parser):
     choices=("auto", "DF", "FD"),
     default="auto",
     help="official gating_einsum layout: "
-    "[2,D,F] or [2,F,D] (Gemma 2 9B/27B); auto reads the "
-    "shape, or the preset name when d_model == mlp_dim",
+    "[2,D,F] or [2,F,D] (Gemma 2 9B/27B, Gemma 3); auto reads the "
+    "shape, or the preset name when d_model == mlp_dim; --to kaggle: "
+    "auto writes that of the model's official checkpoints",
   )
   parser.add_argument(
     "--dtype",
@@ -290,8 +296,8 @@ def main(args) -> int:
   params, cfg = read_source(args, dtype)
   if args.adapter:
     params, cfg = merge_adapter(params, cfg, args.adapter)
-  if args.dst_format == "hf" and cfg.quant is not None:
-    # A QAT model's float weights run quantized: HF gets what runs.
+  if args.dst_format in ("hf", "kaggle") and cfg.quant is not None:
+    # A QAT model's float weights run quantized: the export gets what runs.
     params = quant_lib.dequantize_params(
       quant_lib.quantize_params(params, cfg), cfg, jnp.dtype(cfg.param_dtype)
     )
@@ -300,6 +306,16 @@ def main(args) -> int:
     cfg = dataclasses.replace(cfg, param_dtype=args.dtype)
   if args.dst_format == "native":
     native.save(args.dst, params, cfg, force=args.force)
+  elif args.dst_format == "kaggle":
+    kaggle.save(
+      args.dst,
+      params,
+      cfg,
+      transposed_gating={"auto": None, "DF": False, "FD": True}[
+        args.kaggle_gating
+      ],
+      force=args.force,
+    )
   else:
     save_hf(
       args.dst,

@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gemma_jax.model import kernels, splash
 from gemma_jax.model.config import ModelConfig
-from gemma_jax.model.layers import Einsum, apply_rope
+from gemma_jax.model.layers import Einsum, RMSNorm, rope_timescale, rotate
 
 # Large finite negative: a fully masked row stays NaN-free.
 _MASKED = -2.3819763e38
@@ -101,6 +101,25 @@ def window_index(window, windows: tuple[int, ...]):
   return jnp.argmax(jnp.asarray(windows, jnp.int32) == window).astype(jnp.int32)
 
 
+def rope_settings(config: ModelConfig) -> tuple[tuple[float, float], ...]:
+  """The model's distinct (max wavelength, scale) RoPE settings, sorted;
+  a layer's entry is picked by its index here (per-layer scan data)."""
+  return tuple(sorted(set(config.layer_ropes)))
+
+
+def apply_layer_rope(x, positions, rope_index, config: ModelConfig):
+  """RoPE of the layer whose setting is `rope_settings(config)[rope_index]`
+  (rope_index may be traced). x: [B, T, N, H]."""
+  settings = rope_settings(config)
+  h = x.shape[-1]
+  if len(settings) == 1:
+    timescale = rope_timescale(h, *settings[0])
+  else:
+    table = jnp.stack([rope_timescale(h, *s) for s in settings])
+    timescale = table[rope_index]
+  return rotate(x, positions, timescale)
+
+
 def _splash(query, key, value, segment_ids, window, cfg: ModelConfig):
   """splash.splash_attention over the mesh in context, on the mesh axes the
   logical rules give the batch and the heads."""
@@ -146,12 +165,16 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, window, inputs: AttentionInputs, kv_cache=None):
+  def __call__(
+    self, x, window, inputs: AttentionInputs, kv_cache=None, rope_index=0
+  ):
     """x: [B, T, D] -> ([B, T, D], updated (k, v) cache or None).
 
-    Without a cache, keys are the queries' own tokens. With one, this call's
-    keys and values are written at `inputs.cache_index` into `kv_cache`
-    ([B, S, K, H] each) and attention runs over every slot.
+    window: this layer's (0 = global); rope_index: its entry in
+    rope_settings(config). Without a cache, keys are the queries' own
+    tokens. With one, this call's keys and values are written at
+    `inputs.cache_index` into `kv_cache` ([B, S, K, H] each) and attention
+    runs over every slot.
     """
     cfg = self.config
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
@@ -172,9 +195,12 @@ class Attention(nn.Module):
     query = checkpoint_name(query, "q_proj")
     key = checkpoint_name(key, "kv_proj")
     value = checkpoint_name(value, "kv_proj")
-    query = apply_rope(query, inputs.positions, cfg.rope_max_wavelength)
+    if cfg.qk_norm:
+      query = RMSNorm(cfg, axis="head_dim", name="query_norm")(query)
+      key = RMSNorm(cfg, axis="head_dim", name="key_norm")(key)
+    query = apply_layer_rope(query, inputs.positions, rope_index, cfg)
     query = query * jnp.asarray(cfg.query_scale, query.dtype)
-    key = apply_rope(key, inputs.positions, cfg.rope_max_wavelength)
+    key = apply_layer_rope(key, inputs.positions, rope_index, cfg)
     query = nn.with_logical_constraint(
       query, ("act_batch", "act_length", "act_heads", None)
     )

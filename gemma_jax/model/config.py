@@ -1,4 +1,5 @@
-"""The model config: one frozen dataclass that covers every Gemma 1 and 2 size.
+"""The model config: one frozen dataclass that covers every Gemma 1, 2 and 3
+size (Gemma 3: text models).
 
 Letters used in shape comments across the model: B batch, T query length,
 S key length, D d_model, N query heads, K kv heads, G = N // K, H head_dim,
@@ -30,7 +31,7 @@ SIZE_FIELDS = (
   "vocab_size",
 )
 # The fields that decide the parameters' shapes (checkpoint.layout).
-SHAPE_FIELDS = (*SIZE_FIELDS, "embed_rows", "sandwich_norms")
+SHAPE_FIELDS = (*SIZE_FIELDS, "embed_rows", "sandwich_norms", "qk_norm")
 
 # How a model is computed, not what it is: checkpoints do not depend on these,
 # so a run may resume (and checkpoints merge) with other values.
@@ -56,7 +57,16 @@ class ModelConfig:
   attn_logit_softcap: float | None = None
   final_logit_softcap: float | None = None
   sandwich_norms: bool = False  # Gemma 2 post-attention / post-MLP norms
+  # Gemma 3: RMSNorm ((1 + w) scale) over each head's queries and keys,
+  # after the projections and before RoPE.
+  qk_norm: bool = False
+  # RoPE of global layers: base wavelength and linear scaling (angles of
+  # position / rope_scale_factor). The local_* pair is that of local layers;
+  # None: as global layers. Gemma 3: 1M (factor 8 for 4B/12B/27B) / 10k.
   rope_max_wavelength: float = 10_000.0
+  rope_scale_factor: float = 1.0
+  local_rope_max_wavelength: float | None = None
+  local_rope_scale_factor: float | None = None
   norm_eps: float = 1e-6
   param_dtype: DType = "float32"
   dtype: DType = "float32"  # activation (compute) dtype
@@ -111,6 +121,15 @@ class ModelConfig:
       raise ConfigError(
         f"sliding_window must be positive, got {self.sliding_window}"
       )
+    for key in (
+      "rope_max_wavelength",
+      "rope_scale_factor",
+      "local_rope_max_wavelength",
+      "local_rope_scale_factor",
+    ):
+      value = getattr(self, key)
+      if value is not None and value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")
     if self.quant is not None:
       for name, (shape, in_axis, group) in self.einsum_weights().items():
         if group in self.quant.targets:
@@ -151,6 +170,16 @@ class ModelConfig:
     )
 
   @property
+  def layer_ropes(self) -> tuple[tuple[float, float], ...]:
+    """Per-layer RoPE (max wavelength, linear scale factor)."""
+    local = (
+      self.local_rope_max_wavelength or self.rope_max_wavelength,
+      self.local_rope_scale_factor or self.rope_scale_factor,
+    )
+    glob = (self.rope_max_wavelength, self.rope_scale_factor)
+    return tuple(local if w else glob for w in self.layer_windows)
+
+  @property
   def embed_scale(self) -> float:
     return math.sqrt(self.d_model)
 
@@ -159,6 +188,7 @@ class ModelConfig:
     d, f, h = self.d_model, self.mlp_dim, self.head_dim
     attn = (self.num_heads * 2 + self.num_kv_heads * 2) * d * h
     norms = d * (4 if self.sandwich_norms else 2)
+    norms += 2 * h if self.qk_norm else 0
     per_layer = attn + 3 * d * f + norms
     return self.num_layers * per_layer + self.num_embed_rows * d + d
 
@@ -176,6 +206,38 @@ def _gemma2(**kw) -> ModelConfig:
     attn_logit_softcap=50.0,
     final_logit_softcap=30.0,
     sandwich_norms=True,
+    **kw,
+  )
+
+
+# Gemma 3 (text): five local layers to one global one; layer i is global
+# when (i + 1) % 6 == 0. Sizes from the official library's configs (the
+# `gemma` package 3.3.0, gm/nn/_gemma.py: Gemma3_1B ... Gemma3_27B) and
+# transformers' Gemma3TextConfig: QK-norm, no soft-caps, RoPE base 10k on
+# local and 1M on global layers, linear RoPE scaling 8 on the global layers
+# of the 4B/12B/27B (128K context). Vocabulary: 262,144 (the 1B, a
+# Gemma3ForCausalLM); the 4B/12B/27B are released as
+# Gemma3ForConditionalGeneration, whose text config has 262,208 rows.
+GEMMA3_PATTERN: tuple[AttentionType, ...] = ("local",) * 5 + ("global",)
+
+
+def _gemma3(**kw) -> ModelConfig:
+  return ModelConfig(
+    attention_pattern=GEMMA3_PATTERN,
+    qk_norm=True,
+    sandwich_norms=True,
+    rope_max_wavelength=1_000_000.0,
+    local_rope_max_wavelength=10_000.0,
+    **kw,
+  )
+
+
+def _gemma3_128k(**kw) -> ModelConfig:
+  return _gemma3(
+    vocab_size=262_208,
+    sliding_window=1024,
+    rope_scale_factor=8.0,
+    local_rope_scale_factor=1.0,
     **kw,
   )
 
@@ -227,6 +289,45 @@ PRESETS: dict[str, ModelConfig] = {
     head_dim=128,
     query_pre_attn_scalar=144.0,
   ),
+  "gemma3-1b": _gemma3(
+    name="gemma3-1b",
+    num_layers=26,
+    d_model=1152,
+    mlp_dim=6912,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=256,
+    vocab_size=262_144,
+    sliding_window=512,
+  ),
+  "gemma3-4b": _gemma3_128k(
+    name="gemma3-4b",
+    num_layers=34,
+    d_model=2560,
+    mlp_dim=10240,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=256,
+  ),
+  "gemma3-12b": _gemma3_128k(
+    name="gemma3-12b",
+    num_layers=48,
+    d_model=3840,
+    mlp_dim=15360,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=256,
+  ),
+  "gemma3-27b": _gemma3_128k(
+    name="gemma3-27b",
+    num_layers=62,
+    d_model=5376,
+    mlp_dim=21504,
+    num_heads=32,
+    num_kv_heads=16,
+    head_dim=128,
+    query_pre_attn_scalar=168.0,  # d_model / num_heads = 5376 / 32
+  ),
   # Tiny presets for CPU smoke runs and tests; same architecture rules.
   "tiny-gemma": ModelConfig(
     name="tiny-gemma",
@@ -252,6 +353,24 @@ PRESETS: dict[str, ModelConfig] = {
     attn_logit_softcap=50.0,
     final_logit_softcap=30.0,
     sandwich_norms=True,
+  ),
+  "tiny-gemma3": ModelConfig(
+    name="tiny-gemma3",
+    num_layers=8,
+    d_model=128,
+    mlp_dim=512,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    vocab_size=2048,
+    attention_pattern=GEMMA3_PATTERN,
+    sliding_window=32,
+    qk_norm=True,
+    sandwich_norms=True,
+    rope_max_wavelength=1_000_000.0,
+    rope_scale_factor=8.0,
+    local_rope_max_wavelength=10_000.0,
+    local_rope_scale_factor=1.0,
   ),
 }
 

@@ -26,6 +26,7 @@ class RMSNorm(nn.Module):
   """`x * rsqrt(mean(x^2) + eps) * (1 + scale)`, computed in float32."""
 
   config: ModelConfig
+  axis: str = "embed"  # logical name of the normed axis (QK-norm: head_dim)
 
   @nn.compact
   def __call__(self, x):
@@ -33,7 +34,7 @@ class RMSNorm(nn.Module):
       self,
       "scale",
       (x.shape[-1],),
-      ("embed",),
+      (self.axis,),
       nn.initializers.zeros_init(),
       self.config.param_dtype,
     )
@@ -121,15 +122,27 @@ class Embedder(nn.Module):
     )
 
 
-def apply_rope(x, positions, max_wavelength: float):
+def rope_timescale(head_dim: int, max_wavelength: float, scale: float = 1.0):
+  """[H/2] float32 divisors of the positions: max_wavelength^(2i/H), times
+  the linear scaling factor (positions / scale) when it is not 1."""
+  timescale = max_wavelength ** (
+    2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
+  )
+  return timescale if scale == 1.0 else timescale * jnp.float32(scale)
+
+
+def apply_rope(x, positions, max_wavelength: float, scale: float = 1.0):
   """Split-halves rotary embedding: dim i pairs with i + H/2.
 
   x: [B, T, N, H]; positions: [B, T]. Angles are computed in float32.
   """
+  timescale = rope_timescale(x.shape[-1], max_wavelength, scale)
+  return rotate(x, positions, timescale)
+
+
+def rotate(x, positions, timescale):
+  """apply_rope with the [H/2] divisors given (e.g. picked per layer)."""
   half = x.shape[-1] // 2
-  timescale = max_wavelength ** (
-    2 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1]
-  )
   angles = positions[..., None].astype(jnp.float32) / timescale  # [B, T, H/2]
   sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
   cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)

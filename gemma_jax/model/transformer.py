@@ -1,4 +1,5 @@
-"""The Gemma transformer: one config-driven module for every Gemma 1 and 2 size.
+"""The Gemma transformer: one config-driven module for every Gemma 1, 2 and 3
+(text) size.
 
     logits = Transformer(cfg).apply({"params": p}, tokens)          # training
     logits, cache = Transformer(cfg).apply(                          # decoding
@@ -8,7 +9,7 @@
 
 Layers run under `nn.scan`, so compile time does not grow with depth. Local
 (sliding-window) and global layers are the same scanned layer: each layer's
-window is per-layer data (0 = global).
+window (0 = global) and RoPE setting are per-layer data.
 """
 
 import functools
@@ -19,7 +20,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from gemma_jax.model import kernels
-from gemma_jax.model.attention import Attention, AttentionInputs
+from gemma_jax.model.attention import (
+  Attention,
+  AttentionInputs,
+  rope_settings,
+)
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.model.layers import MLP, Embedder, RMSNorm
 
@@ -36,17 +41,21 @@ _ACT = ("act_batch", "act_length", "act_embed")
 
 
 class Block(nn.Module):
-  """Pre-norm attention and MLP; Gemma 2 also norms each branch's output."""
+  """Pre-norm attention and MLP; Gemma 2 and 3 also norm each branch's
+  output."""
 
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x, layer, inputs: AttentionInputs):
-    """x [B, T, D]; layer: this layer's (window, kv cache or None)."""
+    """x [B, T, D]; layer: this layer's (window, RoPE setting index, kv
+    cache or None)."""
     cfg = self.config
-    window, kv_cache = layer
+    window, rope_index, kv_cache = layer
     h = RMSNorm(cfg, name="pre_attention_norm")(x)
-    h, kv_cache = Attention(cfg, name="attn")(h, window, inputs, kv_cache)
+    h, kv_cache = Attention(cfg, name="attn")(
+      h, window, inputs, kv_cache, rope_index
+    )
     if cfg.sandwich_norms:
       h = RMSNorm(cfg, name="post_attention_norm")(h)
     x = nn.with_logical_constraint(x + h, _ACT)
@@ -189,7 +198,9 @@ class Transformer(nn.Module):
     cfg = self.config
     x = nn.with_logical_constraint(self.embedder.encode(tokens), _ACT)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
-    x, kv_cache = self.layers(x, (windows, kv_cache), inputs)
+    settings = rope_settings(cfg)
+    ropes = jnp.asarray([settings.index(r) for r in cfg.layer_ropes], jnp.int32)
+    x, kv_cache = self.layers(x, (windows, ropes, kv_cache), inputs)
     return self.final_norm(x), kv_cache
 
   def _forward(self, tokens, inputs: AttentionInputs, kv_cache):

@@ -5,7 +5,8 @@ plain XLA einsums through the whole model, logits and every parameter's
 gradient, in float32 to 1e-5 of the largest value: GQA and MQA, a local
 window smaller than one 128-token block beside a global layer, packed rows
 (several documents and trailing padding) and a query scale other than
-1/sqrt(head_dim) (Gemma 2 27B's).
+1/sqrt(head_dim) (Gemma 2 27B's); and Gemma 3's layers: QK-norm, no caps,
+five local layers to one global, RoPE base and scaling per layer.
 """
 
 import dataclasses
@@ -57,6 +58,23 @@ def batch(rows=2):
   return (jnp.asarray(tokens, jnp.int32), jnp.asarray(pos), jnp.asarray(seg))
 
 
+# Gemma 3 rules on the same sizes: 7 layers (local x5, global, local), RoPE
+# 10k on local and 1M with linear scaling 8 on the global layer.
+GEMMA3 = dataclasses.replace(
+  BASE,
+  num_layers=7,
+  attention_pattern=("local",) * 5 + ("global",),
+  attn_logit_softcap=None,
+  final_logit_softcap=None,
+  qk_norm=True,
+  rope_max_wavelength=1e6,
+  rope_scale_factor=8.0,
+  local_rope_max_wavelength=1e4,
+  local_rope_scale_factor=1.0,
+)
+CONFIGS = {"gemma2": BASE, "gemma3": GEMMA3}
+
+
 def logits_and_grads(cfg, params, tokens, pos, seg):
   def loss(params):
     logits = Transformer(cfg).apply({"params": params}, tokens, pos, seg)
@@ -81,9 +99,12 @@ def assert_close(got, want, what):
 
 
 @functools.cache
-def reference(num_kv_heads):
+def reference(num_kv_heads, family="gemma2"):
   cfg = dataclasses.replace(
-    BASE, num_kv_heads=num_kv_heads, attention_impl="xla", fused_mlp=False
+    CONFIGS[family],
+    num_kv_heads=num_kv_heads,
+    attention_impl="xla",
+    fused_mlp=False,
   )
   tokens, pos, seg = batch()
   params = nn.meta.unbox(
@@ -99,6 +120,15 @@ def test_impl_matches_xla_logits_and_gradients(impl, kv_heads):
   cfg = dataclasses.replace(
     BASE, num_kv_heads=kv_heads, attention_impl=impl, fused_mlp=False
   )
+  got = logits_and_grads(cfg, params, *batch())
+  assert_close(got, want, impl)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+def test_impl_matches_xla_on_gemma3_layers(impl):
+  params, want = reference(2, "gemma3")
+  assert "query_norm" in params["layers"]["attn"]
+  cfg = dataclasses.replace(GEMMA3, attention_impl=impl, fused_mlp=False)
   got = logits_and_grads(cfg, params, *batch())
   assert_close(got, want, impl)
 
@@ -140,7 +170,8 @@ def test_auto_is_splash_on_tpu_blockwise_elsewhere_xla_with_a_cache(
 
 
 @pytest.mark.tpu_compile
-def test_auto_compiles_the_splash_kernel_for_a_tpu_topology():
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_auto_compiles_the_splash_kernel_for_a_tpu_topology(family):
   # Ahead of time for 4 v5e chips (libtpu, no TPU): auto picks splash from
   # the mesh's devices, and the step holds the Mosaic kernel, not the
   # interpreter, forward and backward.
@@ -150,8 +181,8 @@ def test_auto_compiles_the_splash_kernel_for_a_tpu_topology():
     np.asarray(aot.topology_devices("v5e:2x2")).reshape(1, 2, 2),
     ("data", "fsdp", "tensor"),
   )
-  cfg = dataclasses.replace(BASE, fused_mlp=False)
-  params, _ = reference(2)
+  cfg = dataclasses.replace(CONFIGS[family], fused_mlp=False)
+  params, _ = reference(2, family)
   tokens, pos, seg = batch()
 
   def loss(p):

@@ -18,6 +18,25 @@ PUBLISHED = {
   "gemma2-27b": (27_227_718_144, 1_180_237_824),
 }
 
+# Gemma 3 text models: the official configs' shapes (the `gemma` package
+# 3.3.0, Gemma3_1B ... Gemma3_27B) with the embedding rows of the HF
+# releases (262,144 for the 1B; 262,208 in the 4B/12B/27B text config).
+# The 1B's total is gemma-3-1b's published 999,885,952.
+PUBLISHED |= {
+  "gemma3-1b": (999_885_952, 301_989_888),
+  "gemma3-4b": (3_880_263_168, 671_252_480),
+  "gemma3-12b": (11_766_034_176, 1_006_878_720),
+  "gemma3-27b": (27_009_346_304, 1_409_630_208),
+}
+# Gemma 3 report (arXiv 2503.19786) Table 1, non-embedding parameters in
+# millions.
+GEMMA3_NON_EMBEDDING_M = {
+  "gemma3-1b": 698,
+  "gemma3-4b": 3_209,
+  "gemma3-12b": 10_759,
+  "gemma3-27b": 25_600,
+}
+
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_param_count_equals_published(name):
@@ -27,8 +46,39 @@ def test_param_count_equals_published(name):
   assert cfg.num_embed_rows * cfg.d_model == embedding
 
 
+@pytest.mark.parametrize("name", sorted(GEMMA3_NON_EMBEDDING_M))
+def test_gemma3_non_embedding_count_equals_the_report(name):
+  cfg = PRESETS[name]
+  non_embedding = cfg.param_count() - cfg.num_embed_rows * cfg.d_model
+  assert round(non_embedding / 1e6) == GEMMA3_NON_EMBEDDING_M[name]
+
+
+def test_gemma3_layers_five_local_to_one_global():
+  cfg = preset("gemma3-4b")
+  windows = cfg.layer_windows
+  assert len(windows) == 34
+  # transformers' Gemma3TextConfig: layer i is global iff (i + 1) % 6 == 0.
+  assert windows == tuple(0 if (i + 1) % 6 == 0 else 1024 for i in range(34))
+  assert cfg.layer_ropes == tuple(
+    (1e6, 8.0) if w == 0 else (1e4, 1.0) for w in windows
+  )
+  assert set(preset("gemma3-1b").layer_windows) == {0, 512}
+  assert set(preset("gemma3-1b").layer_ropes) == {(1e6, 1.0), (1e4, 1.0)}
+  assert preset("gemma3-27b").query_scale == 168**-0.5
+  for name in ("gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b"):
+    cfg = preset(name)
+    assert cfg.qk_norm and cfg.sandwich_norms
+    assert cfg.attn_logit_softcap is None and cfg.final_logit_softcap is None
+
+
+def test_one_rope_for_every_layer_unless_set_per_type():
+  assert set(preset("gemma2-2b").layer_ropes) == {(10_000.0, 1.0)}
+  with pytest.raises(ConfigError, match="rope_scale_factor must be positive"):
+    preset("gemma2-2b", rope_scale_factor=0.0)
+
+
 def test_tiny_presets_are_small():
-  for name in ("tiny-gemma", "tiny-gemma2"):
+  for name in ("tiny-gemma", "tiny-gemma2", "tiny-gemma3"):
     assert 100_000 <= PRESETS[name].param_count() <= 5_000_000
 
 
@@ -97,8 +147,8 @@ def _changed(cfg, field):
   value = getattr(cfg, field)
   if field == "embed_rows":
     return dataclasses.replace(cfg, embed_rows=cfg.vocab_size + 64)
-  if field == "sandwich_norms":
-    return dataclasses.replace(cfg, sandwich_norms=not value)
+  if isinstance(value, bool):
+    return dataclasses.replace(cfg, **{field: not value})
   return dataclasses.replace(cfg, **{field: 2 * value})
 
 

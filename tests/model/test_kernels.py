@@ -126,8 +126,16 @@ def plain_attention(q, k, v, pos, seg, window, cap):
     # maximum: scores up to 128 here, which exp() alone would overflow.
     (1, 4, 0, None),
     (2, 2, 20, 1000.0),
+    (2, 2, 20, None),  # Gemma 3: a window and no cap
   ],
-  ids=["gqa-window7", "gqa-window20", "mqa-global", "no-cap", "cap-1000"],
+  ids=[
+    "gqa-window7",
+    "gqa-window20",
+    "mqa-global",
+    "no-cap",
+    "cap-1000",
+    "gemma3-window-no-cap",
+  ],
 )
 def test_blockwise_attention(kv_heads, groups, window, cap):
   # 40 tokens in blocks of 16: the last block is partial.
@@ -187,3 +195,28 @@ def test_cross_entropy(cap):
     (hidden, table),
     (0, 1),
   )
+
+
+def _attention_flops(t, window):
+  """XLA's count of one layer's blockwise attention FLOPs (forward), one
+  head of width 128, blocks as the model runs them."""
+  from gemma_jax.model.attention import BLOCKWISE_BLOCK
+
+  q = jax.ShapeDtypeStruct((1, t, 1, 1, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, t, 1, 128), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  attend = lambda q, k, v, p, s: kernels.blockwise_attention(
+    q, k, v, p, s, window, None, BLOCKWISE_BLOCK
+  )
+  return jax.jit(attend).lower(q, kv, kv, ids, ids).cost_analysis()["flops"]
+
+
+@pytest.mark.slow
+def test_a_local_layer_costs_in_proportion_to_the_sequence_not_its_square():
+  # Gemma 3's local layers (window 1024) from 8192 to 32768 tokens: 4x the
+  # FLOPs (key blocks past the window are skipped); a global layer: ~15x.
+  local = _attention_flops(32768, 1024) / _attention_flops(8192, 1024)
+  glob = _attention_flops(32768, 0) / _attention_flops(8192, 0)
+  print(f"32768 vs 8192 tokens: local x{local:.2f}, global x{glob:.2f}")
+  assert 3.9 < local < 4.4
+  assert glob > 14

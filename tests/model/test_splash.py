@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+  splash_attention_mask as mask_lib,
+)
 from jax.sharding import Mesh
 
 from gemma_jax.errors import ConfigError
@@ -31,7 +34,8 @@ def reference(q, k, v, segment_ids, window, cap):
   g = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
   s = jnp.einsum("btnh,bsnh->bnts", q, k, precision=jax.lax.Precision.HIGHEST)
-  s = cap * jnp.tanh(s / cap)
+  if cap:
+    s = cap * jnp.tanh(s / cap)
   i = jnp.arange(q.shape[1])[:, None]
   j = jnp.arange(q.shape[1])[None, :]
   visible = (j <= i) & ((window == 0) | (i - window < j))
@@ -82,12 +86,12 @@ def loss_and_grads(attend):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
-def check_against_reference(attend, q, k, v, seg):
+def check_against_reference(attend, q, k, v, seg, cap=CAP):
   run = loss_and_grads(attend)
   for idx, window in enumerate(WINDOWS):
     (_, out), grads = run(q, k, v, seg, idx)
     (_, want), want_grads = loss_and_grads(
-      lambda *a, w=window: reference(*a[:4], w, CAP)
+      lambda *a, w=window: reference(*a[:4], w, cap)
     )(q, k, v, seg, idx)
     for name, got, exp in zip(
       ("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads)
@@ -107,6 +111,16 @@ def test_matches_reference_forward_and_gradients(heads, kv_heads):
     splash.splash_attention, windows=WINDOWS, softcap=CAP
   )
   check_against_reference(attend, q, k, v, seg)
+
+
+def test_without_a_softcap_as_gemma3():
+  # Gemma 3 has no attention soft-cap (QK-norm and RoPE come before the
+  # kernel): the uncapped scores reach ~60 here.
+  q, k, v, seg = inputs(2, 4, 2)
+  attend = functools.partial(
+    splash.splash_attention, windows=WINDOWS, softcap=None
+  )
+  check_against_reference(attend, q, k, v, seg, cap=None)
 
 
 def test_reference_pins_the_window_rule():
@@ -171,3 +185,21 @@ def test_block_size_is_the_largest_that_divides():
   assert splash.block_size(2048) == 512
   assert splash.block_size(768) == 256
   assert splash.block_size(384) == 128
+
+
+def test_a_local_layer_visits_blocks_in_proportion_to_the_sequence():
+  # The kernel's block mask: key blocks a query block cannot see are never
+  # visited, so a local layer (window 1024) at 32768 tokens visits ~4x the
+  # blocks it does at 8192, a global (causal) one ~15x.
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask_info as info_lib,
+  )
+
+  def visited(t, window):
+    b = splash.block_size(t)
+    mask = mask_lib.MultiHeadMask([splash.layer_mask(t, window)])
+    info, _ = info_lib.process_mask(mask, (b, b))
+    return int((np.asarray(info.block_mask) > 0).sum())
+
+  assert (visited(8192, 1024), visited(32768, 1024)) == (45, 189)
+  assert (visited(8192, 0), visited(32768, 0)) == (136, 2080)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from gemma_jax.model import PRESETS, Transformer, preset
-from gemma_jax.model.layers import Embedder
+from gemma_jax.model import PRESETS, Transformer, init_cache, preset
+from gemma_jax.model.attention import apply_layer_rope, rope_settings
+from gemma_jax.model.layers import Embedder, apply_rope
 
 TINY2 = preset(
   "tiny-gemma2",
@@ -42,7 +43,18 @@ def forward(cfg, params, tokens, positions=None, segment_ids=None):
 
 
 @pytest.mark.parametrize(
-  "name", ["gemma-2b", "gemma-7b", "gemma2-2b", "gemma2-9b", "gemma2-27b"]
+  "name",
+  [
+    "gemma-2b",
+    "gemma-7b",
+    "gemma2-2b",
+    "gemma2-9b",
+    "gemma2-27b",
+    "gemma3-1b",
+    "gemma3-4b",
+    "gemma3-12b",
+    "gemma3-27b",
+  ],
 )
 def test_traced_param_count_equals_config_count(name):
   cfg = PRESETS[name]
@@ -225,3 +237,67 @@ def test_fused_mlp_and_chunked_loss_equal_the_plain_path():
       atol=1e-5 * float(jnp.abs(b).max()),
       err_msg=jax.tree_util.keystr(path[0]),
     )
+
+
+TINY3 = preset(
+  "tiny-gemma3",
+  num_layers=7,
+  d_model=64,
+  mlp_dim=128,
+  head_dim=16,
+  vocab_size=256,
+  sliding_window=4,
+)
+
+
+@pytest.mark.slow
+def test_gemma3_decoding_with_a_cache_equals_the_forward_pass():
+  # Per-layer RoPE and QK-norm take the same path with a cache: token by
+  # token, past the window, equals the whole row at once.
+  params = init(TINY3)
+  tokens = np.arange(3, 15)[None]
+  want = forward(TINY3, params, tokens)
+  cache = init_cache(TINY3, 1, tokens.shape[1])
+  step = jax.jit(
+    lambda p, t, c: Transformer(TINY3).apply(
+      {"params": p}, t, c, method=Transformer.decode
+    )
+  )
+  got = []
+  for i in range(tokens.shape[1]):
+    logits, cache = step(params, jnp.asarray(tokens[:, i : i + 1]), cache)
+    got.append(logits[:, 0])
+  np.testing.assert_allclose(np.stack(got, 1), want, atol=2e-5, rtol=0)
+
+
+def test_layer_rope_picks_each_layers_base_and_scale():
+  x = jax.random.normal(jax.random.key(0), (1, 5, 2, 16))
+  pos = jnp.arange(5)[None] * 1000
+  settings = rope_settings(TINY3)
+  assert settings == ((1e4, 1.0), (1e6, 8.0))
+  for i, (base, scale) in enumerate(settings):
+    got = apply_layer_rope(x, pos, jnp.int32(i), TINY3)
+    np.testing.assert_array_equal(got, apply_rope(x, pos, base, scale))
+  # Linear scaling: position p with factor 8 is position p / 8 unscaled.
+  np.testing.assert_allclose(
+    apply_rope(x, pos, 1e6, 8.0), apply_rope(x, pos / 8, 1e6), atol=1e-5
+  )
+
+
+def test_qk_norm_normalises_each_heads_queries_and_keys():
+  params = init(TINY3)
+  attn = params["layers"]["attn"]
+  assert attn["query_norm"]["scale"].shape == (7, 16)
+  assert attn["key_norm"]["scale"].shape == (7, 16)
+  # Without QK-norm (and no soft-caps), scaling q and k scales the scores;
+  # with it, their norms are undone.
+  tokens = np.arange(3, 15)[None]
+  base = forward(TINY3, params, tokens)
+  scaled = jax.tree.map(lambda x: x, params)
+  q = scaled["layers"]["attn"]["q_einsum"]["w"]
+  scaled["layers"]["attn"]["q_einsum"]["w"] = q * 7.0
+  kv = scaled["layers"]["attn"]["kv_einsum"]["w"]
+  scaled["layers"]["attn"]["kv_einsum"]["w"] = kv.at[:, 0].multiply(3.0)
+  np.testing.assert_allclose(
+    forward(TINY3, scaled, tokens), base, atol=1e-4, rtol=0
+  )
