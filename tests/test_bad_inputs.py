@@ -1560,11 +1560,11 @@ def test_a_failed_background_save_is_reported_with_its_step(
   # 530 KiB): the failure names the step whose save failed, and the run
   # stops there, long before its end.
   def edit(d):
-    d["train"].update(steps=40, eval_every=0)
+    d["train"].update(steps=16, eval_every=0)
     d["checkpoint"].update(save_every=4, keep=10, export_params=False)
 
   work = small_disk / "run"
-  fill(small_disk, leave_kb=1100)
+  fill(small_disk, leave_kb=900)
   line = expect_one_line(
     capsys,
     ["train", ctx.config(edit), "--workdir", work],
@@ -1575,7 +1575,7 @@ def test_a_failed_background_save_is_reported_with_its_step(
   saved = [int(n) for n in os.listdir(work / "checkpoints") if n.isdigit()]
   assert all(s < failed for s in saved), (saved, failed)
   steps = [r["step"] for r in read_records(work / "metrics.jsonl")]
-  assert max(steps) < 40
+  assert max(steps) < 16
 
 
 def read_records(path):
