@@ -21,9 +21,6 @@ from gemma_jax import cli
 ROOT = pathlib.Path(__file__).parent.parent
 PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 README_MAX_LINES = 250
-# Written by the training-core refactor on its own branch; tolerated while
-# absent so that this branch's links can point at it before the merge.
-WRITTEN_ELSEWHERE = {ROOT / "docs" / "architecture.md"}
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE_COMMAND = re.compile(r"`(gemma-jax\s[^`]*)`")
@@ -200,8 +197,6 @@ def broken_links(page: pathlib.Path) -> list:
         continue
       file, _, anchor = target.partition("#")
       path = (page.parent / file).resolve() if file else page
-      if path in WRITTEN_ELSEWHERE and not path.exists():
-        continue
       if not path.exists():
         found.append(f"line {number}: {target}: no such file")
       elif anchor and path.suffix == ".md" and anchor not in anchors(path):

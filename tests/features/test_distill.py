@@ -92,7 +92,7 @@ def random_params(model, seed):
 
 def with_teacher(cfg, params, devices=None):
   """A TrainProgram with `params` as its teacher, placed like a loaded
-  checkpoint (loading itself: tests/train/test_distillation_run.py)."""
+  checkpoint (loading itself: tests/features/test_distill_run.py)."""
   program = TrainProgram(
     cfg, None if devices is None else make_mesh(cfg.mesh, devices)
   )
