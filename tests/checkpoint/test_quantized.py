@@ -14,20 +14,11 @@ from safetensors import safe_open
 from gemma_jax.checkpoint import layout, quantized
 from gemma_jax.checkpoint.testing import random_params
 from gemma_jax.errors import CheckpointError, ConfigError
-from gemma_jax.model import preset, quant
+from gemma_jax.model import quant
 from gemma_jax.model.quant import QuantConfig
+from gemma_jax.model.testing import TINY_GEMMA2_MQA
 
-CFG = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=32,
-  mlp_dim=64,
-  num_heads=2,
-  num_kv_heads=1,
-  head_dim=16,
-  vocab_size=64,
-  sliding_window=4,
-)
+CFG = TINY_GEMMA2_MQA
 
 
 def test_int4_packing_puts_even_entries_in_the_low_nibble():

@@ -11,20 +11,11 @@ import pytest
 from flax import linen as nn
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.model import Transformer, preset, quant
+from gemma_jax.model import Transformer, quant
 from gemma_jax.model.quant import QuantConfig
+from gemma_jax.model.testing import TINY_GEMMA2_WIDE
 
-TINY = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=64,
-  mlp_dim=128,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=32,
-  vocab_size=256,
-  sliding_window=4,
-)
+TINY = dataclasses.replace(TINY_GEMMA2_WIDE, head_dim=32)
 
 
 def test_int4_values_lie_on_a_symmetric_grid_and_the_block_max_is_exact():

@@ -12,22 +12,13 @@ from gemma_jax.checkpoint import fisher as fisher_store
 from gemma_jax.checkpoint import layout
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model.config import ModelConfig
+from gemma_jax.model.testing import TINY_GEMMA2_GQA, model_section
 from gemma_jax.sharding.mesh import make_mesh
 from gemma_jax.train import continual
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 
-MODEL = {
-  "preset": "tiny-gemma2",
-  "num_layers": 2,
-  "d_model": 32,
-  "mlp_dim": 64,
-  "num_heads": 4,
-  "num_kv_heads": 2,
-  "head_dim": 8,
-  "vocab_size": 128,
-  "sliding_window": 4,
-}
+MODEL = model_section(TINY_GEMMA2_GQA)
 ROWS, T = 8, 12
 
 
