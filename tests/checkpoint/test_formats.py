@@ -41,6 +41,7 @@ def assert_placed(params, want, where, dtype):
     )
 
 
+@pytest.mark.slow
 def test_hf_loads_into_shards_with_padded_rows_as_the_host_load(hf_dir):
   src, _, _ = hf_dir()
   # A 160-row table for the 128-token vocabulary: the padding stays 0.
@@ -53,6 +54,7 @@ def test_hf_loads_into_shards_with_padded_rows_as_the_host_load(hf_dir):
   assert not np.asarray(params["embedder"]["embedding"][128:]).any()
 
 
+@pytest.mark.slow
 def test_kaggle_loads_into_shards_as_the_host_load(tmp_path):
   official_checkpoint(tmp_path / "k", KAGGLE, transposed_gating=False)
   host = kaggle.load(tmp_path / "k", KAGGLE)

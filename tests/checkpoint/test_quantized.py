@@ -83,6 +83,7 @@ def test_only_models_with_integer_weights_are_written(tmp_path):
     quantized.save(tmp_path / "q", random_params(CFG), cfg)
 
 
+@pytest.mark.slow
 def test_a_config_without_integer_weights_is_refused_on_load(tmp_path):
   cfg = dataclasses.replace(
     CFG, quant=QuantConfig(block_size=16, weights="int")
@@ -102,6 +103,7 @@ def test_a_config_without_integer_weights_is_refused_on_load(tmp_path):
     quantized.load(tmp_path / "q")
 
 
+@pytest.mark.slow
 def test_a_quantized_model_runs_from_the_file(tmp_path):
   from gemma_jax.model import Transformer
 

@@ -121,6 +121,7 @@ def test_packed_documents_match_each_document_alone(fixtures):
   np.testing.assert_allclose(together[0, 13:22], alone_b, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma1_mqa", "gemma2_gqa_window"])
 def test_bfloat16_forward_stays_close_to_float32(fixtures, name):
   data, params, cfg = fixtures[name]

@@ -18,6 +18,7 @@ from gemma_jax.model.testing import TINY_GEMMA2_WIDE
 TINY = dataclasses.replace(TINY_GEMMA2_WIDE, head_dim=32)
 
 
+@pytest.mark.slow
 def test_int4_values_lie_on_a_symmetric_grid_and_the_block_max_is_exact():
   w = jax.random.normal(jax.random.key(0), (6, 64))
   q, scale = quant.quantize(w, 1, bits=4, block_size=32)
@@ -35,6 +36,7 @@ def test_int4_values_lie_on_a_symmetric_grid_and_the_block_max_is_exact():
   np.testing.assert_array_equal(np.asarray(neg_q).astype(np.int8), -values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "block,in_axis,shape,expected",
   [

@@ -170,6 +170,7 @@ def test_ewc_step_logs_both_terms_and_matches_on_eight_devices(start):
     assert float(a["loss/ewc"]) == pytest.approx(float(b["loss/ewc"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_ewc_inputs_are_sharded_like_the_params_and_never_donated(start):
   _, ewc = start
   program = ewc_program(
