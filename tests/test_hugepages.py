@@ -114,6 +114,7 @@ def test_the_tunable_cuts_the_page_faults_of_a_large_buffer():
   assert _faults(hugepages.env_with_hugepages(plain)) < 6_000
 
 
+@pytest.mark.slow
 @needs_support
 def test_the_reexecuted_console_script_runs():
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}

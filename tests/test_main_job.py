@@ -39,7 +39,13 @@ def test_tiny_config_trains_evaluates_checkpoints_and_samples(tmp_path):
   sets += [
     f"data.sources.{s}.data_dir={out}/tfds" for s in ("prose", "code", "math")
   ]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  # One device, as the job has; LLVM's optimisations skipped (as in
+  # tests/conftest.py): the compiles take most of this test's time.
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_backend_optimization_level=0",
+  )
   cmd = [
     sys.executable,
     "-m",

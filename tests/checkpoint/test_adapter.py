@@ -7,20 +7,11 @@ import pytest
 
 from gemma_jax.checkpoint import adapter, layout
 from gemma_jax.errors import CheckpointError
-from gemma_jax.model import lora, preset
+from gemma_jax.model import lora
 from gemma_jax.model.lora import LoraConfig
+from gemma_jax.model.testing import TINY_GEMMA2_MQA
 
-BASE = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=32,
-  mlp_dim=64,
-  num_heads=2,
-  num_kv_heads=1,
-  head_dim=16,
-  vocab_size=64,
-  sliding_window=4,
-)
+BASE = TINY_GEMMA2_MQA
 ADAPTED = dataclasses.replace(
   BASE, lora=LoraConfig(rank=4, targets=("q", "down"))
 )

@@ -11,24 +11,13 @@ from gemma_jax.checkpoint import formats, hf, kaggle, native
 from gemma_jax.checkpoint.fingerprint import fingerprint
 from gemma_jax.checkpoint.testing import official_checkpoint
 from gemma_jax.errors import CheckpointError
-from gemma_jax.model import preset
+from gemma_jax.model.testing import TINY_GEMMA2_PADDED
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.config import MeshConfig
 from gemma_jax.sharding.mesh import make_mesh
 from gemma_jax.train.state import abstract_params
 
-KAGGLE = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=32,
-  mlp_dim=48,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  vocab_size=128,
-  embed_rows=160,
-  sliding_window=8,
-)
+KAGGLE = TINY_GEMMA2_PADDED
 
 
 def shardings(cfg):
@@ -52,6 +41,7 @@ def assert_placed(params, want, where, dtype):
     )
 
 
+@pytest.mark.slow
 def test_hf_loads_into_shards_with_padded_rows_as_the_host_load(hf_dir):
   src, _, _ = hf_dir()
   # A 160-row table for the 128-token vocabulary: the padding stays 0.
@@ -64,6 +54,7 @@ def test_hf_loads_into_shards_with_padded_rows_as_the_host_load(hf_dir):
   assert not np.asarray(params["embedder"]["embedding"][128:]).any()
 
 
+@pytest.mark.slow
 def test_kaggle_loads_into_shards_as_the_host_load(tmp_path):
   official_checkpoint(tmp_path / "k", KAGGLE, transposed_gating=False)
   host = kaggle.load(tmp_path / "k", KAGGLE)

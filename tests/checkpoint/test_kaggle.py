@@ -12,33 +12,12 @@ from safetensors.numpy import load_file
 from gemma_jax.checkpoint import hf, kaggle
 from gemma_jax.checkpoint.testing import official_checkpoint
 from gemma_jax.errors import CheckpointError
-from gemma_jax.model import preset
+from gemma_jax.model.testing import TINY_GEMMA1_MHA, TINY_GEMMA2_PADDED
 
 # Gemma 2 style: GQA, sandwich norms; vocab 128 padded to 160 rows.
-GEMMA2 = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=32,
-  mlp_dim=48,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  vocab_size=128,
-  embed_rows=160,
-  sliding_window=8,
-)
+GEMMA2 = TINY_GEMMA2_PADDED
 # Gemma 1 7B style: kv heads == heads -> fused qkv_einsum.
-GEMMA1_MHA = preset(
-  "tiny-gemma",
-  num_layers=2,
-  d_model=32,
-  mlp_dim=48,
-  num_heads=2,
-  num_kv_heads=2,
-  head_dim=8,
-  vocab_size=128,
-  embed_rows=160,
-)
+GEMMA1_MHA = TINY_GEMMA1_MHA
 
 
 def official_to_hf(flat, cfg, transposed_gating):

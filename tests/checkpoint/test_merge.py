@@ -12,18 +12,10 @@ from gemma_jax.checkpoint import hf, layout, merge, merge_math, native
 from gemma_jax.checkpoint.testing import random_flat
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model import preset
+from gemma_jax.model.testing import TINY_GEMMA2_MQA
 
 BF16 = ml_dtypes.bfloat16
-CFG = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=32,
-  mlp_dim=64,
-  num_heads=2,
-  num_kv_heads=1,
-  head_dim=16,
-  vocab_size=96,
-)
+CFG = dataclasses.replace(TINY_GEMMA2_MQA, vocab_size=96)
 
 
 def save(path, flat, cfg=CFG):
@@ -311,16 +303,7 @@ def test_hf_output_and_dtype(ckpts, tmp_path):
 
 
 def test_different_models_name_the_fields_and_first_shape(ckpts, tmp_path):
-  other = preset(
-    "tiny-gemma2",
-    num_layers=3,
-    d_model=32,
-    mlp_dim=64,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    vocab_size=96,
-  )
+  other = dataclasses.replace(CFG, num_layers=3)
   src = save(tmp_path / "other", random_flat(other, 0), other)
   with pytest.raises(
     CheckpointError,

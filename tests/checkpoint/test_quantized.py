@@ -14,20 +14,11 @@ from safetensors import safe_open
 from gemma_jax.checkpoint import layout, quantized
 from gemma_jax.checkpoint.testing import random_params
 from gemma_jax.errors import CheckpointError, ConfigError
-from gemma_jax.model import preset, quant
+from gemma_jax.model import quant
 from gemma_jax.model.quant import QuantConfig
+from gemma_jax.model.testing import TINY_GEMMA2_MQA
 
-CFG = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=32,
-  mlp_dim=64,
-  num_heads=2,
-  num_kv_heads=1,
-  head_dim=16,
-  vocab_size=64,
-  sliding_window=4,
-)
+CFG = TINY_GEMMA2_MQA
 
 
 def test_int4_packing_puts_even_entries_in_the_low_nibble():
@@ -92,6 +83,7 @@ def test_only_models_with_integer_weights_are_written(tmp_path):
     quantized.save(tmp_path / "q", random_params(CFG), cfg)
 
 
+@pytest.mark.slow
 def test_a_config_without_integer_weights_is_refused_on_load(tmp_path):
   cfg = dataclasses.replace(
     CFG, quant=QuantConfig(block_size=16, weights="int")
@@ -111,6 +103,7 @@ def test_a_config_without_integer_weights_is_refused_on_load(tmp_path):
     quantized.load(tmp_path / "q")
 
 
+@pytest.mark.slow
 def test_a_quantized_model_runs_from_the_file(tmp_path):
   from gemma_jax.model import Transformer
 

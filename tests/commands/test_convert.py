@@ -11,6 +11,7 @@ from gemma_jax import cli
 from gemma_jax.checkpoint import hf, layout, native
 from gemma_jax.checkpoint.testing import official_checkpoint
 from gemma_jax.model import preset
+from gemma_jax.model.testing import TINY_GEMMA2_PADDED, model_section
 
 
 def convert(*argv):
@@ -45,24 +46,11 @@ def test_hf_to_native_to_hf_gives_identical_tensors(hf_dir, tmp_path):
 
 
 def test_kaggle_to_native_to_hf_to_native(tmp_path):
-  fields = {
-    "num_layers": 2,
-    "d_model": 32,
-    "mlp_dim": 48,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "head_dim": 8,
-    "vocab_size": 128,
-    "embed_rows": 160,
-    "sliding_window": 8,
-  }
   official_checkpoint(
-    tmp_path / "k", preset("tiny-gemma2", **fields), transposed_gating=True
+    tmp_path / "k", TINY_GEMMA2_PADDED, transposed_gating=True
   )
   model = tmp_path / "model.yaml"
-  model.write_text(
-    yaml.safe_dump({"model": {"preset": "tiny-gemma2", **fields}})
-  )
+  model.write_text(yaml.safe_dump({"model": model_section(TINY_GEMMA2_PADDED)}))
   assert (
     convert(
       "--from",

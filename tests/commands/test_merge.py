@@ -8,18 +8,9 @@ import pytest
 from gemma_jax import cli
 from gemma_jax.checkpoint import layout, native
 from gemma_jax.checkpoint.testing import random_flat
-from gemma_jax.model import preset
+from gemma_jax.model.testing import TINY_GEMMA1_MQA
 
-CFG = preset(
-  "tiny-gemma",
-  num_layers=1,
-  d_model=16,
-  mlp_dim=32,
-  num_heads=2,
-  num_kv_heads=1,
-  head_dim=8,
-  vocab_size=64,
-)
+CFG = TINY_GEMMA1_MQA
 
 
 def merge(*argv):

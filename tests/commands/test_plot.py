@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from gemma_jax import cli
 from gemma_jax.commands.plot import plot_run
 
@@ -10,6 +12,7 @@ def _write(path, records):
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+@pytest.mark.slow
 def test_plot_writes_three_pngs(tmp_path):
   _write(
     tmp_path / "metrics.jsonl",

@@ -9,20 +9,11 @@ import pytest
 from gemma_jax import cli
 from gemma_jax.checkpoint import adapter, layout, native
 from gemma_jax.checkpoint.testing import random_arrays, random_params
-from gemma_jax.model import lora, preset
+from gemma_jax.model import lora
 from gemma_jax.model.quant import QuantConfig
+from gemma_jax.model.testing import TINY_GEMMA2_MQA
 
-CFG = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=32,
-  mlp_dim=64,
-  num_heads=2,
-  num_kv_heads=1,
-  head_dim=16,
-  vocab_size=64,
-  sliding_window=4,
-)
+CFG = TINY_GEMMA2_MQA
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,14 @@ from flax import linen as nn
 from gemma_jax import cli
 from gemma_jax.checkpoint import native
 from gemma_jax.data.testing import tiny_tokenizer
-from gemma_jax.model import Transformer, preset
+from gemma_jax.model import Transformer
 from gemma_jax.model.sampler import generate
+from gemma_jax.model.testing import TINY_GEMMA2_WIDE
 from gemma_jax.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 
-CFG = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=64,
-  mlp_dim=128,
-  head_dim=16,
-  vocab_size=512,
-  sliding_window=8,
-)
+CFG = dataclasses.replace(TINY_GEMMA2_WIDE, vocab_size=512, sliding_window=8)
 
 
 @pytest.fixture(scope="module")

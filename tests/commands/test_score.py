@@ -44,6 +44,7 @@ def hf_ckpt(tmp_path_factory):
   return tmp, data
 
 
+@pytest.mark.slow
 def test_scores_match_hugging_face(hf_ckpt):
   tmp, data = hf_ckpt
   out = tmp / "out.npz"
@@ -82,6 +83,7 @@ def test_scores_match_hugging_face(hf_ckpt):
   assert (got["logprobs"][1, 16:] == 0).all()
 
 
+@pytest.mark.slow
 def test_scores_text_with_a_tokenizer(tmp_path):
   cfg = preset("tiny-gemma", num_layers=1)
   params = random_params(cfg, scale=0.05)

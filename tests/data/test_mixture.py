@@ -48,6 +48,7 @@ def edf_by_replay(weights, batch_size, batches):
   return np.array(out)
 
 
+@pytest.mark.slow
 def test_every_source_is_within_one_row_after_every_batch():
   """Random stages (1..120 batches), B in 1..64, shares down to 1e-4 and 0:
   floor(q) <= C <= ceil(q) exactly, counts >= 0 and B rows per batch."""

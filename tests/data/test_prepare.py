@@ -220,6 +220,7 @@ def test_foreign_tfds_dataset_with_a_text_feature_is_tokenized_on_open(
     )
 
 
+@pytest.mark.slow
 def test_prepare_to_gs_and_train_from_it_like_from_disk(
   tokenizer_path, tmp_path, gcs_bucket, capsys
 ):

@@ -7,6 +7,7 @@ import pytest
 
 from gemma_jax.drivers import fisher, fisher_data
 from gemma_jax.errors import ConfigError
+from gemma_jax.model.testing import TINY_GEMMA2_GQA, model_section
 from gemma_jax.sharding.mesh import make_mesh
 from gemma_jax.train import step as step_lib
 from gemma_jax.train.config import config_from_dict
@@ -14,17 +15,7 @@ from gemma_jax.train.program import TrainProgram
 
 pytestmark = pytest.mark.slow
 
-MODEL = {
-  "preset": "tiny-gemma2",
-  "num_layers": 2,
-  "d_model": 32,
-  "mlp_dim": 64,
-  "num_heads": 4,
-  "num_kv_heads": 2,
-  "head_dim": 8,
-  "vocab_size": 128,
-  "sliding_window": 4,
-}
+MODEL = model_section(TINY_GEMMA2_GQA)
 T = 12
 
 

@@ -1,10 +1,12 @@
 """Shared by the evals tests: the tiny tokenizer and a small random model."""
 
+import dataclasses
+
 import pytest
 
 from gemma_jax.checkpoint.testing import random_params
 from gemma_jax.data import testing
-from gemma_jax.model import preset
+from gemma_jax.model.testing import TINY_GEMMA2_MQA
 from gemma_jax.tokenizer import Tokenizer
 
 
@@ -22,16 +24,8 @@ def tok(tok_path):
 def random_model(tok):
   """(params, cfg): a two-layer Gemma 2 over the tiny tokenizer's vocabulary
   with random weights."""
-  cfg = preset(
-    "tiny-gemma2",
-    num_layers=2,
-    d_model=32,
-    mlp_dim=64,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    sliding_window=8,
-    vocab_size=tok.vocab_size,
+  cfg = dataclasses.replace(
+    TINY_GEMMA2_MQA, sliding_window=8, vocab_size=tok.vocab_size
   )
   params = random_params(cfg, scale=0.2)
   return params, cfg

@@ -1,5 +1,6 @@
 """Generative exact match with the harness's GSM8K filters and normalisation."""
 
+import dataclasses
 import types
 
 import numpy as np
@@ -9,7 +10,8 @@ from gemma_jax.checkpoint.testing import random_params
 from gemma_jax.data import testing
 from gemma_jax.evals import generation, tasks
 from gemma_jax.evals.readers import Doc
-from gemma_jax.model import preset, sampler
+from gemma_jax.model import sampler
+from gemma_jax.model.testing import TINY_GEMMA1_MQA
 from gemma_jax.tokenizer import Tokenizer
 
 GOLD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
@@ -96,12 +98,10 @@ def test_evaluate_generative_with_a_fake_generator():
 @pytest.mark.slow
 def test_model_generation_keeps_prompt_order_and_truncates_left(tmp_path):
   tok = Tokenizer.load(testing.tiny_tokenizer(tmp_path / "t.model"))
-  cfg = preset(
-    "tiny-gemma",
-    num_layers=1,
+  cfg = dataclasses.replace(
+    TINY_GEMMA1_MQA,
     d_model=32,
     mlp_dim=64,
-    num_heads=2,
     head_dim=16,
     vocab_size=tok.vocab_size,
   )

@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from gemma_jax.evals import report
 
 RESULTS = {
@@ -85,6 +87,7 @@ def test_chart_metric_defaults_and_overrides():
   )
 
 
+@pytest.mark.slow
 def test_bar_chart_writes_a_png(tmp_path):
   report.bar_chart(RESULTS, tmp_path / "bench.png", title="before / after")
   data = (tmp_path / "bench.png").read_bytes()

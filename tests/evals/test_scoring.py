@@ -168,6 +168,7 @@ def test_batches_have_one_shape_and_duplicates_are_scored_once():
   assert shapes == [(3, 8), (3, 8)]
 
 
+@pytest.mark.slow
 def test_model_loglikelihood_equals_summed_score_logprobs(
   model, tok_path, tmp_path
 ):
@@ -204,6 +205,7 @@ def test_model_loglikelihood_equals_summed_score_logprobs(
     assert ll[row] == pytest.approx(float(want), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_padding_and_batching_do_not_change_the_model_scores(model, tok):
   _, params, cfg = model
   fn = scoring.make_token_logprob_fn(params, cfg)

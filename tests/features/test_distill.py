@@ -10,6 +10,7 @@ from gemma_jax.errors import ConfigError
 from gemma_jax.features import distill as distillation
 from gemma_jax.features import ema
 from gemma_jax.model import Transformer
+from gemma_jax.model.testing import TINY_GEMMA2_GQA, model_section
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.mesh import make_mesh
 from gemma_jax.train import state as state_lib
@@ -19,17 +20,7 @@ from gemma_jax.train.program import TrainProgram
 
 pytestmark = pytest.mark.slow
 
-STUDENT = {
-  "preset": "tiny-gemma2",
-  "num_layers": 2,
-  "d_model": 32,
-  "mlp_dim": 64,
-  "num_heads": 4,
-  "num_kv_heads": 2,
-  "head_dim": 8,
-  "vocab_size": 128,
-  "sliding_window": 4,
-}
+STUDENT = model_section(TINY_GEMMA2_GQA)
 TEACHER = STUDENT | {"num_layers": 3, "d_model": 48, "mlp_dim": 96}
 ROWS, T = 8, 16
 SOURCES = {name: {"kind": "memory", "texts": ["x"]} for name in ("a", "b")}

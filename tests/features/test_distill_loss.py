@@ -86,6 +86,7 @@ def test_gradient_is_tau_times_p_student_minus_p_teacher(tau):
     np.testing.assert_allclose(g, tau * (p_s - p_t), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_is_zero_when_student_equals_teacher():
   s = logits(4)
   for kl in (False, True):
@@ -99,6 +100,7 @@ def test_gradient_is_zero_when_student_equals_teacher():
     np.testing.assert_allclose(g, 0.0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tail", distill.TAILS)
 @pytest.mark.parametrize("tau, kl", [(1.0, False), (2.0, True)])
 def test_topk_with_k_equal_v_is_the_full_loss(tail, tau, kl):
@@ -124,6 +126,7 @@ def hand_example(student_probs):
   }
 
 
+@pytest.mark.slow
 def test_renormalize_ignores_the_students_tail_mass_and_bucket_does_not():
   # Same top-2 ratio as the teacher (5:3), tail mass 0.6 instead of 0.2.
   out = hand_example([0.25, 0.15, 0.3, 0.3])
@@ -147,6 +150,7 @@ def test_renormalize_ignores_the_students_tail_mass_and_bucket_does_not():
   )
 
 
+@pytest.mark.slow
 def test_bucket_is_finite_when_the_top_k_holds_all_the_mass():
   teacher = np.full((B, T, V), -1e9, np.float32)
   teacher[..., :4] = logits(7)[..., :4]  # no mass outside these 4
@@ -169,6 +173,7 @@ def test_bucket_is_finite_when_the_top_k_holds_all_the_mass():
   ).all()
 
 
+@pytest.mark.slow
 def test_dump_codec_round_trip_and_size():
   assert distill.bytes_per_token(64) == 388
   assert distill.bytes_per_token(256) == 1540
@@ -191,6 +196,7 @@ def test_dump_codec_round_trip_and_size():
     distill.unpack_topk(record[:30], k=4)
 
 
+@pytest.mark.slow
 def test_stored_tail_mass_gives_the_tail_gradient_of_a_confident_teacher():
   # The bucket's gradient wrt the student logits outside the top-k sums to
   # (student tail mass) - (teacher tail mass r): it shows which r was used.

@@ -13,21 +13,12 @@ from gemma_jax.checkpoint import layout
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.features import ewc as ewc_lib
 from gemma_jax.model.config import ModelConfig
+from gemma_jax.model.testing import TINY_GEMMA2_GQA, model_section
 from gemma_jax.sharding.mesh import make_mesh
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 
-MODEL = {
-  "preset": "tiny-gemma2",
-  "num_layers": 2,
-  "d_model": 32,
-  "mlp_dim": 64,
-  "num_heads": 4,
-  "num_kv_heads": 2,
-  "head_dim": 8,
-  "vocab_size": 128,
-  "sliding_window": 4,
-}
+MODEL = model_section(TINY_GEMMA2_GQA)
 ROWS, T = 8, 12
 
 
@@ -179,6 +170,7 @@ def test_ewc_step_logs_both_terms_and_matches_on_eight_devices(start):
     assert float(a["loss/ewc"]) == pytest.approx(float(b["loss/ewc"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_ewc_inputs_are_sharded_like_the_params_and_never_donated(start):
   _, ewc = start
   program = ewc_program(

@@ -11,21 +11,12 @@ from gemma_jax.checkpoint import adapter, native
 from gemma_jax.errors import ConfigError
 from gemma_jax.features import lora
 from gemma_jax.model import lora as lora_model
+from gemma_jax.model.testing import TINY_GEMMA2_MQA, model_section
 from gemma_jax.train import state as state_lib
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 
-MODEL = {
-  "preset": "tiny-gemma2",
-  "num_layers": 2,
-  "d_model": 32,
-  "mlp_dim": 64,
-  "num_heads": 2,
-  "num_kv_heads": 1,
-  "head_dim": 16,
-  "vocab_size": 128,
-  "sliding_window": 4,
-}
+MODEL = model_section(TINY_GEMMA2_MQA, vocab_size=128)
 ROWS, T = 8, 16
 SOURCES = {"a": {"kind": "memory", "texts": ["x"]}}
 

@@ -20,8 +20,9 @@ import pytest
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from gemma_jax.model import Transformer, preset
+from gemma_jax.model import Transformer
 from gemma_jax.model import attention as attention_lib
+from gemma_jax.model.testing import TINY_GEMMA2_GQA
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.config import MeshConfig
 
@@ -29,13 +30,8 @@ pytestmark = pytest.mark.slow
 
 T = 256  # two 128-token blocks
 TOL = 1e-5
-BASE = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=32,
-  mlp_dim=64,
-  num_heads=4,
-  num_kv_heads=2,
+BASE = dataclasses.replace(
+  TINY_GEMMA2_GQA,
   head_dim=16,
   vocab_size=64,
   sliding_window=40,

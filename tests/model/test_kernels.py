@@ -82,6 +82,7 @@ def test_softcap():
   )
 
 
+@pytest.mark.slow
 def test_geglu_mlp():
   rng = np.random.default_rng(2)
   x = normal(rng, 2, 8, 16)
@@ -116,6 +117,7 @@ def plain_attention(q, k, v, pos, seg, window, cap):
   return jnp.einsum("BKGTS,BSKH->BTKGH", jax.nn.softmax(s, axis=-1), v)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "kv_heads, groups, window, cap",
   [
@@ -154,6 +156,7 @@ def test_blockwise_attention(kv_heads, groups, window, cap):
   )
 
 
+@pytest.mark.slow
 def test_attention_by_window_picks_the_traced_window():
   rng = np.random.default_rng(4)
   q = normal(rng, 2, 32, 1, 2, 8, scale=3)
@@ -172,6 +175,7 @@ def test_attention_by_window_picks_the_traced_window():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cap", [None, 30.0])
 def test_cross_entropy(cap):
   rng = np.random.default_rng(5)

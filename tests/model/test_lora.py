@@ -11,19 +11,12 @@ import pytest
 from flax import linen as nn
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.model import PRESETS, Transformer, lora, preset
+from gemma_jax.model import PRESETS, Transformer, lora
 from gemma_jax.model.lora import LoraConfig
+from gemma_jax.model.testing import TINY_GEMMA2_WIDE
 
-TINY = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=64,
-  mlp_dim=128,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=16,
-  vocab_size=256,
-  sliding_window=4,
+TINY = dataclasses.replace(
+  TINY_GEMMA2_WIDE,
   # An MLP with adapters computes by the plain einsums (the fused kernel
   # has no adapter term): the base is compared on the same path, bitwise.
   fused_mlp=False,

@@ -164,6 +164,7 @@ def test_packed_documents_match_hugging_face_on_each_alone(fixtures, name):
   assert diff < GEMMA3_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "name", ["gemma1_mqa", "gemma2_gqa_window", "gemma3_gqa_window_rope_scaling"]
 )

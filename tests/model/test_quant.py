@@ -11,22 +11,14 @@ import pytest
 from flax import linen as nn
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.model import Transformer, preset, quant
+from gemma_jax.model import Transformer, quant
 from gemma_jax.model.quant import QuantConfig
+from gemma_jax.model.testing import TINY_GEMMA2_WIDE
 
-TINY = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=64,
-  mlp_dim=128,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=32,
-  vocab_size=256,
-  sliding_window=4,
-)
+TINY = dataclasses.replace(TINY_GEMMA2_WIDE, head_dim=32)
 
 
+@pytest.mark.slow
 def test_int4_values_lie_on_a_symmetric_grid_and_the_block_max_is_exact():
   w = jax.random.normal(jax.random.key(0), (6, 64))
   q, scale = quant.quantize(w, 1, bits=4, block_size=32)
@@ -44,6 +36,7 @@ def test_int4_values_lie_on_a_symmetric_grid_and_the_block_max_is_exact():
   np.testing.assert_array_equal(np.asarray(neg_q).astype(np.int8), -values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "block,in_axis,shape,expected",
   [

@@ -1,25 +1,20 @@
 """Sampling with a KV cache equals recomputation without one."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
-from gemma_jax.model import Transformer, preset
+from gemma_jax.model import Transformer
 from gemma_jax.model.sampler import choose_tokens, generate
+from gemma_jax.model.testing import TINY_GEMMA2_WIDE
 
 pytestmark = pytest.mark.slow
 
-CFG = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=64,
-  mlp_dim=128,
-  head_dim=16,
-  vocab_size=256,
-  sliding_window=6,
-)
+CFG = dataclasses.replace(TINY_GEMMA2_WIDE, sliding_window=6)
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,9 @@ from flax import linen as nn
 from gemma_jax.model import PRESETS, Transformer, init_cache, preset
 from gemma_jax.model.attention import apply_layer_rope, rope_settings
 from gemma_jax.model.layers import Embedder, apply_rope
+from gemma_jax.model.testing import TINY_GEMMA2_WIDE
 
-TINY2 = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=64,
-  mlp_dim=128,
-  head_dim=16,
-  vocab_size=256,
-  sliding_window=4,
-)
+TINY2 = TINY_GEMMA2_WIDE
 
 
 def init(cfg, seq=8):

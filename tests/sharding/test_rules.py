@@ -5,22 +5,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from gemma_jax import configlib
-from gemma_jax.model import Transformer, preset
+from gemma_jax.model import Transformer
+from gemma_jax.model.testing import TINY_GEMMA2_SHARDED
 from gemma_jax.sharding import rules
 from gemma_jax.sharding.config import MeshConfig
 from gemma_jax.sharding.mesh import make_mesh
 
-MODEL = preset(
-  "tiny-gemma2",
-  num_layers=2,
-  d_model=64,
-  mlp_dim=128,
-  num_heads=8,
-  num_kv_heads=2,
-  head_dim=8,
-  vocab_size=256,
-  sliding_window=4,
-)
+MODEL = TINY_GEMMA2_SHARDED
 
 
 def boxed_params():

@@ -6,24 +6,18 @@ import pytest
 import yaml
 
 from gemma_jax import cli, hardware
+from gemma_jax.model.testing import TINY_GEMMA2_WIDE, model_section
 from gemma_jax.train import aot
 
 pytest.importorskip("libtpu", reason="AOT compiles need the tpu extra")
 
 TINY = {
-  "model": {
-    "preset": "tiny-gemma2",
-    "num_layers": 2,
-    "d_model": 64,
-    "mlp_dim": 128,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 256,
-    "sliding_window": 16,
-    "dtype": "bfloat16",
-    "remat_policy": "full",
-  },
+  "model": model_section(
+    TINY_GEMMA2_WIDE,
+    sliding_window=16,
+    dtype="bfloat16",
+    remat_policy="full",
+  ),
   "mesh": {"ici_data": -1, "ici_tensor": 2},
   "data": {"seq_len": 64},
   "train": {"batch_size": 8, "microbatches": 2},

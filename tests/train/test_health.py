@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,6 +39,7 @@ def test_judge_records_the_evidence():
     assert not record["good"] and why in health.why_not(record)
 
 
+@pytest.mark.slow
 def test_checksums_do_not_depend_on_sharding_and_see_one_bit():
   x = jnp.arange(4096, dtype=jnp.float32).reshape(64, 64) / 7
   tree = {"w": x, "b": jnp.ones(64, jnp.bfloat16), "n": jnp.int32(3)}

@@ -9,21 +9,12 @@ import numpy as np
 import pytest
 
 from gemma_jax.errors import ConfigError
+from gemma_jax.model.testing import TINY_GEMMA2_SHARDED, model_section
 from gemma_jax.sharding.mesh import make_mesh
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
 
-MODEL = {
-  "preset": "tiny-gemma2",
-  "num_layers": 2,
-  "d_model": 64,
-  "mlp_dim": 128,
-  "num_heads": 8,
-  "num_kv_heads": 2,
-  "head_dim": 8,
-  "vocab_size": 256,
-  "sliding_window": 4,
-}
+MODEL = model_section(TINY_GEMMA2_SHARDED)
 ROWS, T = 8, 16
 
 
