@@ -35,11 +35,12 @@ COMMANDS = (
   "distill",
   "launch",
   "quantize",
+  "lm-eval",
 )
 
 
 def _module(name):
-  return importlib.import_module(f"gemma_jax.commands.{name}")
+  return importlib.import_module(f"gemma_jax.commands.{name.replace('-', '_')}")
 
 
 def _parser(argv) -> argparse.ArgumentParser:
