@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -405,3 +406,44 @@ def test_equal_to_the_harness_hf_model(exported, task_dir, batch_size):
     batch_size,
   )
   _compare(ours, theirs)
+
+
+def test_is_greedy_on_the_models_own_continuation(random_model, tok):
+  params, cfg = random_model
+  lm = harness.GemmaJaxLM(params=params, model_config=cfg, tokenizer=tok)
+  from gemma_jax.model import sampler
+
+  context = lm.tok_encode("Once upon a time")
+  greedy = sampler.generate(params, cfg, [context], 6, eos_id=None)[0]
+  other = [(t + 1) % cfg.vocab_size for t in greedy]
+  (ll, is_greedy), (ll2, is_greedy2) = lm._loglikelihood_tokens(
+    [(None, context, greedy), (None, context, other)]
+  )
+  assert is_greedy and not is_greedy2 and ll > ll2
+
+
+def test_bad_dtype_is_named(random_model):
+  _, cfg = random_model
+  with pytest.raises(ConfigError, match="dtype='float64'; valid choices"):
+    harness._with_dtype(cfg, "float64")
+  assert harness._with_dtype(cfg, "bfloat16").param_dtype == "bfloat16"
+
+
+def test_command_passes_every_argument_to_the_harness(monkeypatch):
+  import lm_eval.__main__
+
+  from gemma_jax import cli
+
+  seen = {}
+
+  def fake_cli():
+    from lm_eval.api.registry import get_model
+
+    seen["argv"] = list(sys.argv)
+    seen["model"] = get_model("gemma_jax")
+
+  monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli)
+  monkeypatch.setattr(sys, "argv", ["gemma-jax"])
+  args = ["--model", "gemma_jax", "--tasks", "arc_easy", "-h", "--limit", "2"]
+  assert cli.main(["lm-eval", *args]) == 0
+  assert seen == {"argv": ["lm-eval", *args], "model": harness.GemmaJaxLM}
