@@ -37,6 +37,7 @@ in training (gemma_jax.sharding rules; `mesh=` picks the axis sizes).
 """
 
 import dataclasses
+import functools
 import logging
 import os
 import typing
@@ -46,8 +47,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -164,6 +165,19 @@ def _as_bool(value) -> bool:
   return bool(value)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def token_logprobs(params, inputs, targets, mask, *, cfg: ModelConfig):
+  """(inputs, targets, mask) [B, T] -> (log p(target), whether the target is
+  the argmax) [B, T]; 0 / False at mask 0. Module level, so every model
+  object of one config shares its compiled shapes."""
+  logits = Transformer(cfg).apply({"params": params}, inputs, None, mask)
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  logp = picked - jax.nn.logsumexp(logits, axis=-1)
+  greedy = jnp.argmax(logits, axis=-1) == targets
+  return jnp.where(mask == 1, logp, 0.0), greedy & (mask == 1)
+
+
 @register_model("gemma_jax")
 class GemmaJaxLM(TemplateLM):
   """lm_eval LM over a gemma_jax model; see the module docstring.
@@ -240,7 +254,6 @@ class GemmaJaxLM(TemplateLM):
     for a in rules.axes_of(spec[0]):
       shards *= self.mesh.shape[a]
     self._batch_size = -(-int(batch_size) // shards) * shards
-    self._logprobs = self._make_logprobs()
 
   # Loading.
   def _load(self, checkpoint: str, config, dtype):
@@ -295,37 +308,21 @@ class GemmaJaxLM(TemplateLM):
       x.shape, self.rows, lambda index: x[index]
     )
 
-  def _make_logprobs(self):
-    """jit (inputs, targets, mask) [B, T] -> (log p(target), target is the
-    argmax) [B, T], rows split over the batch axes."""
-    model = Transformer(self.cfg)
-    replicated = NamedSharding(self.mesh, P())
-
-    @jax.jit
-    def logprobs(params, inputs, targets, mask):
-      logits = model.apply({"params": params}, inputs, None, mask)
-      logits = logits.astype(jnp.float32)
-      picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-      out = picked - jax.nn.logsumexp(logits, axis=-1)
-      greedy = jnp.argmax(logits, axis=-1) == targets
-      out = jnp.where(mask == 1, out, 0.0)
-      return (
-        jax.lax.with_sharding_constraint(out, replicated),
-        jax.lax.with_sharding_constraint(greedy, replicated),
+  def _logprobs(self, inputs, targets, mask):
+    """(log p(target), target is the argmax) [B, T] as numpy, every
+    process holding all rows."""
+    with rules.sharding_context(self.mesh, self.mesh_config):
+      out = token_logprobs(
+        self.params,
+        self._put(inputs),
+        self._put(targets),
+        self._put(mask),
+        cfg=self.cfg,
       )
-
-    def fn(inputs, targets, mask):
-      put = self._put
-      with rules.sharding_context(self.mesh, self.mesh_config):
-        out, greedy = logprobs(
-          self.params, put(inputs), put(targets), put(mask)
-        )
-      return (
-        np.asarray(out.addressable_data(0), np.float64),
-        np.asarray(greedy.addressable_data(0)),
-      )
-
-    return fn
+    if jax.process_count() > 1:
+      out = multihost_utils.process_allgather(out, tiled=True)
+    logp, greedy = jax.device_get(out)
+    return np.asarray(logp, np.float64), np.asarray(greedy)
 
   def _score_windows(
     self, windows: Sequence[tuple[tuple[int, ...], int]]

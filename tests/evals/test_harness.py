@@ -291,7 +291,7 @@ def test_native_hf_and_live_params_score_alike(exported, tok, random_model):
   ]
   rolling = [Instance("loglikelihood_rolling", {}, ("a long text " * 9,), 0)]
   models = [
-    harness.GemmaJaxLM(checkpoint=str(exported / "hf"), batch_size=2),
+    harness.GemmaJaxLM(checkpoint=str(exported / "hf")),
     harness.GemmaJaxLM(
       checkpoint=str(exported / "native"),
       tokenizer=str(exported / "hf" / "tokenizer.model"),
