@@ -54,6 +54,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from gemma_jax.errors import ConfigError
+from gemma_jax.evals import scoring
 from gemma_jax.model import ModelConfig, Transformer, preset
 from gemma_jax.model.config import DType
 from gemma_jax.sharding import mesh as mesh_lib
@@ -170,7 +171,7 @@ def token_logprobs(params, inputs, targets, mask, *, cfg: ModelConfig):
   """(inputs, targets, mask) [B, T] -> (log p(target), whether the target is
   the argmax) [B, T]; 0 / False at mask 0. Module level, so every model
   object of one config shares its compiled shapes."""
-  logits = Transformer(cfg).apply({"params": params}, inputs, None, mask)
+  logits = scoring.model_logits(cfg, params, inputs, mask)
   logits = logits.astype(jnp.float32)
   picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
   logp = picked - jax.nn.logsumexp(logits, axis=-1)
