@@ -447,3 +447,41 @@ def test_command_passes_every_argument_to_the_harness(monkeypatch):
   args = ["--model", "gemma_jax", "--tasks", "arc_easy", "-h", "--limit", "2"]
   assert cli.main(["lm-eval", *args]) == 0
   assert seen == {"argv": ["lm-eval", *args], "model": harness.GemmaJaxLM}
+
+
+def test_kaggle_checkpoint_needs_and_takes_a_config(
+  tmp_path, random_model, tok, tok_path
+):
+  import yaml
+
+  from gemma_jax.checkpoint import kaggle
+  from gemma_jax.checkpoint.testing import official_checkpoint
+
+  _, cfg = random_model
+  official_checkpoint(tmp_path / "k", cfg, transposed_gating=False)
+  with pytest.raises(ConfigError, match="has no config; name its model"):
+    harness.GemmaJaxLM(checkpoint=str(tmp_path / "k"), tokenizer=tok_path)
+  model = {
+    "preset": "tiny-gemma2",
+    "num_layers": 2,
+    "d_model": 32,
+    "mlp_dim": 64,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "head_dim": 16,
+    "sliding_window": 8,
+    "vocab_size": tok.vocab_size,
+  }
+  (tmp_path / "run.yaml").write_text(yaml.safe_dump({"model": model}))
+  from lm_eval.api.instance import Instance
+
+  reqs = [Instance("loglikelihood", {}, ("The cat ", "sat."), 0)]
+  ours = harness.GemmaJaxLM(
+    checkpoint=str(tmp_path / "k"),
+    config=str(tmp_path / "run.yaml"),
+    tokenizer=tok_path,
+  ).loglikelihood(reqs)
+  live = harness.GemmaJaxLM(
+    params=kaggle.load(tmp_path / "k", cfg), model_config=cfg, tokenizer=tok
+  ).loglikelihood(reqs)
+  np.testing.assert_allclose(ours[0][0], live[0][0], rtol=1e-6)
