@@ -432,6 +432,12 @@ class GemmaJaxLM(TemplateLM):
     """Texts of up to max_new tokens after each prompt (stopping at eos)."""
     from gemma_jax.model import sampler
 
+    unknown = sorted(set(kw) - {"do_sample", "temperature", "top_k", "top_p"})
+    if unknown:
+      raise ConfigError(
+        f"gemma_jax: generation kwargs {unknown} are not supported; "
+        f"valid: until, max_gen_toks, do_sample, temperature, top_k, top_p"
+      )
     do_sample = _as_bool(kw.get("do_sample", False))
     temperature = float(kw.get("temperature", 0.0)) if do_sample else 0.0
     if do_sample and temperature == 0.0:

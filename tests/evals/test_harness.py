@@ -280,6 +280,7 @@ def test_registered_with_the_harness():
   assert get_model("gemma_jax") is harness.GemmaJaxLM
 
 
+@pytest.mark.slow
 def test_native_hf_and_live_params_score_alike(exported, tok, random_model):
   from lm_eval.api.instance import Instance
 
@@ -313,6 +314,7 @@ def test_native_hf_and_live_params_score_alike(exported, tok, random_model):
   assert np.isfinite(whole[0]) and np.isfinite(windows[0])
 
 
+@pytest.mark.slow
 def test_generation_stops_and_samples(random_model, tok):
   from lm_eval.api.instance import Instance
 
@@ -332,6 +334,9 @@ def test_generation_stops_and_samples(random_model, tok):
   assert a[0] == b[0] and a[2] == b[2]  # greedy is deterministic
   assert all("\n" not in t for t in (a[0], a[2]))
   assert isinstance(a[1], str) and isinstance(b[1], str)
+  odd = {"max_gen_toks": 4, "repetition_penalty": 1.1}
+  with pytest.raises(ConfigError, match=r"\['repetition_penalty'\] are not"):
+    lm.generate_until([Instance("generate_until", {}, ("Hi", odd), 0)])
 
 
 def _samples(results):
@@ -408,6 +413,7 @@ def test_equal_to_the_harness_hf_model(exported, task_dir, batch_size):
   _compare(ours, theirs)
 
 
+@pytest.mark.slow
 def test_is_greedy_on_the_models_own_continuation(random_model, tok):
   params, cfg = random_model
   lm = harness.GemmaJaxLM(params=params, model_config=cfg, tokenizer=tok)
@@ -449,6 +455,7 @@ def test_command_passes_every_argument_to_the_harness(monkeypatch):
   assert seen == {"argv": ["lm-eval", *args], "model": harness.GemmaJaxLM}
 
 
+@pytest.mark.slow
 def test_kaggle_checkpoint_needs_and_takes_a_config(
   tmp_path, random_model, tok, tok_path
 ):
