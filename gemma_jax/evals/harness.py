@@ -80,7 +80,8 @@ def bucket(n: int, cap: int | None = None) -> int:
 
 
 def parse_mesh(spec: str | None) -> MeshConfig:
-  """`DATAxFSDPxTENSOR` (one may be -1) -> MeshConfig; None: all data."""
+  """`DATAxFSDPxTENSOR` (one may be -1) -> MeshConfig; None: all devices
+  data parallel."""
   if not spec:
     return MeshConfig()
   parts = str(spec).split("x")
@@ -91,6 +92,16 @@ def parse_mesh(spec: str | None) -> MeshConfig:
       f"model_args mesh={spec!r}: expected DATAxFSDPxTENSOR, e.g. -1x1x2"
     ) from None
   return MeshConfig(ici_data=data, ici_fsdp=fsdp, ici_tensor=tensor)
+
+
+def mesh_devices(cfg: MeshConfig) -> list:
+  """All devices, or the first ones when the sizes (none -1) ask for fewer:
+  `mesh=1x1x1` runs on one device."""
+  sizes = (cfg.ici_data, cfg.ici_fsdp, cfg.ici_tensor)
+  devices = jax.devices()
+  if -1 in sizes:
+    return devices
+  return devices[: sizes[0] * sizes[1] * sizes[2]]
 
 
 def _model_config(config: str | None) -> ModelConfig | None:
@@ -229,7 +240,9 @@ class GemmaJaxLM(TemplateLM):
       self.mesh, self.mesh_config = mesh, mesh_config or MeshConfig()
     else:
       self.mesh_config = parse_mesh(mesh)
-      self.mesh = mesh_lib.make_mesh(self.mesh_config)
+      self.mesh = mesh_lib.make_mesh(
+        self.mesh_config, mesh_devices(self.mesh_config)
+      )
     if params is None:
       if not checkpoint:
         raise ConfigError(

@@ -298,7 +298,17 @@ def test_native_hf_and_live_params_score_alike(exported, tok, random_model):
       tokenizer=str(exported / "hf" / "tokenizer.model"),
     ),
     harness.GemmaJaxLM(params=params, model_config=cfg, tokenizer=tok),
+    # Model parallel: heads split over a tensor axis of 2.
+    harness.GemmaJaxLM(
+      params=params, model_config=cfg, tokenizer=tok, mesh="-1x1x2"
+    ),
+    harness.GemmaJaxLM(
+      params=params, model_config=cfg, tokenizer=tok, mesh="1x1x1"
+    ),
   ]
+  assert [m.batch_size for m in models] == [8, 8, 8, 8, 8]
+  assert dict(models[3].mesh.shape)["tensor"] == 2
+  assert models[4].mesh.size == 1
   first = models[0].loglikelihood(reqs)
   assert all(ll < 0 for ll, _ in first)
   for m in models[1:]:
@@ -403,7 +413,11 @@ def test_equal_to_the_harness_hf_model(exported, task_dir, batch_size):
 
   torch.set_num_threads(1)
   directory = str(exported / "hf")
-  ours = _run("gemma_jax", f"checkpoint={directory}", task_dir, batch_size)
+  # Batch size 1 on one device; 8 rows split over the 8 test devices.
+  mesh = ",mesh=1x1x1" if batch_size == 1 else ""
+  ours = _run(
+    "gemma_jax", f"checkpoint={directory}{mesh}", task_dir, batch_size
+  )
   theirs = _run(
     "hf",
     f"pretrained={directory},dtype=float32,attn_implementation=eager",
