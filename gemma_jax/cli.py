@@ -34,11 +34,12 @@ COMMANDS = (
   "distill",
   "launch",
   "quantize",
+  "lm-eval",
 )
 
 
 def _module(name):
-  return importlib.import_module(f"gemma_jax.commands.{name}")
+  return importlib.import_module(f"gemma_jax.commands.{name.replace('-', '_')}")
 
 
 class _Parser(argparse.ArgumentParser):

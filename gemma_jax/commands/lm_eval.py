@@ -1,0 +1,54 @@
+"""`gemma-jax lm-eval ...`: lm-evaluation-harness's own command line, with
+our model registered as `gemma_jax`.
+
+    gemma-jax lm-eval --model gemma_jax \\
+        --model_args checkpoint=DIR,dtype=bfloat16,mesh=-1x1x2 \\
+        --tasks arc_easy,hellaswag --batch_size 8 --limit 100 \\
+        --num_fewshot 5 --gen_kwargs temperature=0 --seed 1234 \\
+        --output_path out/ --log_samples --include_path my_tasks/
+
+Every argument after `lm-eval` goes to the harness unchanged (`lm-eval run`
+and its options: --model, --model_args, --tasks, --include_path, --limit,
+--num_fewshot, --batch_size, --gen_kwargs, --output_path, --log_samples,
+--seed, --device, ...; `gemma-jax lm-eval run --help` lists them all). The
+harness's own `lm-eval` command finds only the models its package names
+(lm_eval/models/__init__.py), not one that another package registers, so this
+command imports gemma_jax.evals.harness (which registers `gemma_jax`) and
+then runs the harness's entry point. Needs the `eval` extra
+(pip install 'gemma-jax[eval]'); `--model hf` also needs torch and
+transformers.
+"""
+
+import argparse
+import sys
+
+HELP = "run lm-evaluation-harness with --model gemma_jax (every option passed)"
+
+
+def add_arguments(parser):
+  parser.add_argument(
+    "harness_args",
+    nargs=argparse.REMAINDER,
+    metavar="...",
+    help="lm-eval's arguments, passed as they are",
+  )
+  # No option is ours: every `-x`/`--xyz` after `lm-eval` is the harness's
+  # (including --help), so none may be taken for an option of this parser.
+  parser.prefix_chars = "\0"
+
+
+def main(args) -> int:
+  from gemma_jax.errors import ConfigError
+
+  try:
+    from lm_eval.__main__ import cli_evaluate
+  except ImportError:
+    raise ConfigError(
+      "lm-evaluation-harness is not installed; install the `eval` extra: "
+      "pip install 'gemma-jax[eval]'"
+    ) from None
+  import gemma_jax.evals.harness  # noqa: F401  (registers `gemma_jax`)
+
+  sys.argv = ["lm-eval", *args.harness_args]
+  cli_evaluate()
+  return 0
