@@ -126,10 +126,16 @@ class ModelConfig:
       "rope_scale_factor",
       "local_rope_max_wavelength",
       "local_rope_scale_factor",
+      "attn_logit_softcap",
+      "final_logit_softcap",
+      "query_pre_attn_scalar",
+      "norm_eps",
     ):
+      # Each divides or scales: 0, a negative, inf or NaN (which fails
+      # every comparison) would make every logit non-finite or flip it.
       value = getattr(self, key)
-      if value is not None and value <= 0:
-        raise ConfigError(f"{key} must be positive, got {value}")
+      if value is not None and not (0 < value < math.inf):
+        raise ConfigError(f"{key} must be positive and finite, got {value}")
     if self.quant is not None:
       for name, (shape, in_axis, group) in self.einsum_weights().items():
         if group in self.quant.targets:

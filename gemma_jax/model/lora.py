@@ -76,6 +76,10 @@ class LoraConfig:
       raise ConfigError(f"targets: {list(self.targets)} names a target twice")
     if self.rank <= 0:
       raise ConfigError(f"rank must be positive, got {self.rank}")
+    if self.alpha is not None and not 0 < self.alpha < math.inf:
+      raise ConfigError(
+        f"alpha must be a positive number (or null: the rank), got {self.alpha}"
+      )
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 

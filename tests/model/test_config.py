@@ -121,6 +121,28 @@ def test_gemma2_layers_alternate_local_and_global():
       "'local' layers but sliding_window is not set",
     ),
     ("model.embed_rows=10", "embed_rows (10) must be >= vocab_size"),
+    ("model.norm_eps=0", "norm_eps must be positive and finite, got 0"),
+    ("model.norm_eps=.nan", "model.norm_eps: must be a finite number, got nan"),
+    (
+      "model.attn_logit_softcap=-50",
+      "attn_logit_softcap must be positive and finite, got -50",
+    ),
+    (
+      "model.final_logit_softcap=.inf",
+      "model.final_logit_softcap: must be a finite number, got inf",
+    ),
+    (
+      "model.query_pre_attn_scalar=0",
+      "query_pre_attn_scalar must be positive and finite, got 0",
+    ),
+    (
+      "model.lora={rank: 4, alpha: .nan}",
+      "model.lora.alpha: must be a finite number, got nan",
+    ),
+    (
+      "model.lora={rank: 4, alpha: -2}",
+      "alpha must be a positive number (or null: the rank), got -2",
+    ),
   ],
 )
 def test_invalid_model_config_names_the_key(override, message):
