@@ -201,6 +201,23 @@ def from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
   return ModelConfig(**(kw | overrides))
 
 
+def _common_hf_fields(dtype: str) -> dict[str, object]:
+  """What every Gemma config.json says alike: token ids (pad 0, eos 1,
+  bos 2), tied embeddings, no attention bias or dropout, the dtype."""
+  return {
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "dtype": dtype,
+    "torch_dtype": dtype,
+  }
+
+
 def to_hf(cfg: ModelConfig, dtype: str) -> dict:
   """An HF config.json dict (current transformers format, legacy fields too):
   Gemma3ForCausalLM with QK-norm, Gemma2ForCausalLM with sandwich norms,
@@ -252,16 +269,7 @@ def to_hf(cfg: ModelConfig, dtype: str) -> dict:
       "rope_type": "default",
       "rope_theta": cfg.rope_max_wavelength,
     },
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "bos_token_id": 2,
-    "tie_word_embeddings": True,
-    "initializer_range": 0.02,
-    "use_cache": True,
-    "dtype": dtype,
-    "torch_dtype": dtype,
+    **_common_hf_fields(dtype),
   }
   if gemma2:
     scalar = cfg.query_pre_attn_scalar or cfg.head_dim
@@ -334,16 +342,7 @@ def _to_hf_gemma3(cfg: ModelConfig, dtype: str) -> dict:
     ],
     "attn_logit_softcapping": cfg.attn_logit_softcap,
     "final_logit_softcapping": cfg.final_logit_softcap,
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "bos_token_id": 2,
-    "tie_word_embeddings": True,
-    "initializer_range": 0.02,
-    "use_cache": True,
-    "dtype": dtype,
-    "torch_dtype": dtype,
+    **_common_hf_fields(dtype),
   }
   # Transformers before layer_types (4.50-4.52) read a period: k local
   # layers then one global.
