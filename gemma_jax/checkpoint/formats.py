@@ -73,10 +73,16 @@ def first_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def readable(path, fmt: str, what: str = "checkpoint"):
+def readable(
+  path,
+  fmt: str,
+  what: str | None = "checkpoint",
+  fix: str = "check the path, or export or convert it again",
+):
   """Turns a library's failure to read checkpoint `path` (safetensors,
-  orbax, tensorstore, JSON) into one CheckpointError naming it and the
-  fix, as `gemma-jax convert` reports a bad source."""
+  orbax, tensorstore, JSON) into one CheckpointError naming it (after
+  `what:` when given) and the fix."""
+  name = f"{what}: {path}" if what else f"{path}"
   try:
     yield
   except GemmaJaxError:
@@ -85,14 +91,12 @@ def readable(path, fmt: str, what: str = "checkpoint"):
     if e.errno is not None:  # a real OS error (disk, permissions)
       raise
     raise CheckpointError(
-      f"{what}: {path} is not a readable {fmt} checkpoint ({first_line(e)});"
-      f" check the path, or export or convert it again"
+      f"{name} is not a readable {fmt} checkpoint ({first_line(e)}); {fix}"
     ) from None
   except Exception as e:  # safetensors/orbax/json raise many
     raise CheckpointError(
-      f"{what}: {path} is not a readable {fmt} checkpoint "
-      f"({type(e).__name__}: {first_line(e)}); check the path, or export "
-      f"or convert it again"
+      f"{name} is not a readable {fmt} checkpoint "
+      f"({type(e).__name__}: {first_line(e)}); {fix}"
     ) from None
 
 

@@ -43,7 +43,14 @@ import sys
 import jax.numpy as jnp
 
 from gemma_jax import configlib, fileio
-from gemma_jax.checkpoint import hf, hf_config, kaggle, native, quantized
+from gemma_jax.checkpoint import (
+  formats,
+  hf,
+  hf_config,
+  kaggle,
+  native,
+  quantized,
+)
 from gemma_jax.errors import ConfigError
 from gemma_jax.model import quant as quant_lib
 from gemma_jax.model.config import PRESETS, ModelConfig
@@ -238,7 +245,7 @@ def read_source(args, dtype):
   turned into one CheckpointError naming the source."""
   from etils import epath
 
-  from gemma_jax.errors import CheckpointError, GemmaJaxError
+  from gemma_jax.errors import CheckpointError
 
   fileio.check_remote(args.src, "source")
   src = epath.Path(args.src)
@@ -249,23 +256,10 @@ def read_source(args, dtype):
       f"{args.src} is a file; --from {args.src_format} "
       f"takes a checkpoint directory"
     )
-  try:
+  with formats.readable(
+    args.src, args.src_format, what=None, fix="check the path and --from"
+  ):
     return load(args, dtype)
-  except GemmaJaxError:
-    raise
-  except OSError as e:
-    if e.errno is not None:  # a real OS error (disk, permissions)
-      raise
-    raise CheckpointError(
-      f"{args.src} is not a readable {args.src_format} "
-      f"checkpoint ({_first_line(e)}); check the path "
-      f"and --from"
-    ) from None
-  except Exception as e:  # safetensors/orbax raise many
-    raise CheckpointError(
-      f"{args.src} is not a readable {args.src_format} checkpoint "
-      f"({type(e).__name__}: {_first_line(e)}); check the path and --from"
-    ) from None
 
 
 def save_hf(dst, params, cfg, force=False, **kwargs) -> None:
@@ -284,10 +278,6 @@ def save_hf(dst, params, cfg, force=False, **kwargs) -> None:
   with tempfile.TemporaryDirectory(prefix="gemma-jax-hf-") as tmp:
     hf.save(f"{tmp}/hf", params, cfg, **kwargs)
     fileio.publish_directory(f"{tmp}/hf", dst)
-
-
-def _first_line(error) -> str:
-  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def main(args) -> int:
