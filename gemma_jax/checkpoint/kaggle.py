@@ -42,7 +42,7 @@ from etils import epath
 from flax.linen import meta
 
 from gemma_jax import fileio
-from gemma_jax.checkpoint import layout, placement
+from gemma_jax.checkpoint import layout, placement, publish
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ModelConfig
 
@@ -351,6 +351,7 @@ def save(
     embed_rows=embed_rows,
     dtype=dtype,
   )
+  publish.check_finite(flat, directory)  # before anything is written
   with (
     fileio.atomic_directory(directory, overwrite=force) as tmp,
     ocp.PyTreeCheckpointer() as ckptr,

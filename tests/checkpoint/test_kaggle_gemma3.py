@@ -13,6 +13,7 @@ import pytest
 
 from gemma_jax.checkpoint import kaggle
 from gemma_jax.checkpoint.testing import official_checkpoint, random_params
+from gemma_jax.errors import CheckpointError
 from gemma_jax.model import preset
 
 GEMMA3 = preset(
@@ -128,3 +129,13 @@ def test_cli_converts_hf_gemma3_to_the_official_layout(hf_dir, tmp_path):
   ):
     assert p == q
     np.testing.assert_array_equal(a, b, err_msg=p)
+
+
+def test_export_of_a_nan_tensor_writes_nothing(tmp_path):
+  params = random_params(GEMMA3, seed=3)
+  table = np.array(params["embedder"]["embedding"])
+  table[1, 2] = np.nan
+  params["embedder"]["embedding"] = table
+  with pytest.raises(CheckpointError, match="holds NaN or inf; nothing was"):
+    kaggle.save(tmp_path / "official", params, GEMMA3)
+  assert list(tmp_path.iterdir()) == []
