@@ -8,7 +8,10 @@ Each reads only what describes the arrays (configs, orbax tree metadata,
 safetensors headers, ArrayRecord footers and the first and last record), so
 it takes seconds even for a large checkpoint, and fails in one line naming
 the file and the fix. A gs:// path is first checked with
-fileio.check_remote (seconds, not the clients' minutes of retries).
+fileio.check_remote (seconds, not the clients' minutes of retries). A
+training run calls them before its program is built: for its init_from
+(gemma_jax.train.start.check_inputs) and for each feature's inputs (the
+features' `check_inputs`).
 """
 
 import json
@@ -173,23 +176,3 @@ def check_json_file(path, what: str) -> dict:
 
 def _is_run_dir(path) -> bool:
   return (epath.Path(path) / "checkpoints").is_dir()
-
-
-def check_run_inputs(cfg, fresh: bool) -> None:
-  """Every checkpoint a training run with RunConfig `cfg` reads, checked
-  before anything is compiled: checkpoint.init_from (a fresh run's start,
-  or LoRA's base at every start), distill.teacher, continual.anchor and
-  continual.fisher."""
-  ck, d, c = cfg.checkpoint, cfg.distill, cfg.continual
-  sources = []
-  if ck.init_from and (fresh or cfg.model.lora is not None):
-    sources.append((ck.init_from, ck.init_format, cfg.model, "init_from"))
-  if c.enabled and c.anchor and c.anchor != ck.init_from:
-    sources.append((c.anchor, c.anchor_format, cfg.model, "continual.anchor"))
-  for path, fmt, model, what in sources:
-    what = what if "." in what else f"checkpoint.{what}"
-    check_params_source(path, model, fmt, what)
-  if d.teacher:
-    check_params_source(d.teacher, d.teacher_model, "auto", "distill.teacher")
-  if c.enabled and c.fisher:
-    check_fisher(c.fisher, cfg.model, "continual.fisher")

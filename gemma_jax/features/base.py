@@ -20,6 +20,9 @@ The hooks, in the order a run meets them:
     loss(program, loss_fn)      the objective
     penalty(program)            a term on the params added once per step
     extras(program)             per-step state beside the params (Extra)
+  before the program is built (gemma_jax.train.start.check_inputs)
+    check_inputs(cfg, fresh)    the files it will read, checked (a class
+                                method: no instance, nothing compiled yet)
   the start of a run (gemma_jax.train.start)
     prepare(program, pipe)      checks and loads that need no state
     uses_init_from()            checkpoint.init_from is its input
@@ -98,6 +101,14 @@ class Feature:
   def extras(self, program) -> Extra | None:
     del program
     return None
+
+  # Before the program is built.
+  @classmethod
+  def check_inputs(cls, cfg, fresh: bool) -> None:
+    """Checks the checkpoints this feature will read (format, completeness,
+    shapes: gemma_jax.checkpoint.preflight), before anything is built or
+    compiled; one-line errors. `fresh`: the run has no checkpoint yet."""
+    del cfg, fresh
 
   # The start of a run.
   def prepare(self, program, pipe) -> None:

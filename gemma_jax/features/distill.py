@@ -509,5 +509,13 @@ class Distill(Feature):
       self.cfg.train.z_loss,
     )
 
+  @classmethod
+  def check_inputs(cls, cfg, fresh: bool) -> None:
+    d = cfg.distill
+    if d.teacher:
+      preflight.check_params_source(
+        d.teacher, d.teacher_model, "auto", "distill.teacher"
+      )
+
   def prepare(self, program, pipe) -> None:
     attach(program, pipe, self.cfg.train.steps)

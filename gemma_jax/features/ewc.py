@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gemma_jax.checkpoint import fisher as fisher_store
-from gemma_jax.checkpoint import layout
+from gemma_jax.checkpoint import layout, preflight
 from gemma_jax.checkpoint.fingerprint import fingerprint
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.features import lora as lora_feature
@@ -349,6 +349,16 @@ class EWC(Feature):
       return value, {KEY: value}
 
     return fn
+
+  @classmethod
+  def check_inputs(cls, cfg, fresh: bool) -> None:
+    c, ck = cfg.continual, cfg.checkpoint
+    if c.anchor and c.anchor != ck.init_from:  # init_from: the core's
+      preflight.check_params_source(
+        c.anchor, cfg.model, c.anchor_format, "continual.anchor"
+      )
+    if c.fisher:
+      preflight.check_fisher(c.fisher, cfg.model, "continual.fisher")
 
   def prepare(self, program, pipe) -> None:
     # Fails on a missing Fisher or anchor, before anything is loaded.

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax.checkpoint import adapter as adapter_ckpt
-from gemma_jax.checkpoint import formats, layout, native, quantized
+from gemma_jax.checkpoint import formats, layout, native, preflight, quantized
 from gemma_jax.errors import ConfigError
 from gemma_jax.features.base import Feature
 from gemma_jax.model import lora as lora_lib
@@ -319,6 +319,16 @@ class LoRA(Feature):
 
   def frozen(self, program) -> dict:
     return {BASE: self._abstract_base}
+
+  @classmethod
+  def check_inputs(cls, cfg, fresh: bool) -> None:
+    # The base is read at every start, a resumed one too (the core checks
+    # a fresh run's init_from).
+    ck = cfg.checkpoint
+    if ck.init_from and not fresh:
+      preflight.check_params_source(
+        ck.init_from, cfg.model, ck.init_format, "checkpoint.init_from"
+      )
 
   def prepare(self, program, pipe) -> None:
     ck = self.cfg.checkpoint

@@ -83,9 +83,9 @@ def register(*features: Any) -> None:
       _REGISTERED.append(feature)
 
 
-def enabled_features(cfg: RunConfig) -> list:
-  """One instance of every registered feature `cfg` turns on, in order;
-  ConfigError naming any it turns on that is not registered."""
+def feature_classes(cfg: RunConfig) -> list:
+  """The registered feature classes `cfg` turns on, in order; ConfigError
+  naming any it turns on that is not registered."""
   missing = set(cfg.features()) - {f.name for f in _REGISTERED}
   if missing:
     raise ConfigError(
@@ -93,7 +93,12 @@ def enabled_features(cfg: RunConfig) -> list:
       f"registered feature provides; import gemma_jax.features before "
       f"building a TrainProgram (it registers them all)"
     )
-  return [f(cfg) for f in _REGISTERED if f.enabled(cfg)]
+  return [f for f in _REGISTERED if f.enabled(cfg)]
+
+
+def enabled_features(cfg: RunConfig) -> list:
+  """One instance of every registered feature `cfg` turns on, in order."""
+  return [f(cfg) for f in feature_classes(cfg)]
 
 
 class TrainProgram:

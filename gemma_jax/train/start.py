@@ -2,8 +2,10 @@
 
     state, restored_step, meta = start.begin(program, pipe, checkpointer)
 
-0. Before it (the Trainer, before the workdir is touched): `check_workdir`,
-   and `check_init_from` when the run has no checkpoint yet.
+0. Before it (the Trainer, before the program is built and the workdir is
+   touched): `check_inputs` (every checkpoint the run will read, each
+   feature's among them), `check_workdir`, and `check_init_from` when the
+   run has no checkpoint yet.
 1. Each feature's `prepare`: the checks and frozen inputs that need no state
    (gemma_jax.features: LoRA's base, a teacher or a dump, the EWC sources).
 2. Resume (`restore`): the newest intact checkpoint, refused if it holds
@@ -34,11 +36,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gemma_jax import fileio
-from gemma_jax.checkpoint import formats, layout
+from gemma_jax.checkpoint import formats, layout, preflight
 from gemma_jax.errors import CheckpointError, ConfigError, TrainingStopped
 from gemma_jax.model.config import EXECUTION_FIELDS
 from gemma_jax.train import checkpointing
 from gemma_jax.train import config as config_lib
+from gemma_jax.train import program as program_lib
 from gemma_jax.train import state as state_lib
 
 
@@ -111,6 +114,21 @@ def initial_state(program):
     return _continued_state(program, ck.init_from)
   params = load_params(ck.init_from, ck.init_format, program)
   return program.init_state(params=params)
+
+
+def check_inputs(cfg, fresh: bool) -> None:
+  """Every checkpoint a run of RunConfig `cfg` reads, checked before
+  anything is built or compiled (gemma_jax.checkpoint.preflight: format,
+  completeness, shapes, reachable storage; one-line errors): a fresh run's
+  checkpoint.init_from, then each feature's inputs (its `check_inputs`).
+  `fresh`: the workdir has no checkpoint yet."""
+  ck = cfg.checkpoint
+  if ck.init_from and fresh:
+    preflight.check_params_source(
+      ck.init_from, cfg.model, ck.init_format, "checkpoint.init_from"
+    )
+  for feature in program_lib.feature_classes(cfg):
+    feature.check_inputs(cfg, fresh)
 
 
 def check_init_from(cfg) -> None:

@@ -25,7 +25,7 @@ import jax
 from etils import epath
 
 from gemma_jax import distributed, fileio, hardware
-from gemma_jax.checkpoint import lease, preflight
+from gemma_jax.checkpoint import lease
 from gemma_jax.data import pipeline_for
 from gemma_jax.errors import ConfigError, TrainingStopped
 from gemma_jax.train import checkpointing, start
@@ -76,7 +76,7 @@ class Trainer:
     # before the workdir is touched; the workdir is ours (its lease) before
     # anything is written into it.
     fresh = not start.has_checkpoints(self.workdir)
-    preflight.check_run_inputs(cfg, fresh)
+    start.check_inputs(cfg, fresh)
     self.program = TrainProgram(cfg, mesh)
     self.pipe = pipeline_for(cfg)
     if cfg.checkpoint.init_from and fresh:
