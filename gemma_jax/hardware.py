@@ -109,7 +109,16 @@ _V5P_NAMED = _3D + (
 # Zones per generation, from the Cloud TPU "TPU regions and zones" page
 # (cloud.google.com/tpu/docs/regions-zones), the versions of 2025-2026,
 # single-tenant zones included. Checked in dry runs only: a real run lets
-# gcloud decide, so a zone added since still works.
+# gcloud decide, so a zone added since still works. Outside the US:
+# - europe-west4-b, v5e: the page's Europe table ("v5lite-1 ...
+#   europe-west4-b"). v5p: its Europe table has a v5p row, and TPUs in
+#   Europe are in europe-west4; Google's own TPU test DAGs run v5p there
+#   (GoogleCloudPlatform/ml-auto-solutions, dags/common/vm_resource.py).
+# - asia-northeast1-b, v6e: the page's Asia Pacific table has a v6e row
+#   (its only TPU row besides v2), the zone letter not in the copy we
+#   read; public labs create v6e spot nodes (ct6e-standard-1t) there.
+# - asia-southeast1-b was listed for v5e and is not: the Asia Pacific table
+#   has no v5e row.
 _V4_ZONES = ("us-central2-b",)
 _V5E_ZONES = (
   "us-central1-a",
@@ -121,7 +130,6 @@ _V5E_ZONES = (
   "us-east5-b",
   "us-east5-c",
   "europe-west4-b",
-  "asia-southeast1-b",
 )
 _V5P_ZONES = (
   "us-central1-a",

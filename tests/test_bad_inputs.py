@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1588,6 +1589,8 @@ def test_a_damaged_lock_is_taken_over_as_torn(ctx, capsys):
   work = ctx.copy_run()
   with open(os.path.join(work, "LOCK"), "wb") as f:
     f.write(np.random.default_rng(3).bytes(64))
+  # Older than a lease being written (lease.TORN_AFTER_S): a dead writer's.
+  os.utime(os.path.join(work, "LOCK"), (time.time() - 3600,) * 2)
   capsys.readouterr()
   assert cli.main(["train", ctx.config(), "--workdir", work]) == 0
   err = capsys.readouterr().err

@@ -17,9 +17,16 @@ command imports gemma_jax.evals.harness (which registers `gemma_jax`) and
 then runs the harness's entry point. Needs the `eval` extra
 (pip install 'gemma-jax[eval]'); `--model hf` also needs torch and
 transformers.
+
+On several processes (a TPU pod: the same command on every host), every
+process scores every request over the global mesh (`gemma_jax` tells the
+harness it is one process, so no process is given a share of the
+documents); only process 0 prints the table and writes --output_path.
 """
 
 import argparse
+import contextlib
+import os
 import sys
 
 HELP = "run lm-evaluation-harness with --model gemma_jax (every option passed)"
@@ -48,7 +55,39 @@ def main(args) -> int:
       "pip install 'gemma-jax[eval]'"
     ) from None
   import gemma_jax.evals.harness  # noqa: F401  (registers `gemma_jax`)
+  from gemma_jax import distributed
+
+  distributed.initialize_runtime(command="lm-eval")
+  import jax
 
   sys.argv = ["lm-eval", *args.harness_args]
-  cli_evaluate()
+  if jax.process_index() == 0:
+    cli_evaluate()
+  else:
+    with quiet_follower():
+      cli_evaluate()
   return 0
+
+
+@contextlib.contextmanager
+def quiet_follower():
+  """The harness on a process other than 0: it computes as process 0 does
+  but prints nothing and writes no results or sample files."""
+  from lm_eval.loggers import EvaluationTracker
+
+  saved = {
+    name: getattr(EvaluationTracker, name)
+    for name in (
+      "save_results_aggregated",
+      "save_results_samples",
+      "recreate_metadata_card",
+    )
+  }
+  try:
+    for name in saved:
+      setattr(EvaluationTracker, name, lambda *a, **k: None)
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+      yield
+  finally:
+    for name, fn in saved.items():
+      setattr(EvaluationTracker, name, fn)

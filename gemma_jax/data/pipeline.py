@@ -27,6 +27,17 @@ from gemma_jax.tokenizer import Tokenizer
 MIXING = "exactly per batch (EDF, within one row at every step)"
 
 
+def check_global_batch(global_batch: int, process_count: int) -> None:
+  """ConfigError unless every process gets the same whole number of rows
+  (B / P each): what a pod config must satisfy for its topology."""
+  if global_batch < 1 or global_batch % process_count:
+    raise ConfigError(
+      f"train.batch_size ({global_batch}) must be a "
+      f"positive multiple of the process count "
+      f"({process_count})"
+    )
+
+
 class Pipeline:
   """Batches of process-local rows; see module docstring.
 
@@ -42,12 +53,7 @@ class Pipeline:
     process_count: int = 1,
     vocab_size: int | None = None,
   ):
-    if global_batch < 1 or global_batch % process_count:
-      raise ConfigError(
-        f"train.batch_size ({global_batch}) must be a "
-        f"positive multiple of the process count "
-        f"({process_count})"
-      )
+    check_global_batch(global_batch, process_count)
     if not 0 <= process_index < process_count:
       raise ConfigError(
         f"process_index {process_index} is not in [0, {process_count})"

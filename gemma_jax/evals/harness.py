@@ -28,7 +28,9 @@ HFLM, lm-eval 0.4.x) scores on the same checkpoint exported to Hugging Face:
 * generate_until: the prompt with bos, keeping its last max_length -
   max_gen_toks tokens; up to max_gen_toks new tokens (greedy unless
   do_sample / temperature > 0); the text decoded without special tokens and
-  cut at each stop string ('until', plus "<eos>").
+  cut at each stop string ('until', plus "<eos>"). A batch decodes 16 steps
+  at a time and stops once every row has eos or a stop string
+  (evals/decoding.py), as HFLM's stopping criteria stop its batch.
 
 Batches hold requests of similar length; a batch's width is the next power of
 two (at least 16), so a whole run compiles a handful of shapes. Rows are
@@ -54,7 +56,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.evals import scoring
+from gemma_jax.evals import decoding, scoring
 from gemma_jax.model import ModelConfig, Transformer, preset
 from gemma_jax.model.config import DType
 from gemma_jax.sharding import mesh as mesh_lib
@@ -268,6 +270,7 @@ class GemmaJaxLM(TemplateLM):
     for a in rules.axes_of(spec[0]):
       shards *= self.mesh.shape[a]
     self._batch_size = -(-int(batch_size) // shards) * shards
+    self.decoder = decoding.ChunkedDecoder(self.cfg)
 
   # Loading.
   def _load(self, checkpoint: str, config, dtype):
@@ -432,7 +435,7 @@ class GemmaJaxLM(TemplateLM):
           f"({self.max_length})"
         )
       prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in indices]
-      texts = self._generate(prompts, max_new, kw)
+      texts = self._generate(prompts, max_new, kw, until)
       for i, text in zip(indices, texts):
         text = postprocess_generated_text(text, until, None)
         out[i] = text
@@ -440,11 +443,11 @@ class GemmaJaxLM(TemplateLM):
     return out
 
   def _generate(
-    self, prompts: list[list[int]], max_new: int, kw: dict
+    self, prompts: list[list[int]], max_new: int, kw: dict, until=()
   ) -> list[str]:
-    """Texts of up to max_new tokens after each prompt (stopping at eos)."""
-    from gemma_jax.model import sampler
-
+    """Texts of up to max_new tokens after each prompt, stopping at eos.
+    A batch stops early once every row has eos or one of `until` in its
+    text (HFLM's stopping criteria); the text is cut at `until` later."""
     unknown = sorted(set(kw) - {"do_sample", "temperature", "top_k", "top_p"})
     if unknown:
       raise ConfigError(
@@ -457,10 +460,15 @@ class GemmaJaxLM(TemplateLM):
       temperature = 1.0  # transformers' default when sampling
     top_k = kw.get("top_k")
     top_p = kw.get("top_p")
+    stops = [s for s in until if s]
+
+    def done_fn(row: Sequence[int]) -> bool:
+      text = self.tok_decode(row)
+      return any(s in text for s in stops)
+
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts = [""] * len(prompts)
     b = self._batch_size
-    new_bucket = bucket(max_new)
     for n, start in enumerate(range(0, len(order), b)):
       rows = order[start : start + b]
       # Every batch is [b, power of two]: one compile per width; filler
@@ -473,19 +481,19 @@ class GemmaJaxLM(TemplateLM):
         tokens[r, : len(prompts[i])] = prompts[i]
         lengths[r] = len(prompts[i])
       with rules.sharding_context(self.mesh, self.mesh_config):
-        new = sampler._generate(
+        new = self.decoder.generate(
           self.params,
           self._put(tokens),
           self._put(lengths),
           jax.random.key(self.seed + n),
-          config=self.cfg,
-          max_new_tokens=new_bucket,
+          max_new=max_new,
+          eos_id=EOS_ID,
           temperature=temperature,
           top_k=None if top_k is None else int(top_k),
           top_p=None if top_p is None else float(top_p),
-          eos_id=EOS_ID,
+          done_fn=done_fn,
+          active=[r < len(rows) for r in range(b)],
         )
-      new = np.asarray(jax.device_get(new))
       for r, i in enumerate(rows):
         row = new[r, :max_new].tolist()
         if EOS_ID in row:

@@ -3,10 +3,11 @@
     from gemma_jax.model.testing import TINY_GEMMA2_MQA
     cfg = dataclasses.replace(TINY_GEMMA2_MQA, vocab_size=512)
 
-Each is the `tiny-gemma` or `tiny-gemma2` preset (same architecture rules as
-the real sizes) shrunk to a few thousand parameters, so a test compiles in
-seconds. A test that needs another size replaces the fields it depends on;
-`model_section` writes one as a run config's `model:` section.
+Each is the `tiny-gemma`, `tiny-gemma2` or `tiny-gemma3` preset (same
+architecture rules as the real sizes) shrunk to a few thousand parameters,
+so a test compiles in seconds. A test that needs another size replaces the
+fields it depends on; `model_section` writes one as a run config's `model:`
+section.
 """
 
 import dataclasses
@@ -84,6 +85,23 @@ TINY_GEMMA2_WIDE = preset(
 # 8 query heads over 2 kv heads: heads to split over a tensor axis of 2-8.
 TINY_GEMMA2_SHARDED = dataclasses.replace(
   TINY_GEMMA2_WIDE, num_heads=8, head_dim=8
+)
+
+# Gemma 3: QK-norm, no soft-caps, five local layers (window 4) to one
+# global; 7 layers, so the pattern does not end on a whole cycle (layer 5 is
+# the global one). RoPE per layer: 10k on local layers, 1M with linear
+# scaling 8 on the global one. 4 query heads over 2 kv heads,
+# heads * head_dim (32) = d_model.
+TINY_GEMMA3 = preset(
+  "tiny-gemma3",
+  num_layers=7,
+  d_model=32,
+  mlp_dim=64,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  vocab_size=128,
+  sliding_window=4,
 )
 
 

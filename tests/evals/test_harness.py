@@ -8,9 +8,7 @@ the same model exported to Hugging Face: every request's log-likelihood
 """
 
 import importlib.util
-import json
 import os
-import pathlib
 import sys
 
 import numpy as np
@@ -24,6 +22,7 @@ from lm_eval.tasks import TaskManager
 from gemma_jax.checkpoint import hf, native
 from gemma_jax.errors import ConfigError
 from gemma_jax.evals import harness
+from gemma_jax.evals.testing import TASKS, write_tasks
 
 # The harness reads local files only (no Hub look-ups).
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -36,216 +35,6 @@ HAS_HF = all(
 needs_hf = pytest.mark.skipif(
   not HAS_HF, reason="needs torch, transformers and accelerate"
 )
-TASKS_DIR = pathlib.Path(lm_eval.__file__).parent / "tasks"
-
-# (our task name, the harness's task file, splits it reads, documents).
-ARC = [
-  {
-    "id": f"q{i}",
-    "question": q,
-    "choices": {"text": c, "label": ["A", "B", "C", "D"]},
-    "answerKey": k,
-  }
-  for i, (q, c, k) in enumerate(
-    [
-      ("Which is a fruit?", ["apple", "stone", "car", "cloud"], "A"),
-      ("What melts ice?", ["cold", "heat", "dark", "sound"], "B"),
-      ("Where do fish live?", ["sky", "desert", "water", "fire"], "C"),
-    ]
-  )
-]
-BELEBELE = [
-  {
-    "flores_passage": p,
-    "question": q,
-    "mc_answer1": a[0],
-    "mc_answer2": a[1],
-    "mc_answer3": a[2],
-    "mc_answer4": a[3],
-    "correct_answer_num": n,
-  }
-  for p, q, a, n in [
-    (
-      "The cat sat on the mat all day.",
-      "Where did the cat sit?",
-      ["on the mat", "in a tree", "on a car", "in the sea"],
-      "1",
-    ),
-    (
-      "Rain fell in the morning, then the sun came out.",
-      "What came after the rain?",
-      ["snow", "the sun", "wind", "night"],
-      "2",
-    ),
-  ]
-]
-GSM8K_TRAIN = [
-  {
-    "question": f"Tom has {a} apples and buys {b} more. How many now?",
-    "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}",
-  }
-  for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9)]
-]
-GSM8K_TEST = [
-  {
-    "question": "Ann has 3 pens and gets 2. How many pens?",
-    "answer": "3 + 2 = 5\n#### 5",
-  },
-  {
-    "question": "A box holds 10 eggs; 4 break. How many left?",
-    "answer": "#### 6",
-  },
-]
-HELLASWAG = [
-  {
-    "ind": i,
-    "activity_label": label,
-    "ctx_a": a,
-    "ctx_b": b,
-    "ctx": a + " " + b,
-    "endings": endings,
-    "source_id": "x",
-    "split": "val",
-    "split_type": "indomain",
-    "label": str(gold),
-  }
-  for i, (label, a, b, endings, gold) in enumerate(
-    [
-      (
-        "Cooking",
-        "A man puts a pan on the stove.",
-        "he",
-        ["adds oil and eggs.", "[title] sings.", "flies away.", "sleeps."],
-        0,
-      ),
-      (
-        "Running",
-        "A woman ties her shoes.",
-        "she",
-        ["eats a car.", "runs down the road.", "melts.", "reads a cloud."],
-        1,
-      ),
-    ]
-  )
-]
-MMLU = [
-  {
-    "question": q,
-    "subject": "anatomy",
-    "choices": c,
-    "answer": k,
-  }
-  for q, c, k in [
-    ("The heart pumps", ["blood", "air", "bone", "light"], 0),
-    ("Lungs take in", ["water", "air", "stone", "sand"], 1),
-    ("The skull protects the", ["foot", "hand", "brain", "knee"], 2),
-  ]
-]
-TRUTHFULQA = [
-  {
-    "question": q,
-    "mc1_targets": {"choices": c1, "labels": [1] + [0] * (len(c1) - 1)},
-    "mc2_targets": {"choices": c2, "labels": l2},
-  }
-  for q, c1, c2, l2 in [
-    (
-      "What happens if you eat seeds?",
-      ["Nothing much happens.", "A tree grows in you.", "You fly."],
-      ["Nothing happens.", "You digest them.", "A tree grows."],
-      [1, 1, 0],
-    ),
-    (
-      "Is the earth flat?",
-      ["No, it is round.", "Yes, it is flat."],
-      ["No.", "It is round.", "Yes.", "It is a disc."],
-      [1, 1, 0, 0],
-    ),
-  ]
-]
-WINOGRANDE = [
-  {
-    "sentence": s,
-    "option1": o1,
-    "option2": o2,
-    "answer": a,
-  }
-  for s, o1, o2, a in [
-    (
-      "The ball did not fit in the box because _ was too big.",
-      "the ball",
-      "the box",
-      "1",
-    ),
-    (
-      "Sam gave Tim a gift because _ was kind.",
-      "Sam",
-      "Tim",
-      "1",
-    ),
-  ]
-]
-
-# Perplexity over whole documents (loglikelihood_rolling).
-WIKITEXT = [
-  {
-    "page": " = Cats = \n\n Cats sleep a lot . They like the sun and warm "
-    "places , and they hunt mice at night . \n" * 3
-  },
-  {"page": " = Rain = \n\n Rain falls from clouds @-@ mostly in spring . \n"},
-]
-
-# task -> (harness yaml, {split: documents})
-TASKS = {
-  "arc": (
-    "arc/arc_easy.yaml",
-    dict.fromkeys(("train", "validation", "test"), ARC),
-  ),
-  "belebele": ("belebele/belebele_lit_Latn.yaml", {"test": BELEBELE}),
-  "gsm8k": ("gsm8k/gsm8k.yaml", {"train": GSM8K_TRAIN, "test": GSM8K_TEST}),
-  "hellaswag": (
-    "hellaswag/hellaswag.yaml",
-    {"train": HELLASWAG, "validation": HELLASWAG},
-  ),
-  "mmlu": ("mmlu/default/mmlu_anatomy.yaml", {"dev": MMLU, "test": MMLU}),
-  "truthfulqa_mc1": (
-    "truthfulqa/truthfulqa_mc1.yaml",
-    {"validation": TRUTHFULQA},
-  ),
-  "truthfulqa_mc2": (
-    "truthfulqa/truthfulqa_mc2.yaml",
-    {"validation": TRUTHFULQA},
-  ),
-  "winogrande": (
-    "winogrande/default.yaml",
-    {"train": WINOGRANDE, "validation": WINOGRANDE},
-  ),
-  "wikitext": (
-    "wikitext/wikitext.yaml",
-    dict.fromkeys(("train", "validation", "test"), WIKITEXT),
-  ),
-}
-
-
-def write_tasks(root: pathlib.Path) -> pathlib.Path:
-  """One `local_<name>` task YAML per format: the harness's own task file
-  (include:) over local JSON-lines files (dataset_path: json)."""
-  root.mkdir(parents=True, exist_ok=True)
-  for name, (yaml_file, splits) in TASKS.items():
-    files = {}
-    for split, docs in splits.items():
-      path = root / f"{name}_{split}.jsonl"
-      path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-      files[split] = str(path)
-    config = {
-      "include": str(TASKS_DIR / yaml_file),
-      "task": f"local_{name}",
-      "dataset_path": "json",
-      "dataset_name": None,
-      "dataset_kwargs": {"data_files": files},
-    }
-    # The harness's YAML loader reads JSON (a YAML subset).
-    (root / f"local_{name}.yaml").write_text(json.dumps(config, indent=1))
-  return root
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +149,48 @@ def test_generation_stops_and_samples(random_model, tok):
   odd = {"max_gen_toks": 4, "repetition_penalty": 1.1}
   with pytest.raises(ConfigError, match=r"\['repetition_penalty'\] are not"):
     lm.generate_until([Instance("generate_until", {}, ("Hi", odd), 0)])
+
+
+@pytest.mark.slow
+def test_a_batch_stops_once_every_row_is_done(random_model, tok):
+  """Stopping early at eos or a stop string changes the number of decode
+  steps, never the generations (those of the sampler's full-length
+  decode, cut the same way)."""
+  from lm_eval.api.instance import Instance
+
+  from gemma_jax.model import sampler
+
+  params, cfg = random_model
+  lm = harness.GemmaJaxLM(params=params, model_config=cfg, tokenizer=tok)
+  prompts = ["Once upon", "A much longer prompt than the", "The cat"]
+  # Stop strings the greedy text reaches early: its own first characters.
+  full = sampler.generate(
+    params, cfg, [lm.tok_encode(p) for p in prompts], 64, eos_id=None
+  )
+  texts = []
+  for new in full:  # the new tokens of each prompt
+    texts.append(lm.tok_decode(new[: new.index(1)] if 1 in new else new))
+  stops = [t.strip()[:2] for t in texts]
+  assert all(stops), texts
+  for until in ([], stops):
+    reqs = [
+      Instance(
+        "generate_until", {}, (p, {"until": until, "max_gen_toks": 64}), i
+      )
+      for i, p in enumerate(prompts)
+    ]
+    lm.decoder.steps_run = 0
+    got = lm.generate_until(reqs)
+    expected = []
+    for t in texts:
+      for s in until:
+        t = t.split(s)[0]
+      expected.append(t)
+    assert got == expected
+    if until:
+      assert lm.decoder.steps_run == 16 < 64  # one chunk
+    else:
+      assert lm.decoder.steps_run == 64
 
 
 def _samples(results):
@@ -526,3 +357,28 @@ def test_kaggle_checkpoint_needs_and_takes_a_config(
     params=kaggle.load(tmp_path / "k", cfg), model_config=cfg, tokenizer=tok
   ).loglikelihood(reqs)
   np.testing.assert_allclose(ours[0][0], live[0][0], rtol=1e-6)
+
+
+def test_only_process_zero_prints_and_writes(monkeypatch, tmp_path, capsys):
+  import jax
+  import lm_eval.__main__
+  from lm_eval.loggers import EvaluationTracker
+
+  from gemma_jax import cli
+
+  def fake_cli():
+    # What the harness's `run` does with results: print, then save.
+    print("| Tasks | Version |")
+    tracker = EvaluationTracker(output_path=str(tmp_path / "out"))
+    tracker.general_config_tracker.model_name_sanitized = "m"
+    tracker.save_results_aggregated(results={"results": {}}, samples=None)
+
+  monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  assert cli.main(["lm-eval", "--tasks", "x"]) == 0
+  assert capsys.readouterr().out == "" and not (tmp_path / "out").exists()
+  # The harness's tracker is itself again afterwards, and process 0 writes.
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  assert cli.main(["lm-eval", "--tasks", "x"]) == 0
+  assert "| Tasks |" in capsys.readouterr().out
+  assert list((tmp_path / "out").rglob("results_*.json"))

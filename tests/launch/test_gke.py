@@ -324,7 +324,7 @@ def test_flags_a_format_cannot_carry_are_refused_not_dropped(capsys):
   assert _refused(capsys, "--format", "xpk", "--zone", "us-central2-b") == (
     "gemma-jax launch: error: --zone 'us-central2-b': Cloud TPU offers v5e "
     "in us-central1-a, us-south1-a, us-west1-c, us-west4-a, us-west4-b, "
-    "us-east5-a, us-east5-b, us-east5-c, europe-west4-b, asia-southeast1-b "
+    "us-east5-a, us-east5-b, us-east5-c, europe-west4-b "
     "(cloud.google.com/tpu/docs/regions-zones); give the zone of a cluster "
     "with v5e node pools"
   )

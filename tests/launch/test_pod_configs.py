@@ -180,3 +180,42 @@ def cli_render(args) -> str:
     )
   assert code == 0
   return out.getvalue()
+
+
+@pytest.mark.parametrize("config", PODS, ids=[p.stem for p in PODS])
+def test_every_pod_config_passes_the_trainers_startup_checks(config):
+  """What `gemma-jax train` checks before its first step that needs no
+  hardware, on the topology the config's header names: the config loads
+  and validates; the mesh fills the slices exactly; the batch splits over
+  the batch shards and microbatches (TrainProgram); and it is a multiple of
+  the process count, one JAX process per host (4 chips each on every
+  multi-host slice here), so that every host reads B/P rows (Pipeline)."""
+  import math
+
+  from gemma_jax.data.pipeline import check_global_batch
+  from gemma_jax.launch.slices import check_mesh
+  from gemma_jax.sharding import rules
+  from gemma_jax.train.config import load_config
+
+  tpu, slices = launch_shape(config)
+  shape = parse_tpu(tpu)
+  cfg = load_config(config)
+  ici, dcn = check_mesh(cfg.mesh, shape, slices, what=config.name)
+  batch_axes = rules.axes_of(rules.batch_spec(cfg.mesh)[0])
+  shards = math.prod(ici[a] * dcn[a] for a in batch_axes)
+  rows, micro = cfg.train.batch_size, cfg.train.microbatches
+  assert rows % (shards * micro) == 0, (rows, shards, micro)
+  processes = shape.gke_nodes * slices
+  assert processes == shape.chips * slices // 4
+  check_global_batch(rows, processes)
+
+
+def test_the_startup_checks_refuse_a_batch_the_hosts_cannot_share():
+  """v5p:8x24x32 is 1,536 hosts: 768 rows would leave half a row each."""
+  from gemma_jax.data.pipeline import check_global_batch
+  from gemma_jax.errors import ConfigError
+
+  shape = parse_tpu("v5p:8x24x32")
+  assert shape.gke_nodes == 1536
+  with pytest.raises(ConfigError, match=r"multiple of the process count"):
+    check_global_batch(768, shape.gke_nodes)

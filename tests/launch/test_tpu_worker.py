@@ -9,6 +9,11 @@ import subprocess
 import time
 
 ROOT = pathlib.Path(__file__).parents[2]
+# The wrapper with the stand-in runs in well under a second; this only
+# bounds a hang, however loaded the machine. Nothing here depends on how
+# long a step takes: the stand-in sleeps until SIGTERM where a test needs
+# it running, and readiness is read from the log.
+HANG_S = 300
 
 FAKE = """#!/bin/bash
 echo "args: $*"
@@ -52,13 +57,26 @@ def _worker(tmp_path, **env):
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
+    start_new_session=True,  # its own process group, to clean up after
   )
   return proc, run_dir, workdir
 
 
+def _finish(proc) -> str:
+  """The wrapper's output once it exited; kills its process group (the
+  stand-in's sleep included) if it hangs past HANG_S or the test failed."""
+  try:
+    out, _ = proc.communicate(timeout=HANG_S)
+    return out
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+
+
 def test_a_finished_run_leaves_its_exit_code_and_log(tmp_path):
   proc, run_dir, workdir = _worker(tmp_path, FAKE_EXIT="3")
-  out, _ = proc.communicate(timeout=30)
+  out = _finish(proc)
   assert proc.returncode == 3
   assert (run_dir / "exit_code").read_text() == "3\n"
   assert not (run_dir / "worker.pid").exists()
@@ -72,17 +90,24 @@ def test_a_finished_run_leaves_its_exit_code_and_log(tmp_path):
 
 
 def test_sigterm_stops_training_and_marks_the_run_terminated(tmp_path):
-  proc, run_dir, _ = _worker(tmp_path, FAKE_SLEEP="30")
+  # The stand-in trains "forever": only the SIGTERM can end it.
+  proc, run_dir, _ = _worker(tmp_path, FAKE_SLEEP="3600")
   pid_file = run_dir / "worker.pid"
-  deadline = time.monotonic() + 20
-  while (
-    not (run_dir / "train.log").exists()
-    or "env:" not in (run_dir / "train.log").read_text()
-  ):
-    assert time.monotonic() < deadline
-    time.sleep(0.05)
+  try:
+    deadline = time.monotonic() + HANG_S
+    while (
+      not (run_dir / "train.log").exists()
+      or "env:" not in (run_dir / "train.log").read_text()
+    ):
+      assert proc.poll() is None, proc.communicate()[0]
+      assert time.monotonic() < deadline, "the stand-in never started"
+      time.sleep(0.05)
+  except BaseException:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    raise
   os.kill(int(pid_file.read_text()), signal.SIGTERM)  # `launch stop`
-  proc.communicate(timeout=20)
+  _finish(proc)
   assert proc.returncode == 0
   assert (run_dir / "exit_code").read_text() == "terminated\n"
   log = (run_dir / "train.log").read_text()
