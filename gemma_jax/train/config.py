@@ -199,6 +199,10 @@ class DistillConfig:
   temperature: tau of both softmaxes (the loss is scaled by tau^2).
   alpha: objective = alpha * distill + (1 - alpha) * cross-entropy.
   topk, tail: what a dump stores per position and how its tail is used.
+  select: how a dump picks its `topk` ids per position: "topk", the most
+    likely; "sample", drawn without replacement in proportion to the
+    teacher's probabilities (Gemma 3's dumps; `tail` is not used), with an
+    unbiased loss (gemma_jax.features.distill_loss).
   dump: a dump directory: train from it (offline).
   """
 
@@ -209,6 +213,7 @@ class DistillConfig:
   alpha: float = 0.5
   topk: int = 64
   tail: Tail = "bucket"
+  select: Literal["topk", "sample"] = "topk"
   dump: str | None = None
 
   def __post_init__(self):
