@@ -255,7 +255,9 @@ def gold_requests(opts: Options, manager=None) -> list[dict]:
     task, config = loaded[name], results["configs"][name]
     kind = config["output_type"]
     requests = []
-    for sample in sorted(results["samples"][name], key=lambda s: s["doc_id"]):
+    # One sample per document and filter: the documents once, in order.
+    docs = {s["doc_id"]: s for s in reversed(results["samples"][name])}
+    for sample in (docs[i] for i in sorted(docs)):
       args = sample["arguments"]
       if kind == "multiple_choice":
         requests.append(tuple(args[_gold_index(task, sample["doc"])]))
