@@ -16,7 +16,8 @@
 # 4. `gemma-jax report` of the base and the four: held-out loss per source
 #    (math: the gain; prose and code: the forgetting) and the accuracy on
 #    two multiple-choice tasks generated from the corpus's held-out files
-#    (prose_next, code_next: the true next sentence / line of 4), printed as
+#    (prose_next, code_next: the true next sentence / line of 4), scored by
+#    lm-evaluation-harness (their task YAMLs in WORKDIR/tasks), printed as
 #    one table with the change from the base in parentheses.
 #
 # `sweep` trains the EWC variant (math only) at each lambda of SWEEP (orders
@@ -35,7 +36,7 @@ LAMBDA=${LAMBDA:-1e-1}
 STEPS=${STEPS:-100}
 SWEEP=${SWEEP:-1e-4 1e-3 1e-2 1e-1 1}
 if [ -z "${GEMMA_JAX:-}" ]; then
-  GEMMA_JAX_EXTRAS="" source launch/setup.sh
+  GEMMA_JAX_EXTRAS="eval" source launch/setup.sh
   GEMMA_JAX=".venv/bin/gemma-jax"
   PYTHON=".venv/bin/python"
 fi
@@ -70,7 +71,8 @@ report() {
     specs+=(--checkpoint "${run%%=*}=$W/${run#*=}/params")
   done
   gj report "$CPT" "${COMMON[@]}" --set continual.ewc_lambda=0 \
-      "${specs[@]}" --tasks "$W/tasks.yaml" --eval-batches 4 \
+      "${specs[@]}" --tasks prose_next,code_next --include-path "$W/tasks" \
+      --eval-batches 4 \
       --out "$W/$out" > "$W/$out.txt"
 }
 
@@ -81,12 +83,10 @@ train "$W/base" configs/cpt/tiny-base.yaml
 [ -f "$W/fisher/fisher.json" ] || gj fisher "$CPT" \
     --set continual.ewc_lambda=0 --params "$W/base/params" \
     --source prose --source code --sequences 128 --out "$W/fisher" --force
-if [ ! -f "$W/tasks.yaml" ]; then
+if [ ! -f "$W/tasks/code_next.yaml" ]; then
   $PYTHON -c "import sys; from gemma_jax.evals import synthetic
-synthetic.write_synthetic(sys.argv[1], num_items=100)" "$W/tasks"
-  printf -- '- {kind: multiple_choice, name: %s, path: %s}\n' \
-      prose_next "$W/tasks/prose_next.jsonl" \
-      code_next "$W/tasks/code_next.jsonl" > "$W/tasks.yaml"
+paths = synthetic.write_synthetic(sys.argv[1], num_items=100)
+synthetic.write_harness_tasks(sys.argv[1], paths)" "$W/tasks"
 fi
 
 # naive is EWC at lambda 0; the sweep's runs are the demo's EWC runs.

@@ -25,16 +25,45 @@ import os
 import tempfile
 import time
 
-# (config, hosts, global batch x sequence, step time at 50% MFU in s):
-# docs/pods.md's table; hosts = chips / 4 (v4, v5p and v5e hosts of these
-# multi-host slices carry 4 chips each, Cloud TPU docs).
-PODS = (
-  ("gemma-7b-v5e", 256 // 4, 256 * 8192, 4.73),
-  ("gemma-2b-v5e", 256 // 4, 256 * 8192, 1.40),
-  ("gemma2-2b-v5e-2slices", 512 // 4, 512 * 8192, 1.49),
-  ("gemma2-9b-v4", 8 * 16 * 32 // 4, 1024 * 8192, 0.94),
-  ("gemma2-27b-v5p", 8 * 24 * 32 // 4, 768 * 8192, 0.77),
-)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MFU = 0.5  # docs/pods.md's step times: analytic FLOPs at 50% MFU
+
+
+def pod_needs():
+  """(config, hosts, step time in s, tokens/s one host consumes) for every
+  configs/pods/*.yaml on the topology its header names: the global batch x
+  sequence length per step, at the step time its analytic FLOPs
+  (train.metrics.model_flops_per_token, the MFU convention) take at 50% of
+  the chips' peak, shared by its hosts (one per 4 chips). Upper bounds where
+  a config trains less than a full model (LoRA) or runs a teacher too."""
+  import glob
+  import re
+
+  from gemma_jax.hardware import CHIPS
+  from gemma_jax.launch.slices import parse_tpu
+  from gemma_jax.train.config import load_config
+  from gemma_jax.train.metrics import model_flops_per_token
+
+  for path in sorted(glob.glob(os.path.join(ROOT, "configs/pods/*.yaml"))):
+    with open(path) as f:
+      launch = re.search(r"--topology (\S+)(?: --slices (\d+))?", f.read())
+    assert launch, f"{path}: its header names no --topology"
+    tpu, slices = parse_tpu(launch[1]), int(launch[2] or 1)
+    cfg = load_config(path)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    flops = model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+    peak = CHIPS[tpu.generation].peak_flops * tpu.chips * slices
+    step_s = flops / (peak * MFU)
+    hosts = tpu.gke_nodes * slices
+    name = os.path.basename(path).removesuffix(".yaml")
+    yield (
+      f"{name} ({tpu}{f' x {slices}' if slices > 1 else ''})",
+      (
+        hosts,
+        step_s,
+        tokens / step_s / hosts,
+      ),
+    )
 
 
 def measure(fn, steps: int, rows: int, seq_len: int) -> tuple[float, float]:
@@ -179,12 +208,19 @@ def bench_prepare(args) -> None:
       f"  read, iterate with prefetch, seq_len {args.pod_seq_len}, "
       f"batch {args.batch}: {rows:.1f} rows/s, {read:.0f} tokens/s"
     )
-    for name, hosts, tokens_per_step, step_s in PODS:
-      need = tokens_per_step / step_s / hosts
+    margins = []
+    for name, (hosts, step_s, need) in pod_needs():
+      margins.append((read / need, hosts, name))
       print(
-        f"  {name:24s} consumes {need:8.0f} tokens/s per host "
-        f"({hosts} hosts): margin {read / need:.1f}x"
+        f"  {name:40s} {hosts:5d} hosts, step {step_s:5.2f} s: consumes "
+        f"{need:8.0f} tokens/s per host: margin {read / need:6.1f}x"
       )
+    largest = max(margins, key=lambda m: m[1])
+    hungriest = min(margins)
+    print(
+      f"  margin for the largest pod ({largest[2]}): {largest[0]:.1f}x; "
+      f"the smallest margin ({hungriest[2]}): {hungriest[0]:.1f}x"
+    )
 
 
 def main():

@@ -9,9 +9,9 @@
     gemma-jax fisher CONFIG --task mmlu.yaml --estimator batch_mean \\
         --batch-size 4 --out fisher/mmlu
 
---task takes a task list in the format of `gemma-jax report --tasks` (a
-YAML list of {kind: arc | mmlu | gsm8k | hellaswag | multiple_choice |
-generative, path, ...}; gemma_jax/evals/forgetting.py) or one generic
+--task takes a task list (a YAML list of {kind: arc | mmlu | gsm8k |
+hellaswag | multiple_choice | generative, path, ...}; gemma_jax/evals/
+tasks.py) or one generic
 JSON-lines file {context, choices, gold}; each document's row is its gold
 answer given the harness's prompt (gemma_jax/drivers/fisher_data.py).
 
@@ -57,7 +57,7 @@ def add_arguments(parser):
   )
   data.add_argument(
     "--task",
-    help="task list YAML (as `report --tasks`) or "
+    help="task list YAML (gemma_jax/evals/tasks.py) or "
     "a JSON-lines file {context, choices, "
     "gold}: the gold answers' log-likelihood",
   )
@@ -148,11 +148,11 @@ def _rows(args, cfg):
 def _task_rows(path, cfg, count):
   """GoldRows of a task list YAML or a generic multiple-choice jsonl."""
   from gemma_jax.drivers import fisher_data
-  from gemma_jax.evals import forgetting, tasks
+  from gemma_jax.evals import tasks
   from gemma_jax.tokenizer import Tokenizer
 
   if path.endswith((".yaml", ".yml")):
-    found = forgetting.load_tasks(path)
+    found = tasks.load_tasks(path)
   else:
     found = [tasks.multiple_choice(path)]
   tokenizer = Tokenizer.load(cfg.data.tokenizer)

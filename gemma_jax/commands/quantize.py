@@ -6,6 +6,8 @@
     gemma-jax quantize ckpt/9b ckpt/9b-int4 --bits 4 --block-size 32
     gemma-jax quantize ckpt/9b ckpt/9b-int8 --bits 8 --block-size channel \\
         --targets attn,mlp,embed
+    # GGML's Q4_0 rounding (what `convert --to gguf --gguf-type q4_0` writes)
+    gemma-jax quantize ckpt/9b ckpt/9b-q4_0 --scheme q4_0
 
 Writes the layout gemma_jax.checkpoint.quantized documents (one
 safetensors file: int4 packed two per byte, float32 scales, the rest as
@@ -47,16 +49,30 @@ def add_arguments(parser):
     "attn,mlp)",
   )
   parser.add_argument(
+    "--scheme",
+    choices=("symmetric", "q4_0", "q8_0"),
+    default=None,
+    help="rounding: ours (symmetric) or GGML's q4_0/q8_0 (blocks of 32, "
+    "fp16 scales; set bits and block size); default: the source's "
+    "model.quant, else symmetric",
+  )
+  parser.add_argument(
     "--force", action="store_true", help="replace DST if it exists"
   )
 
 
 def quant_config(args, stored):
   """The QuantConfig to write: flags over the source's own over defaults."""
-  from gemma_jax.model.quant import QuantConfig
+  from gemma_jax.model.quant import GGML_SCHEMES, QuantConfig
 
   base = stored or QuantConfig()
   fields = {}
+  if args.scheme is not None:
+    fields["scheme"] = args.scheme
+    # GGML's formats fix both; flags given below still override (and a
+    # mismatch is refused by QuantConfig).
+    bits, block = GGML_SCHEMES.get(args.scheme, (base.bits, base.block_size))
+    fields.update(bits=bits, block_size=block)
   if args.bits is not None:
     fields["bits"] = args.bits
   if args.block_size is not None:
@@ -77,7 +93,8 @@ def quant_config(args, stored):
   try:
     return dataclasses.replace(base, weights="int", **fields)
   except ConfigError as e:
-    raise ConfigError(f"--{str(e).replace('_', '-')}") from None
+    key, _, rest = str(e).partition(":")  # 'block_size: ...' -> flag
+    raise ConfigError(f"--{key.replace('_', '-')}:{rest}") from None
 
 
 def main(args) -> int:

@@ -1,26 +1,35 @@
 """`gemma-jax report`: what continued training gained and what it forgot.
 
-    gemma-jax report configs/cpt/tiny-math.yaml --out runs/report \\
+    gemma-jax report configs/cpt/tiny-cpt.yaml --out runs/report \\
         --checkpoint base=runs/base/params --checkpoint naive=runs/naive \\
-        --checkpoint ewc=runs/ewc@300 --tasks tasks.yaml
+        --checkpoint ewc=runs/ewc@300 \\
+        --tasks study --limit 200 --num-fewshot 5 --batch-size 16 \\
+        --seed 1234 --log-samples --include-path my_tasks/
 
 Checkpoints are native exports, Hugging Face directories or training runs
 (the latest checkpoint, or RUN@STEP), in order: the first is the base and
 the tables show each later one's change from it. Held-out loss and
-perplexity per source come from the run config's eval splits; benchmark
-scores (tasks.yaml: see gemma_jax/evals/forgetting.py) are computed as
-lm-evaluation-harness computes them. Prints one row per checkpoint
-(held-out loss per source and each task's first metric, with the change
-from the base); writes report.md, report.json, items/<checkpoint>.jsonl
-and bar charts to --out.
+perplexity per source come from the run config's eval splits; benchmarks
+are lm-evaluation-harness's own tasks (names, groups, task YAML files;
+`study` = the seven benchmarks of the continual-pretraining study, see
+gemma_jax/evals/benchmarks.py), scored by the harness with the gemma_jax
+model on the config's mesh. The harness's options keep their names
+(--limit, --num-fewshot, --gen-kwargs, --batch-size, --seed,
+--log-samples, --include-path; the underscore spellings work too). Prints
+one row per checkpoint (held-out loss per source and each task's main
+metric, with the change from the base); writes report.md, report.json, the
+harness's results JSON and per-sample files (harness/<checkpoint>/) and bar
+charts to --out.
 """
 
-from gemma_jax.commands import add_overrides, positive_int
+from gemma_jax.commands import add_overrides, positive_float, positive_int
 
-HELP = "compare checkpoints: held-out loss per source and benchmark scores"
+HELP = "compare checkpoints: held-out loss per source and harness benchmarks"
 
 
 def add_arguments(parser):
+  from gemma_jax.commands import nonnegative_int
+
   parser.add_argument("config", help="run config (model, data, mesh)")
   parser.add_argument(
     "--checkpoint",
@@ -30,7 +39,51 @@ def add_arguments(parser):
     help="repeatable; the first is the base",
   )
   parser.add_argument(
-    "--tasks", default=None, help="YAML list of benchmark tasks (local files)"
+    "--tasks",
+    default=None,
+    help="lm-evaluation-harness tasks, groups or task YAML files, comma "
+    "separated (`study`: the seven benchmarks); none: held-out loss only",
+  )
+  parser.add_argument(
+    "--include-path",
+    "--include_path",
+    action="append",
+    default=[],
+    metavar="DIR",
+    help="repeatable; a folder of further task YAMLs (local data copies)",
+  )
+  parser.add_argument(
+    "--limit",
+    type=positive_float,
+    default=None,
+    help="documents per task (below 1: a fraction of them)",
+  )
+  parser.add_argument(
+    "--num-fewshot",
+    "--num_fewshot",
+    type=nonnegative_int,
+    default=None,
+    help="few-shot examples for every task (default: each task's own)",
+  )
+  parser.add_argument(
+    "--gen-kwargs",
+    "--gen_kwargs",
+    default=None,
+    metavar="K=V,...",
+    help="generation options for generative tasks, e.g. max_gen_toks=64",
+  )
+  parser.add_argument(
+    "--seed",
+    default="0,1234,1234,1234",
+    help="the harness's seeds: one integer for all, or random,numpy,"
+    "torch,fewshot (default 0,1234,1234,1234)",
+  )
+  parser.add_argument(
+    "--log-samples",
+    "--log_samples",
+    action="store_true",
+    help="write every document's requests and responses "
+    "(harness/<checkpoint>/samples_<task>_*.jsonl)",
   )
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument(
@@ -40,15 +93,18 @@ def add_arguments(parser):
     help="held-out batches per source (train.eval_batches)",
   )
   parser.add_argument(
-    "--batch-size", type=positive_int, default=8, help="rows per scoring batch"
+    "--batch-size",
+    "--batch_size",
+    type=positive_int,
+    default=8,
+    help="requests per scoring batch",
   )
   parser.add_argument(
     "--max-length",
     type=positive_int,
     default=8192,
-    help="tokens per scored request, cut from the left; "
-    "the default is lm-evaluation-harness's "
-    "max_length for a Gemma HF export (its "
+    help="tokens per scored request, cut from the left; the default is "
+    "lm-evaluation-harness's max_length for a Gemma HF export (its "
     "max_position_embeddings)",
   )
   add_overrides(parser)
@@ -68,20 +124,46 @@ def _checkpoints(specs) -> dict[str, str]:
   return out
 
 
+def harness_options(args):
+  """benchmarks.Options from the harness's flags (None without --tasks)."""
+  from gemma_jax.errors import ConfigError
+  from gemma_jax.evals import benchmarks
+
+  if not args.tasks:
+    for flag in ("limit", "num_fewshot", "gen_kwargs"):
+      if getattr(args, flag) is not None:
+        raise ConfigError(f"--{flag.replace('_', '-')} needs --tasks")
+    return None
+  return benchmarks.Options(
+    tasks=benchmarks.parse_tasks(args.tasks),
+    include_path=tuple(args.include_path),
+    limit=args.limit,
+    num_fewshot=args.num_fewshot,
+    gen_kwargs=args.gen_kwargs,
+    seed=benchmarks.parse_seed(args.seed),
+    log_samples=args.log_samples,
+  )
+
+
 def main(args) -> int:
   from gemma_jax import distributed
   from gemma_jax.train.config import load_config
 
   cfg = load_config(args.config, args.overrides)
   checkpoints = _checkpoints(args.checkpoint)
-  from gemma_jax.evals import forgetting
+  opts = harness_options(args)
+  manager = None
+  if opts is not None:
+    from gemma_jax.evals import benchmarks
 
-  tasks = forgetting.load_tasks(args.tasks) if args.tasks else []
+    manager = benchmarks.task_manager(opts)
+    benchmarks.check_tasks(opts.task_names(), manager)  # before any loading
   distributed.initialize_runtime(cfg.runtime, command="report")
   import jax
 
   import gemma_jax.features  # noqa: F401  (registers them with the core)
   from gemma_jax.data import pipeline_for
+  from gemma_jax.evals import forgetting
   from gemma_jax.train.program import TrainProgram
 
   program = TrainProgram(cfg)
@@ -90,8 +172,9 @@ def main(args) -> int:
     program,
     pipe,
     checkpoints,
-    tasks,
+    opts,
     args.out,
+    manager,
     eval_batches=args.eval_batches or cfg.train.eval_batches or 1,
     batch_size=args.batch_size,
     max_length=args.max_length,

@@ -56,6 +56,7 @@ def main(args) -> int:
   cfg = load_run_config(args)  # bad config: fails before any device work
   # jax.distributed must start before anything touches the devices.
   distributed.initialize_runtime(cfg.runtime, command="train")
+  import gemma_jax.evals.during_training  # scores `harness:` tasks
   import gemma_jax.features  # noqa: F401  (registers them with the core)
   from gemma_jax.train.trainer import Trainer
 

@@ -13,6 +13,7 @@ The work directory and `data_dir` must be storage every worker reaches
 Needs the `beam` extra (apache-beam).
 """
 
+import contextlib
 import json
 import os
 import shlex
@@ -125,30 +126,39 @@ def prepare_with_beam(
     )
   work_dir = os.fspath(work_dir or default_work_dir(name, data_dir))
   epath.Path(work_dir).mkdir(parents=True, exist_ok=True)
+  # Written beside the dataset and moved into place once complete (on
+  # gs://, which has no rename, copied on the server): a failed run leaves
+  # no partial dataset and keeps the one it would have replaced.
   final = epath.Path(data_dir) / name / arrayrecord.VERSION
   if fileio.is_local(data_dir):
     final.parent.mkdir(parents=True, exist_ok=True)
     dataset_dir = fileio.fresh_temporary_sibling(final)
-  else:  # no rename on gs://: dataset_info.json, written last, publishes
-    fileio.remove_tree(final)
-    dataset_dir = final
+  else:
+    dataset_dir = fileio.temporary_sibling(final)
+    fileio.remove_tree(dataset_dir)
   out = os.fspath(dataset_dir)
   fp = tokenizer.fingerprint
-  with beam.Pipeline(options=PipelineOptions(shlex.split(beam_options))) as p:
-    _ = (
-      p
-      | "Units" >> beam.Create(units)
-      | "SpreadUnits" >> beam.Reshuffle()
-      | "Tokenize" >> beam.Map(_tokenize, options, tokenizer_path, work_dir)
-      | "GatherUnits" >> beam.combiners.ToList()
-      | "Layout" >> beam.FlatMap(_plan_writes, options, fp, key, warn)
-      | "SpreadWrites" >> beam.Reshuffle()
-      | "Write" >> beam.Map(_write, name, out, work_dir)
-      | "GatherWrites" >> beam.combiners.ToList()
-      | "Finish" >> beam.Map(_finish, out, name)
-    )
-  meta = json.loads((epath.Path(dataset_dir) / "metadata.json").read_text())
-  if fileio.is_local(data_dir):
-    fileio.replace_directory(dataset_dir, final)
+  try:
+    with beam.Pipeline(options=PipelineOptions(shlex.split(beam_options))) as p:
+      _ = (
+        p
+        | "Units" >> beam.Create(units)
+        | "SpreadUnits" >> beam.Reshuffle()
+        | "Tokenize" >> beam.Map(_tokenize, options, tokenizer_path, work_dir)
+        | "GatherUnits" >> beam.combiners.ToList()
+        | "Layout" >> beam.FlatMap(_plan_writes, options, fp, key, warn)
+        | "SpreadWrites" >> beam.Reshuffle()
+        | "Write" >> beam.Map(_write, name, out, work_dir)
+        | "GatherWrites" >> beam.combiners.ToList()
+        | "Finish" >> beam.Map(_finish, out, name)
+      )
+    meta = json.loads((epath.Path(dataset_dir) / "metadata.json").read_text())
+  except BaseException:
+    fileio.remove_tree(dataset_dir)
+    if fileio.is_local(data_dir):
+      with contextlib.suppress(OSError):  # only if we made it, empty
+        final.parent.rmdir()
+    raise
+  fileio.replace_directory(dataset_dir, final)
   fileio.remove_tree(work_dir)
   return meta

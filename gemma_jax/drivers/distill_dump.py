@@ -1,4 +1,5 @@
-"""Writes a distillation dump: the teacher's top-k for a run's batches.
+"""Writes a distillation dump: the teacher's top-k (or a sample of k ids,
+`distill.select: sample`) for a run's batches.
 
     write_dump(cfg, "dumps/run", steps)    # `gemma-jax distill dump`
 
@@ -12,6 +13,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -40,29 +42,43 @@ def _unsplit(x, m: int):
   return x.swapaxes(0, 1).reshape((-1, *x.shape[2:]))
 
 
+SAMPLE_SEED = 0  # a sampled dump's key: fold_in(key(SAMPLE_SEED), step, row)
+
+
 def make_encoder(program):
-  """jit (frozen, batch) -> TopK of the teacher at distill.temperature, its
-  forward run one microbatch at a time (train.microbatches)."""
+  """jit (frozen, batch, step) -> TopK of the teacher at
+  distill.temperature, its forward run one microbatch at a time
+  (train.microbatches).
+
+  A sampled dump draws the ids of global row r of step s with the key
+  fold_in(fold_in(key(SAMPLE_SEED), s), r): the same entries however the
+  dump is chunked, resumed, split over processes or microbatches."""
   d = program.cfg.distill
   teacher = Transformer(installed_teacher_config(program))
   m = program.cfg.train.microbatches
 
-  def one(frozen, batch):
-    return distill.encode_topk(
-      teacher_logits(teacher, frozen, batch), d.topk, d.temperature
-    )
+  def one(frozen, batch, step_key):
+    logits = teacher_logits(teacher, frozen, batch)
+    if d.select == "topk":
+      return distill.encode_topk(logits, d.topk, d.temperature)
+    keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(batch["row"])
+    return jax.vmap(
+      lambda x, key: distill.encode_sample(x, d.topk, d.temperature, key)
+    )(logits, keys)
 
-  def encode(frozen, batch):
+  def encode(frozen, batch, step):
     batch = {k: batch[k] for k in step_lib.BATCH_KEYS}
+    batch["row"] = jnp.arange(batch["inputs"].shape[0], dtype=jnp.int32)
+    step_key = jax.random.fold_in(jax.random.key(SAMPLE_SEED), step)
     if m == 1:
-      return one(frozen, batch)
+      return one(frozen, batch, step_key)
     parts = step_lib.split_microbatches(batch, m)
-    out = jax.lax.map(lambda mb: one(frozen, mb), parts)
+    out = jax.lax.map(lambda mb: one(frozen, mb, step_key), parts)
     return jax.tree.map(lambda x: _unsplit(x, m), out)
 
   return jax.jit(
     encode,
-    in_shardings=(program.frozen_shardings, program.batch_sharding),
+    in_shardings=(program.frozen_shardings, program.batch_sharding, None),
     out_shardings=program.batch_sharding,
   )
 
@@ -157,7 +173,9 @@ def _write_chunk(program, pipe, encode, root, first: int, end: int):
     for step in range(first, end):
       batch = pipe.batch(step)
       topk = encode(
-        program.frozen, program.put({k: batch[k] for k in step_lib.BATCH_KEYS})
+        program.frozen,
+        program.put({k: batch[k] for k in step_lib.BATCH_KEYS}),
+        np.int32(step),
       )
       topk = distill.TopK(*(_local_rows(program, x) for x in topk))
       teacher = f"the teacher's output at step {step}"

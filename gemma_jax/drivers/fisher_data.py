@@ -14,7 +14,7 @@ with lm-evaluation-harness's prompts and tokenization.
 
 Benchmark examples as Fisher rows, log p(gold answer | the harness prompt):
 
-    rows = GoldRows(forgetting.load_tasks("mmlu.yaml"), tokenizer, seq_len)
+    rows = GoldRows(tasks.load_tasks("mmlu.yaml"), tokenizer, seq_len)
     fisher.estimate(fprog, params, unit_batches(rows, 1, 64), n)
 
 Each document gives one row (`answer_row`), the request

@@ -1,112 +1,48 @@
 """The forgetting report: checkpoints side by side on held-out data and
-benchmarks, with the change from the first (the base) to each later one.
+lm-evaluation-harness benchmarks, with the change from the first (the base)
+to each later one.
 
     program = TrainProgram(run_config)
     pipe = gemma_jax.data.pipeline_for(run_config)
+    opts = benchmarks.Options(tasks=("arc_easy", "mmlu"), limit=200)
     results = forgetting.report(program, pipe, {"base": "runs/base/params",
                                                 "ewc": "runs/ewc"},
-                                forgetting.load_tasks("tasks.yaml"), "out/")
+                                opts, "out/")
 
 Per checkpoint: per-source held-out loss and perplexity (the run config's
-eval splits, the trainer's evaluation) and every task's metrics (scored as
-lm-evaluation-harness scores them, gemma_jax.evals). Writes report.md (both
-tables), report.json, items/<checkpoint>.jsonl (every document: each
-choice's log-likelihood, the prediction, the gold) and PNG bar charts.
-
-A task file is a YAML list; each entry names a reader and local files:
-
-    - {kind: arc, path: ARC-Easy/ARC-Easy-Test.jsonl}
-    - {kind: arc, name: arc_challenge,
-       path: ARC-Challenge/ARC-Challenge-Test.jsonl}
-    - {kind: mmlu, path: mmlu/data, num_fewshot: 5}
-    - {kind: gsm8k, path: gsm8k/test.jsonl, shots: gsm8k/train.jsonl}
-    - {kind: hellaswag, path: hellaswag/hellaswag_val.jsonl}
-    - {kind: multiple_choice, path: mine.jsonl}      # {context, choices, gold}
-    - {kind: generative, path: sums.jsonl, shots: sums_train.jsonl,
-       num_fewshot: 3, max_gen_toks: 64}
-
-Optional keys: name, shots (the few-shot file), num_fewshot (default: the
-harness's for the benchmark), split (mmlu), max_gen_toks (generative;
-default the harness's 256).
+eval splits, the trainer's evaluation) and the harness's results for the
+tasks (evals/benchmarks.py, through the gemma_jax model on the program's
+mesh). Writes report.md (a summary, held-out loss and perplexity per
+source, the benchmarks side by side with each change from the base and
+whether it exceeds the stderr), report.json, the harness's own results JSON
+and per-sample files per checkpoint (harness/<checkpoint>/results_*.json,
+samples_<task>_*.jsonl) and PNG bar charts.
 """
 
-import math
 import os
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from gemma_jax import configlib, fileio
 from gemma_jax.errors import CheckpointError, ConfigError
-from gemma_jax.evals import evaluate, generation, scoring
+from gemma_jax.evals import benchmarks
 from gemma_jax.evals import report as report_lib
-from gemma_jax.evals import tasks as tasks_lib
-from gemma_jax.sharding import rules
 from gemma_jax.train import metrics
 
-TASK_KINDS: dict[str, Callable[..., Any]] = {  # -> Task (mmlu: list)
-  "arc": tasks_lib.arc,
-  "hellaswag": tasks_lib.hellaswag,
-  "gsm8k": tasks_lib.gsm8k,
-  "mmlu": tasks_lib.mmlu,
-  "multiple_choice": tasks_lib.multiple_choice,
-  "generative": tasks_lib.generative,
-}
-_TASK_KEYS = (
-  "kind",
-  "path",
-  "shots",
-  "num_fewshot",
-  "name",
-  "split",
-  "max_gen_toks",
+# The harness's max_length for our HF exports: their config.json's
+# max_position_embeddings (gemma_jax.checkpoint.hf_config.to_hf).
+HF_MAX_LENGTH = 8192
+# The harness's keys a report keeps (its results JSON has them all).
+_HARNESS_KEYS = (
+  "results",
+  "groups",
+  "group_subtasks",
+  "n-shot",
+  "higher_is_better",
+  "versions",
+  "n-samples",
 )
-
-
-def load_tasks(path) -> list[tasks_lib.Task]:
-  """The tasks a YAML task file lists (see the module docstring)."""
-  entries = configlib.load_yaml_list(path)
-  found = []
-  for i, entry in enumerate(entries):
-    where = f"{path}: entry {i}"
-    if not isinstance(entry, dict):
-      raise ConfigError(f"{where}: expected a mapping, got {entry!r}")
-    unknown = sorted(set(entry) - set(_TASK_KEYS))
-    if unknown:
-      raise ConfigError(
-        f"{where}: unknown key {unknown[0]!r}; valid keys: "
-        f"{', '.join(_TASK_KEYS)}"
-      )
-    kind = entry.get("kind")
-    if kind not in TASK_KINDS:
-      raise ConfigError(
-        f"{where}: kind {kind!r} is not one of {', '.join(TASK_KINDS)}"
-      )
-    if "path" not in entry:
-      raise ConfigError(f"{where}: needs a path")
-    kw = {
-      k: entry[k]
-      for k in ("num_fewshot", "name", "shots", "split", "max_gen_toks")
-      if entry.get(k) is not None
-    }
-    if "max_gen_toks" in kw and kind != "generative":
-      raise ConfigError(
-        f"{where}: `max_gen_toks` is for generative only "
-        f"(gsm8k keeps the harness's {tasks_lib.MAX_GEN_TOKS})"
-      )
-    if kind == "mmlu":
-      kw.pop("shots", None)  # MMLU's shots are its dev split
-      found += tasks_lib.mmlu(entry["path"], **kw)
-      continue
-    if "split" in kw:
-      raise ConfigError(f"{where}: `split` is for mmlu only")
-    found.append(TASK_KINDS[kind](entry["path"], **kw))
-  return found
 
 
 def load_params(path: str, program):
@@ -147,84 +83,48 @@ def load_params(path: str, program):
   )
 
 
-def sharded_logprob_fn(program, params):
-  """log p(target) [B, T] of rows split over the program's batch axes; 0 at
-  mask 0. Each process passes the whole batch and keeps the result."""
-  rows = NamedSharding(program.mesh, program.batch_sharding.spec)
-  replicated = NamedSharding(program.mesh, P())
+def model_for(program, params, tokenizer, batch_size=8, **kw):
+  """The harness's view of params placed for `program` (its mesh and
+  sharding rules): a GemmaJaxLM that scores on them as they are."""
+  from gemma_jax.evals.harness import GemmaJaxLM
 
-  @jax.jit
-  def logprobs(params, inputs, targets, mask):
-    t = inputs.shape[1]
-    batch = {
-      "inputs": inputs,
-      "segment_ids": mask,
-      "positions": jnp.broadcast_to(jnp.arange(t), inputs.shape),
-    }
-    logits = program.forward(params, program.frozen, batch)
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    out = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jax.lax.with_sharding_constraint(
-      jnp.where(mask == 1, out, 0.0), replicated
-    )
-
-  def fn(inputs, targets, mask):
-    # Every process holds the whole (small) batch: place it row-sharded.
-    put = lambda x: jax.make_array_from_callback(
-      x.shape, rows, lambda index: x[index]
-    )
-    with program.context():
-      out = logprobs(params, put(inputs), put(targets), put(mask))
-    return np.asarray(out.addressable_data(0))
-
-  return fn
-
-
-def _batch_size(requested: int, program) -> int:
-  """Rows per scoring batch: a multiple of the batch shards."""
-  axes = rules.axes_of(program.batch_sharding.spec[0])
-  shards = math.prod(program.mesh.shape[a] for a in axes)
-  return max(shards, -(-requested // shards) * shards)
+  return GemmaJaxLM(
+    params=params,
+    model_config=program.cfg.model,
+    tokenizer=tokenizer,
+    mesh=program.mesh,
+    mesh_config=program.cfg.mesh,
+    batch_size=batch_size,
+    **kw,
+  )
 
 
 def evaluate_checkpoint(
   program,
   params,
   pipe,
-  tasks,
-  tokenizer,
+  opts: benchmarks.Options | None,
+  manager=None,
   *,
   eval_batches: int = 4,
   batch_size: int = 8,
-  max_length: int = scoring.HF_MAX_LENGTH,
-):
-  """({"heldout": {source: {loss, perplexity, tokens}}, "tasks": {task:
-  metrics}}, per-document items) of one set of params."""
+  max_length: int = HF_MAX_LENGTH,
+) -> dict[str, Any]:
+  """{"heldout": {source: {loss, perplexity, tokens}}, "harness": the
+  harness's results (None without opts)} of one set of params."""
   heldout = metrics.evaluate(program, params, pipe, eval_batches)
-  results: dict[str, dict] = {}
-  items: list[dict] = []
-  if tasks:
-    progress = scoring.print_progress("scoring")
-    ll = scoring.make_loglikelihood_fn(
+  harness_results = None
+  if opts is not None:
+    lm = model_for(
+      program,
       params,
-      program.cfg.model,
-      tokenizer,
-      _batch_size(batch_size, program),
-      max_length,
-      logprob_fn=sharded_logprob_fn(program, params),
-      progress=progress,
-    )
-    gen = generation.make_generate_fn(
-      params,
-      program.cfg.model,
-      tokenizer,
+      pipe.tokenizer,
       batch_size,
-      max_length,
-      progress=progress,
+      max_length=max_length,
+      seed=opts.seeds[2],  # HFLM samples with the torch seed
     )
-    results, items = evaluate.evaluate_tasks(tasks, ll, gen)
-  return {"heldout": heldout, "tasks": results}, items
+    harness_results = benchmarks.evaluate(lm, opts, manager)
+  return {"heldout": heldout, "harness": harness_results}
 
 
 def heldout_table(results: dict) -> str:
@@ -253,110 +153,172 @@ def heldout_table(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def top_level(result: dict) -> list[str]:
+  """Tasks and groups asked for: those no group lists as its subtask."""
+  inner = {t for ts in result.get("group_subtasks", {}).values() for t in ts}
+  names = [*result.get("groups", {}), *result.get("results", {})]
+  return [t for t in dict.fromkeys(names) if t not in inner]
+
+
 def _signed(value: float, base: float | None) -> str:
   return "" if base is None else f" ({value - base:+.3f})"
 
 
 def summary_table(results: dict) -> str:
   """Markdown, one row per checkpoint: held-out loss per source, then each
-  task's first metric (report.chart_metric), with the change from the
+  task's main metric (report.MAIN_METRICS), with the change from the
   first checkpoint in parentheses."""
   names = list(results)
   sources = list(
     dict.fromkeys(s for r in results.values() for s in r["heldout"])
   )
-  tasks = {n: r["tasks"] for n, r in results.items()}
-  columns = []  # (task, the metric shown for it)
-  for t in report_lib.task_names(tasks):
-    m = report_lib.chart_metric(tasks, t)
-    if m is not None:
-      columns.append((t, m))
+  harness = {n: r.get("harness") or {} for n, r in results.items()}
+  rows = report_lib.metric_rows(harness)
+  columns = []  # (task, the row shown for it)
+  for task in dict.fromkeys(t for h in harness.values() for t in top_level(h)):
+    row = report_lib.main_metric(rows, task)
+    if row is not None:
+      columns.append(row)
   header = (
     ["checkpoint"]
     + [f"{s} loss" for s in sources]
-    + [f"{t} {m.split(',')[-1]}" for t, m in columns]
+    + [f"{r.alias} {r.metric}" for r in columns]
   )
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   first = results[names[0]]
   for k, name in enumerate(names):
-    r, row = results[name], [name]
+    r, cells = results[name], [name]
     for s in sources:
       m, b = r["heldout"].get(s), first["heldout"].get(s)
-      row.append(
+      cells.append(
         "-"
         if not m
         else f"{m['loss']:.3f}"
         + _signed(m["loss"], b["loss"] if k and b else None)
       )
-    for t, metric in columns:
-      m, b = r["tasks"].get(t, {}), first["tasks"].get(t, {})
-      row.append(
-        "-"
-        if metric not in m
-        else f"{m[metric]:.3f}"
-        + _signed(m[metric], b.get(metric) if k else None)
+    for row in columns:
+      v, b = row.values.get(name), row.values.get(names[0])
+      cells.append(
+        "-" if v is None else f"{v:.3f}" + _signed(v, b if k else None)
       )
-    lines.append("| " + " | ".join(row) + " |")
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
-def write_report(results: dict, items: dict, out_dir: str) -> list[str]:
-  """report.md, report.json, items/<name>.jsonl and PNG charts; returns the
-  files written."""
-  os.makedirs(os.path.join(out_dir, "items"), exist_ok=True)
-  tasks = {n: r["tasks"] for n, r in results.items()}
+def _save_harness_files(name: str, result: dict, out_dir: str) -> None:
+  """The harness's own results JSON and per-sample files, as `lm_eval
+  --output_path OUT/harness --log_samples` writes them."""
+  from lm_eval.loggers import EvaluationTracker
+
+  result = dict(result)
+  samples = result.pop("samples", None)
+  tracker = EvaluationTracker(output_path=os.path.join(out_dir, "harness"))
+  tracker.general_config_tracker.model_name = name
+  tracker.general_config_tracker.model_name_sanitized = name
+  tracker.save_results_aggregated(results=result, samples=samples)
+  for task in result.get("configs", {}) if samples else ():
+    tracker.save_results_samples(task_name=task, samples=samples[task])
+
+
+def write_report(results: dict, out_dir: str) -> list[str]:
+  """report.md, report.json, the harness's files and PNG charts; returns
+  the files written (the harness's folder once)."""
+  os.makedirs(out_dir, exist_ok=True)
+  names = list(results)
+  harness = {n: r["harness"] for n, r in results.items() if r.get("harness")}
+  rows = report_lib.metric_rows(harness)
   text = (
     "# Forgetting report\n\n## Summary (change from "
-    f"{next(iter(results))} in parentheses)\n\n"
+    f"{names[0]} in parentheses)\n\n"
     + summary_table(results)
     + "\n## Held-out loss (perplexity) per source\n\n"
     + heldout_table(results)
   )
-  if any(tasks.values()):
-    text += "\n## Benchmarks\n\n" + report_lib.markdown_table(tasks)
+  if harness:
+    text += (
+      "\n## Benchmarks (lm-evaluation-harness)\n\n"
+      + report_lib.comparison_table(rows, list(harness))
+      + "\nΔ: the change from the first checkpoint; *: |Δ| exceeds the "
+      "stderr of the difference, sqrt(se_first² + se²).\n"
+    )
   written = [
     os.path.join(out_dir, "report.md"),
     os.path.join(out_dir, "report.json"),
   ]
-  fileio.atomic_write(written[0], text)
-  report_lib.write_json(written[1], results)
-  for name, its in items.items():
-    path = os.path.join(out_dir, "items", f"{name}.jsonl")
-    report_lib.write_items(path, its)
-    written.append(path)
-  heldout = {
-    n: {f"heldout {s}": {"loss": m["loss"]} for s, m in r["heldout"].items()}
-    for n, r in results.items()
-  }
+  report_lib.write_json(
+    written[1],
+    {
+      n: {
+        "heldout": r["heldout"],
+        "harness": {
+          k: r["harness"][k] for k in _HARNESS_KEYS if k in r["harness"]
+        }
+        if r.get("harness")
+        else None,
+      }
+      for n, r in results.items()
+    },
+  )
+  for name, result in harness.items():
+    _save_harness_files(name, result, out_dir)
+  if harness:
+    written.append(os.path.join(out_dir, "harness"))
   path = os.path.join(out_dir, "heldout.png")
   report_lib.bar_chart(
-    heldout,
+    {
+      n: {s: (m["loss"], None) for s, m in r["heldout"].items()}
+      for n, r in results.items()
+    },
     path,
-    {t: "loss" for r in heldout.values() for t in r},
     title="Held-out loss per source (lower is better)",
+    ylabel="loss (nats per token)",
   )
   written.append(path)
-  if any(tasks.values()):
+  if harness:
+    shown = [
+      r
+      for t in dict.fromkeys(x for h in harness.values() for x in top_level(h))
+      if (r := report_lib.main_metric(rows, t)) is not None
+    ]
     path = os.path.join(out_dir, "benchmarks.png")
-    report_lib.bar_chart(tasks, path)
+    report_lib.bar_chart(
+      {
+        n: {
+          f"{r.alias}\n{r.metric}": (r.values.get(n), r.stderrs.get(n))
+          for r in shown
+        }
+        for n in harness
+      },
+      path,
+    )
     written.append(path)
+  fileio.atomic_write(written[0], text)
   return written
 
 
 def report(
-  program, pipe, checkpoints: dict[str, str], tasks, out_dir: str, **kw
+  program,
+  pipe,
+  checkpoints: dict[str, str],
+  opts: benchmarks.Options | None,
+  out_dir: str,
+  manager=None,
+  **kw,
 ) -> dict:
-  """Evaluates every checkpoint in order and writes the report; returns
-  {checkpoint: {"heldout": ..., "tasks": ...}}."""
+  """Evaluates every checkpoint in order and writes the report (process 0
+  only); returns {checkpoint: {"heldout": ..., "harness": ...}}."""
   if len(set(checkpoints)) != len(checkpoints) or not checkpoints:
     raise ConfigError("give one or more checkpoints with distinct names")
-  results, items = {}, {}
+  if opts is not None:
+    manager = manager or benchmarks.task_manager(opts)
+    benchmarks.check_tasks(opts.task_names(), manager)
+  results = {}
   for name, path in checkpoints.items():
     params = load_params(path, program)
-    results[name], items[name] = evaluate_checkpoint(
-      program, params, pipe, tasks, pipe.tokenizer, **kw
+    results[name] = evaluate_checkpoint(
+      program, params, pipe, opts, manager, **kw
     )
     del params
   if jax.process_index() == 0:
-    write_report(results, items, out_dir)
+    write_report(results, out_dir)
   return results

@@ -56,7 +56,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.evals import decoding, scoring
+from gemma_jax.evals import decoding
 from gemma_jax.model import ModelConfig, Transformer, preset
 from gemma_jax.model.config import DType
 from gemma_jax.sharding import mesh as mesh_lib
@@ -184,16 +184,105 @@ def token_logprobs(params, inputs, targets, mask, *, cfg: ModelConfig):
   """(inputs, targets, mask) [B, T] -> (log p(target), whether the target is
   the argmax) [B, T]; 0 / False at mask 0. Module level, so every model
   object of one config shares its compiled shapes."""
-  logits = scoring.model_logits(cfg, params, inputs, mask)
-  logits = logits.astype(jnp.float32)
+  # Padding (mask 0) is segment 0, which no real token attends to.
+  logits = Transformer(cfg).apply({"params": params}, inputs, None, mask)
+  logits = jnp.asarray(logits, jnp.float32)
   picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
   logp = picked - jax.nn.logsumexp(logits, axis=-1)
   greedy = jnp.argmax(logits, axis=-1) == targets
   return jnp.where(mask == 1, logp, 0.0), greedy & (mask == 1)
 
 
+class GemmaTokens(TemplateLM):
+  """Gemma's tokenization as the harness's HF model applies it (see the
+  module docstring), without a model: GemmaJaxLM's base, and on its own
+  (RequestTokens) what turns the harness's requests into token ids for
+  other uses (a Fisher's rows of gold answers)."""
+
+  def __init__(
+    self,
+    tokenizer: Tokenizer,
+    max_length: int | str = DEFAULT_MAX_LENGTH,
+    max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS,
+  ):
+    super().__init__()
+    self.tok = tokenizer
+    self._max_length = int(max_length)
+    self._max_gen_toks = int(max_gen_toks)
+
+  # What the harness asks of a TemplateLM.
+  @property
+  def eot_token_id(self) -> int:
+    return EOS_ID
+
+  @property
+  def prefix_token_id(self) -> int:
+    return BOS_ID  # HFLM: the tokenizer's bos where it has one
+
+  @property
+  def max_length(self) -> int:
+    return self._max_length
+
+  @property
+  def max_gen_toks(self) -> int:
+    return self._max_gen_toks
+
+  def tok_encode(
+    self, string: str, add_special_tokens: bool | None = None, **kwargs
+  ) -> list[int]:
+    """Gemma's HF tokenizer: bos first unless add_special_tokens=False; a
+    text that already starts with "<bos>" gets no second one (HFLM)."""
+    add_bos = add_special_tokens is not False
+    if add_special_tokens is None and string.startswith(BOS_TEXT):
+      return [BOS_ID, *self.tok.encode(string[len(BOS_TEXT) :]).tolist()]
+    return self.tok.encode(string, add_bos=add_bos).tolist()
+
+  def tok_decode(self, tokens) -> str:
+    # skip_special_tokens: pad, eos and bos decode to nothing.
+    return self.tok.decode([t for t in tokens if t not in (PAD_ID, EOS_ID)])
+
+  def _window(self, context: Sequence[int], continuation: Sequence[int]):
+    """HFLM: (ctx + cont)[-(max_length + 1):], scored on len(cont)."""
+    if not continuation:
+      raise ConfigError("gemma_jax: a continuation encodes to no tokens")
+    if len(continuation) > self.max_length:
+      raise ConfigError(
+        f"gemma_jax: a continuation of {len(continuation)} tokens does not "
+        f"fit max_length {self.max_length}"
+      )
+    whole = (*context, *continuation)
+    return whole[-(self.max_length + 1) :], len(continuation)
+
+
+class RequestTokens(GemmaTokens):
+  """Answers nothing (log-likelihood 0, not greedy; empty text) and keeps
+  the token ids of the last loglikelihood call: `tokens(pairs)` gives
+  what TemplateLM.loglikelihood makes of (context, continuation) pairs,
+  cut to max_length + 1 as the model would see them."""
+
+  def tokens(self, pairs) -> list[tuple[tuple[int, ...], int]]:
+    """[(context, continuation)] -> [(window, continuation length)]."""
+    from lm_eval.api.instance import Instance
+
+    self.loglikelihood(
+      [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+      disable_tqdm=True,
+    )
+    return self.seen
+
+  def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_):
+    self.seen = [self._window(ctx, cont) for _, ctx, cont in requests]
+    return [(0.0, False)] * len(requests)
+
+  def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+    return [0.0] * len(requests)
+
+  def generate_until(self, requests, disable_tqdm: bool = False):
+    return [""] * len(requests)
+
+
 @register_model("gemma_jax")
-class GemmaJaxLM(TemplateLM):
+class GemmaJaxLM(GemmaTokens):
   """lm_eval LM over a gemma_jax model; see the module docstring.
 
   From a checkpoint (what `--model_args` gives):
@@ -228,7 +317,6 @@ class GemmaJaxLM(TemplateLM):
     mesh_config: MeshConfig | None = None,
     **unused,
   ):
-    super().__init__()
     unused.pop("device", None)  # the harness's torch device: not ours
     unused.pop("max_batch_size", None)
     if unused:
@@ -259,10 +347,10 @@ class GemmaJaxLM(TemplateLM):
     assert model_config is not None
     self.cfg = model_config
     self.params = params
-    self.tok = _find_tokenizer(checkpoint, tokenizer)
+    super().__init__(
+      _find_tokenizer(checkpoint, tokenizer), max_length, max_gen_toks
+    )
     self.tok.check_vocab(self.cfg.vocab_size)
-    self._max_length = int(max_length)
-    self._max_gen_toks = int(max_gen_toks)
     self.seed = int(seed)
     spec = rules.batch_spec(self.mesh_config)
     self.rows = NamedSharding(self.mesh, spec)
@@ -283,40 +371,9 @@ class GemmaJaxLM(TemplateLM):
     )
     return params, cfg
 
-  # What the harness asks of a TemplateLM.
-  @property
-  def eot_token_id(self) -> int:
-    return EOS_ID
-
-  @property
-  def prefix_token_id(self) -> int:
-    return BOS_ID  # HFLM: the tokenizer's bos where it has one
-
-  @property
-  def max_length(self) -> int:
-    return self._max_length
-
-  @property
-  def max_gen_toks(self) -> int:
-    return self._max_gen_toks
-
   @property
   def batch_size(self) -> int:
     return self._batch_size
-
-  def tok_encode(
-    self, string: str, add_special_tokens: bool | None = None, **kwargs
-  ) -> list[int]:
-    """Gemma's HF tokenizer: bos first unless add_special_tokens=False; a
-    text that already starts with "<bos>" gets no second one (HFLM)."""
-    add_bos = add_special_tokens is not False
-    if add_special_tokens is None and string.startswith(BOS_TEXT):
-      return [BOS_ID, *self.tok.encode(string[len(BOS_TEXT) :]).tolist()]
-    return self.tok.encode(string, add_bos=add_bos).tolist()
-
-  def tok_decode(self, tokens) -> str:
-    # skip_special_tokens: pad, eos and bos decode to nothing.
-    return self.tok.decode([t for t in tokens if t not in (PAD_ID, EOS_ID)])
 
   # Scoring.
   def _put(self, x: np.ndarray) -> jax.Array:
@@ -367,18 +424,6 @@ class GemmaJaxLM(TemplateLM):
           bool(greedy[i, n - n_cont : n].all()),
         )
     return [found[w] for w in windows]
-
-  def _window(self, context: Sequence[int], continuation: Sequence[int]):
-    """HFLM: (ctx + cont)[-(max_length + 1):], scored on len(cont)."""
-    if not continuation:
-      raise ConfigError("gemma_jax: a continuation encodes to no tokens")
-    if len(continuation) > self.max_length:
-      raise ConfigError(
-        f"gemma_jax: a continuation of {len(continuation)} tokens does not "
-        f"fit max_length {self.max_length}"
-      )
-    whole = (*context, *continuation)
-    return whole[-(self.max_length + 1) :], len(continuation)
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_):
     windows = [self._window(ctx, cont) for _, ctx, cont in requests]

@@ -1,82 +1,148 @@
-"""Benchmark results as a markdown table, JSON, per-item JSONL and a bar chart.
+"""Harness results side by side: tables, JSON and bar charts.
 
-Results are {checkpoint name: {task: {metric: value, metric_stderr: value,
-'n': count}}}, checkpoints in the order they should appear (the first is
-the baseline the table's last column compares against):
+A harness result is what lm_eval.simple_evaluate returns: `results` maps a
+task or group to {"metric,filter": value, "metric_stderr,filter": stderr,
+"alias": ...}; `n-shot`, `higher_is_better` and `versions` sit beside it.
+Checkpoints come in order, the first the base:
 
-    results = {"base": base_metrics, "step 200": after_metrics}
-    print(markdown_table(results))
-    write_json("bench.json", results)
-    write_items("items.jsonl", items)
-    bar_chart(results, "bench.png")
+    rows = metric_rows({"base": r0, "cpt": r1})   # one per task/filter/metric
+    print(comparison_table(rows, ["base", "cpt"]))
+    bar_chart({"base": r0, "cpt": r1}, "benchmarks.png")
+
+A change is marked `*` when |Δ| exceeds the stderr of the difference of two
+independent means, sqrt(se_base² + se²); the harness's stderrs are
+bootstrap or sample stderrs of each mean (lm_eval/api/metrics.py).
 """
 
+import dataclasses
 import io
 import json
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from gemma_jax import fileio
 
-Results = Mapping[str, Mapping[str, Mapping[str, float]]]
-
-# The metric shown for a task when none is named: the first it has.
-DEFAULT_METRICS = (
-  "acc",
-  "acc_norm",
+# The metric a one-number summary shows for a task: the first it has.
+MAIN_METRICS = (
+  "acc,none",
   "exact_match,strict-match",
+  "acc_norm,none",
   "exact_match,flexible-extract",
+  "word_perplexity,none",
 )
+_NOT_METRICS = ("alias", "name", "sample_len", "sample_count", "samples")
 
 
-def task_names(results: Results) -> list[str]:
-  """Every task of any checkpoint, in first-seen order."""
-  seen = {}
-  for per_task in results.values():
-    seen.update(dict.fromkeys(per_task))
-  return list(seen)
+@dataclasses.dataclass
+class Row:
+  """One task x filter x metric across checkpoints."""
+
+  task: str
+  alias: str
+  metric: str
+  filter: str
+  n_shot: str
+  higher_is_better: bool | None
+  values: dict[str, float | None]
+  stderrs: dict[str, float | None]
+
+  @property
+  def key(self) -> str:
+    return f"{self.metric},{self.filter}"
+
+  def delta(self, name: str, base: str) -> float | None:
+    a, b = self.values.get(base), self.values.get(name)
+    return None if a is None or b is None else b - a
+
+  def significant(self, name: str, base: str) -> bool | None:
+    """|Δ| > sqrt(se_base² + se²); None where a stderr is missing."""
+    d = self.delta(name, base)
+    s0, s1 = self.stderrs.get(base), self.stderrs.get(name)
+    if d is None or s0 is None or s1 is None:
+      return None
+    return abs(d) > math.sqrt(s0**2 + s1**2)
 
 
-def _metrics(results: Results, task: str, metrics: Sequence[str]):
-  present: set[str] = set()
-  for per_task in results.values():
-    present.update(per_task.get(task, {}))
-  return [m for m in metrics if m in present]
+def _number(x) -> float | None:
+  if isinstance(x, bool) or not isinstance(x, (int, float)):
+    return None  # the harness writes "N/A" for a missing stderr
+  return float(x) if math.isfinite(x) else None
 
 
-def _cell(metrics: Mapping[str, float] | None, name: str) -> str:
-  if not metrics or name not in metrics:
-    return "-"
-  value, err = metrics[name], metrics.get(f"{name}_stderr")
-  if err is None or not math.isfinite(err):
-    return f"{value:.4f}"
-  return f"{value:.4f} ± {err:.4f}"
+def _entries(result: Mapping[str, Any]):
+  """(task, its metrics) of results and groups, in the harness's order."""
+  seen: dict[str, Any] = {}
+  for part in ("results", "groups"):
+    for task, metrics in result.get(part, {}).items():
+      seen.setdefault(task, metrics)
+  return seen.items()
 
 
-def markdown_table(
-  results: Results, metrics: Sequence[str] = DEFAULT_METRICS
-) -> str:
-  """One row per (task, metric), one column per checkpoint, and with two or
-  more checkpoints a last column: last minus first."""
-  names = list(results)
-  header = ["task", "metric", "n", *names]
-  if len(names) > 1:
-    header.append(f"Δ ({names[-1]} - {names[0]})")
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for task in task_names(results):
-    for metric in _metrics(results, task, metrics):
-      per = [results[n].get(task) for n in names]
-      n = next((m["n"] for m in per if m and "n" in m), "")
-      row = [task, metric, str(n), *(_cell(m, metric) for m in per)]
-      if len(names) > 1:
-        first, last = per[0], per[-1]
-        row.append(
-          f"{last[metric] - first[metric]:+.4f}"
-          if first and last and metric in first and metric in last
-          else "-"
+def metric_rows(results: Mapping[str, Mapping[str, Any]]) -> list[Row]:
+  """Every task x filter x metric any checkpoint has, first-seen order."""
+  rows: dict[tuple[str, str], Row] = {}
+  for name, result in results.items():
+    for task, metrics in _entries(result):
+      n_shot = str(result.get("n-shot", {}).get(task, ""))
+      hib = result.get("higher_is_better", {}).get(task, {})
+      for key, value in metrics.items():
+        metric, _, filt = key.partition(",")
+        if key in _NOT_METRICS or metric.endswith("_stderr"):
+          continue
+        row = rows.setdefault(
+          (task, key),
+          Row(
+            task,
+            str(metrics.get("alias", task)).strip(" -"),
+            metric,
+            filt,
+            n_shot,
+            hib.get(metric),
+            {},
+            {},
+          ),
         )
-      lines.append("| " + " | ".join(row) + " |")
+        row.values[name] = _number(value)
+        row.stderrs[name] = _number(metrics.get(f"{metric}_stderr,{filt}"))
+  return list(rows.values())
+
+
+def _cell(row: Row, name: str) -> str:
+  value, err = row.values.get(name), row.stderrs.get(name)
+  if value is None:
+    return "-"
+  return f"{value:.4f}" + ("" if err is None else f" ± {err:.4f}")
+
+
+def comparison_table(rows: Sequence[Row], names: Sequence[str]) -> str:
+  """Markdown like the harness's table (task, filter, n-shot, metric,
+  value ± stderr) with a column per checkpoint and, after each later one,
+  its change from the first (`*`: beyond the stderr of the difference)."""
+  base = names[0]
+  header = ["Tasks", "Filter", "n-shot", "Metric", "", base]
+  for name in names[1:]:
+    header += [name, f"Δ {name}"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  arrows = {True: "↑", False: "↓", None: ""}
+  for row in rows:
+    cells = [row.alias, row.filter, row.n_shot, row.metric]
+    cells += [arrows[row.higher_is_better], _cell(row, base)]
+    for name in names[1:]:
+      d, sig = row.delta(name, base), row.significant(name, base)
+      cells.append(_cell(row, name))
+      cells.append("-" if d is None else f"{d:+.4f}" + (" *" if sig else ""))
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+def main_metric(rows: Sequence[Row], task: str) -> Row | None:
+  """The row a one-number summary shows for `task` (MAIN_METRICS order)."""
+  mine = {r.key: r for r in rows if r.task == task}
+  for key in MAIN_METRICS:
+    if key in mine:
+      return mine[key]
+  return next(iter(mine.values()), None)
 
 
 def _clean(x):
@@ -90,58 +156,35 @@ def _clean(x):
   return x
 
 
-def write_json(path, results: Results) -> None:
-  fileio.atomic_write(path, json.dumps(_clean(results), indent=1) + "\n")
-
-
-def write_items(path, items: Sequence[dict]) -> None:
-  """One JSON object per scored document (see evaluate_* for the keys)."""
+def write_json(path, data) -> None:
   fileio.atomic_write(
-    path,
-    "".join(json.dumps(_clean(it), ensure_ascii=False) + "\n" for it in items),
+    path, json.dumps(_clean(data), indent=1, default=str) + "\n"
   )
 
 
-def chart_metric(
-  results: Results, task: str, metric_for: Mapping[str, str] | None = None
-) -> str | None:
-  """The metric charted for `task`: metric_for[task], else the first of
-  DEFAULT_METRICS that it has."""
-  if metric_for and task in metric_for:
-    return metric_for[task]
-  found = _metrics(results, task, DEFAULT_METRICS)
-  return found[0] if found else None
-
-
 def bar_chart(
-  results: Results,
+  series: Mapping[str, Mapping[str, tuple[float | None, float | None]]],
   path,
-  metric_for: Mapping[str, str] | None = None,
   title: str = "Benchmarks",
+  ylabel: str = "score",
 ) -> None:
-  """Grouped bars: one group per task, one bar per checkpoint, with stderr
-  whiskers. Written as PNG (matplotlib, Agg backend)."""
+  """Grouped bars: {checkpoint: {label: (value, stderr)}}, one group per
+  label, one bar per checkpoint, stderr whiskers. PNG (matplotlib, Agg)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
 
-  tasks = [
-    t for t in task_names(results) if chart_metric(results, t, metric_for)
-  ]
-  names = list(results)
+  names = list(series)
+  labels = list(dict.fromkeys(k for s in series.values() for k in s))
   width = 0.8 / max(1, len(names))
-  fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2), 4.5))
-  x = np.arange(len(tasks))
+  fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(labels) + 2), 4.5))
+  x = np.arange(len(labels))
   for k, name in enumerate(names):
-    values, errors = [], []
-    for task in tasks:
-      m = results[name].get(task, {})
-      metric = chart_metric(results, task, metric_for)
-      values.append(m.get(metric, np.nan) if metric else np.nan)
-      err = m.get(f"{metric}_stderr")
-      errors.append(err if err is not None and math.isfinite(err) else 0.0)
+    pairs = [series[name].get(label, (None, None)) for label in labels]
+    values = [np.nan if v is None else v for v, _ in pairs]
+    errors = [0.0 if e is None else e for _, e in pairs]
     ax.bar(
       x + (k - (len(names) - 1) / 2) * width,
       values,
@@ -150,10 +193,8 @@ def bar_chart(
       capsize=2,
       label=name,
     )
-  labels = [f"{t}\n{chart_metric(results, t, metric_for)}" for t in tasks]
   ax.set_xticks(x, labels, fontsize=8)
-  ax.set_ylim(0, 1)
-  ax.set_ylabel("score")
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.legend(fontsize=8)
   fig.tight_layout()

@@ -19,6 +19,14 @@ next line's indentation, which `_encode_pair` moves onto the continuation,
 so the scored text is exactly the file's.
 
     paths = write_synthetic("evals/")   # {name: path}; shots files too
+    write_harness_tasks("evals/", paths)  # evals/<name>.yaml for the harness
+
+As lm-evaluation-harness tasks (`gemma-jax report --include-path evals/
+--tasks prose_next,code_next,arithmetic`): the multiple-choice ones in the
+harness's own format (doc_to_text the context, doc_to_choice the choices,
+doc_to_target the gold index; acc and acc_norm), arithmetic as the
+harness's gsm8k task (include:) over the local files, 5-shot from the
+shots file, strict-match and flexible-extract.
 """
 
 import json
@@ -207,3 +215,56 @@ def write_synthetic(
     )
     write_jsonl(paths[name], items)
   return paths
+
+
+def _mc_task(name: str, path: str) -> dict:
+  return {
+    "task": name,
+    "dataset_path": "json",
+    "dataset_kwargs": {"data_files": {"test": path}},
+    "test_split": "test",
+    "output_type": "multiple_choice",
+    "doc_to_text": "{{context}}",
+    "doc_to_choice": "{{choices}}",
+    "doc_to_target": "{{gold}}",
+    "metric_list": [
+      {"metric": m, "aggregation": "mean", "higher_is_better": True}
+      for m in ("acc", "acc_norm")
+    ],
+    "metadata": {"version": 1.0},
+  }
+
+
+def write_harness_tasks(out_dir, paths: dict[str, str]) -> dict[str, str]:
+  """A harness task YAML per task of `paths` (write_synthetic's) into
+  `out_dir`; returns {name: yaml path}."""
+  import lm_eval
+
+  gsm8k = os.path.join(os.path.dirname(lm_eval.__file__), "tasks/gsm8k")
+  configs = {
+    name: _mc_task(name, os.path.abspath(paths[name]))
+    for name in ("prose_next", "code_next")
+  }
+  configs["arithmetic"] = {
+    "include": os.path.join(gsm8k, "gsm8k.yaml"),
+    "task": "arithmetic",
+    "tag": [],
+    "dataset_path": "json",
+    "dataset_name": None,
+    "dataset_kwargs": {
+      "data_files": {
+        "train": os.path.abspath(paths["arithmetic_shots"]),
+        "test": os.path.abspath(paths["arithmetic"]),
+      }
+    },
+    "doc_to_text": "{{context}}",
+    "doc_to_target": "{{answer}}",
+  }
+  out = {}
+  for name, config in configs.items():
+    out[name] = os.path.join(
+      os.path.expanduser(os.fspath(out_dir)), f"{name}.yaml"
+    )
+    # The harness's YAML loader reads JSON (a YAML subset).
+    fileio.atomic_write(out[name], json.dumps(config, indent=1) + "\n")
+  return out

@@ -14,6 +14,20 @@ the first k (MMLU's `first_n` sampler). When the harness's few-shot split
 equals its test split (HellaSwag: both unset; a generic task whose shots
 file is the scored file) k + 1 are drawn and the document itself dropped.
 
+A task list file (`gemma-jax fisher --task`) is a YAML list; each entry
+names a reader and local files (load_tasks):
+
+    - {kind: arc, path: ARC-Easy/ARC-Easy-Test.jsonl}
+    - {kind: mmlu, path: mmlu/data, num_fewshot: 5}
+    - {kind: gsm8k, path: gsm8k/test.jsonl, shots: gsm8k/train.jsonl}
+    - {kind: hellaswag, path: hellaswag/hellaswag_val.jsonl}
+    - {kind: multiple_choice, path: mine.jsonl}      # {context, choices, gold}
+    - {kind: generative, path: sums.jsonl, shots: sums_train.jsonl,
+       num_fewshot: 3, max_gen_toks: 64}
+
+Optional keys: name, shots (the few-shot file), num_fewshot (default: the
+harness's for the benchmark), split (mmlu), max_gen_toks (generative).
+
 Defaults per benchmark, from the harness's task YAMLs:
 
     arc_easy, arc_challenge  0-shot, multiple choice, acc + acc_norm
@@ -26,8 +40,10 @@ import dataclasses
 import glob
 import os
 import random
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
+from gemma_jax import configlib
 from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.evals import readers
 from gemma_jax.evals.readers import Doc
@@ -250,3 +266,63 @@ def generative(
 
 def _stem(path) -> str:
   return os.path.splitext(os.path.basename(os.fspath(path)))[0]
+
+
+TASK_KINDS: dict[str, Callable[..., Any]] = {  # -> Task (mmlu: list)
+  "arc": arc,
+  "hellaswag": hellaswag,
+  "gsm8k": gsm8k,
+  "mmlu": mmlu,
+  "multiple_choice": multiple_choice,
+  "generative": generative,
+}
+_TASK_KEYS = (
+  "kind",
+  "path",
+  "shots",
+  "num_fewshot",
+  "name",
+  "split",
+  "max_gen_toks",
+)
+
+
+def load_tasks(path) -> list[Task]:
+  """The tasks a YAML task list names (see the module docstring)."""
+  entries = configlib.load_yaml_list(path)
+  found = []
+  for i, entry in enumerate(entries):
+    where = f"{path}: entry {i}"
+    if not isinstance(entry, dict):
+      raise ConfigError(f"{where}: expected a mapping, got {entry!r}")
+    unknown = sorted(set(entry) - set(_TASK_KEYS))
+    if unknown:
+      raise ConfigError(
+        f"{where}: unknown key {unknown[0]!r}; valid keys: "
+        f"{', '.join(_TASK_KEYS)}"
+      )
+    kind = entry.get("kind")
+    if kind not in TASK_KINDS:
+      raise ConfigError(
+        f"{where}: kind {kind!r} is not one of {', '.join(TASK_KINDS)}"
+      )
+    if "path" not in entry:
+      raise ConfigError(f"{where}: needs a path")
+    kw = {
+      k: entry[k]
+      for k in ("num_fewshot", "name", "shots", "split", "max_gen_toks")
+      if entry.get(k) is not None
+    }
+    if "max_gen_toks" in kw and kind != "generative":
+      raise ConfigError(
+        f"{where}: `max_gen_toks` is for generative only "
+        f"(gsm8k keeps the harness's {MAX_GEN_TOKS})"
+      )
+    if kind == "mmlu":
+      kw.pop("shots", None)  # MMLU's shots are its dev split
+      found += mmlu(entry["path"], **kw)
+      continue
+    if "split" in kw:
+      raise ConfigError(f"{where}: `split` is for mmlu only")
+    found.append(TASK_KINDS[kind](entry["path"], **kw))
+  return found

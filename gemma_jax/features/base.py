@@ -30,6 +30,7 @@ The hooks, in the order a run meets them:
     check_checkpoint(meta, step)  refuse a checkpoint (while restoring)
     resume(program, meta, step)   after a restore
   the run
+    hooks(program)              (every, fn(trainer, step)) the loop calls
     metadata()                  what checkpoints record
     variants(program, state)    other params to evaluate and export
     export(program, params, workdir, variant, step)
@@ -129,6 +130,12 @@ class Feature:
     """After restoring the checkpoint at `step` (its metadata `meta`)."""
 
   # The run.
+  def hooks(self, program) -> list:
+    """[(every, fn(trainer, step))]: called after every `every` steps (0:
+    only) and at the end, as the trainer's own hooks (Trainer.add_hook)."""
+    del program
+    return []
+
   def metadata(self) -> dict:
     """Entries for every checkpoint's metadata."""
     return {}

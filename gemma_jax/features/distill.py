@@ -16,8 +16,9 @@ the loss's gradient needs (`gemma-jax compile` shows the memory).
 
 Offline (`distill.dump`): the student reads the teacher's top-k log-probs,
 ids and log tail mass (gemma_jax.features.distill_loss: encode_topk,
-pack_topk)
-from an ArrayRecord dump as extra batch keys. The dump is keyed by global
+pack_topk), or with `distill.select: sample` k sampled ids, their log-probs
+and the sample's threshold (encode_sample), from an ArrayRecord dump as
+extra batch keys. The dump is keyed by global
 row (step * global_batch + row): batch(step) of the pipeline is a pure
 function of the step, so a resumed run reads exactly the entries of its
 rows, and every record carries a CRC-32 of its row's tokens, checked on
@@ -227,9 +228,17 @@ def installed_teacher_config(program) -> ModelConfig:
   return teacher
 
 
-def offline_token_losses(temperature: float, tail: str):
+def offline_token_losses(temperature: float, tail: str, select: str = "topk"):
   def token_losses(logits, batch, frozen):
     del frozen
+    if select == "sample":
+      return distill.sampled_distill_token_losses(
+        logits,
+        batch["teacher_logprobs"],
+        batch["teacher_ids"],
+        batch["teacher_tail"],  # the sample's threshold
+        temperature,
+      )
     return distill.topk_distill_token_losses(
       logits,
       batch["teacher_logprobs"],
@@ -285,8 +294,9 @@ def attach(program, pipe, steps: int) -> None:
 
 # Dumps.
 def run_fingerprint(cfg, pipe, with_teacher: bool = True) -> dict:
-  """What a dump must agree with: data, tokenizer, teacher, k, temperature.
-  The teacher's part is left out when `with_teacher` is False."""
+  """What a dump must agree with: data, tokenizer, teacher, k, temperature,
+  how its ids were selected. The teacher's part is left out when
+  `with_teacher` is False."""
   d = cfg.distill
   teacher = None
   if with_teacher:
@@ -300,6 +310,7 @@ def run_fingerprint(cfg, pipe, with_teacher: bool = True) -> dict:
     "teacher": teacher,
     "topk": d.topk,
     "temperature": d.temperature,
+    "select": d.select,
   }
 
 
@@ -334,7 +345,8 @@ def check_dump(
     raise DataError(
       f"distill.dump {directory} was written for other data: {e}"
     ) from None
-  for key in ("topk", "temperature"):
+  got = {"select": "topk"} | got  # dumps written before `select` existed
+  for key in ("topk", "temperature", "select"):
     if got[key] != expected[key]:
       raise ConfigError(
         f"distill.{key} is {expected[key]} but distill.dump "
@@ -500,7 +512,7 @@ class Distill(Feature):
         Transformer(self.teacher_config), d.temperature
       )
     else:
-      token_losses = offline_token_losses(d.temperature, d.tail)
+      token_losses = offline_token_losses(d.temperature, d.tail, d.select)
     return distill_loss(
       program.forward,
       token_losses,

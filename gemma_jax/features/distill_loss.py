@@ -12,6 +12,10 @@ vocabulary, K stored top-k entries.
                                      dump.ids, temperature=1.0, tail="bucket",
                                      teacher_tail_logmass=dump.tail)
     record = pack_topk(dump)         # bytes_per_token(64) = 388 per position
+    # offline, sampled (Gemma 3): k ids drawn without replacement
+    dump = encode_sample(teacher_logits, k=256, temperature=1.0, key=key)
+    loss = sampled_distill_token_losses(student_logits, dump.logprobs,
+                                        dump.ids, dump.tail, 1.0)
     # a dump file's record of one row: CRC-32 of the row's tokens + top-k
     encode_record(dump, row_checksum(batch, row))
 
@@ -20,6 +24,22 @@ teacher's, both at temperature tau, times tau^2 (kl=True subtracts the
 teacher's entropy). Why, the two offline tails ("renormalize", "bucket")
 and the one rejected, and the dump's 6k + 4 bytes per position: see
 docs/distillation.md, "The loss functions".
+
+A sampled dump (Gemma 3's: 256 teacher logits sampled per token in
+proportion to the teacher's probabilities, Gemma 3 report, arXiv
+2503.19786, section 2.2)
+draws k distinct ids per position with the Gumbel top-k trick: the k
+largest log p_T(v) + G_v, G_v i.i.d. Gumbel(0, 1), are a sample without
+replacement in proportion to p_T. Its float32 slot holds the threshold
+kappa, the (k+1)-th largest perturbed log-prob (-inf when k = V). The loss
+weighs each sampled id by p_T(v) / pi_v, with pi_v = 1 - exp(-exp(log
+p_T(v) - kappa)) its inclusion probability given kappa: a Horvitz-Thompson
+estimator, unbiased for the full loss and its gradient (Kool, van Hoof and
+Welling 2019, "Stochastic Beams and Where to Find Them", arXiv 1903.06059:
+their importance-weighted estimator from a Gumbel top-k sample; the same
+as priority sampling, Duffield, Lund and Thorup 2007). The report's
+own form instead renormalises p_T over the sample, which is biased toward
+the sampled ids; docs/distillation.md compares the two.
 """
 
 import struct
@@ -122,12 +142,76 @@ def topk_distill_token_losses(
   return tau * tau * loss
 
 
-class TopK(NamedTuple):
-  """One dump of the teacher: its k most likely ids per position."""
+def sampled_distill_token_losses(
+  student_logits,
+  teacher_logprobs,
+  teacher_ids,
+  threshold,
+  temperature: float = 1.0,
+  *,
+  kl: bool = False,
+) -> jax.Array:
+  """Unbiased estimate of `distill_token_losses` from a sampled dump:
+  [B, T] float32.
 
-  logprobs: Any  # bfloat16 [..., K], log p_T at the temperature, descending
+  student_logits: [B, T, V]. teacher_logprobs, teacher_ids: [B, T, K], the
+    teacher's log-probs at `temperature` at K distinct ids drawn by
+    `encode_sample`. threshold: [B, T], its Gumbel threshold kappa.
+  Each id weighs w_v = p_T(v) / pi_v (module docstring); the loss is
+  -tau^2 sum_v w_v log p_S(v), the student's full softmax (kl=True adds
+  tau^2 sum_v w_v log p_T(v), an unbiased estimate of minus the entropy).
+  """
+  tau = jnp.float32(temperature)
+  z = student_logits.astype(jnp.float32) / tau
+  ids = teacher_ids.astype(jnp.int32)
+  log_q = jnp.take_along_axis(z, ids, axis=-1) - jax.nn.logsumexp(
+    z, axis=-1, keepdims=True
+  )
+  lp = jax.lax.stop_gradient(teacher_logprobs).astype(jnp.float32)
+  w = _sample_weights(lp, jax.lax.stop_gradient(threshold))
+  loss = -jnp.sum(_xlogy(w, log_q), axis=-1)
+  if kl:
+    loss += jnp.sum(_xlogy(w, lp), axis=-1)
+  return tau * tau * loss
+
+
+def _sample_weights(lp, threshold):
+  """p / pi per sampled id [..., K]: pi = 1 - exp(-exp(lp - kappa)), the
+  chance that id's perturbed log-prob exceeds kappa (1 where kappa =
+  -inf: the sample is the whole vocabulary); 0 where p = 0."""
+  kappa = threshold.astype(jnp.float32)[..., None]
+  gap = jnp.where(kappa > -jnp.inf, lp - kappa, jnp.inf)
+  log_pi = jnp.log(-jnp.expm1(-jnp.exp(gap)))
+  return jnp.where(lp > -jnp.inf, jnp.exp(lp - log_pi), 0.0)
+
+
+def encode_sample(teacher_logits, k: int, temperature: float, key) -> "TopK":
+  """A sampled dump of one teacher forward [..., V] at `temperature`: k
+  distinct ids drawn in proportion to p_T (Gumbel top-k with `key`), the
+  teacher's log-probs at them and the threshold kappa (module docstring).
+  """
+  log_p = jax.nn.log_softmax(
+    teacher_logits.astype(jnp.float32) / jnp.float32(temperature)
+  )
+  v = log_p.shape[-1]
+  perturbed = log_p + jax.random.gumbel(key, log_p.shape, jnp.float32)
+  keys, ids = jax.lax.top_k(perturbed, min(k + 1, v))
+  kappa = keys[..., k] if k < v else jnp.full(keys.shape[:-1], -jnp.inf)
+  ids = ids[..., :k]
+  return TopK(
+    jnp.take_along_axis(log_p, ids, axis=-1).astype(LOGPROB_DTYPE),
+    ids.astype(jnp.int32),
+    kappa,
+  )
+
+
+class TopK(NamedTuple):
+  """One dump of the teacher: k ids per position, its most likely
+  (`encode_topk`) or sampled ones (`encode_sample`)."""
+
+  logprobs: Any  # bfloat16 [..., K], log p_T at the temperature
   ids: Any  # int32 [..., K]
-  tail: Any  # float32 [...], log of the mass outside the top-k
+  tail: Any  # float32 [...]: top-k, log of the mass outside; sample, kappa
 
 
 def encode_topk(teacher_logits, k: int, temperature: float = 1.0) -> TopK:

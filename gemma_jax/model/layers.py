@@ -102,7 +102,9 @@ class Embedder(nn.Module):
         self.config.dtype,
       )
     if quant:
-      rows = quant_lib.fake_quant(rows, -1, quant.bits, quant.block_size)
+      rows = quant_lib.fake_quant(
+        rows, -1, quant.bits, quant.block_size, quant.scheme
+      )
     return rows
 
   def encode(self, tokens):
@@ -222,7 +224,9 @@ class Einsum(nn.Module):
     init = einsum_init(self.shape, quant_lib.fan_in_axes(self.in_axis))
     w = param(self, "w", self.shape, self.axes, init, cfg.param_dtype)
     if quant:
-      w = quant_lib.fake_quant(w, self.in_axis, quant.bits, quant.block_size)
+      w = quant_lib.fake_quant(
+        w, self.in_axis, quant.bits, quant.block_size, quant.scheme
+      )
       # Sharded like the weight, whatever layout the blocking suggested.
       w = nn.with_logical_constraint(w, self.axes)
     return w

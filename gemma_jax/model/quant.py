@@ -1,4 +1,12 @@
-"""Symmetric integer weight quantization (int4, int8) for training and export.
+"""Integer weight quantization (int4, int8) for training and export.
+
+Three schemes (`QuantConfig.scheme`):
+
+  symmetric  ours: per channel or per block, 15 (int4) / 255 (int8) levels;
+  q4_0, q8_0 GGML's (llama.cpp, Ollama, LM Studio): blocks of 32 along the
+             contraction axis, an fp16 scale each, rounded exactly as GGML
+             rounds (below), so a QAT model trained with them computes the
+             weights that its GGUF export holds.
 
 A weight `w` of an einsum is quantized along its contraction (fan-in) axes:
 
@@ -13,13 +21,29 @@ A weight `w` of an einsum is quantized along its contraction (fan-in) axes:
     q     = clip(round(w / scale), -qmax, qmax)
     w~    = q * scale
 
-The grid is symmetric ([-7, 7]; -8 is never used), so w~ = -(-w)~.
+The symmetric grid is [-7, 7] (-8 is never used), so w~ = -(-w)~.
+
+GGML's schemes, as its reference quantiser (ggml-quants.c
+quantize_row_q4_0_ref / quantize_row_q8_0_ref; `gguf.quants` Q4_0 / Q8_0
+in the `gguf` package is the same in numpy) computes them in float32:
+
+  q4_0  m = the block's entry of largest |w| (the first, on ties), signed
+        d = m / -8,  id = 1 / d (0 where d == 0)
+        q = min(15, trunc(w * id + 8.5)),   w~ = fp16(d) * (q - 8)
+  q8_0  d = max|w| / 127,  id = 1 / d (0 where d == 0)
+        q = round_half_away(w * id),        w~ = fp16(d) * q
+
+Q4_0 uses 16 levels: the block's extreme is -8 * d (exact up to the fp16
+rounding of d) and its opposite sign reaches only +7 * d. The integers are
+held as q - 8 in [-8, 7] (int4) and q (int8), the scales as float32 holding
+fp16 values, so `dequantize` is the same for every scheme.
 
 Training (QAT): `fake_quant` returns w~ in the forward pass and passes the
 gradient straight through to w (straight-through estimator):
-`w + stop_gradient(w~ - w)`. Scales are recomputed from the weights every
-step, not learned: they cost no parameters or optimizer state, and they are
-exactly the scales `quantize` exports afterwards.
+`stop_gradient(w~) + (w - stop_gradient(w))`, whose value is w~ exactly.
+Scales are recomputed from the weights every step, not learned: they cost
+no parameters or optimizer state, and they are exactly the scales
+`quantize` exports afterwards.
 
 Scale shapes: `w.shape` with the per-channel fan-in axes set to 1, or the
 blocked axis divided by b (other fan-in axes, e.g. the heads N of the
@@ -45,6 +69,9 @@ MODULE_GROUPS = {
 }
 QMAX = {4: 7, 8: 127}
 INT_DTYPES = {4: jnp.int4, 8: jnp.int8}
+SCHEMES = ("symmetric", "q4_0", "q8_0")
+# GGML's block-quantized formats: (bits, entries per block).
+GGML_SCHEMES = {"q4_0": (4, 32), "q8_0": (8, 32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +82,8 @@ class QuantConfig:
   (None: one scale per output channel). targets: parameter groups, of
   'attn' (q, kv and output projections), 'mlp' (gate/up and down) and
   'embed' (the tied embedding, quantized along d_model per row).
+  scheme: 'symmetric' (ours, any block size or per channel) or GGML's
+  'q4_0' / 'q8_0' (bits 4 / 8, block_size 32; see the module docstring).
   weights: 'float' trains float weights with fake quantization (QAT, and
   post-training evaluation of a float model); 'int' holds the weights as
   integers plus scales (a quantized export, the frozen base of QLoRA).
@@ -64,8 +93,21 @@ class QuantConfig:
   block_size: int | None = 32
   targets: tuple[str, ...] = ("attn", "mlp")
   weights: Literal["float", "int"] = "float"
+  scheme: Literal["symmetric", "q4_0", "q8_0"] = "symmetric"
 
   def __post_init__(self):
+    if self.scheme not in SCHEMES:
+      raise ConfigError(
+        f"scheme: unknown {self.scheme!r}; valid: {', '.join(SCHEMES)}"
+      )
+    if self.scheme in GGML_SCHEMES:
+      bits, block = GGML_SCHEMES[self.scheme]
+      if (self.bits, self.block_size) != (bits, block):
+        raise ConfigError(
+          f"scheme: {self.scheme} is GGML's {bits}-bit format in blocks of "
+          f"{block}; set bits {bits} and block size {block} (got bits "
+          f"{self.bits}, block size {self.block_size})"
+        )
     bad = [t for t in self.targets if t not in GROUPS]
     if bad:
       raise ConfigError(
@@ -126,12 +168,21 @@ def _blocked(x, axis: int, block_size: int):
   )
 
 
-def quantize(w, in_axis, bits: int, block_size: int | None):
+def quantize(
+  w, in_axis, bits: int, block_size: int | None, scheme: str = "symmetric"
+):
   """float w -> (q int4/int8 of w's shape, float32 scale); see the module
-  docstring for the shapes."""
+  docstring for the shapes and the schemes."""
   axes = fan_in_axes(in_axis, w.ndim)
-  qmax = QMAX[bits]
   w = w.astype(jnp.float32)
+  if scheme in GGML_SCHEMES:
+    axis = axes[-1]
+    rule = _ggml_q4_0 if scheme == "q4_0" else _ggml_q8_0
+    block = GGML_SCHEMES[scheme][1]  # 32, whatever block_size says
+    q, scale = rule(_blocked(w, axis, block), axis + 1)
+    q, scale = q.reshape(w.shape), jnp.squeeze(scale, axis + 1)
+    return q.astype(INT_DTYPES[bits]), scale
+  qmax = QMAX[bits]
   if block_size is None:
     absmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
     scale = jnp.where(absmax > 0, absmax / qmax, 1.0)
@@ -146,6 +197,35 @@ def quantize(w, in_axis, bits: int, block_size: int | None):
   return q.astype(INT_DTYPES[bits]), scale
 
 
+def _inverse(d):
+  """1 / d, and 0 where d == 0 (GGML's `d ? 1.0f / d : 0.0f`)."""
+  return jnp.where(d == 0, 0.0, 1.0 / jnp.where(d == 0, 1.0, d))
+
+
+def _fp16(d):
+  """d rounded to fp16 (GGML stores it so), back in float32."""
+  return d.astype(jnp.float16).astype(jnp.float32)
+
+
+def _ggml_q4_0(blocks, axis: int):
+  """GGML's Q4_0 of float32 `blocks` (entries along `axis`) -> (q - 8 in
+  [-8, 7], fp16 scale with `axis` kept as size 1)."""
+  first_max = jnp.argmax(jnp.abs(blocks), axis=axis, keepdims=True)
+  d = jnp.take_along_axis(blocks, first_max, axis=axis) / -8.0
+  q = jnp.clip(jnp.trunc(blocks * _inverse(d) + 8.5), 0.0, 15.0)
+  return q - 8.0, _fp16(d)
+
+
+def _ggml_q8_0(blocks, axis: int):
+  """GGML's Q8_0: (q in [-127, 127], fp16 scale), rounding half away from
+  zero as ggml's roundf (in gguf.quants: floor(a) + floor(2 (a - floor a)))."""
+  d = jnp.max(jnp.abs(blocks), axis=axis, keepdims=True) / 127.0
+  x = blocks * _inverse(d)
+  a = jnp.abs(x)
+  whole = jnp.floor(a)
+  return jnp.sign(x) * (whole + jnp.floor(2.0 * (a - whole))), _fp16(d)
+
+
 def dequantize(q, scale, in_axis, block_size: int | None, dtype=jnp.float32):
   """(q, scale) -> w~ in `dtype`."""
   q = q.astype(jnp.float32)
@@ -156,11 +236,17 @@ def dequantize(q, scale, in_axis, block_size: int | None, dtype=jnp.float32):
   return w.reshape(q.shape).astype(dtype)
 
 
-def fake_quant(w, in_axis, bits: int, block_size: int | None):
+def fake_quant(
+  w, in_axis, bits: int, block_size: int | None, scheme: str = "symmetric"
+):
   """w~ forward, identity backward (straight-through), in w's dtype."""
-  q, scale = quantize(w, in_axis, bits, block_size)
-  w_q = dequantize(q, scale, in_axis, block_size, w.dtype)
-  return w + jax.lax.stop_gradient(w_q - w)
+  q, scale = quantize(w, in_axis, bits, block_size, scheme)
+  w_q = jax.lax.stop_gradient(
+    dequantize(q, scale, in_axis, block_size, w.dtype)
+  )
+  # w_q + 0 is exactly w_q (w + (w_q - w) would round again), and the
+  # gradient of w - stop_gradient(w) is the identity.
+  return w_q + (w - jax.lax.stop_gradient(w))
 
 
 def scale_axes(axes, shape, in_axis, block_size: int | None):
@@ -215,7 +301,7 @@ def quantize_params(params, model_cfg):
   updates = {}
   for path, (in_axis, scale_path) in quantized_leaves(model_cfg).items():
     updates[path], updates[scale_path] = quantize(
-      get_path(params, path), in_axis, q.bits, q.block_size
+      get_path(params, path), in_axis, q.bits, q.block_size, q.scheme
     )
   return with_paths(params, updates)
 

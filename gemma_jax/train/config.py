@@ -182,6 +182,33 @@ class ContinualConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HarnessConfig:
+  """lm-evaluation-harness tasks scored on the live params every `every`
+  steps (0: at the end only) and logged to eval.jsonl (the feature:
+  gemma_jax/features/harness_eval.py; docs/evaluation.md). The other keys
+  are lm_eval's options of the same names."""
+
+  tasks: tuple[str, ...] = ()
+  every: int = 0
+  limit: float | None = None  # documents per task (< 1: a fraction)
+  num_fewshot: int | None = None
+  gen_kwargs: str | None = None
+  include_path: tuple[str, ...] = ()  # folders of further task YAMLs
+  batch_size: int = 8
+  max_length: int = 8192  # tokens per request (HFLM's for our HF exports)
+
+  def __post_init__(self):
+    for key in ("every", "batch_size", "max_length"):
+      low = 0 if key == "every" else 1
+      if getattr(self, key) < low:
+        raise ConfigError(
+          f"harness.{key} must be >= {low}, got {getattr(self, key)}"
+        )
+    if self.limit is not None and not self.limit > 0:
+      raise ConfigError(f"harness.limit must be > 0, got {self.limit}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillConfig:
   """The run config's `distill:` section (README "Distillation").
 
@@ -199,6 +226,10 @@ class DistillConfig:
   temperature: tau of both softmaxes (the loss is scaled by tau^2).
   alpha: objective = alpha * distill + (1 - alpha) * cross-entropy.
   topk, tail: what a dump stores per position and how its tail is used.
+  select: how a dump picks its `topk` ids per position: "topk", the most
+    likely; "sample", drawn without replacement in proportion to the
+    teacher's probabilities (Gemma 3's dumps; `tail` is not used), with an
+    unbiased loss (gemma_jax.features.distill_loss).
   dump: a dump directory: train from it (offline).
   """
 
@@ -209,6 +240,7 @@ class DistillConfig:
   alpha: float = 0.5
   topk: int = 64
   tail: Tail = "bucket"
+  select: Literal["topk", "sample"] = "topk"
   dump: str | None = None
 
   def __post_init__(self):
@@ -242,6 +274,7 @@ class RunConfig:
   runtime: RuntimeConfig = RuntimeConfig()
   distill: DistillConfig = DistillConfig()
   continual: ContinualConfig = ContinualConfig()
+  harness: HarnessConfig = HarnessConfig()
 
   def __post_init__(self):
     c, d = self.continual, self.distill
@@ -266,6 +299,7 @@ class RunConfig:
       "distill": self.distill.mode is not None,
       "ewc": self.continual.enabled,
       "ema": self.train.ema_decay > 0,
+      "harness": bool(self.harness.tasks),
     }
     return tuple(name for name, is_on in on.items() if is_on)
 

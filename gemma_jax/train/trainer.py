@@ -168,6 +168,9 @@ class Trainer:
       self.add_hook(Trainer.export_params, 0)
     if cfg.train.sample_prompts:
       self.add_hook(Trainer.print_samples, 0)
+    for f in self.program.features:
+      for every, fn in f.hooks(self.program):
+        self.add_hook(fn, every)
 
   def add_hook(
     self, fn: Callable[["Trainer", int], None], every: int, at_end: bool = True

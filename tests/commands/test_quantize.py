@@ -147,3 +147,35 @@ def test_bad_quantize_flags_are_usage_errors(ckpt, capsys):
       cli.main(["quantize", str(tmp / "float"), str(tmp / "bad"), *flags]) == 2
     )
     assert message in capsys.readouterr().err
+
+
+def test_scheme_q4_0_writes_ggmls_rounding_as_the_qat_forward_sees_it(
+  ckpt, capsys
+):
+  import jax.numpy as jnp
+
+  from gemma_jax.checkpoint import quantized
+  from gemma_jax.model import quant
+
+  tmp, params = ckpt
+  src, dst = str(tmp / "float"), str(tmp / "q4_0")
+  argv = ["quantize", src, dst, "--scheme", "q4_0", "--targets", "mlp"]
+  assert cli.main(argv) == 0
+  ints, cfg = quantized.load(dst)
+  assert cfg.quant == QuantConfig(
+    scheme="q4_0", targets=("mlp",), weights="int"
+  )
+  back = quant.dequantize_params(ints, cfg, jnp.float32)
+  for path, (in_axis, _) in quant.quantized_leaves(cfg).items():
+    w = jnp.asarray(quant.get_path(params, path))
+    np.testing.assert_array_equal(
+      quant.get_path(back, path),
+      quant.fake_quant(w, in_axis, 4, 32, "q4_0"),
+    )
+  # GGML's formats fix bits and block size: a flag against them is refused.
+  for flags, message in [
+    (["--scheme", "q8_0", "--bits", "4"], "--scheme: q8_0 is GGML's 8-bit"),
+    (["--scheme", "q4_0", "--block-size", "16"], "block size 32 (got bits 4"),
+  ]:
+    assert cli.main(["quantize", src, str(tmp / "bad"), *flags]) == 2
+    assert message in capsys.readouterr().err

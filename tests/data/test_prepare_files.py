@@ -308,3 +308,80 @@ def test_a_dataset_prepared_from_memory_is_not_compared_but_refused(
   assert digest(tmp_path / "x") == before
   assert not (tmp_path / "x-work").exists()  # refused before any work
   prepare(tmp_path, tok, "x", overwrite=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runner", ["workers", "beam"])
+def test_a_bad_file_is_the_same_one_line_from_every_runner(
+  tokenizer_path, tmp_path, capsys, runner
+):
+  """A truncated .jsonl.gz among good files: from worker processes and from
+  Beam the error is the one line one process gives, and no dataset is
+  written."""
+  import re
+  import shutil
+
+  if runner == "beam":
+    pytest.importorskip("apache_beam")
+  write_inputs(tmp_path / "in")
+  shutil.copytree(tmp_path / "in", tmp_path / "bad")
+  data = (tmp_path / "bad" / "b.jsonl.gz").read_bytes()
+  (tmp_path / "bad" / "b.jsonl.gz").write_bytes(data[: len(data) // 2])
+  argv = ["data", "prepare", "--name", "web", "--tokenizer", tokenizer_path]
+  argv += ["--data-dir", str(tmp_path / "out"), "--eval-fraction", "0.1"]
+  argv += ["--work-dir", str(tmp_path / "work")]
+  argv += (
+    ["--workers", "2"]
+    if runner == "workers"
+    else ["--beam=--runner=DirectRunner"]
+  )
+  for pattern in ("*.jsonl", "*.jsonl.gz", "*.parquet"):
+    argv += ["--input", str(tmp_path / "bad" / pattern)]
+  capsys.readouterr()
+  code = cli.main(argv)
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert code == 1 and len(lines) == 1, err
+  assert re.search(
+    r"^gemma-jax data: error: .*b.jsonl.gz: the gzip stream is truncated",
+    lines[0],
+  ), lines[0]
+  assert not (tmp_path / "out" / "web").exists()  # nor a staging folder
+
+
+@pytest.mark.slow
+def test_a_failed_beam_run_on_gs_keeps_the_dataset_it_would_replace(
+  tokenizer_path, tmp_path, gcs_bucket
+):
+  """--overwrite on gs://, and the new input has a truncated file: the
+  dataset there reads as before (Beam writes beside it, then copies)."""
+  pytest.importorskip("apache_beam")
+  from etils import epath
+
+  from gemma_jax.data import beam
+
+  tok = Tokenizer.load(tokenizer_path)
+  data_dir = f"{gcs_bucket}/tfds"
+  options = prepare_files.Options(eval_fraction=0.1)
+  good = write_inputs(tmp_path / "in")
+  prepare_files.prepare_files(
+    "web", data_dir, good, tok, options, work_dir=str(tmp_path / "w")
+  )
+  before, _ = documents(data_dir, tok)
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  data = gzip.compress(b'{"text": "a document"}\n' * 200)
+  (bad / "x.jsonl.gz").write_bytes(data[: len(data) // 2])
+  with pytest.raises(DataError, match="x.jsonl.gz: the gzip stream is trunc"):
+    beam.prepare_with_beam(
+      "web",
+      data_dir,
+      [*good, str(bad / "*.jsonl.gz")],
+      tokenizer_path,
+      options,
+      "",
+      work_dir=str(tmp_path / "bw"),
+      overwrite=True,
+    )
+  assert documents(data_dir, tok)[0] == before
+  assert not epath.Path(f"{data_dir}/web/.1.0.0.tmp").exists()

@@ -29,3 +29,13 @@ def random_model(tok):
   )
   params = random_params(cfg, scale=0.2)
   return params, cfg
+
+
+@pytest.fixture(scope="session")
+def harness_tasks(tmp_path_factory):
+  """Tiny local copies of the harness's tasks (gemma_jax/evals/testing.py),
+  one folder for the session: the harness's task index over it is built
+  once (benchmarks.task_manager keeps it)."""
+  from gemma_jax.evals.testing import write_tasks
+
+  return write_tasks(tmp_path_factory.mktemp("harness_tasks"))

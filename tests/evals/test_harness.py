@@ -382,3 +382,36 @@ def test_only_process_zero_prints_and_writes(monkeypatch, tmp_path, capsys):
   assert cli.main(["lm-eval", "--tasks", "x"]) == 0
   assert "| Tasks |" in capsys.readouterr().out
   assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+@pytest.mark.slow
+def test_generation_keeps_request_order_and_truncates_prompts_left(
+  random_model, tok
+):
+  """Prompts keep their last max_length - max_gen_toks tokens; rows run
+  longest first and come back in request order."""
+  from lm_eval.api.instance import Instance
+
+  from gemma_jax.evals import decoding
+  from gemma_jax.model import sampler
+
+  params, cfg = random_model
+  lm = harness.GemmaJaxLM(
+    params=params, model_config=cfg, tokenizer=tok, max_length=12
+  )
+  prompts = ["def f(x):", "the model reads text and code while numbers add"]
+  ids = [lm.tok_encode(p)[-8:] for p in prompts]  # keeps 12 - 4
+  assert len(ids[0]) < 8 < len(lm.tok_encode(prompts[1]))
+  kw = {"until": [], "max_gen_toks": 4}
+  got = lm.generate_until(
+    [Instance("generate_until", {}, (p, kw), i) for i, p in enumerate(prompts)]
+  )
+  new = sampler.generate(params, cfg, ids, 4)
+  assert got == [lm.tok_decode(row) for row in new]
+  assert got[0] != got[1]
+  # Both prompts fit one width: one prefill program for the batch.
+  before = decoding.prefill._cache_size()
+  lm.generate_until(
+    [Instance("generate_until", {}, (p, kw), 0) for p in ("a", "abcde")]
+  )
+  assert decoding.prefill._cache_size() == before

@@ -1,94 +1,96 @@
-"""Markdown table, JSON, per-item JSONL and bar chart of benchmark results."""
+"""Harness results side by side: the comparison table, JSON and bar chart."""
 
 import json
-import math
 
 import pytest
 
 from gemma_jax.evals import report
 
+
+def harness_result(acc, acc_se, norm, em, em_se):
+  """A result as lm_eval.simple_evaluate returns it (the keys it has)."""
+  return {
+    "results": {
+      "arc_easy": {
+        "alias": "arc_easy",
+        "acc,none": acc,
+        "acc_stderr,none": acc_se,
+        "acc_norm,none": norm,
+        "acc_norm_stderr,none": 0.05,
+      },
+      "gsm8k": {
+        "alias": "gsm8k",
+        "exact_match,strict-match": em,
+        "exact_match_stderr,strict-match": em_se,
+      },
+    },
+    "n-shot": {"arc_easy": 0, "gsm8k": 5},
+    "higher_is_better": {
+      "arc_easy": {"acc": True, "acc_norm": True},
+      "gsm8k": {"exact_match": True},
+    },
+  }
+
+
 RESULTS = {
-  "base": {
-    "arc_easy": {
-      "acc": 0.5,
-      "acc_stderr": 0.05,
-      "acc_norm": 0.55,
-      "acc_norm_stderr": 0.05,
-      "n": 100,
-    },
-    "gsm8k": {
-      "exact_match,strict-match": 0.1,
-      "exact_match,strict-match_stderr": 0.03,
-      "n": 50,
-    },
-  },
-  "step 200": {
-    "arc_easy": {
-      "acc": 0.45,
-      "acc_stderr": 0.05,
-      "acc_norm": 0.6,
-      "acc_norm_stderr": 0.05,
-      "n": 100,
-    },
-    "gsm8k": {
-      "exact_match,strict-match": 0.25,
-      "exact_match,strict-match_stderr": float("nan"),
-      "n": 50,
-    },
-  },
+  "base": harness_result(0.5, 0.05, 0.55, 0.1, 0.03),
+  "step 200": harness_result(0.45, 0.05, 0.7, 0.25, "N/A"),
 }
 
 
-def test_markdown_table_has_a_column_per_checkpoint_and_the_change():
-  lines = report.markdown_table(RESULTS).splitlines()
+def test_comparison_table_has_every_metric_stderr_nshot_filter_and_change():
+  rows = report.metric_rows(RESULTS)
+  lines = report.comparison_table(rows, list(RESULTS)).splitlines()
   assert lines[0] == (
-    "| task | metric | n | base | step 200 | Δ (step 200 - base) |"
+    "| Tasks | Filter | n-shot | Metric |  | base | step 200 | Δ step 200 |"
   )
+  # Within the stderr of the difference (0.0707): no mark.
   assert lines[2] == (
-    "| arc_easy | acc | 100 | 0.5000 ± 0.0500 | 0.4500 ± 0.0500 | -0.0500 |"
+    "| arc_easy | none | 0 | acc | ↑ | 0.5000 ± 0.0500 | "
+    "0.4500 ± 0.0500 | -0.0500 |"
   )
-  assert lines[3].startswith("| arc_easy | acc_norm | 100 |")
+  # 0.15 > sqrt(0.05² + 0.05²): marked.
+  assert lines[3] == (
+    "| arc_easy | none | 0 | acc_norm | ↑ | 0.5500 ± 0.0500 | "
+    "0.7000 ± 0.0500 | +0.1500 * |"
+  )
+  # The harness's "N/A" stderr: shown without one, no mark.
   assert lines[4] == (
-    "| gsm8k | exact_match,strict-match | 50 | "
-    "0.1000 ± 0.0300 | 0.2500 | +0.1500 |"
+    "| gsm8k | strict-match | 5 | exact_match | ↑ | 0.1000 ± 0.0300 | "
+    "0.2500 | +0.1500 |"
   )
   assert len(lines) == 5
 
 
 def test_a_task_missing_for_one_checkpoint_shows_a_dash():
-  results = {"a": {"t": {"acc": 0.5, "n": 2}}, "b": {}}
-  assert "| t | acc | 2 | 0.5000 | - | - |" in report.markdown_table(results)
+  results = {
+    "a": {"results": {"t": {"acc,none": 0.5}}},
+    "b": {"results": {}},
+  }
+  table = report.comparison_table(report.metric_rows(results), ["a", "b"])
+  assert "| t | none |  | acc |  | 0.5000 | - | - |" in table
 
 
-def test_json_and_items_files(tmp_path):
-  report.write_json(tmp_path / "r.json", RESULTS)
-  back = json.loads((tmp_path / "r.json").read_text())
-  assert back["step 200"]["gsm8k"]["exact_match,strict-match_stderr"] is None
-  assert back["base"]["arc_easy"]["acc"] == 0.5
-  items = [
-    {"task": "t", "loglikelihoods": [-1.5, -2.0], "context": "é"},
-    {"task": "t", "acc_stderr": math.inf},
-  ]
-  report.write_items(tmp_path / "i.jsonl", items)
-  lines = (tmp_path / "i.jsonl").read_text(encoding="utf-8").splitlines()
-  assert [json.loads(line) for line in lines] == [
-    items[0],
-    {"task": "t", "acc_stderr": None},
-  ]
-  assert "é" in lines[0]
+def test_main_metric_prefers_acc_then_strict_match():
+  rows = report.metric_rows(RESULTS)
+  assert report.main_metric(rows, "arc_easy").key == "acc,none"
+  assert report.main_metric(rows, "gsm8k").key == "exact_match,strict-match"
+  assert report.main_metric(rows, "nope") is None
 
 
-def test_chart_metric_defaults_and_overrides():
-  assert report.chart_metric(RESULTS, "arc_easy") == "acc"
-  assert report.chart_metric(RESULTS, "gsm8k") == "exact_match,strict-match"
-  assert (
-    report.chart_metric(RESULTS, "arc_easy", {"arc_easy": "acc_norm"})
-    == "acc_norm"
-  )
+def test_json_is_standard(tmp_path):
+  data = {"a": {"x": float("nan"), "y": [1.5, float("inf")], "z": "é"}}
+  report.write_json(tmp_path / "r.json", data)
+  text = (tmp_path / "r.json").read_text(encoding="utf-8")
+  assert json.loads(text) == {"a": {"x": None, "y": [1.5, None], "z": "é"}}
 
 
 @pytest.mark.slow
 def test_bar_chart_writes_a_png(tmp_path):
-  report.bar_chart(RESULTS, tmp_path / "bench.png", title="before / after")
+  series = {
+    "base": {"arc_easy acc": (0.5, 0.05), "gsm8k": (0.1, None)},
+    "cpt": {"arc_easy acc": (0.45, 0.05)},
+  }
+  report.bar_chart(series, tmp_path / "bench.png", title="before / after")
   data = (tmp_path / "bench.png").read_bytes()
   assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -106,3 +106,30 @@ def test_written_files_load_as_tasks(tmp_path):
   assert len(readers.read_generative(paths["arithmetic"])) == 6
   first = json.loads(open(paths["prose_next"]).readline())
   assert set(first) == {"context", "choices", "gold"}
+
+
+def test_as_harness_tasks_the_requests_are_the_readers(tmp_path):
+  """The harness's own tasks over the same files make the same requests
+  (contexts and gold continuations) as the hand-written readers."""
+  import pytest
+
+  pytest.importorskip("lm_eval", reason="needs the `eval` extra (lm-eval)")
+  from gemma_jax.evals import benchmarks
+
+  paths = synthetic.write_synthetic(
+    tmp_path, {"prose": PROSE, "code": CODE}, num_items=6, num_shots=6
+  )
+  yamls = synthetic.write_harness_tasks(tmp_path, paths)
+  assert sorted(yamls) == ["arithmetic", "code_next", "prose_next"]
+  opts = benchmarks.Options(tasks=tuple(yamls), include_path=(str(tmp_path),))
+  found = {t["task"]: t for t in benchmarks.gold_requests(opts)}
+  assert found["arithmetic"]["num_fewshot"] == 5
+  from gemma_jax.drivers import fisher_data
+
+  for name in ("prose_next", "code_next"):
+    task = tasks.multiple_choice(paths[name])
+    assert found[name]["requests"] == fisher_data.gold_requests(task)
+  math = [json.loads(line) for line in open(paths["arithmetic"])]
+  for (context, target), row in zip(found["arithmetic"]["requests"], math):
+    assert context.endswith(row["context"]) and context.count("#### ") == 5
+    assert target == " " + row["answer"]

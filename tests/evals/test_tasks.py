@@ -201,3 +201,33 @@ def test_an_empty_answer_gets_no_delimiters():
 def test_negative_shots_are_refused(tmp_path):
   with pytest.raises(ConfigError, match="num_fewshot must be >= 0"):
     tasks.arc(jsonl(tmp_path / "t.jsonl", arc_rows("q", 1)), num_fewshot=-1)
+
+
+def test_task_lists_name_kinds_and_take_max_gen_toks_for_generative_only(
+  tmp_path,
+):
+  import yaml
+
+  mc = jsonl(
+    tmp_path / "mc.jsonl",
+    [{"context": "the cat sat on the", "choices": ["mat", "x"], "gold": 0}],
+  )
+  gen = jsonl(tmp_path / "gen.jsonl", [{"context": "1 + 1?", "answer": "2"}])
+  (tmp_path / "bad.yaml").write_text(
+    yaml.safe_dump([{"kind": "nope", "path": "x"}])
+  )
+  with pytest.raises(ConfigError, match="kind 'nope' is not one of"):
+    tasks.load_tasks(tmp_path / "bad.yaml")
+  (tmp_path / "gen.yaml").write_text(
+    yaml.safe_dump(
+      [{"kind": "generative", "path": str(gen), "max_gen_toks": 16}]
+    )
+  )
+  assert tasks.load_tasks(tmp_path / "gen.yaml")[0].max_gen_toks == 16
+  (tmp_path / "mc.yaml").write_text(
+    yaml.safe_dump(
+      [{"kind": "multiple_choice", "path": str(mc), "max_gen_toks": 16}]
+    )
+  )
+  with pytest.raises(ConfigError, match="max_gen_toks. is for generative"):
+    tasks.load_tasks(tmp_path / "mc.yaml")

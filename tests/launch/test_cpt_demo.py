@@ -131,8 +131,12 @@ def test_the_demo_runs_four_variants_of_one_base_then_one_report(tmp_path):
     f"ewc={w}/ewc_0.5/params",
     f"ewc_replay={w}/ewc_replay_0.5/params",
   ]
-  tasks = (tmp_path / "w/tasks.yaml").read_text()
-  assert "prose_next" in tasks and "code_next" in tasks
+  # The two tasks as lm-evaluation-harness task YAMLs, named by the report.
+  assert report[report.index("--tasks") + 1] == "prose_next,code_next"
+  assert report[report.index("--include-path") + 1] == f"{w}/tasks"
+  for name in ("prose_next", "code_next"):
+    task = json.loads((tmp_path / f"w/tasks/{name}.yaml").read_text())
+    assert task["task"] == name and task["output_type"] == "multiple_choice"
   assert "| base | 4.0 |" in out and "after 7 steps" in out
   # Everything is there: a rerun trains nothing and only reports again.
   _, calls = run_demo(tmp_path, LAMBDA="0.5", STEPS="7")

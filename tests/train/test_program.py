@@ -81,4 +81,5 @@ def test_features_are_built_in_their_registered_order():
     "distill",
     "ewc",
     "ema",
+    "harness",
   ]
