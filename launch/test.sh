@@ -5,6 +5,12 @@
 #   bash launch/test.sh --fast    lint, then the suite without the tests marked
 #                                 slow, multiprocess or tpu_compile (the edit loop)
 #   bash launch/test.sh tests/model -x    only pytest, with these arguments
+#
+# The first two run pytest on one worker per core (pytest-xdist), at most 4
+# (each worker holds a JAX runtime with 8 fake devices) or
+# $GEMMA_JAX_TEST_WORKERS. `worksteal` hands each worker half of the tests in
+# collection order, which tests/conftest.py starts with the longest modules,
+# and an idle worker takes over half of the other's rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup.sh
@@ -14,12 +20,18 @@ if [ "$#" -gt 0 ] && [ "$1" != "--fast" ]; then
   exec "$py" -m pytest "$@"
 fi
 
+workers="${GEMMA_JAX_TEST_WORKERS:-$(nproc)}"
+if [ "$workers" -gt 4 ] && [ -z "${GEMMA_JAX_TEST_WORKERS-}" ]; then
+  workers=4
+fi
+parallel=(-n "$workers" --dist worksteal)
+
 echo "== ruff check"; "$py" -m ruff check --quiet .
 if [ "${1-}" = "--fast" ]; then
   echo "== pytest (fast)"
-  exec "$py" -m pytest -m "not slow and not multiprocess and not tpu_compile" \
-    tests
+  exec "$py" -m pytest "${parallel[@]}" \
+    -m "not slow and not multiprocess and not tpu_compile" tests
 fi
 echo "== ruff format --check"; "$py" -m ruff format --check --quiet .
 echo "== mypy"; "$py" -m mypy
-echo "== pytest"; exec "$py" -m pytest tests
+echo "== pytest"; exec "$py" -m pytest "${parallel[@]}" tests

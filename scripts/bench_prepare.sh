@@ -10,6 +10,7 @@
 # in ./.venv-beam (launch/setup_beam.sh), the venv that has the beam extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/setup_beam.sh
+source launch/setup.sh        # ./.venv
+source launch/setup_beam.sh   # ./.venv-beam on top of it
 "$beam_py" -c "import apache_beam"  # else the Beam row would be left out
 exec "$beam_py" scripts/bench_data.py --prepare "$@"

@@ -17,11 +17,63 @@ if "xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
 
+# One persistent XLA compilation cache for the session, shared by its
+# pytest-xdist workers (started after this, they inherit the environment)
+# and by the processes the tests start: a program that one test compiled is
+# loaded, not compiled again, by every later test that builds the same one
+# (JAX keys it by the program, the devices, the flags and its own version).
+# Every program is kept, however small or quick to compile. An empty
+# JAX_COMPILATION_CACHE_DIR turns it off.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+
+  _OWN_CACHE = tempfile.mkdtemp(prefix="gemma-jax-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import pathlib  # noqa: E402  (after the environment is set)
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:  # the process that made it (xdist's controller, or pytest)
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
 PARITY_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "parity"
+
+# The longest modules, longest first (`pytest --durations`; the figures are
+# in docs/performance.md, "Test suite time"). They run first, so that with
+# several workers (launch/test.sh) no long test starts near the end while
+# the other workers have nothing left to do.
+LONGEST_FIRST = (
+  "train/test_multiprocess.py",
+  "train/test_gcs_workdir.py",
+  "evals/test_forgetting.py",
+  "train/test_resume.py",
+  "features/test_lora_run.py",
+  "test_main_job.py",
+  "evals/test_harness.py",
+  "test_bad_inputs.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Modules of LONGEST_FIRST first, in its order; the rest as collected.
+  Whole modules move, so a module's fixtures are still set up once."""
+  root = pathlib.Path(__file__).parent
+
+  def rank(item):
+    path = pathlib.Path(item.path).relative_to(root).as_posix()
+    if path in LONGEST_FIRST:
+      return LONGEST_FIRST.index(path)
+    return len(LONGEST_FIRST)
+
+  items.sort(key=rank)  # stable: the order within a rank stays
 
 
 @pytest.fixture(scope="session")
@@ -41,25 +93,12 @@ def tiny_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory):
-  """A persistent XLA cache shared by this area's runs and subprocesses:
-  identical programs compile once per session."""
-  import jax
-
-  path = str(tmp_path_factory.mktemp("xla_cache"))
-  old = {
-    k: jax.config.values[k]
-    for k in (
-      "jax_compilation_cache_dir",
-      "jax_persistent_cache_min_compile_time_secs",
-      "jax_persistent_cache_min_entry_size_bytes",
-    )
-  }
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield path
-  for k, v in old.items():
-    jax.config.update(k, v)
+  """The session's persistent XLA cache (above), for processes that tests
+  start with an environment of their own (gemma_jax.train.testing's
+  subprocess_env); one of their own where it is turned off."""
+  return os.environ["JAX_COMPILATION_CACHE_DIR"] or str(
+    tmp_path_factory.mktemp("xla_cache")
+  )
 
 
 @pytest.fixture
@@ -154,6 +193,9 @@ def gcs_bucket(gcs_emulator, monkeypatch):
 
   for key, value in fileio.emulator_env(gcs_emulator).items():
     monkeypatch.setenv(key, value)
+  # The emulator shares the cores with every test running: a busy machine
+  # must not pass for an unreachable Cloud Storage (10 s by default).
+  monkeypatch.setenv(fileio.TIMEOUT_ENV, "60")
   name = f"bkt-{uuid.uuid4().hex[:8]}"
   request = urllib.request.Request(
     f"{gcs_emulator}/storage/v1/b?project=test",

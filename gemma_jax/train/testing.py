@@ -101,12 +101,19 @@ def tiny_config_dict(tokenizer: str, steps: int = 6) -> dict:
 
 
 def subprocess_env(cache_dir: str, devices: int = 2) -> dict:
+  """os.environ for a `gemma-jax train` process on `devices` CPU devices
+  that shares the persistent XLA cache `cache_dir`. LLVM's optimisations
+  are skipped, as in tests/conftest.py: a cold train step compiles in about
+  half the CPU time, and every run of a comparison uses the same flags."""
   import os
 
   env = dict(os.environ)
   env.update(
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=(
+      f"--xla_force_host_platform_device_count={devices} "
+      "--xla_backend_optimization_level=0"
+    ),
     JAX_COMPILATION_CACHE_DIR=cache_dir,
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
@@ -116,6 +123,10 @@ def subprocess_env(cache_dir: str, devices: int = 2) -> dict:
 
 
 RESUME_STEPS = 40
+# How long a test waits for a tiny run (a checkpoint, its end) before it
+# fails: only a bound on a hang, so generous enough for a loaded machine
+# with every core running tests (launch/test.sh runs several at once).
+RUN_TIMEOUT_S = 600
 
 
 def write_config(path, tokenizer, **train) -> str:

@@ -18,7 +18,7 @@ from gemma_jax.evals import benchmarks, forgetting, harness
 from gemma_jax.train import metrics as evaluation
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.program import TrainProgram
-from gemma_jax.train.testing import texts, tiny_config_dict
+from gemma_jax.train.testing import tiny_config_dict
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -26,13 +26,9 @@ TASKS = "local_arc,local_gsm8k,local_wikitext"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, harness_tasks):
-  from gemma_jax.tokenizer import train_tokenizer
-
+def setup(tmp_path_factory, harness_tasks, tiny_tokenizer):
   root = tmp_path_factory.mktemp("report")
-  tok = root / "tok.model"
-  train_tokenizer(texts(0, 200, "prose") + texts(1, 200, "code"), 400, str(tok))
-  d = tiny_config_dict(str(tok))
+  d = tiny_config_dict(tiny_tokenizer)
   config = root / "run.yaml"
   config.write_text(yaml.safe_dump(d))
   program = TrainProgram(config_from_dict(d))
@@ -40,6 +36,10 @@ def setup(tmp_path_factory, harness_tasks):
     params = program.init_state(seed=seed).params
     native.save(str(root / name), params, program.cfg.model)
   return root, config, program, harness_tasks
+
+
+def setup_tokenizer(program) -> str:
+  return program.cfg.data.tokenizer
 
 
 def report_args(root, config, tasks_dir, *extra):
@@ -115,7 +115,7 @@ def test_report_command_writes_tables_harness_files_and_every_sample(
     )
   lm = harness.GemmaJaxLM(
     checkpoint=str(root / "base"),
-    tokenizer=str(root / "tok.model"),
+    tokenizer=setup_tokenizer(program),
     mesh="1x1x1",
   )
   opts = benchmarks.Options(

@@ -6,6 +6,7 @@ import yaml
 
 import gemma_jax.features  # noqa: F401  (registers them with the core)
 from gemma_jax.train.testing import (
+  RUN_TIMEOUT_S,
   subprocess_env,
   tiny_config_dict,
   train_process,
@@ -31,7 +32,7 @@ def uninterrupted_run(tiny_tokenizer, compile_cache, tmp_path_factory):
   proc = train_process(config, root / "run", subprocess_env(compile_cache))
 
   def result():
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, out
     return root / "run"
 

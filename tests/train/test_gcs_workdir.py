@@ -14,6 +14,7 @@ from etils import epath
 from gemma_jax.checkpoint import native
 from gemma_jax.train.testing import (
   RESUME_STEPS,
+  RUN_TIMEOUT_S,
   exported_params,
   losses,
   subprocess_env,
@@ -45,7 +46,7 @@ def test_killed_and_resumed_on_gs_matches_a_local_run(
   # 1. SIGKILL once a checkpoint is complete (a later save may be half
   # written: it must be ignored).
   proc = train_process(config, workdir, env)
-  deadline = time.time() + 240
+  deadline = time.time() + RUN_TIMEOUT_S
   while not _committed(workdir) or _committed(workdir)[-1] < 4:
     assert proc.poll() is None, proc.communicate()[0]
     assert time.time() < deadline, "no checkpoint in time"
@@ -57,7 +58,7 @@ def test_killed_and_resumed_on_gs_matches_a_local_run(
 
   # 2. The rerun takes over the dead run's lease, resumes, finishes.
   proc = train_process(config, workdir, env)
-  out, _ = proc.communicate(timeout=300)
+  out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
   assert proc.returncode == 0, out
   assert "took over the stale lease" in out
   resumed = int(

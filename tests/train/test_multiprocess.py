@@ -13,6 +13,7 @@ import pytest
 
 from gemma_jax.train.testing import (
   RESUME_STEPS,
+  RUN_TIMEOUT_S,
   exported_params,
   losses,
   subprocess_env,
@@ -48,7 +49,7 @@ def _start(n, config, workdir, cache, *extra):
 
 def _run(n, config, workdir, cache, *extra):
   procs = _start(n, config, workdir, cache, *extra)
-  outs = [p.communicate(timeout=300)[0] for p in procs]
+  outs = [p.communicate(timeout=RUN_TIMEOUT_S)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
   return outs
@@ -56,7 +57,7 @@ def _run(n, config, workdir, cache, *extra):
 
 def _when_checkpointed(procs, workdir, step, logged):
   """Waits until checkpoint `step` is complete and `logged` steps logged."""
-  deadline = time.time() + 240
+  deadline = time.time() + RUN_TIMEOUT_S
   while not (
     (workdir / "checkpoints" / str(step)).is_dir()
     and max(losses(workdir), default=0) >= logged

@@ -11,6 +11,7 @@ import pytest
 
 from gemma_jax.train.testing import (
   RESUME_STEPS,
+  RUN_TIMEOUT_S,
   exported_params,
   losses,
   subprocess_env,
@@ -30,7 +31,7 @@ def _checkpoints(workdir) -> list[int]:
   )
 
 
-def _wait(proc, condition, timeout=240):
+def _wait(proc, condition, timeout=RUN_TIMEOUT_S):
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
     if condition():
@@ -51,7 +52,7 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(
   proc = train_process(config, workdir, env)
   _wait(proc, lambda: max(losses(workdir), default=0) >= 3)
   proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
+  out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
   assert proc.returncode == 0, out
   stopped = max(losses(workdir))
   assert stopped < RESUME_STEPS, "the run ended before SIGTERM arrived"
@@ -77,7 +78,7 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(
 
   # 3. Rerun resumes from the last complete checkpoint and finishes.
   proc = train_process(config, workdir, env)
-  out, _ = proc.communicate(timeout=300)
+  out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
   assert proc.returncode == 0, out
   resumed = int(re.search(r"resumed from .*/(\d+)\n", out).group(1))
   assert saved <= resumed <= killed
