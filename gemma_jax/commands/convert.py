@@ -1,4 +1,5 @@
-"""gemma-jax convert --from {hf,kaggle,native} --to {native,hf,kaggle} SRC DST.
+"""gemma-jax convert --from {hf,kaggle,native} --to {native,hf,kaggle,gguf}
+SRC DST.
 
     # Hugging Face directory -> native (config read from config.json)
     gemma-jax convert --from hf --to native gemma-2-2b/ ckpt/gemma2-2b
@@ -15,6 +16,9 @@
     gemma-jax convert --from quantized --to hf ckpt/9b-int4 hf-9b-int4/
     # native -> official Flax layout (the `gemma` library, gemma.cpp, Kaggle)
     gemma-jax convert --from native --to kaggle ckpt/9b official-9b/
+    # native -> one GGUF file for llama.cpp / Ollama (f32 f16 bf16 q8_0 q4_0)
+    gemma-jax convert --from native --to gguf --gguf-type q4_0 \
+        --tokenizer tok.model ckpt/9b gemma2-9b-q4_0.gguf
 
 SRC and DST may be gs:// paths (a Hugging Face SRC there is read through a
 local copy; an HF DST is written locally, then uploaded).
@@ -32,6 +36,12 @@ transformers configs into DST. Without it, converting a run's params export
 (RUN/params, local or gs://) takes the tokenizer that RUN/config.yaml names
 in `data.tokenizer`; where that file is not on this machine, a warning says
 that the export has no tokenizer.
+
+--to gguf writes one local file (gemma_jax.checkpoint.gguf) and needs the
+tokenizer (the vocabulary is part of the file), found the same way.
+`--gguf-type` defaults to the model's QAT scheme where it is q4_0 or q8_0,
+else f32; q4_0/q8_0 quantize a float model's every matrix (post-training)
+or a QAT model's targets exactly as its forward pass did.
 """
 
 import dataclasses
@@ -70,7 +80,7 @@ def add_arguments(parser):
     "--to",
     dest="dst_format",
     required=True,
-    choices=("native", "hf", "kaggle"),
+    choices=("native", "hf", "kaggle", "gguf"),
   )
   parser.add_argument("src", help="source checkpoint directory")
   parser.add_argument(
@@ -109,9 +119,16 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--tokenizer",
-    help="--to hf: SentencePiece model to "
+    help="--to hf/gguf: SentencePiece model to "
     "write beside the weights (default: a run's "
     "data.tokenizer when SRC is RUN/params)",
+  )
+  parser.add_argument(
+    "--gguf-type",
+    choices=("f32", "f16", "bf16", "q8_0", "q4_0"),
+    default=None,
+    help="--to gguf: tensor type of the matrices (default: the model's "
+    "quant scheme if q4_0/q8_0, else f32)",
   )
 
 
@@ -216,13 +233,29 @@ def run_tokenizer(src) -> str | None:
 
 
 def tokenizer_for(args):
-  """The Tokenizer to export with --to hf, or None."""
-  if args.tokenizer and args.dst_format != "hf":
-    raise ConfigError("--tokenizer goes with --to hf")
+  """The Tokenizer to export with --to hf or gguf, or None."""
+  with_tokenizer = args.dst_format in ("hf", "gguf")
+  if args.tokenizer and not with_tokenizer:
+    raise ConfigError("--tokenizer goes with --to hf or --to gguf")
   path = args.tokenizer
-  if path is None and args.dst_format == "hf" and args.src_format == "native":
+  if path is None and with_tokenizer and args.src_format == "native":
     path = run_tokenizer(args.src)
+  if path is None and args.dst_format == "gguf":
+    raise ConfigError(
+      "--to gguf needs the tokenizer (its vocabulary is part of the file): "
+      "pass --tokenizer PATH"
+    )
   return None if path is None else Tokenizer.load(path)
+
+
+def save_gguf(args, params, cfg, tokenizer) -> tuple[str, int]:
+  """(tensor type, bytes) of the GGUF file written at args.dst."""
+  from gemma_jax.checkpoint import gguf
+
+  kind = args.gguf_type or gguf.default_type(cfg)
+  return kind, gguf.save(
+    args.dst, params, cfg, tokenizer, kind, force=args.force
+  )
 
 
 def merge_adapter(params, cfg, path):
@@ -282,10 +315,25 @@ def save_hf(dst, params, cfg, force=False, **kwargs) -> None:
 
 def main(args) -> int:
   dtype = None if args.dtype == "keep" else jnp.dtype(args.dtype)
+  if args.gguf_type is not None and args.dst_format != "gguf":
+    raise ConfigError("--gguf-type goes with --to gguf")
   tokenizer = tokenizer_for(args)
   params, cfg = read_source(args, dtype)
   if args.adapter:
     params, cfg = merge_adapter(params, cfg, args.adapter)
+  if args.dst_format == "gguf":
+    kind, size = save_gguf(args, params, cfg, tokenizer)
+    summary = {
+      "from": args.src_format,
+      "to": "gguf",
+      "dst": args.dst,
+      "model": cfg.name,
+      "gguf_type": kind,
+      "bytes": size,
+      "tokenizer": tokenizer.path if tokenizer else None,
+    }
+    print(json.dumps(summary))
+    return 0
   if args.dst_format in ("hf", "kaggle") and cfg.quant is not None:
     # A QAT model's float weights run quantized: the export gets what runs.
     params = quant_lib.dequantize_params(

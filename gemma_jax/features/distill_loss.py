@@ -315,7 +315,8 @@ def decode_record(record: bytes, k: int) -> tuple[int, TopK]:
 
 def dump_batch(rows: int, t: int, k: int, sharding) -> dict:
   """The batch keys a dump adds: log-probs bfloat16 [B, T, K], ids int32
-  [B, T, K] and the log tail mass float32 [B, T]."""
+  [B, T, K] and float32 [B, T] (top-k: the log tail mass; a sample: its
+  threshold kappa)."""
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(
     shape, dtype, sharding=sharding
   )

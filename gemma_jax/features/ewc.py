@@ -319,6 +319,13 @@ class EWC(Feature):
   compiles (also ahead of time) before they are; evaluation never reads
   them. With LoRA: F of the adapted weights only, on the adapters' change.
   Checkpoints record them (`describe`) and a resume refuses changed ones.
+
+  Its three `lora` branches (frozen, penalty, load_ewc) stay: LoRA's
+  trainable filter and forward view would give a general penalty on
+  (base + A B) - anchor, which needs a full-size anchor copy and forms
+  every adapted W + A B per step; on the adapters the anchor is the frozen
+  base itself and the penalty needs only the change A B (Gram matrices
+  without a Fisher), which only this module knows how to compute.
   """
 
   name = "ewc"

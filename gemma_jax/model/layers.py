@@ -178,6 +178,10 @@ class Einsum(nn.Module):
   def __call__(self, equation: str, x):
     cfg = self.config
     y = jnp.einsum(equation, x, self._weight().astype(cfg.dtype))
+    # LoRA's term stays here, not in a view over the params (LoRA's
+    # step.Forward view only joins base and adapters): x A B inside the
+    # scanned layer, with the weight's own logical axes, costs far less
+    # than forming W + A B for every projection in every step.
     if cfg.lora is not None:
       delta = lora_lib.adapter_delta(
         self,
@@ -256,6 +260,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
+    # The fused kernel contracts the weights itself and has no adapter
+    # term, so an adapted MLP takes the plain einsums (no general mechanism
+    # can add a term inside a hand-written kernel).
     adapted = cfg.lora is not None and {"gate", "up", "down"} & set(
       cfg.lora.targets
     )

@@ -25,6 +25,7 @@ falls back to the one before it. One of another model or optimizer is a
 CheckpointError naming the first array that differs.
 """
 
+import ast
 import dataclasses
 import datetime
 import json
@@ -265,11 +266,16 @@ class Checkpointer:
     step = self._step_or_latest(step)
     meta = self.restore_meta(step)
     self._check_files(step)
-    self._check_structure(step, meta, abstract_state)
+    saved = self._saved_shapes(step, meta)
+    legacy = _legacy_extras(saved, abstract_state)
+    saved = _renamed(saved, legacy)
+    self._check_structure(step, saved, abstract_state)
     try:
       restored = self._manager.restore(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)),
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_legacy_target(abstract_state, legacy))
+        ),
       )
     except Exception as e:  # orbax/tensorstore raise many
       text = str(e)
@@ -278,9 +284,11 @@ class Checkpointer:
           self.directory, step, _culprit(text), _first_line(text)
         ) from None
       raise self._mismatch(step, f"{type(e).__name__}: {text[:300]}") from None
+    state = _from_legacy(restored.state, legacy)
     if "checksums" in meta:
       bad = state_lib.mismatched(
-        meta["checksums"], state_lib.checksums(restored.state)
+        _renamed_checksums(meta["checksums"], legacy),
+        state_lib.checksums(state),
       )
       if bad:
         raise CheckpointDamaged(
@@ -290,7 +298,7 @@ class Checkpointer:
           f"its data does not match the checksum saved with it "
           f"({len(bad)} arrays differ)",
         )
-    return Restored(state=restored.state, meta=meta)
+    return Restored(state=state, meta=meta)
 
   def set_aside(self, step: int, folder: str) -> str:
     """Moves checkpoint `step` to `folder`/<step> (never deletes it);
@@ -363,21 +371,26 @@ class Checkpointer:
         "holds no tree metadata",
       )
 
-  def _check_structure(self, step: int, meta: dict, abstract_state) -> None:
-    """CheckpointError naming the first array whose path or shape differs
-    from `abstract_state` (another model or optimizer)."""
-    want = _shapes(abstract_state)
+  def _saved_shapes(self, step: int, meta: dict) -> dict:
+    """{array path (as `_path_key`): shape} of the checkpoint; for versions
+    before meta held shapes, the paths from orbax's tree metadata, with
+    shape None (unknown)."""
     if "shapes" in meta:
-      saved = meta["shapes"]
-    else:  # earlier versions: paths only, from orbax's tree metadata
-      tree = json.loads(
-        epath.Path(self._step_dir(step), "state", "_METADATA").read_text()
-      )["tree_metadata"]
-      saved = {
-        k: want.get(k)
-        for k, v in tree.items()
-        if (v.get("value_metadata") or {}).get("value_type")
-      }
+      return meta["shapes"]
+    tree = json.loads(
+      epath.Path(self._step_dir(step), "state", "_METADATA").read_text()
+    )["tree_metadata"]
+    return {
+      k: None
+      for k, v in tree.items()
+      if (v.get("value_metadata") or {}).get("value_type")
+    }
+
+  def _check_structure(self, step: int, saved: dict, abstract_state) -> None:
+    """CheckpointError naming the first array whose path or shape differs
+    between the checkpoint (`saved`: `_saved_shapes`) and `abstract_state`
+    (another model or optimizer)."""
+    want = _shapes(abstract_state)
     for key in sorted(set(saved) | set(want)):
       if key not in saved:
         raise self._mismatch(step, f"array {key} is not in the checkpoint")
@@ -386,7 +399,7 @@ class Checkpointer:
           step,
           f"the checkpoint has an array {key} the configured state has not",
         )
-      if list(saved[key]) != list(want[key]):
+      if saved[key] is not None and list(saved[key]) != list(want[key]):
         raise self._mismatch(
           step,
           f"array {key} has shape {saved[key]} in "
@@ -450,6 +463,82 @@ def restore_newest_intact(
       f"{', '.join(map(str, damaged))} are damaged{kept}"
     )
   return None, None
+
+
+# Checkpoints written before TrainState.extras existed (gemma_jax up to
+# commit 7003598) held a feature's per-step state as a top-level field of
+# the state: the EMA of the weights was `ema`, today `extras["ema"]`. They
+# restore into today's layout: such a field is read under its old path and
+# moved into `extras`; its shapes and checksums are compared under the new.
+def _legacy_extras(saved: dict, abstract_state) -> tuple[str, ...]:
+  """The extras the checkpoint (`saved`: `_saved_shapes`) holds at the top
+  level of the state."""
+  names = (getattr(abstract_state, "extras", None) or {}).keys()
+  tops = {_top(k) for k in saved}
+  return tuple(n for n in names if n in tops)
+
+
+def _top(path_key: str) -> str | None:
+  """The top-level field of a `_path_key` ("('ema', 'w')" -> "ema")."""
+  try:
+    return ast.literal_eval(path_key)[0]
+  except (ValueError, SyntaxError, TypeError, IndexError):
+    return None
+
+
+def _renamed(saved: dict, legacy: tuple[str, ...]) -> dict:
+  """`saved` ({`_path_key`: shape}) with the paths under each legacy
+  top-level field moved into extras."""
+  return {
+    (str(("extras",) + ast.literal_eval(k)) if _top(k) in legacy else k): v
+    for k, v in saved.items()
+  }
+
+
+def _renamed_checksums(saved: dict, legacy: tuple[str, ...]) -> dict:
+  """`saved` ({keystr: checksum}) likewise: ".ema['w']" ->
+  ".extras['ema']['w']"."""
+  out = {}
+  for key, value in saved.items():
+    name = next(
+      (
+        n
+        for n in legacy
+        if key == f".{n}" or key.startswith((f".{n}[", f".{n}."))
+      ),
+      None,
+    )
+    out[
+      key if name is None else f".extras[{name!r}]" + key[len(name) + 1 :]
+    ] = value
+  return out
+
+
+def _legacy_target(abstract_state, legacy: tuple[str, ...]):
+  """What orbax restores into: `abstract_state`, or for a legacy
+  checkpoint the same arrays as a dict with those extras at the top."""
+  if not legacy:
+    return abstract_state
+  fields = {
+    f.name: getattr(abstract_state, f.name)
+    for f in dataclasses.fields(abstract_state)
+    if f.name != "extras"
+  }
+  extras = dict(abstract_state.extras)
+  rest = {n: x for n, x in extras.items() if n not in legacy}
+  return (
+    fields | {n: extras[n] for n in legacy} | ({"extras": rest} if rest else {})
+  )
+
+
+def _from_legacy(restored, legacy: tuple[str, ...]):
+  """The TrainState of what `_legacy_target` restored."""
+  if not legacy:
+    return restored
+  restored = dict(restored)
+  extras = dict(restored.pop("extras", None) or {})
+  extras |= {n: restored.pop(n) for n in legacy}
+  return state_lib.TrainState(**restored, extras=extras)
 
 
 class _LoggedErrors(logging.Handler):

@@ -25,6 +25,7 @@ and re-decays from step 0; `checkpoint.init_optimizer` keeps a run's
 moments (and Adam's own step count) while the schedule still restarts.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -38,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from gemma_jax import fileio
 from gemma_jax.checkpoint import formats, layout, preflight
 from gemma_jax.errors import CheckpointError, ConfigError, TrainingStopped
-from gemma_jax.model.config import EXECUTION_FIELDS
+from gemma_jax.model.config import EXECUTION_FIELDS, ModelConfig
 from gemma_jax.train import checkpointing
 from gemma_jax.train import config as config_lib
 from gemma_jax.train import program as program_lib
@@ -192,10 +193,18 @@ def check_same_model(saved: dict, cfg, step: int) -> None:
   model. (The data stream's checks are the pipeline's `check_resume`.)"""
   saved_model = saved.get("config", {}).get("model", {})
   current = config_lib.to_dict(cfg)["model"]
+  # A field the checkpoint does not name is newer than it: the checkpoint's
+  # model had the field's default (e.g. qk_norm, added for Gemma 3).
+  defaults = {
+    f.name: f.default
+    for f in dataclasses.fields(ModelConfig)
+    if f.default is not dataclasses.MISSING
+  }
   diff = sorted(
     k
     for k in current
-    if k not in EXECUTION_FIELDS and saved_model.get(k) != current[k]
+    if k not in EXECUTION_FIELDS
+    and saved_model.get(k, defaults.get(k)) != current[k]
   )
   if diff:
     raise ConfigError(

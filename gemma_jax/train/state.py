@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gemma_jax.checkpoint import publish
 from gemma_jax.model import ModelConfig, Transformer
 
 
@@ -114,18 +115,6 @@ def _bits_sum(x: jax.Array) -> jax.Array:
 _checksums = jax.jit(lambda leaves: [_bits_sum(x) for x in leaves])
 
 
-@jax.jit
-def _params_finite(params):
-  return jnp.stack(
-    [
-      jnp.isfinite(x).all()
-      for x in jax.tree.leaves(params)
-      if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    or [jnp.bool_(True)]
-  ).all()
-
-
 def checksums(tree) -> dict[str, int]:
   """{array path: uint32 sum of its bits} of a pytree of arrays.
 
@@ -148,8 +137,10 @@ def checksums(tree) -> dict[str, int]:
 
 
 def params_finite(params) -> bool:
-  """Whether every float in `params` is finite (one device reduction)."""
-  return bool(jax.device_get(_params_finite(params)))
+  """Whether every float in `params` is finite: one device reduction, the
+  same compiled program as the check every writer makes before it writes
+  (checkpoint.publish), so that a run's exports compile none of their own."""
+  return publish.first_nonfinite(params) is None
 
 
 def mismatched(saved: dict[str, int], now: dict[str, int]) -> list[str]:

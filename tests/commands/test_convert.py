@@ -273,3 +273,26 @@ def test_a_run_whose_tokenizer_is_gone_says_the_export_has_none(
   assert err.count("\n") == 1 and "gone.model" in err
   assert "pass --tokenizer PATH" in err
   assert not (tmp_path / "hf" / "tokenizer.model").exists()
+
+
+def test_to_gguf_writes_one_file_with_the_runs_tokenizer(
+  run_export, tmp_path, capsys
+):
+  pytest.importorskip("gguf")
+  run, tok = run_export
+  out = tmp_path / "m.gguf"
+  argv = ["--from", "native", "--to", "gguf", "--gguf-type", "q8_0"]
+  assert convert(*argv, run / "params", out) == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert summary["gguf_type"] == "q8_0" and summary["tokenizer"] == tok
+  assert summary["bytes"] == out.stat().st_size
+  assert out.read_bytes()[:4] == b"GGUF"
+  # Without a tokenizer (a bare checkpoint) there is no vocabulary to write.
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  (run / "params").rename(bare / "params")
+  assert convert("--from", "native", "--to", "gguf", bare / "params", out) == 2
+  assert "--to gguf needs the tokenizer" in capsys.readouterr().err
+  argv = ["--from", "native", "--to", "hf", "--gguf-type", "f16"]
+  assert convert(*argv, bare / "params", tmp_path / "hf") == 2
+  assert "--gguf-type goes with --to gguf" in capsys.readouterr().err

@@ -1,4 +1,9 @@
-"""EMA of the weights: the update rule, its initialisation and debiasing."""
+"""EMA of the weights: the update rule, its initialisation and debiasing;
+a checkpoint of the layout before TrainState.extras resumes."""
+
+import json
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -56,3 +61,68 @@ def test_plain_ema_keeps_the_start_with_weight_decay_to_the_n():
   for _ in range(steps):
     e = update(e, {"w": jnp.array([0.0])}, ema.ema_decay(d, 1, debias=False))
   assert float(e["w"][0]) == pytest.approx(8.0 * d**steps)
+
+
+# A run checkpointed before TrainState.extras existed: the EMA was the
+# state's top-level field `ema` (tests/fixtures/ema_before_extras/make.py
+# wrote it with gemma_jax at commit 7003598, on one CPU device).
+BEFORE_EXTRAS = (
+  pathlib.Path(__file__).parents[1] / "fixtures" / "ema_before_extras"
+)
+
+
+def _in_extras(checksums: dict) -> dict:
+  """Checksums keyed by the old layout's paths, under today's."""
+  return {
+    (k.replace(".ema", ".extras['ema']", 1) if k.startswith(".ema[") else k): v
+    for k, v in checksums.items()
+  }
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_before_extras_resumes_with_its_ema(tmp_path):
+  import gemma_jax.features  # noqa: F401  (registers them with the core)
+  from gemma_jax.sharding.mesh import make_mesh
+  from gemma_jax.train import state as state_lib
+  from gemma_jax.train import trainer as trainer_lib
+  from gemma_jax.train.config import config_from_dict
+
+  workdir = tmp_path / "run"
+  shutil.copytree(BEFORE_EXTRAS / "run", workdir)
+  d = json.loads((workdir / "config.json").read_text())
+  d["data"]["tokenizer"] = str(BEFORE_EXTRAS / "tokenizer.model")
+  cfg = config_from_dict(d)
+  trainer = trainer_lib.Trainer(
+    cfg, str(workdir), mesh=make_mesh(cfg.mesh, jax.devices()[:1])
+  )
+  # Restored bit for bit, the EMA into extras["ema"].
+  assert trainer.start_step == 2
+  assert set(trainer.state.extras) == {"ema"}
+  saved = json.loads(
+    (workdir / "checkpoints" / "2" / "meta" / "metadata").read_text()
+  )["checksums"]
+  assert any(k.startswith(".ema[") for k in saved)
+  assert state_lib.checksums(trainer.state) == _in_extras(saved)
+  trainer.run()
+
+  # Steps 3 and 4 continue the old run: its losses and its EMA's held-out
+  # losses (to rounding: the suite's XLA flags are not the fixture's).
+  def records(path, prefix):
+    with open(path) as f:
+      return [
+        {k: v for k, v in r.items() if k.startswith(prefix) or k == "step"}
+        for r in map(json.loads, f)
+      ]
+
+  expected = BEFORE_EXTRAS / "expected"
+  for name, prefix in (("metrics.jsonl", "loss"), ("eval.jsonl", "eval")):
+    new, old = records(workdir / name, prefix), records(expected / name, prefix)
+    assert [r["step"] for r in new] == [r["step"] for r in old]
+    for a, b in zip(new, old):
+      assert a == pytest.approx(b, rel=1e-5), name
+  assert "eval_ema/prose/loss" in records(expected / "eval.jsonl", "eval")[-1]
+  old_meta = json.loads((expected / "meta_step4.json").read_text())
+  new_meta = json.loads(
+    (workdir / "checkpoints" / "4" / "meta" / "metadata").read_text()
+  )
+  assert set(new_meta["checksums"]) == set(_in_extras(old_meta["checksums"]))
