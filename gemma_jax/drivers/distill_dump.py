@@ -194,7 +194,9 @@ def _write_chunk(
       topk = distill.TopK(*(_local_rows(program, x) for x in topk))
       teacher = f"the teacher's output at step {step}"
       publish.check_finite(topk._asdict(), root / name, teacher, True)
-      for r in range(pipe.local_batch if writer else 0):
+      if writer is None:
+        continue
+      for r in range(pipe.local_batch):
         writer.write(
           distill.encode_record(
             distill.TopK(topk.logprobs[r], topk.ids[r], topk.tail[r]),
@@ -202,9 +204,9 @@ def _write_chunk(
           )
         )
   finally:
-    if writer:
+    if writer is not None:
       writer.close()
-  if writer:
+  if writer is not None:
     os.replace(tmp, os.fspath(root / name))
 
 
