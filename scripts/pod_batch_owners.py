@@ -1,4 +1,4 @@
-"""Which JAX processes hold which rows of the global batch, per pod config.
+"""Which rows of the global batch each JAX process reads, per pod config.
 
     JAX_PLATFORMS=cpu python scripts/pod_batch_owners.py
 
@@ -6,10 +6,10 @@ For every configs/pods/*.yaml, on the devices of the TPU topology its header
 names (libtpu's topology description, as `gemma-jax compile` uses; each
 device knows its host, i.e. its process), lays out the train batch as the
 trainer does (the mesh from the config, the batch sharded by the mesh
-rules) and prints how many processes hold each row range. More than one
-means processes share a batch shard (a tensor axis wider than one host's
-chips); they must then be given the same rows, which the input pipeline,
-handing process p rows [p*B/P, (p+1)*B/P), does not do.
+rules) and prints the data shards the trainer feeds
+(gemma_jax.sharding.data_shards, what `gemma-jax train` uses): their count,
+rows each, and how many processes read each one (more than one where a
+batch shard spans hosts: a tensor axis wider than one host's chips).
 """
 
 import collections
@@ -25,7 +25,9 @@ def main():
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.sharding import NamedSharding
 
+  from gemma_jax.errors import ConfigError
   from gemma_jax.sharding import rules
+  from gemma_jax.sharding.data_shards import data_shards
   from gemma_jax.sharding.mesh import make_mesh
   from gemma_jax.train import aot
   from gemma_jax.train.config import load_config
@@ -40,15 +42,18 @@ def main():
     )
     batch = cfg.train.batch_size
     sharding = NamedSharding(mesh, rules.batch_spec(cfg.mesh))
-    held = collections.defaultdict(set)  # process -> row ranges
-    for device, index in sharding.devices_indices_map((batch, 1)).items():
-      rows = index[0].indices(batch)[:2]
-      held[device.process_index].add(rows)
-    owners = collections.Counter(r for rs in held.values() for r in rs)
+    name = f"{os.path.basename(path):32s}"
+    try:
+      shards = data_shards(sharding, batch)
+    except ConfigError as e:
+      print(f"{name} error: {e}")
+      continue
+    count = next(iter(shards.values()))[1]
+    readers = collections.Counter(shards.values())
     print(
-      f"{os.path.basename(path):32s} {len(held):5d} processes, "
-      f"{len(owners):5d} row ranges of {batch // len(owners)} rows, held "
-      f"by up to {max(owners.values())} processes each"
+      f"{name} {len(shards):5d} processes, {count:5d} data shards of "
+      f"{batch // count} rows, each read by {max(readers.values())} "
+      "processes"
     )
 
 

@@ -196,7 +196,7 @@ def _show(args) -> int:
 
   cfg = load_config(args.config, args.overrides)
   # The whole global batch, as one process would read it.
-  pipe = pipeline_for(cfg, process_index=0, process_count=1)
+  pipe = pipeline_for(cfg, shard_index=0, shard_count=1)
   batch = pipe.batch(args.step)
   for i in range(min(args.rows, len(batch["source"]))):
     name = pipe.source_names[batch["source"][i]]

@@ -260,6 +260,7 @@ def main(args) -> int:
   from gemma_jax.checkpoint import preflight, publish
   from gemma_jax.drivers import fisher, fisher_data
   from gemma_jax.features import ewc
+  from gemma_jax.sharding.data_shards import data_shard
   from gemma_jax.train import metrics, start
   from gemma_jax.train.program import TrainProgram
 
@@ -297,8 +298,8 @@ def main(args) -> int:
     rows,
     estimator.rows_per_unit,
     fprog.units_per_step,
-    jax.process_index(),
-    jax.process_count(),
+    # Processes whose devices hold the same units read the same ones.
+    *data_shard(fprog.unit_sharding, fprog.units_per_step),
   )
   progress = metrics.ProgressLine(steps, jax.process_index() == 0)
   values, info = fisher.estimate(

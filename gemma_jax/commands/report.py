@@ -15,7 +15,7 @@ are lm-evaluation-harness's own tasks (names, groups, task YAML files;
 gemma_jax/evals/benchmarks.py), scored by the harness with the gemma_jax
 model on the config's mesh. The harness's options keep their names
 (--limit, --num-fewshot, --gen-kwargs, --batch-size, --seed,
---log-samples, --include-path; the underscore spellings work too). Prints
+--log-samples, --include-path: lm_eval's options, spelt with dashes). Prints
 one row per checkpoint (held-out loss per source and each task's main
 metric, with the change from the base); writes report.md, report.json, the
 harness's results JSON and per-sample files (harness/<checkpoint>/) and bar
@@ -46,7 +46,6 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--include-path",
-    "--include_path",
     action="append",
     default=[],
     metavar="DIR",
@@ -60,14 +59,12 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--num-fewshot",
-    "--num_fewshot",
     type=nonnegative_int,
     default=None,
     help="few-shot examples for every task (default: each task's own)",
   )
   parser.add_argument(
     "--gen-kwargs",
-    "--gen_kwargs",
     default=None,
     metavar="K=V,...",
     help="generation options for generative tasks, e.g. max_gen_toks=64",
@@ -80,7 +77,6 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--log-samples",
-    "--log_samples",
     action="store_true",
     help="write every document's requests and responses "
     "(harness/<checkpoint>/samples_<task>_*.jsonl)",
@@ -94,7 +90,6 @@ def add_arguments(parser):
   )
   parser.add_argument(
     "--batch-size",
-    "--batch_size",
     type=positive_int,
     default=8,
     help="requests per scoring batch",

@@ -220,20 +220,20 @@ class StageSchedule(grain.transforms.DatasetSelectionMap):
 
 
 class ProcessRows(grain.transforms.DatasetSelectionMap):
-  """This process's rows: local row l of step t is global row
-  t * B + p * (B / P) + l % (B / P)."""
+  """The rows of data shard s of S (what one process reads): local row l of
+  step t is global row t * B + s * (B / S) + l % (B / S)."""
 
   def __init__(
     self,
     schedule: StageSchedule,
     global_batch: int,
-    process_index: int,
-    process_count: int,
+    shard_index: int,
+    shard_count: int,
   ):
     self.schedule = schedule
     self.global_batch = global_batch
-    self.local = global_batch // process_count
-    self.offset = process_index * self.local
+    self.local = global_batch // shard_count
+    self.offset = shard_index * self.local
 
   def __len__(self):
     return sys.maxsize

@@ -1,15 +1,18 @@
 """The training data pipeline: batch(step) is a pure function of the step.
 
-    pipe = build_pipeline(cfg.data, global_batch=256, process_index=p,
-                          process_count=P, vocab_size=cfg.model.vocab_size)
-    pipe = pipeline_for(cfg)  # the same for this JAX process, B from cfg.train
+    pipe = build_pipeline(cfg.data, global_batch=256, shard_index=s,
+                          shard_count=S, vocab_size=cfg.model.vocab_size)
+    pipe = pipeline_for(cfg, *data_shard(program.batch_sharding, B))
     for step, batch in pipe.iterate(start_step): ...
 
 Composition (grain): one `PackedRows` MapDataset per source ->
 `MapDataset.select_from_datasets` routed by the staged schedule, restricted to
-this process's rows -> `.batch(B / P)`. Batch t of process p holds global rows
-[t*B + p*B/P, t*B + (p+1)*B/P), so the global batch does not depend on the
-number of processes, and resuming needs only the step.
+this data shard's rows -> `.batch(B / S)`. Batch t of shard s holds global
+rows [t*B + s*B/S, t*B + (s+1)*B/S), so the global batch does not depend on
+the number of shards, and resuming needs only the step. A data shard is a
+row block of the batch sharding (sharding/data_shards.py): the processes
+whose devices hold the same rows (a batch shard spanning hosts) read the same
+shard, so S is the number of distinct blocks, not the process count.
 """
 
 import itertools
@@ -27,36 +30,39 @@ from gemma_jax.tokenizer import Tokenizer
 MIXING = "exactly per batch (EDF, within one row at every step)"
 
 
-def check_global_batch(global_batch: int, process_count: int) -> None:
-  """ConfigError unless every process gets the same whole number of rows
-  (B / P each): what a pod config must satisfy for its topology."""
-  if global_batch < 1 or global_batch % process_count:
+def check_global_batch(
+  global_batch: int, shard_count: int, mesh: object = None
+) -> None:
+  """ConfigError unless every data shard gets the same whole number of rows
+  (B / S each): what a pod config must satisfy for its topology."""
+  if global_batch < 1 or global_batch % shard_count:
+    on = f" of the mesh {mesh}" if mesh is not None else ""
     raise ConfigError(
-      f"train.batch_size ({global_batch}) must be a "
-      f"positive multiple of the process count "
-      f"({process_count})"
+      f"train.batch_size ({global_batch}) must be a positive multiple of "
+      f"the number of data shards ({shard_count}; the distinct row blocks "
+      f"that the processes{on} hold)"
     )
 
 
 class Pipeline:
-  """Batches of process-local rows; see module docstring.
+  """Batches of the rows of one data shard; see module docstring.
 
   Batches are dicts of int32 numpy arrays: inputs, targets, segment_ids,
-  positions, loss_mask [B/P, T] and source [B/P] (index into source_names).
+  positions, loss_mask [B/S, T] and source [B/S] (index into source_names).
   """
 
   def __init__(
     self,
     cfg: DataConfig,
     global_batch: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    shard_index: int = 0,
+    shard_count: int = 1,
     vocab_size: int | None = None,
   ):
-    check_global_batch(global_batch, process_count)
-    if not 0 <= process_index < process_count:
+    check_global_batch(global_batch, shard_count)
+    if not 0 <= shard_index < shard_count:
       raise ConfigError(
-        f"process_index {process_index} is not in [0, {process_count})"
+        f"shard_index {shard_index} is not in [0, {shard_count})"
       )
     if not cfg.sources:
       raise ConfigError("data.sources: the data config names no source")
@@ -66,8 +72,8 @@ class Pipeline:
       )
     self.cfg = cfg
     self.global_batch = global_batch
-    self.local_batch = global_batch // process_count
-    self.process_index, self.process_count = process_index, process_count
+    self.local_batch = global_batch // shard_count
+    self.shard_index, self.shard_count = shard_index, shard_count
     self.tokenizer = Tokenizer.load(cfg.tokenizer)
     if vocab_size is not None:
       self.tokenizer.check_vocab(vocab_size)
@@ -98,7 +104,7 @@ class Pipeline:
     rows = grain.MapDataset.select_from_datasets(
       self._rows,
       mixture.ProcessRows(
-        self.schedule, global_batch, process_index, process_count
+        self.schedule, global_batch, shard_index, shard_count
       ),
     )
     self._batches = rows.batch(self.local_batch)
@@ -160,7 +166,7 @@ class Pipeline:
     rows = self._eval_rows[source]
     total = rows.rows_per_epoch
     num = min(n, -(-total // self.global_batch))
-    offset = self.process_index * self.local_batch
+    offset = self.shard_index * self.local_batch
     for g in range(num):
       first = g * self.global_batch + offset
       examples = [
@@ -246,31 +252,49 @@ class _AddKeys:
 def build_pipeline(
   cfg: DataConfig,
   global_batch: int,
-  process_index: int = 0,
-  process_count: int = 1,
+  shard_index: int = 0,
+  shard_count: int = 1,
   vocab_size: int | None = None,
 ) -> Pipeline:
   """The pipeline of `cfg`; `vocab_size` (the model's) checks the tokenizer."""
-  return Pipeline(cfg, global_batch, process_index, process_count, vocab_size)
+  return Pipeline(cfg, global_batch, shard_index, shard_count, vocab_size)
 
 
 def pipeline_for(
-  cfg, process_index: int | None = None, process_count: int | None = None
+  cfg, shard_index: int | None = None, shard_count: int | None = None
 ) -> Pipeline:
   """The training pipeline of a run config (a RunConfig: its data section,
-  train.batch_size and model.vocab_size), for this JAX process unless
-  `process_index` and `process_count` are given."""
-  if process_index is None or process_count is None:
-    import jax
-
-    process_index, process_count = jax.process_index(), jax.process_count()
+  train.batch_size and model.vocab_size) for data shard `shard_index` of
+  `shard_count`; by default this JAX process's shard under the batch
+  sharding of `cfg.mesh` over all devices (what TrainProgram(cfg) uses;
+  a caller with another mesh passes `data_shard(its batch sharding, B)`)."""
+  if shard_index is None or shard_count is None:
+    shard_index, shard_count = default_data_shard(cfg)
   return build_pipeline(
     cfg.data,
     global_batch=cfg.train.batch_size,
-    process_index=process_index,
-    process_count=process_count,
+    shard_index=shard_index,
+    shard_count=shard_count,
     vocab_size=cfg.model.vocab_size,
   )
+
+
+def default_data_shard(cfg) -> tuple[int, int]:
+  """(index, count) of this process's data shard under the batch sharding
+  of `cfg.mesh` on all devices; (0, 1) in a single process."""
+  import jax
+
+  if jax.process_count() == 1:
+    return 0, 1
+  from jax.sharding import NamedSharding
+
+  from gemma_jax.sharding import rules
+  from gemma_jax.sharding.data_shards import data_shard
+  from gemma_jax.sharding.mesh import make_mesh
+
+  mesh = make_mesh(cfg.mesh)
+  sharding = NamedSharding(mesh, rules.batch_spec(cfg.mesh))
+  return data_shard(sharding, cfg.train.batch_size)
 
 
 def _numbered(iterator, start_step: int):

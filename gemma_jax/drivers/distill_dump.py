@@ -33,6 +33,7 @@ from gemma_jax.features.distill import (
   teacher_logits,
 )
 from gemma_jax.model import Transformer
+from gemma_jax.sharding.data_shards import data_shards
 from gemma_jax.train import step as step_lib
 from gemma_jax.train.program import TrainProgram
 
@@ -102,8 +103,11 @@ def write_dump(
   """Writes (or extends to `steps`) the teacher's top-k for the training
   batches of steps [0, steps) into `directory`; returns the manifest.
 
-  Every process writes its own rows; a chunk of `steps_per_file` steps is
-  one ArrayRecord file per process, renamed into place when complete, and
+  Every data shard's rows are written by one process (the first of those
+  that read the shard, see sharding/data_shards.py); a chunk of
+  `steps_per_file` steps is one ArrayRecord file per data shard (the
+  manifest's "process_count" counts these writers), renamed into place when
+  complete, and
   the manifest is rewritten after each chunk, so an interrupted dump
   continues from its last complete chunk.
   """
@@ -119,7 +123,12 @@ def write_dump(
     cfg, distill=dataclasses.replace(cfg.distill, dump=None)
   )
   program = TrainProgram(cfg)
-  pipe = pipeline_for(cfg)
+  shards = data_shards(program.batch_sharding, cfg.train.batch_size)
+  shard, count = shards[jax.process_index()]
+  pipe = pipeline_for(cfg, shard, count)
+  writes = jax.process_index() == min(
+    p for p, s in shards.items() if s == (shard, count)
+  )
   expected = run_fingerprint(cfg, pipe)
   root = epath.Path(directory)
   teacher = installed_teacher_config(program)
@@ -129,7 +138,7 @@ def write_dump(
     "vocab_size": teacher.vocab_size,
     "teacher_model": configlib.to_dict(teacher),
     "tail_stored": True,
-    "process_count": jax.process_count(),
+    "process_count": count,  # writers: one per data shard
     "global_batch": pipe.global_batch,
     "seq_len": cfg.data.seq_len,
     "steps": 0,
@@ -139,10 +148,11 @@ def write_dump(
   if (root / MANIFEST).exists():
     manifest = read_manifest(directory)
     check_dump(directory, manifest, expected, cfg.model.vocab_size)
-    if manifest["process_count"] != jax.process_count():
+    if manifest["process_count"] != count:
       raise ConfigError(
-        f"distill.dump {directory} was written by "
-        f"{manifest['process_count']} processes; extend it with as many"
+        f"distill.dump {directory} was written in "
+        f"{manifest['process_count']} data shards, this mesh reads {count}; "
+        "extend it with a mesh and process count of as many"
       )
   root.mkdir(parents=True, exist_ok=True)
   if manifest["steps"] >= steps:
@@ -153,7 +163,7 @@ def write_dump(
   with program.context():
     for first in range(manifest["steps"], steps, steps_per_file):
       end = min(first + steps_per_file, steps)
-      _write_chunk(program, pipe, encode, root, first, end)
+      _write_chunk(program, pipe, encode, root, first, end, writes)
       manifest["chunks"].append([first, end])
       manifest["steps"] = end
       distributed.barrier("distill_dump_chunk")
@@ -163,12 +173,16 @@ def write_dump(
   return manifest
 
 
-def _write_chunk(program, pipe, encode, root, first: int, end: int):
+def _write_chunk(
+  program, pipe, encode, root, first: int, end: int, writes: bool
+):
+  """Encodes steps [first, end) (a collective: every process runs it) and,
+  where `writes`, stores this data shard's rows."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  name = chunk_file(first, end, jax.process_index(), jax.process_count())
+  name = chunk_file(first, end, pipe.shard_index, pipe.shard_count)
   tmp = os.fspath(root / f".{name}.tmp")
-  writer = ArrayRecordWriter(tmp, "group_size:1")
+  writer = ArrayRecordWriter(tmp, "group_size:1") if writes else None
   try:
     for step in range(first, end):
       batch = pipe.batch(step)
@@ -180,6 +194,8 @@ def _write_chunk(program, pipe, encode, root, first: int, end: int):
       topk = distill.TopK(*(_local_rows(program, x) for x in topk))
       teacher = f"the teacher's output at step {step}"
       publish.check_finite(topk._asdict(), root / name, teacher, True)
+      if writer is None:
+        continue
       for r in range(pipe.local_batch):
         writer.write(
           distill.encode_record(
@@ -188,8 +204,10 @@ def _write_chunk(program, pipe, encode, root, first: int, end: int):
           )
         )
   finally:
-    writer.close()
-  os.replace(tmp, os.fspath(root / name))
+    if writer is not None:
+      writer.close()
+  if writer is not None:
+    os.replace(tmp, os.fspath(root / name))
 
 
 def dump_files_bytes(directory) -> int:

@@ -153,24 +153,25 @@ def unit_batches(
   rows,
   rows_per_unit: int,
   units_per_step: int,
-  process_index: int = 0,
-  process_count: int = 1,
+  shard_index: int = 0,
+  shard_count: int = 1,
 ):
-  """Yields this process's units of each step: {key: int32 [U/P, R, T]}.
+  """Yields the units of data shard s of S (sharding/data_shards.py: what
+  this process's devices hold) of each step: {key: int32 [U/S, R, T]}.
 
   Unit u holds rows [u R, (u + 1) R); step k holds units [k U, (k + 1) U),
-  of which process p has the p-th contiguous U/P. Rows past the last are
+  of which shard s has the s-th contiguous U/S. Rows past the last are
   padding (no targets), so a short last group is the mean of its real rows.
   """
-  if units_per_step % process_count:
+  if units_per_step % shard_count:
     raise ConfigError(
       f"--units-per-step {units_per_step} must be a multiple "
-      f"of the process count {process_count}"
+      f"of the number of data shards {shard_count}"
     )
-  local = units_per_step // process_count
+  local = units_per_step // shard_count
   pad = {k: np.zeros_like(v) for k, v in rows.row(0).items()}
   for k in range(num_steps(rows, rows_per_unit, units_per_step)):
-    first = (k * units_per_step + process_index * local) * rows_per_unit
+    first = (k * units_per_step + shard_index * local) * rows_per_unit
     picked = [
       rows.row(i) if i < rows.num_rows else pad
       for i in range(first, first + local * rows_per_unit)

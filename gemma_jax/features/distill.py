@@ -287,7 +287,7 @@ def attach(program, pipe, steps: int) -> None:
         manifest,
         pipe.global_batch,
         pipe.local_batch,
-        pipe.process_index,
+        pipe.shard_index,
       )
     )
 
@@ -377,7 +377,7 @@ def read_manifest(directory) -> dict:
 
 
 def chunk_file(first: int, end: int, part: int, parts: int) -> str:
-  """Steps [first, end) of writer process `part` of `parts`."""
+  """Steps [first, end) of data shard `part` of `parts` (its one writer)."""
   return (
     f"steps-{first:08d}-{end:08d}.part-{part:05d}-of-{parts:05d}.array_record"
   )
@@ -404,14 +404,14 @@ class DumpReader:
     manifest: dict,
     global_batch: int,
     local_batch: int,
-    process_index: int,
+    shard_index: int,
   ):
     self.directory = os.fspath(directory)
     self.k = manifest["fingerprint"]["topk"]
     self.chunks = manifest["chunks"]
     self.parts = manifest["process_count"]
     self.global_batch, self.local_batch = global_batch, local_batch
-    self.first_row = process_index * local_batch
+    self.first_row = shard_index * local_batch
     self._readers: dict[str, Any] = {}  # file name -> ArrayRecordReader
 
   def __getstate__(self):

@@ -28,6 +28,7 @@ from gemma_jax import distributed, fileio, hardware
 from gemma_jax.checkpoint import lease
 from gemma_jax.data import pipeline_for
 from gemma_jax.errors import ConfigError, TrainingStopped
+from gemma_jax.sharding.data_shards import data_shard
 from gemma_jax.train import checkpointing, start
 from gemma_jax.train import config as config_lib
 from gemma_jax.train import metrics as metrics_lib
@@ -78,7 +79,9 @@ class Trainer:
     fresh = not start.has_checkpoints(self.workdir)
     start.check_inputs(cfg, fresh)
     self.program = TrainProgram(cfg, mesh)
-    self.pipe = pipeline_for(cfg)
+    self.pipe = pipeline_for(
+      cfg, *data_shard(self.program.batch_sharding, cfg.train.batch_size)
+    )
     if cfg.checkpoint.init_from and fresh:
       start.check_init_from(cfg)
     start.check_workdir(self.workdir)

@@ -56,12 +56,12 @@ def test_realized_shares_match_targets_in_each_stage(make_config):
     np.testing.assert_allclose(realized, list(target.values()), atol=0.01)
 
 
-def test_process_shards_union_to_the_single_process_batch(make_config):
+def test_data_shards_union_to_the_single_process_batch(make_config):
   cfg = make_config()
   single = build_pipeline(cfg, global_batch=8)
   for count in (2, 4):
     shards = [
-      build_pipeline(cfg, 8, process_index=p, process_count=count)
+      build_pipeline(cfg, 8, shard_index=p, shard_count=count)
       for p in range(count)
     ]
     for step in (0, 19, 20, 33):
@@ -168,8 +168,10 @@ def test_bad_input_is_a_clear_error(make_config, tmp_path, tokenizer_path):
     build_pipeline(make_config(), 8, vocab_size=256)
   with pytest.raises(DataError, match="tokenizer file not found"):
     build_pipeline(make_config(tokenizer=str(tmp_path / "x.model")), 8)
-  with pytest.raises(ConfigError, match="multiple of the process count"):
-    build_pipeline(make_config(), 6, process_index=0, process_count=4)
+  with pytest.raises(
+    ConfigError, match="multiple of the number of data shards"
+  ):
+    build_pipeline(make_config(), 6, shard_index=0, shard_count=4)
 
 
 def test_files_sources_read_text_and_jsonl(make_config, tmp_path):
@@ -274,10 +276,10 @@ def test_pipeline_for_a_run_config_is_its_data_batch_and_vocab(make_config):
   assert_batches_equal(
     pipeline_for(run).batch(3), build_pipeline(data, 8).batch(3)
   )
-  shard = pipeline_for(run, process_index=1, process_count=2)
+  shard = pipeline_for(run, shard_index=1, shard_count=2)
   assert_batches_equal(
     shard.batch(3),
-    build_pipeline(data, 8, process_index=1, process_count=2).batch(3),
+    build_pipeline(data, 8, shard_index=1, shard_count=2).batch(3),
   )
   small = dataclasses.replace(run, model=preset("tiny-gemma", vocab_size=256))
   with pytest.raises(ConfigError, match="model.vocab_size is 256"):

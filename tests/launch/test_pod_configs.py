@@ -187,12 +187,11 @@ def test_every_pod_config_passes_the_trainers_startup_checks(config):
   """What `gemma-jax train` checks before its first step that needs no
   hardware, on the topology the config's header names: the config loads
   and validates; the mesh fills the slices exactly; the batch splits over
-  the batch shards and microbatches (TrainProgram); and it is a multiple of
-  the process count, one JAX process per host (4 chips each on every
-  multi-host slice here), so that every host reads B/P rows (Pipeline)."""
+  the batch shards and microbatches (TrainProgram); one JAX process per
+  host (4 chips each on every multi-host slice here). (The data shards,
+  which need the topology's devices: the test below.)"""
   import math
 
-  from gemma_jax.data.pipeline import check_global_batch
   from gemma_jax.launch.slices import check_mesh
   from gemma_jax.sharding import rules
   from gemma_jax.train.config import load_config
@@ -207,15 +206,69 @@ def test_every_pod_config_passes_the_trainers_startup_checks(config):
   assert rows % (shards * micro) == 0, (rows, shards, micro)
   processes = shape.gke_nodes * slices
   assert processes == shape.chips * slices // 4
-  check_global_batch(rows, processes)
 
 
-def test_the_startup_checks_refuse_a_batch_the_hosts_cannot_share():
-  """v5p:8x24x32 is 1,536 hosts: 768 rows would leave half a row each."""
+# (data shards, processes reading each) on the topology's devices, from
+# scripts/pod_batch_owners.py: more than one reader where a tensor axis
+# is wider than a host's 4 chips.
+DATA_SHARDS = {
+  "gemma-2b-v5e": (64, 1),
+  "gemma-7b-v5e": (8, 8),
+  "gemma2-27b-v5p": (384, 4),
+  "gemma2-2b-v5e-2slices": (128, 1),
+  "gemma2-9b-cpt-v4": (32, 1),
+  "gemma2-9b-distill-v4": (512, 2),
+  "gemma2-9b-lora-v4": (32, 1),
+  "gemma2-9b-v4": (512, 2),
+  "gemma3-12b-v4-24slices": (768, 2),
+  "gemma3-1b-v5e-2slices": (128, 1),
+  "gemma3-27b-v5p": (384, 4),
+  "gemma3-4b-cpt-v5e": (64, 1),
+  "gemma3-4b-v5e-8slices": (512, 1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", PODS, ids=[p.stem for p in PODS])
+def test_every_pod_config_splits_its_batch_into_whole_data_shards(config):
+  """On the devices of the config's topology (libtpu's description: each
+  knows its host), the batch sharding's data shards
+  (gemma_jax.sharding.data_shards, what the trainer feeds): the processes
+  holding the same rows read one shard, and train.batch_size is a multiple
+  of the shard count (Pipeline's check)."""
+  pytest.importorskip("libtpu", reason="TPU topologies need the tpu extra")
+  import collections
+
+  from jax.sharding import NamedSharding
+
+  from gemma_jax.data.pipeline import check_global_batch
+  from gemma_jax.sharding import rules
+  from gemma_jax.sharding.data_shards import data_shards
+  from gemma_jax.sharding.mesh import make_mesh
+  from gemma_jax.train import aot
+  from gemma_jax.train.config import load_config
+
+  tpu, slices = launch_shape(config)
+  cfg = load_config(config)
+  mesh = make_mesh(cfg.mesh, aot.topology_devices(tpu, slices))
+  sharding = NamedSharding(mesh, rules.batch_spec(cfg.mesh))
+  shards = data_shards(sharding, cfg.train.batch_size)
+  assert len(shards) == parse_tpu(tpu).gke_nodes * slices  # every process
+  [count] = {c for _, c in shards.values()}
+  readers = set(collections.Counter(shards.values()).values())
+  assert (count, *readers) == DATA_SHARDS[config.stem]
+  check_global_batch(cfg.train.batch_size, count, dict(mesh.shape))
+
+
+def test_the_startup_checks_refuse_a_batch_the_data_shards_cannot_share():
+  """gemma-7b-v5e's 8 data shards (a tensor axis over 8 hosts): 12 rows
+  would leave half a row each."""
   from gemma_jax.data.pipeline import check_global_batch
   from gemma_jax.errors import ConfigError
 
-  shape = parse_tpu("v5p:8x24x32")
-  assert shape.gke_nodes == 1536
-  with pytest.raises(ConfigError, match=r"multiple of the process count"):
-    check_global_batch(768, shape.gke_nodes)
+  with pytest.raises(
+    ConfigError,
+    match=r"train.batch_size \(12\) must be a positive multiple of the "
+    r"number of data shards \(8;.* of the mesh \{'data': 8",
+  ):
+    check_global_batch(12, 8, {"data": 8, "fsdp": 1, "tensor": 32})
