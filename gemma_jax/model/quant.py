@@ -212,15 +212,24 @@ def _ggml_q4_0(blocks, axis: int):
   [-8, 7], fp16 scale with `axis` kept as size 1)."""
   first_max = jnp.argmax(jnp.abs(blocks), axis=axis, keepdims=True)
   d = jnp.take_along_axis(blocks, first_max, axis=axis) / -8.0
-  q = jnp.clip(jnp.trunc(blocks * _inverse(d) + 8.5), 0.0, 15.0)
+  # GGML rounds the product to float32, then adds 8.5. XLA would fuse the
+  # two into one multiply-add (one rounding), flipping q where w / d lies
+  # within a rounding of a half step; a clip between them (|w / d| <= 8, so
+  # it changes nothing) leaves no multiply for the add to fuse with.
+  scaled = jnp.clip(blocks * _inverse(d), -16.0, 16.0)
+  q = jnp.clip(jnp.trunc(scaled + 8.5), 0.0, 15.0)
   return q - 8.0, _fp16(d)
 
 
 def _ggml_q8_0(blocks, axis: int):
   """GGML's Q8_0: (q in [-127, 127], fp16 scale), rounding half away from
   zero as ggml's roundf (in gguf.quants: floor(a) + floor(2 (a - floor a)))."""
-  d = jnp.max(jnp.abs(blocks), axis=axis, keepdims=True) / 127.0
-  x = blocks * _inverse(d)
+  # A true division, as GGML's: XLA turns `x / 127.0` into the product
+  # `x * (1 / 127.0)`, one rounding off in some blocks. 127 + 0 * amax is
+  # 127 (amax is finite) but no constant to XLA.
+  amax = jnp.max(jnp.abs(blocks), axis=axis, keepdims=True)
+  d = amax / (127.0 + 0.0 * amax)
+  x = blocks * _inverse(d)  # no add follows: nothing to fuse
   a = jnp.abs(x)
   whole = jnp.floor(a)
   return jnp.sign(x) * (whole + jnp.floor(2.0 * (a - whole))), _fp16(d)

@@ -71,6 +71,23 @@ def test_random_blocks_equal_ggml_bit_for_bit(scheme, scale):
 
 
 @pytest.mark.parametrize("scheme", ["q4_0", "q8_0"])
+def test_many_blocks_under_jit_equal_ggml_bit_for_bit(scheme):
+  # 131k blocks: enough that some x / d land within a rounding of a half
+  # step, where computing d = amax / 127 as amax * (1 / 127) (XLA's rewrite
+  # of a division by a constant) flips q in a few blocks.
+  w = np.random.default_rng(2).normal(size=(1024, 4096)).astype(np.float32)
+  w *= np.float32(0.05)
+  bits = SCHEMES[scheme][0]
+  q, d = jax.jit(quant.quantize, static_argnums=(1, 2, 3, 4))(
+    jnp.asarray(w), 1, bits, 32, scheme
+  )
+  got = np.asarray(quant.dequantize(q, d, 1, 32))
+  np.testing.assert_array_equal(
+    got.view(np.uint32), _ggml(w, scheme).view(np.uint32)
+  )
+
+
+@pytest.mark.parametrize("scheme", ["q4_0", "q8_0"])
 def test_edge_case_blocks_equal_ggml_bit_for_bit(scheme):
   w = _edge_blocks()
   want = _ggml(w, scheme)
