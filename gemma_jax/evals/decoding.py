@@ -12,7 +12,6 @@ decode of one chunk is one compiled program (positions are data), reused
 for every chunk and every batch of the same width.
 """
 
-import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -20,72 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from gemma_jax.model import sampler
 from gemma_jax.model.config import ModelConfig
-from gemma_jax.model.sampler import choose_tokens
-from gemma_jax.model.transformer import Transformer, init_cache
 
-
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def prefill(params, tokens, lengths, *, cfg: ModelConfig, cache_len: int):
-  """tokens [B, P] right-padded, lengths [B] -> (logits after each row's
-  last prompt token [B, V], the cache of cache_len slots)."""
-  b, p = tokens.shape
-  segments = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)
-  logits, cache = Transformer(cfg).apply(
-    {"params": params},
-    tokens,
-    init_cache(cfg, b, cache_len),
-    segment_ids=segments,
-    method=Transformer.decode,
-  )
-  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
-  return last[:, 0], cache
-
-
-@functools.partial(
-  jax.jit,
+# One compiled program each (positions are data), reused for every chunk and
+# every batch of the same width; the chunk's cache is donated.
+prefill = jax.jit(sampler.prefill, static_argnames=("cfg", "cache_len"))
+decode_chunk = jax.jit(
+  sampler.decode_steps,
   static_argnames=("cfg", "steps", "temperature", "top_k", "top_p", "eos_id"),
   donate_argnames=("cache",),
 )
-def decode_chunk(
-  params,
-  last,
-  cache,
-  positions,
-  done,
-  rng,
-  *,
-  cfg: ModelConfig,
-  steps: int,
-  temperature: float,
-  top_k: int | None,
-  top_p: float | None,
-  eos_id: int,
-):
-  """`steps` new tokens per row from the logits `last` [B, V]; positions
-  [B] of the first. Returns (tokens [B, steps], last, cache, done, rng)."""
-  model = Transformer(cfg)
-  b = last.shape[0]
-
-  def step(carry, i):
-    last, cache, rng, done = carry
-    rng, key = jax.random.split(rng)
-    token = choose_tokens(last, key, temperature, top_k, top_p)
-    token = jnp.where(done, eos_id, token)
-    logits, cache = model.apply(
-      {"params": params},
-      token[:, None],
-      cache,
-      positions=(positions + i)[:, None],
-      segment_ids=jnp.ones((b, 1), jnp.int32),
-      method=Transformer.decode,
-    )
-    return (logits[:, 0], cache, rng, done | (token == eos_id)), token
-
-  (last, cache, rng, done), tokens = jax.lax.scan(
-    step, (last, cache, rng, done), jnp.arange(steps)
-  )
-  return tokens.T, last, cache, done, rng
 
 
 class ChunkedDecoder:

@@ -42,6 +42,64 @@ def choose_tokens(
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def prefill(params, tokens, lengths, *, cfg: ModelConfig, cache_len: int):
+  """tokens [B, P] right-padded, lengths [B] -> (logits after each row's
+  last prompt token [B, V], the cache of cache_len slots)."""
+  b, p = tokens.shape
+  segments = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)
+  logits, cache = Transformer(cfg).apply(
+    {"params": params},
+    tokens,
+    init_cache(cfg, b, cache_len),
+    segment_ids=segments,
+    method=Transformer.decode,
+  )
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
+  return last[:, 0], cache
+
+
+def decode_steps(
+  params,
+  last,
+  cache,
+  positions,
+  done,
+  rng,
+  *,
+  cfg: ModelConfig,
+  steps: int,
+  temperature: float,
+  top_k: int | None,
+  top_p: float | None,
+  eos_id: int,
+):
+  """`steps` new tokens per row from the logits `last` [B, V]; positions
+  [B] of the first; a row `done` [B] emits eos_id. Returns (tokens
+  [B, steps], last, cache, done, rng), so decoding can go on from there."""
+  model = Transformer(cfg)
+  b = last.shape[0]
+
+  def step(carry, i):
+    last, cache, rng, done = carry
+    rng, key = jax.random.split(rng)
+    token = choose_tokens(last, key, temperature, top_k, top_p)
+    token = jnp.where(done, eos_id, token)
+    logits, cache = model.apply(
+      {"params": params},
+      token[:, None],
+      cache,
+      positions=(positions + i)[:, None],
+      segment_ids=jnp.ones((b, 1), jnp.int32),
+      method=Transformer.decode,
+    )
+    return (logits[:, 0], cache, rng, done | (token == eos_id)), token
+
+  (last, cache, rng, done), tokens = jax.lax.scan(
+    step, (last, cache, rng, done), jnp.arange(steps)
+  )
+  return tokens.T, last, cache, done, rng
+
+
 @functools.partial(
   jax.jit,
   static_argnames=(
@@ -67,37 +125,25 @@ def _generate(
   eos_id,
 ):
   """tokens [B, P] right-padded, lengths [B] -> new tokens [B, max_new]."""
-  model = Transformer(config)
   b, p = tokens.shape
-  segments = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)
-  cache = init_cache(config, b, p + max_new_tokens)
-  logits, cache = model.apply(
-    {"params": params},
-    tokens,
-    cache,
-    segment_ids=segments,
-    method=Transformer.decode,
+  last, cache = prefill(
+    params, tokens, lengths, cfg=config, cache_len=p + max_new_tokens
   )
-  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-
-  def step(carry, i):
-    last_logits, cache, rng, done = carry
-    rng, key = jax.random.split(rng)
-    token = choose_tokens(last_logits, key, temperature, top_k, top_p)
-    token = jnp.where(done, eos_id, token)
-    logits, cache = model.apply(
-      {"params": params},
-      token[:, None],
-      cache,
-      positions=(lengths + i)[:, None],
-      segment_ids=jnp.ones((b, 1), jnp.int32),
-      method=Transformer.decode,
-    )
-    return (logits[:, 0], cache, rng, done | (token == eos_id)), token
-
-  init = (last, cache, rng, jnp.zeros((b,), bool))
-  _, new_tokens = jax.lax.scan(step, init, jnp.arange(max_new_tokens))
-  return new_tokens.T
+  new_tokens, *_ = decode_steps(
+    params,
+    last,
+    cache,
+    lengths,
+    jnp.zeros((b,), bool),
+    rng,
+    cfg=config,
+    steps=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    eos_id=eos_id,
+  )
+  return new_tokens
 
 
 def generate(
