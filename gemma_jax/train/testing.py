@@ -162,6 +162,41 @@ def train_process(config, workdir, env, *extra):
   )
 
 
+def free_port() -> int:
+  """A TCP port nobody listens on now (for a jax.distributed coordinator)."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def train_processes(n, config, workdir, cache, *extra, devices=1, env=None):
+  """`n` local `gemma-jax train` processes of one jax.distributed run (one
+  plain process when n == 1), each with `devices` CPU devices and `env`."""
+  port = free_port()
+  procs = []
+  for i in range(n):
+    e = subprocess_env(cache, devices=devices) | (env or {})
+    if n > 1:
+      e.update(
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES=str(n),
+        JAX_PROCESS_ID=str(i),
+      )
+    procs.append(train_process(config, workdir, e, *extra))
+  return procs
+
+
+def finish(procs) -> list[str]:
+  """Waits for every process (RUN_TIMEOUT_S) and asserts each exited 0;
+  returns their outputs."""
+  outs = [p.communicate(timeout=RUN_TIMEOUT_S)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  return outs
+
+
 def losses(workdir) -> dict[int, float]:
   from gemma_jax.train.metrics import read_jsonl
 

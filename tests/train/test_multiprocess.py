@@ -5,7 +5,6 @@ within seconds with one line, and a restart of all resumes exactly."""
 
 import re
 import signal
-import socket
 import time
 
 import numpy as np
@@ -15,9 +14,9 @@ from gemma_jax.train.testing import (
   RESUME_STEPS,
   RUN_TIMEOUT_S,
   exported_params,
+  finish,
   losses,
-  subprocess_env,
-  train_process,
+  train_processes,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -26,33 +25,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 HEARTBEAT_S = 8
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start(n, config, workdir, cache, *extra):
-  port = _free_port()
-  procs = []
-  for i in range(n):
-    env = subprocess_env(cache, devices=1)
-    env.update(
-      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-      JAX_NUM_PROCESSES=str(n),
-      JAX_PROCESS_ID=str(i),
-      GEMMA_JAX_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
-    )
-    procs.append(train_process(config, workdir, env, *extra))
-  return procs
+  heartbeat = {"GEMMA_JAX_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_S)}
+  return train_processes(n, config, workdir, cache, *extra, env=heartbeat)
 
 
 def _run(n, config, workdir, cache, *extra):
-  procs = _start(n, config, workdir, cache, *extra)
-  outs = [p.communicate(timeout=RUN_TIMEOUT_S)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out
-  return outs
+  return finish(_start(n, config, workdir, cache, *extra))
 
 
 def _when_checkpointed(procs, workdir, step, logged):

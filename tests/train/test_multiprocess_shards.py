@@ -4,17 +4,14 @@ both read the whole batch, and the run equals one process on 4 devices bit
 for bit. (Each reading half the batch, as one row block per process would,
 builds a global batch of half the rows.)"""
 
-import socket
-
 import pytest
 import yaml
 
 from gemma_jax.train.testing import (
-  RUN_TIMEOUT_S,
+  finish,
   losses,
-  subprocess_env,
   tiny_config_dict,
-  train_process,
+  train_processes,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -22,27 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 STEPS = 3
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run(config, workdir, cache, processes: int, devices: int):
-  port = _free_port()
-  procs = []
-  for i in range(processes):
-    env = subprocess_env(cache, devices=devices)
-    if processes > 1:
-      env.update(
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-        JAX_NUM_PROCESSES=str(processes),
-        JAX_PROCESS_ID=str(i),
-      )
-    procs.append(train_process(config, workdir, env))
-  outs = [p.communicate(timeout=RUN_TIMEOUT_S)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out
+  finish(train_processes(processes, config, workdir, cache, devices=devices))
   return losses(workdir)
 
 
