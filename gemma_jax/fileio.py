@@ -286,20 +286,24 @@ def emulator_env(url: str) -> dict[str, str]:
   }
 
 
-def storage_timeout_s(env=None) -> float:
+def seconds_env(name: str, default: float, env=None) -> float:
+  """A number of seconds > 0 from environment variable `name` (`default`
+  when unset or empty); ConfigError naming the variable otherwise."""
   env = os.environ if env is None else env
-  text = env.get(TIMEOUT_ENV)
+  text = env.get(name)
   if not text:
-    return DEFAULT_TIMEOUT_S
+    return default
   try:
     value = float(text)
   except ValueError:
     value = -1.0
   if not value > 0:
-    raise ConfigError(
-      f"{TIMEOUT_ENV}={text!r}: expected a number of seconds > 0"
-    )
+    raise ConfigError(f"{name}={text!r}: expected a number of seconds > 0")
   return value
+
+
+def storage_timeout_s(env=None) -> float:
+  return seconds_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, env)
 
 
 _checked: set[str] = set()

@@ -74,19 +74,6 @@ class LeaseLost(TrainingStopped):
   """This trainer's lease was taken over: it must not write any more."""
 
 
-def _float_env(name: str, default: float) -> float:
-  text = os.environ.get(name)
-  if not text:
-    return default
-  try:
-    value = float(text)
-  except ValueError:
-    value = -1.0
-  if not value > 0:
-    raise ConfigError(f"{name}={text!r}: expected a number of seconds > 0")
-  return value
-
-
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -295,10 +282,12 @@ class WorkdirLease:
     warn=None,
   ):
     self.path = epath.Path(workdir) / LOCK_FILE
-    self.heartbeat_s = heartbeat_s or _float_env(
+    self.heartbeat_s = heartbeat_s or fileio.seconds_env(
       HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S
     )
-    self.timeout_s = timeout_s or _float_env(TIMEOUT_ENV, 4 * self.heartbeat_s)
+    self.timeout_s = timeout_s or fileio.seconds_env(
+      TIMEOUT_ENV, 4 * self.heartbeat_s
+    )
     self.check_every_s = min(5.0, self.heartbeat_s)
     self.command = command
     self.token: str | None = None

@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 
 from gemma_jax import fileio
-from gemma_jax.errors import ConfigError, TrainingStopped
+from gemma_jax.errors import TrainingStopped
 from gemma_jax.model.config import ModelConfig
 
 FLUSH_ENV = "GEMMA_JAX_REMOTE_FLUSH_S"
@@ -199,16 +199,7 @@ class MetricsWriter:
 
 
 def _flush_every_s() -> float:
-  text = os.environ.get(FLUSH_ENV)
-  if not text:
-    return DEFAULT_REMOTE_FLUSH_S
-  try:
-    value = float(text)
-  except ValueError:
-    value = -1.0
-  if not value > 0:
-    raise ConfigError(f"{FLUSH_ENV}={text!r}: expected a number of seconds > 0")
-  return value
+  return fileio.seconds_env(FLUSH_ENV, DEFAULT_REMOTE_FLUSH_S)
 
 
 def read_jsonl(path: str, bad: list | None = None) -> list[dict]:
