@@ -911,12 +911,43 @@ def score_argv(*flags, checkpoint=export):
   return build
 
 
+def local_task(c, data=None, raw=None):
+  """A folder with one harness task, `mc`, over a local JSON-lines file
+  (the offline recipe of docs/evaluation.md): `raw` bytes written to it,
+  or `data` naming a file that is not written."""
+  folder = c.path("tasks")
+  os.makedirs(folder)
+  path = data or os.path.join(folder, "task.jsonl")
+  if raw is not None:
+    with open(path, "wb") as f:
+      f.write(raw)
+  config = {
+    "task": "mc",
+    "dataset_path": "json",
+    "dataset_kwargs": {"data_files": {"test": path}},
+    "test_split": "test",
+    "output_type": "multiple_choice",
+    "doc_to_text": "{{context}}",
+    "doc_to_choice": "{{choices}}",
+    "doc_to_target": "{{gold}}",
+  }
+  with open(os.path.join(folder, "mc.yaml"), "w") as f:
+    json.dump(config, f)
+  return folder
+
+
 def latin1_task(c):
-  path = c.path("task.jsonl")
   line = '{"context": "Où est-il ?", "choices": ["là", "ici"], "gold": 0}\n'
-  with open(path, "wb") as f:
-    f.write(line.encode("latin-1"))
-  return path
+  return local_task(c, raw=line.encode("latin-1"))
+
+
+def fisher_tasks(folder_fn):
+  """`gemma-jax fisher --tasks mc --include-path folder_fn(c)`."""
+
+  def build(c):
+    return fisher_argv("--tasks", "mc", "--include-path", folder_fn(c))(c)
+
+  return build
 
 
 def with_distill_dump(path_fn):
@@ -1290,10 +1321,17 @@ ROUND3_CASES = [
   ),
   (
     "task_file_latin1",
-    lambda c: fisher_argv("--task", latin1_task(c))(c),
+    fisher_tasks(latin1_task),
     1,
-    r"task.jsonl: 2 of \d+ bytes are not UTF-8 \(first at byte \d+\); "
-    r"convert the file to UTF-8",
+    r"task mc: data file .*task.jsonl: 2 of \d+ bytes are not UTF-8 "
+    r"\(first at byte \d+\); convert the file to UTF-8",
+  ),
+  (
+    "task_file_missing",
+    fisher_tasks(lambda c: local_task(c, data=c.path("gone.jsonl"))),
+    1,
+    r"task mc: data file .*gone.jsonl does not exist "
+    r"\(dataset_kwargs.data_files of its YAML\)",
   ),
   # Damaged files: one line naming the file, no traceback or asyncio noise.
   (

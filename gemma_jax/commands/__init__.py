@@ -56,3 +56,58 @@ positive_float = number_type(float, above=0.0)
 nonnegative_float = number_type(float, minimum=0.0)
 positive_int = number_type(int, minimum=1)
 nonnegative_int = number_type(int, minimum=0)
+
+
+def add_harness_tasks(parser, tasks_help: str, tasks_group=None) -> None:
+  """lm-evaluation-harness's task options as `lm_eval run` names them,
+  spelt with dashes: --tasks (into `tasks_group` when given, e.g. a
+  mutually exclusive one), --include-path, --limit, --num-fewshot, --seed
+  (`gemma-jax report`, `gemma-jax fisher`; harness_options reads them)."""
+  (tasks_group or parser).add_argument("--tasks", default=None, help=tasks_help)
+  parser.add_argument(
+    "--include-path",
+    action="append",
+    default=[],
+    metavar="DIR",
+    help="repeatable; a folder of further task YAMLs (local data copies)",
+  )
+  parser.add_argument(
+    "--limit",
+    type=positive_float,
+    default=None,
+    help="documents per task (below 1: a fraction of them)",
+  )
+  parser.add_argument(
+    "--num-fewshot",
+    type=nonnegative_int,
+    default=None,
+    help="few-shot examples for every task (default: each task's own)",
+  )
+  parser.add_argument(
+    "--seed",
+    default="0,1234,1234,1234",
+    help="the harness's seeds: one integer for all, or random,numpy,"
+    "torch,fewshot (default 0,1234,1234,1234)",
+  )
+
+
+def harness_options(args, **more):
+  """benchmarks.Options of add_harness_tasks's flags and `more` (None
+  without --tasks; then the other flags are refused)."""
+  from gemma_jax.errors import ConfigError
+  from gemma_jax.evals import benchmarks
+
+  if not args.tasks:
+    given = {"limit": args.limit, "num_fewshot": args.num_fewshot, **more}
+    for flag, value in given.items():
+      if value is not None:
+        raise ConfigError(f"--{flag.replace('_', '-')} needs --tasks")
+    return None
+  return benchmarks.Options(
+    tasks=benchmarks.parse_tasks(args.tasks),
+    include_path=tuple(args.include_path),
+    limit=args.limit,
+    num_fewshot=args.num_fewshot,
+    seed=benchmarks.parse_seed(args.seed),
+    **more,
+  )

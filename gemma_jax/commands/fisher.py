@@ -4,16 +4,15 @@
     gemma-jax fisher configs/cpt/tiny-cpt.yaml --source prose --source code \\
         --sequences 1024 --out runs/fisher
     # on benchmark gold answers, as the published EWC recipe (MMLU, groups
-    # of 4: the batch_mean estimator); prompts as lm-evaluation-harness
-    # builds them
-    gemma-jax fisher CONFIG --task mmlu.yaml --estimator batch_mean \\
-        --batch-size 4 --out fisher/mmlu
+    # of 4: the batch_mean estimator): lm-evaluation-harness's own tasks
+    gemma-jax fisher CONFIG --tasks mmlu --num-fewshot 0 \\
+        --estimator batch_mean --batch-size 4 --out fisher/mmlu
 
---task takes a task list (a YAML list of {kind: arc | mmlu | gsm8k |
-hellaswag | multiple_choice | generative, path, ...}; gemma_jax/evals/
-tasks.py) or one generic
-JSON-lines file {context, choices, gold}; each document's row is its gold
-answer given the harness's prompt (gemma_jax/drivers/fisher_data.py).
+--tasks takes what `gemma-jax report` takes (the harness's task and group
+names, glob patterns, task YAML files; --include-path for local copies of
+the datasets, --limit documents per task, --num-fewshot, --seed); each
+document's row is its gold answer given the harness's prompt
+(gemma_jax/drivers/fisher_data.py).
 
 The checkpoint is --params (default: the config's checkpoint.init_from),
 in any format `train` starts from; the mesh is the config's. Writes an
@@ -29,7 +28,13 @@ per device (no data, no checkpoint needed). docs/continual.md.
 import json
 import os
 
-from gemma_jax.commands import add_overrides, nonnegative_int, positive_int
+from gemma_jax import commands
+from gemma_jax.commands import (
+  add_harness_tasks,
+  add_overrides,
+  nonnegative_int,
+  positive_int,
+)
 
 HELP = "estimate the diagonal Fisher of a checkpoint (for EWC)"
 
@@ -55,18 +60,17 @@ def add_arguments(parser):
     action="append",
     help="a data source of the config (repeatable: rows of each in turn)",
   )
-  data.add_argument(
-    "--task",
-    help="task list YAML (gemma_jax/evals/tasks.py) or "
-    "a JSON-lines file {context, choices, "
-    "gold}: the gold answers' log-likelihood",
+  add_harness_tasks(
+    parser,
+    "lm-evaluation-harness tasks, groups or task YAML files, comma "
+    "separated: the gold answers' log-likelihood",
+    data,
   )
   parser.add_argument(
     "--sequences",
     type=positive_int,
     default=None,
-    help="rows of each --source (required), or the first "
-    "N documents of --task (default: all)",
+    help="rows of each --source (required)",
   )
   parser.add_argument(
     "--split",
@@ -127,50 +131,62 @@ def add_arguments(parser):
 
 
 def _rows(args, cfg):
+  """(rows, what they were read from beyond rows.describe())."""
   from gemma_jax.drivers import fisher_data
   from gemma_jax.errors import ConfigError
 
-  if args.source:
-    if args.sequences is None:
-      raise ConfigError("--source needs --sequences (how many rows)")
-    if len(set(args.source)) != len(args.source):
-      raise ConfigError(f"--source: a source is given twice: {args.source}")
-    parts = [
-      fisher_data.SourceRows(
-        cfg.data, name, args.sequences, args.split, args.first_row
-      )
-      for name in args.source
-    ]
-    return parts[0] if len(parts) == 1 else fisher_data.MixedRows(parts)
-  return _task_rows(args.task, cfg, args.sequences)
+  opts = commands.harness_options(args)  # the harness's flags need --tasks
+  if opts is not None:
+    return _task_rows(args, opts, cfg)
+  if args.sequences is None:
+    raise ConfigError("--source needs --sequences (how many rows)")
+  if len(set(args.source)) != len(args.source):
+    raise ConfigError(f"--source: a source is given twice: {args.source}")
+  parts = [
+    fisher_data.SourceRows(
+      cfg.data, name, args.sequences, args.split, args.first_row
+    )
+    for name in args.source
+  ]
+  return parts[0] if len(parts) == 1 else fisher_data.MixedRows(parts), {}
 
 
-def _task_rows(path, cfg, count):
-  """GoldRows of a task list YAML or a generic multiple-choice jsonl."""
-  from gemma_jax.drivers import fisher_data
-  from gemma_jax.evals import tasks
-  from gemma_jax.tokenizer import Tokenizer
-
-  if path.endswith((".yaml", ".yml")):
-    found = tasks.load_tasks(path)
-  else:
-    found = [tasks.multiple_choice(path)]
-  tokenizer = Tokenizer.load(cfg.data.tokenizer)
-  tokenizer.check_vocab(cfg.model.vocab_size)
-  return fisher_data.GoldRows(found, tokenizer, cfg.data.seq_len, count)
-
-
-def _task_file(path) -> dict:
-  """The --task file's path and sha256 (its content, for the metadata)."""
+def _task_rows(args, opts, cfg):
+  """GoldRows of the harness's tasks, and the data they were read from."""
   import hashlib
 
-  from gemma_jax.errors import DataError
+  from gemma_jax.drivers import fisher_data
+  from gemma_jax.errors import ConfigError
+  from gemma_jax.evals import benchmarks
+  from gemma_jax.tokenizer import Tokenizer
 
-  try:
-    with open(os.path.expanduser(path), "rb") as f:
-      return {"path": str(path), "sha256": hashlib.sha256(f.read()).hexdigest()}
-  except OSError as e:
-    raise DataError(f"--task {path}: cannot read ({e.strerror})") from None
+  if args.sequences is not None:
+    raise ConfigError(
+      "--sequences is for --source; with --tasks give --limit "
+      "(documents per task)"
+    )
+  manager = benchmarks.task_manager(opts)
+  files = benchmarks.check_tasks(opts.task_names(), manager)
+  tokenizer = Tokenizer.load(cfg.data.tokenizer)
+  tokenizer.check_vocab(cfg.model.vocab_size)
+  rows = fisher_data.GoldRows(
+    benchmarks.gold_requests(opts, manager), tokenizer, cfg.data.seq_len
+  )
+
+  def sha256(path):
+    with open(path, "rb") as f:
+      return hashlib.sha256(f.read()).hexdigest()
+
+  return rows, {
+    "harness": {
+      "tasks": list(opts.tasks),
+      "include_path": list(opts.include_path),
+      "limit": opts.limit,
+      "num_fewshot": opts.num_fewshot,
+      "seed": list(opts.seeds),
+    },
+    "data_files": [{"path": p, "sha256": sha256(p)} for p in files],
+  }
 
 
 def _print_stats(meta):
@@ -250,8 +266,8 @@ def main(args) -> int:
   cfg = load_config(args.config, args.overrides)
   if args.topology:
     return compile_only(args, cfg)
-  if not args.out or not (args.source or args.task):
-    raise ConfigError("give --out and one of --source or --task")
+  if not args.out or not (args.source or args.tasks):
+    raise ConfigError("give --out and one of --source or --tasks")
   distributed.initialize_runtime(cfg.runtime)
   import jax
 
@@ -283,8 +299,8 @@ def main(args) -> int:
     raise ConfigError(
       f"--out {args.out} already exists; pass --force to replace it"
     )
-  rows = _rows(args, cfg)
-  data = {**rows.describe(), **(_task_file(args.task) if args.task else {})}
+  rows, read = _rows(args, cfg)
+  data = {**rows.describe(), **read}
   program = TrainProgram(cfg)
   fprog = fisher.FisherProgram(
     program, estimator, args.units_per_step, args.rows_per_vmap, args.grad_dtype

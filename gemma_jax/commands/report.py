@@ -22,14 +22,13 @@ harness's results JSON and per-sample files (harness/<checkpoint>/) and bar
 charts to --out.
 """
 
-from gemma_jax.commands import add_overrides, positive_float, positive_int
+from gemma_jax import commands
+from gemma_jax.commands import add_harness_tasks, add_overrides, positive_int
 
 HELP = "compare checkpoints: held-out loss per source and harness benchmarks"
 
 
 def add_arguments(parser):
-  from gemma_jax.commands import nonnegative_int
-
   parser.add_argument("config", help="run config (model, data, mesh)")
   parser.add_argument(
     "--checkpoint",
@@ -38,42 +37,16 @@ def add_arguments(parser):
     metavar="NAME=PATH",
     help="repeatable; the first is the base",
   )
-  parser.add_argument(
-    "--tasks",
-    default=None,
-    help="lm-evaluation-harness tasks, groups or task YAML files, comma "
+  add_harness_tasks(
+    parser,
+    "lm-evaluation-harness tasks, groups or task YAML files, comma "
     "separated (`study`: the seven benchmarks); none: held-out loss only",
-  )
-  parser.add_argument(
-    "--include-path",
-    action="append",
-    default=[],
-    metavar="DIR",
-    help="repeatable; a folder of further task YAMLs (local data copies)",
-  )
-  parser.add_argument(
-    "--limit",
-    type=positive_float,
-    default=None,
-    help="documents per task (below 1: a fraction of them)",
-  )
-  parser.add_argument(
-    "--num-fewshot",
-    type=nonnegative_int,
-    default=None,
-    help="few-shot examples for every task (default: each task's own)",
   )
   parser.add_argument(
     "--gen-kwargs",
     default=None,
     metavar="K=V,...",
     help="generation options for generative tasks, e.g. max_gen_toks=64",
-  )
-  parser.add_argument(
-    "--seed",
-    default="0,1234,1234,1234",
-    help="the harness's seeds: one integer for all, or random,numpy,"
-    "torch,fewshot (default 0,1234,1234,1234)",
   )
   parser.add_argument(
     "--log-samples",
@@ -121,23 +94,12 @@ def _checkpoints(specs) -> dict[str, str]:
 
 def harness_options(args):
   """benchmarks.Options from the harness's flags (None without --tasks)."""
-  from gemma_jax.errors import ConfigError
-  from gemma_jax.evals import benchmarks
+  import dataclasses
 
-  if not args.tasks:
-    for flag in ("limit", "num_fewshot", "gen_kwargs"):
-      if getattr(args, flag) is not None:
-        raise ConfigError(f"--{flag.replace('_', '-')} needs --tasks")
+  opts = commands.harness_options(args, gen_kwargs=args.gen_kwargs)
+  if opts is None:
     return None
-  return benchmarks.Options(
-    tasks=benchmarks.parse_tasks(args.tasks),
-    include_path=tuple(args.include_path),
-    limit=args.limit,
-    num_fewshot=args.num_fewshot,
-    gen_kwargs=args.gen_kwargs,
-    seed=benchmarks.parse_seed(args.seed),
-    log_samples=args.log_samples,
-  )
+  return dataclasses.replace(opts, log_samples=args.log_samples)
 
 
 def main(args) -> int:

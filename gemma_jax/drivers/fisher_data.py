@@ -9,45 +9,40 @@ Row sets are any objects with `num_rows`, `row(i)` and `describe()`. A row
 is a dict of int32 [T] arrays (inputs, targets, segment_ids, positions,
 loss_mask). An answered example (`answer_row`) has loss_mask 1 on the
 answer's targets only, so a row's summed target log-probability is
-log p(answer | prompt); `GoldRows` builds such rows from benchmark tasks
-with lm-evaluation-harness's prompts and tokenization.
+log p(answer | prompt).
 
-Benchmark examples as Fisher rows, log p(gold answer | the harness prompt):
+Benchmark documents as Fisher rows, log p(gold answer | the harness's
+prompt), from lm-evaluation-harness's own tasks:
 
-    rows = GoldRows(tasks.load_tasks("mmlu.yaml"), tokenizer, seq_len)
+    gold = benchmarks.gold_requests(benchmarks.Options(tasks=("mmlu",)))
+    rows = GoldRows(gold, tokenizer, seq_len)
     fisher.estimate(fprog, params, unit_batches(rows, 1, 64), n)
 
-Each document gives one row (`answer_row`), the request
-lm-evaluation-harness scores for the right answer:
-
-    context       tasks.contexts(task): description, the task's few-shot
-                  examples (its default count, or num_fewshot), the query
-    continuation  target_delimiter + choices[gold]   (multiple choice)
-                  target_delimiter + target          (generative: the
-                  answer as a few-shot example shows it, e.g. GSM8K's
-                  worked solution ending "#### N")
-
-tokenized by scoring.encode_pair (the context with bos, its trailing spaces
-moved onto the continuation) and cut from the left to T + 1 tokens as the
-harness cuts to its max_length (scoring.request_window). loss_mask is 1 on
-the continuation's tokens, so the row's summed target log-probability is
-the log-likelihood the harness computes for the gold choice. This is the
-published EWC recipe's importance measure (the gradient of the answer's
-log-likelihood given its prompt, on MMLU), with the harness's prompts.
+Each document gives one row, the request the harness scores for the right
+answer (evals/benchmarks.py gold_requests): the context is the harness's
+prompt (description, few-shot examples, the document), the continuation the
+gold choice's (multiple choice) or target_delimiter + the target
+(generative: e.g. GSM8K's worked solution ending "#### N"). Tokens are what
+the gemma_jax lm-eval model scores (evals/harness.py RequestTokens: bos
+first, the context's trailing spaces moved onto the continuation, cut from
+the left to max_length + 1 = T + 1 tokens), so a row's summed target
+log-probability is the log-likelihood the harness gets for the gold answer
+from `--model gemma_jax` with max_length T. This is the published EWC
+recipe's importance measure (the gradient of the answer's log-likelihood
+given its prompt, on MMLU), with the harness's prompts.
 """
 
 import hashlib
 import json
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from gemma_jax.data import packing, sources
 from gemma_jax.drivers.fisher import UNIT_KEYS
 from gemma_jax.errors import ConfigError, DataError
-from gemma_jax.evals import scoring
-from gemma_jax.evals import tasks as tasks_lib
 from gemma_jax.tokenizer import Tokenizer
 
 
@@ -183,56 +178,40 @@ def unit_batches(
 
 
 # Benchmark examples.
-def gold_requests(
-  task: tasks_lib.Task, seed: int = tasks_lib.FEWSHOT_SEED
-) -> list[tuple[str, str]]:
-  """(context, gold continuation) of every document, in document order."""
-  contexts = tasks_lib.contexts(task, seed)
-  if task.kind == "multiple_choice":
-    answers = [doc.choices[doc.gold] for doc in task.docs]
-  else:
-    answers = [doc.target for doc in task.docs]
-  return [(ctx, task.target_delimiter + a) for ctx, a in zip(contexts, answers)]
-
-
 class GoldRows:
-  """One row per document of `tasks` (in order; the first `count` when
-  given): the gold answer's tokens given the harness's prompt."""
+  """One row per document of the harness's tasks, in order: the gold
+  answer's tokens given the harness's prompt. `tasks` is
+  benchmarks.gold_requests's list ({task, output_type, num_fewshot,
+  requests: [(context, continuation)]})."""
 
   def __init__(
-    self,
-    tasks: Sequence[tasks_lib.Task],
-    tokenizer: Tokenizer,
-    seq_len: int,
-    count: int | None = None,
+    self, tasks: Sequence[dict[str, Any]], tokenizer: Tokenizer, seq_len: int
   ):
-    if count is not None and count < 1:
-      raise ConfigError(f"--sequences must be >= 1, got {count}")
-    requests: list[tuple[str, str]] = []
-    used: list[dict] = []
+    from gemma_jax.evals.harness import RequestTokens
+
+    lm = RequestTokens(tokenizer, max_length=seq_len)
+    self._rows, used, truncated, requests = [], [], 0, []
     for task in tasks:
-      if count is not None and len(requests) >= count:
-        break
-      mine = gold_requests(task)[
-        : None if count is None else count - len(requests)
-      ]
-      requests += mine
+      try:
+        windows = lm.tokens(task["requests"])
+      except ConfigError as e:
+        raise ConfigError(
+          f"task {task['task']}: {e} (data.seq_len {seq_len})"
+        ) from None
+      for window, answer, cut in windows:
+        self._rows.append(answer_row(window, answer, seq_len))
+        truncated += cut > 0
+      requests += task["requests"]
       used.append(
         {
-          "name": task.name,
-          "kind": task.kind,
-          "num_fewshot": task.num_fewshot,
-          "documents": len(mine),
+          "name": task["task"],
+          "output_type": task["output_type"],
+          "num_fewshot": task["num_fewshot"],
+          "documents": len(task["requests"]),
         }
       )
-    if not requests:
+    if not self._rows:
       raise ConfigError("the tasks hold no documents")
-    self._rows, truncated = [], 0
-    for context, continuation in requests:
-      ctx, cont = scoring.encode_pair(tokenizer, context, continuation)
-      window = scoring.request_window(ctx, cont, seq_len)
-      truncated += len(window) < len(ctx) + len(cont)
-      self._rows.append(answer_row(window, len(cont), seq_len))
     self.num_rows = len(self._rows)
     digest = hashlib.sha256(json.dumps(requests).encode()).hexdigest()
     self._describe = {
@@ -241,8 +220,8 @@ class GoldRows:
       "examples": self.num_rows,
       "seq_len": seq_len,
       "truncated": int(truncated),
-      "target": "target_delimiter + gold answer given the harness's "
-      "prompt (few-shot context included)",
+      "target": "the gold answer given the harness's prompt (few-shot "
+      "context included), as lm-evaluation-harness requests it",
       "requests_sha256": digest,
       "tokenizer_fingerprint": tokenizer.fingerprint,
     }

@@ -1,10 +1,12 @@
 """Evaluation through lm-evaluation-harness (0.4.13) itself.
 
     harness       GemmaJaxLM: our model as an lm_eval LM, registered as
-                  `gemma_jax` (loglikelihood, rolling, generate_until)
+                  `gemma_jax` (loglikelihood, rolling, generate_until);
+                  RequestTokens: the token ids it scores, without a model
     decoding      KV-cache generation in chunks that stops a batch early
     benchmarks    the harness's tasks, options and results; `study`; the
-                  gold requests of every document (Fisher rows)
+                  local data files of a task, checked; the gold requests of
+                  every document (Fisher rows)
     forgetting    checkpoints side by side: held-out loss per source and
                   the harness's benchmarks (`gemma-jax report`)
     report        the harness's results as tables, JSON and bar charts
@@ -17,9 +19,9 @@
                             tokenizer="tokenizer.model")
     results = benchmarks.evaluate(lm, benchmarks.Options(tasks=("study",)))
 
-Still hand-written, for `gemma-jax fisher --task` only (a Fisher on
-benchmark gold answers from the original files): readers, tasks and
-scoring build the harness's prompts and tokenization themselves; the
-harness's own requests for the same files are equal
-(tests/evals/test_synthetic.py).
+Every benchmark number is the harness's own (one way to score): its task
+configs build the prompts, few-shot examples and requests, and GemmaJaxLM
+scores them. A Fisher on benchmark gold answers (`gemma-jax fisher
+--tasks`) takes the same requests (benchmarks.gold_requests) tokenised as
+GemmaJaxLM tokenises them (harness.RequestTokens).
 """

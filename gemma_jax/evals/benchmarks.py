@@ -13,12 +13,15 @@ Winogrande), as the harness names them (STUDY_TASKS).
 
 import dataclasses
 import functools
+import glob
 import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from gemma_jax.errors import ConfigError
+from gemma_jax import fileio
+from gemma_jax.data import formats
+from gemma_jax.errors import ConfigError, DataError
 
 # The harness's names for the study's seven benchmarks (lm_eval/tasks:
 # arc/, belebele/ (Lithuanian and English), gsm8k/, hellaswag/, mmlu/ (the
@@ -154,8 +157,10 @@ def _is_plain_task(name: str, manager) -> bool:
   return entry is not None and entry.kind in (Kind.TASK, Kind.PY_TASK)
 
 
-def check_tasks(names: Sequence[str], manager) -> None:
-  """One line naming every task the harness does not know."""
+def check_tasks(names: Sequence[str], manager) -> list[str]:
+  """One line naming every task the harness does not know, or the first
+  local data file that cannot be read (check_data_files); returns the
+  local data files."""
   from lm_eval import utils
 
   missing = [
@@ -170,6 +175,124 @@ def check_tasks(names: Sequence[str], manager) -> None:
       f"unknown harness task(s) {', '.join(missing)}; `lm_eval ls tasks` "
       f"lists them (or give include_path=a folder of task YAMLs)"
     )
+  return check_data_files(names, manager)
+
+
+# datasets' builders that read files (a task's dataset_path), and whether
+# they read text: datasets keeps bytes that are not UTF-8 as they are and
+# the harness fails at the first such document, far from the file.
+FILE_BUILDERS = {
+  "json": True,
+  "csv": True,
+  "text": True,
+  "parquet": False,
+  "arrow": False,
+}
+
+
+def _task_configs(spec, manager, overrides=None):
+  """(task name, config as written: includes resolved, functions not) of
+  every task `spec` stands for: a task, a group's members, a tag's tasks,
+  a glob pattern, a task YAML file, or a group's {task: name, ...}."""
+  from lm_eval import utils
+  from lm_eval.tasks._index import Kind
+  from lm_eval.tasks._yaml_loader import load_yaml
+
+  overrides = overrides or {}
+  if isinstance(spec, dict):  # a group's member: {task: ..., keys}
+    members = spec.get("task") or []
+    keys = {k: v for k, v in spec.items() if k not in ("task", "group")}
+    if isinstance(members, str) and members not in manager.task_index:
+      yield members, {**spec, **overrides}  # a whole task written inline
+      return
+    for member in [members] if isinstance(members, str) else members:
+      yield from _task_configs(member, manager, {**keys, **overrides})
+    return
+  entry = manager.task_index.get(spec)
+  if entry is None:
+    if os.path.isfile(spec):
+      cfg = load_yaml(spec, resolve_func=False)
+      if "group" in cfg:
+        yield from _task_configs(cfg, manager, overrides)
+      else:
+        yield str(cfg.get("task", spec)), {**cfg, **overrides}
+      return
+    for name in utils.pattern_match([spec], manager.all_tasks):
+      if name != spec:
+        yield from _task_configs(name, manager, overrides)
+    return
+  if entry.kind == Kind.TAG:
+    for name in sorted(entry.tags):
+      yield from _task_configs(name, manager, overrides)
+    return
+  if entry.yaml_path:
+    cfg = load_yaml(entry.yaml_path, resolve_func=False)
+  else:
+    cfg = dict(entry.cfg or {})
+  if entry.kind == Kind.GROUP:
+    for member in cfg.get("task") or ():
+      yield from _task_configs(member, manager, overrides)
+  else:
+    yield spec, {**cfg, **overrides}
+
+
+def data_files(names: Sequence[str], manager) -> list[tuple[str, str, bool]]:
+  """(task, file, is text) for every file on this machine that the tasks
+  `names` stand for read (dataset_path one of FILE_BUILDERS, the files of
+  dataset_kwargs.data_files, relative to its data_dir or the working
+  directory as datasets resolves them; a glob as its own text), each once,
+  in task order."""
+  out: dict[tuple[str, bool], str] = {}
+  for name in names:
+    for task, cfg in _task_configs(ALIASES.get(name, name), manager):
+      builder = cfg.get("dataset_path")
+      kwargs = cfg.get("dataset_kwargs") or {}
+      files = kwargs.get("data_files")
+      if builder not in FILE_BUILDERS or not files:
+        continue
+      if isinstance(files, dict):
+        files = list(files.values())
+      for path in files if isinstance(files, list) else [files]:
+        for one in path if isinstance(path, list) else [path]:
+          one = os.path.expanduser(str(one))
+          if fileio.is_local(one) and not os.path.isabs(one):
+            one = os.path.join(kwargs.get("data_dir") or "", one)
+          out.setdefault((one, FILE_BUILDERS[builder]), task)
+  return [(task, path, text) for (path, text), task in out.items()]
+
+
+def check_data_files(names: Sequence[str], manager) -> list[str]:
+  """The local files the tasks read (data_files), each checked before the
+  harness opens it: it exists (a glob matches one), it can be read, and a
+  text one (json, csv, text) is UTF-8; otherwise one line naming the task
+  and the file. Returns the files (globs expanded)."""
+  found = []
+  for task, path, text in data_files(names, manager):
+    if not fileio.is_local(path):
+      continue
+    matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+    if not matches or not os.path.exists(matches[0]):
+      raise DataError(
+        f"task {task}: data file {path} does not exist "
+        f"(dataset_kwargs.data_files of its YAML)"
+      )
+    for file in matches:
+      try:
+        with open(file, "rb") as f:
+          raw = f.read() if text else f.read(1)
+      except OSError as e:
+        raise DataError(
+          f"task {task}: data file {file}: cannot read ({e.strerror})"
+        ) from None
+      bad = formats.first_bad(raw) if text else -1
+      if bad >= 0:
+        count = formats.decode(raw)[1]
+        raise DataError(
+          f"task {task}: data file {file}: {count} of {len(raw)} bytes are "
+          f"not UTF-8 (first at byte {bad}); convert the file to UTF-8"
+        )
+      found.append(file)
+  return found
 
 
 def evaluate(lm, opts: Options, manager=None) -> dict[str, Any]:
@@ -245,9 +368,9 @@ def gold_requests(opts: Options, manager=None) -> list[dict]:
   choice) or target_delimiter + the target (generative: the answer as a
   few-shot example shows it, e.g. GSM8K's worked solution)."""
   manager = manager or task_manager(opts)
-  results = evaluate(
-    _silent_lm(), dataclasses.replace(opts, log_samples=True), manager
-  )
+  # Every document's requests, no statistics (nothing was scored).
+  silent = dataclasses.replace(opts, log_samples=True, bootstrap_iters=0)
+  results = evaluate(_silent_lm(), silent, manager)
   names = list(results["samples"])
   loaded = manager.load(names)["tasks"]
   out = []

@@ -258,10 +258,12 @@ class RequestTokens(GemmaTokens):
   """Answers nothing (log-likelihood 0, not greedy; empty text) and keeps
   the token ids of the last loglikelihood call: `tokens(pairs)` gives
   what TemplateLM.loglikelihood makes of (context, continuation) pairs,
-  cut to max_length + 1 as the model would see them."""
+  cut to max_length + 1 as the model would see them (the rows of a
+  Fisher on gold answers, drivers/fisher_data.py)."""
 
-  def tokens(self, pairs) -> list[tuple[tuple[int, ...], int]]:
-    """[(context, continuation)] -> [(window, continuation length)]."""
+  def tokens(self, pairs) -> list[tuple[tuple[int, ...], int, int]]:
+    """[(context, continuation)] -> [(window, continuation length,
+    tokens cut from the left)]."""
     from lm_eval.api.instance import Instance
 
     self.loglikelihood(
@@ -271,7 +273,10 @@ class RequestTokens(GemmaTokens):
     return self.seen
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_):
-    self.seen = [self._window(ctx, cont) for _, ctx, cont in requests]
+    self.seen = []
+    for _, ctx, cont in requests:
+      window, n = self._window(ctx, cont)
+      self.seen.append((window, n, len(ctx) + len(cont) - len(window)))
     return [(0.0, False)] * len(requests)
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):

@@ -1,7 +1,7 @@
 """Small benchmark files generated from the embedded corpus, for offline runs.
 
-Three tasks in the generic jsonl formats (`readers.read_multiple_choice`,
-`readers.read_generative`), deterministic for a seed:
+Three tasks as JSON lines ({context, choices, gold} for multiple choice,
+{context, answer} for arithmetic), deterministic for a seed:
 
     prose_next   multiple choice: the sentence that follows a passage of
                  standard-library docstrings, among sentences of other

@@ -18,7 +18,6 @@ from gemma_jax import cli
 from gemma_jax.checkpoint import layout, native
 from gemma_jax.checkpoint.testing import random_flat
 from gemma_jax.data.testing import tiny_tokenizer
-from gemma_jax.evals import scoring
 from gemma_jax.features import distill as distillation
 from gemma_jax.features import distill_loss as distill
 from gemma_jax.model import Transformer
@@ -139,13 +138,14 @@ def test_score_is_the_forwards_log_probs(ckpts, tmp_path):
     np.testing.assert_allclose(got["logprobs"][r, : n - 1], want, atol=2e-5)
     assert (got["logprobs"][r, n - 1 :] == 0).all()
     np.testing.assert_allclose(got["logits"][r, :n], logits[0], atol=2e-5)
-  # The harness's scorer gives the same numbers.
-  fn = scoring.make_token_logprob_fn(params, CFG)
-  np.testing.assert_allclose(
-    fn(tokens[:, :-1], tokens[:, 1:], mask[:, 1:]),
-    got["logprobs"],
-    atol=2e-5,
+  # The harness's scorer (the gemma_jax lm-eval model) gives the same
+  # numbers.
+  from gemma_jax.evals import harness
+
+  logprobs, _ = harness.token_logprobs(
+    params, tokens[:, :-1], tokens[:, 1:], mask[:, 1:], cfg=CFG
   )
+  np.testing.assert_allclose(logprobs, got["logprobs"], atol=2e-5)
 
 
 def greedy_by_recomputation(params, cfg, prompt, steps):

@@ -1,110 +1,129 @@
 """Benchmark documents as Fisher rows: the gold answer's log-likelihood given
-the prompt, exactly the request the harness scores for the gold choice."""
+the prompt, exactly the request the harness scores for the gold choice, from
+the harness's own tasks (local copies: gemma_jax/evals/testing.py)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gemma_jax.drivers import fisher, fisher_data
 from gemma_jax.errors import ConfigError
-from gemma_jax.evals import scoring, tasks
-from gemma_jax.evals.readers import Doc
+from gemma_jax.evals import benchmarks
 from gemma_jax.model import Transformer
 from gemma_jax.tokenizer import BOS_ID
 from gemma_jax.train import step as step_lib
 
-MC_DOCS = (
-  Doc("Question: what is two plus two?\nAnswer:", ("four", "five", "six"), 0),
-  Doc("Question: which word is a colour?\nAnswer:", ("table", "green"), 1),
-  Doc("Question: pick the number\nAnswer:", ("x", "12", "y"), 1),
-)
 
-
-def two_shot():
-  shots = (
-    Doc("Question: one plus one?\nAnswer:", ("two", "three"), 0),
-    Doc("Question: the sky is?\nAnswer:", ("blue", "loud"), 0),
-    Doc("Question: ice is?\nAnswer:", ("cold", "hot"), 0),
+@pytest.fixture(scope="module")
+def gold(harness_tasks):
+  """The gold requests of local ARC (3 documents) and GSM8K (2), 2-shot."""
+  opts = benchmarks.Options(
+    tasks=("local_arc", "local_gsm8k"),
+    include_path=(str(harness_tasks),),
+    num_fewshot=2,
   )
-  return tasks.Task("mc", "multiple_choice", MC_DOCS, shots, num_fewshot=2)
+  return {t["task"]: t for t in benchmarks.gold_requests(opts)}
 
 
-def test_gold_requests_are_the_harness_requests_of_the_gold_choices():
-  task = two_shot()
-  contexts = tasks.contexts(task)
-  requests = scoring.choice_requests(task, contexts)
-  gold = fisher_data.gold_requests(task)
-  starts = np.cumsum([0] + [len(d.choices) for d in MC_DOCS])
-  assert gold == [requests[s + d.gold] for s, d in zip(starts, MC_DOCS)]
+def test_gold_requests_are_the_harness_requests_of_the_gold_choices(gold):
+  arc = gold["local_arc"]
+  assert arc["output_type"] == "multiple_choice" and arc["num_fewshot"] == 2
+  # answerKey A, B, C: the gold choice's text after the harness's " ".
+  assert [c for _, c in arc["requests"]] == [" apple", " heat", " water"]
+  context = arc["requests"][0][0]
+  assert context.endswith("Question: Which is a fruit?\nAnswer:")
   # The few-shot examples are part of the prompt.
-  assert (
-    gold[0][0].startswith(task.description)
-    and gold[0][0].count("\nAnswer: ") == 2
+  assert context.count("\nAnswer: ") == 2
+
+
+def test_generative_tasks_score_the_target(gold):
+  gsm8k = gold["local_gsm8k"]
+  assert gsm8k["output_type"] == "generate_until"
+  context, target = gsm8k["requests"][0]
+  assert context.endswith(
+    "Question: Ann has 3 pens and gets 2. How many pens?\nAnswer:"
   )
+  assert target == " 3 + 2 = 5\n#### 5" and context.count("\n#### ") == 2
+
+
+def test_rows_follow_the_tasks_in_order(gold, tok):
+  rows = fisher_data.GoldRows(list(gold.values()), tok, 256)
+  d = rows.describe()
+  assert rows.num_rows == 5 and d["examples"] == 5 and d["truncated"] == 0
+  assert [
+    (t["name"], t["documents"], t["num_fewshot"]) for t in d["tasks"]
+  ] == [
+    ("local_arc", 3, 2),
+    ("local_gsm8k", 2, 2),
+  ]
+  empty = [{**gold["local_arc"], "requests": []}]
+  with pytest.raises(ConfigError, match="the tasks hold no documents"):
+    fisher_data.GoldRows(empty, tok, 256)
+
+
+def test_limit_takes_the_first_documents_of_each_task(harness_tasks, gold):
+  opts = benchmarks.Options(
+    tasks=("local_arc", "local_gsm8k"),
+    include_path=(str(harness_tasks),),
+    num_fewshot=2,
+    limit=1,
+  )
+  found = benchmarks.gold_requests(opts)
+  assert [t["requests"] for t in found] == [
+    t["requests"][:1] for t in gold.values()
+  ]
+
+
+def test_row_layout_bos_prompt_then_answer_targets_only(gold, tok):
+  rows = fisher_data.GoldRows([gold["local_arc"]], tok, 256)
+  context, answer = gold["local_arc"]["requests"][1]
+  whole = tok.encode(context + answer, add_bos=True)
+  n = len(whole) - 1
+  row = rows.row(1)
+  assert row["inputs"][0] == BOS_ID and row["segment_ids"][:n].all()
+  assert not row["segment_ids"][n:].any()
+  np.testing.assert_array_equal(row["inputs"][:n], whole[:-1])
+  answer_ids = row["targets"][row["loss_mask"] == 1]
+  assert tok.decode(answer_ids) == " heat"
+  assert len(answer_ids) == n + 1 - len(tok.encode(context, add_bos=True))
+
+
+def test_an_answer_longer_than_a_row_is_named(gold, tok):
+  with pytest.raises(ConfigError, match="task local_gsm8k: .*data.seq_len 4"):
+    fisher_data.GoldRows([gold["local_gsm8k"]], tok, 4)
 
 
 @pytest.mark.slow
-def test_a_rows_loglikelihood_is_what_scoring_gives_the_gold_choice(
-  tok, random_model
+def test_a_rows_loglikelihood_is_the_harness_models_for_the_gold_answer(
+  gold, tok, random_model
 ):
+  """Each row's summed log-probability is what `--model gemma_jax` with
+  max_length = seq_len answers for the gold request."""
+  from lm_eval.api.instance import Instance
+
+  from gemma_jax.evals.harness import GemmaJaxLM
+
   params, cfg = random_model
-  task = two_shot()
+  tasks = list(gold.values())
+  requests = [r for t in tasks for r in t["requests"]]
+  forward = step_lib.model_forward(Transformer(cfg))
+  # Each row alone (a unit of one row), all rows in one compiled call.
+  per_unit = jax.jit(jax.vmap(fisher.unit_loglik(forward), in_axes=(None, 0)))
   for seq_len in (256, 24):  # whole prompts; cut from the left
-    rows = fisher_data.GoldRows([task], tok, seq_len)
+    rows = fisher_data.GoldRows(tasks, tok, seq_len)
     units = {
-      k: jnp.asarray(np.stack([rows.row(i)[k] for i in range(3)]))
+      k: jnp.asarray(np.stack([rows.row(i)[k][None] for i in range(5)]))
       for k in fisher.UNIT_KEYS
     }
-    forward = step_lib.model_forward(Transformer(cfg))
-    per_row = [
-      float(
-        fisher.unit_loglik(forward)(
-          params, {k: v[i : i + 1] for k, v in units.items()}
-        )
-      )
-      for i in range(3)
-    ]
-    ll = scoring.make_loglikelihood_fn(
-      params, cfg, tok, batch_size=4, seq_len=seq_len
+    per_row = per_unit(params, units)
+    lm = GemmaJaxLM(
+      params=params, model_config=cfg, tokenizer=tok, max_length=seq_len
     )
-    expected = ll(fisher_data.gold_requests(task))
-    np.testing.assert_allclose(per_row, expected, rtol=1e-5, atol=1e-4)
-  assert rows.describe()["truncated"] == 3
-
-
-def test_row_layout_bos_prompt_then_answer_targets_only(tok):
-  rows = fisher_data.GoldRows([two_shot()], tok, 256)
-  ctx, cont = scoring.encode_pair(
-    tok, *fisher_data.gold_requests(two_shot())[1]
-  )
-  row = rows.row(1)
-  n = len(ctx) + len(cont) - 1
-  assert row["inputs"][0] == BOS_ID and row["segment_ids"][:n].all()
-  assert not row["segment_ids"][n:].any()
-  np.testing.assert_array_equal(row["targets"][row["loss_mask"] == 1], cont)
-  assert tok.decode(cont) == " green"
-
-
-def test_generative_tasks_score_the_target_and_count_spans_tasks(tok):
-  gen = tasks.Task(
-    "sums",
-    "generate_until",
-    (
-      Doc("Question: 2 + 3?\nAnswer:", target="5\n#### 5"),
-      Doc("Question: 4 + 4?\nAnswer:", target="8\n#### 8"),
-    ),
-  )
-  assert fisher_data.gold_requests(gen)[0] == (
-    "Question: 2 + 3?\nAnswer:",
-    " 5\n#### 5",
-  )
-  rows = fisher_data.GoldRows([two_shot(), gen], tok, 256, count=4)
-  d = rows.describe()
-  assert rows.num_rows == 4 and d["examples"] == 4
-  assert [(t["name"], t["documents"]) for t in d["tasks"]] == [
-    ("mc", 3),
-    ("sums", 1),
-  ]
-  assert d["tasks"][0]["num_fewshot"] == 2
-  with pytest.raises(ConfigError, match="--sequences"):
-    fisher_data.GoldRows([gen], tok, 256, count=0)
+    expected = lm.loglikelihood(
+      [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]
+    )
+    np.testing.assert_allclose(
+      per_row, [ll for ll, _ in expected], rtol=1e-5, atol=1e-4
+    )
+  assert rows.describe()["truncated"] == 5

@@ -2,7 +2,7 @@
 
 import json
 
-from gemma_jax.evals import readers, scoring, synthetic, tasks
+from gemma_jax.evals import synthetic
 
 PROSE = [
   "Return the sum of two numbers. The result is an int when both are. "
@@ -81,7 +81,7 @@ def test_generation_is_deterministic_per_seed():
   assert synthetic.arithmetic(5, 1) != synthetic.arithmetic(5, 2)
 
 
-def test_written_files_load_as_tasks(tmp_path):
+def test_written_files_are_the_tasks_in_the_generic_formats(tmp_path):
   paths = synthetic.write_synthetic(
     tmp_path, {"prose": PROSE, "code": CODE}, num_items=6, num_shots=3
   )
@@ -93,24 +93,19 @@ def test_written_files_load_as_tasks(tmp_path):
     "prose_next",
     "prose_next_shots",
   ]
-  code = tasks.multiple_choice(
-    paths["code_next"], paths["code_next_shots"], num_fewshot=1
-  )
-  assert code.name == "code_next" and len(code.docs) >= 2
-  requests = scoring.choice_requests(code, tasks.contexts(code))
-  assert len(requests) == 4 * len(code.docs)
-  math = tasks.generative(
-    paths["arithmetic"], paths["arithmetic_shots"], num_fewshot=2
-  )
-  assert tasks.contexts(math)[0].count("\n#### ") == 2
-  assert len(readers.read_generative(paths["arithmetic"])) == 6
-  first = json.loads(open(paths["prose_next"]).readline())
-  assert set(first) == {"context", "choices", "gold"}
+  rows = {n: [json.loads(line) for line in open(p)] for n, p in paths.items()}
+  assert len(rows["arithmetic"]) == 6 and len(rows["arithmetic_shots"]) == 3
+  assert len(rows["code_next"]) >= 2
+  for name in ("prose_next", "code_next"):
+    check_mc(rows[name])
+    assert set(rows[name][0]) == {"context", "choices", "gold"}
+  assert set(rows["arithmetic"][0]) == {"context", "answer"}
 
 
-def test_as_harness_tasks_the_requests_are_the_readers(tmp_path):
-  """The harness's own tasks over the same files make the same requests
-  (contexts and gold continuations) as the hand-written readers."""
+def test_as_harness_tasks_the_requests_are_the_files(tmp_path):
+  """The harness's own tasks over the files score each item's context and
+  its gold choice after the harness's " " (multiple choice), and the
+  worked answer after a 5-shot prompt (arithmetic, as gsm8k)."""
   import pytest
 
   pytest.importorskip("lm_eval", reason="needs the `eval` extra (lm-eval)")
@@ -124,11 +119,12 @@ def test_as_harness_tasks_the_requests_are_the_readers(tmp_path):
   opts = benchmarks.Options(tasks=tuple(yamls), include_path=(str(tmp_path),))
   found = {t["task"]: t for t in benchmarks.gold_requests(opts)}
   assert found["arithmetic"]["num_fewshot"] == 5
-  from gemma_jax.drivers import fisher_data
-
   for name in ("prose_next", "code_next"):
-    task = tasks.multiple_choice(paths[name])
-    assert found[name]["requests"] == fisher_data.gold_requests(task)
+    items = [json.loads(line) for line in open(paths[name])]
+    assert found[name]["num_fewshot"] == 0
+    assert found[name]["requests"] == [
+      (it["context"], " " + it["choices"][it["gold"]]) for it in items
+    ]
   math = [json.loads(line) for line in open(paths["arithmetic"])]
   for (context, target), row in zip(found["arithmetic"]["requests"], math):
     assert context.endswith(row["context"]) and context.count("#### ") == 5

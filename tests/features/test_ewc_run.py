@@ -98,7 +98,11 @@ def test_fisher_on_benchmark_gold_answers_and_on_two_sources(base):
   root, d, _ = base
   config = root / "fisher_more.yaml"
   config.write_text(yaml.safe_dump(d))
-  mc = root / "mc.jsonl"
+  # A harness task over a local file, as the offline recipe writes one
+  # (docs/evaluation.md): its own documents are its few-shot pool.
+  tasks = root / "tasks"
+  tasks.mkdir()
+  mc = tasks / "mc.jsonl"
   mc.write_text(
     "".join(
       json.dumps(
@@ -112,19 +116,51 @@ def test_fisher_on_benchmark_gold_answers_and_on_two_sources(base):
       ]
     )
   )
-  task_list = root / "tasks.yaml"
-  task_list.write_text(
-    f"- {{kind: multiple_choice, path: {mc}, shots: {mc}, num_fewshot: 1}}\n"
+  (tasks / "mc.yaml").write_text(
+    json.dumps(
+      {
+        "task": "mc",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"train": str(mc), "test": str(mc)}},
+        "training_split": "train",
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{gold}}",
+        "metric_list": [{"metric": "acc"}],
+      }
+    )
   )
   meta = fisher_json(
-    [str(config), "--task", str(task_list), "--out", str(root / "fisher_task")]
+    [
+      str(config),
+      "--tasks",
+      "mc",
+      "--include-path",
+      str(tasks),
+      "--num-fewshot",
+      "1",
+      "--limit",
+      "2",
+      "--out",
+      str(root / "fisher_task"),
+    ]
   )
   data = meta["data"]
-  assert data["kind"] == "task" and meta["num_examples"] == 3
+  assert data["kind"] == "task" and meta["num_examples"] == 2
   assert data["tasks"] == [
-    {"name": "mc", "kind": "multiple_choice", "num_fewshot": 1, "documents": 3}
+    {
+      "name": "mc",
+      "output_type": "multiple_choice",
+      "num_fewshot": 1,
+      "documents": 2,
+    }
   ]
-  assert data["path"] == str(task_list) and len(data["sha256"]) == 64
+  assert data["harness"]["tasks"] == ["mc"]
+  assert data["harness"]["num_fewshot"] == 1 and data["harness"]["limit"] == 2
+  assert [f["path"] for f in data["data_files"]] == [str(mc)]
+  assert len(data["data_files"][0]["sha256"]) == 64
   meta = fisher_json(
     [
       str(config),
@@ -135,7 +171,7 @@ def test_fisher_on_benchmark_gold_answers_and_on_two_sources(base):
       "--sequences",
       "2",
       "--out",
-      str(root / "fisher_2"),
+      str(root / "fisher_sources"),
     ]
   )
   assert meta["num_examples"] == meta["num_units"] == 4
