@@ -35,7 +35,9 @@ HFLM, lm-eval 0.4.x) scores on the same checkpoint exported to Hugging Face:
 Batches hold requests of similar length; a batch's width is the next power of
 two (at least 16), so a whole run compiles a handful of shapes. Rows are
 split over the mesh's batch axes (data parallel) and params are sharded as
-in training (gemma_jax.sharding rules; `mesh=` picks the axis sizes).
+in training (gemma_jax.sharding rules; `mesh=` picks the axis sizes). On
+several processes each is the harness's rank 0 of 1 and scores every
+request over the global mesh (GemmaTokens.rank).
 """
 
 import dataclasses
@@ -209,6 +211,23 @@ class GemmaTokens(TemplateLM):
     self.tok = tokenizer
     self._max_length = int(max_length)
     self._max_gen_toks = int(max_gen_toks)
+
+  # Every process is the harness's rank 0 of 1. With world_size > 1 the
+  # harness (lm_eval 0.4.13 evaluator.evaluate) gives each rank every
+  # world_size-th document, pads the ranks' request counts with torch
+  # collectives (all_gather on lm.device) and returns results on rank 0
+  # only. Scoring here is SPMD: every process builds each batch whole and
+  # runs the same jitted calls over the global mesh, rows split over the
+  # devices (data parallel), so every process must hold every request, in
+  # the same order; it then has the whole results too (only process 0
+  # writes, commands/lm_eval.py and forgetting.py).
+  @property
+  def rank(self) -> int:
+    return 0
+
+  @property
+  def world_size(self) -> int:
+    return 1
 
   # What the harness asks of a TemplateLM.
   @property

@@ -415,3 +415,31 @@ def test_generation_keeps_request_order_and_truncates_prompts_left(
     [Instance("generate_until", {}, (p, kw), 0) for p in ("a", "abcde")]
   )
   assert decoding.prefill._cache_size() == before
+
+
+def test_every_process_is_the_harness_rank_zero_of_one(
+  monkeypatch, tok, harness_tasks
+):
+  """Process 1 of 2 still gets every request from the harness (our scoring
+  is SPMD: each process builds every batch whole) and the whole results."""
+  import jax
+
+  from gemma_jax.evals import benchmarks
+
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  lm = harness.RequestTokens(tok)
+  assert (lm.rank, lm.world_size) == (0, 1)
+  seen = []
+  scored = lm._loglikelihood_tokens
+  monkeypatch.setattr(
+    lm, "_loglikelihood_tokens", lambda r, **kw: seen.extend(r) or scored(r)
+  )
+  opts = benchmarks.Options(
+    tasks=("local_arc",),
+    include_path=(str(harness_tasks),),
+    bootstrap_iters=0,
+  )
+  results = benchmarks.evaluate(lm, opts)
+  assert results["n-samples"]["local_arc"]["effective"] == 3
+  assert len(seen) == 3 * 4  # every choice of every document
