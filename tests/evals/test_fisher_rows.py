@@ -17,9 +17,10 @@ from gemma_jax.train import step as step_lib
 
 @pytest.fixture(scope="module")
 def gold(harness_tasks):
-  """The gold requests of local ARC (3 documents) and GSM8K (2), 2-shot."""
+  """The gold requests of local ARC (3 documents), GSM8K (2) and MMLU's
+  anatomy (3), 2-shot."""
   opts = benchmarks.Options(
-    tasks=("local_arc", "local_gsm8k"),
+    tasks=("local_arc", "local_gsm8k", "local_mmlu"),
     include_path=(str(harness_tasks),),
     num_fewshot=2,
   )
@@ -35,6 +36,14 @@ def test_gold_requests_are_the_harness_requests_of_the_gold_choices(gold):
   assert context.endswith("Question: Which is a fruit?\nAnswer:")
   # The few-shot examples are part of the prompt.
   assert context.count("\nAnswer: ") == 2
+  # So is the task's description; MMLU's answers are the letters (the
+  # published recipe's answer-letter loss).
+  mmlu = gold["local_mmlu"]["requests"]
+  assert [c for _, c in mmlu] == [" A", " B", " C"]
+  assert mmlu[0][0].startswith(
+    "The following are multiple choice questions (with answers) about "
+    "anatomy.\n\n"
+  )
 
 
 def test_generative_tasks_score_the_target(gold):
@@ -50,12 +59,13 @@ def test_generative_tasks_score_the_target(gold):
 def test_rows_follow_the_tasks_in_order(gold, tok):
   rows = fisher_data.GoldRows(list(gold.values()), tok, 256)
   d = rows.describe()
-  assert rows.num_rows == 5 and d["examples"] == 5 and d["truncated"] == 0
+  assert rows.num_rows == 8 and d["examples"] == 8 and d["truncated"] == 0
   assert [
     (t["name"], t["documents"], t["num_fewshot"]) for t in d["tasks"]
   ] == [
     ("local_arc", 3, 2),
     ("local_gsm8k", 2, 2),
+    ("local_mmlu", 3, 2),
   ]
   empty = [{**gold["local_arc"], "requests": []}]
   with pytest.raises(ConfigError, match="the tasks hold no documents"):
@@ -64,7 +74,7 @@ def test_rows_follow_the_tasks_in_order(gold, tok):
 
 def test_limit_takes_the_first_documents_of_each_task(harness_tasks, gold):
   opts = benchmarks.Options(
-    tasks=("local_arc", "local_gsm8k"),
+    tasks=("local_arc", "local_gsm8k", "local_mmlu"),
     include_path=(str(harness_tasks),),
     num_fewshot=2,
     limit=1,
@@ -105,7 +115,7 @@ def test_a_rows_loglikelihood_is_the_harness_models_for_the_gold_answer(
   from gemma_jax.evals.harness import GemmaJaxLM
 
   params, cfg = random_model
-  tasks = list(gold.values())
+  tasks = [gold["local_arc"], gold["local_gsm8k"]]
   requests = [r for t in tasks for r in t["requests"]]
   forward = step_lib.model_forward(Transformer(cfg))
   # Each row alone (a unit of one row), all rows in one compiled call.
