@@ -270,10 +270,12 @@ def check_data_files(names: Sequence[str], manager) -> list[str]:
   for task, path, text in data_files(names, manager):
     if not fileio.is_local(path):
       continue
-    matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+    pattern = glob.has_magic(path)
+    matches = sorted(glob.glob(path)) if pattern else [path]
     if not matches or not os.path.exists(matches[0]):
       raise DataError(
-        f"task {task}: data file {path} does not exist "
+        f"task {task}: data file {path} "
+        f"{'matches no file' if pattern else 'does not exist'} "
         f"(dataset_kwargs.data_files of its YAML)"
       )
     for file in matches:
