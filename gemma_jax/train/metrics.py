@@ -55,6 +55,28 @@ def _finite_or_none(v):
   return v
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch whenever it is installed, only so that it can
+  also take torch tensors; we log Python floats. With torch installed (the
+  `hf` extra) that import costs 2-3 s of CPU in every training process, so
+  it is made to fail while tensorboardX loads (`None` in sys.modules makes
+  `import torch` raise ImportError, which tensorboardX catches) and is
+  allowed again after.
+  """
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsWriter:
   """Appends records to `<workdir>/<name>.jsonl` and TensorBoard.
 
@@ -90,8 +112,7 @@ class MetricsWriter:
     self._tb = None
     self._tb_local = None  # remote: where TensorBoard writes first
     if enabled and tensorboard:
-      from tensorboardX import SummaryWriter
-
+      SummaryWriter = _summary_writer_class()
       self._tb_dir = os.path.join(self._workdir, "tensorboard")
       if self.remote:
         self._tb_local = tempfile.mkdtemp(prefix="gemma-jax-tensorboard-")
