@@ -22,6 +22,10 @@ So `directory` is at every moment absent, the old one, or the whole new one.
 Formats written by streaming (safetensors, merge's leaf-by-leaf save) use
 `fileio.atomic_directory` and call `check_finite` / `check_finite_leaf`
 themselves.
+
+Importing this module also sets how orbax writes a replicated array, for
+every orbax save of the package (this protocol, the trainer's checkpoints:
+`REPLICA_PARALLEL_MIN_BYTES`).
 """
 
 import jax
@@ -34,6 +38,22 @@ from flax.linen import meta
 from gemma_jax import distributed, fileio
 from gemma_jax.checkpoint import layout
 from gemma_jax.errors import CheckpointError, ConfigError
+
+# Orbax writes an array that several devices hold whole ("replica-
+# parallel"): each replica slices its part on its device and writes it,
+# one compiled slice program per shape and replica. For large arrays on a
+# pod that spreads the writing over hosts; for small ones it costs more
+# than it saves (a tiny model's first save on 8 CPU devices compiles 64
+# slice programs: 3.05 s of CPU, against 0.21 s without). Below 1 MiB per
+# slice one replica writes the whole array; the files are the same.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(
+  jax.Array,
+  ocp.type_handlers.ArrayHandler(
+    min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES
+  ),
+  override=True,
+)
 
 # Elements per slice when checking a host array: bounds the boolean
 # temporary np.isfinite makes (16 MB).

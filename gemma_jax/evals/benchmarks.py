@@ -11,11 +11,13 @@ this project follows (ARC, Belebele, GSM8K, HellaSwag, MMLU, TruthfulQA,
 Winogrande), as the harness names them (STUDY_TASKS).
 """
 
+import contextlib
 import dataclasses
 import functools
 import glob
 import logging
 import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -309,23 +311,66 @@ def evaluate(lm, opts: Options, manager=None) -> dict[str, Any]:
   random_seed, numpy_seed, torch_seed, fewshot_seed = opts.seeds
   # The harness logs every task it builds at INFO; keep ours quiet.
   logging.getLogger("lm_eval").setLevel(logging.WARNING)
-  results = lm_eval.simple_evaluate(
-    model=lm,
-    tasks=names,
-    num_fewshot=opts.num_fewshot,
-    limit=opts.limit,
-    gen_kwargs=opts.gen_kwargs,
-    log_samples=opts.log_samples,
-    bootstrap_iters=opts.bootstrap_iters,
-    task_manager=manager,
-    random_seed=random_seed,
-    numpy_random_seed=numpy_seed,
-    torch_random_seed=torch_seed,
-    fewshot_random_seed=fewshot_seed,
-  )
+  with _jax_environment_report():
+    results = lm_eval.simple_evaluate(
+      model=lm,
+      tasks=names,
+      num_fewshot=opts.num_fewshot,
+      limit=opts.limit,
+      gen_kwargs=opts.gen_kwargs,
+      log_samples=opts.log_samples,
+      bootstrap_iters=opts.bootstrap_iters,
+      task_manager=manager,
+      random_seed=random_seed,
+      numpy_random_seed=numpy_seed,
+      torch_random_seed=torch_seed,
+      fewshot_random_seed=fewshot_seed,
+    )
   if results is None:  # another rank: gemma_jax never is one
     raise ConfigError("the harness returned no results (not rank 0)")
   return results
+
+
+@contextlib.contextmanager
+def _jax_environment_report():
+  """Within it, simple_evaluate's results carry JAX's environment report
+  where the harness writes torch's.
+
+  The harness (lm_eval 0.4.x evaluator.simple_evaluate -> loggers.utils.
+  add_env_info) fills `pretty_env_info` with torch.utils.collect_env's
+  report whenever torch is installed: it imports torch and transformers
+  and runs gcc, cmake, nvidia-smi and others, about 2 s of wall time per
+  evaluation (5 s of CPU the first time), which an evaluation during
+  training would spend every time. Our model runs on JAX, so its report is
+  the one that says what ran; the other keys are the harness's own.
+  """
+  from lm_eval import evaluator
+  from lm_eval.loggers import utils
+
+  original = getattr(evaluator, "add_env_info", None)
+  if original is None:  # another harness version: leave it as it is
+    yield
+    return
+
+  def add_env_info(storage: dict[str, Any]) -> None:
+    from importlib.metadata import version
+
+    import jax
+
+    storage.update(
+      pretty_env_info=jax.print_environment_info(return_string=True),
+      transformers_version="N/A (not used by gemma_jax)",
+      lm_eval_version=version("lm_eval"),
+      upper_git_hash=utils.get_commit_from_path(
+        pathlib.Path(os.getcwd(), "..")
+      ),
+    )
+
+  evaluator.add_env_info = add_env_info
+  try:
+    yield
+  finally:
+    evaluator.add_env_info = original
 
 
 def _silent_lm():

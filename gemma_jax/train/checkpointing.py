@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from gemma_jax import fileio
+from gemma_jax.checkpoint import publish  # noqa: F401  (orbax's array writer)
 from gemma_jax.errors import CheckpointError, os_error_line
 from gemma_jax.train import state as state_lib
 from gemma_jax.train.config import CheckpointConfig

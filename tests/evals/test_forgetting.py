@@ -93,10 +93,12 @@ def test_report_command_writes_tables_harness_files_and_every_sample(
   # The harness's own files, as `lm_eval --output_path --log_samples`.
   for name in ("base", "later"):
     (saved,) = (out / "harness" / name).glob("results_*.json")
-    assert (
-      json.loads(saved.read_text())["results"]
-      == (results[name]["harness"]["results"])
-    )
+    harness_json = json.loads(saved.read_text())
+    assert harness_json["results"] == results[name]["harness"]["results"]
+    # What ran: JAX's environment where the harness records torch's.
+    assert "jax:" in harness_json["pretty_env_info"]
+    assert "PyTorch" not in harness_json["pretty_env_info"]
+    assert harness_json["lm_eval_version"].startswith("0.4")
     (arc,) = (out / "harness" / name).glob("samples_local_arc_*.jsonl")
     samples = [json.loads(line) for line in arc.read_text().splitlines()]
     assert len(samples) == 3 and all(len(s["resps"]) == 4 for s in samples)
@@ -146,15 +148,31 @@ def test_held_out_only_without_tasks(setup, capsys):
 
 
 @pytest.mark.slow
-def test_bad_tasks_and_checkpoints_are_one_line_errors(setup, capsys):
+def test_the_harness_index_has_the_study_tasks_and_names_an_unknown_one(
+  setup, capsys
+):
+  """One test, so that the harness's whole index (~15k task files, most of
+  a minute) is built once in the suite."""
   root, config, _, tasks_dir = setup
-  out = ["--out", str(root / "o")]
-  bad = report_args(root, config, tasks_dir, *out)
+  bad = report_args(root, config, tasks_dir, "--out", str(root / "o"))
   bad[bad.index("--tasks") + 1] = "local_arc,no_such_task"
   assert cli.main(bad) == 2
   err = capsys.readouterr().err
   assert "unknown harness task(s) no_such_task" in err
   assert err.count("\n") == 1
+  # The same index (built once per process).
+  opts = benchmarks.Options(
+    tasks=benchmarks.STUDY_TASKS, include_path=(str(tasks_dir),)
+  )
+  manager = benchmarks.task_manager(opts)
+  benchmarks.check_tasks(benchmarks.STUDY_TASKS, manager)
+  assert "arc_easy" in manager.all_tasks  # the harness's own were indexed
+
+
+@pytest.mark.slow
+def test_bad_checkpoints_and_options_are_one_line_errors(setup, capsys):
+  root, config, _, _ = setup
+  out = ["--out", str(root / "o")]
   with pytest.raises(ConfigError, match="seed"):
     benchmarks.Options(tasks=("x",), seed=(1, 2))
   missing = [
@@ -194,17 +212,6 @@ def test_study_names_the_seven_benchmarks_as_the_harness_does():
   ):
     assert any(n.startswith(family) for n in names), family
   assert {"belebele_lit_Latn", "belebele_eng_Latn"} <= set(names)
-
-
-@pytest.mark.slow
-def test_the_study_tasks_are_the_harness_own(setup):
-  # The same index as the unknown-task test's (built once per process).
-  opts = benchmarks.Options(
-    tasks=benchmarks.STUDY_TASKS, include_path=(str(setup[3]),)
-  )
-  manager = benchmarks.task_manager(opts)
-  benchmarks.check_tasks(benchmarks.STUDY_TASKS, manager)
-  assert "arc_easy" in manager.all_tasks  # the harness's own were indexed
 
 
 def test_summary_has_one_row_per_checkpoint_with_changes_from_the_first():
