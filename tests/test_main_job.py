@@ -39,12 +39,13 @@ def test_tiny_config_trains_evaluates_checkpoints_and_samples(tmp_path):
   sets += [
     f"data.sources.{s}.data_dir={out}/tfds" for s in ("prose", "code", "math")
   ]
-  # One device, as the job has; LLVM's optimisations skipped (as in
+  # One device, as the job has; compiled for compile time (as in
   # tests/conftest.py): the compiles take most of this test's time.
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_backend_optimization_level=0",
+    XLA_FLAGS="--xla_backend_optimization_level=0 "
+    "--xla_cpu_use_fusion_emitters=false",
   )
   cmd = [
     sys.executable,
