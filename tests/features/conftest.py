@@ -35,3 +35,28 @@ def logits_of():
     )
 
   return logits
+
+
+@pytest.fixture(scope="session")
+def host_init():
+  """host_init(program, seed): a step-0 state of `program` from random
+  params drawn on the host (0.3 N(0, 1) / sqrt(fan-in)) and placed in its
+  layout: for properties that hold for any params, without compiling the
+  model's random init (threefry over every leaf, as costly to compile as a
+  forward)."""
+  import numpy as np
+
+  def init(program, seed=0):
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(
+      lambda x: jax.device_put(
+        (0.3 * rng.standard_normal(x.shape) / np.sqrt(x.shape[-1])).astype(
+          x.dtype
+        ),
+        x.sharding,
+      ),
+      program.abstract_state.params,
+    )
+    return program.init_state(params=params)
+
+  return init
