@@ -186,7 +186,9 @@ def log_softmax(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def test_online_distillation_from_a_larger_gemma3_is_the_formula(logits_of):
+def test_online_distillation_from_a_larger_gemma3_is_the_formula(
+  logits_of, host_init
+):
   tau, alpha = 2.0, 0.3
   cfg = run_config(
     distill={
@@ -202,7 +204,7 @@ def test_online_distillation_from_a_larger_gemma3_is_the_formula(logits_of):
   program.frozen["teacher"] = jax.device_put(
     teacher, program.frozen_shardings["teacher"]
   )
-  state = program.init_state(seed=0)
+  state = host_init(program, 0)
   batch = packed_batch(3)
   student = logits_of(cfg.model, jax.device_get(state.params), batch)
   teacher_logits = logits_of(teacher_cfg, teacher, batch)
@@ -309,10 +311,10 @@ def test_ewc_penalty_is_zero_at_the_anchor_then_the_formula(plain):
   assert float(penalty(ewc_1, ewc, lam)) == pytest.approx(want, rel=1e-5)
 
 
-def test_the_ema_follows_the_params_step_by_step(plain):
+def test_the_ema_follows_the_params_step_by_step(plain, host_init):
   decay = DECAY
   program, step = plain
-  state = program.init_state(seed=0)
+  state = host_init(program, 0)
   seen = [jax.device_get(state.params)]
   for i in range(3):
     state, _ = step(state, program.put(packed_batch(i)))
