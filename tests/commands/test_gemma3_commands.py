@@ -231,7 +231,12 @@ def test_offline_distillation_from_a_gemma3_dump_is_the_online_loss(
   program, pipe = TrainProgram(cfg), pipeline_for(cfg)
   distillation.attach(program, pipe, cfg.train.steps)
   batch = pipe.batch(0)
-  state = program.init_state()
+  # Random student params from the host: the model's random init would
+  # compile a program of its own, and any student will do.
+  student = layout.unflatten(random_flat(cfg.model, 2, scale=0.2))
+  state = program.init_state(
+    params=jax.device_put(student, program.param_shardings)
+  )
   apply = lambda c, p: forward(c)(
     p, batch["inputs"], batch["positions"], batch["segment_ids"]
   )
