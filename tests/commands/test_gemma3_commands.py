@@ -5,6 +5,7 @@ distillation from a `distill dump` of a Gemma 3 teacher."""
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -46,6 +47,15 @@ def ckpts(tmp_path_factory):
 
 def run(*argv):
   return cli.main([str(a) for a in argv])
+
+
+@functools.cache
+def forward(cfg):
+  """The model's jitted forward (inputs[, positions, segment ids]) ->
+  logits, one per config for the module: an eager forward would compile
+  every op on its own."""
+  model = Transformer(cfg)
+  return jax.jit(lambda params, *args: model.apply({"params": params}, *args))
 
 
 def test_merge_average_is_the_weighted_sum(ckpts, tmp_path, capsys):
@@ -132,7 +142,7 @@ def test_score_is_the_forwards_log_probs(ckpts, tmp_path):
   params = layout.unflatten(flat)
   for r in range(len(tokens)):
     n = int(mask[r].sum())  # each row alone, unpadded
-    logits = Transformer(CFG).apply({"params": params}, tokens[r : r + 1, :n])
+    logits = forward(CFG)(params, tokens[r : r + 1, :n])
     lp = log_softmax(logits[0, :-1])
     want = np.take_along_axis(lp, tokens[r, 1:n, None], -1)[:, 0]
     np.testing.assert_allclose(got["logprobs"][r, : n - 1], want, atol=2e-5)
@@ -148,13 +158,15 @@ def test_score_is_the_forwards_log_probs(ckpts, tmp_path):
   np.testing.assert_allclose(logprobs, got["logprobs"], atol=2e-5)
 
 
-def greedy_by_recomputation(params, cfg, prompt, steps):
+def greedy_by_recomputation(params, cfg, prompt, steps, length):
+  """Each next token the argmax of a forward over the whole prefix (zeros
+  after it, which causal attention never sees: one compile of `length`)."""
   tokens = list(prompt)
-  forward = jax.jit(lambda p, x: Transformer(cfg).apply({"params": p}, x))
   for _ in range(steps):
-    row = np.zeros((1, len(prompt) + steps), np.int32)  # one compile
+    row = np.zeros((1, length), np.int32)
     row[0, : len(tokens)] = tokens
-    tokens.append(int(np.argmax(forward(params, row)[0, len(tokens) - 1])))
+    logits = forward(cfg)(params, row)
+    tokens.append(int(np.argmax(logits[0, len(tokens) - 1])))
   return tokens[len(prompt) :]
 
 
@@ -164,8 +176,9 @@ def test_greedy_sampling_with_a_cache_is_the_forwards_argmax(ckpts):
   prompts = [[2, 17, 31, 99, 5], [2, 44], [2, 7, 8, 9, 10, 11, 12, 13]]
   steps = 4 * CFG.sliding_window  # past the window, with the global layer
   out = generate(params, CFG, prompts, steps, eos_id=None)
+  length = max(map(len, prompts)) + steps
   for prompt, got in zip(prompts, out):
-    assert got == greedy_by_recomputation(params, CFG, prompt, steps)
+    assert got == greedy_by_recomputation(params, CFG, prompt, steps, length)
 
 
 def test_sample_command_prints_the_greedy_continuation(tmp_path, capsys):
@@ -218,13 +231,18 @@ def test_offline_distillation_from_a_gemma3_dump_is_the_online_loss(
   program, pipe = TrainProgram(cfg), pipeline_for(cfg)
   distillation.attach(program, pipe, cfg.train.steps)
   batch = pipe.batch(0)
-  state = program.init_state()
-  apply = lambda c, p: Transformer(c).apply(
-    {"params": p}, batch["inputs"], batch["positions"], batch["segment_ids"]
+  # Random student params from the host: the model's random init would
+  # compile a program of its own, and any student will do.
+  student = layout.unflatten(random_flat(cfg.model, 2, scale=0.2))
+  state = program.init_state(
+    params=jax.device_put(student, program.param_shardings)
+  )
+  apply = lambda c, p: forward(c)(
+    p, batch["inputs"], batch["positions"], batch["segment_ids"]
   )
   logits = apply(cfg.model, jax.device_get(state.params))
   online = np.asarray(
-    distill.distill_token_losses(logits, apply(teacher_cfg, teacher))
+    jax.jit(distill.distill_token_losses)(logits, apply(teacher_cfg, teacher))
   )
   mask = batch["loss_mask"]
   _, m = program.compile_train_step()(state, program.put(batch))

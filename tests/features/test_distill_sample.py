@@ -6,6 +6,7 @@ entries however it is chunked or resumed, and trains."""
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -22,7 +23,6 @@ from gemma_jax.checkpoint.testing import random_flat
 from gemma_jax.errors import ConfigError
 from gemma_jax.features import distill as distillation
 from gemma_jax.features import distill_loss as distill
-from gemma_jax.model import Transformer
 from gemma_jax.model.testing import TINY_GEMMA3, model_section
 from gemma_jax.train.config import config_from_dict
 from gemma_jax.train.testing import tiny_config_dict
@@ -36,18 +36,12 @@ def exact_logprobs(teacher, dump, tau=1.0):
   return dump._replace(logprobs=jnp.take_along_axis(log_p, dump.ids, axis=-1))
 
 
-@pytest.mark.parametrize("tau, kl", [(1.0, False), (2.0, True)])
-def test_a_sample_of_the_whole_vocabulary_is_the_full_loss(tau, kl):
-  rng = np.random.default_rng(0)
-  student, teacher = (
-    jnp.asarray(3 * rng.standard_normal((2, 3, V)), jnp.float32)
-    for _ in range(2)
-  )
-  dump = distill.encode_sample(teacher, V, tau, jax.random.key(1))
-  assert np.isneginf(dump.tail).all()  # no threshold: every id is in
-  np.testing.assert_array_equal(
-    np.sort(dump.ids, -1), np.broadcast_to(np.arange(V), dump.ids.shape)
-  )
+@functools.partial(jax.jit, static_argnames=("tau", "kl"))
+def whole_vocabulary_sample(student, teacher, key, tau, kl):
+  """The dump of a sample of all V ids; the sampled loss and its gradient
+  with exact log-probs, the full loss and its gradient, and the sampled
+  loss with the stored (bfloat16) log-probs: one compiled program."""
+  dump = distill.encode_sample(teacher, V, tau, key)
 
   def loss(student, dump):
     return distill.sampled_distill_token_losses(
@@ -56,12 +50,33 @@ def test_a_sample_of_the_whole_vocabulary_is_the_full_loss(tau, kl):
 
   full = lambda s: distill.distill_token_losses(s, teacher, tau, kl=kl).sum()
   exact = exact_logprobs(teacher, dump, tau)
-  np.testing.assert_allclose(loss(student, exact), full(student), rtol=1e-5)
-  np.testing.assert_allclose(
-    jax.grad(loss)(student, exact), jax.grad(full)(student), atol=1e-5
+  return dict(
+    dump=dump,
+    sampled=loss(student, exact),
+    full=full(student),
+    sampled_grad=jax.grad(loss)(student, exact),
+    full_grad=jax.grad(full)(student),
+    stored=loss(student, dump),
   )
+
+
+@pytest.mark.parametrize("tau, kl", [(1.0, False), (2.0, True)])
+def test_a_sample_of_the_whole_vocabulary_is_the_full_loss(tau, kl):
+  rng = np.random.default_rng(0)
+  student, teacher = (
+    jnp.asarray(3 * rng.standard_normal((2, 3, V)), jnp.float32)
+    for _ in range(2)
+  )
+  out = whole_vocabulary_sample(student, teacher, jax.random.key(1), tau, kl)
+  dump = out["dump"]
+  assert np.isneginf(dump.tail).all()  # no threshold: every id is in
+  np.testing.assert_array_equal(
+    np.sort(dump.ids, -1), np.broadcast_to(np.arange(V), dump.ids.shape)
+  )
+  np.testing.assert_allclose(out["sampled"], out["full"], rtol=1e-5)
+  np.testing.assert_allclose(out["sampled_grad"], out["full_grad"], atol=1e-5)
   # As stored (bfloat16 log-probs): within their rounding.
-  np.testing.assert_allclose(loss(student, dump), full(student), rtol=5e-3)
+  np.testing.assert_allclose(out["stored"], out["full"], rtol=5e-3)
 
 
 N, K = 4000, 8  # samples, ids per sample
@@ -92,12 +107,13 @@ def draws():
   keys = jax.random.split(jax.random.key(3), N)
   values, grads, renorm = jax.jit(jax.vmap(one))(keys)
   full = lambda s: distill.distill_token_losses(s[None], teacher[None])[0]
+  full_value, full_grad = jax.jit(jax.value_and_grad(full))(student)
   return (
     np.asarray(values, np.float64),
     np.asarray(grads, np.float64),
     np.asarray(renorm, np.float64),
-    float(full(student)),
-    np.asarray(jax.grad(full)(student), np.float64),
+    float(full_value),
+    np.asarray(full_grad, np.float64),
   )
 
 
@@ -211,7 +227,7 @@ def test_a_resumed_sampled_dump_holds_the_same_entries(dumps):
 
 @pytest.mark.slow
 def test_the_dump_is_the_teachers_gumbel_top_k_and_trains(
-  dumps, tiny_tokenizer
+  dumps, tiny_tokenizer, logits_of, host_init
 ):
   from gemma_jax.data import pipeline_for
   from gemma_jax.train.program import TrainProgram
@@ -223,12 +239,7 @@ def test_the_dump_is_the_teachers_gumbel_top_k_and_trains(
   program, pipe = TrainProgram(cfg), pipeline_for(cfg)
   distillation.attach(program, pipe, cfg.train.steps)
   batch = pipe.batch(1)
-  logits = Transformer(teacher_cfg).apply(
-    {"params": teacher},
-    batch["inputs"],
-    batch["positions"],
-    batch["segment_ids"],
-  )
+  logits = logits_of(teacher_cfg, teacher, batch)
   log_p = np.asarray(jax.nn.log_softmax(logits))
   for row in (0, 5):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 1), row)
@@ -250,14 +261,9 @@ def test_the_dump_is_the_teachers_gumbel_top_k_and_trains(
     )
   # A train step from it logs the sampled loss of its entries.
   batch = pipe.batch(0)
-  state = program.init_state()
-  student = Transformer(cfg.model).apply(
-    {"params": jax.device_get(state.params)},
-    batch["inputs"],
-    batch["positions"],
-    batch["segment_ids"],
-  )
-  want = distill.sampled_distill_token_losses(
+  state = host_init(program)
+  student = logits_of(cfg.model, jax.device_get(state.params), batch)
+  want = jax.jit(distill.sampled_distill_token_losses)(
     student,
     batch["teacher_logprobs"],
     batch["teacher_ids"],
