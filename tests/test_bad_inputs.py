@@ -1597,9 +1597,12 @@ def test_a_failed_background_save_is_reported_with_its_step(
 ):
   # Saves every 4 steps until the disk is full (a checkpoint takes about
   # 530 KiB): the failure names the step whose save failed, and the run
-  # stops there, long before its end.
+  # stops there, long before its end. The learning-rate schedule stays
+  # ctx's (it decays over train.steps, a constant of the compiled step):
+  # the step is ctx's compiled program, loaded, not compiled again.
   def edit(d):
     d["train"].update(steps=16, eval_every=0)
+    d["optimizer"].update(decay_steps=run_config(ctx.tok)["train"]["steps"])
     d["checkpoint"].update(save_every=4, keep=10, export_params=False)
 
   work = small_disk / "run"
