@@ -50,7 +50,6 @@ import pathlib
 import re
 import sys
 
-import jax
 import jax.numpy as jnp
 
 from gemma_jax import configlib, fileio
@@ -189,8 +188,7 @@ def load(args, dtype):
     ), given
   if args.src_format == "quantized":
     params, stored = quantized.load(args.src)
-    # Under jit: one program, not one per eager op and weight shape.
-    params = jax.jit(quant_lib.dequantize_params, static_argnums=(1, 2))(
+    params = quant_lib.dequantize_params(
       params, stored, dtype or jnp.dtype(stored.param_dtype)
     )
     stored = dataclasses.replace(stored, quant=None)
@@ -262,6 +260,8 @@ def save_gguf(args, params, cfg, tokenizer) -> tuple[str, int]:
 
 def merge_adapter(params, cfg, path):
   """params + the LoRA adapter at `path` merged in, and their config."""
+  import jax
+
   from gemma_jax.checkpoint import adapter
   from gemma_jax.model import lora
 
@@ -336,11 +336,9 @@ def main(args) -> int:
     return 0
   if args.dst_format in ("hf", "kaggle") and cfg.quant is not None:
     # A QAT model's float weights run quantized: the export gets what runs.
-    params = jax.jit(
-      lambda p: quant_lib.dequantize_params(
-        quant_lib.quantize_params(p, cfg), cfg, jnp.dtype(cfg.param_dtype)
-      )
-    )(params)
+    params = quant_lib.dequantize_params(
+      quant_lib.quantize_params(params, cfg), cfg, jnp.dtype(cfg.param_dtype)
+    )
     cfg = dataclasses.replace(cfg, quant=None)
   if dtype is not None:
     cfg = dataclasses.replace(cfg, param_dtype=args.dtype)
