@@ -7,12 +7,18 @@ Each is the `tiny-gemma`, `tiny-gemma2` or `tiny-gemma3` preset (same
 architecture rules as the real sizes) shrunk to a few thousand parameters,
 so a test compiles in seconds. A test that needs another size replaces the
 fields it depends on; `model_section` writes one as a run config's `model:`
-section.
+section; `init_params` gives a config's initial parameters.
 """
 
 import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
 
 from gemma_jax.model.config import PRESETS, ModelConfig, preset
+from gemma_jax.model.transformer import Transformer
 
 # Gemma 1: no soft-caps, no sandwich norms, global attention only.
 # One kv head shared by every query head (like gemma-2b).
@@ -115,3 +121,31 @@ def model_section(cfg: ModelConfig, **overrides) -> dict:
     for f in dataclasses.fields(cfg)
     if getattr(cfg, f.name) != getattr(base, f.name)
   }
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
+  """Transformer(cfg).init's parameters (unboxed) from jax.random.key(seed):
+  a fresh tree each call, so a test may edit it.
+
+  Traced on one token (the parameters do not depend on the row length: the
+  program then holds no attention worth compiling), under jit, and with
+  the plainest execution fields (config.EXECUTION_FIELDS: how a model is
+  computed, never which parameters it has): one small program per
+  model, which the session's compile cache shares between the
+  tests and files that build the same model.
+  """
+  plain = dataclasses.replace(
+    cfg,
+    remat_policy="none",
+    attention_impl="xla",
+    fused_mlp=False,
+    loss_chunk=0,
+  )
+  return _init(plain, jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(cfg: ModelConfig, key: jax.Array) -> dict:
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  variables = Transformer(cfg).init(key, tokens)
+  return nn.meta.unbox(variables["params"])

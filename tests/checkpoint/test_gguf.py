@@ -7,6 +7,7 @@ tests/checkpoint/test_gguf_llama_cpp.py.)"""
 import dataclasses
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -175,10 +176,12 @@ def test_a_qat_models_q4_0_tensors_are_its_forward_weights(tok, tmp_path):
   assert kv["general.file_type"] == int(gguf_lib.LlamaFileType.MOSTLY_Q4_0)
   assert tensors["token_embd.weight"].tensor_type == T.F32
   forward = dict(params)
+  # Under jit: one compile per weight shape, not one per eager op.
+  fake_quant = jax.jit(quant.fake_quant, static_argnums=(1, 2, 3, 4))
   for path, (in_axis, _) in quant.quantized_leaves(cfg).items():
     w = jnp.asarray(quant.get_path(params, path))
     forward = quant.with_paths(
-      forward, {path: np.asarray(quant.fake_quant(w, in_axis, 4, 32, "q4_0"))}
+      forward, {path: np.asarray(fake_quant(w, in_axis, 4, 32, "q4_0"))}
     )
   want = _hf_tensors(forward, cfg)
   for planned in gguf.plan(cfg, "q4_0"):

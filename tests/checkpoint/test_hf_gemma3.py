@@ -6,6 +6,7 @@ models; a multimodal directory is built from one by renaming its tensors the
 way transformers saves them and adding vision tensors, which are not read.
 """
 
+import functools
 import importlib.util
 import json
 
@@ -25,10 +26,16 @@ needs_transformers = pytest.mark.skipif(
 )
 
 
+@functools.cache
+def _jitted_apply(cfg):
+  """One compile per model, not one per eager op (and per call)."""
+  return jax.jit(Transformer(cfg).apply)
+
+
 def logits(params, cfg, data):
   with jax.default_matmul_precision("highest"):
     return np.asarray(
-      Transformer(cfg).apply(
+      _jitted_apply(cfg)(
         {"params": params}, data["tokens"], segment_ids=data["mask"]
       )
     )

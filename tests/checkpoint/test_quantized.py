@@ -19,6 +19,8 @@ from gemma_jax.model.quant import QuantConfig
 from gemma_jax.model.testing import TINY_GEMMA2_MQA
 
 CFG = TINY_GEMMA2_MQA
+# Under jit: one program per config, not one per eager op and weight shape.
+quantize_params = jax.jit(quant.quantize_params, static_argnums=1)
 
 
 def test_int4_packing_puts_even_entries_in_the_low_nibble():
@@ -42,7 +44,7 @@ def test_a_quantized_checkpoint_round_trips_the_integers(tmp_path, bits, block):
       weights="int",
     ),
   )
-  params = quant.quantize_params(random_params(CFG), cfg)
+  params = quantize_params(random_params(CFG), cfg)
   size = quantized.save(tmp_path / "q", params, cfg)
   loaded, loaded_cfg = quantized.load(tmp_path / "q")
   assert loaded_cfg == cfg and quantized.is_quantized(tmp_path / "q")
@@ -88,9 +90,7 @@ def test_a_config_without_integer_weights_is_refused_on_load(tmp_path):
   cfg = dataclasses.replace(
     CFG, quant=QuantConfig(block_size=16, weights="int")
   )
-  quantized.save(
-    tmp_path / "q", quant.quantize_params(random_params(CFG), cfg), cfg
-  )
+  quantized.save(tmp_path / "q", quantize_params(random_params(CFG), cfg), cfg)
   path = tmp_path / "q" / "model_config.json"
   meta = json.loads(path.read_text())
   meta["model"]["quant"] = None
@@ -110,7 +110,7 @@ def test_a_quantized_model_runs_from_the_file(tmp_path):
   cfg = dataclasses.replace(
     CFG, quant=QuantConfig(block_size=16, weights="int")
   )
-  params = quant.quantize_params(random_params(CFG), cfg)
+  params = quantize_params(random_params(CFG), cfg)
   quantized.save(tmp_path / "q", params, cfg)
   loaded, cfg = quantized.load(tmp_path / "q")
   tokens = jnp.arange(8)[None] % 64

@@ -18,7 +18,9 @@ TOL = 2e-5  # float32, relative to the largest magnitude compared
 
 
 def close(got, want, name):
-  scale = max(float(jnp.max(jnp.abs(want))), 1e-6)
+  # numpy, not jnp: an eager jnp op compiles one program per shape.
+  got, want = np.asarray(got), np.asarray(want)
+  scale = max(float(np.max(np.abs(want))), 1e-6)
   np.testing.assert_allclose(got, want, atol=TOL * scale, rtol=0, err_msg=name)
 
 
@@ -170,7 +172,9 @@ def test_attention_by_window_picks_the_traced_window():
   for index, window in enumerate((0, 7)):
     close(
       run(index),
-      plain_attention(q, k, v, pos, seg, window, 50.0),
+      jax.jit(plain_attention, static_argnums=(5, 6))(
+        q, k, v, pos, seg, window, 50.0
+      ),
       f"window {window}",
     )
 
@@ -217,10 +221,13 @@ def _attention_flops(t, window):
 
 @pytest.mark.slow
 def test_a_local_layer_costs_in_proportion_to_the_sequence_not_its_square():
-  # Gemma 3's local layers (window 1024) from 8192 to 32768 tokens: 4x the
-  # FLOPs (key blocks past the window are skipped); a global layer: ~15x.
-  local = _attention_flops(32768, 1024) / _attention_flops(8192, 1024)
-  glob = _attention_flops(32768, 0) / _attention_flops(8192, 0)
-  print(f"32768 vs 8192 tokens: local x{local:.2f}, global x{glob:.2f}")
+  # Gemma 3's local layers (window 1024) from 8192 to 32768 tokens, in
+  # 128-token blocks, scaled down 4x (window 256, 2048 to 8192 tokens; the
+  # same blocks): 4x the FLOPs, as at full size (key blocks past the window
+  # are skipped; the keys visited sum to 4.1998x there, 4.1994x here); a
+  # global layer: ~15x. A quarter of the blocks to trace and lower.
+  local = _attention_flops(8192, 256) / _attention_flops(2048, 256)
+  glob = _attention_flops(8192, 0) / _attention_flops(2048, 0)
+  print(f"8192 vs 2048 tokens: local x{local:.2f}, global x{glob:.2f}")
   assert 3.9 < local < 4.4
   assert glob > 14

@@ -13,7 +13,7 @@ from flax import linen as nn
 from gemma_jax.errors import ConfigError
 from gemma_jax.model import PRESETS, Transformer, lora
 from gemma_jax.model.lora import LoraConfig
-from gemma_jax.model.testing import TINY_GEMMA2_WIDE
+from gemma_jax.model.testing import TINY_GEMMA2_WIDE, init_params
 
 TINY = dataclasses.replace(
   TINY_GEMMA2_WIDE,
@@ -29,18 +29,12 @@ def _logits(cfg, params, tokens):
   return Transformer(cfg).apply({"params": params}, tokens)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init(cfg, key):
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  return nn.meta.unbox(Transformer(cfg).init(key, tokens)["params"])
-
-
 TOKENS = jax.random.randint(jax.random.key(3), (2, 12), 0, 256)
 
 
 @pytest.mark.slow
 def test_adapters_at_their_zero_init_leave_the_logits_unchanged():
-  params = _init(ADAPTED, jax.random.key(0))
+  params = init_params(ADAPTED)
   adapters, base = lora.split(params)
   # B starts at zero and A random, so the adapters are live but silent.
   assert all(
@@ -60,11 +54,13 @@ def test_adapters_at_their_zero_init_leave_the_logits_unchanged():
 
 @pytest.mark.slow
 def test_merged_weights_equal_the_adapted_forward_on_every_target():
-  params = _init(ADAPTED, jax.random.key(0))
+  params = init_params(ADAPTED)
   adapters, base = lora.split(params)
-  keys = iter(jax.random.split(jax.random.key(1), 32))
+  # numpy draws: an eager jax.random call compiles a program per shape.
+  rng = np.random.default_rng(1)
   adapters = jax.tree.map(
-    lambda x: 0.3 * jax.random.normal(next(keys), x.shape), adapters
+    lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), jnp.float32),
+    adapters,
   )
   adapted = _logits(ADAPTED, lora.combine(base, adapters), TOKENS)
   merged = jax.jit(lora.merge_params, static_argnums=2)(base, adapters, ADAPTED)
@@ -115,7 +111,7 @@ def test_adapter_shapes_and_axes_keep_the_rank_replicated():
 @pytest.mark.slow
 def test_an_adapter_on_one_slot_of_a_fused_weight_leaves_the_other():
   only_k = dataclasses.replace(TINY, lora=LoraConfig(rank=2, targets=("k",)))
-  _, base = lora.split(_init(ADAPTED, jax.random.key(0)))
+  _, base = lora.split(init_params(ADAPTED))
   adapters = {}
   for path, shape in lora.adapter_paths(only_k).items():
     *parents, leaf = path.split("/")
@@ -124,7 +120,7 @@ def test_an_adapter_on_one_slot_of_a_fused_weight_leaves_the_other():
       node = node.setdefault(p, {})
     node[leaf] = jnp.ones(shape)
   assert list(adapters["layers"]) == ["attn"]
-  merged = lora.merge_params(base, adapters, only_k)
+  merged = jax.jit(lora.merge_params, static_argnums=2)(base, adapters, only_k)
   kv, kv0 = (t["layers"]["attn"]["kv_einsum"]["w"] for t in (merged, base))
   np.testing.assert_array_equal(kv[:, 1], kv0[:, 1])  # v untouched
   # All-ones A and B: each entry gains rank (2) x alpha/rank (1).

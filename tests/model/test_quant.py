@@ -13,7 +13,7 @@ from flax import linen as nn
 from gemma_jax.errors import ConfigError
 from gemma_jax.model import Transformer, quant
 from gemma_jax.model.quant import QuantConfig
-from gemma_jax.model.testing import TINY_GEMMA2_WIDE
+from gemma_jax.model.testing import TINY_GEMMA2_WIDE, init_params
 
 TINY = dataclasses.replace(TINY_GEMMA2_WIDE, head_dim=32)
 
@@ -71,16 +71,10 @@ def _logits(cfg, params, tokens):
   return Transformer(cfg).apply({"params": params}, tokens)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init(cfg, key):
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  return nn.meta.unbox(Transformer(cfg).init(key, tokens)["params"])
-
-
 @pytest.mark.slow
 def test_qat_forward_equals_the_integer_model_and_differs_from_float():
   q = QuantConfig(bits=4, block_size=16, targets=("attn", "mlp", "embed"))
-  params = _init(TINY, jax.random.key(0))
+  params = init_params(TINY)
   tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, 256)
   qat = dataclasses.replace(TINY, quant=q)
   held_int = dataclasses.replace(

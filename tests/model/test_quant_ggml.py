@@ -163,9 +163,13 @@ def test_a_q4_0_int_model_holds_the_qat_forwards_weights():
   from gemma_jax.checkpoint.testing import random_params
 
   params = random_params(cfg)
-  ints = quant.quantize_params(params, held)
-  back = quant.dequantize_params(ints, held, jnp.float32)
+  # Under jit: a few compiles, not one per eager op and shape.
+  ints = jax.jit(quant.quantize_params, static_argnums=1)(params, held)
+  back = jax.jit(quant.dequantize_params, static_argnums=(1, 2))(
+    ints, held, jnp.float32
+  )
+  fake_quant = jax.jit(quant.fake_quant, static_argnums=(1, 2, 3, 4))
   for path, (in_axis, _) in quant.quantized_leaves(cfg).items():
     w = quant.get_path(params, path)
-    fake = quant.fake_quant(jnp.asarray(w), in_axis, 4, 32, "q4_0")
+    fake = fake_quant(jnp.asarray(w), in_axis, 4, 32, "q4_0")
     np.testing.assert_array_equal(quant.get_path(back, path), fake)

@@ -47,6 +47,10 @@ def reference(q, k, v, segment_ids, window, cap):
   )
 
 
+# One compile per shape and cap (the window traced), not one per eager op.
+jitted_reference = jax.jit(reference, static_argnums=5)
+
+
 def packed_segments(batch):
   """Row 0 one document; the others several documents, the last row ending
   in padding (segment 0)."""
@@ -86,17 +90,29 @@ def loss_and_grads(attend):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
+@functools.cache
+def reference_loss_and_grads(cap):
+  """loss_and_grads of the reference at window WINDOWS[idx], the window
+  traced like the kernel's: one compile serves both windows, and every test
+  of the same shapes and cap."""
+  return loss_and_grads(
+    lambda q, k, v, seg, idx: reference(
+      q, k, v, seg, jnp.asarray(WINDOWS)[idx], cap
+    )
+  )
+
+
 def check_against_reference(attend, q, k, v, seg, cap=CAP):
   run = loss_and_grads(attend)
   for idx, window in enumerate(WINDOWS):
     (_, out), grads = run(q, k, v, seg, idx)
-    (_, want), want_grads = loss_and_grads(
-      lambda *a, w=window: reference(*a[:4], w, cap)
-    )(q, k, v, seg, idx)
+    (_, want), want_grads = reference_loss_and_grads(cap)(q, k, v, seg, idx)
     for name, got, exp in zip(
       ("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads)
     ):
-      scale = float(jnp.max(jnp.abs(exp)))
+      # numpy, not jnp: an eager jnp op compiles one program per shape.
+      got, exp = np.asarray(got), np.asarray(exp)
+      scale = float(np.max(np.abs(exp)))
       np.testing.assert_allclose(
         got, exp, atol=TOL * scale, rtol=0, err_msg=f"{name}, window {window}"
       )
@@ -127,9 +143,9 @@ def test_reference_pins_the_window_rule():
   # The reference is the spec: with W = 40, query 100 sees keys 61..100.
   q, k, v, seg = inputs(1, 1, 1, seed=1)
   q, seg = jnp.zeros_like(q), jnp.ones_like(seg)  # uniform over seen keys
-  base = reference(q, k, v, seg, 40, CAP)[0, 100]
+  base = jitted_reference(q, k, v, seg, 40, CAP)[0, 100]
   for j, seen in ((60, False), (61, True), (100, True), (101, False)):
-    moved = reference(q, k, v.at[0, j].add(1.0), seg, 40, CAP)[0, 100]
+    moved = jitted_reference(q, k, v.at[0, j].add(1.0), seg, 40, CAP)[0, 100]
     assert bool(jnp.any(moved != base)) == seen, j
 
 
@@ -165,10 +181,11 @@ def test_takes_the_abstract_mesh_of_the_context():
         *a, windows=WINDOWS, softcap=CAP, mesh=jax.sharding.get_abstract_mesh()
       )
     )(q, k, v, seg, 0)
+  out = np.asarray(out)
   np.testing.assert_allclose(
     out,
-    reference(q, k, v, seg, WINDOWS[0], CAP),
-    atol=TOL * float(jnp.max(jnp.abs(out))),
+    jitted_reference(q, k, v, seg, WINDOWS[0], CAP),
+    atol=TOL * float(np.max(np.abs(out))),
     rtol=0,
   )
 

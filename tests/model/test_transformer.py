@@ -12,16 +12,9 @@ from flax import linen as nn
 from gemma_jax.model import PRESETS, Transformer, init_cache, preset
 from gemma_jax.model.attention import apply_layer_rope, rope_settings
 from gemma_jax.model.layers import Embedder, apply_rope
-from gemma_jax.model.testing import TINY_GEMMA2_WIDE
+from gemma_jax.model.testing import TINY_GEMMA2_WIDE, init_params
 
 TINY2 = TINY_GEMMA2_WIDE
-
-
-def init(cfg, seq=8):
-  tokens = jnp.zeros((1, seq), jnp.int32)
-  return nn.meta.unbox(
-    Transformer(cfg).init(jax.random.key(0), tokens)["params"]
-  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -61,8 +54,9 @@ def test_traced_param_count_equals_config_count(name):
 
 @pytest.mark.slow
 def test_every_param_has_logical_axis_names():
-  boxed = Transformer(TINY2).init(
-    jax.random.key(0), jnp.zeros((1, 4), jnp.int32)
+  # Names and shapes only: traced, not run.
+  boxed = jax.eval_shape(
+    Transformer(TINY2).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)
   )["params"]
   leaves = jax.tree.leaves(
     boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
@@ -81,7 +75,7 @@ def test_every_param_has_logical_axis_names():
 @pytest.mark.slow
 def test_padding_rows_of_the_embedding_never_reach_the_logits():
   cfg = dataclasses.replace(TINY2, embed_rows=300)
-  params = init(cfg)
+  params = init_params(cfg)
   tokens = np.arange(8)[None] % cfg.vocab_size
   logits = forward(cfg, params, tokens)
   assert logits.shape == (1, 8, cfg.vocab_size)
@@ -94,7 +88,7 @@ def test_padding_rows_of_the_embedding_never_reach_the_logits():
 def test_sliding_window_sees_exactly_window_keys():
   """Query i sees key j iff i - W < j <= i; a key exactly W back is masked."""
   cfg = dataclasses.replace(TINY2, num_layers=1, attention_pattern=("local",))
-  params = init(cfg)
+  params = init_params(cfg)
   tokens = np.arange(1, 13)[None]
   base = forward(cfg, params, tokens)
   i, w = 10, cfg.sliding_window
@@ -120,7 +114,7 @@ def test_sliding_window_sees_exactly_window_keys():
 @pytest.mark.slow
 def test_packed_documents_do_not_see_each_other():
   cfg = TINY2
-  params = init(cfg)
+  params = init_params(cfg)
   doc_a, doc_b = np.arange(2, 9), np.arange(20, 25)
   row = np.concatenate([doc_a, doc_b])[None]
   segments = np.array([[1] * 7 + [2] * 5])
@@ -132,20 +126,24 @@ def test_packed_documents_do_not_see_each_other():
   np.testing.assert_allclose(packed[0, 7:], alone_b[0], atol=1e-5)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_square_and_grad(cfg, params):
+  """One compile per config: the base is shared by every policy's test."""
+  tokens = jnp.asarray(np.arange(8)[None] % 256)
+  return jax.value_and_grad(
+    lambda p: jnp.mean(_forward(cfg, p, tokens, None, None) ** 2)
+  )(params)
+
+
 # "full" drops every activation; "qkv_proj" keeps named ones: the two kinds of
 # policy. The other names select other built-in jax policies the same way.
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "qkv_proj"])
 def test_remat_policy_changes_neither_logits_nor_gradients(policy):
-  params = init(TINY2)
-  tokens = jnp.asarray(np.arange(8)[None] % 256)
-
-  def loss(p, cfg):
-    return jnp.mean(forward(cfg, p, tokens) ** 2)
-
-  base_loss, base_grad = jax.value_and_grad(loss)(params, TINY2)
+  params = init_params(TINY2)
+  base_loss, base_grad = _mean_square_and_grad(TINY2, params)
   cfg = dataclasses.replace(TINY2, remat_policy=policy)
-  remat_loss, remat_grad = jax.value_and_grad(loss)(params, cfg)
+  remat_loss, remat_grad = _mean_square_and_grad(cfg, params)
   np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(remat_grad), jax.tree.leaves(base_grad)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -169,7 +167,7 @@ def test_embedding_scale_is_rounded_in_bf16(d_model, factor):
 @pytest.mark.slow
 def test_param_dtype_and_compute_dtype_are_separate():
   cfg = dataclasses.replace(TINY2, param_dtype="float32", dtype="bfloat16")
-  params = init(cfg)
+  params = init_params(cfg)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
   logits = forward(cfg, params, np.arange(8)[None])
   assert logits.dtype == jnp.float32  # logits and loss stay float32
@@ -197,7 +195,7 @@ def test_fused_mlp_and_chunked_loss_equal_the_plain_path():
   # loss_chunk 10 over 2 rows: 5 positions a chunk, so 4, the largest
   # divisor of T = 12.
   plain = dataclasses.replace(TINY2, fused_mlp=False, loss_chunk=0)
-  params = init(plain)
+  params = init_params(plain)
   rng = np.random.default_rng(0)
   tokens, targets = (
     jnp.asarray(rng.integers(0, 256, (2, 12)), jnp.int32) for _ in range(2)
@@ -247,7 +245,7 @@ TINY3 = preset(
 def test_gemma3_decoding_with_a_cache_equals_the_forward_pass():
   # Per-layer RoPE and QK-norm take the same path with a cache: token by
   # token, past the window, equals the whole row at once.
-  params = init(TINY3)
+  params = init_params(TINY3)
   tokens = np.arange(3, 15)[None]
   want = forward(TINY3, params, tokens)
   cache = init_cache(TINY3, 1, tokens.shape[1])
@@ -278,7 +276,7 @@ def test_layer_rope_picks_each_layers_base_and_scale():
 
 
 def test_qk_norm_normalises_each_heads_queries_and_keys():
-  params = init(TINY3)
+  params = init_params(TINY3)
   attn = params["layers"]["attn"]
   assert attn["query_norm"]["scale"].shape == (7, 16)
   assert attn["key_norm"]["scale"].shape == (7, 16)
