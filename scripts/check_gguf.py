@@ -215,12 +215,17 @@ def converter_file(hf_dir, out, outtype, llama_src) -> None:
   )
 
 
-def llama(path, n_ctx: int = 512, f32_cache: bool = True):
+def llama(
+  path, n_ctx: int = 512, f32_cache: bool = True, threads: int | None = None
+):
   """A llama_cpp.Llama on `path` that keeps every position's logits; an
-  f32 KV cache unless f32_cache is False (llama.cpp's default is f16)."""
+  f32 KV cache unless f32_cache is False (llama.cpp's default is f16);
+  `threads` CPU threads (None: llama.cpp's default)."""
   import llama_cpp
 
-  cache = dict(type_k=0, type_v=0) if f32_cache else {}
+  options: dict = dict(type_k=0, type_v=0) if f32_cache else {}
+  if threads:
+    options.update(n_threads=threads, n_threads_batch=threads)
   return llama_cpp.Llama(
     model_path=str(path),
     n_ctx=n_ctx,
@@ -229,7 +234,7 @@ def llama(path, n_ctx: int = 512, f32_cache: bool = True):
     logits_all=True,
     verbose=False,
     seed=0,
-    **cache,
+    **options,
   )
 
 
@@ -241,12 +246,14 @@ def llama_logits(model, tokens) -> np.ndarray:
 
 
 def our_logits(params, cfg, tokens) -> np.ndarray:
-  """[T, V] logits of our forward pass (float32 compute)."""
+  """[T, V] logits of our forward pass (float32 compute) for one sequence,
+  or [B, T, V] for a batch of equal-length sequences."""
   import jax.numpy as jnp
 
+  tokens = np.asarray(tokens)
   apply = _forward(dataclasses.replace(cfg, dtype="float32"))
-  logits = apply(params, jnp.asarray(np.asarray(tokens)[None], jnp.int32))
-  return np.asarray(logits[0], np.float32)
+  logits = apply(params, jnp.asarray(tokens.reshape(-1, tokens.shape[-1])))
+  return np.asarray(logits, np.float32).reshape(*tokens.shape, -1)
 
 
 @functools.cache
@@ -326,15 +333,17 @@ def perplexity_rows(args) -> dict:
       native.save(path, params, cfg, force=True)
     out = os.path.join(args.out, f"ppl-{k}-{kind}.gguf")
     export(path, out, args.tokenizer, kind)
-    model = llama(out, n_ctx=args.window)
-    result: dict = {"llama.cpp": {}, "ours": {}}
+    result: dict = {"ours": {}}
     for source, ws in windows.items():
-      runs = {
-        "llama.cpp": [nll(llama_logits(model, w), w) for w in ws],
-        "ours": [nll(our_logits(params, cfg, w), w) for w in ws],
-      }
-      for runtime, parts in runs.items():
-        result[runtime][source] = float(np.concatenate(parts).mean())
+      logits = our_logits(params, cfg, ws)  # [windows, T, V]
+      parts = [nll(x, w) for x, w in zip(logits, ws)]
+      result["ours"][source] = float(np.concatenate(parts).mean())
+    if not args.ours_only:
+      model = llama(out, n_ctx=args.window, threads=args.threads)
+      result["llama.cpp"] = {}
+      for source, ws in windows.items():
+        parts = [nll(llama_logits(model, w), w) for w in ws]
+        result["llama.cpp"][source] = float(np.concatenate(parts).mean())
     result["tokens"] = {
       s: len(ws) * (args.window - 1) for s, ws in windows.items()
     }
@@ -371,6 +380,14 @@ def main(argv=None) -> int:
     help="largest logit differences per type on the llama_cpp tests' "
     "random model, over SEEDS weight seeds",
   )
+  parser.add_argument(
+    "--ours-only",
+    action="store_true",
+    help="--perplexity: our forward's losses only (no llama.cpp)",
+  )
+  parser.add_argument(
+    "--threads", type=int, help="llama.cpp's CPU threads (--perplexity)"
+  )
   parser.add_argument("--windows", type=int, default=16)
   parser.add_argument("--window", type=int, default=128)
   args = parser.parse_args(argv)
@@ -391,7 +408,7 @@ def main(argv=None) -> int:
       + " | mean |"
     )
     for label, result in rows.items():
-      for runtime in ("llama.cpp", "ours"):
+      for runtime in ("llama.cpp", "ours")[args.ours_only :]:
         losses = list(result[runtime].values())
         cells = " | ".join(f"{x:.4f}" for x in losses)
         mean = sum(losses) / len(losses)

@@ -64,11 +64,12 @@ def files(tmp_path_factory):
   return tmp, Tokenizer.load(tok), out
 
 
-def test_the_file_loads_and_tokenises_as_sentencepiece(files):
+def test_every_file_loads_and_tokenises_as_sentencepiece(files):
   _, tok, out = files
-  model = check.llama(out["f32"])
-  assert check.tokenization_matches(model, tok)
-  assert check.tokenization_matches(model, tok, "  two  spaces\n\nand 12345")
+  for kind, path in out.items():
+    model = check.llama(path)
+    assert check.tokenization_matches(model, tok), kind  # check.PROMPT
+    assert check.tokenization_matches(model, tok, "  two  spaces\n\nand 12345")
 
 
 def test_llama_cpp_computes_our_logits_within_the_measured_bounds(files):
