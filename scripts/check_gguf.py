@@ -29,10 +29,17 @@ the default corpus' held-out documents; --windows per source):
         --perplexity "float32=runs/tiny/params@f32" \
         --perplexity "Q4_0 PTQ=runs/tiny/params@q4_0" \
         --perplexity "Q4_0 QAT=runs/tiny-qat/params@q4_0"
+
+The largest logit differences per type on the random model of the
+llama_cpp tests (`random_model`; weight seeds 0..N-1, 3 token sequences
+each), from which tests/checkpoint/test_gguf_llama_cpp.py's bounds come:
+
+    python scripts/check_gguf.py --bounds 5 --out bounds/
 """
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -65,6 +72,82 @@ EXPECTED_KEY_DIFFERENCES = (
   "tokenizer.ggml.fsep_token_id",
   "tokenizer.ggml.eot_token_id",
 )
+
+
+# The llama_cpp tests' model: a random tiny Gemma 2 like the issue's scale
+# measurement (d_model 128, 4 layers, window 16, soft-caps 50/30), with a
+# 512-piece vocabulary (gemma_jax.data.testing.tiny_tokenizer's) and
+# weights N(0, RANDOM_SCALE^2).
+RANDOM_SCALE = 0.1
+
+
+def random_model():
+  from gemma_jax.model.config import PRESETS
+
+  return dataclasses.replace(
+    PRESETS["tiny-gemma2"], vocab_size=512, sliding_window=16
+  )
+
+
+def qat_model(cfg, kind: str):
+  """`cfg` as a QAT model whose forward quantizes every matrix as `kind`
+  (q8_0/q4_0), as a float model's post-training export does."""
+  from gemma_jax.model.quant import GGML_SCHEMES, GROUPS, QuantConfig
+
+  bits = GGML_SCHEMES[kind][0]
+  return dataclasses.replace(
+    cfg, quant=QuantConfig(bits=bits, scheme=kind, targets=GROUPS)
+  )
+
+
+def export(checkpoint, out, tokenizer, kind=None) -> None:
+  """`gemma-jax convert --to gguf` of `checkpoint` (its default type if
+  `kind` is None)."""
+  from gemma_jax import cli
+
+  argv = ["convert", "--from", "native", "--to", "gguf", "--force"]
+  argv += ["--tokenizer", str(tokenizer)]
+  argv += ["--gguf-type", kind] if kind else []
+  if cli.main([*argv, str(checkpoint), str(out)]):
+    raise SystemExit(f"convert --to gguf {checkpoint} failed")
+
+
+def measure_bounds(seeds: int, out) -> dict:
+  """{type: [max |llama.cpp - our forward| per (weight seed, tokens)]} on
+  `random_model()`: every type of the float model against its float
+  forward, and 'qat_q8_0'/'qat_q4_0', the export of the same weights as a
+  QAT model against its QAT forward."""
+  from gemma_jax.checkpoint import native
+  from gemma_jax.checkpoint.testing import random_params
+  from gemma_jax.data.testing import tiny_tokenizer
+
+  cfg = random_model()
+  tok = tiny_tokenizer(os.path.join(out, "tokenizer.model"))
+  diffs: dict = {k: [] for k in (*TYPES, "qat_q8_0", "qat_q4_0")}
+  for seed in range(seeds):
+    params = random_params(cfg, seed=seed, scale=RANDOM_SCALE)
+    runs = {}
+    native.save(os.path.join(out, f"{seed}-float"), params, cfg, force=True)
+    for kind in TYPES:
+      path = os.path.join(out, f"{seed}-{kind}.gguf")
+      export(os.path.join(out, f"{seed}-float"), path, tok, kind)
+      runs[kind] = (llama(path), cfg)
+    for kind in ("q8_0", "q4_0"):
+      qat = qat_model(cfg, kind)
+      native.save(
+        os.path.join(out, f"{seed}-qat-{kind}"), params, qat, force=True
+      )
+      path = os.path.join(out, f"{seed}-qat-{kind}.gguf")
+      export(os.path.join(out, f"{seed}-qat-{kind}"), path, tok)
+      runs[f"qat_{kind}"] = (llama(path), qat)
+    for token_seed in range(3):
+      rng = np.random.default_rng(token_seed)
+      tokens = [2, *rng.integers(4, cfg.vocab_size, 47)]
+      for name, (model, model_cfg) in runs.items():
+        ours = our_logits(params, model_cfg, tokens)
+        theirs = llama_logits(model, tokens)
+        diffs[name].append(float(np.abs(theirs - ours).max()))
+  return diffs
 
 
 def read_gguf(path):
@@ -132,12 +215,17 @@ def converter_file(hf_dir, out, outtype, llama_src) -> None:
   )
 
 
-def llama(path, n_ctx: int = 512, f32_cache: bool = True):
+def llama(
+  path, n_ctx: int = 512, f32_cache: bool = True, threads: int | None = None
+):
   """A llama_cpp.Llama on `path` that keeps every position's logits; an
-  f32 KV cache unless f32_cache is False (llama.cpp's default is f16)."""
+  f32 KV cache unless f32_cache is False (llama.cpp's default is f16);
+  `threads` CPU threads (None: llama.cpp's default)."""
   import llama_cpp
 
-  cache = dict(type_k=0, type_v=0) if f32_cache else {}
+  options: dict = dict(type_k=0, type_v=0) if f32_cache else {}
+  if threads:
+    options.update(n_threads=threads, n_threads_batch=threads)
   return llama_cpp.Llama(
     model_path=str(path),
     n_ctx=n_ctx,
@@ -146,7 +234,7 @@ def llama(path, n_ctx: int = 512, f32_cache: bool = True):
     logits_all=True,
     verbose=False,
     seed=0,
-    **cache,
+    **options,
   )
 
 
@@ -158,16 +246,23 @@ def llama_logits(model, tokens) -> np.ndarray:
 
 
 def our_logits(params, cfg, tokens) -> np.ndarray:
-  """[T, V] logits of our forward pass (float32 compute)."""
-  import jax
+  """[T, V] logits of our forward pass (float32 compute) for one sequence,
+  or [B, T, V] for a batch of equal-length sequences."""
   import jax.numpy as jnp
+
+  tokens = np.asarray(tokens)
+  apply = _forward(dataclasses.replace(cfg, dtype="float32"))
+  logits = apply(params, jnp.asarray(tokens.reshape(-1, tokens.shape[-1])))
+  return np.asarray(logits, np.float32).reshape(*tokens.shape, -1)
+
+
+@functools.cache
+def _forward(cfg):
+  import jax
 
   from gemma_jax.model import Transformer
 
-  cfg = dataclasses.replace(cfg, dtype="float32")
-  apply = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t))
-  logits = apply(params, jnp.asarray(np.asarray(tokens)[None], jnp.int32))
-  return np.asarray(logits[0], np.float32)
+  return jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t))
 
 
 def tokenization_matches(model, tokenizer, text=PROMPT) -> bool:
@@ -208,7 +303,6 @@ def nll(logits: np.ndarray, window) -> np.ndarray:
 
 def perplexity_rows(args) -> dict:
   """{label: {runtime: {source: loss}, ...}} for --perplexity rows."""
-  from gemma_jax import cli
   from gemma_jax.checkpoint import gguf, native
   from gemma_jax.model.quant import GGML_SCHEMES, GROUPS, QuantConfig
   from gemma_jax.tokenizer import Tokenizer
@@ -219,27 +313,37 @@ def perplexity_rows(args) -> dict:
   for k, row in enumerate(args.perplexity):
     label, spec = row.split("=", 1)
     path, _, kind = spec.partition("@")
+    kind, _, groups = kind.partition(":")
     params, cfg = native.load(path)
     kind = kind or gguf.default_type(cfg)
-    if kind in GGML_SCHEMES and cfg.quant is None:  # PTQ: every matrix
-      bits = GGML_SCHEMES[kind][0]
+    if groups and (cfg.quant is not None or kind not in GGML_SCHEMES):
+      raise SystemExit(f"{row}: :GROUPS is for q8_0/q4_0 of a float model")
+    if kind in GGML_SCHEMES and cfg.quant is None:
+      # Post-training quantization of GROUPS (default every matrix): the
+      # float weights saved as a model that quantizes them, so that the
+      # export and our forward both quantize exactly those groups.
+      targets = tuple(groups.split(",")) if groups else GROUPS
       cfg = dataclasses.replace(
-        cfg, quant=QuantConfig(bits=bits, scheme=kind, targets=GROUPS)
+        cfg,
+        quant=QuantConfig(
+          bits=GGML_SCHEMES[kind][0], scheme=kind, targets=targets
+        ),
       )
+      path = os.path.join(args.out, f"ppl-{k}-ptq")
+      native.save(path, params, cfg, force=True)
     out = os.path.join(args.out, f"ppl-{k}-{kind}.gguf")
-    argv = ["convert", "--from", "native", "--to", "gguf", "--force"]
-    argv += ["--tokenizer", args.tokenizer, "--gguf-type", kind]
-    if cli.main([*argv, path, out]):
-      raise SystemExit(1)
-    model = llama(out, n_ctx=args.window)
-    result: dict = {"llama.cpp": {}, "ours": {}}
+    export(path, out, args.tokenizer, kind)
+    result: dict = {"ours": {}}
     for source, ws in windows.items():
-      runs = {
-        "llama.cpp": [nll(llama_logits(model, w), w) for w in ws],
-        "ours": [nll(our_logits(params, cfg, w), w) for w in ws],
-      }
-      for runtime, parts in runs.items():
-        result[runtime][source] = float(np.concatenate(parts).mean())
+      logits = our_logits(params, cfg, ws)  # [windows, T, V]
+      parts = [nll(x, w) for x, w in zip(logits, ws)]
+      result["ours"][source] = float(np.concatenate(parts).mean())
+    if not args.ours_only:
+      model = llama(out, n_ctx=args.window, threads=args.threads)
+      result["llama.cpp"] = {}
+      for source, ws in windows.items():
+        parts = [nll(llama_logits(model, w), w) for w in ws]
+        result["llama.cpp"][source] = float(np.concatenate(parts).mean())
     result["tokens"] = {
       s: len(ws) * (args.window - 1) for s, ws in windows.items()
     }
@@ -252,7 +356,7 @@ def main(argv=None) -> int:
   parser.add_argument(
     "checkpoint", nargs="?", help="native checkpoint directory"
   )
-  parser.add_argument("--tokenizer", required=True)
+  parser.add_argument("--tokenizer")
   parser.add_argument("--out", required=True, help="work directory")
   parser.add_argument(
     "--llama-cpp-src",
@@ -264,13 +368,36 @@ def main(argv=None) -> int:
     "--perplexity",
     action="append",
     default=[],
-    metavar="LABEL=CKPT@TYPE",
+    metavar="LABEL=CKPT@TYPE[:GROUPS]",
     help="held-out loss of CKPT exported as TYPE (default: its QAT scheme "
-    "or f32), by llama.cpp and by our forward",
+    "or f32), by llama.cpp and by our forward; q8_0/q4_0 of a float model "
+    "quantize GROUPS (e.g. attn,mlp; default every matrix)",
+  )
+  parser.add_argument(
+    "--bounds",
+    type=int,
+    metavar="SEEDS",
+    help="largest logit differences per type on the llama_cpp tests' "
+    "random model, over SEEDS weight seeds",
+  )
+  parser.add_argument(
+    "--ours-only",
+    action="store_true",
+    help="--perplexity: our forward's losses only (no llama.cpp)",
+  )
+  parser.add_argument(
+    "--threads", type=int, help="llama.cpp's CPU threads (--perplexity)"
   )
   parser.add_argument("--windows", type=int, default=16)
   parser.add_argument("--window", type=int, default=128)
   args = parser.parse_args(argv)
+  if args.bounds:
+    os.makedirs(args.out, exist_ok=True)
+    diffs = measure_bounds(args.bounds, args.out)
+    print(json.dumps({k: {"max": max(v), "all": v} for k, v in diffs.items()}))
+    return 0
+  if args.tokenizer is None:
+    parser.error("--tokenizer is required (except with --bounds)")
   if args.perplexity:
     os.makedirs(args.out, exist_ok=True)
     rows = perplexity_rows(args)
@@ -281,7 +408,7 @@ def main(argv=None) -> int:
       + " | mean |"
     )
     for label, result in rows.items():
-      for runtime in ("llama.cpp", "ours"):
+      for runtime in ("llama.cpp", "ours")[args.ours_only :]:
         losses = list(result[runtime].values())
         cells = " | ".join(f"{x:.4f}" for x in losses)
         mean = sum(losses) / len(losses)

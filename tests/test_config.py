@@ -1,6 +1,7 @@
 """The run config: YAML + dotted overrides -> typed, validated, frozen data."""
 
 import dataclasses
+import os
 
 import pytest
 
@@ -110,3 +111,14 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "num_heads (4) must be divisible by num_kv_heads (3)" in err
   assert "Traceback" not in err
+
+
+def test_the_q4_0_qat_recipe_distils_the_float_model_it_starts_from():
+  # configs/qat/tiny-q4_0.yaml: Gemma 3's QAT recipe (docs/quantization.md)
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "qat")
+  cfg = load_config(os.path.join(path, "tiny-q4_0.yaml"))
+  assert cfg.model.quant is not None
+  assert cfg.model.quant.scheme == "q4_0"
+  assert cfg.model.quant.targets == ("attn", "mlp")  # the embedding: float
+  assert cfg.distill.teacher == cfg.checkpoint.init_from
+  assert cfg.distill.alpha == 1.0 and cfg.distill.teacher_dtype == "float32"
