@@ -100,13 +100,16 @@ def tiny_config_dict(tokenizer: str, steps: int = 6) -> dict:
   }
 
 
-def subprocess_env(cache_dir: str, devices: int = 2) -> dict:
+def subprocess_env(
+  cache_dir: str, devices: int = 2, loop_emitters: bool = True
+) -> dict:
   """os.environ for a `gemma-jax train` process on `devices` CPU devices
   that shares the persistent XLA cache `cache_dir`. Compiled for compile
   time, as in tests/conftest.py (LLVM's optimisations skipped, XLA's older
   loop emitters instead of its fusion emitters: a cold tiny run 24.4 ->
   16.3 s of CPU for the second alone), and every run of a comparison uses
-  the same flags."""
+  the same flags. `loop_emitters=False` keeps XLA's default emitters (what
+  a real run compiles with)."""
   import os
 
   env = dict(os.environ)
@@ -114,8 +117,8 @@ def subprocess_env(cache_dir: str, devices: int = 2) -> dict:
     JAX_PLATFORMS="cpu",
     XLA_FLAGS=(
       f"--xla_force_host_platform_device_count={devices} "
-      "--xla_backend_optimization_level=0 "
-      "--xla_cpu_use_fusion_emitters=false"
+      "--xla_backend_optimization_level=0"
+      + (" --xla_cpu_use_fusion_emitters=false" if loop_emitters else "")
     ),
     JAX_COMPILATION_CACHE_DIR=cache_dir,
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -174,13 +177,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def train_processes(n, config, workdir, cache, *extra, devices=1, env=None):
+def train_processes(
+  n, config, workdir, cache, *extra, devices=1, env=None, loop_emitters=True
+):
   """`n` local `gemma-jax train` processes of one jax.distributed run (one
-  plain process when n == 1), each with `devices` CPU devices and `env`."""
+  plain process when n == 1), each with `devices` CPU devices and `env`
+  (subprocess_env's `loop_emitters`)."""
   port = free_port()
   procs = []
   for i in range(n):
-    e = subprocess_env(cache, devices=devices) | (env or {})
+    e = subprocess_env(cache, devices, loop_emitters) | (env or {})
     if n > 1:
       e.update(
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",

@@ -140,11 +140,7 @@ def test_per_example_is_the_mean_squared_row_gradient(per_example, row_grads):
   got, info = per_example
   real = [g for g in row_grads if g is not None]
   assert info["units"] == len(real) == 6  # the row without targets: no
-  jax.tree.map(
-    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5),
-    got,
-    mean_square(real),
-  )
+  assert_trees_close(got, mean_square(real))
 
 
 def test_batch_mean_squares_the_mean_gradient_of_each_group(

@@ -172,8 +172,15 @@ def test_qat_forward_is_the_integer_model_and_gradients_pass_straight(
     jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)
   ):
     assert np.abs(g).max() > 0, jax.tree_util.keystr(p)
+    # Entries far below a leaf's largest are sums that cancel (the tied
+    # embedding's two gradients): their float32 round-off is relative to
+    # the leaf (as in tests/drivers/test_fisher.py), not to the entry.
     np.testing.assert_allclose(
-      g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(p)
+      g,
+      w,
+      rtol=1e-4,
+      atol=max(1e-6, 1e-5 * np.abs(w).max()),
+      err_msg=jax.tree_util.keystr(p),
     )
 
 

@@ -20,7 +20,13 @@ STEPS = 3
 
 
 def _run(config, workdir, cache, processes: int, devices: int):
-  finish(train_processes(processes, config, workdir, cache, devices=devices))
+  # XLA's default emitters, as a real run compiles: with the suite's faster
+  # loop emitters (subprocess_env) the one- and two-process programs round
+  # differently in the last bit (losses 6.7452435 vs 6.7452440).
+  procs = train_processes(
+    processes, config, workdir, cache, devices=devices, loop_emitters=False
+  )
+  finish(procs)
   return losses(workdir)
 
 
