@@ -59,6 +59,7 @@ PARITY_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "parity"
 # the other workers have nothing left to do.
 LONGEST_FIRST = (
   "train/test_multiprocess.py",
+  "train/test_multiprocess_shards.py",
   "train/test_gcs_workdir.py",
   "evals/test_forgetting.py",
   "train/test_resume.py",

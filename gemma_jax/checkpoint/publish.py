@@ -28,6 +28,8 @@ every orbax save of the package (this protocol, the trainer's checkpoints:
 `REPLICA_PARALLEL_MIN_BYTES`).
 """
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,13 +49,27 @@ from gemma_jax.errors import CheckpointError, ConfigError
 # slice programs: 3.05 s of CPU, against 0.21 s without). Below 1 MiB per
 # slice one replica writes the whole array; the files are the same.
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-  jax.Array,
-  ocp.type_handlers.ArrayHandler(
-    min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES
-  ),
-  override=True,
-)
+
+
+def _register_array_handler() -> None:
+  # orbax warns (absl) that this replaces its default jax.Array handler:
+  # that is the point, so not on every import.
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(
+      jax.Array,
+      ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES
+      ),
+      override=True,
+    )
+  finally:
+    absl.setLevel(level)
+
+
+_register_array_handler()
 
 # Elements per slice when checking a host array: bounds the boolean
 # temporary np.isfinite makes (16 MB).
