@@ -46,14 +46,12 @@ def add_arguments(parser):
 
 def main(args) -> int:
   from gemma_jax.errors import ConfigError
+  from gemma_jax.evals.benchmarks import HARNESS_MISSING
 
   try:
     from lm_eval.__main__ import cli_evaluate
   except ImportError:
-    raise ConfigError(
-      "lm-evaluation-harness is not installed; install the `eval` extra: "
-      "pip install 'gemma-jax[eval]'"
-    ) from None
+    raise ConfigError(HARNESS_MISSING) from None
   import gemma_jax.evals.harness  # noqa: F401  (registers `gemma_jax`)
   from gemma_jax import distributed
 

@@ -41,6 +41,10 @@ STUDY_TASKS = (
   "winogrande",
 )
 ALIASES = {"study": STUDY_TASKS}
+HARNESS_MISSING = (
+  "lm-evaluation-harness is not installed; install the `eval` extra: "
+  "pip install 'gemma-jax[eval]'"
+)
 # The harness's `--seed` default: python random, numpy, torch, few-shot.
 DEFAULT_SEED = (0, 1234, 1234, 1234)
 
@@ -124,10 +128,7 @@ def task_manager(opts: Options, include_defaults: bool | None = None):
   try:
     import lm_eval.tasks  # noqa: F401  (the `eval` extra)
   except ImportError:
-    raise ConfigError(
-      "lm-evaluation-harness is not installed; install the `eval` extra: "
-      "pip install 'gemma-jax[eval]'"
-    ) from None
+    raise ConfigError(HARNESS_MISSING) from None
   for path in opts.include_path:
     if not os.path.isdir(path):
       raise ConfigError(f"include_path {path}: not a folder of task YAMLs")
