@@ -41,7 +41,7 @@ echo "== ruff format --check"; "$py" -m ruff format --check --quiet .
 mypy_log="$(mktemp)"
 "$py" -m mypy >"$mypy_log" 2>&1 &
 mypy_pid=$!
-trap 'kill "$mypy_pid" 2>/dev/null; rm -f "$mypy_log"' EXIT
+trap 'kill "$mypy_pid" 2>/dev/null || true; rm -f "$mypy_log"' EXIT
 echo "== pytest (mypy beside it)"
 status=0
 "$py" -m pytest "${parallel[@]}" tests || status=$?
