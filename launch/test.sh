@@ -16,8 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup.sh
 py=.venv/bin/python
-# The suite starts some 70 Python processes that import gemma_jax (and two
-# workers that rewrite the asserts of every test module): where the machine
+# The suite starts dozens of Python processes that import gemma_jax, and
+# each worker rewrites the asserts of every test module: where the machine
 # sets PYTHONDONTWRITEBYTECODE, each would compile those sources again.
 unset PYTHONDONTWRITEBYTECODE
 
