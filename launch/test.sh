@@ -16,10 +16,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup.sh
 py=.venv/bin/python
-# The suite starts dozens of Python processes that import gemma_jax, and
-# each worker rewrites the asserts of every test module: where the machine
-# sets PYTHONDONTWRITEBYTECODE, each would compile those sources again.
-unset PYTHONDONTWRITEBYTECODE
 
 if [ "$#" -gt 0 ] && [ "$1" != "--fast" ]; then
   exec "$py" -m pytest "$@"
