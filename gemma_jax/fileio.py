@@ -202,6 +202,19 @@ def publish_directory(local, remote) -> None:
       shutil.copyfileobj(f, out, 1 << 20)
 
 
+@contextlib.contextmanager
+def naming(path):
+  """An OSError that names no file (the write or flush of a file opened
+  earlier, a library's own writer) is raised again naming `path`, so that
+  its one line says which file failed."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is not None or e.errno is None:
+      raise
+    raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from e
+
+
 # tensorstore (orbax's arrays) reports a full disk as RESOURCE_EXHAUSTED
 # while writing, with the file it was writing; XLA's out-of-memory is also
 # RESOURCE_EXHAUSTED, but never while writing a file.

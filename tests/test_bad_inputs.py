@@ -1597,7 +1597,9 @@ def test_a_failed_background_save_is_reported_with_its_step(
 ):
   # Saves every 4 steps until the disk is full (a checkpoint takes about
   # 530 KiB): the failure names the step whose save failed, and the run
-  # stops there, long before its end. The learning-rate schedule stays
+  # stops there, long before its end. Only the checkpoints are on the
+  # small disk (a symlink), so that no metrics write can fail first
+  # (that case names its file: test_metrics). The learning-rate schedule stays
   # ctx's (it decays over train.steps, a constant of the compiled step):
   # the step is ctx's compiled program, loaded, not compiled again.
   def edit(d):
@@ -1605,7 +1607,9 @@ def test_a_failed_background_save_is_reported_with_its_step(
     d["optimizer"].update(decay_steps=run_config(ctx.tok)["train"]["steps"])
     d["checkpoint"].update(save_every=4, keep=10, export_params=False)
 
-  work = small_disk / "run"
+  work = pathlib.Path(ctx.path("run"))
+  work.mkdir()
+  (work / "checkpoints").symlink_to(small_disk)
   fill(small_disk, leave_kb=900)
   line = expect_one_line(
     capsys,
@@ -1618,6 +1622,44 @@ def test_a_failed_background_save_is_reported_with_its_step(
   assert all(s < failed for s in saved), (saved, failed)
   steps = [r["step"] for r in read_records(work / "metrics.jsonl")]
   assert max(steps) < 16
+
+
+def test_an_error_while_closing_does_not_hide_the_failure(
+  ctx, capsys, monkeypatch
+):
+  # On a full disk a failed background save is reported first, and the
+  # TensorBoard writer's flush then fails too while the trainer closes
+  # (seen in CI): the one line is still the save's, the lease is still
+  # given back, and the metrics files are still closed.
+  from gemma_jax.train import checkpointing, metrics
+
+  work = pathlib.Path(ctx.path("run"))
+  calls = {"n": 0}
+
+  def check(self):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      raise checkpointing.save_failed(self.directory, 2, full)
+
+  closed = {}
+  real_close = metrics.MetricsWriter.close
+
+  def close(self):
+    real_close(self)
+    closed["metrics"] = True
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "check", check)
+  monkeypatch.setattr(metrics.MetricsWriter, "close", close)
+  expect_one_line(
+    capsys,
+    ["train", ctx.config(), "--workdir", work],
+    1,
+    r"checkpoint .*/checkpoints/2 was not saved: .*No space left on device",
+  )
+  assert closed == {"metrics": True}
+  assert not (work / "LOCK").exists()
 
 
 def read_records(path):

@@ -153,17 +153,19 @@ class MetricsWriter:
       self._remote_lines(name).append(line)
       self._dirty.add(name)
     else:
-      if name not in self._files:
-        # Kept open between writes; close() closes it.
-        self._files[name] = open(self._path(name), "a")  # noqa: SIM115
-      self._files[name].write(line)
-      self._files[name].flush()
+      with fileio.naming(self._path(name)):
+        if name not in self._files:
+          # Kept open between writes; close() closes it.
+          self._files[name] = open(self._path(name), "a")  # noqa: SIM115
+        self._files[name].write(line)
+        self._files[name].flush()
     if self._tb is not None:
       step = record["step"]
       prefix = "" if name == "metrics" else f"{name}/"
-      for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)) and v is not None:
-          self._tb.add_scalar(prefix + k, v, step)
+      with fileio.naming(self._tb_dir):
+        for k, v in record.items():
+          if k != "step" and isinstance(v, (int, float)) and v is not None:
+            self._tb.add_scalar(prefix + k, v, step)
     if self.remote and (
       time.monotonic() - self._last_flush >= self._flush_every
     ):
@@ -189,7 +191,8 @@ class MetricsWriter:
       fileio.atomic_write(self._path(name), "".join(self._lines[name]))
     self._dirty = set()
     if self._tb is not None:
-      self._tb.flush()
+      with fileio.naming(self._tb_dir):
+        self._tb.flush()
       self._upload_tensorboard()
 
   def _upload_tensorboard(self) -> None:
@@ -205,14 +208,16 @@ class MetricsWriter:
     what is not yet stored instead of writing it."""
     try:
       if self._tb is not None:
-        self._tb.close()
+        with fileio.naming(self._tb_dir):
+          self._tb.close()
       self.flush()
     except TrainingStopped:
       pass
     finally:
-      for f in self._files.values():
-        f.close()
-      self._files = {}
+      files, self._files = self._files, {}
+      for name, f in files.items():
+        with fileio.naming(self._path(name)):
+          f.close()
       self._tb = None
       if self._tb_local is not None:
         shutil.rmtree(self._tb_local, ignore_errors=True)

@@ -97,7 +97,7 @@ class Trainer:
       self._install_sigterm_handler()
       self._setup()
     except BaseException:
-      self.close()
+      self.close(failing=True)
       raise
 
   def _setup(self):
@@ -213,8 +213,8 @@ class Trainer:
       else:
         if step > self.start_step or step == total:
           self._run_hooks(step, final=True)
-    except Exception as e:
-      if distributed.is_peer_failure(e):
+    except BaseException as e:
+      if isinstance(e, Exception) and distributed.is_peer_failure(e):
         # No JAX teardown, no final save: its barriers wait for the lost
         # process. The last complete checkpoint is where a rerun resumes.
         distributed.stop_for_lost_peer(
@@ -223,10 +223,11 @@ class Trainer:
             f"after step {step}: " + " ".join(str(e).split())[:160],
           )
         )
-      raise
-    finally:
       batches.close()
-      self.close()
+      self.close(failing=True)
+      raise
+    batches.close()
+    self.close()
     return {
       "step": step,
       "preempted": self.stop_requested,
@@ -516,19 +517,29 @@ class Trainer:
     if lost is not None:
       raise lost
 
-  def close(self) -> None:
+  def close(self, failing: bool = False) -> None:
     """Waits for saves, closes the writers, gives the workdir back (once;
-    later calls do nothing)."""
+    later calls do nothing). Each part runs even when one before it fails.
+
+    `failing`: closing after an error, which is the one reported. Only a
+    background save that failed unreported is raised over it: it began
+    first and it is what loses work. The writers' errors are not (a full
+    disk fails the metrics' flush after it failed the save)."""
     if getattr(self, "_closed", False):
       return
     self._closed = True
+    errors = []
     try:
-      # Absent when __init__ failed before creating it.
-      checkpointer = getattr(self, "checkpointer", None)
-      if checkpointer is not None:
-        checkpointer.close()
-      if getattr(self, "writer", None) is not None:
-        self.writer.close()
+      # Absent when __init__ failed before creating them.
+      for part in ("checkpointer", "writer"):
+        if getattr(self, part, None) is not None:
+          try:
+            getattr(self, part).close()
+          except Exception as e:
+            if part == "checkpointer" or not failing:
+              errors.append(e)
+      if errors:
+        raise errors[0]
     finally:
       self._restore_signal_handlers()
       if getattr(self, "_forget_lease_hook", None) is not None:

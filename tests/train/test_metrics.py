@@ -1,5 +1,6 @@
 """Metrics: records, JSONL + TensorBoard files, progress line, MFU."""
 
+import errno
 import io
 import json
 import os
@@ -72,6 +73,31 @@ def test_disabled_writer_writes_nothing(tmp_path):
   w.write({"step": 1, "loss": 1.0})
   w.close()
   assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_write_names_the_file_it_could_not_write(tmp_path):
+  # /dev/full fails every write with ENOSPC, as a full disk does; the
+  # error of a flush names no file, the one raised names metrics.jsonl.
+  os.symlink("/dev/full", tmp_path / "metrics.jsonl")
+  w = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+  with pytest.raises(OSError) as raised:
+    w.write({"step": 1, "loss": 2.5})
+  assert raised.value.errno == errno.ENOSPC
+  assert raised.value.filename == str(tmp_path / "metrics.jsonl")
+
+
+def test_a_failed_tensorboard_flush_names_its_directory(tmp_path):
+  w = metrics.MetricsWriter(str(tmp_path))
+
+  class FullDisk:
+    def close(self):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  w._tb.close()
+  w._tb = FullDisk()
+  with pytest.raises(OSError) as raised:
+    w.close()
+  assert raised.value.filename == str(tmp_path / "tensorboard")
 
 
 def test_read_jsonl_skips_a_torn_last_line(tmp_path):
