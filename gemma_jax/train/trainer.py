@@ -12,6 +12,7 @@ exactly as an uninterrupted run would.
 """
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -223,7 +224,8 @@ class Trainer:
             f"after step {step}: " + " ".join(str(e).split())[:160],
           )
         )
-      batches.close()
+      with contextlib.suppress(Exception):  # the error in flight is reported
+        batches.close()
       self.close(failing=True)
       raise
     batches.close()
