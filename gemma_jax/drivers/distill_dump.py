@@ -8,6 +8,7 @@ The format, and how a run reads it back, are gemma_jax.features.distill's
 teacher and runs its forward over the batches of steps [0, steps).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -203,10 +204,13 @@ def _write_chunk(
             distill.row_checksum(batch, r),
           )
         )
-  finally:
+  except BaseException:
     if writer is not None:
-      writer.close()
+      with contextlib.suppress(Exception):  # the error in flight is reported
+        writer.close()
+    raise
   if writer is not None:
+    writer.close()
     os.replace(tmp, os.fspath(root / name))
 
 

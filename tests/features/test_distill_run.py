@@ -272,3 +272,49 @@ def test_a_record_read_for_other_rows_is_refused(
   reader(1, batch)
   with pytest.raises(DataError, match=r"step 2, row 0 was written for other"):
     reader(2, batch)
+
+
+def test_a_nonfinite_teacher_is_the_one_line_even_if_closing_fails(
+  tiny_tokenizer, teacher_dir, capsys, monkeypatch, tmp_path
+):
+  # The teacher's NaN stops the dump before its file is complete; the
+  # writer's close failing too (a full disk) does not replace that line,
+  # and no chunk file is published.
+  from array_record.python import array_record_module
+
+  from gemma_jax.drivers import distill_dump
+
+  real_encoder = distill_dump.make_encoder
+
+  def nan_encoder(program):
+    encode = real_encoder(program)
+
+    def encode_nan(*args):
+      topk = encode(*args)
+      return topk._replace(logprobs=topk.logprobs * np.nan)
+
+    return encode_nan
+
+  class FullDiskWriter:
+    def __init__(self, path, options):
+      open(path, "wb").close()
+
+    def write(self, record):
+      pass
+
+    def close(self):
+      raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(distill_dump, "make_encoder", nan_encoder)
+  monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullDiskWriter)
+  path = tmp_path / "run.yaml"
+  path.write_text(
+    yaml.safe_dump(config_dict(tiny_tokenizer, teacher_dir), sort_keys=False)
+  )
+  capsys.readouterr()
+  out = tmp_path / "d"
+  rc = cli.main(["distill", "dump", str(path), "--out", str(out)])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 1 and len(err) == 1, err
+  assert "holds NaN or inf" in err[0], err[0]
+  assert not [n for n in os.listdir(out) if n.endswith(".array_record")]
