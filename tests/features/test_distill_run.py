@@ -2,6 +2,7 @@
 teacher, training from the dump with an EMA, exact resume, refusals."""
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -303,7 +304,7 @@ def test_a_nonfinite_teacher_is_the_one_line_even_if_closing_fails(
       pass
 
     def close(self):
-      raise OSError(28, "No space left on device")
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   monkeypatch.setattr(distill_dump, "make_encoder", nan_encoder)
   monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullDiskWriter)

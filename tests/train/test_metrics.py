@@ -84,6 +84,10 @@ def test_a_failed_write_names_the_file_it_could_not_write(tmp_path):
     w.write({"step": 1, "loss": 2.5})
   assert raised.value.errno == errno.ENOSPC
   assert raised.value.filename == str(tmp_path / "metrics.jsonl")
+  # The line is still buffered: closing fails the same way, named too.
+  with pytest.raises(OSError) as raised:
+    w.close()
+  assert raised.value.filename == str(tmp_path / "metrics.jsonl")
 
 
 def test_a_failed_tensorboard_flush_names_its_directory(tmp_path):
