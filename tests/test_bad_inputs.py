@@ -1571,10 +1571,22 @@ def fill(disk, leave_kb: int) -> None:
 
 
 def test_disk_full_at_a_real_checkpoint_save_is_one_line(
-  ctx, capsys, small_disk
+  ctx, capsys, small_disk, monkeypatch
 ):
   # A real full disk, not a patched error: tensorstore reports it as
-  # RESOURCE_EXHAUSTED from orbax's background threads.
+  # RESOURCE_EXHAUSTED from orbax's background threads. The final save
+  # fails, then the export; the line is the save's, raised while the
+  # trainer closes, and the rest of closing still runs (the metrics are
+  # closed, the lease is given back).
+  from gemma_jax.train import metrics
+
+  closed = []
+  real_close = metrics.MetricsWriter.close
+  monkeypatch.setattr(
+    metrics.MetricsWriter,
+    "close",
+    lambda self: (closed.append(True), real_close(self))[-1],
+  )
   work = small_disk / "run"
   shutil.copytree(
     ctx.workdir, work, ignore=lambda d, names: ["4"] * d.endswith("checkpoints")
@@ -1590,6 +1602,8 @@ def test_disk_full_at_a_real_checkpoint_save_is_one_line(
     [work / "checkpoints" / "2"],
   )
   assert "RESOURCE_EXHAUSTED" not in line
+  assert closed == [True]
+  assert not (work / "LOCK").exists()
 
 
 def test_a_failed_background_save_is_reported_with_its_step(
